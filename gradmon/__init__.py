@@ -1,0 +1,17 @@
+"""gradmon: gradient monitoring, clipping and curvature for Keras 3 / TensorFlow."""
+
+from gradmon import stats, tags, transforms
+from gradmon.callbacks import GradientMonitor
+from gradmon.monitored import STAT_NAMES, GradientMonitorMixin, monitor
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "GradientMonitor",
+    "GradientMonitorMixin",
+    "STAT_NAMES",
+    "monitor",
+    "stats",
+    "tags",
+    "transforms",
+]

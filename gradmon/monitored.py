@@ -1,0 +1,459 @@
+"""The monitored train step: `GradientMonitorMixin` and `monitor(model)`.
+
+The train step computes gradient statistics *inside* the compiled step (so it
+works under XLA, where summary ops cannot run) and stores them in a few
+non-trainable `tf.Variable`s held by a `MonitorState`. Callbacks read that
+state on the host and write it; nothing here does I/O.
+
+Semantics of the step are those of Keras' own TensorFlow `train_step`
+(training argument, loss scaling, loss tracker, sample weights, regularization
+losses, metrics); gradmon adds, between `tape.gradient` and
+`optimizer.apply_gradients`: statistics of the raw (unscaled) gradients, the
+user's transform, statistics of the transformed gradients (after the
+optimizer's own `clipnorm`/`global_clipnorm`/`clipvalue`, if set), and after
+the update, the update-to-weight ratio.
+"""
+
+import keras
+import numpy as np
+import tensorflow as tf
+from keras.src import tree
+from keras.src.losses import loss as loss_module
+from keras.src.models.functional import Functional
+from keras.src.trainers.data_adapters import data_adapter_utils
+
+from gradmon import stats, tags, transforms
+from gradmon._validation import check_choice, invalid, warn_once
+
+GROUPINGS = ("variable", "layer")
+# Every statistic a monitored step can compute; `stats=` selects among them.
+STAT_NAMES = tags.GROUP_STATS + ("grad_to_weight", "update_ratio")
+HISTOGRAM_BUCKETS = 30
+
+# Columns of MonitorState.group_stats: raw stats (tags.GROUP_STATS order), the
+# same for the transformed gradient, then grad_to_weight.
+RAW_COLUMNS = slice(0, 5)
+TRANSFORMED_COLUMNS = slice(5, 10)
+GRAD_TO_WEIGHT_COLUMN = 10
+_NUM_GROUP_COLUMNS = 11
+# Entries of MonitorState.global_stats.
+GLOBAL_FIELDS = (
+    "raw_global_norm",
+    "transformed_global_norm",
+    "clip_ratio",
+    "clip_fraction",
+    "raw_nonfinite",
+    "transformed_nonfinite",
+    "no_gradient",
+)
+
+
+def _check_stats(stats_arg):
+    if stats_arg is None:
+        return STAT_NAMES
+    if isinstance(stats_arg, str):
+        stats_arg = (stats_arg,)
+    unknown = [s for s in stats_arg if s not in STAT_NAMES]
+    if unknown or not stats_arg:
+        raise invalid("stats", f"a non-empty subset of {list(STAT_NAMES)}", stats_arg)
+    return tuple(s for s in STAT_NAMES if s in stats_arg)
+
+
+def _group_name(variable, grouping):
+    path = getattr(variable, "path", None) or variable.name
+    if grouping == "layer" and "/" in path:
+        return path.rsplit("/", 1)[0]
+    return path
+
+
+class GradientConfig:
+    """What a monitored model computes: transform, grouping, statistics."""
+
+    def __init__(self, transform=None, grouping="variable", stats=None):
+        self.transform = None if transform is None else transforms.as_transform(transform)
+        self.grouping = check_choice("grouping", grouping, GROUPINGS)
+        self.stats = _check_stats(stats)
+
+    def get_config(self):
+        t = self.transform
+        serializable = t is None or type(t).__name__ in transforms._REGISTRY
+        return {
+            "transform": None if t is None or not serializable else transforms.serialize(t),
+            "grouping": self.grouping,
+            "stats": list(self.stats),
+        }
+
+
+class MonitorState:
+    """Variables the train step writes and callbacks read.
+
+    Plain attributes of a plain object, so that Keras does not track them as
+    model weights (they are not saved, not counted in `model.weights`).
+    """
+
+    def __init__(self):
+        self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="gradmon_step")
+        # 0 disables; set by callbacks through `request`.
+        self.log_every = tf.Variable(1, dtype=tf.int64, trainable=False, name="gradmon_log_every")
+        self.hist_every = tf.Variable(0, dtype=tf.int64, trainable=False, name="gradmon_hist_every")
+        self.key = None
+
+    def build(self, variables, config, observed_transform):
+        """Allocates buffers for `variables`; called outside any tf.function."""
+        self.group_names, segment_ids = [], []
+        for v in variables:
+            name = _group_name(v, config.grouping)
+            if name not in self.group_names:
+                self.group_names.append(name)
+            segment_ids.append(self.group_names.index(name))
+        self.segment_ids = segment_ids
+        self.config = config
+        self.has_transform = observed_transform is not None
+        self.fraction_names = (
+            [] if observed_transform is None else observed_transform.fraction_names()
+        )
+        g = len(self.group_names)
+        self.stats_step = tf.Variable(-1, dtype=tf.int64, trainable=False)
+        self.hist_step = tf.Variable(-1, dtype=tf.int64, trainable=False)
+        self.group_stats = tf.Variable(tf.zeros([g, _NUM_GROUP_COLUMNS]), trainable=False)
+        self.global_stats = tf.Variable(tf.zeros([len(GLOBAL_FIELDS)]), trainable=False)
+        self.fractions = tf.Variable(tf.zeros([len(self.fraction_names)]), trainable=False)
+        self.update_ratio = tf.Variable(tf.zeros([g]), trainable=False)
+        # [raw/transformed, group, (min, max, counts...)]
+        self.histograms = tf.Variable(
+            tf.zeros([2, g, HISTOGRAM_BUCKETS + 2]), trainable=False
+        )
+
+    # -- host-side reading (callbacks) -------------------------------------
+
+    def read(self):
+        """The latest statistics as numpy, or `None` before the first logged step."""
+        if self.key is None or int(self.stats_step.numpy()) < 0:
+            return None
+        return {
+            "step": int(self.stats_step.numpy()),
+            "global": dict(zip(GLOBAL_FIELDS, self.global_stats.numpy().tolist())),
+            "groups": self.group_names,
+            "group_stats": self.group_stats.numpy(),
+            "update_ratio": self.update_ratio.numpy(),
+            "fractions": dict(zip(self.fraction_names, self.fractions.numpy().tolist())),
+        }
+
+    def read_histograms(self):
+        """`(step, array[2, groups, 2 + buckets])` of the latest histogram step, or `None`."""
+        if self.key is None or int(self.hist_step.numpy()) < 0:
+            return None
+        return int(self.hist_step.numpy()), self.histograms.numpy()
+
+
+def _loss_scale(optimizer):
+    """The factor `optimizer.scale_loss` multiplies the loss by, or `None`."""
+    if optimizer is None:
+        return None
+    if hasattr(optimizer, "dynamic_scale"):  # LossScaleOptimizer
+        return optimizer.dynamic_scale if optimizer.built else optimizer.initial_scale
+    return getattr(optimizer, "loss_scale_factor", None)
+
+
+def _histogram_rows(grads, segment_ids, num_groups):
+    """Per-group `[min, max, counts...]` over the finite entries, TensorBoard's bucketing."""
+    per_group = [[] for _ in range(num_groups)]
+    for g, gid in zip(grads, segment_ids):
+        if g is not None:
+            v = tf.reshape(tf.cast(tf.convert_to_tensor(g), tf.float32), [-1])
+            per_group[gid].append(v)
+    rows = []
+    for values in per_group:
+        if not values:
+            rows.append(tf.zeros([HISTOGRAM_BUCKETS + 2]))
+            continue
+        v = tf.concat(values, axis=0)
+        finite = tf.math.is_finite(v)
+        big = tf.constant(np.finfo(np.float32).max)
+        lo = tf.reduce_min(tf.where(finite, v, big))
+        hi = tf.reduce_max(tf.where(finite, v, -big))
+        lo, hi = tf.minimum(lo, hi), tf.maximum(lo, hi)  # all non-finite: lo = hi
+        width = (hi - lo) / HISTOGRAM_BUCKETS
+        index = tf.where(
+            width > 0,
+            tf.floor(tf.math.divide_no_nan(v - lo, width)),
+            tf.fill(tf.shape(v), float(HISTOGRAM_BUCKETS - 1)),
+        )
+        index = tf.cast(tf.clip_by_value(index, 0, HISTOGRAM_BUCKETS - 1), tf.int32)
+        counts = tf.math.unsorted_segment_sum(
+            tf.cast(finite, tf.float32), index, HISTOGRAM_BUCKETS
+        )
+        rows.append(tf.concat([[lo, hi], counts], axis=0))
+    return tf.stack(rows)
+
+
+class GradientMonitorMixin:
+    """Drop-in `train_step` that measures and optionally transforms gradients.
+
+    Put it before `keras.Model` in the bases of a subclassed model:
+
+    ```python
+    class Net(gradmon.GradientMonitorMixin, keras.Model):
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            self.dense = keras.layers.Dense(10)
+        def call(self, x):
+            return self.dense(x)
+
+    net = Net(gradient_transform=gradmon.transforms.clip_by_global_norm(1.0))
+    # or, equivalently: net.configure_gradients(transform=...)
+    ```
+
+    Constructor keywords (all optional): `gradient_transform`,
+    `gradient_grouping` (`"variable"` or `"layer"`), `gradient_stats` (a subset
+    of `gradmon.STAT_NAMES`). With no transform, training is exactly that of
+    Keras' built-in `train_step`.
+    """
+
+    def __init__(self, *args, gradient_transform=None, gradient_grouping="variable",
+                 gradient_stats=None, **kwargs):
+        config = GradientConfig(gradient_transform, gradient_grouping, gradient_stats)
+        object.__setattr__(self, "_gradmon_config", config)
+        object.__setattr__(self, "_gradmon_state", MonitorState())
+        super().__init__(*args, **kwargs)
+
+    def configure_gradients(self, transform=None, grouping="variable", stats=None):
+        """Sets the transform, grouping and statistics; takes effect at the next `fit`.
+
+        Args:
+            transform: a `gradmon.transforms` transform, a callable
+                `(grads, params) -> grads`, or `None`. Defaults to `None`.
+            grouping: `"variable"` (one row per variable) or `"layer"` (one row
+                per layer: statistics over the layer's variables taken as one
+                vector). Defaults to `"variable"`.
+            stats: names from `gradmon.STAT_NAMES` to compute and write, or
+                `None` for all. Defaults to `None`.
+
+        Returns:
+            The model, for chaining.
+        """
+        object.__setattr__(self, "_gradmon_config", GradientConfig(transform, grouping, stats))
+        self.train_function = None
+        return self
+
+    @property
+    def gradient_config(self):
+        return self._gradmon_config
+
+    @property
+    def gradient_state(self):
+        """The `MonitorState` callbacks read from."""
+        return self._gradmon_state
+
+    def _observed_transform(self):
+        """The user's transform followed by the optimizer's own clipping, as one transform."""
+        members = [t for t in (self._gradmon_config.transform,
+                               transforms.from_optimizer(self.optimizer)) if t is not None]
+        if not members:
+            return None
+        return members[0] if len(members) == 1 else transforms.chain(*members)
+
+    def make_train_function(self, force=False):
+        state = self._gradmon_state
+        variables = self.trainable_variables
+        key = (tuple(id(v) for v in variables), id(self._gradmon_config), id(self.optimizer))
+        if state.key != key:
+            state.build(variables, self._gradmon_config, self._observed_transform())
+            state.key = key
+            force = True
+        return super().make_train_function(force=force)
+
+    def train_step(self, data):
+        x, y, sample_weight = data_adapter_utils.unpack_x_y_sample_weight(data)
+        with tf.GradientTape() as tape:
+            if self._call_has_training_arg:
+                y_pred = self(x, training=True)
+            else:
+                y_pred = self(x)
+            loss = self._compute_loss(
+                x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=True
+            )
+            self._loss_tracker.update_state(
+                loss_module.unscale_loss_for_distribution(loss),
+                sample_weight=tf.shape(next(i for i in tree.flatten(x) if i is not None))[0],
+            )
+            if self.optimizer is not None:
+                loss = self.optimizer.scale_loss(loss)
+
+        if self.trainable_weights:
+            variables = self.trainable_weights
+            gradients = tape.gradient(loss, variables)
+            self._gradmon_apply(gradients, variables)
+        else:
+            warn_once(("no-trainable", id(self)), "The model does not have any trainable weights.")
+        return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+
+    def _gradmon_apply(self, gradients, variables):
+        """Measures, transforms and applies `gradients` (scaled by the loss scale)."""
+        state, config = self._gradmon_state, self._gradmon_config
+        missing = [v.path for v, g in zip(variables, gradients) if g is None]
+        if missing:
+            warn_once(("no-gradient", id(self), tuple(missing)),
+                      f"gradmon: no gradient for variables {missing}; they are reported "
+                      f"under `{tags.NO_GRADIENT}` and have zero gradient statistics.")
+        step = state.step.assign_add(1, read_value=True)
+        scale = _loss_scale(self.optimizer)
+        if scale is not None:
+            scale = tf.cast(scale, tf.float32)
+            unscaled = [None if g is None else g / tf.cast(scale, g.dtype) for g in gradients]
+        else:
+            unscaled = list(gradients)
+
+        to_apply, transformed, fractions = gradients, unscaled, {}
+        if config.transform is not None:
+            transformed, fractions = config.transform(unscaled, variables)
+            to_apply = (transformed if scale is None else
+                        [None if g is None else g * tf.cast(scale, g.dtype) for g in transformed])
+        optimizer_clip = transforms.from_optimizer(self.optimizer)
+
+        def observe():
+            # What the optimizer will actually apply (before its own update rule).
+            if optimizer_clip is None:
+                return transformed, fractions
+            clipped, more = optimizer_clip(transformed, variables)
+            return clipped, transforms.merge_fractions(fractions, more)
+        do_log = tf.logical_and(state.log_every > 0,
+                                tf.equal(tf.math.floormod(step, tf.maximum(state.log_every, 1)), 0))
+        do_hist = tf.logical_and(state.hist_every > 0,
+                                 tf.equal(tf.math.floormod(step, tf.maximum(state.hist_every, 1)), 0))
+
+        want_update = "update_ratio" in config.stats
+        before = [tf.identity(v.value) for v in variables] if want_update else None
+
+        def measure():
+            observed_grads, observed_fractions = observe()
+            self._gradmon_store(step, unscaled, observed_grads, observed_fractions,
+                                variables, missing)
+            return tf.constant(True)
+
+        tf.cond(do_log, measure, lambda: tf.constant(False))
+
+        def histograms():
+            observed_grads = observe()[0]
+            g = len(state.group_names)
+            state.histograms.assign(tf.stack([
+                _histogram_rows(unscaled, state.segment_ids, g),
+                _histogram_rows(observed_grads, state.segment_ids, g),
+            ]))
+            state.hist_step.assign(step)
+            return tf.constant(True)
+
+        tf.cond(do_hist, histograms, lambda: tf.constant(False))
+
+        self.optimizer.apply_gradients(zip(to_apply, variables))
+
+        if want_update:
+            def update_ratio():
+                delta = [stats.squared_norm(v.value - b) for v, b in zip(variables, before)]
+                weight = [stats.squared_norm(b) for b in before]
+                ids = tf.constant(state.segment_ids, tf.int32)
+                g = len(state.group_names)
+                ratio = stats.safe_ratio(
+                    tf.sqrt(tf.math.unsorted_segment_sum(tf.stack(delta), ids, g)),
+                    tf.sqrt(tf.math.unsorted_segment_sum(tf.stack(weight), ids, g)),
+                )
+                state.update_ratio.assign(ratio)
+                return tf.constant(True)
+
+            tf.cond(do_log, update_ratio, lambda: tf.constant(False))
+
+    def _gradmon_store(self, step, raw, observed, fractions, variables, missing):
+        """Writes one step's statistics into the state variables."""
+        state = self._gradmon_state
+        g = len(state.group_names)
+        present = [i for i, grad in enumerate(raw) if grad is not None]
+        ids = [state.segment_ids[i] for i in present]
+
+        def grouped(grads):
+            if not present:
+                return tf.zeros([g, stats.NUM_MOMENTS])
+            rows = tf.stack([stats.moments(grads[i]) for i in present])
+            return stats.group_moments(rows, ids, g)
+
+        raw_moments = grouped(raw)
+        raw_final = stats.finalize(raw_moments)
+        weight_sq = tf.math.unsorted_segment_sum(
+            tf.stack([stats.squared_norm(v.value) for v in variables]),
+            tf.constant(state.segment_ids, tf.int32), g)
+        grad_to_weight = stats.safe_ratio(raw_final[:, 0], tf.sqrt(weight_sq))
+        raw_norm = tf.sqrt(tf.reduce_sum(raw_moments[:, stats.SUMSQ]))
+        raw_nonfinite = tf.reduce_sum(raw_moments[:, stats.NONFINITE])
+        if state.has_transform:
+            obs_moments = grouped(observed)
+            obs_final = stats.finalize(obs_moments)
+            obs_norm = tf.sqrt(tf.reduce_sum(obs_moments[:, stats.SUMSQ]))
+            obs_nonfinite = tf.reduce_sum(obs_moments[:, stats.NONFINITE])
+        else:
+            obs_final, obs_norm, obs_nonfinite = raw_final, raw_norm, raw_nonfinite
+        values = [fractions[name] for name in state.fraction_names]
+        clip_fraction = tf.reduce_max(tf.stack(values)) if values else tf.constant(0.0)
+        state.group_stats.assign(
+            tf.concat([raw_final, obs_final, grad_to_weight[:, None]], axis=1))
+        state.global_stats.assign(tf.stack([
+            raw_norm, obs_norm,
+            tf.where(raw_norm > 0, obs_norm / raw_norm, tf.constant(1.0)),
+            clip_fraction, raw_nonfinite, obs_nonfinite, float(len(missing)),
+        ]))
+        state.fractions.assign(tf.stack(values) if values else tf.zeros([0]))
+        state.stats_step.assign(step)
+
+
+class _MonitoredFunctional(GradientMonitorMixin, Functional):
+    """A functional model over the layers of an existing one, with the monitored step."""
+
+
+class _MonitoredWrapper(GradientMonitorMixin, keras.Model):
+    """Wraps a model that is not functional (a subclassed or unbuilt Sequential model)."""
+
+    def __init__(self, inner, **kwargs):
+        super().__init__(**kwargs)
+        self.inner = inner
+
+    def call(self, inputs, training=None):
+        return self.inner(inputs, training=training)
+
+
+def monitor(model, transform=None, grouping="variable", stats=None):
+    """Returns a model that shares `model`'s layers and weights and monitors its gradients.
+
+    Compile and fit the returned model as you would `model`; training `model`
+    afterwards sees the same weights.
+
+    Args:
+        model: a `keras.Model` (Sequential, functional or subclassed).
+        transform: a gradient transform from `gradmon.transforms`, a callable
+            `(grads, params) -> grads`, or `None`. Defaults to `None`.
+        grouping: `"variable"` or `"layer"`. Defaults to `"variable"`.
+        stats: names from `gradmon.STAT_NAMES`, or `None` for all.
+            Defaults to `None`.
+
+    Returns:
+        A `keras.Model` with `GradientMonitorMixin`'s train step.
+
+    Example:
+        >>> m = gradmon.monitor(model, transform=gradmon.transforms.clip_by_global_norm(1.0))
+        >>> m.compile(optimizer="adam", loss="mse")
+        >>> m.fit(x, y, callbacks=[gradmon.GradientMonitor("runs/exp1")])
+    """
+    if isinstance(model, GradientMonitorMixin):
+        return model.configure_gradients(transform, grouping, stats)
+    if not isinstance(model, keras.Model):
+        raise invalid("model", "a keras.Model", model)
+    kwargs = dict(gradient_transform=transform, gradient_grouping=grouping,
+                  gradient_stats=stats, name=f"{model.name}_monitored")
+    try:
+        inputs, outputs = model.inputs, model.outputs
+    except (AttributeError, ValueError):
+        inputs = outputs = None
+    if inputs and outputs:
+        if isinstance(model, keras.Sequential):
+            inputs, outputs = inputs[0], outputs[0]
+        else:
+            inputs, outputs = model._inputs_struct, model._outputs_struct
+        return _MonitoredFunctional(inputs=inputs, outputs=outputs, **kwargs)
+    return _MonitoredWrapper(model, **kwargs)

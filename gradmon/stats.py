@@ -1,0 +1,122 @@
+"""Pure tensor statistics of gradients: no state, no I/O.
+
+Statistics are computed in two stages so that any grouping of variables
+(per variable, per layer, global) is exact: `moments` reduces one tensor to
+additive/max-able sufficient statistics, `group_moments` combines them over
+groups, and `finalize` turns them into the reported numbers.
+
+`tf.IndexedSlices` (embedding gradients) are handled without densifying:
+repeated indices are summed first, so norms equal those of the dense gradient.
+"""
+
+import tensorflow as tf
+
+# Sufficient statistics of one tensor, in this column order.
+SUMSQ, MAX_ABS, SIZE, ZEROS, NONFINITE = range(5)
+NUM_MOMENTS = 5
+
+
+def dedupe_slices(slices):
+    """Sums the rows of `tf.IndexedSlices` that share an index.
+
+    Returns:
+        `(values, num_dense_elements)`: the values of the unique rows and the
+        number of elements of the dense tensor the slices stand for.
+    """
+    unique, positions = tf.unique(slices.indices)
+    values = tf.math.unsorted_segment_sum(
+        slices.values, positions, tf.shape(unique)[0]
+    )
+    if slices.dense_shape is not None:
+        size = tf.reduce_prod(tf.cast(slices.dense_shape, tf.float32))
+    else:
+        size = tf.cast(tf.size(values), tf.float32)
+    return values, size
+
+
+def moments(gradient):
+    """Sufficient statistics of one gradient tensor.
+
+    Args:
+        gradient: a `tf.Tensor` or `tf.IndexedSlices`.
+
+    Returns:
+        A float32 vector `[sum of squares, max |g|, size, number of exact
+        zeros, number of non-finite entries]`. As in the math, one NaN makes
+        the sum of squares NaN; the non-finite count says how many there are.
+    """
+    if isinstance(gradient, tf.IndexedSlices):
+        values, size = dedupe_slices(gradient)
+    else:
+        values = tf.convert_to_tensor(gradient)
+        size = tf.cast(tf.size(values), tf.float32)
+    values = tf.cast(values, tf.float32)
+    sumsq = tf.reduce_sum(tf.square(values))
+    # reduce_max of an empty tensor is -inf; an empty gradient's max is 0.
+    max_abs = tf.maximum(tf.reduce_max(tf.abs(values)), 0.0)
+    nonzero = tf.reduce_sum(tf.cast(tf.not_equal(values, 0.0), tf.float32))
+    zeros = size - nonzero  # rows missing from IndexedSlices are zeros too
+    nonfinite = tf.reduce_sum(
+        tf.cast(tf.logical_not(tf.math.is_finite(values)), tf.float32)
+    )
+    return tf.stack([sumsq, max_abs, size, zeros, nonfinite])
+
+
+def squared_norm(tensor):
+    """Sum of squares of a tensor or `tf.IndexedSlices`, in float32."""
+    if isinstance(tensor, tf.IndexedSlices):
+        tensor, _ = dedupe_slices(tensor)
+    tensor = tf.cast(tensor, tf.float32)
+    return tf.reduce_sum(tf.square(tensor))
+
+
+def global_norm(tensors):
+    """L2 norm of a list of tensors taken as one vector; `None` entries are skipped."""
+    squares = [squared_norm(t) for t in tensors if t is not None]
+    if not squares:
+        return tf.constant(0.0)
+    return tf.sqrt(tf.add_n(squares))
+
+
+def group_moments(per_tensor, segment_ids, num_groups):
+    """Combines `moments` rows over groups.
+
+    Args:
+        per_tensor: `[n, NUM_MOMENTS]` rows from `moments`.
+        segment_ids: length-`n` int sequence, the group of each row.
+        num_groups: number of groups.
+
+    Returns:
+        `[num_groups, NUM_MOMENTS]`: sums for the additive columns, max for
+        `MAX_ABS`.
+    """
+    ids = tf.constant(segment_ids, dtype=tf.int32)
+    summed = tf.math.unsorted_segment_sum(per_tensor, ids, num_groups)
+    maxed = tf.math.unsorted_segment_max(per_tensor[:, MAX_ABS], ids, num_groups)
+    return tf.concat(
+        [summed[:, :MAX_ABS], maxed[:, None], summed[:, MAX_ABS + 1 :]], axis=1
+    )
+
+
+def finalize(grouped):
+    """Turns grouped moments into `[norm, max_abs, rms, zero_fraction, nonfinite]` rows.
+
+    The order matches `gradmon.tags.GROUP_STATS`.
+    """
+    sumsq = grouped[:, SUMSQ]
+    size = tf.maximum(grouped[:, SIZE], 1.0)
+    return tf.stack(
+        [
+            tf.sqrt(sumsq),
+            grouped[:, MAX_ABS],
+            tf.sqrt(sumsq / size),
+            grouped[:, ZEROS] / size,
+            grouped[:, NONFINITE],
+        ],
+        axis=1,
+    )
+
+
+def safe_ratio(numerator, denominator):
+    """`numerator / denominator`, 0 where the denominator is 0."""
+    return tf.math.divide_no_nan(numerator, denominator)

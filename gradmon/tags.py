@@ -1,0 +1,104 @@
+"""Every TensorBoard tag gradmon writes, and its one-line description.
+
+Tags are part of gradmon's public interface (custom-scalar layouts and users'
+regexes select them), so they are built here and nowhere else.
+"""
+
+import re
+
+RAW = "raw"
+TRANSFORMED = "transformed"
+KINDS = (RAW, TRANSFORMED)
+
+# Per-group statistics, in the order the monitored train step stores them.
+GROUP_STATS = ("norm", "max_abs", "rms", "zero_fraction", "nonfinite")
+
+_GROUP_STAT_DESCRIPTIONS = {
+    "norm": "L2 norm of the {kind} gradient of `{path}`.",
+    "max_abs": "Largest absolute entry of the {kind} gradient of `{path}`.",
+    "rms": "Root mean square of the {kind} gradient of `{path}` (norm / sqrt(size)).",
+    "zero_fraction": "Share of entries of the {kind} gradient of `{path}` that are exactly 0.",
+    "nonfinite": "Number of NaN or infinite entries in the {kind} gradient of `{path}`.",
+}
+
+_INVALID_TAG_CHARS = re.compile(r"[^A-Za-z0-9_.\-/]")
+
+
+def sanitize(path):
+    """Makes a variable path safe for tags and custom-scalar regexes."""
+    return _INVALID_TAG_CHARS.sub("_", path)
+
+
+def global_norm(kind):
+    return f"gradients/{kind}/global_norm"
+
+
+def nonfinite_total(kind):
+    return f"gradients/{kind}/nonfinite"
+
+
+def group_stat(kind, stat, path):
+    return f"gradients/{kind}/{stat}/{sanitize(path)}"
+
+
+def histogram(kind, path):
+    return f"gradients/{kind}/hist/{sanitize(path)}"
+
+
+def grad_to_weight(path):
+    return f"gradients/grad_to_weight/{sanitize(path)}"
+
+
+def update_ratio(path):
+    return f"gradients/update_ratio/{sanitize(path)}"
+
+
+CLIP_RATIO = "gradients/clip/ratio"
+CLIP_FRACTION = "gradients/clip/fraction"
+NO_GRADIENT = "gradients/no_gradient"
+
+
+def clip_fraction_of(member):
+    """Clip fraction of one member of a chain of transforms."""
+    return f"{CLIP_FRACTION}/{sanitize(member)}"
+
+
+def describe(tag):
+    """One-line Markdown description of a gradmon tag."""
+    parts = tag.split("/")
+    if tag in _FIXED_DESCRIPTIONS:
+        return _FIXED_DESCRIPTIONS[tag]
+    if tag.startswith(CLIP_FRACTION + "/"):
+        return (
+            f"Share of units clipped by the `{parts[-1]}` member of the transform "
+            "chain in this step (tensors, elements, units or 1/0, by transform)."
+        )
+    if parts[0] == "gradients" and len(parts) >= 4:
+        kind, stat, path = parts[1], parts[2], "/".join(parts[3:])
+        if stat in _GROUP_STAT_DESCRIPTIONS:
+            return _GROUP_STAT_DESCRIPTIONS[stat].format(kind=kind, path=path)
+        if stat == "hist":
+            return f"Distribution of the {kind} gradient entries of `{path}`."
+    if parts[:2] == ["gradients", "grad_to_weight"]:
+        return f"||raw gradient|| / ||weight|| of `{'/'.join(parts[2:])}`."
+    if parts[:2] == ["gradients", "update_ratio"]:
+        return (
+            f"||w_after - w_before|| / ||w_before|| of `{'/'.join(parts[2:])}` "
+            "over this optimizer step."
+        )
+    return ""
+
+
+_FIXED_DESCRIPTIONS = {
+    global_norm(RAW): "Global L2 norm of the raw (unscaled, untransformed) gradient.",
+    global_norm(TRANSFORMED): "Global L2 norm of the gradient after the transform / optimizer clipping.",
+    nonfinite_total(RAW): "Number of NaN or infinite entries in the raw gradient.",
+    nonfinite_total(TRANSFORMED): "Number of NaN or infinite entries in the transformed gradient.",
+    CLIP_RATIO: "||transformed gradient|| / ||raw gradient||; 1.0 means clipping left the step untouched.",
+    CLIP_FRACTION: (
+        "Share of clipped units in this step: tensors for clip_by_norm, elements for "
+        "clip_by_value, output units for adaptive_clip, 1/0 for clip_by_global_norm "
+        "(the largest member's share for a chain)."
+    ),
+    NO_GRADIENT: "Number of trainable variables that received no gradient in this step.",
+}

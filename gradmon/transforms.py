@@ -1,0 +1,343 @@
+"""Composable gradient transforms (clipping) that report what they did.
+
+A transform is called as `transform(grads, params) -> (grads, fractions)`:
+`grads` and `params` are parallel lists (`None` gradients pass through
+untouched), and `fractions` maps the transform's name to the share of units it
+clipped in this step, a float32 scalar tensor. Units are tensors for
+`clip_by_norm`, elements for `clip_by_value`, output units for
+`adaptive_clip` and the whole gradient (1/0) for `clip_by_global_norm`.
+Transforms are stateless, pure tensor functions, and compose with `chain`,
+in the spirit of optax.
+
+Example:
+    >>> t = gradmon.transforms.chain(
+    ...     gradmon.transforms.clip_by_value(5.0),
+    ...     gradmon.transforms.clip_by_global_norm(1.0))
+    >>> new_grads, fractions = t(grads, model.trainable_variables)
+"""
+
+import tensorflow as tf
+
+from gradmon import stats
+from gradmon._validation import check_positive
+
+
+def _values(gradient):
+    return gradient.values if isinstance(gradient, tf.IndexedSlices) else gradient
+
+
+def _with_values(gradient, values):
+    if isinstance(gradient, tf.IndexedSlices):
+        return tf.IndexedSlices(values, gradient.indices, gradient.dense_shape)
+    return values
+
+
+def _fraction(clipped, total):
+    return stats.safe_ratio(tf.cast(clipped, tf.float32), tf.cast(total, tf.float32))
+
+
+class GradientTransform:
+    """Base class: a named, serialisable, stateless gradient transform."""
+
+    name = "transform"
+
+    def __call__(self, grads, params):
+        raise NotImplementedError
+
+    def fraction_names(self):
+        """Keys of the `fractions` dict this transform returns, in order."""
+        return [self.name]
+
+    def get_config(self):
+        return {}
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(**config)
+
+    def __repr__(self):
+        args = ", ".join(f"{k}={v!r}" for k, v in self.get_config().items())
+        return f"{type(self).__name__}({args})"
+
+
+class clip_by_value(GradientTransform):
+    """Clips every gradient entry to `[-limit, limit]`.
+
+    Args:
+        limit: positive float, the largest absolute value kept.
+
+    Reports the share of elements whose absolute value exceeded `limit`.
+    """
+
+    name = "clip_by_value"
+
+    def __init__(self, limit):
+        self.limit = check_positive("limit", limit)
+
+    def __call__(self, grads, params):
+        out, clipped, total = [], [], []
+        for g in grads:
+            if g is None:
+                out.append(None)
+                continue
+            v = _values(g)
+            clipped.append(tf.reduce_sum(tf.cast(tf.abs(v) > self.limit, tf.float32)))
+            total.append(tf.cast(tf.size(v), tf.float32))
+            out.append(_with_values(g, tf.clip_by_value(v, -self.limit, self.limit)))
+        return out, {self.name: _fraction(tf.add_n(clipped or [0.0]), tf.add_n(total or [0.0]))}
+
+    def get_config(self):
+        return {"limit": self.limit}
+
+
+class clip_by_norm(GradientTransform):
+    """Rescales each gradient tensor whose L2 norm exceeds `max_norm` to `max_norm`.
+
+    Same rule as a Keras optimizer's `clipnorm`: `g * max_norm / max(||g||, max_norm)`.
+
+    Args:
+        max_norm: positive float, the largest norm kept per tensor.
+
+    Reports the share of tensors that were rescaled.
+    """
+
+    name = "clip_by_norm"
+
+    def __init__(self, max_norm):
+        self.max_norm = check_positive("max_norm", max_norm)
+
+    def __call__(self, grads, params):
+        out, clipped = [], []
+        for g in grads:
+            if g is None:
+                out.append(None)
+                continue
+            norm = tf.sqrt(stats.squared_norm(g))
+            clipped.append(tf.cast(norm > self.max_norm, tf.float32))
+            scale = self.max_norm / tf.maximum(norm, self.max_norm)
+            v = _values(g)
+            out.append(_with_values(g, v * tf.cast(scale, v.dtype)))
+        return out, {self.name: _fraction(tf.add_n(clipped or [0.0]), len(clipped))}
+
+    def get_config(self):
+        return {"max_norm": self.max_norm}
+
+
+class clip_by_global_norm(GradientTransform):
+    """Rescales all gradients together so that their global L2 norm is at most `max_norm`.
+
+    Same rule as a Keras optimizer's `global_clipnorm`.
+
+    Args:
+        max_norm: positive float, the largest global norm kept.
+
+    Reports 1.0 when the step was rescaled, else 0.0.
+    """
+
+    name = "clip_by_global_norm"
+
+    def __init__(self, max_norm):
+        self.max_norm = check_positive("max_norm", max_norm)
+
+    def __call__(self, grads, params):
+        norm = stats.global_norm(grads)
+        scale = self.max_norm / tf.maximum(norm, self.max_norm)
+        out = [
+            None if g is None else _with_values(g, _values(g) * tf.cast(scale, _values(g).dtype))
+            for g in grads
+        ]
+        return out, {self.name: tf.cast(norm > self.max_norm, tf.float32)}
+
+    def get_config(self):
+        return {"max_norm": self.max_norm}
+
+
+def unitwise_norm(x):
+    """L2 norm per output unit, broadcastable against `x`.
+
+    Vectors and scalars are one unit; a `[in, out]` kernel has `out` units
+    (norm over axis 0); a convolution kernel `[..., in, out]` has `out` units
+    (norm over all axes but the last). As in Brock et al. (2021).
+    """
+    rank = x.shape.rank
+    if rank is None or rank <= 1:
+        return tf.norm(x)
+    return tf.sqrt(tf.reduce_sum(tf.square(x), axis=list(range(rank - 1)), keepdims=True))
+
+
+class adaptive_clip(GradientTransform):
+    """Adaptive gradient clipping (AGC): clips each unit's gradient relative to its weight norm.
+
+    For each output unit, if `||G|| > clip_factor * max(||W||, eps)` the unit's
+    gradient is rescaled to that bound.
+
+    Args:
+        clip_factor: positive float, the largest allowed ||G|| / ||W|| per unit.
+        eps: positive float, floor on ||W|| so that zero-initialised weights
+            (biases) can still move. Defaults to `1e-3`.
+
+    Reports the share of units that were clipped.
+
+    References:
+        Brock, De, Smith, Simonyan (2021). High-Performance Large-Scale Image
+        Recognition Without Normalization. arXiv:2102.06171.
+    """
+
+    name = "adaptive_clip"
+
+    def __init__(self, clip_factor, eps=1e-3):
+        self.clip_factor = check_positive("clip_factor", clip_factor)
+        self.eps = check_positive("eps", eps)
+
+    def __call__(self, grads, params):
+        if len(grads) != len(params):
+            raise ValueError(
+                "adaptive_clip needs one parameter per gradient. Expected "
+                f"{len(grads)} params. Received: {len(params)} params"
+            )
+        out, clipped, total = [], [], []
+        for g, p in zip(grads, params):
+            if g is None:
+                out.append(None)
+                continue
+            g = tf.convert_to_tensor(g)
+            w = tf.cast(tf.convert_to_tensor(p), tf.float32)
+            g32 = tf.cast(g, tf.float32)
+            max_norm = self.clip_factor * tf.maximum(unitwise_norm(w), self.eps)
+            g_norm = unitwise_norm(g32)
+            trigger = g_norm > max_norm
+            scale = tf.where(trigger, max_norm / tf.maximum(g_norm, 1e-6), tf.ones_like(g_norm))
+            out.append(tf.cast(g32 * scale, g.dtype))
+            clipped.append(tf.reduce_sum(tf.cast(trigger, tf.float32)))
+            total.append(tf.cast(tf.size(g_norm), tf.float32))
+        return out, {self.name: _fraction(tf.add_n(clipped or [0.0]), tf.add_n(total or [0.0]))}
+
+    def get_config(self):
+        return {"clip_factor": self.clip_factor, "eps": self.eps}
+
+
+class chain(GradientTransform):
+    """Applies transforms one after another.
+
+    Each member's clip fraction is reported under its own name (suffixed
+    `_2`, `_3`... when a name repeats).
+
+    Args:
+        *transforms: `GradientTransform`s or callables `(grads, params) -> grads`.
+    """
+
+    name = "chain"
+
+    def __init__(self, *transforms):
+        if not transforms:
+            raise ValueError(
+                "Invalid value for argument `transforms`. Expected at least one "
+                "transform. Received: transforms=()"
+            )
+        self.transforms = tuple(as_transform(t, "transforms") for t in transforms)
+
+    def __call__(self, grads, params):
+        fractions = {}
+        for t in self.transforms:
+            grads, member = t(grads, params)
+            fractions = merge_fractions(fractions, member)
+        return grads, fractions
+
+    def fraction_names(self):
+        names = {}
+        for t in self.transforms:
+            names = merge_fractions(names, dict.fromkeys(t.fraction_names()))
+        return list(names)
+
+    def get_config(self):
+        return {"transforms": [serialize(t) for t in self.transforms]}
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(*[deserialize(c) for c in config["transforms"]])
+
+
+class _FunctionTransform(GradientTransform):
+    """A user callable `(grads, params) -> grads`; reports the share of changed elements."""
+
+    def __init__(self, fn):
+        self.fn = fn
+        self.name = getattr(fn, "__name__", "custom")
+
+    def __call__(self, grads, params):
+        new = list(self.fn(list(grads), list(params)))
+        if len(new) != len(grads):
+            raise ValueError(
+                f"Transform `{self.name}` must return one gradient per variable. "
+                f"Expected {len(grads)} gradients. Received: {len(new)}"
+            )
+        changed, total = [], []
+        for g, n in zip(grads, new):
+            if g is None or n is None:
+                continue
+            a, b = tf.convert_to_tensor(g), tf.convert_to_tensor(n)
+            changed.append(tf.reduce_sum(tf.cast(tf.not_equal(a, b), tf.float32)))
+            total.append(tf.cast(tf.size(a), tf.float32))
+        return new, {self.name: _fraction(tf.add_n(changed or [0.0]), tf.add_n(total or [0.0]))}
+
+
+def merge_fractions(first, second):
+    """Merges two `fractions` dicts; a repeated name gets a suffix `_2`, `_3`..."""
+    merged = dict(first)
+    for key, value in second.items():
+        unique, n = key, 1
+        while unique in merged:
+            n += 1
+            unique = f"{key}_{n}"
+        merged[unique] = value
+    return merged
+
+
+def as_transform(transform, argument="transform"):
+    """Validates a transform argument; wraps a plain callable."""
+    if isinstance(transform, GradientTransform):
+        return transform
+    if callable(transform):
+        return _FunctionTransform(transform)
+    raise ValueError(
+        f"Invalid value for argument `{argument}`. Expected a gradmon transform "
+        f"or a callable (grads, params) -> grads. Received: {argument}={transform!r}"
+    )
+
+
+_REGISTRY = {
+    cls.__name__: cls
+    for cls in (clip_by_value, clip_by_norm, clip_by_global_norm, adaptive_clip, chain)
+}
+
+
+def serialize(transform):
+    """`{"class_name": ..., "config": ...}` for a built-in transform."""
+    return {"class_name": type(transform).__name__, "config": transform.get_config()}
+
+
+def deserialize(config):
+    """Inverse of `serialize`."""
+    cls = _REGISTRY.get(config.get("class_name"))
+    if cls is None:
+        raise ValueError(
+            "Invalid value for argument `config`. Expected a serialized gradmon "
+            f"transform ({sorted(_REGISTRY)}). Received: config={config!r}"
+        )
+    return cls.from_config(config["config"])
+
+
+def from_optimizer(optimizer):
+    """The built-in transform equal to a Keras optimizer's own clipping, or `None`.
+
+    Keras optimizers apply at most one of `clipnorm`, `global_clipnorm`,
+    `clipvalue` (in that order of precedence) to the unscaled gradients.
+    """
+    optimizer = getattr(optimizer, "inner_optimizer", optimizer)
+    if getattr(optimizer, "clipnorm", None):
+        return clip_by_norm(optimizer.clipnorm)
+    if getattr(optimizer, "global_clipnorm", None):
+        return clip_by_global_norm(optimizer.global_clipnorm)
+    if getattr(optimizer, "clipvalue", None):
+        return clip_by_value(optimizer.clipvalue)
+    return None

@@ -1,0 +1,126 @@
+"""Writes TensorBoard event files from numbers on the host.
+
+One writer interface (as in CLU's metric writers): `write_scalars(step,
+mapping)`, `write_histograms(step, mapping)`, `flush()`, `close()`. Summaries
+are built as protobufs directly (no TF ops), so writing many scalars per
+step costs microseconds, and nothing here ever runs inside a compiled step.
+Each tag's description (from `gradmon.tags.describe`) is written with its
+first value, which is where TensorBoard reads it from.
+"""
+
+import os
+import time
+
+import numpy as np
+from tensorboard.compat.proto import event_pb2, summary_pb2, tensor_pb2, tensor_shape_pb2, types_pb2
+from tensorboard.plugins.histogram import metadata as histogram_metadata
+from tensorboard.plugins.scalar import metadata as scalar_metadata
+from tensorboard.summary.writer.event_file_writer import EventFileWriter
+
+from gradmon import tags
+
+_SCALAR_SHAPE = tensor_shape_pb2.TensorShapeProto()
+
+
+def _scalar_tensor(value):
+    return tensor_pb2.TensorProto(
+        dtype=types_pb2.DT_FLOAT, tensor_shape=_SCALAR_SHAPE, float_val=[float(value)]
+    )
+
+
+def _histogram_tensor(buckets):
+    buckets = np.asarray(buckets, dtype=np.float64)
+    shape = tensor_shape_pb2.TensorShapeProto(
+        dim=[tensor_shape_pb2.TensorShapeProto.Dim(size=n) for n in buckets.shape]
+    )
+    return tensor_pb2.TensorProto(
+        dtype=types_pb2.DT_DOUBLE, tensor_shape=shape, double_val=buckets.ravel().tolist()
+    )
+
+
+def histogram_buckets(low, high, counts):
+    """`[k, 3]` rows `(left, right, count)` in TensorBoard's histogram layout.
+
+    As TensorBoard's own `histogram_pb`: equal-width buckets over `[low, high]`;
+    when `low == high` every edge is `low` and the last bucket holds all counts.
+    """
+    counts = np.asarray(counts, dtype=np.float64)
+    if high > low:
+        edges = np.linspace(low, high, len(counts) + 1)
+        left, right = edges[:-1], edges[1:]
+    else:
+        left = right = np.full(len(counts), low, dtype=np.float64)
+    return np.stack([left, right, counts], axis=1)
+
+
+class SummaryWriter:
+    """An event-file writer for one run directory (created on first write).
+
+    Args:
+        logdir: directory of the event file, e.g. `<log_dir>/train`.
+    """
+
+    def __init__(self, logdir):
+        self.logdir = logdir
+        self._writer = None
+        self._described = set()
+
+    def open(self):
+        """Creates the directory and the event file now; raises if it cannot."""
+        if self._writer is None:
+            try:
+                os.makedirs(self.logdir, exist_ok=True)
+                self._writer = EventFileWriter(self.logdir)
+            except OSError as error:
+                raise ValueError(
+                    "Invalid value for argument `log_dir`. Expected a writable "
+                    f"directory. Received: log_dir={self.logdir!r} ({error})"
+                ) from error
+        return self
+
+    def _metadata(self, tag, plugin):
+        if tag in self._described:
+            return None
+        self._described.add(tag)
+        return plugin.create_summary_metadata(display_name=None, description=tags.describe(tag))
+
+    def _write(self, step, values):
+        if not values:
+            return
+        self.open()
+        event = event_pb2.Event(step=int(step), summary=summary_pb2.Summary(value=values))
+        event.wall_time = time.time()
+        self._writer.add_event(event)
+
+    def write_scalars(self, step, mapping):
+        """Writes `{tag: number}` at `step`."""
+        values = []
+        for tag, value in mapping.items():
+            v = summary_pb2.Summary.Value(tag=tag, tensor=_scalar_tensor(value))
+            metadata = self._metadata(tag, scalar_metadata)
+            if metadata is not None:
+                v.metadata.CopyFrom(metadata)
+            values.append(v)
+        self._write(step, values)
+
+    def write_histograms(self, step, mapping):
+        """Writes `{tag: [k, 3] buckets}` (see `histogram_buckets`) at `step`."""
+        values = []
+        for tag, buckets in mapping.items():
+            v = summary_pb2.Summary.Value(tag=tag, tensor=_histogram_tensor(buckets))
+            metadata = self._metadata(tag, histogram_metadata)
+            if metadata is not None:
+                v.metadata.CopyFrom(metadata)
+            values.append(v)
+        self._write(step, values)
+
+    def flush(self):
+        if self._writer is not None:
+            self._writer.flush()
+
+    def close(self):
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+            self._described = set()
+
