@@ -1,0 +1,51 @@
+"""Independent references for the tests: plain Keras/TF and numpy, no gradmon code."""
+
+import glob
+import os
+
+import numpy as np
+import tensorflow as tf
+
+
+def tape_gradients(model, loss_fn, x, y, sample_weight=None):
+    """Gradients of `loss_fn` (+ regularization) at `model`'s current weights, by a plain tape."""
+    with tf.GradientTape() as tape:
+        pred = model(x, training=True)
+        loss = loss_fn(y, pred, sample_weight=sample_weight)
+        if model.losses:
+            loss = loss + tf.add_n(model.losses)
+    grads = tape.gradient(loss, model.trainable_variables)
+    return [None if g is None else tf.convert_to_tensor(g).numpy().astype(np.float64) for g in grads]
+
+
+def numpy_stats(g):
+    """[norm, max_abs, rms, zero_fraction, nonfinite] of one array, in float64."""
+    g = np.asarray(g, dtype=np.float64)
+    return np.array([np.linalg.norm(g.ravel()), np.max(np.abs(g)), np.sqrt(np.mean(g**2)),
+                     np.mean(g == 0), np.sum(~np.isfinite(g))])
+
+
+def global_norm(arrays):
+    return np.sqrt(sum(np.sum(np.asarray(a, np.float64) ** 2) for a in arrays if a is not None))
+
+
+def read_events(logdir):
+    """{tag: {step: value}} from every event file under `logdir` (scalars as floats, others as arrays)."""
+    out = {}
+    for path in sorted(glob.glob(os.path.join(logdir, "events.out.tfevents.*"))):
+        for event in tf.compat.v1.train.summary_iterator(path):
+            for value in event.summary.value:
+                array = tf.make_ndarray(value.tensor) if value.HasField("tensor") else np.array(value.simple_value)
+                out.setdefault(value.tag, {})[event.step] = float(array) if array.shape == () else array
+    return out
+
+
+def read_descriptions(logdir):
+    """{tag: description} as TensorBoard would read them (first metadata seen)."""
+    out = {}
+    for path in sorted(glob.glob(os.path.join(logdir, "events.out.tfevents.*"))):
+        for event in tf.compat.v1.train.summary_iterator(path):
+            for value in event.summary.value:
+                if value.HasField("metadata") and value.tag not in out:
+                    out[value.tag] = value.metadata.summary_description
+    return out
