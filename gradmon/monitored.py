@@ -30,12 +30,12 @@ GROUPINGS = ("variable", "layer")
 STAT_NAMES = tags.GROUP_STATS + ("grad_to_weight", "update_ratio")
 HISTOGRAM_BUCKETS = 30
 
-# Columns of MonitorState.group_stats: raw stats (tags.GROUP_STATS order), the
+# Columns of a row of MonitorState.read()["group_stats"]: raw stats (tags.GROUP_STATS order), the
 # same for the transformed gradient, then grad_to_weight.
 RAW_COLUMNS = slice(0, 5)
 TRANSFORMED_COLUMNS = slice(5, 10)
 GRAD_TO_WEIGHT_COLUMN = 10
-_NUM_GROUP_COLUMNS = 11
+GROUP_COLUMNS = 11
 # Entries of MonitorState.global_stats.
 GLOBAL_FIELDS = (
     "raw_global_norm",
@@ -89,11 +89,15 @@ class MonitorState:
 
     Plain attributes of a plain object, so that Keras does not track them as
     model weights (they are not saved, not counted in `model.weights`).
+    A logged step's numbers are packed into one float64 vector, `record`, so
+    a callback reads them with a single device-to-host copy:
+    `[step, GLOBAL_FIELDS..., group rows (GROUP_COLUMNS each)...,
+    update ratio per group..., clip fraction per transform...]`.
     """
 
     def __init__(self):
         self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="gradmon_step")
-        # 0 disables; set by callbacks through `request`.
+        # 0 disables; set by callbacks.
         self.log_every = tf.Variable(1, dtype=tf.int64, trainable=False, name="gradmon_log_every")
         self.hist_every = tf.Variable(0, dtype=tf.int64, trainable=False, name="gradmon_hist_every")
         self.key = None
@@ -113,12 +117,10 @@ class MonitorState:
             [] if observed_transform is None else observed_transform.fraction_names()
         )
         g = len(self.group_names)
-        self.stats_step = tf.Variable(-1, dtype=tf.int64, trainable=False)
+        size = 1 + len(GLOBAL_FIELDS) + g * (GROUP_COLUMNS + 1) + len(self.fraction_names)
+        self.record = tf.Variable(tf.zeros([size], tf.float64), trainable=False)
+        self.record.assign(tf.tensor_scatter_nd_update(self.record, [[0]], [-1.0]))
         self.hist_step = tf.Variable(-1, dtype=tf.int64, trainable=False)
-        self.group_stats = tf.Variable(tf.zeros([g, _NUM_GROUP_COLUMNS]), trainable=False)
-        self.global_stats = tf.Variable(tf.zeros([len(GLOBAL_FIELDS)]), trainable=False)
-        self.fractions = tf.Variable(tf.zeros([len(self.fraction_names)]), trainable=False)
-        self.update_ratio = tf.Variable(tf.zeros([g]), trainable=False)
         # [raw/transformed, group, (min, max, counts...)]
         self.histograms = tf.Variable(
             tf.zeros([2, g, HISTOGRAM_BUCKETS + 2]), trainable=False
@@ -127,16 +129,27 @@ class MonitorState:
     # -- host-side reading (callbacks) -------------------------------------
 
     def read(self):
-        """The latest statistics as numpy, or `None` before the first logged step."""
-        if self.key is None or int(self.stats_step.numpy()) < 0:
+        """The latest logged step's statistics as numpy, or `None` before the first.
+
+        Returns:
+            A dict with `step`, `global` (`GLOBAL_FIELDS` -> float), `groups`
+            (names), `group_stats` (`[groups, GROUP_COLUMNS]`), `update_ratio`
+            (`[groups]`) and `fractions` (transform member -> clip fraction).
+        """
+        if self.key is None:
             return None
+        record = self.record.numpy()
+        if record[0] < 0:
+            return None
+        g, n_global = len(self.group_names), len(GLOBAL_FIELDS)
+        rows_end = 1 + n_global + g * GROUP_COLUMNS
         return {
-            "step": int(self.stats_step.numpy()),
-            "global": dict(zip(GLOBAL_FIELDS, self.global_stats.numpy().tolist())),
+            "step": int(record[0]),
+            "global": dict(zip(GLOBAL_FIELDS, record[1:1 + n_global].tolist())),
             "groups": self.group_names,
-            "group_stats": self.group_stats.numpy(),
-            "update_ratio": self.update_ratio.numpy(),
-            "fractions": dict(zip(self.fraction_names, self.fractions.numpy().tolist())),
+            "group_stats": record[1 + n_global:rows_end].reshape(g, GROUP_COLUMNS),
+            "update_ratio": record[rows_end:rows_end + g],
+            "fractions": dict(zip(self.fraction_names, record[rows_end + g:].tolist())),
         }
 
     def read_histograms(self):
@@ -317,90 +330,76 @@ class GradientMonitorMixin:
                 return transformed, fractions
             clipped, more = optimizer_clip(transformed, variables)
             return clipped, transforms.merge_fractions(fractions, more)
+
         do_log = tf.logical_and(state.log_every > 0,
                                 tf.equal(tf.math.floormod(step, tf.maximum(state.log_every, 1)), 0))
         do_hist = tf.logical_and(state.hist_every > 0,
                                  tf.equal(tf.math.floormod(step, tf.maximum(state.hist_every, 1)), 0))
 
-        want_update = "update_ratio" in config.stats
-        before = [tf.identity(v.value) for v in variables] if want_update else None
-
-        def measure():
-            observed_grads, observed_fractions = observe()
-            self._gradmon_store(step, unscaled, observed_grads, observed_fractions,
-                                variables, missing)
-            return tf.constant(True)
-
-        tf.cond(do_log, measure, lambda: tf.constant(False))
-
         def histograms():
-            observed_grads = observe()[0]
             g = len(state.group_names)
             state.histograms.assign(tf.stack([
                 _histogram_rows(unscaled, state.segment_ids, g),
-                _histogram_rows(observed_grads, state.segment_ids, g),
+                _histogram_rows(observe()[0], state.segment_ids, g),
             ]))
             state.hist_step.assign(step)
             return tf.constant(True)
 
         tf.cond(do_hist, histograms, lambda: tf.constant(False))
 
+        needs_weights = "update_ratio" in config.stats or "grad_to_weight" in config.stats
+        before = [tf.identity(v.value) for v in variables] if needs_weights else None
         self.optimizer.apply_gradients(zip(to_apply, variables))
 
-        if want_update:
-            def update_ratio():
-                delta = [stats.squared_norm(v.value - b) for v, b in zip(variables, before)]
-                weight = [stats.squared_norm(b) for b in before]
-                ids = tf.constant(state.segment_ids, tf.int32)
-                g = len(state.group_names)
-                ratio = stats.safe_ratio(
-                    tf.sqrt(tf.math.unsorted_segment_sum(tf.stack(delta), ids, g)),
-                    tf.sqrt(tf.math.unsorted_segment_sum(tf.stack(weight), ids, g)),
-                )
-                state.update_ratio.assign(ratio)
-                return tf.constant(True)
+        def measure():
+            observed, observed_fractions = observe()
+            after = [v.value for v in variables] if before is not None else None
+            record_fn = self._gradmon_record
+            if not any(isinstance(g, tf.IndexedSlices) for g in unscaled + list(observed)):
+                # One XLA cluster fuses the many small reductions (op dispatch dominates them).
+                record_fn = tf.function(record_fn, jit_compile=True, autograph=False)
+            numbers = record_fn(unscaled, list(observed), observed_fractions, after, before, len(missing))
+            state.record.assign(tf.concat([tf.reshape(tf.cast(step, tf.float64), [1]), numbers], 0))
+            return tf.constant(True)
 
-            tf.cond(do_log, update_ratio, lambda: tf.constant(False))
+        tf.cond(do_log, measure, lambda: tf.constant(False))
 
-    def _gradmon_store(self, step, raw, observed, fractions, variables, missing):
-        """Writes one step's statistics into the state variables."""
+    def _gradmon_record(self, raw, observed, fractions, after, before, num_missing):
+        """One step's statistics packed as `MonitorState.record` (without the leading step)."""
         state = self._gradmon_state
-        g = len(state.group_names)
-        present = [i for i, grad in enumerate(raw) if grad is not None]
-        ids = [state.segment_ids[i] for i in present]
-
-        def grouped(grads):
-            if not present:
-                return tf.zeros([g, stats.NUM_MOMENTS])
-            rows = tf.stack([stats.moments(grads[i]) for i in present])
-            return stats.group_moments(rows, ids, g)
-
-        raw_moments = grouped(raw)
+        g, ids = len(state.group_names), state.segment_ids
+        raw_moments = stats.grouped_moments(raw, ids, g)
         raw_final = stats.finalize(raw_moments)
-        weight_sq = tf.math.unsorted_segment_sum(
-            tf.stack([stats.squared_norm(v.value) for v in variables]),
-            tf.constant(state.segment_ids, tf.int32), g)
-        grad_to_weight = stats.safe_ratio(raw_final[:, 0], tf.sqrt(weight_sq))
         raw_norm = tf.sqrt(tf.reduce_sum(raw_moments[:, stats.SUMSQ]))
         raw_nonfinite = tf.reduce_sum(raw_moments[:, stats.NONFINITE])
         if state.has_transform:
-            obs_moments = grouped(observed)
+            obs_moments = stats.grouped_moments(observed, ids, g)
             obs_final = stats.finalize(obs_moments)
             obs_norm = tf.sqrt(tf.reduce_sum(obs_moments[:, stats.SUMSQ]))
             obs_nonfinite = tf.reduce_sum(obs_moments[:, stats.NONFINITE])
         else:
             obs_final, obs_norm, obs_nonfinite = raw_final, raw_norm, raw_nonfinite
+        if before is not None:
+            weight_norm = tf.sqrt(stats.grouped_squared_norms(before, ids, g))
+            grad_to_weight = stats.safe_ratio(raw_final[:, 0], weight_norm)
+            delta = [a - b for a, b in zip(after, before)]
+            update_ratio = stats.safe_ratio(
+                tf.sqrt(stats.grouped_squared_norms(delta, ids, g)), weight_norm)
+        else:
+            grad_to_weight = update_ratio = tf.zeros([g])
         values = [fractions[name] for name in state.fraction_names]
         clip_fraction = tf.reduce_max(tf.stack(values)) if values else tf.constant(0.0)
-        state.group_stats.assign(
-            tf.concat([raw_final, obs_final, grad_to_weight[:, None]], axis=1))
-        state.global_stats.assign(tf.stack([
+        global_values = tf.stack([
             raw_norm, obs_norm,
             tf.where(raw_norm > 0, obs_norm / raw_norm, tf.constant(1.0)),
-            clip_fraction, raw_nonfinite, obs_nonfinite, float(len(missing)),
-        ]))
-        state.fractions.assign(tf.stack(values) if values else tf.zeros([0]))
-        state.stats_step.assign(step)
+            clip_fraction, raw_nonfinite, obs_nonfinite, float(num_missing),
+        ])
+        parts = [
+            global_values,
+            tf.reshape(tf.concat([raw_final, obs_final, grad_to_weight[:, None]], axis=1), [-1]),
+            update_ratio,
+        ] + ([tf.stack(values)] if values else [])
+        return tf.concat([tf.cast(p, tf.float64) for p in parts], axis=0)
 
 
 class _MonitoredFunctional(GradientMonitorMixin, Functional):

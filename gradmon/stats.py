@@ -92,10 +92,39 @@ def group_moments(per_tensor, segment_ids, num_groups):
     """
     ids = tf.constant(segment_ids, dtype=tf.int32)
     summed = tf.math.unsorted_segment_sum(per_tensor, ids, num_groups)
-    maxed = tf.math.unsorted_segment_max(per_tensor[:, MAX_ABS], ids, num_groups)
+    # An empty segment's max is the dtype's lowest value; an absent group's max |g| is 0.
+    maxed = tf.maximum(tf.math.unsorted_segment_max(per_tensor[:, MAX_ABS], ids, num_groups), 0.0)
     return tf.concat(
         [summed[:, :MAX_ABS], maxed[:, None], summed[:, MAX_ABS + 1 :]], axis=1
     )
+
+
+def grouped_moments(tensors, group_ids, num_groups):
+    """`group_moments` of `moments` of many tensors; `None` entries count as absent.
+
+    Per-tensor dense reductions: on CPU they are several times faster than
+    segment reductions over one concatenated vector (measured: 1.2 ms vs
+    12.9 ms for a 235k-parameter MLP's gradients).
+
+    Args:
+        tensors: list of tensors, `tf.IndexedSlices` or `None`.
+        group_ids: the group of each entry of `tensors`.
+        num_groups: number of groups.
+
+    Returns:
+        `[num_groups, NUM_MOMENTS]` float32.
+    """
+    present = [(t, gid) for t, gid in zip(tensors, group_ids) if t is not None]
+    if not present:
+        return tf.zeros([num_groups, NUM_MOMENTS])
+    rows = tf.stack([moments(t) for t, _ in present])
+    return group_moments(rows, [gid for _, gid in present], num_groups)
+
+
+def grouped_squared_norms(tensors, group_ids, num_groups):
+    """Per-group sum of squares of `tensors` (e.g. weights)."""
+    squares = tf.stack([squared_norm(t) for t in tensors])
+    return tf.math.unsorted_segment_sum(squares, tf.constant(group_ids, tf.int32), num_groups)
 
 
 def finalize(grouped):

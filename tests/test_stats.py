@@ -67,3 +67,19 @@ def test_global_norm_skips_none():
     expected = np.sqrt(np.sum(a**2) + np.sum(b**2))
     assert float(stats.global_norm([tf.constant(a), None, tf.constant(b)])) == pytest.approx(expected)
     assert float(stats.global_norm([None])) == 0.0
+
+
+def test_grouped_moments_mix_dense_sparse_and_none():
+    rng = np.random.default_rng(4)
+    dense = [rng.normal(size=(3, 2)).astype(np.float32), np.zeros((4,), np.float32), rng.normal(size=(5,)).astype(np.float32)]
+    values = rng.normal(size=(3, 2)).astype(np.float32)
+    indices = np.array([0, 2, 0])
+    sparse_dense = np.zeros((4, 2), np.float32)
+    np.add.at(sparse_dense, indices, values)
+    slices = tf.IndexedSlices(tf.constant(values), tf.constant(indices), tf.constant([4, 2]))
+    tensors = [tf.constant(dense[0]), slices, None, tf.constant(dense[1]), tf.constant(dense[2])]
+    ids = [0, 0, 1, 2, 2]
+    got = stats.finalize(stats.grouped_moments(tensors, ids, 3)).numpy()
+    np.testing.assert_allclose(got[0], numpy_row(np.concatenate([dense[0].ravel(), sparse_dense.ravel()])), rtol=1e-5)
+    np.testing.assert_allclose(got[1], [0, 0, 0, 0, 0])
+    np.testing.assert_allclose(got[2], numpy_row(np.concatenate([dense[1], dense[2]])), rtol=1e-5)

@@ -1,0 +1,22 @@
+"""Command line: `gradmon demo [--log-dir DIR]`."""
+
+import argparse
+import sys
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="gradmon", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    demo = commands.add_parser("demo", help="train a small monitored network and write TensorBoard logs")
+    demo.add_argument("--log-dir", default="runs/demo", help="run directory (default: runs/demo)")
+    demo.add_argument("--epochs", type=int, default=8, help="training epochs (default: 8)")
+    args = parser.parse_args(argv)
+    if args.command == "demo":
+        from gradmon import demo as demo_module
+
+        demo_module.run(log_dir=args.log_dir, epochs=args.epochs)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
