@@ -1,7 +1,7 @@
 """gradmon: gradient monitoring, clipping and curvature for Keras 3 / TensorFlow."""
 
-from gradmon import stats, tags, transforms
-from gradmon.callbacks import GradientMonitor
+from gradmon import hessian, stats, tags, transforms
+from gradmon.callbacks import GradientMonitor, HessianMonitor
 from gradmon.monitored import STAT_NAMES, GradientMonitorMixin, monitor
 
 __version__ = "0.1.0"
@@ -9,7 +9,9 @@ __version__ = "0.1.0"
 __all__ = [
     "GradientMonitor",
     "GradientMonitorMixin",
+    "HessianMonitor",
     "STAT_NAMES",
+    "hessian",
     "monitor",
     "stats",
     "tags",

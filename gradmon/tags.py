@@ -63,11 +63,34 @@ def clip_fraction_of(member):
     return f"{CLIP_FRACTION}/{sanitize(member)}"
 
 
+HESSIAN_TRACE = "hessian/trace"
+HESSIAN_TRACE_STDERR = "hessian/trace_stderr"
+HESSIAN_HVP_COUNT = "hessian/hvp_count"
+EDGE_OF_STABILITY = "hessian/edge_of_stability"
+HESSIAN_MIN_EIGENVALUE = "hessian/min_eigenvalue"
+HESSIAN_DENSITY = "hessian/density"
+
+
+def eigenvalue(i):
+    """Tag of the i-th largest Hessian eigenvalue, 1-based."""
+    return f"hessian/eigenvalue_{i}"
+
+
+def residual(i):
+    return f"hessian/residual_{i}"
+
+
 def describe(tag):
     """One-line Markdown description of a gradmon tag."""
     parts = tag.split("/")
     if tag in _FIXED_DESCRIPTIONS:
         return _FIXED_DESCRIPTIONS[tag]
+    if tag.startswith("hessian/eigenvalue_"):
+        return (f"{tag.rsplit('_', 1)[1]}-th largest (algebraic) eigenvalue of the Hessian "
+                "of the loss on the probe data; eigenvalue_1 is the sharpness.")
+    if tag.startswith("hessian/residual_"):
+        return (f"||Hv - lambda v|| of eigenpair {tag.rsplit('_', 1)[1]} (unit v): bounds the "
+                "eigenvalue's distance to the true spectrum.")
     if tag.startswith(CLIP_FRACTION + "/"):
         return (
             f"Share of units clipped by the `{parts[-1]}` member of the transform "
@@ -101,4 +124,13 @@ _FIXED_DESCRIPTIONS = {
         "(the largest member's share for a chain)."
     ),
     NO_GRADIENT: "Number of trainable variables that received no gradient in this step.",
+    HESSIAN_TRACE: "Hutchinson estimate of the Hessian trace (sum of all eigenvalues).",
+    HESSIAN_TRACE_STDERR: "Standard error of the Hutchinson trace estimate.",
+    HESSIAN_HVP_COUNT: "Hessian-vector products spent by this Hessian probe.",
+    EDGE_OF_STABILITY: (
+        "lambda_1 * learning_rate / 2: 1.0 is the edge of stability of gradient descent "
+        "(Cohen et al. 2021); above 1, plain GD would diverge along the top eigenvector."
+    ),
+    HESSIAN_MIN_EIGENVALUE: "Smallest (most negative) Hessian eigenvalue on the probe data.",
+    HESSIAN_DENSITY: "Spectral density of the Hessian (stochastic Lanczos quadrature), as probability mass per bucket.",
 }

@@ -49,3 +49,19 @@ def read_descriptions(logdir):
                 if value.HasField("metadata") and value.tag not in out:
                     out[value.tag] = value.metadata.summary_description
     return out
+
+
+def explicit_hessian(model, loss_fn, x, y):
+    """Dense float64 Hessian of `loss_fn(model, x, y)` wrt trainable vars."""
+    variables = [v.value for v in model.trainable_variables]
+    with tf.GradientTape() as outer:
+        with tf.GradientTape() as inner:
+            loss = loss_fn(model, x, y)
+        grads = inner.gradient(loss, variables)
+        flat = tf.concat([tf.reshape(g, [-1]) for g in grads], axis=0)
+    jacobians = outer.jacobian(flat, variables)
+    n = int(flat.shape[0])
+    matrix = np.concatenate(
+        [np.reshape(j.numpy(), (n, -1)) for j in jacobians], axis=1
+    ).astype(np.float64)
+    return 0.5 * (matrix + matrix.T)

@@ -12,6 +12,7 @@ import pytest
 import tensorflow as tf
 
 from gradmon import hessian
+from helpers import explicit_hessian
 
 RTOL = 1e-3
 
@@ -30,22 +31,6 @@ def sparse_ce(logits, labels):
             labels=tf.cast(labels, tf.int32), logits=logits
         )
     )
-
-
-def explicit_hessian(model, loss_fn, x, y):
-    """Dense float64 Hessian of `loss_fn(model, x, y)` wrt trainable vars."""
-    variables = [v.value for v in model.trainable_variables]
-    with tf.GradientTape() as outer:
-        with tf.GradientTape() as inner:
-            loss = loss_fn(model, x, y)
-        grads = inner.gradient(loss, variables)
-        flat = tf.concat([tf.reshape(g, [-1]) for g in grads], axis=0)
-    jacobians = outer.jacobian(flat, variables)
-    n = int(flat.shape[0])
-    matrix = np.concatenate(
-        [np.reshape(j.numpy(), (n, -1)) for j in jacobians], axis=1
-    ).astype(np.float64)
-    return 0.5 * (matrix + matrix.T)
 
 
 def flat_params(model):

@@ -1,0 +1,113 @@
+"""HessianMonitor: the written spectrum against an explicit Hessian; probing changes nothing."""
+
+import os
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import gradmon
+from gradmon import tags
+from helpers import explicit_hessian, read_events
+
+RNG = np.random.default_rng(11)
+X = RNG.normal(size=(48, 4)).astype(np.float32)
+Y = RNG.normal(size=(48, 1)).astype(np.float32)
+LR = 0.05
+
+
+def mse(model, x, y):
+    return tf.reduce_mean(tf.square(model(x, training=False) - y))
+
+
+def small_model(monitored=True):
+    keras.utils.set_random_seed(3)
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(5, activation="tanh"), keras.layers.Dense(1)])
+    if monitored:
+        model = gradmon.monitor(model)
+    model.compile(optimizer=keras.optimizers.SGD(LR), loss="mse")
+    return model
+
+
+@pytest.mark.parametrize("monitored", [True, False])
+def test_written_spectrum_matches_explicit_hessian(tmp_path, monitored):
+    model = small_model(monitored)
+    probe = (X[:32], Y[:32])
+    cb = gradmon.HessianMonitor(str(tmp_path), data=probe, every_n_steps=4, top_k=2, trace=True,
+                                trace_samples=200, density=True, smallest=True, tol=1e-6)
+    model.fit(X, Y, batch_size=6, epochs=1, shuffle=False, verbose=0, callbacks=[cb])  # 8 steps
+    events = read_events(os.path.join(str(tmp_path), "train"))
+    assert sorted(events[tags.eigenvalue(1)]) == [4, 8]
+    # the probe at step 8 saw the final weights
+    exact = np.linalg.eigvalsh(explicit_hessian(model, mse, *probe))
+    top = exact[::-1]
+    assert events[tags.eigenvalue(1)][8] == pytest.approx(top[0], rel=1e-3)
+    assert events[tags.eigenvalue(2)][8] == pytest.approx(top[1], rel=1e-3)
+    assert events[tags.HESSIAN_MIN_EIGENVALUE][8] == pytest.approx(exact[0], rel=1e-3, abs=1e-4 * top[0])
+    assert events[tags.EDGE_OF_STABILITY][8] == pytest.approx(top[0] * LR / 2, rel=1e-3)
+    assert events[tags.residual(1)][8] <= 1e-4 * top[0]
+    trace, stderr = events[tags.HESSIAN_TRACE][8], events[tags.HESSIAN_TRACE_STDERR][8]
+    assert abs(trace - exact.sum()) <= 3 * stderr
+    assert events[tags.HESSIAN_HVP_COUNT][8] >= 200
+    dens = events[tags.HESSIAN_DENSITY][8]
+    assert dens[:, 2].sum() == pytest.approx(1.0, abs=1e-3)
+    assert dens[0, 0] <= exact[0] and dens[-1, 1] >= exact[-1]
+
+
+def bn_dropout_model():
+    keras.utils.set_random_seed(5)
+    inputs = keras.Input((4,))
+    h = keras.layers.Dense(6)(inputs)
+    h = keras.layers.BatchNormalization()(h)
+    h = keras.layers.Activation("relu")(h)
+    h = keras.layers.Dropout(0.3)(h)
+    model = gradmon.monitor(keras.Model(inputs, keras.layers.Dense(1)(h)))
+    model.compile(optimizer=keras.optimizers.Adam(0.01), loss="mse")
+    return model
+
+
+def test_probing_changes_nothing(tmp_path):
+    """A fit with HessianMonitor ends exactly where the same fit without it ends."""
+    finals = []
+    for with_probe in (False, True):
+        model = bn_dropout_model()
+        keras.utils.set_random_seed(9)
+        callbacks = [gradmon.HessianMonitor(str(tmp_path), data=(X, Y), every_n_steps=2, top_k=2,
+                                            trace=True, trace_samples=5)] if with_probe else []
+        model.fit(X, Y, batch_size=8, epochs=2, verbose=0, callbacks=callbacks)
+        finals.append(([v.numpy() for v in model.weights],
+                       [v.numpy() for v in model.optimizer.variables],
+                       int(model.gradient_state.step.numpy())))
+    (w0, o0, s0), (w1, o1, s1) = finals
+    assert s0 == s1 == 12
+    for a, b in zip(w0 + o0, w1 + o1):  # BN moving stats are in model.weights
+        np.testing.assert_array_equal(a, b)
+
+
+def test_warm_start_reuses_the_previous_eigenvectors(tmp_path):
+    model = small_model()
+    cb = gradmon.HessianMonitor(str(tmp_path), data=(X, Y), every_n_steps=1000, top_k=1, tol=1e-6)
+    cb.set_model(model)
+    cb.on_train_begin()
+    cold = cb.probe(1)
+    warm = cb.probe(2)  # same weights: the previous eigenvector is exact
+    assert warm[tags.HESSIAN_HVP_COUNT] < cold[tags.HESSIAN_HVP_COUNT]
+    assert warm[tags.eigenvalue(1)] == pytest.approx(cold[tags.eigenvalue(1)], rel=1e-6)
+
+
+@pytest.mark.parametrize("kwargs,argument", [
+    (dict(top_k=0), "top_k"), (dict(every_n_steps=0), "every_n_steps"), (dict(data=None), "data"),
+    (dict(trace_samples=-3), "trace_samples")])
+def test_invalid_arguments(tmp_path, kwargs, argument):
+    args = dict(data=(X, Y))
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=rf"`{argument}`.*Received: {argument}="):
+        gradmon.HessianMonitor(str(tmp_path), **args)
+
+
+def test_too_many_eigenvalues_fail_before_training(tmp_path):
+    model = small_model()
+    with pytest.raises(ValueError, match="`top_k`.*Received: top_k=1000"):
+        model.fit(X, Y, verbose=0, callbacks=[gradmon.HessianMonitor(str(tmp_path), data=(X, Y), top_k=1000)])
+    assert int(model.gradient_state.step.numpy()) == 0
