@@ -1,6 +1,6 @@
 """gradmon: gradient monitoring, clipping and curvature for Keras 3 / TensorFlow."""
 
-from gradmon import hessian, stats, tags, transforms
+from gradmon import hessian, penalties, stats, tags, transforms
 from gradmon.callbacks import GradientMonitor, HessianMonitor
 from gradmon.monitored import STAT_NAMES, GradientMonitorMixin, monitor
 
@@ -13,6 +13,7 @@ __all__ = [
     "STAT_NAMES",
     "hessian",
     "monitor",
+    "penalties",
     "stats",
     "tags",
     "transforms",

@@ -113,6 +113,13 @@ def scalar_summaries(state, snapshot):
         if len(snapshot["fractions"]) > 1:
             for name, fraction in snapshot["fractions"].items():
                 out[tags.clip_fraction_of(name)] = fraction
+    if snapshot["losses"] is not None:
+        out[tags.LOSS_DATA] = snapshot["losses"]["data"]
+        out[tags.LOSS_TOTAL] = snapshot["losses"]["total"]
+    for name, numbers in snapshot["penalties"].items():
+        out[tags.penalty(name)] = numbers["value"]
+        out[tags.penalty_share(name)] = numbers["share"]
+        out[tags.penalty_grad_norm(name)] = numbers["grad_norm"]
     rows = snapshot["group_stats"]
     for i, group in enumerate(snapshot["groups"]):
         for kind, columns in kinds:

@@ -14,6 +14,8 @@ optimizer's own `clipnorm`/`global_clipnorm`/`clipvalue`, if set), and after
 the update, the update-to-weight ratio.
 """
 
+import contextlib
+
 import keras
 import numpy as np
 import tensorflow as tf
@@ -22,6 +24,7 @@ from keras.src.losses import loss as loss_module
 from keras.src.models.functional import Functional
 from keras.src.trainers.data_adapters import data_adapter_utils
 
+from gradmon import penalties as penalties_module
 from gradmon import stats, tags, transforms
 from gradmon._validation import check_choice, invalid, warn_once
 
@@ -67,12 +70,13 @@ def _group_name(variable, grouping):
 
 
 class GradientConfig:
-    """What a monitored model computes: transform, grouping, statistics."""
+    """What a monitored model computes: transform, penalties, grouping, statistics."""
 
-    def __init__(self, transform=None, grouping="variable", stats=None):
+    def __init__(self, transform=None, grouping="variable", stats=None, penalties=None):
         self.transform = None if transform is None else transforms.as_transform(transform)
         self.grouping = check_choice("grouping", grouping, GROUPINGS)
         self.stats = _check_stats(stats)
+        self.penalties = penalties_module.check_penalties(penalties)
 
     def get_config(self):
         t = self.transform
@@ -116,8 +120,11 @@ class MonitorState:
         self.fraction_names = (
             [] if observed_transform is None else observed_transform.fraction_names()
         )
+        self.penalty_names = [p.name for p in config.penalties]
         g = len(self.group_names)
         size = 1 + len(GLOBAL_FIELDS) + g * (GROUP_COLUMNS + 1) + len(self.fraction_names)
+        if self.penalty_names:
+            size += 2 + 3 * len(self.penalty_names)
         self.record = tf.Variable(tf.zeros([size], tf.float64), trainable=False)
         self.record.assign(tf.tensor_scatter_nd_update(self.record, [[0]], [-1.0]))
         self.hist_step = tf.Variable(-1, dtype=tf.int64, trainable=False)
@@ -134,23 +141,35 @@ class MonitorState:
         Returns:
             A dict with `step`, `global` (`GLOBAL_FIELDS` -> float), `groups`
             (names), `group_stats` (`[groups, GROUP_COLUMNS]`), `update_ratio`
-            (`[groups]`) and `fractions` (transform member -> clip fraction).
+            (`[groups]`), `fractions` (transform member -> clip fraction),
+            `losses` (`{"data", "total"}`, or `None` without penalties) and
+            `penalties` (name -> `{"value", "share", "grad_norm"}`).
         """
         if self.key is None:
             return None
         record = self.record.numpy()
         if record[0] < 0:
             return None
-        g, n_global = len(self.group_names), len(GLOBAL_FIELDS)
+        g, n_global, n_fractions = len(self.group_names), len(GLOBAL_FIELDS), len(self.fraction_names)
         rows_end = 1 + n_global + g * GROUP_COLUMNS
-        return {
+        fractions_end = rows_end + g + n_fractions
+        snapshot = {
             "step": int(record[0]),
             "global": dict(zip(GLOBAL_FIELDS, record[1:1 + n_global].tolist())),
             "groups": self.group_names,
             "group_stats": record[1 + n_global:rows_end].reshape(g, GROUP_COLUMNS),
             "update_ratio": record[rows_end:rows_end + g],
-            "fractions": dict(zip(self.fraction_names, record[rows_end + g:].tolist())),
+            "fractions": dict(zip(self.fraction_names, record[rows_end + g:fractions_end].tolist())),
+            "losses": None,
+            "penalties": {},
         }
+        if self.penalty_names:
+            block = record[fractions_end:]
+            snapshot["losses"] = {"data": float(block[0]), "total": float(block[1])}
+            for i, name in enumerate(self.penalty_names):
+                value, share, grad_norm = block[2 + 3 * i:5 + 3 * i].tolist()
+                snapshot["penalties"][name] = {"value": value, "share": share, "grad_norm": grad_norm}
+        return snapshot
 
     def read_histograms(self):
         """`(step, array[2, groups, 2 + buckets])` of the latest histogram step, or `None`."""
@@ -224,13 +243,14 @@ class GradientMonitorMixin:
     """
 
     def __init__(self, *args, gradient_transform=None, gradient_grouping="variable",
-                 gradient_stats=None, **kwargs):
-        config = GradientConfig(gradient_transform, gradient_grouping, gradient_stats)
+                 gradient_stats=None, gradient_penalties=None, **kwargs):
+        config = GradientConfig(gradient_transform, gradient_grouping, gradient_stats,
+                                gradient_penalties)
         object.__setattr__(self, "_gradmon_config", config)
         object.__setattr__(self, "_gradmon_state", MonitorState())
         super().__init__(*args, **kwargs)
 
-    def configure_gradients(self, transform=None, grouping="variable", stats=None):
+    def configure_gradients(self, transform=None, grouping="variable", stats=None, penalties=None):
         """Sets the transform, grouping and statistics; takes effect at the next `fit`.
 
         Args:
@@ -241,11 +261,14 @@ class GradientMonitorMixin:
                 vector). Defaults to `"variable"`.
             stats: names from `gradmon.STAT_NAMES` to compute and write, or
                 `None` for all. Defaults to `None`.
+            penalties: a list of `gradmon.penalties.Penalty` added to the
+                loss, or `None`. Defaults to `None`.
 
         Returns:
             The model, for chaining.
         """
-        object.__setattr__(self, "_gradmon_config", GradientConfig(transform, grouping, stats))
+        object.__setattr__(self, "_gradmon_config",
+                           GradientConfig(transform, grouping, stats, penalties))
         self.train_function = None
         return self
 
@@ -278,18 +301,17 @@ class GradientMonitorMixin:
 
     def train_step(self, data):
         x, y, sample_weight = data_adapter_utils.unpack_x_y_sample_weight(data)
+        if self._gradmon_config.penalties and self.trainable_weights:
+            y_pred, gradients, penalty_numbers = self._gradmon_penalized_gradients(x, y, sample_weight)
+            self._gradmon_apply(gradients, self.trainable_weights, penalty_numbers)
+            return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+        # Keras' own TensorFlow train_step, verbatim but for _gradmon_apply.
         with tf.GradientTape() as tape:
-            if self._call_has_training_arg:
-                y_pred = self(x, training=True)
-            else:
-                y_pred = self(x)
+            y_pred = self._gradmon_forward(x)
             loss = self._compute_loss(
                 x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=True
             )
-            self._loss_tracker.update_state(
-                loss_module.unscale_loss_for_distribution(loss),
-                sample_weight=tf.shape(next(i for i in tree.flatten(x) if i is not None))[0],
-            )
+            self._gradmon_track_loss(loss, x)
             if self.optimizer is not None:
                 loss = self.optimizer.scale_loss(loss)
 
@@ -301,7 +323,69 @@ class GradientMonitorMixin:
             warn_once(("no-trainable", id(self)), "The model does not have any trainable weights.")
         return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
 
-    def _gradmon_apply(self, gradients, variables):
+    def _gradmon_forward(self, x):
+        return self(x, training=True) if self._call_has_training_arg else self(x)
+
+    def _gradmon_track_loss(self, loss, x):
+        self._loss_tracker.update_state(
+            loss_module.unscale_loss_for_distribution(loss),
+            sample_weight=tf.shape(next(i for i in tree.flatten(x) if i is not None))[0],
+        )
+
+    def _gradmon_penalized_gradients(self, x, y, sample_weight):
+        """Gradients of data loss + penalties, each part differentiated on its own.
+
+        Returns `(y_pred, scaled gradients, numbers)` where `numbers` holds the
+        data loss, total loss, penalty values and the norm of each penalty's
+        own (unscaled) gradient.
+        """
+        variables = self.trainable_weights
+        penalty_list = self._gradmon_config.penalties
+        need_gradients = any(p.needs_gradients for p in penalty_list)
+        scale = _loss_scale(self.optimizer)
+
+        def scaled(loss):
+            return self.optimizer.scale_loss(loss) if self.optimizer is not None else loss
+
+        def unscaled(grads):
+            if scale is None:
+                return grads
+            return [None if g is None else g / tf.cast(scale, g.dtype) for g in grads]
+
+        with tf.GradientTape(persistent=True) as outer:
+            # A nested tape makes the data gradient differentiable (double backprop).
+            inner = tf.GradientTape() if need_gradients else contextlib.nullcontext()
+            with inner:
+                y_pred = self._gradmon_forward(x)
+                data_loss = self._compute_loss(
+                    x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=True
+                )
+                scaled_data = scaled(data_loss)
+            context = penalties_module.PenaltyContext(self, x, y, sample_weight, y_pred, variables)
+            if need_gradients:
+                data_gradients = inner.gradient(scaled_data, variables)
+                context.data_gradients = unscaled(data_gradients)
+            values = [tf.cast(p(context), data_loss.dtype) for p in penalty_list]
+            total = data_loss + tf.add_n(values)
+            self._gradmon_track_loss(total, x)
+            scaled_values = [scaled(v) for v in values]
+        if not need_gradients:
+            data_gradients = outer.gradient(scaled_data, variables)
+        parts = [data_gradients] + [outer.gradient(v, variables) for v in scaled_values]
+        del outer
+        gradients = []
+        for per_part in zip(*parts):
+            present = [g for g in per_part if g is not None]
+            gradients.append(tf.add_n([tf.convert_to_tensor(g) for g in present]) if present else None)
+        numbers = {
+            "data_loss": data_loss,
+            "total_loss": total,
+            "values": values,
+            "grad_norms": [stats.global_norm(unscaled(part)) for part in parts[1:]],
+        }
+        return y_pred, gradients, numbers
+
+    def _gradmon_apply(self, gradients, variables, penalty_numbers=None):
         """Measures, transforms and applies `gradients` (scaled by the loss scale)."""
         state, config = self._gradmon_state, self._gradmon_config
         missing = [v.path for v, g in zip(variables, gradients) if g is None]
@@ -358,13 +442,14 @@ class GradientMonitorMixin:
             if not any(isinstance(g, tf.IndexedSlices) for g in unscaled + list(observed)):
                 # One XLA cluster fuses the many small reductions (op dispatch dominates them).
                 record_fn = tf.function(record_fn, jit_compile=True, autograph=False)
-            numbers = record_fn(unscaled, list(observed), observed_fractions, after, before, len(missing))
+            numbers = record_fn(unscaled, list(observed), observed_fractions, after, before,
+                                len(missing), penalty_numbers)
             state.record.assign(tf.concat([tf.reshape(tf.cast(step, tf.float64), [1]), numbers], 0))
             return tf.constant(True)
 
         tf.cond(do_log, measure, lambda: tf.constant(False))
 
-    def _gradmon_record(self, raw, observed, fractions, after, before, num_missing):
+    def _gradmon_record(self, raw, observed, fractions, after, before, num_missing, penalty_numbers):
         """One step's statistics packed as `MonitorState.record` (without the leading step)."""
         state = self._gradmon_state
         g, ids = len(state.group_names), state.segment_ids
@@ -399,6 +484,13 @@ class GradientMonitorMixin:
             tf.reshape(tf.concat([raw_final, obs_final, grad_to_weight[:, None]], axis=1), [-1]),
             update_ratio,
         ] + ([tf.stack(values)] if values else [])
+        if penalty_numbers is not None:
+            total = tf.cast(penalty_numbers["total_loss"], tf.float32)
+            rows = [tf.cast(penalty_numbers["data_loss"], tf.float32), total]
+            for value, grad_norm in zip(penalty_numbers["values"], penalty_numbers["grad_norms"]):
+                value = tf.cast(value, tf.float32)
+                rows += [value, stats.safe_ratio(value, total), grad_norm]
+            parts.append(tf.stack(rows))
         return tf.concat([tf.cast(p, tf.float64) for p in parts], axis=0)
 
 
@@ -417,7 +509,7 @@ class _MonitoredWrapper(GradientMonitorMixin, keras.Model):
         return self.inner(inputs, training=training)
 
 
-def monitor(model, transform=None, grouping="variable", stats=None):
+def monitor(model, transform=None, grouping="variable", stats=None, penalties=None):
     """Returns a model that shares `model`'s layers and weights and monitors its gradients.
 
     Compile and fit the returned model as you would `model`; training `model`
@@ -430,6 +522,8 @@ def monitor(model, transform=None, grouping="variable", stats=None):
         grouping: `"variable"` or `"layer"`. Defaults to `"variable"`.
         stats: names from `gradmon.STAT_NAMES`, or `None` for all.
             Defaults to `None`.
+        penalties: a list of `gradmon.penalties.Penalty` added to the loss,
+            or `None`. Defaults to `None`.
 
     Returns:
         A `keras.Model` with `GradientMonitorMixin`'s train step.
@@ -440,11 +534,11 @@ def monitor(model, transform=None, grouping="variable", stats=None):
         >>> m.fit(x, y, callbacks=[gradmon.GradientMonitor("runs/exp1")])
     """
     if isinstance(model, GradientMonitorMixin):
-        return model.configure_gradients(transform, grouping, stats)
+        return model.configure_gradients(transform, grouping, stats, penalties)
     if not isinstance(model, keras.Model):
         raise invalid("model", "a keras.Model", model)
-    kwargs = dict(gradient_transform=transform, gradient_grouping=grouping,
-                  gradient_stats=stats, name=f"{model.name}_monitored")
+    kwargs = dict(gradient_transform=transform, gradient_grouping=grouping, gradient_stats=stats,
+                  gradient_penalties=penalties, name=f"{model.name}_monitored")
     try:
         inputs, outputs = model.inputs, model.outputs
     except (AttributeError, ValueError):

@@ -63,6 +63,22 @@ def clip_fraction_of(member):
     return f"{CLIP_FRACTION}/{sanitize(member)}"
 
 
+LOSS_DATA = "loss/data"
+LOSS_TOTAL = "loss/total"
+
+
+def penalty(name):
+    return f"penalties/{sanitize(name)}"
+
+
+def penalty_share(name):
+    return f"{penalty(name)}/share"
+
+
+def penalty_grad_norm(name):
+    return f"{penalty(name)}/grad_norm"
+
+
 HESSIAN_TRACE = "hessian/trace"
 HESSIAN_TRACE_STDERR = "hessian/trace_stderr"
 HESSIAN_HVP_COUNT = "hessian/hvp_count"
@@ -91,6 +107,12 @@ def describe(tag):
     if tag.startswith("hessian/residual_"):
         return (f"||Hv - lambda v|| of eigenpair {tag.rsplit('_', 1)[1]} (unit v): bounds the "
                 "eigenvalue's distance to the true spectrum.")
+    if parts[0] == "penalties":
+        if parts[-1] == "share" and len(parts) == 3:
+            return f"Penalty `{parts[1]}` / total loss."
+        if parts[-1] == "grad_norm" and len(parts) == 3:
+            return f"Norm of penalty `{parts[1]}`'s own gradient contribution."
+        return f"Value of penalty `{parts[1]}` added to the loss in this step."
     if tag.startswith(CLIP_FRACTION + "/"):
         return (
             f"Share of units clipped by the `{parts[-1]}` member of the transform "
@@ -124,6 +146,8 @@ _FIXED_DESCRIPTIONS = {
         "(the largest member's share for a chain)."
     ),
     NO_GRADIENT: "Number of trainable variables that received no gradient in this step.",
+    LOSS_DATA: "The compiled loss (with Keras regularization losses), without gradmon penalties.",
+    LOSS_TOTAL: "The loss optimized: data loss + gradmon penalties.",
     HESSIAN_TRACE: "Hutchinson estimate of the Hessian trace (sum of all eigenvalues).",
     HESSIAN_TRACE_STDERR: "Standard error of the Hutchinson trace estimate.",
     HESSIAN_HVP_COUNT: "Hessian-vector products spent by this Hessian probe.",

@@ -1,0 +1,238 @@
+"""Penalties added to the training loss, each with exact gradients.
+
+A penalty is called with a `PenaltyContext` inside the train step's gradient
+tape and returns a scalar added to the loss. The monitored step logs, per
+penalty, its value, its share of the total loss and the norm of its own
+gradient contribution (`gradmon.tags.penalty`).
+
+Example:
+    >>> model = gradmon.monitor(model, penalties=[
+    ...     gradmon.penalties.WeightPenalty(l2=1e-4),
+    ...     gradmon.penalties.GradientNormPenalty(0.01)])
+"""
+
+import dataclasses
+import typing
+
+import tensorflow as tf
+from keras.src import tree
+
+from gradmon._validation import check_choice, invalid
+
+
+def _check_non_negative(argument, value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0 or value == float("inf"):
+        raise invalid(argument, "a non-negative finite number", value)
+    return float(value)
+
+
+@dataclasses.dataclass
+class PenaltyContext:
+    """What a penalty may use, from the current train step.
+
+    Attributes:
+        model: the model being trained.
+        x, y, sample_weight: the batch.
+        y_pred: the model's output on `x` (training=True).
+        variables: the trainable variables.
+        data_gradients: gradients of the data loss with respect to
+            `variables`, differentiable (computed on a nested tape), or
+            `None` unless a penalty asked for them (`needs_gradients`).
+    """
+
+    model: typing.Any
+    x: typing.Any
+    y: typing.Any
+    sample_weight: typing.Any
+    y_pred: typing.Any
+    variables: list
+    data_gradients: typing.Optional[list] = None
+
+
+class Penalty:
+    """Base class. Subclasses set `name` and implement `__call__(context) -> scalar`."""
+
+    name = "penalty"
+    needs_gradients = False
+
+    def __call__(self, context):
+        raise NotImplementedError
+
+    def get_config(self):
+        return {}
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(**config)
+
+
+class WeightPenalty(Penalty):
+    """`l1 * sum|w| + l2 * sum w^2` over the trainable weights (or those `include` selects).
+
+    Args:
+        l1: non-negative L1 coefficient. Defaults to `0.0`.
+        l2: non-negative L2 coefficient. Defaults to `0.0`.
+        include: optional callable `variable -> bool` choosing the weights
+            (e.g. `lambda v: "kernel" in v.path`). Defaults to all.
+        name: tag name. Defaults to `"weight"`.
+    """
+
+    def __init__(self, l1=0.0, l2=0.0, include=None, name="weight"):
+        self.l1 = _check_non_negative("l1", l1)
+        self.l2 = _check_non_negative("l2", l2)
+        if include is not None and not callable(include):
+            raise invalid("include", "a callable variable -> bool or None", include)
+        self.include = include
+        self.name = name
+
+    def __call__(self, context):
+        chosen = [v for v in context.variables if self.include is None or self.include(v)]
+        total = tf.constant(0.0)
+        for v in chosen:
+            w = tf.cast(v.value, tf.float32)
+            if self.l1:
+                total += self.l1 * tf.reduce_sum(tf.abs(w))
+            if self.l2:
+                total += self.l2 * tf.reduce_sum(tf.square(w))
+        return total
+
+    def get_config(self):
+        return {"l1": self.l1, "l2": self.l2, "name": self.name}
+
+
+class GradientNormPenalty(Penalty):
+    """`weight * ||grad_theta L_data||_p`, differentiated exactly (double backpropagation).
+
+    The data-loss gradient is taken on a nested tape, so the penalty's own
+    gradient includes the Hessian-vector product `H g / ||g||` (p=2).
+
+    Args:
+        weight: non-negative coefficient.
+        p: order of the norm, `1`, `2` or `"inf"`. Defaults to `2`.
+        name: tag name. Defaults to `"grad_norm"`.
+
+    References:
+        Drucker & LeCun (1992), Improving generalization performance using
+        double backpropagation.
+    """
+
+    needs_gradients = True
+
+    def __init__(self, weight, p=2, name="grad_norm"):
+        self.weight = _check_non_negative("weight", weight)
+        self.p = check_choice("p", p, (1, 2, "inf"))
+        self.name = name
+
+    def __call__(self, context):
+        grads = [tf.cast(tf.convert_to_tensor(g), tf.float32)
+                 for g in context.data_gradients if g is not None]
+        if self.p == 2:
+            norm = tf.sqrt(tf.add_n([tf.reduce_sum(tf.square(g)) for g in grads]))
+        elif self.p == 1:
+            norm = tf.add_n([tf.reduce_sum(tf.abs(g)) for g in grads])
+        else:
+            norm = tf.reduce_max(tf.stack([tf.reduce_max(tf.abs(g)) for g in grads]))
+        return self.weight * norm
+
+    def get_config(self):
+        return {"weight": self.weight, "p": self.p, "name": self.name}
+
+
+def input_gradient_norms(model, inputs, training=True):
+    """Per-example L2 norm of `d sum(model(inputs)) / d inputs`, over all input tensors.
+
+    Each example's output depends only on its own input (no BatchNorm in
+    training mode across the batch), so the gradient of the summed output
+    with respect to the batch holds each example's input gradient.
+    """
+    flat = [tf.convert_to_tensor(t) for t in tree.flatten(inputs)]
+    with tf.GradientTape() as tape:
+        tape.watch(flat)
+        outputs = model(tree.pack_sequence_as(inputs, flat), training=training)
+        total = tf.add_n([tf.reduce_sum(tf.cast(o, tf.float32)) for o in tree.flatten(outputs)])
+    grads = tape.gradient(total, flat)
+    squares = [tf.reduce_sum(tf.reshape(tf.square(tf.cast(g, tf.float32)), [tf.shape(g)[0], -1]), axis=1)
+               for g in grads]
+    return tf.sqrt(tf.add_n(squares))
+
+
+def interpolate(real, fake, seed=None):
+    """`eps * real + (1 - eps) * fake` with one `eps ~ U(0, 1)` per example (WGAN-GP)."""
+    flat_real, flat_fake = tree.flatten(real), tree.flatten(fake)
+    batch = tf.shape(flat_real[0])[0]
+    eps = tf.random.uniform([batch], seed=seed)
+    mixed = []
+    for r, f in zip(flat_real, flat_fake):
+        e = tf.reshape(tf.cast(eps, r.dtype), tf.concat([[batch], tf.ones([tf.rank(r) - 1], tf.int32)], 0))
+        mixed.append(e * r + (1 - e) * tf.cast(f, r.dtype))
+    return tree.pack_sequence_as(real, mixed)
+
+
+class InputGradientPenalty(Penalty):
+    """Penalises the input gradient of the model's output: WGAN-GP or R1.
+
+    - `kind="wgan-gp"`: `weight * mean((||grad_x f(x_hat)|| - target)^2)` on
+      interpolates `x_hat` between the batch and `fake` (Gulrajani et al. 2017).
+      In a monitored `fit`, `fake` is the batch itself in a shuffled order
+      (interpolates between examples); in a custom train step call
+      `penalty.value(model, real, fake)` with generated samples.
+    - `kind="r1"`: `weight / 2 * mean(||grad_x f(x)||^2)` on the real batch
+      (Mescheder et al. 2018).
+
+    `f` is the sum of the model's outputs (a critic's single score, or all
+    logits). The forward pass runs with `training=True`.
+
+    Args:
+        weight: non-negative coefficient (lambda for WGAN-GP, gamma for R1).
+        kind: `"wgan-gp"` or `"r1"`. Defaults to `"wgan-gp"`.
+        target: the norm WGAN-GP pulls towards. Defaults to `1.0`.
+        name: tag name. Defaults to `kind` with "-" replaced by "_".
+
+    References:
+        Gulrajani et al. (2017), Improved Training of Wasserstein GANs.
+        Mescheder, Geiger, Nowozin (2018), Which Training Methods for GANs
+        do actually Converge?
+    """
+
+    def __init__(self, weight, kind="wgan-gp", target=1.0, name=None):
+        self.weight = _check_non_negative("weight", weight)
+        self.kind = check_choice("kind", kind, ("wgan-gp", "r1"))
+        self.target = _check_non_negative("target", target)
+        self.name = name or self.kind.replace("-", "_")
+
+    def value(self, model, real, fake=None):
+        """The penalty for a critic `model` on `real` (and `fake` for WGAN-GP)."""
+        if self.kind == "r1":
+            norms = input_gradient_norms(model, real)
+            return self.weight / 2.0 * tf.reduce_mean(tf.square(norms))
+        if fake is None:
+            raise invalid("fake", "generated samples for kind='wgan-gp'", fake)
+        norms = input_gradient_norms(model, interpolate(real, fake))
+        return self.weight * tf.reduce_mean(tf.square(norms - self.target))
+
+    def __call__(self, context):
+        fake = None
+        if self.kind == "wgan-gp":
+            flat = tree.flatten(context.x)
+            order = tf.random.shuffle(tf.range(tf.shape(flat[0])[0]))
+            fake = tree.pack_sequence_as(context.x, [tf.gather(t, order) for t in flat])
+        return self.value(context.model, context.x, fake)
+
+    def get_config(self):
+        return {"weight": self.weight, "kind": self.kind, "target": self.target, "name": self.name}
+
+
+def check_penalties(penalties):
+    """Validates the `penalties` argument; returns a tuple with unique names."""
+    if penalties is None:
+        return ()
+    if isinstance(penalties, Penalty):
+        penalties = [penalties]
+    penalties = tuple(penalties)
+    for p in penalties:
+        if not isinstance(p, Penalty):
+            raise invalid("penalties", "a list of gradmon.penalties.Penalty", penalties)
+    names = [p.name for p in penalties]
+    if len(set(names)) != len(names):
+        raise invalid("penalties", "penalties with distinct names", names)
+    return penalties
