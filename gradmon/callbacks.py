@@ -116,6 +116,11 @@ def scalar_summaries(state, snapshot):
     if snapshot["losses"] is not None:
         out[tags.LOSS_DATA] = snapshot["losses"]["data"]
         out[tags.LOSS_TOTAL] = snapshot["losses"]["total"]
+    if snapshot["noise"] is not None:
+        out[tags.NOISE_SCALE] = snapshot["noise"]["noise_scale"]
+        out[tags.NOISE_SCALE_EMA] = snapshot["noise"]["noise_scale_ema"]
+        for group, value in zip(snapshot["groups"], snapshot["noise"]["snr"]):
+            out[tags.snr(group)] = value
     for name, numbers in snapshot["penalties"].items():
         out[tags.penalty(name)] = numbers["value"]
         out[tags.penalty_share(name)] = numbers["share"]

@@ -309,8 +309,8 @@ def _manual_list(result, names, shapes, argument="manual"):
                 f"{list(result)}"
             )
         result = [result[n] for n in names]
-    elif not isinstance(result, (list, tuple)):
-        result = [result]
+    elif not isinstance(result, (list, tuple)) or (len(names) == 1 and len(result) != 1):
+        result = [result]  # one input: a tensor, or a nested list read as one
     if len(result) != len(names):
         raise ValueError(
             f"Invalid value for argument `{argument}`. Expected a callable "
@@ -319,7 +319,7 @@ def _manual_list(result, names, shapes, argument="manual"):
         )
     arrays = []
     for name, shape, g in zip(names, shapes, result):
-        g = np.zeros(shape) if g is None else np.asarray(tf.convert_to_tensor(g), dtype=np.float64)
+        g = np.zeros(tuple(shape)) if g is None else np.asarray(tf.convert_to_tensor(g), dtype=np.float64)
         if g.shape != tuple(shape):
             raise ValueError(
                 f"Invalid value for argument `{argument}`. Expected the gradient "
@@ -548,8 +548,7 @@ def _model_problem(model, inputs, manual, dtype):
             warnings.warn(message, stacklevel=3)
             notes.append(message)
     work_variables = list(work.trainable_variables)
-    cast = work_dtype if work_dtype in DTYPES else model_dtype
-    x, y, sample_weight = (_cast_floats(d, cast) for d in (x, y, sample_weight))
+    x, y, sample_weight = (_cast_floats(d, work_dtype) for d in (x, y, sample_weight))
     loss = _model_loss(work, work_variables, x, y, sample_weight)
     manual_fn = None
     if manual is not None:
@@ -757,9 +756,9 @@ def check_gradients(
     else:
         problem = _function_problem(fn_or_model, inputs, manual, dtype)
 
-    work_dtype = problem.dtype if problem.dtype in DTYPES else "float32"
     machine_eps = float(np.finfo(problem.values[0].dtype).eps)
-    default_rtol, default_atol = DEFAULT_TOLERANCES[work_dtype]
+    # A model left in float16 / bfloat16 gets float32's (already loose) defaults.
+    default_rtol, default_atol = DEFAULT_TOLERANCES.get(problem.dtype, DEFAULT_TOLERANCES["float32"])
     rtol = default_rtol if rtol is None else rtol
     atol = default_atol if atol is None else atol
     eps = machine_eps ** (1.0 / 3.0) if eps is None else eps
@@ -793,7 +792,7 @@ def check_gradients(
             )
         checks.append(VariableCheck(**fields))
     return GradientCheckReport(
-        variables=checks, dtype=work_dtype, eps=eps, rtol=rtol, atol=atol, notes=problem.notes
+        variables=checks, dtype=problem.dtype, eps=eps, rtol=rtol, atol=atol, notes=problem.notes
     )
 
 

@@ -32,6 +32,9 @@ GROUPINGS = ("variable", "layer")
 # Every statistic a monitored step can compute; `stats=` selects among them.
 STAT_NAMES = tags.GROUP_STATS + ("grad_to_weight", "update_ratio")
 HISTOGRAM_BUCKETS = 30
+# Decay of the exponential moving averages of tr(Sigma) and |G|^2 behind
+# `gradients/noise_scale_ema` (McCandlish et al. 2018 smooth both, not the ratio).
+NOISE_SCALE_EMA_DECAY = 0.99
 
 # Columns of a row of MonitorState.read()["group_stats"]: raw stats (tags.GROUP_STATS order), the
 # same for the transformed gradient, then grad_to_weight.
@@ -72,8 +75,12 @@ def _group_name(variable, grouping):
 class GradientConfig:
     """What a monitored model computes: transform, penalties, grouping, statistics."""
 
-    def __init__(self, transform=None, grouping="variable", stats=None, penalties=None):
+    def __init__(self, transform=None, grouping="variable", stats=None, penalties=None,
+                 noise_scale=False):
         self.transform = None if transform is None else transforms.as_transform(transform)
+        if not isinstance(noise_scale, bool):
+            raise invalid("noise_scale", "True or False", noise_scale)
+        self.noise_scale = noise_scale
         self.grouping = check_choice("grouping", grouping, GROUPINGS)
         self.stats = _check_stats(stats)
         self.penalties = penalties_module.check_penalties(penalties)
@@ -121,10 +128,14 @@ class MonitorState:
             [] if observed_transform is None else observed_transform.fraction_names()
         )
         self.penalty_names = [p.name for p in config.penalties]
+        # exponential moving averages of tr(Sigma) and |G|^2
+        self.noise_ema = tf.Variable(tf.zeros([2], tf.float64), trainable=False)
         g = len(self.group_names)
         size = 1 + len(GLOBAL_FIELDS) + g * (GROUP_COLUMNS + 1) + len(self.fraction_names)
         if self.penalty_names:
             size += 2 + 3 * len(self.penalty_names)
+        if config.noise_scale:
+            size += 4 + g
         self.record = tf.Variable(tf.zeros([size], tf.float64), trainable=False)
         self.record.assign(tf.tensor_scatter_nd_update(self.record, [[0]], [-1.0]))
         self.hist_step = tf.Variable(-1, dtype=tf.int64, trainable=False)
@@ -162,7 +173,15 @@ class MonitorState:
             "fractions": dict(zip(self.fraction_names, record[rows_end + g:fractions_end].tolist())),
             "losses": None,
             "penalties": {},
+            "noise": None,
         }
+        penalties_end = fractions_end + (2 + 3 * len(self.penalty_names) if self.penalty_names else 0)
+        if self.config.noise_scale:
+            block = record[penalties_end:]
+            snapshot["noise"] = {
+                "noise_scale": float(block[0]), "noise_scale_ema": float(block[1]),
+                "grad_sq": float(block[2]), "trace_cov": float(block[3]), "snr": block[4:4 + g],
+            }
         if self.penalty_names:
             block = record[fractions_end:]
             snapshot["losses"] = {"data": float(block[0]), "total": float(block[1])}
@@ -243,14 +262,15 @@ class GradientMonitorMixin:
     """
 
     def __init__(self, *args, gradient_transform=None, gradient_grouping="variable",
-                 gradient_stats=None, gradient_penalties=None, **kwargs):
+                 gradient_stats=None, gradient_penalties=None, gradient_noise_scale=False, **kwargs):
         config = GradientConfig(gradient_transform, gradient_grouping, gradient_stats,
-                                gradient_penalties)
+                                gradient_penalties, gradient_noise_scale)
         object.__setattr__(self, "_gradmon_config", config)
         object.__setattr__(self, "_gradmon_state", MonitorState())
         super().__init__(*args, **kwargs)
 
-    def configure_gradients(self, transform=None, grouping="variable", stats=None, penalties=None):
+    def configure_gradients(self, transform=None, grouping="variable", stats=None, penalties=None,
+                            noise_scale=False):
         """Sets the transform, grouping and statistics; takes effect at the next `fit`.
 
         Args:
@@ -263,12 +283,15 @@ class GradientMonitorMixin:
                 `None` for all. Defaults to `None`.
             penalties: a list of `gradmon.penalties.Penalty` added to the
                 loss, or `None`. Defaults to `None`.
+            noise_scale: also estimate the gradient noise scale and per-group
+                SNR from the two halves of each logged batch (one extra
+                backward pass on those steps). Defaults to `False`.
 
         Returns:
             The model, for chaining.
         """
         object.__setattr__(self, "_gradmon_config",
-                           GradientConfig(transform, grouping, stats, penalties))
+                           GradientConfig(transform, grouping, stats, penalties, noise_scale))
         self.train_function = None
         return self
 
@@ -303,7 +326,8 @@ class GradientMonitorMixin:
         x, y, sample_weight = data_adapter_utils.unpack_x_y_sample_weight(data)
         if self._gradmon_config.penalties and self.trainable_weights:
             y_pred, gradients, penalty_numbers = self._gradmon_penalized_gradients(x, y, sample_weight)
-            self._gradmon_apply(gradients, self.trainable_weights, penalty_numbers)
+            self._gradmon_apply(gradients, self.trainable_weights, penalty_numbers,
+                                (x, y, sample_weight))
             return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
         # Keras' own TensorFlow train_step, verbatim but for _gradmon_apply.
         with tf.GradientTape() as tape:
@@ -318,7 +342,7 @@ class GradientMonitorMixin:
         if self.trainable_weights:
             variables = self.trainable_weights
             gradients = tape.gradient(loss, variables)
-            self._gradmon_apply(gradients, variables)
+            self._gradmon_apply(gradients, variables, batch=(x, y, sample_weight))
         else:
             warn_once(("no-trainable", id(self)), "The model does not have any trainable weights.")
         return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
@@ -385,7 +409,7 @@ class GradientMonitorMixin:
         }
         return y_pred, gradients, numbers
 
-    def _gradmon_apply(self, gradients, variables, penalty_numbers=None):
+    def _gradmon_apply(self, gradients, variables, penalty_numbers=None, batch=None):
         """Measures, transforms and applies `gradients` (scaled by the loss scale)."""
         state, config = self._gradmon_state, self._gradmon_config
         missing = [v.path for v, g in zip(variables, gradients) if g is None]
@@ -431,6 +455,11 @@ class GradientMonitorMixin:
 
         tf.cond(do_hist, histograms, lambda: tf.constant(False))
 
+        noise = None
+        if config.noise_scale:
+            g = len(state.group_names)
+            noise = tf.cond(do_log, lambda: self._gradmon_half_batch_moments(batch, variables),
+                            lambda: tf.zeros([g, 3]))
         needs_weights = "update_ratio" in config.stats or "grad_to_weight" in config.stats
         before = [tf.identity(v.value) for v in variables] if needs_weights else None
         self.optimizer.apply_gradients(zip(to_apply, variables))
@@ -444,10 +473,78 @@ class GradientMonitorMixin:
                 record_fn = tf.function(record_fn, jit_compile=True, autograph=False)
             numbers = record_fn(unscaled, list(observed), observed_fractions, after, before,
                                 len(missing), penalty_numbers)
-            state.record.assign(tf.concat([tf.reshape(tf.cast(step, tf.float64), [1]), numbers], 0))
+            parts = [tf.reshape(tf.cast(step, tf.float64), [1]), numbers]
+            if noise is not None:
+                parts.append(self._gradmon_noise_record(noise, batch))
+            state.record.assign(tf.concat(parts, 0))
             return tf.constant(True)
 
         tf.cond(do_log, measure, lambda: tf.constant(False))
+
+    def _gradmon_half_batch_moments(self, batch, variables):
+        """Per group `[|g1|^2, |g2|^2, g1.g2]` for the gradients of the two batch halves.
+
+        Computed in a `keras.StatelessScope`, so the extra forward passes
+        change no BatchNorm statistic, RNG state or loss tracker.
+        """
+        state = self._gradmon_state
+        x, y, sample_weight = batch
+        half = tf.shape(tree.flatten(x)[0])[0] // 2
+
+        def part(start):
+            def take(t):
+                return None if t is None else t[start:start + half]
+            xs, ys, ws = (tree.map_structure(take, t) if t is not None else None
+                          for t in (x, y, sample_weight))
+            params = [tf.identity(v.value) for v in variables]
+            with tf.GradientTape() as tape:
+                tape.watch(params)
+                with keras.StatelessScope(state_mapping=list(zip(variables, params)),
+                                          collect_losses=True):
+                    pred = self._gradmon_forward(xs)
+                    loss = self._compute_loss(x=xs, y=ys, y_pred=pred, sample_weight=ws,
+                                              training=True)
+            return [None if g is None else tf.cast(tf.convert_to_tensor(g), tf.float32)
+                    for g in tape.gradient(loss, params)]
+
+        first, second = part(0), part(half)
+        ids = tf.constant(state.segment_ids, tf.int32)
+        g = len(state.group_names)
+        rows = []
+        for a, b in zip(first, second):
+            if a is None or b is None:
+                rows.append(tf.zeros([3]))
+            else:
+                rows.append(tf.stack([tf.reduce_sum(a * a), tf.reduce_sum(b * b), tf.reduce_sum(a * b)]))
+        return tf.math.unsorted_segment_sum(tf.stack(rows), ids, g)
+
+    def _gradmon_noise_record(self, moments, batch):
+        """`[B_simple, EMA B_simple, |G|^2, tr(Sigma), SNR per group...]` (McCandlish et al. 2018).
+
+        Two batch sizes: the halves (b examples each) and their union (2b).
+        Unbiased estimates: |G|^2 = 2|G_2b|^2 - |G_b|^2 and
+        tr(Sigma) = 2b (|G_b|^2 - |G_2b|^2), with |G_b|^2 the mean over the
+        two halves and G_2b = (g1 + g2) / 2.
+        """
+        state = self._gradmon_state
+        m = tf.cast(moments, tf.float64)
+        b = tf.cast(tf.shape(tree.flatten(batch[0])[0])[0] // 2, tf.float64)
+        small = (m[:, 0] + m[:, 1]) / 2
+        big = (m[:, 0] + m[:, 1] + 2 * m[:, 2]) / 4
+        grad_sq = 2 * big - small
+        trace_cov = 2 * b * (small - big)
+        total_grad_sq, total_trace = tf.reduce_sum(grad_sq), tf.reduce_sum(trace_cov)
+        decay = NOISE_SCALE_EMA_DECAY
+        ema_trace = decay * state.noise_ema[0] + (1 - decay) * total_trace
+        ema_grad_sq = decay * state.noise_ema[1] + (1 - decay) * total_grad_sq
+        state.noise_ema.assign(tf.stack([ema_trace, ema_grad_sq]))
+        # Zero-started averages need a bias correction 1 / (1 - decay^t); it is
+        # the same for both, so their ratio needs none.
+        snr = tf.math.divide_no_nan(2 * b * grad_sq, trace_cov)
+        return tf.concat([tf.stack([
+            tf.math.divide_no_nan(total_trace, total_grad_sq),
+            tf.math.divide_no_nan(ema_trace, ema_grad_sq),
+            total_grad_sq, total_trace]), snr], 0)
 
     def _gradmon_record(self, raw, observed, fractions, after, before, num_missing, penalty_numbers):
         """One step's statistics packed as `MonitorState.record` (without the leading step)."""
@@ -509,7 +606,8 @@ class _MonitoredWrapper(GradientMonitorMixin, keras.Model):
         return self.inner(inputs, training=training)
 
 
-def monitor(model, transform=None, grouping="variable", stats=None, penalties=None):
+def monitor(model, transform=None, grouping="variable", stats=None, penalties=None,
+            noise_scale=False):
     """Returns a model that shares `model`'s layers and weights and monitors its gradients.
 
     Compile and fit the returned model as you would `model`; training `model`
@@ -524,6 +622,8 @@ def monitor(model, transform=None, grouping="variable", stats=None, penalties=No
             Defaults to `None`.
         penalties: a list of `gradmon.penalties.Penalty` added to the loss,
             or `None`. Defaults to `None`.
+        noise_scale: also log the gradient noise scale and per-group SNR.
+            Defaults to `False`.
 
     Returns:
         A `keras.Model` with `GradientMonitorMixin`'s train step.
@@ -534,11 +634,12 @@ def monitor(model, transform=None, grouping="variable", stats=None, penalties=No
         >>> m.fit(x, y, callbacks=[gradmon.GradientMonitor("runs/exp1")])
     """
     if isinstance(model, GradientMonitorMixin):
-        return model.configure_gradients(transform, grouping, stats, penalties)
+        return model.configure_gradients(transform, grouping, stats, penalties, noise_scale)
     if not isinstance(model, keras.Model):
         raise invalid("model", "a keras.Model", model)
     kwargs = dict(gradient_transform=transform, gradient_grouping=grouping, gradient_stats=stats,
-                  gradient_penalties=penalties, name=f"{model.name}_monitored")
+                  gradient_penalties=penalties, gradient_noise_scale=noise_scale,
+                  name=f"{model.name}_monitored")
     try:
         inputs, outputs = model.inputs, model.outputs
     except (AttributeError, ValueError):

@@ -750,9 +750,11 @@ _THRESHOLD_OPTIONS = {
 
 def add_arguments(parser):
     """Adds `gradmon summary`'s arguments to an `argparse` parser."""
-    parser.add_argument("logdir", help="log_dir of a gradmon.GradientMonitor run (or its train/ subdirectory)")
+    parser.add_argument("logdir",
+                        help="log_dir of a gradmon.GradientMonitor run (or its train/ subdirectory)")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
-    parser.add_argument("--png", metavar="FILE", help="also draw the key curves into this PNG (needs matplotlib)")
+    parser.add_argument("--png", metavar="FILE",
+                        help="also draw the key curves into this PNG (needs matplotlib)")
     parser.add_argument("--grouping", choices=GROUPINGS, default="variable",
                         help="the grouping the run was monitored with; 'layer': each logged group is a row "
                              "(default: variable, rows are variable paths minus their last component)")

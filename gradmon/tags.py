@@ -63,6 +63,14 @@ def clip_fraction_of(member):
     return f"{CLIP_FRACTION}/{sanitize(member)}"
 
 
+NOISE_SCALE = "gradients/noise_scale"
+NOISE_SCALE_EMA = "gradients/noise_scale_ema"
+
+
+def snr(path):
+    return f"gradients/snr/{sanitize(path)}"
+
+
 LOSS_DATA = "loss/data"
 LOSS_TOTAL = "loss/total"
 
@@ -124,6 +132,9 @@ def describe(tag):
             return _GROUP_STAT_DESCRIPTIONS[stat].format(kind=kind, path=path)
         if stat == "hist":
             return f"Distribution of the {kind} gradient entries of `{path}`."
+    if parts[:2] == ["gradients", "snr"]:
+        return (f"Signal-to-noise of the batch gradient of `{'/'.join(parts[2:])}`: "
+                "B |G|^2 / tr(Sigma), from the two batch halves.")
     if parts[:2] == ["gradients", "grad_to_weight"]:
         return f"||raw gradient|| / ||weight|| of `{'/'.join(parts[2:])}`."
     if parts[:2] == ["gradients", "update_ratio"]:
@@ -146,6 +157,11 @@ _FIXED_DESCRIPTIONS = {
         "(the largest member's share for a chain)."
     ),
     NO_GRADIENT: "Number of trainable variables that received no gradient in this step.",
+    NOISE_SCALE: (
+        "Simple gradient noise scale B_simple = tr(Sigma) / |G|^2 (McCandlish et al. 2018), "
+        "unbiased two-batch-size estimate from this batch's halves; roughly the critical batch size."
+    ),
+    NOISE_SCALE_EMA: "B_simple from exponential moving averages (decay 0.99) of tr(Sigma) and |G|^2.",
     LOSS_DATA: "The compiled loss (with Keras regularization losses), without gradmon penalties.",
     LOSS_TOTAL: "The loss optimized: data loss + gradmon penalties.",
     HESSIAN_TRACE: "Hutchinson estimate of the Hessian trace (sum of all eigenvalues).",

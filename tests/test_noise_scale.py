@@ -1,0 +1,104 @@
+"""Gradient noise scale on linear regression, where per-example gradients are exact."""
+
+import keras
+import numpy as np
+import pytest
+
+import gradmon
+from gradmon import tags
+
+RNG = np.random.default_rng(31)
+N, D, B = 2048, 3, 16
+X = RNG.normal(size=(N, D)).astype(np.float32)
+Y = (X @ np.array([1.0, -2.0, 0.5]) + 0.3 + RNG.normal(scale=0.5, size=N)).astype(np.float32)[:, None]
+
+
+def per_example_gradients(w, b, x, y):
+    """Gradients of (x.w + b - y)^2 for each example, [n, D + 1], float64."""
+    r = x.astype(np.float64) @ w + b - y[:, 0]
+    return 2 * r[:, None] * np.concatenate([x, np.ones((len(x), 1))], axis=1)
+
+
+class Collect(keras.callbacks.Callback):
+    def __init__(self):
+        super().__init__()
+        self.snapshots = []
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.snapshots.append(self.model.gradient_state.read())
+
+
+def fit_frozen(steps):
+    """Monitored fit with learning rate 0: every batch sees the same weights."""
+    keras.utils.set_random_seed(2)
+    model = gradmon.monitor(keras.Sequential([keras.Input((D,)), keras.layers.Dense(1)]), noise_scale=True)
+    model.compile(optimizer=keras.optimizers.SGD(0.0), loss="mse")
+    collect = Collect()
+    model.fit(X[:steps * B], Y[:steps * B], batch_size=B, shuffle=False, verbose=0, callbacks=[collect])
+    w, b = [v.numpy().astype(np.float64) for v in model.trainable_variables]
+    return model, w[:, 0], b[0], collect.snapshots
+
+
+def test_estimates_equal_the_formula_on_per_example_gradients():
+    model, w, b, snaps = fit_frozen(steps=3)
+    for i, snap in enumerate(snaps):
+        g = per_example_gradients(w, b, X[i * B:(i + 1) * B], Y[i * B:(i + 1) * B])
+        g1, g2 = g[:B // 2].mean(0), g[B // 2:].mean(0)
+        big = (g1 + g2) / 2
+        small_sq = (g1 @ g1 + g2 @ g2) / 2
+        grad_sq = 2 * big @ big - small_sq
+        trace = B * (small_sq - big @ big)
+        assert snap["noise"]["grad_sq"] == pytest.approx(grad_sq, rel=1e-4)
+        assert snap["noise"]["trace_cov"] == pytest.approx(trace, rel=1e-4)
+        assert snap["noise"]["noise_scale"] == pytest.approx(trace / grad_sq, rel=1e-4)
+        # per layer (one Dense: kernel and bias are separate variables)
+        k, c = slice(0, D), slice(D, D + 1)
+        for row, sl in enumerate([k, c]):
+            gs = 2 * big[sl] @ big[sl] - (g1[sl] @ g1[sl] + g2[sl] @ g2[sl]) / 2
+            tc = B * ((g1[sl] @ g1[sl] + g2[sl] @ g2[sl]) / 2 - big[sl] @ big[sl])
+            assert snap["noise"]["snr"][row] == pytest.approx(B * gs / tc, rel=1e-3)
+
+
+def test_estimates_are_unbiased_for_the_population():
+    model, w, b, snaps = fit_frozen(steps=N // B)
+    g = per_example_gradients(w, b, X, Y)
+    mean = g.mean(0)
+    true_grad_sq = mean @ mean
+    true_trace = np.trace(np.cov(g.T, bias=True))
+    traces = np.array([s["noise"]["trace_cov"] for s in snaps])
+    grad_sqs = np.array([s["noise"]["grad_sq"] for s in snaps])
+    se_trace = traces.std(ddof=1) / np.sqrt(len(traces))
+    se_grad = grad_sqs.std(ddof=1) / np.sqrt(len(grad_sqs))
+    assert abs(traces.mean() - true_trace) < 3.5 * se_trace
+    assert abs(grad_sqs.mean() - true_grad_sq) < 3.5 * se_grad
+    # the EMA of the last step equals the decayed averages recomputed here
+    decay, et, eg = gradmon.monitored.NOISE_SCALE_EMA_DECAY, 0.0, 0.0
+    for t, gq in zip(traces, grad_sqs):
+        et, eg = decay * et + (1 - decay) * t, decay * eg + (1 - decay) * gq
+    assert snaps[-1]["noise"]["noise_scale_ema"] == pytest.approx(et / eg, rel=1e-5)
+
+
+def test_noise_scale_tags_and_no_effect_on_training(tmp_path):
+    finals = []
+    for noise in (False, True):
+        keras.utils.set_random_seed(4)
+        inputs = keras.Input((D,))
+        h = keras.layers.Dropout(0.2)(keras.layers.BatchNormalization()(keras.layers.Dense(4)(inputs)))
+        model = gradmon.monitor(keras.Model(inputs, keras.layers.Dense(1)(h)), noise_scale=noise)
+        model.compile(optimizer=keras.optimizers.Adam(0.01), loss="mse")
+        model.fit(X[:128], Y[:128], batch_size=B, verbose=0,
+                  callbacks=[gradmon.GradientMonitor(str(tmp_path / str(noise)))])
+        finals.append([v.numpy() for v in model.weights])
+    for a, b in zip(*finals):
+        np.testing.assert_array_equal(a, b)
+    from helpers import read_events
+
+    events = read_events(str(tmp_path / "True" / "train"))
+    assert sorted(events[tags.NOISE_SCALE]) == list(range(1, 9))
+    assert tags.NOISE_SCALE_EMA in events
+    assert any(t.startswith("gradients/snr/") for t in events)
+
+
+def test_noise_scale_argument_is_checked():
+    with pytest.raises(ValueError, match="`noise_scale`.*Received: noise_scale='yes'"):
+        gradmon.monitor(keras.Sequential([keras.Input((D,)), keras.layers.Dense(1)]), noise_scale="yes")
