@@ -1,4 +1,4 @@
-"""Command line: `gradmon demo [--log-dir DIR]`."""
+"""Command line: `gradmon demo [--log-dir DIR]`, `gradmon summary LOGDIR [--json] [--png FILE]`."""
 
 import argparse
 import sys
@@ -10,11 +10,17 @@ def main(argv=None):
     demo = commands.add_parser("demo", help="train a small monitored network and write TensorBoard logs")
     demo.add_argument("--log-dir", default="runs/demo", help="run directory (default: runs/demo)")
     demo.add_argument("--epochs", type=int, default=8, help="training epochs (default: 8)")
-    args = parser.parse_args(argv)
-    if args.command == "demo":
-        from gradmon import demo as demo_module
+    summary = commands.add_parser(
+        "summary", help="health report of a gradmon run: per-layer table, curvature, flags")
+    from gradmon import report
 
-        demo_module.run(log_dir=args.log_dir, epochs=args.epochs)
+    report.add_arguments(summary)
+    args = parser.parse_args(argv)
+    if args.command == "summary":
+        return report.run_command(args)
+    from gradmon import demo as demo_module
+
+    demo_module.run(log_dir=args.log_dir, epochs=args.epochs)
     return 0
 
 

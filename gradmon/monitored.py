@@ -221,9 +221,10 @@ def _histogram_rows(grads, segment_ids, num_groups):
         v = tf.concat(values, axis=0)
         finite = tf.math.is_finite(v)
         big = tf.constant(np.finfo(np.float32).max)
-        lo = tf.reduce_min(tf.where(finite, v, big))
-        hi = tf.reduce_max(tf.where(finite, v, -big))
-        lo, hi = tf.minimum(lo, hi), tf.maximum(lo, hi)  # all non-finite: lo = hi
+        any_finite = tf.reduce_any(finite)
+        # with no finite entry at all the histogram is empty, over [0, 0]
+        lo = tf.where(any_finite, tf.reduce_min(tf.where(finite, v, big)), 0.0)
+        hi = tf.where(any_finite, tf.reduce_max(tf.where(finite, v, -big)), 0.0)
         width = (hi - lo) / HISTOGRAM_BUCKETS
         index = tf.where(
             width > 0,

@@ -73,10 +73,6 @@ import numpy as np
 from gradmon import tags
 from gradmon._validation import check_choice, invalid
 
-# TODO: move to gradmon.tags
-HESSIAN_EIGENVALUE_1 = "hessian/eigenvalue_1"
-# TODO: move to gradmon.tags
-HESSIAN_EDGE_OF_STABILITY = "hessian/edge_of_stability"
 
 GROUPINGS = ("variable", "layer")
 
@@ -501,12 +497,12 @@ def health_report(run, thresholds=None, grouping="variable"):
         ))
 
     curvature = None
-    if HESSIAN_EIGENVALUE_1 in run:
-        eig_steps = run[HESSIAN_EIGENVALUE_1][0]
-        eos = run.get(HESSIAN_EDGE_OF_STABILITY)
+    if tags.eigenvalue(1) in run:
+        eig_steps = run[tags.eigenvalue(1)][0]
+        eos = run.get(tags.EDGE_OF_STABILITY)
         curvature = Curvature(
             probes=len(eig_steps), first_step=int(eig_steps[0]), last_step=int(eig_steps[-1]),
-            eigenvalue=_trend(run[HESSIAN_EIGENVALUE_1]),
+            eigenvalue=_trend(run[tags.eigenvalue(1)]),
             edge_of_stability=None if eos is None else _trend(eos),
         )
 
@@ -560,8 +556,8 @@ def _flags(summary, layers, thresholds, layer_clipped_tail, dead_norm, run):
             detail += f"; layers clipped that often: {', '.join(often) or 'none'}"
         flags.append(Flag(CLIPPING, "global", detail))
 
-    if HESSIAN_EDGE_OF_STABILITY in run:
-        _, eos = run[HESSIAN_EDGE_OF_STABILITY]
+    if tags.EDGE_OF_STABILITY in run:
+        _, eos = run[tags.EDGE_OF_STABILITY]
         tail = eos[-_window(len(eos), thresholds.tail_fraction):]
         if np.all(tail > thresholds.edge_of_stability):
             flags.append(Flag(EDGE_OF_STABILITY, "global",
@@ -685,7 +681,7 @@ def plot(run, report, path):
         panels.append("clip")
     if report.layers:
         panels.append("layers")
-    if HESSIAN_EIGENVALUE_1 in run:
+    if tags.eigenvalue(1) in run:
         panels.append("curvature")
     fig = Figure(figsize=(9, 2.6 * len(panels)), layout="constrained")
     FigureCanvasAgg(fig)
@@ -719,12 +715,12 @@ def plot(run, report, path):
             ax.set_yscale("log")
             ax.set_title("raw gradient norm per layer")
         else:
-            steps, values = run[HESSIAN_EIGENVALUE_1]
+            steps, values = run[tags.eigenvalue(1)]
             ax.plot(steps, values, marker=".", label="lambda_1")
             ax.set_title("top Hessian eigenvalue")
-            if HESSIAN_EDGE_OF_STABILITY in run:
+            if tags.EDGE_OF_STABILITY in run:
                 twin = ax.twinx()
-                steps, values = run[HESSIAN_EDGE_OF_STABILITY]
+                steps, values = run[tags.EDGE_OF_STABILITY]
                 twin.plot(steps, values, marker=".", color="tab:red", label="lr*lambda_1/2")
                 twin.axhline(1.0, color="tab:red", lw=0.8, ls="--")
                 twin.set_ylabel("lr * lambda_1 / 2")
@@ -791,14 +787,3 @@ def run_command(args):
     else:
         print(format_table(report))
     return 0
-
-
-def main(argv=None):
-    """`python -m gradmon.report LOGDIR ...` until the `summary` subcommand is wired."""
-    parser = add_arguments(argparse.ArgumentParser(prog="gradmon summary",
-                                                   description="Gradient health report of a gradmon run."))
-    return run_command(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())
