@@ -1,10 +1,12 @@
 """Keras callbacks that schedule and write gradmon's statistics. They compute nothing."""
 
+import warnings
+
 import keras
 import numpy as np
 
 from gradmon import monitored, tags
-from gradmon._validation import check_non_negative_int, invalid
+from gradmon._validation import check_choice, check_non_negative_int, invalid, warn_once
 from gradmon.writer import SummaryWriter, histogram_buckets
 
 
@@ -31,7 +33,10 @@ class GradientMonitor(keras.callbacks.Callback):
     Summaries go to `<log_dir>/train`, the run directory that
     `keras.callbacks.TensorBoard(log_dir)` uses, so both show up as one run;
     the step is the number of training steps this model has taken (it
-    continues across `fit` calls). Tags are listed in `gradmon.tags`.
+    continues across `fit` calls, and across saving and loading). Tags are
+    listed in `gradmon.tags`. With `steps_per_execution > 1` every logged
+    step is still written at its own step; histograms are taken at most once
+    per execution (the latest scheduled one).
 
     Args:
         log_dir: directory of the TensorBoard run.
@@ -41,6 +46,11 @@ class GradientMonitor(keras.callbacks.Callback):
             Defaults to `1`.
         histogram_freq: write gradient histograms every this many training
             steps; `0` disables them. Defaults to `0`.
+        on_nonfinite: what a step with NaN/inf gradients does: `"warn"`
+            (applied, as in Keras; warned once), `"skip"` (not applied,
+            training goes on) or `"stop"` (not applied, `fit` ends with a
+            message naming the variables). `None` keeps the model's own
+            setting (`monitor(..., on_nonfinite=...)`). Defaults to `None`.
 
     Example:
         >>> model = gradmon.monitor(model)
@@ -48,15 +58,19 @@ class GradientMonitor(keras.callbacks.Callback):
         >>> model.fit(x, y, callbacks=[gradmon.GradientMonitor("runs/exp1", histogram_freq=50)])
     """
 
-    def __init__(self, log_dir, update_freq=1, histogram_freq=0):
+    def __init__(self, log_dir, update_freq=1, histogram_freq=0, on_nonfinite=None):
         super().__init__()
         if not isinstance(log_dir, (str, bytes)) and not hasattr(log_dir, "__fspath__"):
             raise invalid("log_dir", "a path", log_dir)
         self.log_dir = str(log_dir)
         self.update_freq = _check_update_freq(update_freq)
         self.histogram_freq = check_non_negative_int("histogram_freq", histogram_freq)
+        if on_nonfinite is not None:
+            check_choice("on_nonfinite", on_nonfinite, monitored.NONFINITE_POLICIES)
+        self.on_nonfinite = on_nonfinite
         self._writer = SummaryWriter(f"{self.log_dir}/train")
         self._last_step = self._last_hist_step = -1
+        self.stopped_at = None
 
     def set_model(self, model):
         _check_monitored(model, "GradientMonitor")
@@ -64,34 +78,68 @@ class GradientMonitor(keras.callbacks.Callback):
         state = model.gradient_state
         state.log_every.assign(1 if self.update_freq == "epoch" else self.update_freq)
         state.hist_every.assign(self.histogram_freq)
+        if self.on_nonfinite is not None and model.gradient_config.on_nonfinite != self.on_nonfinite:
+            model.gradient_config.on_nonfinite = self.on_nonfinite  # rebuilds the train function
 
     def on_train_begin(self, logs=None):
         self._writer.open()  # an unwritable log_dir fails before the first step
         self._last_step = self._last_hist_step = -1
+        self.stopped_at = None
 
     def on_train_batch_end(self, batch, logs=None):
         if self.update_freq != "epoch":
             self._write_latest()
+        elif self.model.gradient_config.on_nonfinite == "stop":
+            latest = self.model.gradient_state.read()
+            if latest is not None and _has_nonfinite(latest) and self.stopped_at is None:
+                self._write_latest()
 
     def on_epoch_end(self, epoch, logs=None):
-        self._write_latest()
-        self._writer.flush()
+        self._write_latest(every_step=self.update_freq != "epoch")
 
     def on_train_end(self, logs=None):
-        self._write_latest()
+        self._write_latest(every_step=self.update_freq != "epoch")
         self._writer.close()
 
-    def _write_latest(self):
+    def _write_latest(self, every_step=True):
         state = self.model.gradient_state
-        snapshot = state.read()
-        if snapshot is not None and snapshot["step"] != self._last_step:
+        snapshots = [s for s in state.read_all() if s["step"] > self._last_step]
+        if not every_step:
+            snapshots = snapshots[-1:]
+        policy = self.model.gradient_config.on_nonfinite
+        for snapshot in snapshots:
             self._last_step = snapshot["step"]
             self._writer.write_scalars(snapshot["step"], scalar_summaries(state, snapshot))
+            if _has_nonfinite(snapshot):
+                self._nonfinite(state, snapshot, policy)
         if self.histogram_freq:
             latest = state.read_histograms()
             if latest is not None and latest[0] != self._last_hist_step:
                 self._last_hist_step = latest[0]
                 self._writer.write_histograms(latest[0], histogram_summaries(state, latest[1]))
+
+    def _nonfinite(self, state, snapshot, policy):
+        column = monitored.RAW_COLUMNS.start + tags.GROUP_STATS.index("nonfinite")
+        bad = [name for name, row in zip(snapshot["groups"], snapshot["group_stats"]) if row[column] > 0]
+        message = (f"gradmon: non-finite gradients at step {snapshot['step']} in {bad} "
+                   f"(policy on_nonfinite={policy!r}")
+        if policy == "stop":
+            if self.stopped_at is None:
+                self.stopped_at = snapshot["step"]
+                self.model.stop_training = True
+                message += "): the update was not applied and training stops."
+                warnings.warn(message, stacklevel=2)
+                print(message)
+        elif policy == "skip":
+            warn_once(("nonfinite-skip", id(self.model)), message + "): such steps are skipped; "
+                      f"their number is logged as `{tags.SKIPPED_STEPS}`.")
+        else:
+            warn_once(("nonfinite-warn", id(self.model)), message + "): the update was applied. "
+                      "Use on_nonfinite='skip' or 'stop' to protect the weights.")
+
+
+def _has_nonfinite(snapshot):
+    return snapshot["global"]["raw_nonfinite"] > 0 or not np.isfinite(snapshot["global"]["raw_global_norm"])
 
 
 def scalar_summaries(state, snapshot):
@@ -102,6 +150,7 @@ def scalar_summaries(state, snapshot):
         tags.global_norm(tags.RAW): values["raw_global_norm"],
         tags.nonfinite_total(tags.RAW): values["raw_nonfinite"],
         tags.NO_GRADIENT: values["no_gradient"],
+        tags.SKIPPED_STEPS: values["skipped_steps"],
     }
     kinds = [(tags.RAW, monitored.RAW_COLUMNS)]
     if state.has_transform:
@@ -269,7 +318,6 @@ class HessianMonitor(keras.callbacks.Callback):
             self._writer.write_histograms(step, {tags.HESSIAN_DENSITY: density_buckets(dens)})
         scalars[tags.HESSIAN_HVP_COUNT] = hvps
         self._writer.write_scalars(step, scalars)
-        self._writer.flush()
         return scalars
 
 

@@ -51,7 +51,9 @@ GLOBAL_FIELDS = (
     "raw_nonfinite",
     "transformed_nonfinite",
     "no_gradient",
+    "skipped_steps",
 )
+NONFINITE_POLICIES = ("warn", "skip", "stop")
 
 
 def _check_stats(stats_arg):
@@ -76,8 +78,9 @@ class GradientConfig:
     """What a monitored model computes: transform, penalties, grouping, statistics."""
 
     def __init__(self, transform=None, grouping="variable", stats=None, penalties=None,
-                 noise_scale=False):
+                 noise_scale=False, on_nonfinite="warn"):
         self.transform = None if transform is None else transforms.as_transform(transform)
+        self.on_nonfinite = check_choice("on_nonfinite", on_nonfinite, NONFINITE_POLICIES)
         if not isinstance(noise_scale, bool):
             raise invalid("noise_scale", "True or False", noise_scale)
         self.noise_scale = noise_scale
@@ -92,7 +95,18 @@ class GradientConfig:
             "transform": None if t is None or not serializable else transforms.serialize(t),
             "grouping": self.grouping,
             "stats": list(self.stats),
+            "penalties": [penalties_module.serialize(p) for p in self.penalties],
+            "noise_scale": self.noise_scale,
+            "on_nonfinite": self.on_nonfinite,
         }
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        if config.get("transform") is not None:
+            config["transform"] = transforms.deserialize(config["transform"])
+        config["penalties"] = [penalties_module.deserialize(p) for p in config.get("penalties", [])]
+        return cls(**config)
 
 
 class MonitorState:
@@ -100,10 +114,14 @@ class MonitorState:
 
     Plain attributes of a plain object, so that Keras does not track them as
     model weights (they are not saved, not counted in `model.weights`).
-    A logged step's numbers are packed into one float64 vector, `record`, so
+    A logged step's numbers are packed into one float64 row of `records`, so
     a callback reads them with a single device-to-host copy:
     `[step, GLOBAL_FIELDS..., group rows (GROUP_COLUMNS each)...,
-    update ratio per group..., clip fraction per transform...]`.
+    update ratio per group..., clip fraction per transform...,
+    (data loss, total loss, (value, share, grad norm) per penalty)...,
+    (noise scale block)...]`. There is one row per step of an execution
+    (`steps_per_execution`), at `step % rows`, so no logged step of a
+    multi-step execution is lost before the callback reads them.
     """
 
     def __init__(self):
@@ -111,9 +129,11 @@ class MonitorState:
         # 0 disables; set by callbacks.
         self.log_every = tf.Variable(1, dtype=tf.int64, trainable=False, name="gradmon_log_every")
         self.hist_every = tf.Variable(0, dtype=tf.int64, trainable=False, name="gradmon_hist_every")
+        # steps whose update was not applied (non-finite gradients), cumulative
+        self.skipped = tf.Variable(0, dtype=tf.int64, trainable=False, name="gradmon_skipped")
         self.key = None
 
-    def build(self, variables, config, observed_transform):
+    def build(self, variables, config, observed_transform, rows=1):
         """Allocates buffers for `variables`; called outside any tf.function."""
         self.group_names, segment_ids = [], []
         for v in variables:
@@ -136,8 +156,10 @@ class MonitorState:
             size += 2 + 3 * len(self.penalty_names)
         if config.noise_scale:
             size += 4 + g
-        self.record = tf.Variable(tf.zeros([size], tf.float64), trainable=False)
-        self.record.assign(tf.tensor_scatter_nd_update(self.record, [[0]], [-1.0]))
+        # step -1 marks an empty row
+        self.records = tf.Variable(
+            tf.concat([-tf.ones([rows, 1], tf.float64), tf.zeros([rows, size - 1], tf.float64)], 1),
+            trainable=False)
         self.hist_step = tf.Variable(-1, dtype=tf.int64, trainable=False)
         # [raw/transformed, group, (min, max, counts...)]
         self.histograms = tf.Variable(
@@ -149,18 +171,30 @@ class MonitorState:
     def read(self):
         """The latest logged step's statistics as numpy, or `None` before the first.
 
+        See `read_all` for the layout.
+        """
+        snapshots = self.read_all()
+        return snapshots[-1] if snapshots else None
+
+    def read_all(self):
+        """The statistics of the logged steps still held (one per step of the
+        last execution), oldest first.
+
         Returns:
-            A dict with `step`, `global` (`GLOBAL_FIELDS` -> float), `groups`
+            A list of dicts, each with
+            `step`, `global` (`GLOBAL_FIELDS` -> float), `groups`
             (names), `group_stats` (`[groups, GROUP_COLUMNS]`), `update_ratio`
             (`[groups]`), `fractions` (transform member -> clip fraction),
-            `losses` (`{"data", "total"}`, or `None` without penalties) and
-            `penalties` (name -> `{"value", "share", "grad_norm"}`).
+            `losses` (`{"data", "total"}`, or `None` without penalties),
+            `penalties` (name -> `{"value", "share", "grad_norm"}`) and
+            `noise` (noise-scale numbers, or `None`).
         """
         if self.key is None:
-            return None
-        record = self.record.numpy()
-        if record[0] < 0:
-            return None
+            return []
+        rows = [r for r in self.records.numpy() if r[0] >= 0]
+        return [self._parse(r) for r in sorted(rows, key=lambda r: r[0])]
+
+    def _parse(self, record):
         g, n_global, n_fractions = len(self.group_names), len(GLOBAL_FIELDS), len(self.fraction_names)
         rows_end = 1 + n_global + g * GROUP_COLUMNS
         fractions_end = rows_end + g + n_fractions
@@ -263,15 +297,16 @@ class GradientMonitorMixin:
     """
 
     def __init__(self, *args, gradient_transform=None, gradient_grouping="variable",
-                 gradient_stats=None, gradient_penalties=None, gradient_noise_scale=False, **kwargs):
+                 gradient_stats=None, gradient_penalties=None, gradient_noise_scale=False,
+                 gradient_on_nonfinite="warn", **kwargs):
         config = GradientConfig(gradient_transform, gradient_grouping, gradient_stats,
-                                gradient_penalties, gradient_noise_scale)
+                                gradient_penalties, gradient_noise_scale, gradient_on_nonfinite)
         object.__setattr__(self, "_gradmon_config", config)
         object.__setattr__(self, "_gradmon_state", MonitorState())
         super().__init__(*args, **kwargs)
 
     def configure_gradients(self, transform=None, grouping="variable", stats=None, penalties=None,
-                            noise_scale=False):
+                            noise_scale=False, on_nonfinite="warn"):
         """Sets the transform, grouping and statistics; takes effect at the next `fit`.
 
         Args:
@@ -287,12 +322,17 @@ class GradientMonitorMixin:
             noise_scale: also estimate the gradient noise scale and per-group
                 SNR from the two halves of each logged batch (one extra
                 backward pass on those steps). Defaults to `False`.
+            on_nonfinite: what a step with NaN/inf gradients does: `"warn"`
+                (apply it, as Keras would; `GradientMonitor` warns once),
+                `"skip"` (leave weights and optimizer state as they were and
+                go on) or `"stop"` (skip it and end `fit`, naming the
+                variables). Defaults to `"warn"`.
 
         Returns:
             The model, for chaining.
         """
-        object.__setattr__(self, "_gradmon_config",
-                           GradientConfig(transform, grouping, stats, penalties, noise_scale))
+        object.__setattr__(self, "_gradmon_config", GradientConfig(
+            transform, grouping, stats, penalties, noise_scale, on_nonfinite))
         self.train_function = None
         return self
 
@@ -314,11 +354,16 @@ class GradientMonitorMixin:
         return members[0] if len(members) == 1 else transforms.chain(*members)
 
     def make_train_function(self, force=False):
-        state = self._gradmon_state
+        state, config = self._gradmon_state, self._gradmon_config
         variables = self.trainable_variables
-        key = (tuple(id(v) for v in variables), id(self._gradmon_config), id(self.optimizer))
+        rows = int(getattr(self, "steps_per_execution", 1) or 1)
+        key = (tuple(id(v) for v in variables), id(config), config.on_nonfinite,
+               id(self.optimizer), rows)
         if state.key != key:
-            state.build(variables, self._gradmon_config, self._observed_transform())
+            if self.optimizer is not None and not self.optimizer.built and variables:
+                # apply_gradients may run inside tf.cond, where it cannot create slots
+                self.optimizer.build(variables)
+            state.build(variables, config, self._observed_transform(), rows)
             state.key = key
             force = True
         return super().make_train_function(force=force)
@@ -445,6 +490,19 @@ class GradientMonitorMixin:
         do_hist = tf.logical_and(state.hist_every > 0,
                                  tf.equal(tf.math.floormod(step, tf.maximum(state.hist_every, 1)), 0))
 
+        loss_scaled = hasattr(self.optimizer, "dynamic_scale")
+        skipped_now = None
+        if config.on_nonfinite != "warn" or loss_scaled:
+            finite = tf.reduce_all(tf.stack([
+                tf.reduce_all(tf.math.is_finite(g.values if isinstance(g, tf.IndexedSlices) else g))
+                for g in gradients if g is not None] or [tf.constant(True)]))
+            # A LossScaleOptimizer skips such steps itself; so do the skip/stop policies.
+            skipped_now = tf.logical_not(finite)
+            state.skipped.assign_add(tf.cast(skipped_now, tf.int64))
+        if config.on_nonfinite != "warn":
+            # the callback must see the bad step, to stop or to name the variables
+            do_log = tf.logical_or(do_log, tf.logical_not(finite))
+
         def histograms():
             g = len(state.group_names)
             state.histograms.assign(tf.stack([
@@ -463,7 +521,14 @@ class GradientMonitorMixin:
                             lambda: tf.zeros([g, 3]))
         needs_weights = "update_ratio" in config.stats or "grad_to_weight" in config.stats
         before = [tf.identity(v.value) for v in variables] if needs_weights else None
-        self.optimizer.apply_gradients(zip(to_apply, variables))
+        if config.on_nonfinite != "warn":
+            def apply():
+                self.optimizer.apply_gradients(zip(to_apply, variables))
+                return tf.constant(True)
+
+            tf.cond(finite, apply, lambda: tf.constant(False))
+        else:
+            self.optimizer.apply_gradients(zip(to_apply, variables))
 
         def measure():
             observed, observed_fractions = observe()
@@ -473,11 +538,13 @@ class GradientMonitorMixin:
                 # One XLA cluster fuses the many small reductions (op dispatch dominates them).
                 record_fn = tf.function(record_fn, jit_compile=True, autograph=False)
             numbers = record_fn(unscaled, list(observed), observed_fractions, after, before,
-                                len(missing), penalty_numbers)
+                                len(missing), penalty_numbers, skipped_now)
             parts = [tf.reshape(tf.cast(step, tf.float64), [1]), numbers]
             if noise is not None:
                 parts.append(self._gradmon_noise_record(noise, batch))
-            state.record.assign(tf.concat(parts, 0))
+            rows = tf.shape(state.records, out_type=tf.int64)[0]
+            row = tf.reshape(tf.math.floormod(step, rows), [1, 1])
+            state.records.scatter_nd_update(row, tf.concat(parts, 0)[None])
             return tf.constant(True)
 
         tf.cond(do_log, measure, lambda: tf.constant(False))
@@ -547,7 +614,8 @@ class GradientMonitorMixin:
             tf.math.divide_no_nan(ema_trace, ema_grad_sq),
             total_grad_sq, total_trace]), snr], 0)
 
-    def _gradmon_record(self, raw, observed, fractions, after, before, num_missing, penalty_numbers):
+    def _gradmon_record(self, raw, observed, fractions, after, before, num_missing, penalty_numbers,
+                        skipped_now):
         """One step's statistics packed as `MonitorState.record` (without the leading step)."""
         state = self._gradmon_state
         g, ids = len(state.group_names), state.segment_ids
@@ -571,11 +639,16 @@ class GradientMonitorMixin:
         else:
             grad_to_weight = update_ratio = tf.zeros([g])
         values = [fractions[name] for name in state.fraction_names]
+        clip_ratio = tf.where(raw_norm > 0, obs_norm / raw_norm, tf.constant(1.0))
+        if skipped_now is not None:
+            # a skipped step was not clipped: nothing was applied
+            values = [tf.where(skipped_now, 0.0, v) for v in values]
+            clip_ratio = tf.where(skipped_now, 1.0, clip_ratio)
         clip_fraction = tf.reduce_max(tf.stack(values)) if values else tf.constant(0.0)
         global_values = tf.stack([
-            raw_norm, obs_norm,
-            tf.where(raw_norm > 0, obs_norm / raw_norm, tf.constant(1.0)),
+            raw_norm, obs_norm, clip_ratio,
             clip_fraction, raw_nonfinite, obs_nonfinite, float(num_missing),
+            tf.cast(state.skipped, tf.float32),
         ])
         parts = [
             global_values,
@@ -608,7 +681,7 @@ class _MonitoredWrapper(GradientMonitorMixin, keras.Model):
 
 
 def monitor(model, transform=None, grouping="variable", stats=None, penalties=None,
-            noise_scale=False):
+            noise_scale=False, on_nonfinite="warn"):
     """Returns a model that shares `model`'s layers and weights and monitors its gradients.
 
     Compile and fit the returned model as you would `model`; training `model`
@@ -625,6 +698,8 @@ def monitor(model, transform=None, grouping="variable", stats=None, penalties=No
             or `None`. Defaults to `None`.
         noise_scale: also log the gradient noise scale and per-group SNR.
             Defaults to `False`.
+        on_nonfinite: `"warn"`, `"skip"` or `"stop"` (see
+            `GradientMonitorMixin.configure_gradients`). Defaults to `"warn"`.
 
     Returns:
         A `keras.Model` with `GradientMonitorMixin`'s train step.
@@ -635,11 +710,13 @@ def monitor(model, transform=None, grouping="variable", stats=None, penalties=No
         >>> m.fit(x, y, callbacks=[gradmon.GradientMonitor("runs/exp1")])
     """
     if isinstance(model, GradientMonitorMixin):
-        return model.configure_gradients(transform, grouping, stats, penalties, noise_scale)
+        return model.configure_gradients(transform, grouping, stats, penalties, noise_scale,
+                                         on_nonfinite)
     if not isinstance(model, keras.Model):
         raise invalid("model", "a keras.Model", model)
     kwargs = dict(gradient_transform=transform, gradient_grouping=grouping, gradient_stats=stats,
                   gradient_penalties=penalties, gradient_noise_scale=noise_scale,
+                  gradient_on_nonfinite=on_nonfinite,
                   name=f"{model.name}_monitored")
     try:
         inputs, outputs = model.inputs, model.outputs

@@ -236,3 +236,19 @@ def check_penalties(penalties):
     if len(set(names)) != len(names):
         raise invalid("penalties", "penalties with distinct names", names)
     return penalties
+
+
+_REGISTRY = {cls.__name__: cls for cls in (WeightPenalty, GradientNormPenalty, InputGradientPenalty)}
+
+
+def serialize(penalty):
+    """`{"class_name": ..., "config": ...}` for a built-in penalty (a custom `include` filter is not kept)."""
+    return {"class_name": type(penalty).__name__, "config": penalty.get_config()}
+
+
+def deserialize(config):
+    """Inverse of `serialize`."""
+    cls = _REGISTRY.get(config.get("class_name"))
+    if cls is None:
+        raise invalid("config", f"a serialized gradmon penalty ({sorted(_REGISTRY)})", config)
+    return cls.from_config(config["config"])

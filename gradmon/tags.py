@@ -56,6 +56,7 @@ def update_ratio(path):
 CLIP_RATIO = "gradients/clip/ratio"
 CLIP_FRACTION = "gradients/clip/fraction"
 NO_GRADIENT = "gradients/no_gradient"
+SKIPPED_STEPS = "gradients/skipped_steps"
 
 
 def clip_fraction_of(member):
@@ -157,6 +158,10 @@ _FIXED_DESCRIPTIONS = {
         "(the largest member's share for a chain)."
     ),
     NO_GRADIENT: "Number of trainable variables that received no gradient in this step.",
+    SKIPPED_STEPS: (
+        "Steps so far whose update was not applied because the gradient had NaN/inf entries "
+        "(LossScaleOptimizer skips, on_nonfinite='skip'/'stop'); they count as unclipped."
+    ),
     NOISE_SCALE: (
         "Simple gradient noise scale B_simple = tr(Sigma) / |G|^2 (McCandlish et al. 2018), "
         "unbiased two-batch-size estimate from this batch's halves; roughly the critical batch size."

@@ -1,7 +1,7 @@
 """Writes TensorBoard event files from numbers on the host.
 
 One writer interface (as in CLU's metric writers): `write_scalars(step,
-mapping)`, `write_histograms(step, mapping)`, `flush()`, `close()`. Summaries
+mapping)`, `write_histograms(step, mapping)`, `close()`. Summaries
 are built as protobufs directly (no TF ops), so writing many scalars per
 step costs microseconds, and nothing here ever runs inside a compiled step.
 Each tag's description (from `gradmon.tags.describe`) is written with its
@@ -9,13 +9,14 @@ first value, which is where TensorBoard reads it from.
 """
 
 import os
+import socket
 import time
 
 import numpy as np
 from tensorboard.compat.proto import event_pb2, summary_pb2, tensor_pb2, tensor_shape_pb2, types_pb2
 from tensorboard.plugins.histogram import metadata as histogram_metadata
 from tensorboard.plugins.scalar import metadata as scalar_metadata
-from tensorboard.summary.writer.event_file_writer import EventFileWriter
+from tensorboard.summary.writer.record_writer import RecordWriter
 
 from gradmon import tags
 
@@ -56,6 +57,10 @@ def histogram_buckets(low, high, counts):
 class SummaryWriter:
     """An event-file writer for one run directory (created on first write).
 
+    Every write is flushed to the file at once (a few microseconds): an
+    exception or a KeyboardInterrupt inside `fit` leaves an event file
+    holding everything written until then.
+
     Args:
         logdir: directory of the event file, e.g. `<log_dir>/train`.
     """
@@ -70,7 +75,11 @@ class SummaryWriter:
         if self._writer is None:
             try:
                 os.makedirs(self.logdir, exist_ok=True)
-                self._writer = EventFileWriter(self.logdir)
+                name = "events.out.tfevents.%010d.%s.%d.gradmon.v2" % (
+                    time.time(), socket.gethostname(), os.getpid())
+                self._file = open(os.path.join(self.logdir, name), "wb")
+                self._writer = RecordWriter(self._file)
+                self._write_event(event_pb2.Event(wall_time=time.time(), file_version="brain.Event:2"))
             except OSError as error:
                 raise ValueError(
                     "Invalid value for argument `log_dir`. Expected a writable "
@@ -88,9 +97,12 @@ class SummaryWriter:
         if not values:
             return
         self.open()
-        event = event_pb2.Event(step=int(step), summary=summary_pb2.Summary(value=values))
-        event.wall_time = time.time()
-        self._writer.add_event(event)
+        self._write_event(event_pb2.Event(
+            wall_time=time.time(), step=int(step), summary=summary_pb2.Summary(value=values)))
+
+    def _write_event(self, event):
+        self._writer.write(event.SerializeToString())
+        self._file.flush()
 
     def write_scalars(self, step, mapping):
         """Writes `{tag: number}` at `step`."""
@@ -114,13 +126,9 @@ class SummaryWriter:
             values.append(v)
         self._write(step, values)
 
-    def flush(self):
-        if self._writer is not None:
-            self._writer.flush()
-
     def close(self):
         if self._writer is not None:
-            self._writer.close()
-            self._writer = None
+            self._file.close()
+            self._writer = self._file = None
             self._described = set()
 
