@@ -54,6 +54,7 @@ GLOBAL_FIELDS = (
     "skipped_steps",
 )
 NONFINITE_POLICIES = ("warn", "skip", "stop")
+_STEP_KEY = "gradmon_step"
 
 
 def _check_stats(stats_arg):
@@ -336,6 +337,37 @@ class GradientMonitorMixin:
         self.train_function = None
         return self
 
+    def get_config(self):
+        config = super().get_config()
+        config["gradient_config"] = self._gradmon_config.get_config()
+        return config
+
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        config = dict(config)
+        gradient_config = config.pop("gradient_config", None)
+        model = super().from_config(config, custom_objects=custom_objects)
+        if gradient_config is not None:
+            object.__setattr__(model, "_gradmon_config", GradientConfig.from_config(gradient_config))
+        return model
+
+    def save_own_variables(self, store):
+        super().save_own_variables(store)
+        # the summary step axis continues after loading
+        store[_STEP_KEY] = np.asarray(self._gradmon_state.step.numpy())
+
+    def load_own_variables(self, store):
+        keys = list(store.keys())
+        if _STEP_KEY in keys:
+            self._gradmon_state.step.assign(int(np.asarray(store[_STEP_KEY])))
+        own = self._trainable_variables + self._non_trainable_variables
+        if len([k for k in keys if k != _STEP_KEY]) != len(own):
+            raise ValueError(
+                f"Layer '{self.name}' expected {len(own)} variables, but received "
+                f"{len(keys)} variables during loading.")
+        for i, v in enumerate(own):
+            v.assign(store[f"{i}"])
+
     @property
     def gradient_config(self):
         return self._gradmon_config
@@ -353,18 +385,26 @@ class GradientMonitorMixin:
             return None
         return members[0] if len(members) == 1 else transforms.chain(*members)
 
-    def make_train_function(self, force=False):
+    def _gradmon_ensure_state(self, variables):
+        """(Re)allocates the state for `variables` and the config; True if it did."""
         state, config = self._gradmon_state, self._gradmon_config
-        variables = self.trainable_variables
         rows = int(getattr(self, "steps_per_execution", 1) or 1)
         key = (tuple(id(v) for v in variables), id(config), config.on_nonfinite,
                id(self.optimizer), rows)
-        if state.key != key:
+        if state.key == key:
+            return False
+        # Outside any tf.function: a subclassed model may create its variables
+        # only while the train step is first traced.
+        with tf.init_scope():
             if self.optimizer is not None and not self.optimizer.built and variables:
                 # apply_gradients may run inside tf.cond, where it cannot create slots
                 self.optimizer.build(variables)
             state.build(variables, config, self._observed_transform(), rows)
-            state.key = key
+        state.key = key
+        return True
+
+    def make_train_function(self, force=False):
+        if self._gradmon_ensure_state(self.trainable_variables):
             force = True
         return super().make_train_function(force=force)
 
@@ -457,6 +497,7 @@ class GradientMonitorMixin:
 
     def _gradmon_apply(self, gradients, variables, penalty_numbers=None, batch=None):
         """Measures, transforms and applies `gradients` (scaled by the loss scale)."""
+        self._gradmon_ensure_state(variables)
         state, config = self._gradmon_state, self._gradmon_config
         missing = [v.path for v, g in zip(variables, gradients) if g is None]
         if missing:
@@ -665,10 +706,12 @@ class GradientMonitorMixin:
         return tf.concat([tf.cast(p, tf.float64) for p in parts], axis=0)
 
 
+@keras.saving.register_keras_serializable(package="gradmon", name="MonitoredFunctional")
 class _MonitoredFunctional(GradientMonitorMixin, Functional):
     """A functional model over the layers of an existing one, with the monitored step."""
 
 
+@keras.saving.register_keras_serializable(package="gradmon", name="MonitoredWrapper")
 class _MonitoredWrapper(GradientMonitorMixin, keras.Model):
     """Wraps a model that is not functional (a subclassed or unbuilt Sequential model)."""
 
@@ -678,6 +721,19 @@ class _MonitoredWrapper(GradientMonitorMixin, keras.Model):
 
     def call(self, inputs, training=None):
         return self.inner(inputs, training=training)
+
+    def get_config(self):
+        return {"name": self.name, "inner": keras.saving.serialize_keras_object(self.inner),
+                "gradient_config": self._gradmon_config.get_config()}
+
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        config = dict(config)
+        inner = keras.saving.deserialize_keras_object(config.pop("inner"), custom_objects=custom_objects)
+        gradient_config = GradientConfig.from_config(config.pop("gradient_config"))
+        model = cls(inner, **config)
+        object.__setattr__(model, "_gradmon_config", gradient_config)
+        return model
 
 
 def monitor(model, transform=None, grouping="variable", stats=None, penalties=None,

@@ -151,6 +151,11 @@ def input_gradient_norms(model, inputs, training=True):
         outputs = model(tree.pack_sequence_as(inputs, flat), training=training)
         total = tf.add_n([tf.reduce_sum(tf.cast(o, tf.float32)) for o in tree.flatten(outputs)])
     grads = tape.gradient(total, flat)
+    if any(g is None for g in grads):
+        raise ValueError(
+            "InputGradientPenalty needs inputs the model's output depends on "
+            "differentiably. Expected floating-point inputs that reach the output. "
+            f"Received: inputs of dtypes {[t.dtype.name for t in flat]}")
     squares = [tf.reduce_sum(tf.reshape(tf.square(tf.cast(g, tf.float32)), [tf.shape(g)[0], -1]), axis=1)
                for g in grads]
     return tf.sqrt(tf.add_n(squares))
