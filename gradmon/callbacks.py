@@ -78,6 +78,8 @@ class GradientMonitor(keras.callbacks.Callback):
         state = model.gradient_state
         state.log_every.assign(1 if self.update_freq == "epoch" else self.update_freq)
         state.hist_every.assign(self.histogram_freq)
+        if self.histogram_freq:
+            state.histograms_requested = True  # rebuilds the train function once
         if self.on_nonfinite is not None and model.gradient_config.on_nonfinite != self.on_nonfinite:
             model.gradient_config.on_nonfinite = self.on_nonfinite  # rebuilds the train function
 

@@ -130,6 +130,8 @@ class MonitorState:
         # 0 disables; set by callbacks.
         self.log_every = tf.Variable(1, dtype=tf.int64, trainable=False, name="gradmon_log_every")
         self.hist_every = tf.Variable(0, dtype=tf.int64, trainable=False, name="gradmon_hist_every")
+        # whether the train function contains the histogram branch at all
+        self.histograms_requested = False
         # steps whose update was not applied (non-finite gradients), cumulative
         self.skipped = tf.Variable(0, dtype=tf.int64, trainable=False, name="gradmon_skipped")
         self.key = None
@@ -390,7 +392,7 @@ class GradientMonitorMixin:
         state, config = self._gradmon_state, self._gradmon_config
         rows = int(getattr(self, "steps_per_execution", 1) or 1)
         key = (tuple(id(v) for v in variables), id(config), config.on_nonfinite,
-               id(self.optimizer), rows)
+               id(self.optimizer), rows, state.histograms_requested)
         if state.key == key:
             return False
         # Outside any tf.function: a subclassed model may create its variables
@@ -553,27 +555,30 @@ class GradientMonitorMixin:
             state.hist_step.assign(step)
             return tf.constant(True)
 
-        tf.cond(do_hist, histograms, lambda: tf.constant(False))
+        if state.histograms_requested:
+            tf.cond(do_hist, histograms, lambda: tf.constant(False))
 
-        noise = None
-        if config.noise_scale:
-            g = len(state.group_names)
-            noise = tf.cond(do_log, lambda: self._gradmon_half_batch_moments(batch, variables),
-                            lambda: tf.zeros([g, 3]))
-        needs_weights = "update_ratio" in config.stats or "grad_to_weight" in config.stats
-        before = [tf.identity(v.value) for v in variables] if needs_weights else None
-        if config.on_nonfinite != "warn":
-            def apply():
+        def apply():
+            if config.on_nonfinite == "warn":
                 self.optimizer.apply_gradients(zip(to_apply, variables))
                 return tf.constant(True)
 
-            tf.cond(finite, apply, lambda: tf.constant(False))
-        else:
-            self.optimizer.apply_gradients(zip(to_apply, variables))
+            def apply_finite():
+                self.optimizer.apply_gradients(zip(to_apply, variables))
+                return tf.constant(True)
 
-        def measure():
-            observed, observed_fractions = observe()
-            after = [v.value for v in variables] if before is not None else None
+            return tf.cond(finite, apply_finite, lambda: tf.constant(False))
+
+        def apply_and_measure():
+            # Only logged steps pay for the noise-scale passes and for keeping
+            # the pre-update weights alive (which forces copies in the update).
+            noise = self._gradmon_half_batch_moments(batch, variables) if config.noise_scale else None
+            needs_weights = "update_ratio" in config.stats or "grad_to_weight" in config.stats
+            before = [tf.identity(v.value) for v in variables] if needs_weights else None
+            applied = apply()
+            with tf.control_dependencies([applied]):
+                observed, observed_fractions = observe()
+                after = [v.value for v in variables] if before is not None else None
             record_fn = self._gradmon_record
             if not any(isinstance(g, tf.IndexedSlices) for g in unscaled + list(observed)):
                 # One XLA cluster fuses the many small reductions (op dispatch dominates them).
@@ -588,7 +593,11 @@ class GradientMonitorMixin:
             state.records.scatter_nd_update(row, tf.concat(parts, 0)[None])
             return tf.constant(True)
 
-        tf.cond(do_log, measure, lambda: tf.constant(False))
+        def apply_only():
+            apply()
+            return tf.constant(False)
+
+        tf.cond(do_log, apply_and_measure, apply_only)
 
     def _gradmon_half_batch_moments(self, batch, variables):
         """Per group `[|g1|^2, |g2|^2, g1.g2]` for the gradients of the two batch halves.

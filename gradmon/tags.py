@@ -4,6 +4,7 @@ Tags are part of gradmon's public interface (custom-scalar layouts and users'
 regexes select them), so they are built here and nowhere else.
 """
 
+import functools
 import re
 
 RAW = "raw"
@@ -24,6 +25,7 @@ _GROUP_STAT_DESCRIPTIONS = {
 _INVALID_TAG_CHARS = re.compile(r"[^A-Za-z0-9_.\-/]")
 
 
+@functools.lru_cache(maxsize=4096)
 def sanitize(path):
     """Makes a variable path safe for tags and custom-scalar regexes."""
     return _INVALID_TAG_CHARS.sub("_", path)
