@@ -7,6 +7,7 @@ import numpy as np
 
 from gradmon import monitored, tags
 from gradmon._validation import check_choice, check_non_negative_int, invalid, warn_once
+from gradmon.layout import build_layout
 from gradmon.writer import SummaryWriter, histogram_buckets
 
 
@@ -68,9 +69,10 @@ class GradientMonitor(keras.callbacks.Callback):
         if on_nonfinite is not None:
             check_choice("on_nonfinite", on_nonfinite, monitored.NONFINITE_POLICIES)
         self.on_nonfinite = on_nonfinite
-        self._writer = SummaryWriter(f"{self.log_dir}/train")
+        self._writer = SummaryWriter.shared(f"{self.log_dir}/train")
         self._last_step = self._last_hist_step = -1
         self.stopped_at = None
+        self._layout_written = False
 
     def set_model(self, model):
         _check_monitored(model, "GradientMonitor")
@@ -85,6 +87,9 @@ class GradientMonitor(keras.callbacks.Callback):
 
     def on_train_begin(self, logs=None):
         self._writer.open()  # an unwritable log_dir fails before the first step
+        if not self._layout_written:
+            self._writer.write_custom_scalar_layout(build_layout())
+            self._layout_written = True
         self._last_step = self._last_hist_step = -1
         self.stopped_at = None
 
@@ -270,7 +275,7 @@ class HessianMonitor(keras.callbacks.Callback):
         self.smallest = bool(smallest)
         self.tol = float(tol)
         self.seed = seed
-        self._writer = SummaryWriter(f"{self.log_dir}/train")
+        self._writer = SummaryWriter.shared(f"{self.log_dir}/train")
         self.last_spectrum = None
         self._next_probe = every_n_steps
 

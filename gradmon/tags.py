@@ -98,13 +98,17 @@ HESSIAN_MIN_EIGENVALUE = "hessian/min_eigenvalue"
 HESSIAN_DENSITY = "hessian/density"
 
 
+EIGENVALUE_PREFIX = "hessian/eigenvalue_"
+RESIDUAL_PREFIX = "hessian/residual_"
+
+
 def eigenvalue(i):
     """Tag of the i-th largest Hessian eigenvalue, 1-based."""
-    return f"hessian/eigenvalue_{i}"
+    return f"{EIGENVALUE_PREFIX}{i}"
 
 
 def residual(i):
-    return f"hessian/residual_{i}"
+    return f"{RESIDUAL_PREFIX}{i}"
 
 
 def describe(tag):

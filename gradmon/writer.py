@@ -8,6 +8,7 @@ Each tag's description (from `gradmon.tags.describe`) is written with its
 first value, which is where TensorBoard reads it from.
 """
 
+import itertools
 import os
 import socket
 import time
@@ -15,6 +16,7 @@ import time
 import numpy as np
 import tensorflow as tf
 from tensorboard.compat.proto import event_pb2, summary_pb2, tensor_pb2, tensor_shape_pb2, types_pb2
+from tensorboard.plugins.custom_scalar import metadata as custom_scalar_metadata
 from tensorboard.plugins.histogram import metadata as histogram_metadata
 from tensorboard.plugins.scalar import metadata as scalar_metadata
 
@@ -59,25 +61,45 @@ class SummaryWriter:
 
     Every write is flushed to the file at once (a few microseconds): an
     exception or a KeyboardInterrupt inside `fit` leaves an event file
-    holding everything written until then.
+    holding everything written until then. Callbacks share one writer per
+    directory (`SummaryWriter.shared`): TensorBoard follows only the newest
+    event file of a run while it is being written (unless started with
+    `--reload_multifile=true`), so gradmon keeps its summaries in one file.
 
     Args:
         logdir: directory of the event file, e.g. `<log_dir>/train`.
     """
 
+    _shared = {}
+    _file_counter = itertools.count()
+
     def __init__(self, logdir):
         self.logdir = logdir
         self._writer = None
+        self._users = 0
         self._described = set()
         self._scalar_events = {}
 
+    @classmethod
+    def shared(cls, logdir):
+        """The writer every gradmon callback of this process uses for `logdir`."""
+        key = os.path.abspath(logdir)
+        if key not in cls._shared:
+            cls._shared[key] = cls(logdir)
+        return cls._shared[key]
+
     def open(self):
-        """Creates the directory and the event file now; raises if it cannot."""
+        """Creates the directory and the event file now (raises if it cannot); pairs with `close`."""
+        self._ensure_file()
+        self._users += 1
+        return self
+
+    def _ensure_file(self):
         if self._writer is None:
             try:
                 os.makedirs(self.logdir, exist_ok=True)
-                name = "events.out.tfevents.%010d.%s.%d.gradmon.v2" % (
-                    time.time(), socket.gethostname(), os.getpid())
+                name = "events.out.tfevents.%010d.%s.%d.%d.gradmon.v2" % (
+                    time.time(), socket.gethostname(), os.getpid(), next(self._file_counter))
                 # Event files are TFRecord files; TF's writer computes the CRCs in C++
                 # (tensorboard's pure-Python CRC32C costs ~0.8 ms per step).
                 self._writer = tf.io.TFRecordWriter(os.path.join(self.logdir, name))
@@ -87,7 +109,6 @@ class SummaryWriter:
                     "Invalid value for argument `log_dir`. Expected a writable "
                     f"directory. Received: log_dir={self.logdir!r} ({error})"
                 ) from error
-        return self
 
     def _metadata(self, tag, plugin):
         if tag in self._described:
@@ -98,7 +119,7 @@ class SummaryWriter:
     def _write(self, step, values):
         if not values:
             return
-        self.open()
+        self._ensure_file()
         self._write_event(event_pb2.Event(
             wall_time=time.time(), step=int(step), summary=summary_pb2.Summary(value=values)))
 
@@ -108,7 +129,7 @@ class SummaryWriter:
 
     def write_scalars(self, step, mapping):
         """Writes `{tag: number}` at `step`."""
-        self.open()
+        self._ensure_file()
         tags_key = tuple(mapping)
         event = self._scalar_events.get(tags_key)
         if event is None or any(tag not in self._described for tag in tags_key):
@@ -143,8 +164,20 @@ class SummaryWriter:
             values.append(v)
         self._write(step, values)
 
+    def write_custom_scalar_layout(self, layout):
+        """Writes a custom-scalars `Layout` proto (TensorBoard reads the latest per run)."""
+        tensor = tensor_pb2.TensorProto(
+            dtype=types_pb2.DT_STRING, tensor_shape=_SCALAR_SHAPE,
+            string_val=[layout.SerializeToString()])
+        value = summary_pb2.Summary.Value(
+            tag=custom_scalar_metadata.CONFIG_SUMMARY_TAG, tensor=tensor,
+            metadata=custom_scalar_metadata.create_summary_metadata())
+        self._write(0, [value])
+
     def close(self):
-        if self._writer is not None:
+        """Releases one `open`; the file is closed when no user is left."""
+        self._users = max(self._users - 1, 0)
+        if self._users == 0 and self._writer is not None:
             self._writer.close()
             self._writer = None
             self._described = set()

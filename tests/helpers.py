@@ -36,6 +36,8 @@ def read_events(logdir):
         for event in tf.compat.v1.train.summary_iterator(path):
             for value in event.summary.value:
                 array = tf.make_ndarray(value.tensor) if value.HasField("tensor") else np.array(value.simple_value)
+                if array.dtype.kind not in "biuf":
+                    continue  # e.g. the custom-scalars layout
                 out.setdefault(value.tag, {})[event.step] = float(array) if array.shape == () else array
     return out
 
