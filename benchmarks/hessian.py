@@ -15,6 +15,9 @@ Run as `python benchmarks/hessian.py [--quick]`. Prints one table:
 - Warm refresh: HVPs for top-1 after 100 SGD steps, cold vs warm-started
   from the previous eigenvector, to tol 1e-4 and with a budget of 5 HVPs
   (4 Lanczos steps and the explicit check).
+- HessianMonitor cost: a 600-step `fit` (batch 32) with
+  `HessianMonitor(every_n_steps=100, top_k=1)` on a 512-example probe over
+  the same fit without it (median of paired repeats).
 
 No timing is asserted anywhere; numbers depend on the machine.
 
@@ -225,6 +228,41 @@ def run(builder):
     return rows
 
 
+def monitor_overhead(repeats=3, steps=600):
+    """Median ratio: fit time with `HessianMonitor(every_n_steps=100, top_k=1)` / without.
+
+    Same model, data and number of steps (batch 32 on the digits training
+    split; probe = 512 validation-sized examples), paired repeats; the first
+    fit of each configuration (tracing) is not timed.
+    """
+    import tempfile
+
+    import gradmon
+
+    name, model, batch, full = digits_mlp()
+    x, y = full
+    n = steps * 32
+    reps = int(np.ceil(n / len(x)))
+    x, y = np.concatenate([x] * reps)[:n], np.concatenate([y] * reps)[:n]
+    ratios = []
+    with tempfile.TemporaryDirectory() as logdir:
+        def fit(with_probe):
+            callbacks = [gradmon.HessianMonitor(logdir, data=batch, every_n_steps=100, top_k=1)] \
+                if with_probe else []
+            start = time.perf_counter()
+            model.fit(x, y, batch_size=32, epochs=1, verbose=0, callbacks=callbacks)
+            return time.perf_counter() - start
+
+        fit(False)
+        fit(True)
+        for _ in range(repeats):
+            plain = fit(False)
+            probed = fit(True)
+            ratios.append(probed / plain)
+    return [(name, f"fit {steps} steps with HessianMonitor(every 100, top-1) / without",
+             f"{np.median(ratios):.3f}x", f"median of {repeats} paired", "")]
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true",
@@ -234,6 +272,7 @@ def main():
     rows = []
     for builder in builders:
         rows.extend(run(builder))
+    rows.extend(monitor_overhead())
     header = ("model", "quantity", "value", "rel. err / note", "HVPs")
     widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(5)]
     line = " | ".join(h.ljust(w) for h, w in zip(header, widths))
