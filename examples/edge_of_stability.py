@@ -10,12 +10,17 @@ This script trains a small tanh MLP with MSE on 256 of scikit-learn's
 bundled digits with plain full-batch gradient descent, and probes the
 Hessian every few steps with `gradmon.HessianMonitor`.
 
-    python examples/edge_of_stability.py [--log-dir runs/edge_of_stability] [--steps 1500]
+    python examples/edge_of_stability.py [--log-dir runs/edge_of_stability] [--steps 2000] [--lr 0.2]
     tensorboard --logdir runs/edge_of_stability
 
 In TensorBoard look at `hessian/edge_of_stability` (CUSTOM SCALARS >
-Curvature): it climbs towards 1.0 and then hovers around it; `hessian/eigenvalue_1`
-levels off at 2 / lr. The script prints the trajectory and its tail mean.
+Curvature). At lr = 0.2 (2 / lr = 10) it was measured here to start near 1
+(the initial sharpness is ~9.9), dip to ~0.92 while the loss falls fast, climb
+back through progressive sharpening, cross 1.0 around step 1100 and then hover
+at 1.00-1.03 while the loss stops decreasing monotonically; at lr = 0.1 it
+sits near 0.5 for 2500 steps (sharpening is slow at that loss level). The
+script prints the trajectory and the mean over the last quarter of probes.
+About 1.5-2 minutes on 2 CPUs.
 """
 
 import argparse
@@ -48,7 +53,7 @@ class Trajectory(keras.callbacks.Callback):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--log-dir", default="runs/edge_of_stability")
-    parser.add_argument("--steps", type=int, default=1500)
+    parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--lr", type=float, default=0.2)
     parser.add_argument("--probe-every", type=int, default=25)
     args = parser.parse_args()
