@@ -5,7 +5,7 @@ import warnings
 import keras
 import numpy as np
 
-from gradmon import monitored, tags
+from gradmon import _distribute, monitored, tags
 from gradmon._validation import check_choice, check_non_negative_int, invalid, warn_once
 from gradmon.layout import build_layout
 from gradmon.writer import SummaryWriter, histogram_buckets
@@ -39,6 +39,12 @@ class GradientMonitor(keras.callbacks.Callback):
     step is still written at its own step; histograms are taken at most once
     per execution (the latest scheduled one).
 
+    Under `tf.distribute` strategies the statistics are those of the
+    all-reduced gradient (see `gradmon.monitor`) and are written once per
+    step; with `MultiWorkerMirroredStrategy` every worker runs this callback,
+    and only the chief writes (the others create no event file, but still
+    stop training on non-finite gradients under `on_nonfinite="stop"`).
+
     Args:
         log_dir: directory of the TensorBoard run.
         update_freq: write scalars every this many training steps, or
@@ -70,6 +76,7 @@ class GradientMonitor(keras.callbacks.Callback):
             check_choice("on_nonfinite", on_nonfinite, monitored.NONFINITE_POLICIES)
         self.on_nonfinite = on_nonfinite
         self._writer = SummaryWriter.shared(f"{self.log_dir}/train")
+        self._writes = True
         self._last_step = self._last_hist_step = -1
         self.stopped_at = None
         self._layout_written = False
@@ -86,8 +93,11 @@ class GradientMonitor(keras.callbacks.Callback):
             model.gradient_config.on_nonfinite = self.on_nonfinite  # rebuilds the train function
 
     def on_train_begin(self, logs=None):
-        self._writer.open()  # an unwritable log_dir fails before the first step
-        if not self._layout_written:
+        # under multi-worker training only the chief writes
+        self._writes = _distribute.is_chief(self.model.distribute_strategy)
+        if self._writes:
+            self._writer.open()  # an unwritable log_dir fails before the first step
+        if self._writes and not self._layout_written:
             self._writer.write_custom_scalar_layout(build_layout())
             self._layout_written = True
         self._last_step = self._last_hist_step = -1
@@ -106,7 +116,8 @@ class GradientMonitor(keras.callbacks.Callback):
 
     def on_train_end(self, logs=None):
         self._write_latest(every_step=self.update_freq != "epoch")
-        self._writer.close()
+        if self._writes:
+            self._writer.close()
 
     def _write_latest(self, every_step=True):
         state = self.model.gradient_state
@@ -116,12 +127,13 @@ class GradientMonitor(keras.callbacks.Callback):
         policy = self.model.gradient_config.on_nonfinite
         for snapshot in snapshots:
             self._last_step = snapshot["step"]
-            self._writer.write_scalars(snapshot["step"], scalar_summaries(state, snapshot))
+            if self._writes:
+                self._writer.write_scalars(snapshot["step"], scalar_summaries(state, snapshot))
             if _has_nonfinite(snapshot):
                 self._nonfinite(state, snapshot, policy)
         if self.histogram_freq:
             latest = state.read_histograms()
-            if latest is not None and latest[0] != self._last_hist_step:
+            if latest is not None and latest[0] != self._last_hist_step and self._writes:
                 self._last_hist_step = latest[0]
                 self._writer.write_histograms(latest[0], histogram_summaries(state, latest[1]))
 

@@ -24,6 +24,7 @@ from keras.src.losses import loss as loss_module
 from keras.src.models.functional import Functional
 from keras.src.trainers.data_adapters import data_adapter_utils
 
+from gradmon import _distribute
 from gradmon import penalties as penalties_module
 from gradmon import stats, tags, transforms
 from gradmon._validation import check_choice, invalid, warn_once
@@ -123,21 +124,29 @@ class MonitorState:
     (noise scale block)...]`. There is one row per step of an execution
     (`steps_per_execution`), at `step % rows`, so no logged step of a
     multi-step execution is lost before the callback reads them.
+
+    Under a `tf.distribute` strategy (created in its scope) every variable is
+    replica-local (`_distribute.replica_local_variable`): each replica
+    records the same numbers, those of the all-reduced gradient, and the host
+    reads the first replica's copy.
     """
 
     def __init__(self):
-        self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="gradmon_step")
+        variable = _distribute.replica_local_variable
+        self.step = variable(0, dtype=tf.int64, name="gradmon_step")
         # 0 disables; set by callbacks.
-        self.log_every = tf.Variable(1, dtype=tf.int64, trainable=False, name="gradmon_log_every")
-        self.hist_every = tf.Variable(0, dtype=tf.int64, trainable=False, name="gradmon_hist_every")
+        self.log_every = variable(1, dtype=tf.int64, name="gradmon_log_every")
+        self.hist_every = variable(0, dtype=tf.int64, name="gradmon_hist_every")
         # whether the train function contains the histogram branch at all
         self.histograms_requested = False
         # steps whose update was not applied (non-finite gradients), cumulative
-        self.skipped = tf.Variable(0, dtype=tf.int64, trainable=False, name="gradmon_skipped")
+        self.skipped = variable(0, dtype=tf.int64, name="gradmon_skipped")
         self.key = None
 
     def build(self, variables, config, observed_transform, rows=1):
-        """Allocates buffers for `variables`; called outside any tf.function."""
+        """Allocates buffers for `variables`; called outside any tf.function
+        (in the model's strategy scope, if it has one)."""
+        variable = _distribute.replica_local_variable
         self.group_names, segment_ids = [], []
         for v in variables:
             name = _group_name(v, config.grouping)
@@ -152,7 +161,7 @@ class MonitorState:
         )
         self.penalty_names = [p.name for p in config.penalties]
         # exponential moving averages of tr(Sigma) and |G|^2
-        self.noise_ema = tf.Variable(tf.zeros([2], tf.float64), trainable=False)
+        self.noise_ema = variable(tf.zeros([2], tf.float64))
         g = len(self.group_names)
         size = 1 + len(GLOBAL_FIELDS) + g * (GROUP_COLUMNS + 1) + len(self.fraction_names)
         if self.penalty_names:
@@ -160,14 +169,11 @@ class MonitorState:
         if config.noise_scale:
             size += 4 + g
         # step -1 marks an empty row
-        self.records = tf.Variable(
-            tf.concat([-tf.ones([rows, 1], tf.float64), tf.zeros([rows, size - 1], tf.float64)], 1),
-            trainable=False)
-        self.hist_step = tf.Variable(-1, dtype=tf.int64, trainable=False)
+        self.records = variable(
+            tf.concat([-tf.ones([rows, 1], tf.float64), tf.zeros([rows, size - 1], tf.float64)], 1))
+        self.hist_step = variable(-1, dtype=tf.int64)
         # [raw/transformed, group, (min, max, counts...)]
-        self.histograms = tf.Variable(
-            tf.zeros([2, g, HISTOGRAM_BUCKETS + 2]), trainable=False
-        )
+        self.histograms = variable(tf.zeros([2, g, HISTOGRAM_BUCKETS + 2]))
 
     # -- host-side reading (callbacks) -------------------------------------
 
@@ -241,6 +247,24 @@ def _loss_scale(optimizer):
     if hasattr(optimizer, "dynamic_scale"):  # LossScaleOptimizer
         return optimizer.dynamic_scale if optimizer.built else optimizer.initial_scale
     return getattr(optimizer, "loss_scale_factor", None)
+
+
+def _multiplied(gradient, factor):
+    if gradient is None:
+        return None
+    if isinstance(gradient, tf.IndexedSlices):
+        values = gradient.values * tf.cast(factor, gradient.values.dtype)
+        return tf.IndexedSlices(values, gradient.indices, gradient.dense_shape)
+    return gradient * tf.cast(factor, gradient.dtype)
+
+
+def _divided(gradient, divisor):
+    if gradient is None:
+        return None
+    if isinstance(gradient, tf.IndexedSlices):
+        values = gradient.values / tf.cast(divisor, gradient.values.dtype)
+        return tf.IndexedSlices(values, gradient.indices, gradient.dense_shape)
+    return gradient / tf.cast(divisor, gradient.dtype)
 
 
 def _histogram_rows(grads, segment_ids, num_groups):
@@ -397,7 +421,7 @@ class GradientMonitorMixin:
             return False
         # Outside any tf.function: a subclassed model may create its variables
         # only while the train step is first traced.
-        with tf.init_scope():
+        with tf.init_scope(), _distribute.strategy_scope(self._distribute_strategy):
             if self.optimizer is not None and not self.optimizer.built and variables:
                 # apply_gradients may run inside tf.cond, where it cannot create slots
                 self.optimizer.build(variables)
@@ -449,12 +473,16 @@ class GradientMonitorMixin:
 
         Returns `(y_pred, scaled gradients, numbers)` where `numbers` holds the
         data loss, total loss, penalty values and the norm of each penalty's
-        own (unscaled) gradient.
+        own (unscaled) gradient. Under a strategy the numbers are this
+        replica's (its shard's losses; the host reads the first replica's),
+        and a penalty needing the data gradient sees its shard's gradient
+        (`context.data_gradients` is scaled by the number of replicas).
         """
         variables = self.trainable_weights
         penalty_list = self._gradmon_config.penalties
         need_gradients = any(p.needs_gradients for p in penalty_list)
         scale = _loss_scale(self.optimizer)
+        replicas = _distribute.num_replicas()
 
         def scaled(loss):
             return self.optimizer.scale_loss(loss) if self.optimizer is not None else loss
@@ -476,11 +504,16 @@ class GradientMonitorMixin:
             context = penalties_module.PenaltyContext(self, x, y, sample_weight, y_pred, variables)
             if need_gradients:
                 data_gradients = inner.gradient(scaled_data, variables)
-                context.data_gradients = unscaled(data_gradients)
+                # a replica's loss is divided by the number of replicas: its shard's gradient
+                context.data_gradients = [g if replicas == 1 else _multiplied(g, replicas)
+                                          for g in unscaled(data_gradients)]
             values = [tf.cast(p(context), data_loss.dtype) for p in penalty_list]
-            total = data_loss + tf.add_n(values)
+            # Under a strategy Keras divides each replica's data loss by the number of
+            # replicas (the optimizer sums the replicas' gradients); so are the penalties.
+            shares = [loss_module.scale_loss_for_distribution(v) for v in values]
+            total = data_loss + tf.add_n(shares)
             self._gradmon_track_loss(total, x)
-            scaled_values = [scaled(v) for v in values]
+            scaled_values = [scaled(v) for v in shares]
         if not need_gradients:
             data_gradients = outer.gradient(scaled_data, variables)
         parts = [data_gradients] + [outer.gradient(v, variables) for v in scaled_values]
@@ -490,15 +523,29 @@ class GradientMonitorMixin:
             present = [g for g in per_part if g is not None]
             gradients.append(tf.add_n([tf.convert_to_tensor(g) for g in present]) if present else None)
         numbers = {
-            "data_loss": data_loss,
-            "total_loss": total,
+            "data_loss": loss_module.unscale_loss_for_distribution(data_loss),
+            "total_loss": loss_module.unscale_loss_for_distribution(total),
             "values": values,
-            "grad_norms": [stats.global_norm(unscaled(part)) for part in parts[1:]],
+            "grad_norms": [stats.global_norm(unscaled(part)) * replicas for part in parts[1:]],
         }
         return y_pred, gradients, numbers
 
     def _gradmon_apply(self, gradients, variables, penalty_numbers=None, batch=None):
-        """Measures, transforms and applies `gradients` (scaled by the loss scale)."""
+        """Measures, transforms and applies `gradients` (scaled by the loss scale).
+
+        Under a strategy with several replicas, `gradients` are this
+        replica's (of its shard's loss, which Keras divides by the number of
+        replicas). Statistics and gradmon's transform use their all-reduced
+        sum, the gradient of the global batch; the optimizer, which sums over
+        the replicas again, gets the transformed sum divided by the number of
+        replicas, so the update equals that of one device on the global batch.
+        Without a transform each replica's own gradients go to the optimizer
+        untouched. A Keras optimizer's own `clipnorm` / `global_clipnorm` /
+        `clipvalue` acts on each replica's gradient before its all-reduce; the
+        observed ("transformed") statistics are those of what it applies (the
+        sum over replicas of the clipped replica gradients), and its clip
+        fractions are averaged over the replicas.
+        """
         self._gradmon_ensure_state(variables)
         state, config = self._gradmon_state, self._gradmon_config
         missing = [v.path for v, g in zip(variables, gradients) if g is None]
@@ -507,26 +554,44 @@ class GradientMonitorMixin:
                       f"gradmon: no gradient for variables {missing}; they are reported "
                       f"under `{tags.NO_GRADIENT}` and have zero gradient statistics.")
         step = state.step.assign_add(1, read_value=True)
+        replicas = _distribute.num_replicas()
+        # the global batch's gradient (a synchronisation point, so outside any tf.cond)
+        total = _distribute.all_reduce_sum(gradients)
         scale = _loss_scale(self.optimizer)
-        if scale is not None:
-            scale = tf.cast(scale, tf.float32)
-            unscaled = [None if g is None else g / tf.cast(scale, g.dtype) for g in gradients]
-        else:
-            unscaled = list(gradients)
+        scale = None if scale is None else tf.cast(scale, tf.float32)
 
+        def unscale(grads):
+            return list(grads) if scale is None else [_divided(g, scale) for g in grads]
+
+        unscaled = unscale(total)
         to_apply, transformed, fractions = gradients, unscaled, {}
         if config.transform is not None:
             transformed, fractions = config.transform(unscaled, variables)
-            to_apply = (transformed if scale is None else
-                        [None if g is None else g * tf.cast(scale, g.dtype) for g in transformed])
+            to_apply = transformed if scale is None else [_multiplied(g, scale) for g in transformed]
+            if replicas > 1:
+                # the optimizer sums the replicas' (identical) shares
+                to_apply = [_divided(g, replicas) for g in to_apply]
         optimizer_clip = transforms.from_optimizer(self.optimizer)
 
         def observe():
             # What the optimizer will actually apply (before its own update rule).
             if optimizer_clip is None:
                 return transformed, fractions
-            clipped, more = optimizer_clip(transformed, variables)
-            return clipped, transforms.merge_fractions(fractions, more)
+            if replicas == 1:
+                clipped, more = optimizer_clip(transformed, variables)
+                return clipped, transforms.merge_fractions(fractions, more)
+            # Keras clips each replica's unscaled gradient, then sums them.
+            clipped, more = optimizer_clip(unscale(to_apply), variables)
+            return (_distribute.all_reduce_sum(clipped),
+                    transforms.merge_fractions(fractions, _distribute.all_reduce_mean(more)))
+
+        distributed = _distribute.in_replicas()
+        if distributed:
+            # all-reduces: every step, outside the conditional branches below
+            observed_now = observe()
+
+            def observe():
+                return observed_now
 
         do_log = tf.logical_and(state.log_every > 0,
                                 tf.equal(tf.math.floormod(step, tf.maximum(state.log_every, 1)), 0))
@@ -536,9 +601,10 @@ class GradientMonitorMixin:
         loss_scaled = hasattr(self.optimizer, "dynamic_scale")
         skipped_now = None
         if config.on_nonfinite != "warn" or loss_scaled:
+            # of the all-reduced gradients: every replica takes the same decision
             finite = tf.reduce_all(tf.stack([
                 tf.reduce_all(tf.math.is_finite(g.values if isinstance(g, tf.IndexedSlices) else g))
-                for g in gradients if g is not None] or [tf.constant(True)]))
+                for g in total if g is not None] or [tf.constant(True)]))
             # A LossScaleOptimizer skips such steps itself; so do the skip/stop policies.
             skipped_now = tf.logical_not(finite)
             state.skipped.assign_add(tf.cast(skipped_now, tf.int64))
@@ -558,26 +624,22 @@ class GradientMonitorMixin:
         if state.histograms_requested:
             tf.cond(do_hist, histograms, lambda: tf.constant(False))
 
+        def apply_gradients(grads):
+            self.optimizer.apply_gradients(zip(grads, variables))
+
         def apply():
             if config.on_nonfinite == "warn":
-                self.optimizer.apply_gradients(zip(to_apply, variables))
+                apply_gradients(to_apply)
                 return tf.constant(True)
+            return _distribute.cond_apply(finite, apply_gradients, (to_apply,))
 
-            def apply_finite():
-                self.optimizer.apply_gradients(zip(to_apply, variables))
-                return tf.constant(True)
+        needs_weights = "update_ratio" in config.stats or "grad_to_weight" in config.stats
 
-            return tf.cond(finite, apply_finite, lambda: tf.constant(False))
+        def noise_moments():
+            return self._gradmon_half_batch_moments(batch, variables)
 
-        def apply_and_measure():
-            # Only logged steps pay for the noise-scale passes and for keeping
-            # the pre-update weights alive (which forces copies in the update).
-            noise = self._gradmon_half_batch_moments(batch, variables) if config.noise_scale else None
-            needs_weights = "update_ratio" in config.stats or "grad_to_weight" in config.stats
-            before = [tf.identity(v.value) for v in variables] if needs_weights else None
-            applied = apply()
+        def measure(applied, observed, observed_fractions, before, noise):
             with tf.control_dependencies([applied]):
-                observed, observed_fractions = observe()
                 after = [v.value for v in variables] if before is not None else None
             record_fn = self._gradmon_record
             if not any(isinstance(g, tf.IndexedSlices) for g in unscaled + list(observed)):
@@ -590,8 +652,33 @@ class GradientMonitorMixin:
                 parts.append(self._gradmon_noise_record(noise, batch))
             rows = tf.shape(state.records, out_type=tf.int64)[0]
             row = tf.reshape(tf.math.floormod(step, rows), [1, 1])
-            state.records.scatter_nd_update(row, tf.concat(parts, 0)[None])
+            state.records.assign(tf.tensor_scatter_nd_update(state.records, row, tf.concat(parts, 0)[None]))
             return tf.constant(True)
+
+        if distributed:
+            # The update synchronises the replicas: it cannot run inside a
+            # tf.cond in replica context, so the pre-update weights are copied
+            # (when asked for) and the noise passes run before it, on every step.
+            noise = None
+            if config.noise_scale:
+                g = len(state.group_names)
+                noise = tf.cond(do_log, noise_moments, lambda: tf.zeros([g, 3]))
+            before = [tf.identity(v.value) for v in variables] if needs_weights else None
+            applied = apply()
+            observed, observed_fractions = observe()
+            tf.cond(do_log, lambda: measure(applied, observed, observed_fractions, before, noise),
+                    lambda: tf.constant(False))
+            return
+
+        def apply_and_measure():
+            # Only logged steps pay for the noise-scale passes and for keeping
+            # the pre-update weights alive (which forces copies in the update).
+            noise = noise_moments() if config.noise_scale else None
+            before = [tf.identity(v.value) for v in variables] if needs_weights else None
+            applied = apply()
+            with tf.control_dependencies([applied]):
+                observed, observed_fractions = observe()
+            return measure(applied, observed, observed_fractions, before, noise)
 
         def apply_only():
             apply()
@@ -603,7 +690,10 @@ class GradientMonitorMixin:
         """Per group `[|g1|^2, |g2|^2, g1.g2]` for the gradients of the two batch halves.
 
         Computed in a `keras.StatelessScope`, so the extra forward passes
-        change no BatchNorm statistic, RNG state or loss tracker.
+        change no BatchNorm statistic, RNG state or loss tracker. Under a
+        strategy, of this replica's shard only: the host reads the first
+        replica's noise scale (an estimate from a batch `num_replicas` times
+        smaller; B_simple itself does not depend on the batch size).
         """
         state = self._gradmon_state
         x, y, sample_weight = batch
@@ -622,8 +712,11 @@ class GradientMonitorMixin:
                     pred = self._gradmon_forward(xs)
                     loss = self._compute_loss(x=xs, y=ys, y_pred=pred, sample_weight=ws,
                                               training=True)
-            return [None if g is None else tf.cast(tf.convert_to_tensor(g), tf.float32)
+            # Keras divides a replica's loss by the number of replicas: undo it
+            return [None if g is None else tf.cast(tf.convert_to_tensor(g), tf.float32) * replicas
                     for g in tape.gradient(loss, params)]
+
+        replicas = float(_distribute.num_replicas())
 
         first, second = part(0), part(half)
         ids = tf.constant(state.segment_ids, tf.int32)
@@ -750,7 +843,11 @@ def monitor(model, transform=None, grouping="variable", stats=None, penalties=No
     """Returns a model that shares `model`'s layers and weights and monitors its gradients.
 
     Compile and fit the returned model as you would `model`; training `model`
-    afterwards sees the same weights.
+    afterwards sees the same weights. Under a `tf.distribute` strategy, call it
+    inside `strategy.scope()`: statistics are those of the all-reduced
+    gradient and `transform` clips that gradient, while a Keras optimizer's own
+    clipping acts on each replica's gradient before the all-reduce (see
+    `GradientMonitorMixin._gradmon_apply`).
 
     Args:
         model: a `keras.Model` (Sequential, functional or subclassed).

@@ -1,0 +1,118 @@
+"""What gradmon needs from `tf.distribute`: replica-local state, all-reduces, the chief.
+
+Under `tf.distribute.MirroredStrategy` / `MultiWorkerMirroredStrategy` a Keras
+train step runs once per replica, on that replica's shard of the global batch,
+with the loss already divided by the number of replicas; the optimizer sums
+the per-replica gradients (an all-reduce) inside `apply`, *after* its own
+`clipnorm` / `global_clipnorm` / `clipvalue`, so Keras clips each replica's
+gradient, not the global one. gradmon measures the all-reduced (global-batch)
+gradient, and its own transforms act on that gradient (see
+`GradientMonitorMixin._gradmon_apply`).
+
+Outside a strategy every function here is the identity / a no-op.
+"""
+
+import contextlib
+
+import tensorflow as tf
+
+
+def replica_local_variable(initial_value, dtype=None, name=None):
+    """A non-trainable state variable each replica reads and writes on its own.
+
+    Under a strategy's scope it is a `SyncOnReadVariable` with
+    `ONLY_FIRST_REPLICA` aggregation: assignments in the train step touch the
+    replica's own copy (no synchronisation point, so they may sit inside a
+    `tf.cond`), and reading it on the host gives the first replica's copy.
+    gradmon writes the same numbers on every replica (they are computed from
+    all-reduced gradients), so that copy stands for all. Host-side
+    assignments set every copy. Outside a strategy it is a plain variable.
+    """
+    return tf.Variable(initial_value, dtype=dtype, name=name, trainable=False,
+                       synchronization=tf.VariableSynchronization.ON_READ,
+                       aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
+
+
+def strategy_scope(strategy):
+    """`strategy.scope()`, or a null context when `strategy` is `None` or a scope is already entered."""
+    if strategy is None or tf.distribute.has_strategy():
+        return contextlib.nullcontext()
+    return strategy.scope()
+
+
+def in_replicas():
+    """Whether this runs in the replica context of a (non-default) strategy, e.g. in its `run`."""
+    return tf.distribute.has_strategy() and tf.distribute.in_cross_replica_context() is False
+
+
+def num_replicas():
+    """Replicas summing their gradients in this step (1 outside a strategy)."""
+    context = tf.distribute.get_replica_context()
+    if context is None:  # cross-replica context: not inside a train step
+        return 1
+    return int(context.num_replicas_in_sync)
+
+
+def all_reduce_sum(values):
+    """Sums a list of tensors / `tf.IndexedSlices` / `None` over the replicas.
+
+    A synchronisation point: every replica must reach it, so it must not sit
+    inside a `tf.cond` whose branch could differ between replicas (and, with
+    merge calls, inside no `tf.cond` at all).
+    """
+    if num_replicas() == 1:
+        return list(values)
+    present = [i for i, v in enumerate(values) if v is not None]
+    reduced = tf.distribute.get_replica_context().all_reduce(
+        tf.distribute.ReduceOp.SUM, [values[i] for i in present])
+    out = [None] * len(values)
+    for i, r in zip(present, reduced):
+        out[i] = r
+    return out
+
+
+def all_reduce_mean(mapping):
+    """Means a `{name: scalar}` over the replicas (one all-reduce)."""
+    if num_replicas() == 1 or not mapping:
+        return dict(mapping)
+    names = list(mapping)
+    reduced = tf.distribute.get_replica_context().all_reduce(
+        tf.distribute.ReduceOp.MEAN, [tf.convert_to_tensor(mapping[n]) for n in names])
+    return dict(zip(names, reduced))
+
+
+def cond_apply(pred, apply_fn, args):
+    """Runs `apply_fn(*args)` (an optimizer update) when `pred` holds, on every replica alike.
+
+    `apply_gradients` synchronises the replicas (a merge call on CPU and in
+    multi-worker setups), which a strategy does not allow inside a `tf.cond`
+    in replica context. As Keras' `LossScaleOptimizer` does, the condition is
+    taken in cross-replica context (from the first replica: callers pass a
+    `pred` that is the same on all replicas) and the update re-enters the
+    replicas. `args` are per-replica values (passed, not captured, so each
+    replica gets its own).
+    """
+    context = tf.distribute.get_replica_context()
+    if not in_replicas() or tf.__internal__.distribute.strategy_supports_no_merge_call():
+        def run():
+            apply_fn(*args)
+            return tf.constant(True)
+        return tf.cond(pred, run, lambda: tf.constant(False))
+
+    def cross_replica(strategy, pred, args):
+        first = strategy.experimental_local_results(pred)[0]
+
+        def run():
+            strategy.extended.call_for_each_replica(apply_fn, args=args)
+
+        tf.cond(first, run, lambda: None)
+
+    context.merge_call(cross_replica, args=(pred, tuple(args)))
+    return pred
+
+
+def is_chief(strategy):
+    """Whether this process writes summaries: always, except on a non-chief multi-worker task."""
+    if strategy is None:
+        return True
+    return bool(getattr(strategy.extended, "should_checkpoint", True))

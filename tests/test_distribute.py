@@ -1,0 +1,310 @@
+"""Monitoring under tf.distribute, against a single-device run on the same global batch.
+
+Each run is a subprocess (the CPU must be split into logical devices, or the
+cluster configured, before TensorFlow initialises). A run fits small models,
+one per case, for one or two steps with a `GradientMonitor` and prints JSON:
+gradmon's statistics, the final weights and the event files written. The
+single-device run also computes, with a plain tape and numpy, what a Keras
+optimizer's `global_clipnorm` applies under two replicas (each replica's half
+of the gradient clipped on its own, then summed).
+"""
+
+import glob
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TIMEOUT_S = 120
+BATCH, STEPS, REPLICAS, LR, MAX_NORM = 16, 2, 2, 0.1, 0.1
+CASES = {
+    "none": dict(steps=STEPS),
+    "transform_clip": dict(steps=STEPS, transform=MAX_NORM),
+    # one step: compared with the update computed by hand at the initial weights
+    "optimizer_clip": dict(steps=1, global_clipnorm=MAX_NORM),
+    # the other paths of the step: skip policy (a conditional update), noise scale, a
+    # weight penalty, histograms
+    "extras": dict(steps=STEPS, extras=True),
+}
+
+SCRIPT = r'''
+import contextlib, glob, json, os, sys
+cfg = json.loads(sys.argv[1])
+import tensorflow as tf
+if cfg["mode"] == "mirrored":
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+    strategy = tf.distribute.MirroredStrategy(["CPU:0", "CPU:1"])
+elif cfg["mode"] == "multiworker":
+    strategy = tf.distribute.MultiWorkerMirroredStrategy()
+else:
+    strategy = None
+import keras
+import numpy as np
+import gradmon
+
+if cfg["mode"] == "multiworker":
+    # Keras 3.15's TensorFlowTrainer._maybe_symbolic_build reduces the whole (x, y) batch
+    # with one strategy.reduce, which MultiWorkerMirroredStrategy rejects ("Attempt to
+    # convert a value (PerReplica...) to a Tensor"); reduce leaf by leaf instead.
+    from keras.src import tree
+    from keras.src.backend.tensorflow.trainer import TensorFlowTrainer
+
+    symbolic_build = TensorFlowTrainer._maybe_symbolic_build
+
+    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+        if iterator is not None:
+            for _, _, it in iterator:
+                data_batch = tree.map_structure(
+                    lambda v: self.distribute_strategy.reduce("MEAN", v, axis=None), next(it))
+                break
+        return symbolic_build(self, data_batch=data_batch)
+
+    TensorFlowTrainer._maybe_symbolic_build = _maybe_symbolic_build
+
+    # It also reduces the step's scalar logs with strategy.reduce("MEAN", v, axis=0), which
+    # fails on scalars ("Invalid reduction dimension 0 for input with 0 dimensions"); the
+    # logs (loss) are not what is tested here, so take the first replica's.
+    from keras.src.backend.tensorflow import trainer as tf_trainer
+
+    reduce_per_replica = tf_trainer.reduce_per_replica
+    tf_trainer.reduce_per_replica = lambda values, strategy, reduction: reduce_per_replica(
+        values, strategy, "first" if reduction == "auto" else reduction)
+
+rng = np.random.default_rng(0)
+n = cfg["batch"] * max(case["steps"] for case in cfg["cases"].values())
+x = rng.normal(size=(n, 6)).astype(np.float32)
+y = rng.integers(0, 3, size=n)
+loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+
+def build():
+    keras.utils.set_random_seed(0)
+    return keras.Sequential([keras.Input((6,)), keras.layers.Dense(8, activation="tanh"),
+                             keras.layers.Dense(3)])
+
+
+def per_replica_clip_reference(case):
+    """What SGD(global_clipnorm) applies at the first step under cfg["replicas"] replicas."""
+    model, r = build(), cfg["replicas"]
+    w0 = [v.numpy().astype(np.float64) for v in model.trainable_variables]
+    applied = [np.zeros_like(w) for w in w0]
+    size = cfg["batch"] // r
+    for i in range(r):
+        with tf.GradientTape() as tape:
+            # Keras divides each replica's loss by the number of replicas
+            loss = loss_fn(y[i * size:(i + 1) * size], model(x[i * size:(i + 1) * size])) / r
+        grads = [g.numpy().astype(np.float64) for g in tape.gradient(loss, model.trainable_variables)]
+        norm = np.sqrt(sum(np.sum(g ** 2) for g in grads))
+        for a, g in zip(applied, grads):
+            a += g * min(1.0, case["global_clipnorm"] / norm)
+    return [a.tolist() for a in applied]
+
+
+def run(name, case):
+    log_dir = os.path.join(cfg["log_dir"], name)
+    scope = strategy.scope() if strategy is not None else contextlib.nullcontext()
+    with scope:
+        model = build()
+        transform = gradmon.transforms.clip_by_global_norm(case["transform"]) if "transform" in case else None
+        extras = dict(on_nonfinite="skip", noise_scale=True,
+                      penalties=[gradmon.penalties.WeightPenalty(l2=0.01)]) if "extras" in case else {}
+        monitored = gradmon.monitor(model, transform=transform, **extras)
+        optimizer = keras.optimizers.SGD(cfg["lr"], global_clipnorm=case.get("global_clipnorm"))
+        monitored.compile(optimizer=optimizer, loss=loss_fn)
+    callback = gradmon.GradientMonitor(log_dir, histogram_freq=1 if "extras" in case else 0)
+    initial = [v.numpy().tolist() for v in model.trainable_variables]
+    steps = case["steps"]
+    # Keras splits each global batch between the replicas (and, multi-worker, the workers)
+    n = cfg["batch"] * steps
+    monitored.fit(x[:n], y[:n], batch_size=cfg["batch"], epochs=1, shuffle=False, verbose=0,
+                  callbacks=[callback])
+    snap = monitored.gradient_state.read()
+    out = {
+        "step": snap["step"],
+        "state_step": int(monitored.gradient_state.step.numpy()),
+        "global": snap["global"],
+        "group_stats": snap["group_stats"].tolist(),
+        "fractions": snap["fractions"],
+        "losses": snap["losses"],
+        "penalties": snap["penalties"],
+        "noise": None if snap["noise"] is None else {k: float(snap["noise"][k])
+                                                     for k in ("noise_scale", "grad_sq", "trace_cov")},
+        "initial_weights": initial,
+        "weights": [v.numpy().tolist() for v in model.trainable_variables],
+        "event_files": sorted(glob.glob(os.path.join(log_dir, "**", "events.out.tfevents.*"),
+                                        recursive=True)),
+    }
+    if cfg["mode"] == "single" and "global_clipnorm" in case:
+        out["per_replica_clip_applied"] = per_replica_clip_reference(case)
+    return out
+
+
+results = {name: run(name, case) for name, case in cfg["cases"].items()}
+print("RESULT " + json.dumps(results))
+'''
+
+
+def _env(**extra):
+    env = dict(os.environ)
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    env["TF_ENABLE_ONEDNN_OPTS"] = "0"
+    env.update(extra)
+    return env
+
+
+def _start(tmp_path, mode, log_dir, cases, **env):
+    cfg = dict(mode=mode, log_dir=str(log_dir), cases=cases, batch=BATCH, replicas=REPLICAS, lr=LR)
+    script = tmp_path / "run_distributed.py"
+    script.write_text(SCRIPT)
+    return subprocess.Popen([sys.executable, str(script), json.dumps(cfg)], cwd=str(tmp_path),
+                            env=_env(**env), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _result(process):
+    try:
+        out, err = process.communicate(timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        out, err = process.communicate()
+        pytest.fail(f"distributed run timed out after {TIMEOUT_S}s:\n{err[-3000:]}")
+    lines = [line for line in out.splitlines() if line.startswith("RESULT ")]
+    assert process.returncode == 0 and lines, f"run failed (rc={process.returncode}):\n{err[-4000:]}"
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+@pytest.fixture(scope="module")
+def mirrored_runs(tmp_path_factory):
+    """(single-device, MirroredStrategy) results for every case, the two runs in parallel."""
+    tmp = tmp_path_factory.mktemp("mirrored")
+    (tmp / "single").mkdir()
+    (tmp / "mirrored").mkdir()
+    single = _start(tmp / "single", "single", tmp / "single" / "logs", CASES)
+    mirrored = _start(tmp / "mirrored", "mirrored", tmp / "mirrored" / "logs", CASES)
+    return _result(single), _result(mirrored)
+
+
+def _assert_same_stats(ours, reference, transformed=True):
+    keys = ["raw_global_norm", "transformed_global_norm", "clip_ratio", "clip_fraction"]
+    for key in keys if transformed else keys[:1]:
+        assert ours["global"][key] == pytest.approx(reference["global"][key], rel=1e-5, abs=1e-7), key
+    np.testing.assert_allclose(np.array(ours["group_stats"]), np.array(reference["group_stats"]),
+                               rtol=1e-5, atol=1e-7)
+    for a, b in zip(ours["weights"], reference["weights"]):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("case", ["none", "transform_clip"])
+def test_mirrored_statistics_equal_single_device(mirrored_runs, case):
+    single, mirrored = (r[case] for r in mirrored_runs)
+    # one step counter per model, not per replica
+    assert mirrored["step"] == mirrored["state_step"] == single["step"] == STEPS
+    _assert_same_stats(mirrored, single)
+    if case == "transform_clip":
+        # gradmon's transform clips the all-reduced gradient: the global norm is MAX_NORM
+        assert mirrored["global"]["raw_global_norm"] > MAX_NORM
+        assert mirrored["global"]["transformed_global_norm"] == pytest.approx(MAX_NORM, rel=1e-5)
+        assert mirrored["global"]["clip_fraction"] == 1.0
+
+
+def test_mirrored_optimizer_clipping_is_per_replica_and_observed_as_applied(mirrored_runs):
+    """Keras clips each replica's gradient before summing them; gradmon reports what is applied."""
+    single, mirrored = (r["optimizer_clip"] for r in mirrored_runs)
+    applied = [np.array(a) for a in single["per_replica_clip_applied"]]
+    applied_norm = np.sqrt(sum(np.sum(a ** 2) for a in applied))
+    g = mirrored["global"]
+    assert g["raw_global_norm"] == pytest.approx(single["global"]["raw_global_norm"], rel=1e-5)
+    assert g["transformed_global_norm"] == pytest.approx(applied_norm, rel=1e-5)
+    assert g["clip_ratio"] == pytest.approx(applied_norm / g["raw_global_norm"], rel=1e-5)
+    # Both halves are longer than MAX_NORM: each is clipped to it, and their sum is longer
+    # than the single device's clipped gradient (MAX_NORM).
+    assert g["clip_fraction"] == 1.0
+    assert single["global"]["transformed_global_norm"] == pytest.approx(MAX_NORM, rel=1e-5)
+    assert MAX_NORM * 1.01 < applied_norm <= 2 * MAX_NORM
+    for i, a in enumerate(applied):
+        assert mirrored["group_stats"][i][5] == pytest.approx(np.linalg.norm(a), rel=1e-5)
+    for w0, a, w1 in zip(single["initial_weights"], applied, mirrored["weights"]):
+        np.testing.assert_allclose(w1, np.array(w0) - LR * a, rtol=1e-5, atol=1e-6)
+
+
+def test_mirrored_skip_policy_noise_scale_penalty_and_histograms(mirrored_runs):
+    single, mirrored = (r["extras"] for r in mirrored_runs)
+    _assert_same_stats(mirrored, single)
+    # a weight penalty does not depend on the batch: the same on every replica
+    for key in ("value", "grad_norm"):
+        assert mirrored["penalties"]["weight"][key] == pytest.approx(
+            single["penalties"]["weight"][key], rel=1e-5)
+    # the noise scale is the first replica's estimate (its shard): finite, not compared
+    assert all(np.isfinite(v) for v in mirrored["noise"].values())
+    assert mirrored["global"]["skipped_steps"] == 0
+
+
+def _events(log_dir):
+    files = sorted(glob.glob(os.path.join(str(log_dir), "**", "events.out.tfevents.*gradmon*"),
+                             recursive=True))
+    counts = {}
+    for path in files:
+        for event in tf.compat.v1.train.summary_iterator(path):
+            for value in event.summary.value:
+                counts[(value.tag, event.step)] = counts.get((value.tag, event.step), 0) + 1
+    return files, counts
+
+
+def test_mirrored_summaries_are_written_once(mirrored_runs):
+    single, mirrored = (r["none"] for r in mirrored_runs)
+    for run in (mirrored, single):
+        assert len(run["event_files"]) == 1
+    files, counts = _events(os.path.dirname(mirrored["event_files"][0]))
+    _, single_counts = _events(os.path.dirname(single["event_files"][0]))
+    assert len(files) == 1
+    assert set(counts) == set(single_counts)
+    # step 0 holds only the custom-scalars layout
+    assert {step for tag, step in counts if tag.startswith("gradients/")} == set(range(1, STEPS + 1))
+    assert set(counts.values()) == {1}
+
+
+def _free_ports(n):
+    sockets = [socket.socket() for _ in range(n)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def test_multi_worker_statistics_equal_single_device_and_only_the_chief_writes(
+        tmp_path, mirrored_runs):
+    single = mirrored_runs[0]
+    cases = {name: CASES[name] for name in ("none", "transform_clip")}
+    cluster = {"worker": [f"127.0.0.1:{port}" for port in _free_ports(2)]}
+    workers = []
+    for index in range(2):
+        (tmp_path / f"worker{index}").mkdir()
+        tf_config = json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}})
+        workers.append(_start(tmp_path / f"worker{index}", "multiworker",
+                              tmp_path / f"worker{index}" / "logs", cases, TF_CONFIG=tf_config))
+    try:
+        results = [_result(w) for w in workers]
+    finally:
+        for w in workers:
+            if w.poll() is None:
+                w.kill()
+    chief, other = results
+    for name in cases:
+        _assert_same_stats(chief[name], single[name])
+        assert chief[name]["step"] == chief[name]["state_step"] == STEPS
+        # every worker holds the same (all-reduced) numbers and weights
+        _assert_same_stats(other[name], chief[name])
+        assert len(chief[name]["event_files"]) == 1
+        assert other[name]["event_files"] == []
+        files, counts = _events(tmp_path / "worker0" / "logs" / name)
+        assert set(counts.values()) == {1}
+    assert not glob.glob(str(tmp_path / "worker1" / "**" / "events.out.tfevents.*"), recursive=True)
