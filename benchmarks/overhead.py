@@ -6,7 +6,7 @@ ratio is the median over repeats of `time(config) / time(plain fit)`.
 Compilation is excluded: each configuration's model is fitted once before
 timing starts.
 
-    python benchmarks/overhead.py [--repeats 7] [--steps 300]
+    python benchmarks/overhead.py [--repeats 7] [--steps 300] [--single-thread]
 """
 
 import argparse
@@ -44,6 +44,7 @@ def configurations(logdir):
         "plain fit": (False, lambda: []),
         "gradmon scalars every step": (True, lambda: [gradmon.GradientMonitor(logdir + "/a")]),
         "+ histograms every 50 steps": (True, lambda: [gradmon.GradientMonitor(logdir + "/b", histogram_freq=50)]),
+        "gradmon scalars every 10 steps": (True, lambda: [gradmon.GradientMonitor(logdir + "/d", update_freq=10)]),
         "keras TensorBoard(update_freq=1, histogram_freq=1)": (
             False, lambda: [keras.callbacks.TensorBoard(logdir + "/c", update_freq=1, histogram_freq=1)]),
     }
@@ -63,7 +64,14 @@ def main():
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--steps", type=int, default=300, help="training steps per timed fit")
     parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--single-thread", action="store_true",
+                        help="one intra-op and one inter-op thread: less noise on a shared machine")
     args = parser.parse_args()
+    if args.single_thread:
+        import tensorflow as tf
+
+        tf.config.threading.set_intra_op_parallelism_threads(1)
+        tf.config.threading.set_inter_op_parallelism_threads(1)
     rng = np.random.default_rng(0)
     rows = []
     with tempfile.TemporaryDirectory() as logdir:
@@ -91,7 +99,7 @@ def main():
                 ratios = np.array(times[name]) / base
                 rows.append((model_name, name, np.median(times[name]) / args.steps * 1e3, np.median(ratios)))
     print(f"\n{args.repeats} paired repeats, {args.steps} steps of batch {args.batch_size} per fit, "
-          f"keras {keras.__version__}\n")
+          f"keras {keras.__version__}{', single-threaded TF' if args.single_thread else ''}\n")
     print(f"| model | configuration | ms/step (median) | ratio to plain fit (median) |")
     print(f"|---|---|---|---|")
     for model_name, name, ms, ratio in rows:
