@@ -134,14 +134,7 @@ class SummaryWriter:
         event = self._scalar_events.get(tags_key)
         if event is None or any(tag not in self._described for tag in tags_key):
             # first time for this set of tags: a fresh event, with descriptions
-            values = []
-            for tag, value in mapping.items():
-                v = summary_pb2.Summary.Value(tag=tag, tensor=_scalar_tensor(value))
-                metadata = self._metadata(tag, scalar_metadata)
-                if metadata is not None:
-                    v.metadata.CopyFrom(metadata)
-                values.append(v)
-            self._write(step, values)
+            self._write(step, self._described_values(mapping, _scalar_tensor, scalar_metadata))
             # later steps refill a cached event in place: building ~50 protobuf
             # messages per step would cost more than the statistics themselves
             self._scalar_events[tags_key] = event_pb2.Event(summary=summary_pb2.Summary(value=[
@@ -155,14 +148,18 @@ class SummaryWriter:
 
     def write_histograms(self, step, mapping):
         """Writes `{tag: [k, 3] buckets}` (see `histogram_buckets`) at `step`."""
+        self._write(step, self._described_values(mapping, _histogram_tensor, histogram_metadata))
+
+    def _described_values(self, mapping, make_tensor, plugin):
+        """Summary values for `{tag: data}`, with metadata on each tag's first write."""
         values = []
-        for tag, buckets in mapping.items():
-            v = summary_pb2.Summary.Value(tag=tag, tensor=_histogram_tensor(buckets))
-            metadata = self._metadata(tag, histogram_metadata)
+        for tag, data in mapping.items():
+            v = summary_pb2.Summary.Value(tag=tag, tensor=make_tensor(data))
+            metadata = self._metadata(tag, plugin)
             if metadata is not None:
                 v.metadata.CopyFrom(metadata)
             values.append(v)
-        self._write(step, values)
+        return values
 
     def write_custom_scalar_layout(self, layout):
         """Writes a custom-scalars `Layout` proto (TensorBoard reads the latest per run)."""
