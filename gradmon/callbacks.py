@@ -290,10 +290,15 @@ class HessianMonitor(keras.callbacks.Callback):
         self._writer = SummaryWriter.shared(f"{self.log_dir}/train")
         self.last_spectrum = None
         self._next_probe = every_n_steps
+        self._active = True
 
     def on_train_begin(self, logs=None):
         from gradmon import hessian
 
+        # under multi-worker training only the chief probes and writes
+        self._active = _distribute.is_chief(self.model.distribute_strategy)
+        if not self._active:
+            return
         self._writer.open()
         hvp = hessian.make_hvp(self.model, self.data)  # bad data or no compiled loss: fail now
         if self.top_k > hvp.num_params:
@@ -303,13 +308,16 @@ class HessianMonitor(keras.callbacks.Callback):
         self._next_probe = (training_step(self.model) // self.every_n_steps + 1) * self.every_n_steps
 
     def on_train_batch_end(self, batch, logs=None):
+        if not self._active:
+            return
         step = training_step(self.model)
         if step >= self._next_probe:
             self.probe(step)
             self._next_probe = (step // self.every_n_steps + 1) * self.every_n_steps
 
     def on_train_end(self, logs=None):
-        self._writer.close()
+        if self._active:
+            self._writer.close()
 
     def probe(self, step):
         """Runs the estimates now and writes them at `step`; returns the scalars written."""

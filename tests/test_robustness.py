@@ -198,3 +198,20 @@ def test_embedding_gradients_are_exact_without_densifying():
     assert row[0] == pytest.approx(np.linalg.norm(grads[0]), rel=1e-5)
     assert row[3] == pytest.approx(np.mean(grads[0] == 0), rel=1e-6)
     assert snap["global"]["raw_global_norm"] == pytest.approx(global_norm(grads), rel=1e-5)
+
+
+def test_histograms_and_every_statistic_under_xla(tmp_path):
+    base = mlp(seed=5)
+    grads = tape_gradients(base, MSE, X[:8], Y[:8])
+    model = gradmon.monitor(base, transform=T.clip_by_value(0.05), noise_scale=True,
+                            penalties=[gradmon.penalties.WeightPenalty(l2=0.0)])
+    model.compile(optimizer=keras.optimizers.SGD(0.01), loss="mse", jit_compile=True)
+    model.fit(X, Y, batch_size=8, epochs=1, shuffle=False, verbose=0,
+              callbacks=[gradmon.GradientMonitor(str(tmp_path), histogram_freq=2)])
+    events = read_events(os.path.join(str(tmp_path), "train"))
+    path = model.trainable_variables[0].path
+    assert sorted(events[tags.histogram("raw", path)]) == [2, 4, 6]
+    assert sorted(events[tags.histogram("transformed", path)]) == [2, 4, 6]
+    assert sorted(events[tags.NOISE_SCALE]) == list(range(1, 7))
+    assert events[tags.group_stat("raw", "norm", path)][1] == pytest.approx(np.linalg.norm(grads[0]), rel=1e-5)
+    assert np.max(np.abs(events[tags.histogram("transformed", path)][2][:, :2])) <= 0.05 + 1e-7
