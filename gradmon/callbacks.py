@@ -5,7 +5,7 @@ import warnings
 import keras
 import numpy as np
 
-from gradmon import _distribute, monitored, tags
+from gradmon import _distribute, hessian, monitored, tags
 from gradmon._validation import check_choice, check_non_negative_int, invalid, warn_once
 from gradmon.layout import build_layout
 from gradmon.writer import SummaryWriter, histogram_buckets
@@ -293,8 +293,6 @@ class HessianMonitor(keras.callbacks.Callback):
         self._active = True
 
     def on_train_begin(self, logs=None):
-        from gradmon import hessian
-
         # under multi-worker training only the chief probes and writes
         self._active = _distribute.is_chief(self.model.distribute_strategy)
         if not self._active:
@@ -321,8 +319,6 @@ class HessianMonitor(keras.callbacks.Callback):
 
     def probe(self, step):
         """Runs the estimates now and writes them at `step`; returns the scalars written."""
-        from gradmon import hessian
-
         spec = hessian.spectrum(self.model, self.data, top_k=self.top_k, smallest=self.smallest,
                                 tol=self.tol, init_vectors=self.last_spectrum, seed=self.seed)
         self.last_spectrum = spec

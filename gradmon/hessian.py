@@ -247,8 +247,8 @@ def _build_functions(model, variables, hvp_mode):
     def read_params():
         return [tf.convert_to_tensor(v.value) for v in variables]
 
-    def gradient(x, y, sample_weight):
-        params = read_params()
+    def loss_and_gradient(params, x, y, sample_weight):
+        # Recorded by any enclosing tape or accumulator: the HVPs differentiate it again.
         with tf.GradientTape() as tape:
             tape.watch(params)
             loss = _batch_loss(
@@ -257,17 +257,14 @@ def _build_functions(model, variables, hvp_mode):
         grads = tape.gradient(loss, params)
         return loss, [_dense(g, p) for g, p in zip(grads, params)]
 
+    def gradient(x, y, sample_weight):
+        return loss_and_gradient(read_params(), x, y, sample_weight)
+
     def hvp_reverse(x, y, sample_weight, vector):
         params = read_params()
         with tf.GradientTape() as outer:
             outer.watch(params)
-            with tf.GradientTape() as inner:
-                inner.watch(params)
-                loss = _batch_loss(
-                    model_ref(), variables, params, x, y, sample_weight, False
-                )
-            grads = inner.gradient(loss, params)
-            grads = [_dense(g, p) for g, p in zip(grads, params)]
+            _, grads = loss_and_gradient(params, x, y, sample_weight)
             grad_dot_v = _dot(grads, vector)
         hv = outer.gradient(grad_dot_v, params)
         return [_dense(h, p) for h, p in zip(hv, params)]
@@ -275,13 +272,7 @@ def _build_functions(model, variables, hvp_mode):
     def hvp_forward(x, y, sample_weight, vector):
         params = read_params()
         with tf.autodiff.ForwardAccumulator(params, vector) as acc:
-            with tf.GradientTape() as tape:
-                tape.watch(params)
-                loss = _batch_loss(
-                    model_ref(), variables, params, x, y, sample_weight, False
-                )
-            grads = tape.gradient(loss, params)
-            grads = [_dense(g, p) for g, p in zip(grads, params)]
+            _, grads = loss_and_gradient(params, x, y, sample_weight)
         hv = acc.jvp(grads, unconnected_gradients=tf.UnconnectedGradients.ZERO)
         return list(hv)
 

@@ -488,9 +488,7 @@ class GradientMonitorMixin:
             return self.optimizer.scale_loss(loss) if self.optimizer is not None else loss
 
         def unscaled(grads):
-            if scale is None:
-                return grads
-            return [None if g is None else g / tf.cast(scale, g.dtype) for g in grads]
+            return list(grads) if scale is None else [_divided(g, scale) for g in grads]
 
         with tf.GradientTape(persistent=True) as outer:
             # A nested tape makes the data gradient differentiable (double backprop).
