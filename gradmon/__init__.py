@@ -1,7 +1,8 @@
 """gradmon: gradient monitoring, clipping and curvature for Keras 3 / TensorFlow."""
 
 from gradmon import hessian, penalties, stats, tags, transforms
-from gradmon.callbacks import GradientMonitor, HessianMonitor
+from gradmon.callbacks import GradientMonitor
+from gradmon.hessian_monitor import HessianMonitor
 from gradmon.gradcheck import GradientCheckReport, assert_gradients_close, check_gradients
 from gradmon.monitored import STAT_NAMES, GradientMonitorMixin, monitor
 

@@ -59,6 +59,10 @@ CLIP_RATIO = "gradients/clip/ratio"
 CLIP_FRACTION = "gradients/clip/fraction"
 NO_GRADIENT = "gradients/no_gradient"
 SKIPPED_STEPS = "gradients/skipped_steps"
+# Mixed precision: the LossScaleOptimizer's scale, and steps it skipped because
+# the *scaled* gradient overflowed (its routine business, not an explosion).
+LOSS_SCALE = "gradients/loss_scale"
+OVERFLOW_STEPS = "gradients/overflow_steps"
 
 
 def clip_fraction_of(member):
@@ -167,6 +171,11 @@ _FIXED_DESCRIPTIONS = {
     SKIPPED_STEPS: (
         "Steps so far whose update was not applied because the gradient had NaN/inf entries "
         "(LossScaleOptimizer skips, on_nonfinite='skip'/'stop'); they count as unclipped."
+    ),
+    LOSS_SCALE: "Dynamic loss scale of the LossScaleOptimizer (mixed precision) at this step.",
+    OVERFLOW_STEPS: (
+        "Steps so far whose loss-scaled gradient overflowed (NaN/inf at a loss scale above 1): "
+        "the LossScaleOptimizer skipped them and lowered its scale; not a gradient explosion."
     ),
     NOISE_SCALE: (
         "Simple gradient noise scale B_simple = tr(Sigma) / |G|^2 (McCandlish et al. 2018), "
