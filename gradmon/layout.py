@@ -1,14 +1,16 @@
-"""The TensorBoard custom-scalars layout for gradmon's tags.
+"""The TensorBoard custom-scalars layout, built from the statistics in use.
 
-Charts select tags by regular expression, built from `gradmon.tags` so the
-layout follows the tag names wherever they change.
+Each statistic declares its chart (`(category, title)`); charts select its
+tags by regular expression (a prefix for per-group statistics, exact tags
+otherwise), so the layout follows the statistics and the tag names wherever
+they change. The "Curvature" category (Hessian tags) is always included.
 """
 
 import re
 
 from tensorboard.plugins.custom_scalar import layout_pb2
 
-from gradmon import tags
+from gradmon import statistics, tags
 
 
 def _exact(tag):
@@ -19,35 +21,47 @@ def _prefix(tag_prefix):
     return "^" + re.escape(tag_prefix)
 
 
-def _chart(title, *regexes):
+def _chart(title, regexes):
     return layout_pb2.Chart(title=title, multiline=layout_pb2.MultilineChartContent(tag=list(regexes)))
 
 
-def build_layout():
-    """A `layout_pb2.Layout` with "Gradients", "Penalties" and "Curvature" categories."""
-    gradients = layout_pb2.Category(title="Gradients", chart=[
-        _chart("global norm: raw vs transformed",
-               _exact(tags.global_norm(tags.RAW)), _exact(tags.global_norm(tags.TRANSFORMED))),
-        _chart("clip ratio and clip fraction", _exact(tags.CLIP_RATIO), _prefix(tags.CLIP_FRACTION)),
-        _chart("per-layer raw norms", _prefix(tags.group_stat(tags.RAW, "norm", ""))),
-        _chart("per-layer transformed norms", _prefix(tags.group_stat(tags.TRANSFORMED, "norm", ""))),
-        _chart("update / weight ratio", _prefix(tags.update_ratio(""))),
-        _chart("gradient / weight ratio", _prefix(tags.grad_to_weight(""))),
-        _chart("non-finite entries and skipped steps",
-               _exact(tags.nonfinite_total(tags.RAW)), _exact(tags.SKIPPED_STEPS)),
-        _chart("gradient noise scale", _exact(tags.NOISE_SCALE), _exact(tags.NOISE_SCALE_EMA)),
+def _statistic_charts(recorder, statistic):
+    """`[(category, title, regexes)]` for one statistic of a recorder."""
+    prefix = recorder.prefix
+    if isinstance(statistic, statistics.PenaltyValues):
+        base = tags.prefixed(prefix, tags.penalty(""))
+        return [("Penalties", "penalty values", [_prefix(base) + r"[^/]+$"]),
+                ("Penalties", "penalty share of the loss", [_prefix(base) + r"[^/]+/share$"]),
+                ("Penalties", "penalty gradient norms", [_prefix(base) + r"[^/]+/grad_norm$"])]
+    if statistic.chart is None:
+        return []
+    category, title = statistic.chart
+    if prefix:
+        title = f"{prefix}: {title}"
+    if isinstance(statistic, statistics.PerGroup):
+        return [(category, title, [_prefix(tags.prefixed(prefix, statistic.tag("")))])]
+    return [(category, title, [_exact(t) for t in recorder.tags[statistic]])]
+
+
+def _curvature():
+    return ("Curvature", [
+        ("top eigenvalues", [_prefix(tags.EIGENVALUE_PREFIX) + r"\d+$", _exact(tags.HESSIAN_MIN_EIGENVALUE)]),
+        ("edge of stability (lambda_1 * lr / 2)", [_exact(tags.EDGE_OF_STABILITY)]),
+        ("trace", [_exact(tags.HESSIAN_TRACE)]),
+        ("eigenpair residuals", [_prefix(tags.RESIDUAL_PREFIX) + r"\d+$"]),
     ])
-    penalties = layout_pb2.Category(title="Penalties", chart=[
-        _chart("data vs total loss", _exact(tags.LOSS_DATA), _exact(tags.LOSS_TOTAL)),
-        _chart("penalty values", _prefix(tags.penalty("")) + r"[^/]+$"),
-        _chart("penalty share of the loss", _prefix(tags.penalty("")) + r"[^/]+/share$"),
-        _chart("penalty gradient norms", _prefix(tags.penalty("")) + r"[^/]+/grad_norm$"),
-    ])
-    curvature = layout_pb2.Category(title="Curvature", chart=[
-        _chart("top eigenvalues", _prefix(tags.EIGENVALUE_PREFIX) + r"\d+$",
-               _exact(tags.HESSIAN_MIN_EIGENVALUE)),
-        _chart("edge of stability (lambda_1 * lr / 2)", _exact(tags.EDGE_OF_STABILITY)),
-        _chart("trace", _exact(tags.HESSIAN_TRACE)),
-        _chart("eigenpair residuals", _prefix(tags.RESIDUAL_PREFIX) + r"\d+$"),
-    ])
-    return layout_pb2.Layout(category=[gradients, penalties, curvature])
+
+
+def build_layout(recorder=None):
+    """A `layout_pb2.Layout`: the charts of `recorder`'s statistics, then "Curvature"."""
+    categories = {}
+    for statistic in (recorder.statistics if recorder is not None else []):
+        for category, title, regexes in _statistic_charts(recorder, statistic):
+            charts = categories.setdefault(category, {})
+            charts.setdefault(title, [])
+            charts[title] += [r for r in regexes if r not in charts[title]]
+    name, charts = _curvature()
+    categories[name] = dict(charts)
+    return layout_pb2.Layout(category=[
+        layout_pb2.Category(title=category, chart=[_chart(t, r) for t, r in charts.items()])
+        for category, charts in categories.items()])

@@ -31,6 +31,19 @@ def sanitize(path):
     return _INVALID_TAG_CHARS.sub("_", path)
 
 
+def prefixed(prefix, tag):
+    """`tag` under an observer's name (`critic/gradients/...`), or `tag` itself."""
+    return tag if not prefix else f"{sanitize(prefix)}/{tag}"
+
+
+_REGISTERED = {}
+
+
+def register_descriptions(mapping):
+    """Adds `{tag: description}` (from statistics, incl. users') for `describe`."""
+    _REGISTERED.update(mapping)
+
+
 def global_norm(kind):
     return f"gradients/{kind}/global_norm"
 
@@ -117,6 +130,8 @@ def residual(i):
 
 def describe(tag):
     """One-line Markdown description of a gradmon tag."""
+    if tag in _REGISTERED:
+        return _REGISTERED[tag]
     parts = tag.split("/")
     if tag in _FIXED_DESCRIPTIONS:
         return _FIXED_DESCRIPTIONS[tag]

@@ -1,0 +1,117 @@
+"""Everything gradmon needs from Keras that is not public API, in one place.
+
+Public equivalents are used where they exist (`keras.tree`,
+`keras.utils.unpack_x_y_sample_weight`); what remains private is named here,
+with the Keras behaviour it relies on, so that a Keras upgrade breaks one
+module, not seven. Read from keras 3.15.
+"""
+
+import contextlib
+
+import keras
+import tensorflow as tf
+from keras.src.losses import loss as _loss_module
+from keras.src.models.functional import Functional  # noqa: F401  (re-exported)
+
+tree = keras.tree
+unpack_x_y_sample_weight = keras.utils.unpack_x_y_sample_weight
+scale_loss_for_distribution = _loss_module.scale_loss_for_distribution
+unscale_loss_for_distribution = _loss_module.unscale_loss_for_distribution
+
+
+def is_loss_scale_optimizer(optimizer):
+    """Keras' `LossScaleOptimizer` (dynamic loss scaling for mixed precision)."""
+    return isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
+
+
+def base_optimizer(optimizer):
+    """The optimizer that owns the update rule and the clipping arguments."""
+    return optimizer.inner_optimizer if is_loss_scale_optimizer(optimizer) else optimizer
+
+
+def loss_scale(optimizer):
+    """The factor `optimizer.scale_loss` multiplies the loss by, or `None`.
+
+    A `LossScaleOptimizer`'s `dynamic_scale` (a variable, read when the step
+    runs) or a plain optimizer's `loss_scale_factor`.
+    """
+    if optimizer is None:
+        return None
+    if is_loss_scale_optimizer(optimizer):
+        return optimizer.dynamic_scale if optimizer.built else optimizer.initial_scale
+    return getattr(optimizer, "loss_scale_factor", None)
+
+
+def model_train_step_is_keras(model):
+    """Whether `model` trains with Keras' own `train_step` (not an override)."""
+    from keras.src.backend.tensorflow.trainer import TensorFlowTrainer
+
+    return type(model).train_step is TensorFlowTrainer.train_step
+
+
+def call_with_training(model, x):
+    """`model(x, training=True)` where its `call` takes `training`."""
+    return model(x, training=True) if model._call_has_training_arg else model(x)
+
+
+def compute_loss(model, x, y, y_pred, sample_weight):
+    """The compiled loss with regularization losses, as Keras' `train_step` computes it."""
+    return model._compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=True)
+
+
+def track_loss(model, loss, x):
+    """Updates the model's loss tracker as Keras' `train_step` does (unscaled per replica)."""
+    batch = next(i for i in tree.flatten(x) if i is not None)
+    model._loss_tracker.update_state(unscale_loss_for_distribution(loss),
+                                     sample_weight=tf.shape(batch)[0])
+
+
+def functional_structure(model):
+    """`(inputs, outputs)` structures to rebuild a functional model, or `(None, None)`."""
+    try:
+        inputs, outputs = model.inputs, model.outputs
+    except (AttributeError, ValueError):
+        return None, None
+    if not inputs or not outputs:
+        return None, None
+    if isinstance(model, keras.Sequential):
+        return inputs[0], outputs[0]
+    return model._inputs_struct, model._outputs_struct
+
+
+def own_variables(model):
+    """The variables `save_own_variables` stores for a model (its own, not its layers')."""
+    return model._trainable_variables + model._non_trainable_variables
+
+
+@contextlib.contextmanager
+def optimizer_without_all_reduce(optimizer):
+    """Within: `optimizer.apply` does not all-reduce the gradients it is given.
+
+    Under a `tf.distribute` strategy Keras' TensorFlow optimizer sums the
+    replicas' gradients in `_all_reduce_sum_gradients`, inside `apply`. gradmon
+    all-reduces first (to measure the global gradient) and hands the reduced
+    gradients on: a second all-reduce would double the traffic and the
+    gradient. Tracing is Python, so the switch holds for the trace of one
+    `apply` call.
+    """
+    target = base_optimizer(optimizer)
+    target._all_reduce_sum_gradients = lambda grads_and_vars: list(grads_and_vars)
+    try:
+        yield
+    finally:
+        del target._all_reduce_sum_gradients
+
+
+def optimizer_slot(optimizer, slot, variable):
+    """An optimizer's per-variable slot, e.g. Adam's `"momentums"` / `"velocities"`.
+
+    For user statistics (see docs/ARCHITECTURE.md, "How to add a statistic").
+    """
+    optimizer = base_optimizer(optimizer)
+    slots = getattr(optimizer, f"_{slot}", None)
+    if slots is None:
+        raise ValueError(
+            f"Invalid value for argument `slot`. Expected a slot of {type(optimizer).__name__}. "
+            f"Received: slot={slot!r}")
+    return slots[optimizer._get_variable_index(variable)]

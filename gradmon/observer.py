@@ -1,0 +1,482 @@
+"""Observing an optimizer at its door: `observe(optimizer)` and the `Observer`.
+
+Every Keras training path ends in `optimizer.apply(grads, variables)`:
+Keras' `train_step`, a model's own `train_step`, a custom `GradientTape`
+loop. Keras' `LossScaleOptimizer` wraps an optimizer at that door; gradmon
+hooks it (the optimizer object stays the same: saving, learning-rate
+schedules and callbacks that touch it are unchanged). The hooked `apply`
+runs the `GradientPipeline`, measures the statistics on scheduled steps into
+a `Recorder` and hands the update on. The host reads the recorder back
+(`flush`) and writes through a writer.
+"""
+
+import tensorflow as tf
+
+from gradmon import _distribute, _keras_compat, recorder, statistics, tags, transforms
+from gradmon._validation import check_choice, check_log_dir, check_non_negative_int, invalid, warn_once
+from gradmon.pipeline import GradientPipeline
+
+GROUPINGS = ("variable", "layer")
+_HOOK = "_gradmon_observer"
+
+
+def group_names(variables, grouping):
+    """Group of each variable and the distinct group names, unique as tags.
+
+    Two paths that sanitise to the same tag (`a>b` and `a_b`) get distinct
+    names (`a_b`, `a_b_2`): no series is silently merged into another.
+    """
+    names, ids, by_path, taken = [], [], {}, set()
+    for v in variables:
+        path = getattr(v, "path", None) or v.name
+        if grouping == "layer" and "/" in path:
+            path = path.rsplit("/", 1)[0]
+        if path not in by_path:
+            name, n = tags.sanitize(path), 1
+            while name in taken:
+                n += 1
+                name = f"{tags.sanitize(path)}_{n}"
+            taken.add(name)
+            by_path[path] = len(names)
+            names.append(name)
+        ids.append(by_path[path])
+    return names, ids
+
+
+def histogram_rows(grads, segment_ids, num_groups):
+    """Per-group `[min, max, counts...]` over the finite entries, TensorBoard's bucketing."""
+    buckets = recorder.HISTOGRAM_BUCKETS
+    per_group = [[] for _ in range(num_groups)]
+    for g, gid in zip(grads, segment_ids):
+        if g is not None:
+            per_group[gid].append(tf.reshape(tf.cast(tf.convert_to_tensor(g), tf.float32), [-1]))
+    rows = []
+    for values in per_group:
+        if not values:
+            rows.append(tf.zeros([buckets + 2]))
+            continue
+        v = tf.concat(values, axis=0)
+        finite = tf.math.is_finite(v)
+        big, any_finite = tf.float32.max, tf.reduce_any(finite)
+        # with no finite entry at all the histogram is empty, over [0, 0]
+        lo = tf.where(any_finite, tf.reduce_min(tf.where(finite, v, big)), 0.0)
+        hi = tf.where(any_finite, tf.reduce_max(tf.where(finite, v, -big)), 0.0)
+        width = (hi - lo) / buckets
+        index = tf.where(width > 0, tf.floor(tf.math.divide_no_nan(v - lo, width)),
+                         tf.fill(tf.shape(v), float(buckets - 1)))
+        index = tf.cast(tf.clip_by_value(index, 0, buckets - 1), tf.int32)
+        counts = tf.math.unsorted_segment_sum(tf.cast(finite, tf.float32), index, buckets)
+        rows.append(tf.concat([[lo, hi], counts], axis=0))
+    return tf.stack(rows)
+
+
+class Observer:
+    """Measures (and transforms) what an optimizer applies.
+
+    Args:
+        transform: gradient transform, or `None`. Defaults to `None`.
+        grouping: `"variable"` or `"layer"`. Defaults to `"variable"`.
+        stats: names from `gradmon.STAT_NAMES` and/or `Statistic` instances,
+            or `None` for all built-ins. Defaults to `None`.
+        on_nonfinite: `"warn"`, `"skip"` or `"stop"`. Defaults to `"warn"`.
+        name: prefix of every tag (`"critic"` -> `critic/gradients/...`), or `None`.
+        buffer_steps: logged steps held between two reads. Defaults to `16`.
+    """
+
+    def __init__(self, transform=None, grouping="variable", stats=None, on_nonfinite="warn",
+                 name=None, buffer_steps=16):
+        self.pipeline = GradientPipeline(transform, on_nonfinite)
+        self.grouping = check_choice("grouping", grouping, GROUPINGS)
+        self.selected, self.custom = statistics.check_stats(stats)
+        if name is not None and (not isinstance(name, str) or not tags.sanitize(name).strip("_")):
+            raise invalid("name", "a non-empty string (a tag prefix) or None", name)
+        self.name = name
+        self.buffer_steps = max(1, check_non_negative_int("buffer_steps", buffer_steps))
+        self.extras_source = None  # gradmon's own train step: penalties, noise scale
+        self.recorder = None
+        self.histograms = False
+        self._key = None
+        self.every, self.log_at, self.hist_every = 1, -1, 0
+        self.last_written = -1
+        self.writer = None
+        self.min_rows = 1  # e.g. steps_per_execution
+        self._restored_step = None
+        self.monitor = None  # the GradientMonitor writing for this observer, if any
+
+    def restore_step(self, step):
+        """Continues the step axis at `step` (after loading a saved model)."""
+        self._restored_step = int(step)
+        self.last_written = max(self.last_written, int(step))
+        if self.recorder is not None:
+            self.recorder.step.assign(int(step))
+
+    @property
+    def transform(self):
+        return self.pipeline.transform
+
+    @property
+    def on_nonfinite(self):
+        return self.pipeline.on_nonfinite
+
+    # -- hooking -----------------------------------------------------------
+
+    def hook(self, optimizer):
+        """Routes `optimizer.apply` (and so `apply_gradients`) through this observer."""
+        current = getattr(optimizer, _HOOK, None)
+        if current is self:
+            return optimizer
+        if current is not None:
+            raise ValueError(
+                f"The optimizer {optimizer.name!r} is already observed by another gradmon observer. "
+                "Expected one observer per optimizer: use one `gradmon.observe` / `gradmon.monitor` "
+                f"/ `GradientMonitor` for it. Received: optimizer={optimizer!r}")
+        original = type(optimizer).apply.__get__(optimizer)
+
+        def apply(grads, trainable_variables=None):
+            return self.apply(optimizer, original, grads, trainable_variables)
+
+        object.__setattr__(optimizer, "apply", apply)
+        object.__setattr__(optimizer, _HOOK, self)
+        self.optimizer = optimizer
+        return optimizer
+
+    # -- building (outside any tf.function) ---------------------------------
+
+    def ensure_built(self, optimizer, variables):
+        """(Re)creates the recorder for these variables and settings; True if it did."""
+        rows = max(self.min_rows, self.buffer_steps)
+        extras = self.extras_source.spec_extras() if self.extras_source else {}
+        key = (tuple(id(v) for v in variables), rows, self.histograms, tuple(sorted(extras.items())))
+        if self._key == key:
+            return False
+        clip = transforms.from_optimizer(_keras_compat.base_optimizer(optimizer))
+        observed = self.pipeline.observed_transform(clip)
+        groups, ids = group_names(variables, self.grouping)
+        spec = statistics.Spec(
+            groups, ids, has_transform=observed is not None,
+            fraction_names=observed.fraction_names() if observed else (),
+            loss_scaled=_keras_compat.is_loss_scale_optimizer(optimizer), **extras)
+        stats = statistics.default_statistics(self.selected) + self.custom
+        strategy = getattr(optimizer, "_distribution_strategy", None)
+        with tf.init_scope(), _distribute.strategy_scope(strategy):
+            if not optimizer.built and variables:
+                optimizer.build(variables)  # slots cannot be created inside tf.cond
+            old = self.recorder
+            self.recorder = recorder.Recorder(spec, stats, rows, self.histograms, self.name)
+            if old is not None:
+                self.recorder.step.assign(old.step.numpy())
+                self.recorder.skipped.assign(old.skipped.numpy())
+                self.recorder.overflow.assign(old.overflow.numpy())
+            elif self._restored_step is not None:
+                self.recorder.step.assign(self._restored_step)
+            self._push_schedule()
+        tags.register_descriptions(self.recorder.descriptions())
+        self._key = key
+        return True
+
+    # -- the schedule (set by the host) -------------------------------------
+
+    def set_schedule(self, every=None, log_at=None, hist_every=None):
+        """Measures at steps divisible by `every` (0: never), at step `log_at`, and
+        histograms every `hist_every` steps (0: never)."""
+        if every is not None:
+            self.every = int(every)
+        if log_at is not None:
+            self.log_at = int(log_at)
+        if hist_every is not None:
+            self.hist_every = int(hist_every)
+        self._push_schedule()
+
+    def _push_schedule(self):
+        if self.recorder is not None:
+            self.recorder.every.assign(self.every)
+            self.recorder.log_at.assign(self.log_at)
+            self.recorder.hist_every.assign(self.hist_every)
+
+    def is_scheduled(self, step):
+        """Host mirror of the device schedule."""
+        return (self.every > 0 and step % self.every == 0) or step == self.log_at
+
+    @property
+    def step(self):
+        """Observed updates so far (one device-to-host read)."""
+        return 0 if self.recorder is None else int(self.recorder.step.numpy())
+
+    # -- the hooked apply --------------------------------------------------
+
+    def apply(self, optimizer, original_apply, grads, trainable_variables=None):
+        """The hooked `optimizer.apply`: pipeline, schedule, measure, update."""
+        grads = list(grads)
+        if not grads:
+            return original_apply(grads, trainable_variables)
+        variables = list(trainable_variables) if trainable_variables is not None \
+            else list(optimizer._trainable_variables)
+        self._warn_missing(variables, grads)
+        self.ensure_built(optimizer, variables)
+        rec, extras = self.recorder, self._take_extras()
+        step = rec.step.assign_add(1, read_value=True)
+        clip = transforms.from_optimizer(_keras_compat.base_optimizer(optimizer))
+        scale = _keras_compat.loss_scale(optimizer)
+        prepared = self.pipeline.prepare(grads, variables, scale, clip)
+        if prepared.scale is not None:
+            extras["loss_scale"] = tf.identity(prepared.scale)  # before the update changes it
+        verdict = self.pipeline.verdict(prepared, rec.spec.loss_scaled,
+                                        rec.halted if self.on_nonfinite == "stop" else None)
+        do_log = rec.should_log(step)
+        if verdict is not None:
+            self._count(verdict)
+            if self.on_nonfinite != "warn":
+                # the host must see a refused step, to stop or to name the variables
+                do_log = tf.logical_or(do_log, tf.logical_and(
+                    tf.logical_not(verdict.finite), tf.logical_not(verdict.overflow)))
+        if rec.histograms_wanted:
+            tf.cond(rec.should_histogram(step), lambda: rec.write_histograms(step, tf.stack([
+                histogram_rows(prepared.raw, rec.spec.segment_ids, rec.spec.num_groups),
+                histogram_rows(prepared.observed, rec.spec.segment_ids, rec.spec.num_groups)])),
+                lambda: tf.constant(False))
+        update = _Update(optimizer, original_apply, prepared, variables, verdict)
+        _run_step(rec, step, do_log, update, extras)
+        if tf.executing_eagerly() and self.writer is not None and self._eager_due(step):
+            self.flush()
+
+    def _take_extras(self):
+        extras = {}
+        if self.extras_source is not None:
+            extras = self.extras_source.take_extras()
+        return extras
+
+    def _count(self, verdict):
+        rec = self.recorder
+        rec.skipped.assign_add(tf.cast(tf.logical_or(tf.logical_not(verdict.finite), verdict.refused),
+                                       tf.int64))
+        rec.overflow.assign_add(tf.cast(verdict.overflow, tf.int64))
+        if self.on_nonfinite == "stop":
+            rec.halted.assign(tf.logical_or(rec.halted, verdict.refused))
+
+    def _eager_due(self, step):
+        return self.is_scheduled(int(step)) or bool(self.on_nonfinite != "warn")
+
+    def _warn_missing(self, variables, grads):
+        missing = [v.path for v, g in zip(variables, grads) if g is None]
+        if missing:
+            warn_once(("no-gradient", id(self), tuple(missing)),
+                      f"gradmon: no gradient for variables {missing}; they are reported "
+                      f"under `{tags.NO_GRADIENT}` and have zero gradient statistics.")
+
+    # -- host side -----------------------------------------------------------
+
+    def read(self):
+        """Snapshots of the measured steps not yet read, oldest first (marks them read)."""
+        if self.recorder is None:
+            return []
+        snapshots = self.recorder.read(self.last_written)
+        if snapshots:
+            self._check_lost(snapshots[0].step)
+            self.last_written = snapshots[-1].step
+        return snapshots
+
+    def _check_lost(self, first_held):
+        """Warns once if scheduled steps were overwritten in the ring before being read."""
+        first_due = self.last_written + 1
+        while first_due < first_held and not self.is_scheduled(first_due):
+            first_due += 1
+        if first_due < first_held and self.last_written >= 0:
+            warn_once(("lost", id(self)),
+                      f"gradmon: measured steps {first_due}..{first_held - 1} were overwritten before "
+                      f"they were written; call flush() more often or raise buffer_steps "
+                      f"(now {self.recorder.rows}).")
+
+    @property
+    def stopped(self):
+        """Whether a non-finite step stopped the updates (`on_nonfinite="stop"`)."""
+        return self.recorder is not None and bool(self.recorder.halted.numpy())
+
+    def flush(self):
+        """Writes the measured steps not yet written (idempotent); returns their snapshots."""
+        snapshots = self.read()
+        if self.writer is not None:
+            for snapshot in snapshots:
+                self.writer.write_scalars(snapshot.step, snapshot.values)
+            self.write_histograms()
+        for snapshot in snapshots:
+            report_nonfinite(self, snapshot)
+        return snapshots
+
+    def write_histograms(self):
+        latest = self.recorder.read_histograms() if self.recorder is not None else None
+        if latest is None or latest[0] == getattr(self, "_last_hist", None):
+            return
+        self._last_hist = latest[0]
+        self.writer.write_histograms(latest[0], histogram_summaries(self.recorder, latest[1]))
+
+
+class _Update:
+    """The optimizer update of one step, applied as the verdict says."""
+
+    def __init__(self, optimizer, original_apply, prepared, variables, verdict):
+        self.optimizer, self.original_apply = optimizer, original_apply
+        self.prepared, self.variables, self.verdict = prepared, variables, verdict
+
+    def _call(self, grads):
+        if _distribute.num_replicas() > 1:
+            # the pipeline all-reduced them already: one all-reduce per step
+            with _keras_compat.optimizer_without_all_reduce(self.optimizer):
+                self.original_apply(grads, self.variables)
+        else:
+            self.original_apply(grads, self.variables)
+
+    def run(self):
+        if self.verdict is None or not self.verdict.may_refuse:
+            self._call(self.prepared.to_apply)
+            return tf.constant(True)
+        return _distribute.cond_apply(self.verdict.apply, self._call, (self.prepared.to_apply,))
+
+
+def _weights(variables):
+    return [tf.identity(v.value) for v in variables]
+
+
+def _run_step(rec, step, do_log, update, extras):
+    """Applies the update and, on logged steps, measures around it.
+
+    Only logged steps pay for keeping the pre-update weights alive (and for
+    the statistics); the update and the measurement share one `tf.cond`.
+    Under a strategy the update synchronises replicas and cannot sit in a
+    `tf.cond` in replica context: it runs outside, and the weights are
+    copied on every step when a statistic needs them.
+    """
+    needs_before = any(s.needs_weights for s in rec.statistics)
+    needs_after = any(s.needs_update for s in rec.statistics)
+    verdict = update.verdict
+    skipped = tf.constant(False) if verdict is None else verdict.refused
+    if verdict is not None and rec.spec.loss_scaled:
+        skipped = tf.logical_or(skipped, tf.logical_not(verdict.finite))
+    overflow = tf.constant(False) if verdict is None else verdict.overflow
+    counters = {"skipped": rec.skipped, "overflow": rec.overflow}
+
+    def measure(before):
+        after = _weights(update.variables) if needs_after else None
+        ctx = statistics.StepContext(
+            rec.spec, update.prepared.raw, update.prepared.observed, update.prepared.fractions,
+            update.variables, update.optimizer, skipped, before, after, extras, counters, rec.state)
+        return rec.write(step, ctx, overflow)
+
+    if _distribute.in_replicas():
+        before = _weights(update.variables) if needs_before else None
+        update.run()
+        tf.cond(do_log, lambda: measure(before), lambda: tf.constant(False))
+        return
+
+    def update_and_measure():
+        before = _weights(update.variables) if needs_before else None
+        update.run()
+        return measure(before)
+
+    def update_only():
+        update.run()
+        return tf.constant(False)
+
+    tf.cond(do_log, update_and_measure, update_only)
+
+
+def histogram_summaries(rec, histograms):
+    """`{tag: buckets}` for `Recorder.read_histograms()`' array."""
+    from gradmon.writer import histogram_buckets
+
+    kinds = [tags.RAW, tags.TRANSFORMED] if rec.spec.has_transform else [tags.RAW]
+    out = {}
+    for k, kind in enumerate(kinds):
+        for i, group in enumerate(rec.spec.groups):
+            low, high, counts = histograms[k, i, 0], histograms[k, i, 1], histograms[k, i, 2:]
+            out[tags.prefixed(rec.prefix, tags.histogram(kind, group))] = histogram_buckets(low, high, counts)
+    return out
+
+
+def report_nonfinite(observer, snapshot):
+    """Warns (once per kind) about a step with non-finite gradients; never claims an update
+    that did not happen."""
+    rec, policy = observer.recorder, observer.on_nonfinite
+    raw = snapshot.by_statistic
+    nonfinite_tag = tags.prefixed(rec.prefix, tags.nonfinite_total(tags.RAW))
+    if snapshot.overflow or not snapshot.values.get(nonfinite_tag, 0) > 0:
+        return
+    bad = []
+    for statistic, vector in raw.items():
+        if isinstance(statistic, statistics.GradientMoment) and statistic.name == "nonfinite" \
+                and statistic.kind == tags.RAW:
+            bad = [g for g, n in zip(rec.spec.groups, vector) if n > 0]
+    where = f" in {bad}" if bad else ""
+    message = f"gradmon: non-finite gradients at step {snapshot.step}{where} (on_nonfinite={policy!r})"
+    if policy == "stop":
+        message += ": the update was not applied, and no later update will be."
+    elif policy == "skip":
+        message += f": such updates are skipped; their number is logged as `{tags.SKIPPED_STEPS}`."
+    elif rec.spec.loss_scaled:
+        message += (": the LossScaleOptimizer skipped the update (its loss scale is at most 1, so "
+                    "this is not a loss-scale overflow).")
+    else:
+        message += ": the update was applied. Use on_nonfinite='skip' or 'stop' to protect the weights."
+    warn_once(("nonfinite", policy, id(observer)), message)
+
+
+def observe(optimizer, log_dir=None, transform=None, name=None, update_freq=1, histogram_freq=0,
+            grouping="variable", stats=None, on_nonfinite="warn", buffer_steps=16):
+    """Observes (and optionally transforms) the gradients an optimizer applies.
+
+    For custom training loops: the returned optimizer is `optimizer` itself,
+    with its `apply` / `apply_gradients` routed through gradmon. In an eager
+    loop it writes by itself on logged steps; in a `tf.function` (or XLA)
+    loop call `opt.flush()` from Python now and then (idempotent): it writes
+    the measured steps not yet written (up to `buffer_steps` of them).
+
+    Args:
+        optimizer: a `keras.optimizers.Optimizer` (a `LossScaleOptimizer` too).
+        log_dir: TensorBoard run directory (summaries go to `<log_dir>/train`,
+            with `GradientMonitor`'s tags), or `None` to only measure
+            (`opt.flush()` returns the snapshots). Defaults to `None`.
+        transform: gradient transform from `gradmon.transforms`, a callable
+            `(grads, params) -> grads`, or `None`. Defaults to `None`.
+        name: tag prefix, so that several optimizers share one run
+            (`name="critic"` -> `critic/gradients/raw/global_norm`). Defaults to `None`.
+        update_freq: measure every this many updates. Defaults to `1`.
+        histogram_freq: histograms every this many updates (0: none). Defaults to `0`.
+        grouping: `"variable"` or `"layer"`. Defaults to `"variable"`.
+        stats: names from `gradmon.STAT_NAMES` and/or `gradmon.statistics.Statistic`
+            instances, or `None` for all built-ins. Defaults to `None`.
+        on_nonfinite: `"warn"`, `"skip"` or `"stop"` (stop: no later update is
+            applied; check `opt.gradmon.stopped`). Defaults to `"warn"`.
+        buffer_steps: logged steps held on the device between two `flush()`. Defaults to `16`.
+
+    Returns:
+        `optimizer`, observed; `optimizer.flush()` writes, `optimizer.gradmon` is the `Observer`.
+
+    Example:
+        >>> opt = gradmon.observe(keras.optimizers.Adam(1e-3), log_dir="runs/loop",
+        ...                       transform=gradmon.transforms.clip_by_global_norm(1.0))
+        >>> with tf.GradientTape() as tape:
+        ...     loss = loss_fn(y, model(x, training=True))
+        >>> opt.apply_gradients(zip(tape.gradient(loss, model.trainable_variables),
+        ...                         model.trainable_variables))
+    """
+    from gradmon.writer import SummaryWriter
+
+    if not hasattr(optimizer, "apply_gradients") or not hasattr(optimizer, "apply"):
+        raise invalid("optimizer", "a keras.optimizers.Optimizer", optimizer)
+    from gradmon._validation import check_positive_int
+
+    observer = Observer(transform, grouping, stats, on_nonfinite, name, buffer_steps)
+    observer.set_schedule(every=check_positive_int("update_freq", update_freq),
+                          hist_every=check_non_negative_int("histogram_freq", histogram_freq))
+    observer.histograms = observer.hist_every > 0
+    if log_dir is not None:
+        log_dir = check_log_dir(log_dir)
+        observer.writer = SummaryWriter.shared(f"{log_dir}/train").open()
+    observer.hook(optimizer)
+    object.__setattr__(optimizer, "flush", observer.flush)
+    object.__setattr__(optimizer, "gradmon", observer)
+    return optimizer
+
+
+def observer_of(optimizer):
+    """The `Observer` hooked into `optimizer`, or `None`."""
+    return getattr(optimizer, _HOOK, None)

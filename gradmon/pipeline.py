@@ -1,0 +1,166 @@
+"""The gradient pipeline: unscale -> (all-reduce) -> transform -> observe -> finiteness -> apply.
+
+A small object, testable alone: it turns the gradients handed to an
+optimizer into what gradmon measures and what the optimizer applies, and
+decides whether the update may run. It knows nothing of callbacks, writers
+or Keras models; `gradmon.observer` runs it at the optimizer's door.
+
+- **unscale**: gradients reach the optimizer multiplied by the loss scale
+  (a `LossScaleOptimizer`'s dynamic scale, or `loss_scale_factor`);
+  statistics and transforms see true gradients.
+- **all-reduce**: under a `tf.distribute` strategy the replicas' gradients
+  are summed once, here; the optimizer is then told not to sum them again
+  (one all-reduce per step, as in plain training).
+- **transform**: the user's transform acts on the unscaled (global) gradient;
+  without one, the optimizer gets the very tensors it was given (no
+  observer effect).
+- **observe**: what the optimizer will apply, its own `clipnorm` /
+  `global_clipnorm` / `clipvalue` included ("transformed").
+- **finiteness**: under a `LossScaleOptimizer`, a non-finite gradient at a
+  loss scale above 1 is a loss-scale overflow, the optimizer's business (it
+  skips the step and lowers its scale); other non-finite gradients are
+  subject to the policy: `"warn"` applies them as Keras would, `"skip"` and
+  `"stop"` refuse the update (`"stop"` refuses every later one too).
+"""
+
+import tensorflow as tf
+
+from gradmon import _distribute, transforms
+from gradmon._validation import check_choice, invalid
+
+NONFINITE_POLICIES = ("warn", "skip", "stop")
+
+
+def multiplied(gradient, factor):
+    """`gradient * factor` for tensors and `tf.IndexedSlices`; `None` stays `None`."""
+    if gradient is None:
+        return None
+    if isinstance(gradient, tf.IndexedSlices):
+        values = gradient.values * tf.cast(factor, gradient.values.dtype)
+        return tf.IndexedSlices(values, gradient.indices, gradient.dense_shape)
+    return gradient * tf.cast(factor, gradient.dtype)
+
+
+def divided(gradient, divisor):
+    """`gradient / divisor` for tensors and `tf.IndexedSlices`; `None` stays `None`."""
+    if gradient is None:
+        return None
+    if isinstance(gradient, tf.IndexedSlices):
+        values = gradient.values / tf.cast(divisor, gradient.values.dtype)
+        return tf.IndexedSlices(values, gradient.indices, gradient.dense_shape)
+    return gradient / tf.cast(divisor, gradient.dtype)
+
+
+def all_finite(gradients):
+    """Scalar bool: no NaN/inf entry in any gradient."""
+    checks = [tf.reduce_all(tf.math.is_finite(g.values if isinstance(g, tf.IndexedSlices) else g))
+              for g in gradients if g is not None]
+    return tf.reduce_all(tf.stack(checks)) if checks else tf.constant(True)
+
+
+class Prepared:
+    """The pipeline's output for one step (tensors).
+
+    Attributes:
+        raw: unscaled (all-reduced) gradients: what is measured as "raw".
+        observed: what the optimizer applies, unscaled: measured as "transformed".
+        fractions: `{member: clip fraction}` of the transform and the optimizer's clipping.
+        to_apply: what to hand to the optimizer (scaled as it expects).
+        scale: the loss scale of this step (float32 scalar) or `None`.
+    """
+
+    def __init__(self, raw, observed, fractions, to_apply, scale):
+        self.raw, self.observed, self.fractions = raw, observed, fractions
+        self.to_apply, self.scale = to_apply, scale
+
+
+class Verdict:
+    """Whether this step's update runs. `finite`, `overflow`, `refused`, `apply`: bool scalars."""
+
+    def __init__(self, finite, overflow, refused, may_refuse):
+        self.finite, self.overflow, self.refused = finite, overflow, refused
+        self.apply = tf.logical_not(refused)
+        # False: the update always reaches the optimizer (which may skip it itself)
+        self.may_refuse = may_refuse
+
+
+class GradientPipeline:
+    """unscale -> (all-reduce) -> transform -> observe -> finiteness.
+
+    Args:
+        transform: a `gradmon.transforms` transform, a callable
+            `(grads, params) -> grads`, or `None`. Defaults to `None`.
+        on_nonfinite: `"warn"`, `"skip"` or `"stop"`. Defaults to `"warn"`.
+    """
+
+    def __init__(self, transform=None, on_nonfinite="warn"):
+        self.transform = None if transform is None else transforms.as_transform(transform)
+        self.on_nonfinite = check_choice("on_nonfinite", on_nonfinite, NONFINITE_POLICIES)
+
+    def observed_transform(self, optimizer_clip):
+        """The user's transform followed by the optimizer's own clipping, as one, or `None`."""
+        members = [t for t in (self.transform, optimizer_clip) if t is not None]
+        if not members:
+            return None
+        return members[0] if len(members) == 1 else transforms.chain(*members)
+
+    def prepare(self, gradients, variables, scale=None, optimizer_clip=None):
+        """Runs unscale, all-reduce, transform and observe on one step's gradients.
+
+        Args:
+            gradients: what reached the optimizer (this replica's, scaled).
+            variables: the variables, parallel to `gradients`.
+            scale: the loss scale the gradients carry, or `None`.
+            optimizer_clip: the transform equal to the optimizer's own clipping, or `None`.
+
+        Returns:
+            A `Prepared`.
+        """
+        reduced = _distribute.all_reduce_sum(gradients)
+        scale = None if scale is None else tf.cast(scale, tf.float32)
+        raw = reduced if scale is None else [divided(g, scale) for g in reduced]
+        transformed, fractions, to_apply = raw, {}, reduced
+        if self.transform is not None:
+            transformed, fractions = self._run_transform(raw, variables)
+            to_apply = transformed if scale is None else [multiplied(g, scale) for g in transformed]
+        observed = transformed
+        if optimizer_clip is not None:
+            observed, more = optimizer_clip(transformed, variables)
+            fractions = transforms.merge_fractions(fractions, more)
+        return Prepared(raw, observed, fractions, to_apply, scale)
+
+    def _run_transform(self, raw, variables):
+        result = self.transform(list(raw), list(variables))
+        if not isinstance(result, tuple) or len(result) != 2 or result[0] is None:
+            raise invalid("transform", "a transform returning (gradients, fractions), "
+                          "one gradient per variable", self.transform)
+        transformed, fractions = list(result[0]), dict(result[1])
+        if len(transformed) != len(raw):
+            raise invalid("transform", f"a transform returning {len(raw)} gradients "
+                          f"(one per variable), got {len(transformed)}", self.transform)
+        return transformed, fractions
+
+    def verdict(self, prepared, loss_scaled=False, halted=None):
+        """Decides the update from the finiteness of the raw gradient.
+
+        Args:
+            prepared: this step's `Prepared`.
+            loss_scaled: the optimizer is a `LossScaleOptimizer`.
+            halted: bool scalar, a previous step stopped training (`"stop"`), or `None`.
+
+        Returns:
+            A `Verdict`, or `None` when nothing needs deciding (policy `"warn"`
+            without loss scaling: the step is applied as Keras would).
+        """
+        if self.on_nonfinite == "warn" and not loss_scaled:
+            return None
+        finite = all_finite(prepared.raw)
+        overflow = tf.constant(False)
+        if loss_scaled:
+            overflow = tf.logical_and(tf.logical_not(finite), prepared.scale > 1.0)
+        refused = tf.constant(False)
+        if self.on_nonfinite != "warn":
+            refused = tf.logical_and(tf.logical_not(finite), tf.logical_not(overflow))
+        if halted is not None:
+            refused = tf.logical_or(refused, halted)
+        return Verdict(finite, overflow, refused, self.on_nonfinite != "warn")

@@ -1,0 +1,471 @@
+"""Statistics as plug-ins: each declares its tags and computes from a `StepContext`.
+
+A statistic is a small object (in the spirit of Cockpit's quantities and
+`optax.monitor`) with:
+
+- `name`: what `stats=` selects it by (`None`: always on);
+- `labels(spec)`: one value per label (`[""]` for a global number, the group
+  names for a per-group one, ...); the record layout, the host-side parsing
+  and the written tags all follow from these;
+- `tag(label)` / `description(label)` (built with `gradmon.tags`);
+- `active(spec)`: whether it applies to this configuration;
+- `compute(ctx)`: a float vector with one entry per label, inside the
+  compiled step, on logged steps only;
+- optionally `needs_weights` (pre-update weights in `ctx.weights_before`),
+  `needs_update` (post-update weights in `ctx.weights_after`) and `chart`
+  (`(category, title)` for the custom-scalars layout).
+
+`default_statistics()` lists the built-ins; users pass their own in `stats=`.
+"""
+
+import tensorflow as tf
+
+from gradmon import stats as _stats
+from gradmon import tags
+
+GROUP_STATS = tags.GROUP_STATS
+# Names `stats=` selects among (per group); global numbers are always written.
+STAT_NAMES = GROUP_STATS + ("grad_to_weight", "update_ratio")
+
+
+class Spec:
+    """What the statistics of one observed optimizer are computed over (host side, static).
+
+    Attributes:
+        groups: group names (variables or layers), distinct as tags.
+        segment_ids: the group of each variable.
+        has_transform: whether a transform or the optimizer's own clipping is active.
+        fraction_names: the transform members' names (clip fractions).
+        loss_scaled: whether the optimizer is a `LossScaleOptimizer`.
+        penalty_names: gradmon penalties of the model's own step.
+        noise_scale: whether the model's own step estimates the noise scale.
+    """
+
+    def __init__(self, groups, segment_ids, has_transform=False, fraction_names=(),
+                 loss_scaled=False, penalty_names=(), noise_scale=False):
+        self.groups = list(groups)
+        self.segment_ids = list(segment_ids)
+        self.has_transform = has_transform
+        self.fraction_names = list(fraction_names)
+        self.loss_scaled = loss_scaled
+        self.penalty_names = list(penalty_names)
+        self.noise_scale = noise_scale
+
+    @property
+    def num_groups(self):
+        return len(self.groups)
+
+
+class StepContext:
+    """What a statistic may read on a logged step (tensors; inside the compiled step).
+
+    Attributes:
+        spec: the `Spec`.
+        raw: unscaled gradients (all-reduced under a strategy), `None` where absent.
+        transformed: what the optimizer applies (after the transform and its own clipping).
+        fractions: `{member: clip fraction}` of the transform.
+        variables: the trainable variables, parallel to the gradients.
+        optimizer: the observed optimizer.
+        weights_before / weights_after: values around the update, or `None`.
+        skipped: bool scalar, the update of this step was not applied.
+        extras: numbers from gradmon's own train step (`"penalties"`, `"noise"`).
+        counters: `{name: int64 scalar}` cumulative counters (`"skipped"`, `"overflow"`).
+        state: `{statistic: its variables}` from `Statistic.build`.
+    """
+
+    def __init__(self, spec, raw, transformed, fractions, variables, optimizer, skipped,
+                 weights_before=None, weights_after=None, extras=None, counters=None, state=None):
+        self.spec, self.raw, self.transformed, self.fractions = spec, raw, transformed, fractions
+        self.variables, self.optimizer, self.skipped = variables, optimizer, skipped
+        self.weights_before, self.weights_after = weights_before, weights_after
+        self.extras, self.counters, self.state = extras or {}, counters or {}, state or {}
+        self._moments = {}
+
+    def gradients(self, kind):
+        return self.raw if kind == tags.RAW else self.transformed
+
+    def moments(self, kind):
+        """`[groups, stats.NUM_MOMENTS]` of the raw / transformed gradients, computed once."""
+        if kind == tags.TRANSFORMED and not self.spec.has_transform:
+            kind = tags.RAW  # the very same tensors: never computed twice
+        if kind not in self._moments:
+            self._moments[kind] = _stats.grouped_moments(
+                self.gradients(kind), self.spec.segment_ids, self.spec.num_groups)
+        return self._moments[kind]
+
+    def global_norm(self, kind):
+        return tf.sqrt(tf.reduce_sum(self.moments(kind)[:, _stats.SUMSQ]))
+
+    def weight_norms(self):
+        """Per-group ||w|| before the update."""
+        return tf.sqrt(_stats.grouped_squared_norms(
+            self.weights_before, self.spec.segment_ids, self.spec.num_groups))
+
+
+def undefined_ratio(numerator, denominator):
+    """`numerator / denominator`, NaN where the denominator is 0 (undefined, not 0)."""
+    nan = tf.fill(tf.shape(numerator), float("nan"))
+    return tf.where(denominator > 0, tf.math.divide_no_nan(numerator, denominator), nan)
+
+
+class Statistic:
+    """Base class of a statistic; see the module docstring."""
+
+    name = None
+    needs_weights = False
+    needs_update = False
+    chart = None
+
+    def active(self, spec):
+        return True
+
+    def labels(self, spec):
+        return [""]
+
+    def tag(self, label):
+        raise NotImplementedError
+
+    def description(self, label):
+        return ""
+
+    def build(self, spec):
+        """Creates state variables (outside any tf.function); returns them or `None`."""
+        return None
+
+    def compute(self, ctx):
+        raise NotImplementedError
+
+
+class PerGroup(Statistic):
+    """A statistic with one number per group (variable or layer)."""
+
+    def labels(self, spec):
+        return spec.groups
+
+
+# -- gradient statistics of the raw and the transformed gradient -------------
+
+_MOMENT_DESCRIPTIONS = {
+    "norm": "L2 norm of the {kind} gradient of `{path}`.",
+    "max_abs": "Largest absolute entry of the {kind} gradient of `{path}`.",
+    "rms": "Root mean square of the {kind} gradient of `{path}` (norm / sqrt(size)).",
+    "zero_fraction": "Share of entries of the {kind} gradient of `{path}` that are exactly 0.",
+    "nonfinite": "Number of NaN or infinite entries in the {kind} gradient of `{path}`.",
+}
+
+
+class GradientMoment(PerGroup):
+    """`norm`, `max_abs`, `rms`, `zero_fraction` or `nonfinite` of one kind of gradient."""
+
+    def __init__(self, stat, kind):
+        self.name, self.kind = stat, kind
+        if stat == "norm":
+            self.chart = ("Gradients", f"per-layer {kind} norms")
+
+    def active(self, spec):
+        return self.kind == tags.RAW or spec.has_transform
+
+    def tag(self, label):
+        return tags.group_stat(self.kind, self.name, label)
+
+    def description(self, label):
+        return _MOMENT_DESCRIPTIONS[self.name].format(kind=self.kind, path=label)
+
+    def compute(self, ctx):
+        column = GROUP_STATS.index(self.name)
+        return _stats.finalize(ctx.moments(self.kind))[:, column]
+
+
+class GradToWeight(PerGroup):
+    name = "grad_to_weight"
+    needs_weights = True
+    chart = ("Gradients", "gradient / weight ratio")
+
+    def tag(self, label):
+        return tags.grad_to_weight(label)
+
+    def description(self, label):
+        return f"||raw gradient|| / ||weight|| of `{label}` (NaN: undefined, zero weights)."
+
+    def compute(self, ctx):
+        norms = tf.sqrt(ctx.moments(tags.RAW)[:, _stats.SUMSQ])
+        return undefined_ratio(norms, ctx.weight_norms())
+
+
+class UpdateRatio(PerGroup):
+    name = "update_ratio"
+    needs_weights = needs_update = True
+    chart = ("Gradients", "update / weight ratio")
+
+    def tag(self, label):
+        return tags.update_ratio(label)
+
+    def description(self, label):
+        return (f"||w_after - w_before|| / ||w_before|| of `{label}` over this optimizer step "
+                "(NaN: undefined, zero weights).")
+
+    def compute(self, ctx):
+        delta = [a - b for a, b in zip(ctx.weights_after, ctx.weights_before)]
+        moved = tf.sqrt(_stats.grouped_squared_norms(delta, ctx.spec.segment_ids, ctx.spec.num_groups))
+        return undefined_ratio(moved, ctx.weight_norms())
+
+
+# -- global numbers -----------------------------------------------------------
+
+class GlobalNorm(Statistic):
+    def __init__(self, kind):
+        self.kind = kind
+        self.chart = ("Gradients", "global norm: raw vs transformed")
+
+    def active(self, spec):
+        return self.kind == tags.RAW or spec.has_transform
+
+    def tag(self, label):
+        return tags.global_norm(self.kind)
+
+    def compute(self, ctx):
+        return ctx.global_norm(self.kind)[None]
+
+
+class NonfiniteTotal(Statistic):
+    def __init__(self, kind):
+        self.kind = kind
+        if kind == tags.RAW:
+            self.chart = ("Gradients", "non-finite entries and skipped steps")
+
+    def active(self, spec):
+        return self.kind == tags.RAW or spec.has_transform
+
+    def tag(self, label):
+        return tags.nonfinite_total(self.kind)
+
+    def compute(self, ctx):
+        return tf.reduce_sum(ctx.moments(self.kind)[:, _stats.NONFINITE])[None]
+
+
+class ClipRatio(Statistic):
+    chart = ("Gradients", "clip ratio and clip fraction")
+
+    def active(self, spec):
+        return spec.has_transform
+
+    def tag(self, label):
+        return tags.CLIP_RATIO
+
+    def compute(self, ctx):
+        raw, out = ctx.global_norm(tags.RAW), ctx.global_norm(tags.TRANSFORMED)
+        ratio = tf.where(raw > 0, tf.math.divide_no_nan(out, raw), 1.0)
+        # a skipped step was not clipped: nothing was applied
+        return tf.where(ctx.skipped, 1.0, ratio)[None]
+
+
+class ClipFraction(Statistic):
+    """The largest member's clip fraction, and each member's when there are several."""
+
+    chart = ("Gradients", "clip ratio and clip fraction")
+
+    def active(self, spec):
+        return spec.has_transform and bool(spec.fraction_names)
+
+    def labels(self, spec):
+        names = spec.fraction_names
+        return [""] + (names if len(names) > 1 else [])
+
+    def tag(self, label):
+        return tags.clip_fraction_of(label) if label else tags.CLIP_FRACTION
+
+    def description(self, label):
+        return (f"Share of units clipped by the `{label}` member of the transform chain in this step."
+                if label else "")
+
+    def compute(self, ctx):
+        values = tf.stack([tf.cast(ctx.fractions[n], tf.float32) for n in ctx.spec.fraction_names])
+        values = tf.where(ctx.skipped, tf.zeros_like(values), values)
+        members = [values] if len(ctx.spec.fraction_names) > 1 else []
+        return tf.concat([tf.reduce_max(values)[None]] + members, 0)
+
+
+class NoGradient(Statistic):
+    def tag(self, label):
+        return tags.NO_GRADIENT
+
+    def compute(self, ctx):
+        return tf.constant([float(sum(g is None for g in ctx.raw))])
+
+
+class Counter(Statistic):
+    """A cumulative step counter kept by the pipeline (`skipped`, `overflow`)."""
+
+    def __init__(self, counter, tag, loss_scaled_only=False):
+        self.counter, self._tag, self.loss_scaled_only = counter, tag, loss_scaled_only
+        self.chart = ("Gradients", "non-finite entries and skipped steps")
+
+    def active(self, spec):
+        return spec.loss_scaled or not self.loss_scaled_only
+
+    def tag(self, label):
+        return self._tag
+
+    def compute(self, ctx):
+        return tf.cast(ctx.counters[self.counter], tf.float32)[None]
+
+
+class LossScale(Statistic):
+    chart = ("Gradients", "loss scale (mixed precision)")
+
+    def active(self, spec):
+        return spec.loss_scaled
+
+    def tag(self, label):
+        return tags.LOSS_SCALE
+
+    def compute(self, ctx):
+        return tf.cast(ctx.extras["loss_scale"], tf.float32)[None]
+
+
+# -- numbers of gradmon's own train step (they need the loss) -----------------
+
+class Losses(Statistic):
+    """`loss/data` and `loss/total` when gradmon penalties are added to the loss."""
+
+    chart = ("Penalties", "data vs total loss")
+
+    def active(self, spec):
+        return bool(spec.penalty_names)
+
+    def labels(self, spec):
+        return ["data", "total"]
+
+    def tag(self, label):
+        return tags.LOSS_DATA if label == "data" else tags.LOSS_TOTAL
+
+    def compute(self, ctx):
+        numbers = ctx.extras.get("penalties")
+        if numbers is None:  # an update that did not come from gradmon's own step
+            return tf.fill([2], float("nan"))
+        return tf.stack([tf.cast(numbers["data_loss"], tf.float32),
+                         tf.cast(numbers["total_loss"], tf.float32)])
+
+
+class PenaltyValues(Statistic):
+    """Per penalty: its value, its share of the total loss, the norm of its own gradient."""
+
+    _PARTS = ("value", "share", "grad_norm")
+
+    def active(self, spec):
+        return bool(spec.penalty_names)
+
+    def labels(self, spec):
+        return [f"{name}:{part}" for name in spec.penalty_names for part in self._PARTS]
+
+    def tag(self, label):
+        name, part = label.rsplit(":", 1)
+        return {"value": tags.penalty, "share": tags.penalty_share,
+                "grad_norm": tags.penalty_grad_norm}[part](name)
+
+    def compute(self, ctx):
+        numbers = ctx.extras.get("penalties")
+        if numbers is None:
+            return tf.fill([3 * len(ctx.spec.penalty_names)], float("nan"))
+        total = tf.cast(numbers["total_loss"], tf.float32)
+        rows = []
+        for value, grad_norm in zip(numbers["values"], numbers["grad_norms"]):
+            value = tf.cast(value, tf.float32)
+            rows += [value, _stats.safe_ratio(value, total), tf.cast(grad_norm, tf.float32)]
+        return tf.stack(rows)
+
+
+# Decay of the exponential moving averages of tr(Sigma) and |G|^2 behind
+# `gradients/noise_scale_ema` (McCandlish et al. 2018 smooth both, not the ratio).
+NOISE_SCALE_EMA_DECAY = 0.99
+
+
+class NoiseScale(Statistic):
+    """B_simple = tr(Sigma) / |G|^2 per step and from EMAs, and per-group SNR.
+
+    From the per-group moments `[|g1|^2, |g2|^2, g1.g2]` of the two halves
+    (b examples each) of the batch, computed by gradmon's train step.
+    Unbiased estimates: |G|^2 = 2|G_2b|^2 - |G_b|^2 and
+    tr(Sigma) = 2b (|G_b|^2 - |G_2b|^2), with |G_b|^2 the mean over the two
+    halves and G_2b = (g1 + g2) / 2.
+    """
+
+    chart = ("Gradients", "gradient noise scale")
+
+    def active(self, spec):
+        return spec.noise_scale
+
+    def labels(self, spec):
+        return ["", "ema"] + spec.groups
+
+    def tag(self, label):
+        if label in ("", "ema"):
+            return tags.NOISE_SCALE_EMA if label else tags.NOISE_SCALE
+        return tags.snr(label)
+
+    def build(self, spec):
+        from gradmon import _distribute
+
+        return _distribute.replica_local_variable(tf.zeros([2], tf.float64))
+
+    def compute(self, ctx):
+        noise = ctx.extras.get("noise")
+        if noise is None:
+            return tf.fill([2 + ctx.spec.num_groups], float("nan"))
+        m, b = tf.cast(noise["moments"], tf.float64), tf.cast(noise["half_batch"], tf.float64)
+        small = (m[:, 0] + m[:, 1]) / 2
+        big = (m[:, 0] + m[:, 1] + 2 * m[:, 2]) / 4
+        grad_sq, trace_cov = 2 * big - small, 2 * b * (small - big)
+        total_grad_sq, total_trace = tf.reduce_sum(grad_sq), tf.reduce_sum(trace_cov)
+        ema = ctx.state[self]
+        decay = NOISE_SCALE_EMA_DECAY
+        new_ema = decay * ema + (1 - decay) * tf.stack([total_trace, total_grad_sq])
+        ema.assign(new_ema)
+        # Zero-started averages need a bias correction 1 / (1 - decay^t); it is
+        # the same for both, so their ratio needs none.
+        snr = tf.math.divide_no_nan(2 * b * grad_sq, trace_cov)
+        return tf.cast(tf.concat([tf.stack([
+            tf.math.divide_no_nan(total_trace, total_grad_sq),
+            tf.math.divide_no_nan(new_ema[0], new_ema[1])]), snr], 0), tf.float32)
+
+
+def default_statistics(selected=None):
+    """The built-in statistics, in record order; `selected` names the per-group ones kept."""
+    selected = STAT_NAMES if selected is None else selected
+    out = [GlobalNorm(tags.RAW), NonfiniteTotal(tags.RAW), GlobalNorm(tags.TRANSFORMED),
+           NonfiniteTotal(tags.TRANSFORMED), ClipRatio(), ClipFraction(), NoGradient(),
+           Counter("skipped", tags.SKIPPED_STEPS), Counter("overflow", tags.OVERFLOW_STEPS, True),
+           LossScale(), Losses(), PenaltyValues(), NoiseScale()]
+    for kind in tags.KINDS:
+        out += [GradientMoment(s, kind) for s in GROUP_STATS if s in selected]
+    if "grad_to_weight" in selected:
+        out.append(GradToWeight())
+    if "update_ratio" in selected:
+        out.append(UpdateRatio())
+    return out
+
+
+def check_stats(stats_arg, argument="stats"):
+    """Validates `stats=`: names from `STAT_NAMES` and/or `Statistic` instances.
+
+    Returns:
+        `(selected names, custom Statistic instances)`.
+    """
+    from gradmon._validation import invalid
+
+    if stats_arg is None:
+        return STAT_NAMES, []
+    if isinstance(stats_arg, (str, Statistic)):
+        stats_arg = (stats_arg,)
+    try:
+        items = list(stats_arg)
+    except TypeError:
+        raise invalid(argument, f"a non-empty list of names from {list(STAT_NAMES)} "
+                      "or gradmon.statistics.Statistic instances", stats_arg) from None
+    names = [s for s in items if isinstance(s, str)]
+    custom = [s for s in items if isinstance(s, Statistic)]
+    unknown = [s for s in items if not isinstance(s, Statistic) and s not in STAT_NAMES]
+    if unknown or not items:
+        raise invalid(argument, f"a non-empty list of names from {list(STAT_NAMES)} "
+                      "or gradmon.statistics.Statistic instances", stats_arg)
+    return tuple(s for s in STAT_NAMES if s in names), custom
