@@ -67,3 +67,17 @@ def explicit_hessian(model, loss_fn, x, y):
         [np.reshape(j.numpy(), (n, -1)) for j in jacobians], axis=1
     ).astype(np.float64)
     return 0.5 * (matrix + matrix.T)
+
+
+def latest_snapshot(model):
+    """The last measured step of a monitored model (gradmon's own reading of its device state)."""
+    snapshots = model.gradient_observer.read() if hasattr(model, "gradient_observer") \
+        else model._gradmon_observer.read()
+    return snapshots[-1] if snapshots else None
+
+
+def group_row(snapshot, kind, path):
+    """[norm, max_abs, rms, zero_fraction, nonfinite] as written for one group."""
+    from gradmon import tags
+
+    return np.array([snapshot[tags.group_stat(kind, s, path)] for s in tags.GROUP_STATS])

@@ -73,6 +73,11 @@ def test_update_freq_and_keras_tensorboard_side_by_side(tmp_path):
     assert "epoch_loss" in read_events(os.path.join(logdir, "validation"))
 
 
+def test_numpy_integers_are_accepted(tmp_path):
+    cb = gradmon.GradientMonitor(str(tmp_path), update_freq=np.int64(10), histogram_freq=np.int32(5))
+    assert (cb.update_freq, cb.histogram_freq) == (10, 5)
+
+
 def test_update_freq_epoch_and_stat_selection(tmp_path):
     m = model(stats=["norm", "update_ratio"])
     history = m.fit(X, Y, batch_size=10, epochs=3, verbose=0,
@@ -92,17 +97,75 @@ def test_update_freq_epoch_and_stat_selection(tmp_path):
     (dict(update_freq=True), "update_freq"),
     (dict(histogram_freq=-1), "histogram_freq"),
     (dict(histogram_freq=1.5), "histogram_freq"),
+    (dict(update_freq=np.float64(2.0)), "update_freq"),
 ])
 def test_callback_rejects_invalid_arguments(tmp_path, kwargs, argument):
     with pytest.raises(ValueError, match=rf"`{argument}`.*Received: {argument}="):
         gradmon.GradientMonitor(str(tmp_path), **kwargs)
 
 
-def test_callback_on_a_plain_model_fails_before_training(tmp_path):
-    plain = keras.Sequential([keras.Input((5,)), keras.layers.Dense(2)])
-    plain.compile(optimizer="sgd", loss="mse")
-    with pytest.raises(ValueError, match="needs a monitored model.*Received: model=Sequential"):
-        plain.fit(X, Y, verbose=0, callbacks=[gradmon.GradientMonitor(str(tmp_path))])
+class CountingStatistic(gradmon.statistics.Statistic):
+    """A user statistic that counts how often the step computes it (a device counter)."""
+
+    name = "count"
+
+    def tag(self, label):
+        return "gradients/test/computations"
+
+    def build(self, spec):
+        import tensorflow as tf
+
+        return tf.Variable(0, dtype=tf.int64, trainable=False)
+
+    def compute(self, ctx):
+        import tensorflow as tf
+
+        counter = ctx.state[self]
+        return tf.cast(counter.assign_add(1), tf.float32)[None]
+
+
+@pytest.mark.parametrize("update_freq,written", [("epoch", [4, 8, 12]), (5, [5, 10])])
+def test_only_written_steps_are_computed(tmp_path, update_freq, written):
+    counting = CountingStatistic()
+    m = model(stats=["norm", counting])
+    m.fit(X, Y, batch_size=10, epochs=3, verbose=0,
+          callbacks=[gradmon.GradientMonitor(str(tmp_path), update_freq=update_freq)])
+    events = read_events(os.path.join(str(tmp_path), "train"))
+    assert sorted(events[tags.global_norm("raw")]) == written
+    # 12 steps trained, the statistics computed exactly on the written ones
+    assert int(m.gradient_observer.recorder.state[counting].numpy()) == len(written)
+    assert events["gradients/test/computations"] == {s: float(i + 1) for i, s in enumerate(written)}
+
+
+def test_callback_observes_a_plain_model_without_changing_its_training(tmp_path):
+    weights = []
+    for observed in (False, True):
+        keras.utils.set_random_seed(4)
+        plain = keras.Sequential([keras.Input((5,)), keras.layers.Dense(3, activation="tanh"),
+                                  keras.layers.Dense(2)])
+        plain.compile(optimizer=keras.optimizers.Adam(0.01), loss="mse")
+        grads = tape_gradients(plain, keras.losses.MeanSquaredError(), X[:10], Y[:10])
+        callbacks = [gradmon.GradientMonitor(str(tmp_path))] if observed else []
+        plain.fit(X, Y, batch_size=10, epochs=2, shuffle=False, verbose=0, callbacks=callbacks)
+        weights.append([v.numpy() for v in plain.weights])
+    events = read_events(os.path.join(str(tmp_path), "train"))
+    assert sorted(events[tags.global_norm("raw")]) == list(range(1, 9))
+    assert events[tags.global_norm("raw")][1] == pytest.approx(global_norm(grads), rel=1e-5)
+    for a, b in zip(*weights):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_two_monitors_on_one_model_are_refused_before_training(tmp_path):
+    m = model()
+    first, second = gradmon.GradientMonitor(str(tmp_path / "a")), gradmon.GradientMonitor(str(tmp_path / "b"))
+    with pytest.raises(ValueError, match="already has a GradientMonitor.*one GradientMonitor per model"):
+        m.fit(X, Y, verbose=0, callbacks=[first, second])
+    assert m.gradient_observer.step == 0
+
+
+def test_empty_log_dir_is_rejected():
+    with pytest.raises(ValueError, match="`log_dir`.*non-empty.*Received: log_dir=''"):
+        gradmon.GradientMonitor("")
 
 
 def test_unwritable_log_dir_fails_before_the_first_step(tmp_path):
@@ -111,7 +174,7 @@ def test_unwritable_log_dir_fails_before_the_first_step(tmp_path):
     m = model()
     with pytest.raises(ValueError, match="`log_dir`.*Expected a writable directory"):
         m.fit(X, Y, verbose=0, callbacks=[gradmon.GradientMonitor(str(blocker))])
-    assert int(m.gradient_state.step.numpy()) == 0
+    assert m.gradient_observer.step == 0
 
 
 def test_numpy_stats_helper_is_not_trivial():

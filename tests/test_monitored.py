@@ -9,7 +9,8 @@ import tensorflow as tf
 
 import gradmon
 from gradmon import transforms as T
-from helpers import global_norm, numpy_stats, tape_gradients
+from gradmon import tags
+from helpers import global_norm, group_row, latest_snapshot, numpy_stats, tape_gradients
 
 RNG = np.random.default_rng(0)
 X = RNG.normal(size=(32, 6)).astype(np.float32)
@@ -39,29 +40,35 @@ def one_step(model, transform=None, optimizer=None, mode="graph", sample_weight=
     m = gradmon.monitor(model, transform=transform, **monitor_kwargs)
     m.compile(optimizer=optimizer or keras.optimizers.SGD(LR), loss=LOSS, **MODES[mode])
     m.fit(X, Y, sample_weight=sample_weight, batch_size=len(X), epochs=1, shuffle=False, verbose=0)
-    return m, w0, grads, m.gradient_state.read()
+    return m, w0, grads, latest_snapshot(m)
 
 
-def assert_group_stats(snapshot, columns, arrays, rtol=1e-5):
-    for i, a in enumerate(arrays):
-        np.testing.assert_allclose(snapshot["group_stats"][i, columns], numpy_stats(a), rtol=rtol, atol=1e-7)
+def assert_group_stats(snapshot, kind, arrays, paths, rtol=1e-5):
+    for p, a in zip(paths, arrays):
+        np.testing.assert_allclose(group_row(snapshot, kind, p), numpy_stats(a), rtol=rtol, atol=1e-7)
+
+
+def paths_of(model):
+    return [v.path for v in model.trainable_variables]
 
 
 @pytest.mark.parametrize("mode", list(MODES))
 def test_raw_statistics_match_numpy(mode):
     model = mlp(relu=True)
     m, w0, grads, snap = one_step(model, mode=mode)
-    assert snap["step"] == 1
-    assert snap["groups"] == [v.path for v in model.trainable_variables]
-    assert_group_stats(snap, gradmon.monitored.RAW_COLUMNS, grads)
-    assert snap["global"]["raw_global_norm"] == pytest.approx(global_norm(grads), rel=1e-5)
-    assert snap["global"]["raw_nonfinite"] == 0 and snap["global"]["no_gradient"] == 0
+    assert snap.step == 1
+    assert m.gradient_observer.recorder.spec.groups == paths_of(model)
+    assert_group_stats(snap, "raw", grads, paths_of(model))
+    assert snap[tags.global_norm("raw")] == pytest.approx(global_norm(grads), rel=1e-5)
+    assert snap[tags.nonfinite_total("raw")] == 0 and snap[tags.NO_GRADIENT] == 0
+    assert tags.CLIP_RATIO not in snap and tags.global_norm("transformed") not in snap
     w1 = [v.numpy().astype(np.float64) for v in model.trainable_variables]
-    for i, (g, a, b) in enumerate(zip(grads, w0, w1)):
-        assert snap["group_stats"][i, gradmon.monitored.GRAD_TO_WEIGHT_COLUMN] == pytest.approx(
-            np.linalg.norm(g) / np.linalg.norm(a) if np.linalg.norm(a) else 0.0, rel=1e-5)
-        assert snap["update_ratio"][i] == pytest.approx(
-            np.linalg.norm(b - a) / np.linalg.norm(a) if np.linalg.norm(a) else 0.0, rel=1e-4)
+    for p, g, a, b in zip(paths_of(model), grads, w0, w1):
+        # a zero-initialised bias: the ratios are undefined (NaN), not 0
+        expected = np.linalg.norm(g) / np.linalg.norm(a) if np.linalg.norm(a) else np.nan
+        assert snap[tags.grad_to_weight(p)] == pytest.approx(expected, rel=1e-5, nan_ok=True)
+        expected = np.linalg.norm(b - a) / np.linalg.norm(a) if np.linalg.norm(a) else np.nan
+        assert snap[tags.update_ratio(p)] == pytest.approx(expected, rel=1e-4, nan_ok=True)
         # SGD: the step taken is exactly lr * raw gradient
         np.testing.assert_allclose(b, a - LR * g, rtol=1e-5, atol=1e-7)
 
@@ -93,13 +100,12 @@ def test_transformed_statistics_clip_ratio_and_applied_step(case):
     model = mlp()
     m, w0, grads, snap = one_step(model, transform=make(), optimizer=keras.optimizers.SGD(LR, **(opt_kwargs or {})))
     clipped, fraction = numpy_clip(name, arg, grads, w0)
-    assert_group_stats(snap, gradmon.monitored.RAW_COLUMNS, grads)
-    assert_group_stats(snap, gradmon.monitored.TRANSFORMED_COLUMNS, clipped)
-    g = snap["global"]
-    assert g["transformed_global_norm"] == pytest.approx(global_norm(clipped), rel=1e-5)
-    assert g["clip_ratio"] == pytest.approx(global_norm(clipped) / global_norm(grads), rel=1e-5)
-    assert g["clip_fraction"] == pytest.approx(fraction, rel=1e-6)
-    assert 0 < g["clip_ratio"] < 1
+    assert_group_stats(snap, "raw", grads, paths_of(model))
+    assert_group_stats(snap, "transformed", clipped, paths_of(model))
+    assert snap[tags.global_norm("transformed")] == pytest.approx(global_norm(clipped), rel=1e-5)
+    assert snap[tags.CLIP_RATIO] == pytest.approx(global_norm(clipped) / global_norm(grads), rel=1e-5)
+    assert snap[tags.CLIP_FRACTION] == pytest.approx(fraction, rel=1e-6)
+    assert 0 < snap[tags.CLIP_RATIO] < 1
     # the step applied equals clipping by hand
     for a, c, v in zip(w0, clipped, model.trainable_variables):
         np.testing.assert_allclose(v.numpy(), a - LR * c, rtol=1e-5, atol=1e-7)
@@ -122,11 +128,12 @@ def test_adaptive_clip_and_chain_with_optimizer_clipping():
     agc_fraction = clipped_units / units
     value_clipped, value_fraction = numpy_clip("clip_by_value", 0.04, out, w0)
     final, global_fraction = numpy_clip("clip_by_global_norm", 0.05, value_clipped, w0)
-    assert snap["fractions"] == pytest.approx(
+    fractions = {n: snap[tags.clip_fraction_of(n)] for n in ("adaptive_clip", "clip_by_value", "clip_by_global_norm")}
+    assert fractions == pytest.approx(
         {"adaptive_clip": agc_fraction, "clip_by_value": value_fraction, "clip_by_global_norm": global_fraction})
-    assert snap["global"]["clip_fraction"] == pytest.approx(max(agc_fraction, value_fraction, global_fraction))
-    assert snap["global"]["clip_ratio"] == pytest.approx(global_norm(final) / global_norm(grads), rel=1e-5)
-    assert_group_stats(snap, gradmon.monitored.TRANSFORMED_COLUMNS, final)
+    assert snap[tags.CLIP_FRACTION] == pytest.approx(max(agc_fraction, value_fraction, global_fraction))
+    assert snap[tags.CLIP_RATIO] == pytest.approx(global_norm(final) / global_norm(grads), rel=1e-5)
+    assert_group_stats(snap, "transformed", final, paths_of(model))
     for a, c, v in zip(w0, final, model.trainable_variables):
         np.testing.assert_allclose(v.numpy(), a - LR * c, rtol=1e-5, atol=1e-7)
 
@@ -161,8 +168,8 @@ def test_sample_weights_and_two_inputs():
     m = gradmon.monitor(model)
     m.compile(optimizer=keras.optimizers.SGD(LR), loss=LOSS)
     m.fit([X, xb], Y, sample_weight=sw, batch_size=32, epochs=1, shuffle=False, verbose=0)
-    snap = m.gradient_state.read()
-    assert_group_stats(snap, gradmon.monitored.RAW_COLUMNS, grads)
+    snap = latest_snapshot(m)
+    assert_group_stats(snap, "raw", grads, paths_of(model))
     for a0, g, v in zip(w0, grads, model.trainable_variables):
         np.testing.assert_allclose(v.numpy(), a0 - LR * g, rtol=1e-5, atol=1e-7)
 
@@ -170,13 +177,13 @@ def test_sample_weights_and_two_inputs():
 def test_layer_grouping_pools_a_layers_variables():
     model = mlp()
     m, w0, grads, snap = one_step(model, grouping="layer")
-    assert len(snap["groups"]) == 2
-    for i in range(2):
+    layers = m.gradient_observer.recorder.spec.groups
+    assert layers == [p.rsplit("/", 1)[0] for p in paths_of(model)[::2]]
+    for i, layer in enumerate(layers):
         pooled = np.concatenate([grads[2 * i].ravel(), grads[2 * i + 1].ravel()])
-        np.testing.assert_allclose(snap["group_stats"][i, gradmon.monitored.RAW_COLUMNS],
-                                   numpy_stats(pooled), rtol=1e-5)
+        np.testing.assert_allclose(group_row(snap, "raw", layer), numpy_stats(pooled), rtol=1e-5)
         w = np.concatenate([w0[2 * i].ravel(), w0[2 * i + 1].ravel()])
-        assert snap["group_stats"][i, gradmon.monitored.GRAD_TO_WEIGHT_COLUMN] == pytest.approx(
+        assert snap[tags.grad_to_weight(layer)] == pytest.approx(
             np.linalg.norm(pooled) / np.linalg.norm(w), rel=1e-5)
 
 
@@ -206,11 +213,11 @@ def test_mixin_subclass_with_transform_and_unused_variables():
     unused_paths = [v.path for v in net.unused.trainable_variables]
     assert any("no gradient" in str(w.message) and all(p in str(w.message) for p in unused_paths)
                for w in caught), [str(w.message) for w in caught]
-    snap = net.gradient_state.read()
-    assert snap["global"]["no_gradient"] == 2
+    snap = latest_snapshot(net)
+    assert snap[tags.NO_GRADIENT] == 2
     present = [g for g in grads if g is not None]
     clipped, _ = numpy_clip("clip_by_global_norm", 0.1, present, None)
-    assert snap["global"]["clip_ratio"] == pytest.approx(0.1 / global_norm(present), rel=1e-5)
+    assert snap[tags.CLIP_RATIO] == pytest.approx(0.1 / global_norm(present), rel=1e-5)
     it = iter(clipped)
     for a, g, v in zip(w0, grads, net.trainable_variables):
         expected = a if g is None else a - LR * next(it)
@@ -220,7 +227,7 @@ def test_mixin_subclass_with_transform_and_unused_variables():
     w1 = [v.numpy().astype(np.float64) for v in net.trainable_variables]
     grads = tape_gradients(net, LOSS, X, Y)
     net.fit(X, Y, batch_size=32, epochs=1, verbose=0)
-    assert net.gradient_state.read()["step"] == 2
+    assert latest_snapshot(net).step == 2
     for a, g, v in zip(w1, grads, net.trainable_variables):
         if g is not None:
             np.testing.assert_allclose(v.numpy(), a - LR * g, rtol=1e-5, atol=1e-7)
