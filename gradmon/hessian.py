@@ -28,16 +28,21 @@ so any assignment made while computing it (the per-output loss trackers of a
 multi-output `CompileLoss`, for instance) is collected by the scope and thrown
 away; `training=False` keeps BatchNormalization statistics and Dropout seed
 generators untouched; the optimizer is never called; all randomness comes
-from a NumPy generator seeded by `seed`.
+from generators seeded by `seed`.
 
-All algorithm state (Lanczos vectors, tridiagonal matrices, probes) is float64
-NumPy; only the HVPs themselves run in TensorFlow, in the variables' dtype.
-A vector over the parameters is a flat float64 array of length `num_params`,
-concatenating `model.trainable_variables` in order, each in C order;
+Vectors over the parameters stay where the model is: the Lanczos basis is
+one `tf.Variable` of a fixed number of rows (thick restarts bound it), in
+the variables' dtype, and probes are drawn by stateless TensorFlow ops.
+Only the small projected matrices and their Ritz algebra are float64 NumPy
+(and power iteration, which keeps a few float64 host vectors). A flat
+vector concatenates `model.trainable_variables` in order, each in C order;
 `HessianVectorProduct.unflatten` turns one back into per-variable arrays.
+One operator (`make_hvp`) can serve `spectrum`, `trace` and `density`: its
+HVP is traced once per model and it reads the current weights at each call.
 """
 
 import math
+import numbers
 import typing
 import warnings
 import weakref
@@ -46,6 +51,14 @@ import keras
 import numpy as np
 import scipy.linalg
 import tensorflow as tf
+
+from gradmon._validation import (
+    check_bool,
+    check_non_negative_int,
+    check_positive,
+    check_positive_int,
+    invalid,
+)
 
 HVP_MODES = ("reverse_over_reverse", "forward_over_reverse")
 # benchmarks/hessian.py, 2-core CPU, HVP time / gradient time: 1.6x vs 1.8x
@@ -126,72 +139,137 @@ class Density(typing.NamedTuple):
 
 
 # --------------------------------------------------------------------------
-# Data.
+# Data and argument checks.
+
+
+class ProbeData(typing.NamedTuple):
+    """Probe data converted to tensors once, reusable by every operator.
+
+    Attributes:
+        batches: list of `(x, y, sample_weight)` tensor structures.
+        weights: list of floats, each batch's share of the examples.
+    """
+
+    batches: list
+    weights: list
+
+
+def _invalid_data(expected, received):
+    return ValueError(
+        f"Invalid value for argument `data`. Expected {expected}. "
+        f"Received: {received}"
+    )
 
 
 def _batch_size(x):
     leaves = tf.nest.flatten(x)
     if not leaves or leaves[0].shape.rank == 0:
-        raise ValueError(
-            "Invalid value for argument `data`. Expected batches whose inputs "
-            "have a leading batch dimension. Received: an input of shape "
-            f"{leaves[0].shape if leaves else None}"
+        raise _invalid_data(
+            "batches whose inputs have a leading batch dimension",
+            f"an input of shape {leaves[0].shape if leaves else None}",
         )
     return int(leaves[0].shape[0])
 
 
-def _to_batches(data):
-    """Returns `[(x, y, sample_weight)]` of tensors and `[weight]`."""
+def _raw_batches(data):
+    """The batches of `data` as a list, a dataset materialised once."""
     if isinstance(data, tf.data.Dataset):
         if data.cardinality() == tf.data.INFINITE_CARDINALITY:
-            raise ValueError(
-                "Invalid value for argument `data`. Expected a finite "
-                "dataset (the Hessian is of the mean loss over all of it). "
-                f"Received: data={data} with infinite cardinality"
+            raise _invalid_data(
+                "a finite dataset (the Hessian is of the mean loss over all "
+                "of it)", f"data={data} with infinite cardinality",
             )
         # Materialised once so that every HVP sees the same batches, even
         # for a dataset that reshuffles on each iteration.
-        raw = list(data)
-    elif isinstance(data, list):
-        raw = data
-    elif isinstance(data, tuple):
-        raw = [data]
-    else:
-        raise ValueError(
-            "Invalid value for argument `data`. Expected a batch `(x, y)` or "
-            "`(x, y, sample_weight)`, a list of such batches, or a "
-            f"`tf.data.Dataset`. Received: data of type {type(data)}"
-        )
+        return list(data)
+    if isinstance(data, list):
+        return data
+    if isinstance(data, tuple):
+        return [data]
+    raise _invalid_data(
+        "a batch `(x, y)` or `(x, y, sample_weight)`, a list of such "
+        "batches, or a `tf.data.Dataset`", f"data of type {type(data)}",
+    )
+
+
+def _check_finite(structure):
+    for leaf in tf.nest.flatten(structure):
+        if leaf is not None and leaf.dtype.is_floating and not bool(
+            tf.reduce_all(tf.math.is_finite(leaf))
+        ):
+            # A NaN in the probe would make every HVP NaN, silently.
+            raise _invalid_data(
+                "finite inputs, targets and sample weights",
+                "a batch with NaN or infinite values",
+            )
+
+
+def prepare_data(data):
+    """Checks probe data and converts it to tensors, once.
+
+    Args:
+        data: a batch `(x, y)` or `(x, y, sample_weight)`, a list of such
+            batches, a finite `tf.data.Dataset` of them, or a `ProbeData`
+            (returned as is).
+
+    Returns:
+        A `ProbeData`, accepted as `data` by `make_hvp`, `spectrum`, `trace`
+        and `density`.
+
+    Raises:
+        ValueError: naming `data`, for an unsupported type, no non-empty
+            batch, a batch without targets `y`, or NaN/inf values.
+    """
+    if isinstance(data, ProbeData):
+        return data
+    raw = _raw_batches(data)
     if not raw:
-        raise ValueError(
-            "Invalid value for argument `data`. Expected at least one batch. "
-            f"Received: data={data!r}"
-        )
+        raise _invalid_data("at least one batch", f"data={data!r}")
     batches, sizes = [], []
     for batch in raw:
         if not isinstance(batch, (tuple, list)) or not 1 <= len(batch) <= 3:
-            raise ValueError(
-                "Invalid value for argument `data`. Expected each batch to be "
-                "a tuple `(x, y)` or `(x, y, sample_weight)`. Received: a "
-                f"batch of type {type(batch)}"
+            raise _invalid_data(
+                "each batch to be a tuple `(x, y)` or `(x, y, sample_weight)`",
+                f"a batch of type {type(batch)}",
             )
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(tuple(batch))
+        if y is None:
+            raise _invalid_data(
+                "batches `(x, y)` with targets (the compiled loss needs them)",
+                "a batch without `y`",
+            )
         x, y, sample_weight = tf.nest.map_structure(
             lambda t: None if t is None else tf.convert_to_tensor(t),
             (x, y, sample_weight),
         )
+        _check_finite((x, y, sample_weight))
         size = _batch_size(x)
         if size == 0:
             continue
         batches.append((x, y, sample_weight))
         sizes.append(size)
     if not batches:
-        raise ValueError(
-            "Invalid value for argument `data`. Expected at least one "
-            "non-empty batch. Received: only empty batches"
+        raise _invalid_data(
+            "at least one non-empty batch", "only empty batches"
         )
     total = float(sum(sizes))
-    return batches, [s / total for s in sizes]
+    return ProbeData(batches, [s / total for s in sizes])
+
+
+def check_tol(tol, argument="tol"):
+    """Returns `tol` as a float if it is a finite number in (0, 1)."""
+    if isinstance(tol, bool) or not isinstance(tol, numbers.Real) or not (
+        0 < tol < 1
+    ):
+        # tol >= 1 accepts any vector as converged (tol=inf returned a
+        # wrong eigenvalue marked converged).
+        raise invalid(argument, "a positive finite number below 1", tol)
+    return float(tol)
+
+
+def check_seed(seed):
+    """Returns `seed` if it is `None` or a non-negative integer."""
+    return None if seed is None else check_non_negative_int("seed", seed)
 
 
 # --------------------------------------------------------------------------
@@ -241,8 +319,10 @@ def _dot(a, b):
     )
 
 
-def _build_functions(model, variables, hvp_mode):
+def _build_functions(model, variables, hvp_mode, dtype):
     model_ref = weakref.ref(model)  # the cache must not keep models alive
+    shapes = [tuple(v.shape) for v in variables]
+    sizes = [int(np.prod(s)) for s in shapes]
 
     def read_params():
         return [tf.convert_to_tensor(v.value) for v in variables]
@@ -277,8 +357,22 @@ def _build_functions(model, variables, hvp_mode):
         return list(hv)
 
     hvp = hvp_reverse if hvp_mode == "reverse_over_reverse" else hvp_forward
+
+    def flat_hvp(x, y, sample_weight, vector):
+        # Flat in, flat out: the caller's vectors stay one device tensor each,
+        # with no per-variable host conversion.
+        parts = tf.split(vector, sizes)
+        tangents = [
+            tf.cast(tf.reshape(p, s), v.dtype)
+            for p, s, v in zip(parts, shapes, variables)
+        ]
+        hv = hvp(x, y, sample_weight, tangents)
+        return tf.concat(
+            [tf.cast(tf.reshape(h, [-1]), dtype) for h in hv], axis=0
+        )
+
     return (
-        tf.function(hvp, reduce_retracing=True),
+        tf.function(flat_hvp, reduce_retracing=True),
         tf.function(gradient, reduce_retracing=True),
     )
 
@@ -288,27 +382,38 @@ def _build_functions(model, variables, hvp_mode):
 _FUNCTION_CACHE = weakref.WeakKeyDictionary()
 
 
-def _functions(model, variables, hvp_mode):
-    key = (hvp_mode, tuple(id(v) for v in variables))
+def _functions(model, variables, hvp_mode, dtype):
+    key = (hvp_mode, dtype.name, tuple(id(v) for v in variables))
     try:
         per_model = _FUNCTION_CACHE.setdefault(model, {})
     except TypeError:  # not weak-referenceable: no caching
-        return _build_functions(model, variables, hvp_mode)
+        return _build_functions(model, variables, hvp_mode, dtype)
     if key not in per_model:
-        per_model[key] = _build_functions(model, variables, hvp_mode)
+        per_model[key] = _build_functions(model, variables, hvp_mode, dtype)
     return per_model[key]
+
+
+def _vector_dtype(variables):
+    """The widest floating dtype among the variables (float32 usually)."""
+    widest = np.result_type(*[np.dtype(v.dtype) for v in variables])
+    return tf.as_dtype(widest)
 
 
 class HessianVectorProduct:
     """Hessian-vector product of a model's mean training loss.
 
-    Built by `make_hvp`. Calling it with a vector returns `H v`; each call
-    counts as one HVP in `count`, however many batches the data holds.
+    Built by `make_hvp`. `apply` maps a flat vector tensor (on the model's
+    device, in `dtype`) to `H v` as such a tensor; calling the operator with
+    NumPy vectors does the same through the host. Each product counts as
+    one HVP in `count`, however many batches the data holds. The operator
+    reads the variables' current values at each product, so one operator
+    serves every probe of a training run.
 
     Attributes:
         variables: the model's trainable variables, in flattening order.
         shapes: their shapes.
         num_params: total number of trainable parameters.
+        dtype: the `tf.DType` of flat vectors (the variables' widest).
         hvp_mode: `"reverse_over_reverse"` or `"forward_over_reverse"`.
         count: number of HVPs computed so far.
     """
@@ -321,7 +426,7 @@ class HessianVectorProduct:
                 f"Invalid value for argument `hvp_mode`. Expected one of "
                 f"{HVP_MODES}. Received: hvp_mode={hvp_mode!r}"
             )
-        self._batches, self._weights = _to_batches(data)
+        self._batches, self._weights = prepare_data(data)
         x0, y0, sw0 = self._batches[0]
         if not model.built:
             model(x0, training=False)  # creates the weights, nothing else
@@ -342,13 +447,18 @@ class HessianVectorProduct:
             )
         self.shapes = [tuple(v.shape) for v in self.variables]
         self._sizes = [int(np.prod(s)) for s in self.shapes]
-        self._dtypes = [v.dtype for v in self.variables]
         self.num_params = int(sum(self._sizes))
+        self.dtype = _vector_dtype(self.variables)
         self.hvp_mode = hvp_mode
         self.count = 0
         self._hvp_fn, self._grad_fn = _functions(
-            model, self.variables, hvp_mode
+            model, self.variables, hvp_mode, self.dtype
         )
+
+    @property
+    def trace_count(self):
+        """How many times the HVP `tf.function` has been traced (per model)."""
+        return self._hvp_fn.experimental_get_tracing_count()
 
     def flatten(self, arrays):
         """Concatenates per-variable arrays into a flat float64 vector."""
@@ -367,14 +477,30 @@ class HessianVectorProduct:
         splits = np.split(vector, np.cumsum(self._sizes)[:-1])
         return [s.reshape(shape) for s, shape in zip(splits, self.shapes)]
 
-    def _to_tensors(self, flat):
-        return [
-            tf.constant(a, dtype=d)
-            for a, d in zip(self.unflatten(flat), self._dtypes)
-        ]
+    def to_tensor(self, flat):
+        """A flat host vector as a flat tensor in `dtype`."""
+        return tf.constant(np.asarray(flat).reshape(-1), dtype=self.dtype)
+
+    def apply(self, vector):
+        """Returns `H v` for a flat tensor `v` of `num_params` entries.
+
+        Args:
+            vector: a flat `tf.Tensor` in `dtype`.
+
+        Returns:
+            `H v` as a flat `tf.Tensor` in `dtype`, where `v` lives.
+        """
+        result = None
+        for (x, y, sw), weight in zip(self._batches, self._weights):
+            hv = self._hvp_fn(x, y, sw, vector)
+            if len(self._batches) > 1:
+                hv = hv * tf.constant(weight, self.dtype)
+            result = hv if result is None else result + hv
+        self.count += 1
+        return result
 
     def __call__(self, vector):
-        """Returns `H v`.
+        """Returns `H v` through the host.
 
         Args:
             vector: a flat vector of length `num_params`, or a list of arrays
@@ -394,14 +520,7 @@ class HessianVectorProduct:
                     "Invalid value for argument `vector`. Expected "
                     f"{self.num_params} entries. Received: {flat.size}"
                 )
-        tensors = self._to_tensors(flat)
-        result = np.zeros(self.num_params)
-        for (x, y, sw), weight in zip(self._batches, self._weights):
-            hv = self._hvp_fn(x, y, sw, tensors)
-            result += weight * np.concatenate(
-                [h.numpy().astype(np.float64).reshape(-1) for h in hv]
-            )
-        self.count += 1
+        result = self.apply(self.to_tensor(flat)).numpy().astype(np.float64)
         return self.unflatten(result) if as_list else result
 
     def gradient(self):
@@ -423,15 +542,18 @@ def make_hvp(model, data, hvp_mode=None):
         model: a built, compiled Keras model. Its loss is the compiled loss
             plus `model.losses`, from a `training=False` forward pass.
         data: a batch `(x, y)` or `(x, y, sample_weight)`, a list of such
-            batches, or a finite `tf.data.Dataset` of them (materialised in
-            memory once). `x`/`y` may be nested (dicts, lists).
+            batches, a finite `tf.data.Dataset` of them (materialised in
+            memory once), or a `ProbeData` from `prepare_data`. `x`/`y` may
+            be nested (dicts, lists).
         hvp_mode: `"reverse_over_reverse"` (nested `tf.GradientTape`) or
             `"forward_over_reverse"` (`tf.autodiff.ForwardAccumulator` over
             a tape). Defaults to `None`, meaning `DEFAULT_HVP_MODE`.
 
     Returns:
-        A `HessianVectorProduct`: `hvp(v)` returns `H v` (flat in, flat out;
-        list in, list out) and `hvp.count` counts calls. The traced
+        A `HessianVectorProduct`: `hvp.apply(t)` maps a flat device tensor to
+        `H t`, `hvp(v)` does the same for host vectors (flat in, flat out;
+        list in, list out), and `hvp.count` counts products. Pass it as
+        `model` to `spectrum`, `trace` and `density` to share it. The traced
         `tf.function` is cached per model and mode, so building another one
         for new data of the same shapes does not retrace.
 
@@ -440,9 +562,27 @@ def make_hvp(model, data, hvp_mode=None):
     ```python
     hvp = make_hvp(model, (x, y))
     hv = hvp(np.ones(hvp.num_params))
+    spec = spectrum(hvp, top_k=3)
+    tr = trace(hvp, num_samples=50)
     ```
     """
     return HessianVectorProduct(model, data, hvp_mode=hvp_mode)
+
+
+def _operator(model, data, hvp_mode):
+    """`model` itself if it is an operator, else a new one on `data`."""
+    if isinstance(model, HessianVectorProduct):
+        if data is not None:
+            raise invalid(
+                "data", "None when `model` is a HessianVectorProduct (it "
+                "holds its data)", type(data).__name__,
+            )
+        if hvp_mode is not None and hvp_mode != model.hvp_mode:
+            raise invalid("hvp_mode", f"None or {model.hvp_mode!r}", hvp_mode)
+        return model
+    if data is None:
+        raise invalid("data", "a batch, a list of batches or a dataset", data)
+    return make_hvp(model, data, hvp_mode=hvp_mode)
 
 
 # --------------------------------------------------------------------------
@@ -466,13 +606,157 @@ def _orthogonalise(w, basis):
     return w
 
 
-def _random_unit(rng, n, basis):
-    for _ in range(10):
-        w = _orthogonalise(rng.standard_normal(n), basis)
-        norm = np.linalg.norm(w)
-        if norm > 1e-8:
-            return w / norm
-    raise RuntimeError("Could not draw a vector outside the Krylov basis.")
+def _random_vector(rng, n, dtype, rademacher=False):
+    """A device vector drawn by a stateless op seeded from `rng`.
+
+    Stateless ops touch neither TensorFlow's global generator nor Keras'
+    seed generators, and the vector never passes through the host.
+    """
+    seed = tf.constant(rng.integers(0, 2**31 - 1, size=2), tf.int64)
+    if rademacher:
+        bits = tf.random.stateless_uniform([n], seed, maxval=2, dtype=tf.int32)
+        return tf.cast(2 * bits - 1, dtype)
+    return tf.random.stateless_normal([n], seed, dtype=dtype)
+
+
+@tf.function(reduce_retracing=True)
+def _project_out(basis, w):
+    """`w` minus its projection on the rows of `basis`, twice (CGS2).
+
+    Unused rows are zero, so the full-capacity products need no slicing
+    (no copies, one trace). Two passes keep `w` orthogonal to working
+    precision ("twice is enough": Parlett, The Symmetric Eigenvalue Problem,
+    1980, sec. 6.9). Returns `(w, coefficients, ||w||)`; `coefficients` sum
+    both passes, so `w_in = basis^T coefficients + w_out` to rounding.
+    """
+    first = tf.linalg.matvec(basis, w)
+    w = w - tf.linalg.matvec(basis, first, transpose_a=True)
+    second = tf.linalg.matvec(basis, w)
+    w = w - tf.linalg.matvec(basis, second, transpose_a=True)
+    return w, first + second, tf.norm(w)
+
+
+@tf.function(reduce_retracing=True)
+def _ritz_pairs(basis, vector_coeffs, product_coeffs, theta):
+    """Unit Ritz vectors, Rayleigh quotients and residuals on the device.
+
+    `basis^T vector_coeffs[i]` is a Ritz vector `y` and
+    `basis^T product_coeffs[i]` its product `H y`, both combinations of
+    stored vectors; `theta` are the Ritz values, so the quotients are
+    computed as small corrections to them.
+    """
+    y = tf.matmul(vector_coeffs, basis)
+    hy = tf.matmul(product_coeffs, basis)
+    yy = tf.reduce_sum(y * y, axis=1)
+    theta = tf.cast(theta, basis.dtype)
+    quotient = theta + tf.reduce_sum(y * (hy - theta[:, None] * y), 1) / yy
+    residual = tf.norm(hy - quotient[:, None] * y, axis=1) / tf.sqrt(yy)
+    return y / tf.sqrt(yy)[:, None], quotient, residual
+
+
+class _Lanczos:
+    """Lanczos with full reorthogonalisation and thick restarts.
+
+    The basis lives in one `tf.Variable` of `capacity` rows on the model's
+    device, in its dtype: memory stays `capacity * num_params` whatever the
+    number of steps. Only the small coefficient matrix `B` is float64 NumPy.
+    The Arnoldi relation `H Q[:m] = Q[:m+1] B[:m+1, :m]` holds to rounding
+    after every step (each column of `B` holds the exact Gram-Schmidt
+    coefficients of one HVP), so Ritz residuals computed from it are those of
+    the HVPs themselves, whatever the loss of orthogonality.
+    `T = (B + B^T) / 2` on the first `m` rows and columns is the symmetric
+    projected matrix (tridiagonal without restarts, arrow-shaped after one).
+    Serves both `spectrum` (with restarts) and `density` (SLQ, without).
+    """
+
+    def __init__(self, op, capacity, start):
+        self.op = op
+        self.capacity = capacity
+        with tf.init_scope():
+            self.basis = tf.Variable(
+                tf.zeros([capacity, op.num_params], op.dtype), trainable=False
+            )
+        self.coeffs = np.zeros((capacity, capacity))
+        self.m = 0
+        self.basis[0].assign(start / tf.norm(start))
+
+    def step(self, relative_floor, rng=None):
+        """One HVP: extends the basis by `H q_m`, orthogonalised.
+
+        If the new direction is below `relative_floor` times the scale of
+        `T` (an invariant subspace), its coupling is dropped and, given
+        `rng`, a random direction continues the basis. Returns whether that
+        happened.
+        """
+        w = self.op.apply(self.basis[self.m])
+        w, h, beta = _project_out(self.basis, w)
+        self.coeffs[:, self.m] = h.numpy()
+        self.m += 1
+        beta = float(beta)
+        scale = np.abs(self.coeffs[: self.m, : self.m]).max()
+        if self.m >= self.capacity:
+            return beta <= relative_floor * scale
+        if beta > relative_floor * scale:
+            self.basis[self.m].assign(w / beta)
+            self.coeffs[self.m, self.m - 1] = beta
+            return False
+        if rng is not None and self.m < self.op.num_params:
+            w = _random_vector(rng, self.op.num_params, self.op.dtype)
+            w, _, norm = _project_out(self.basis, w)
+            self.basis[self.m].assign(w / norm)
+        return True
+
+    def ritz(self):
+        """`(theta, s, estimates)`: Ritz values (ascending), vectors of `T`,
+        and the residual norms the Arnoldi relation predicts."""
+        m = self.m
+        block = self.coeffs[:m, :m]
+        theta, s = np.linalg.eigh(0.5 * (block + block.T))
+        return theta, s, np.abs(self.coeffs[m, :m] @ s) if m < self.capacity \
+            else np.zeros(m)
+
+    def pairs(self, theta, s):
+        """Unit Ritz vectors (device), Rayleigh quotients and residuals.
+
+        Args:
+            theta: Ritz values `[k]`.
+            s: their eigenvectors of `T`, `[m, k]`.
+
+        Returns:
+            `(vectors [k, n] tensor, values [k], residuals [k])`, float64
+            NumPy for the numbers.
+        """
+        m, k = self.m, s.shape[1]
+        rows = min(m + 1, self.capacity)
+        vector_coeffs = np.zeros((k, self.capacity))
+        vector_coeffs[:, :m] = s.T
+        product_coeffs = np.zeros((k, self.capacity))
+        product_coeffs[:, :rows] = (self.coeffs[:rows, :m] @ s).T
+        dtype = self.op.dtype
+        vectors, values, residuals = _ritz_pairs(
+            self.basis, tf.constant(vector_coeffs, dtype),
+            tf.constant(product_coeffs, dtype), tf.constant(theta, tf.float64),
+        )
+        return (vectors, values.numpy().astype(np.float64),
+                residuals.numpy().astype(np.float64))
+
+    def restart(self, s_keep):
+        """Keeps the Ritz vectors `Q s_keep` and the next direction."""
+        m, keep = self.m, s_keep.shape[1]
+        combine = np.zeros((keep + 1, self.capacity))
+        combine[:keep, :m] = s_keep.T
+        combine[keep, m] = 1.0  # the pending next vector moves to row keep
+        rows = tf.matmul(tf.constant(combine, self.op.dtype), self.basis)
+        self.basis[: keep + 1].assign(rows)
+        del rows
+        self.basis[keep + 1:].assign(
+            tf.zeros([self.capacity - keep - 1, self.op.num_params],
+                     self.op.dtype)
+        )
+        coeffs = np.zeros_like(self.coeffs)
+        coeffs[:keep, :keep] = s_keep.T @ self.coeffs[:m, :m] @ s_keep
+        coeffs[keep, :keep] = self.coeffs[m, :m] @ s_keep
+        self.coeffs, self.m = coeffs, keep
 
 
 def _init_matrix(init_vectors, hvp):
@@ -499,67 +783,55 @@ def _init_matrix(init_vectors, hvp):
     return matrix[norms > 0] / norms[norms > 0, None]
 
 
-def _lanczos(hvp, top_k, smallest, tol, max_steps, start, rng):
-    """Lanczos with full reorthogonalisation for the extreme eigenpairs.
+def _wanted(m, top_k, smallest):
+    """Indices (into ascending Ritz values) of the wanted pairs."""
+    wanted = list(range(m - 1, max(m - 1 - top_k, -1), -1))
+    if smallest and 0 not in wanted:
+        wanted.append(0)
+    return wanted
+
+
+def _kept(m, capacity, top_k, smallest):
+    """Indices of the Ritz vectors a thick restart keeps: the wanted ends
+    and about half the basis, so each cycle adds as many new directions."""
+    wanted = top_k + int(smallest)
+    keep = min(m - 1, max(wanted + 2, (capacity - 1) // 2))
+    low = 1 + (keep - wanted) // 2 if smallest else 0
+    return list(range(low)) + list(range(m - (keep - low), m))
+
+
+def _lanczos(op, top_k, smallest, tol, max_steps, capacity, start, rng):
+    """Thick-restart Lanczos for the extreme eigenpairs.
 
     Returns `(values, vectors, residuals, converged)` for the wanted Ritz
-    pairs: the `top_k` largest, then the smallest if `smallest`.
+    pairs (the `top_k` largest, then the smallest if `smallest`);
+    `vectors` is a `[k, n]` device tensor.
     """
-    n = hvp.num_params
-    basis = np.empty((min(max_steps, n) + 1, n))
-    alphas, betas = [], []
-    q = start / np.linalg.norm(start)
-    m = 0
+    n = op.num_params
+    lanczos = _Lanczos(op, capacity, start)
+    first = op.count
     norm_est = 0.0
-    strictness = 1.0
-    wanted_count = min(top_k + (1 if smallest else 0), n)
+    wanted_count = min(top_k + int(smallest), n)
     while True:
-        basis[m] = q
-        w = hvp(q)
-        alpha = float(q @ w)
-        w = w - alpha * q
-        if m > 0 and betas[-1] > 0:
-            w = w - betas[-1] * basis[m - 1]
-        w = _orthogonalise(w, basis[: m + 1])
-        beta = float(np.linalg.norm(w))
-        alphas.append(alpha)
-        m += 1
-        theta, s = scipy.linalg.eigh_tridiagonal(
-            np.array(alphas), np.array(betas)
-        )
+        lanczos.step(0.1 * tol, rng)
+        theta, s, estimates = lanczos.ritz()
         norm_est = max(norm_est, abs(theta[0]), abs(theta[-1]))
-        wanted = list(range(m - 1, max(m - 1 - top_k, -1), -1))
-        if smallest and 0 not in wanted:
-            wanted.append(0)
-        estimates = np.abs(beta * s[-1, wanted])
-        exhausted = m >= min(max_steps, n)
-        ready = len(wanted) >= wanted_count and np.all(
-            estimates <= strictness * tol * norm_est
-        )
-        if ready or exhausted:
-            vectors = s[:, wanted].T @ basis[:m]
-            vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
-            products = np.stack([hvp(v) for v in vectors])
-            values = np.einsum("ij,ij->i", vectors, products)
-            residuals = np.linalg.norm(
-                products - values[:, None] * vectors, axis=1
+        wanted = _wanted(lanczos.m, top_k, smallest)
+        exhausted = op.count - first >= max_steps or lanczos.m >= n
+        if exhausted or (len(wanted) >= wanted_count and np.all(
+                estimates[wanted] <= tol * norm_est)):
+            # The check costs no HVP: it combines stored vectors.
+            vectors, values, residuals = lanczos.pairs(
+                theta[wanted], s[:, wanted]
             )
-            ok = bool(np.all(residuals <= tol * max(norm_est, np.max(
-                np.abs(values)))))
+            scale = max(norm_est, np.max(np.abs(values)))
+            ok = bool(np.all(residuals <= tol * scale))
             if ok or exhausted:
                 return values, vectors, residuals, ok
-            # The recurrence estimate was optimistic (loss of orthogonality
-            # or float32 HVP noise): continue, asking for more before the
-            # next (paid) explicit check.
-            strictness *= 0.1
-        if beta <= 0.1 * tol * norm_est:
-            # Invariant subspace (e.g. repeated eigenvalues): restart with a
-            # fresh direction; the dropped coupling is below the tolerance.
-            q = _random_unit(rng, n, basis[:m])
-            betas.append(0.0)
-        else:
-            q = w / beta
-            betas.append(beta)
+        if lanczos.m >= capacity - 1:
+            lanczos.restart(
+                s[:, _kept(lanczos.m, capacity, top_k, smallest)]
+            )
 
 
 def _power(hvp, shift, deflate, start, tol, norm_floor, max_hvps):
@@ -667,7 +939,7 @@ def _power_spectrum(hvp, top_k, smallest, tol, max_hvps, init, rng):
 
 def spectrum(
     model,
-    data,
+    data=None,
     top_k=1,
     method="lanczos",
     smallest=False,
@@ -676,6 +948,7 @@ def spectrum(
     init_vectors=None,
     seed=None,
     hvp_mode=None,
+    max_vectors=None,
 ):
     """Computes the largest (and optionally smallest) Hessian eigenvalues.
 
@@ -690,34 +963,38 @@ def spectrum(
     `||H||` (not `|lambda|`) lets near-zero eigenvalues converge.
 
     `method="lanczos"` runs Lanczos with full reorthogonalisation (every new
-    vector is orthogonalised, twice, against all previous ones), checks the
-    recurrence residual estimates `|beta_m s_mi|` after each step, and then
-    verifies the wanted Ritz pairs with one explicit HVP each; the reported
-    residuals and eigenvalues (Rayleigh quotients) come from those HVPs, which
-    are counted in `hvp_count`. Memory is `(steps + 1) * num_params` float64.
+    vector is orthogonalised, twice, against all stored ones) and thick
+    restarts (Wu and Simon 2000): the vectors stay on the model's device in
+    its dtype, at most `max_vectors` of them, and when they are all used the
+    wanted Ritz vectors and about half the others are kept. Only the small
+    projected matrix and its Ritz algebra are float64 NumPy. When the
+    recurrence estimates say the wanted pairs have converged, their
+    Rayleigh quotients and residuals are computed on the device from the
+    stored vectors and the products `H q` they came from (exact linear
+    combinations of the HVPs, to rounding), so the check costs no HVP.
     `method="power"` runs power iteration with projection deflation (each
     deflated run stops at `tol / 2` on the residual outside the deflated
     space, then one Rayleigh-Ritz step on the found vectors, using their
     HVPs, removes the coupling between them); if a negative eigenvalue
     dominates it shifts the operator so that the largest algebraic
     eigenvalues are found, and `smallest=True` runs power iteration on
-    `H - lambda_max I`. Its residuals need no extra HVP.
+    `H - lambda_max I`. Its vectors are float64 NumPy on the host.
 
     Args:
-        model: a built, compiled Keras model (see `make_hvp`).
-        data: a batch, list of batches, or finite `tf.data.Dataset` (see
-            `make_hvp`); the Hessian is that of the mean loss over it.
+        model: a built, compiled Keras model (see `make_hvp`), or a
+            `HessianVectorProduct` to reuse (then `data` must be `None`).
+        data: a batch, list of batches, finite `tf.data.Dataset` or
+            `ProbeData` (see `make_hvp`); the Hessian is that of the mean
+            loss over it. Defaults to `None` (only with an operator).
         top_k: number of largest eigenvalues. Defaults to `1`.
         method: `"lanczos"` or `"power"`. Defaults to `"lanczos"`.
         smallest: also compute the smallest algebraic eigenvalue. Defaults
             to `False`.
-        tol: relative residual tolerance (see above). Defaults to `1e-4`.
-            Float32 HVPs put a floor near `1e-6`.
-        max_hvps: HVP budget. For Lanczos it caps the Lanczos steps, to
-            which the explicit checks (`top_k` (+1) per check) are added;
-            for power iteration it is shared among the eigenvalues. Defaults
-            to `None`: `min(num_params, 100 + 10 * top_k)` Lanczos steps, or
-            `1000 * (top_k + 1)` power-iteration HVPs.
+        tol: relative residual tolerance (see above), in (0, 1). Defaults
+            to `1e-4`. Float32 HVPs put a floor near `1e-6`.
+        max_hvps: HVP budget. Defaults to `None`:
+            `200 + 20 * (top_k + smallest)` for Lanczos, `1000 * (top_k + 1)`
+            for power iteration (shared among the eigenvalues).
         init_vectors: warm start: a previous `Spectrum`, or its
             `eigenvectors` (`[m, num_params]` or `[num_params]`), or a list of
             per-variable array lists. Lanczos starts from their normalised
@@ -727,6 +1004,10 @@ def spectrum(
         seed: seed of the NumPy generator used for random starts. Defaults
             to `None`.
         hvp_mode: see `make_hvp`. Defaults to `None`.
+        max_vectors: Lanczos basis size (memory: this many vectors of
+            `num_params` entries in the model's dtype). Defaults to `None`:
+            `max(20, 2 * (top_k + smallest) + 10)`, at most
+            `num_params + 1`.
 
     Returns:
         A `Spectrum`. If the budget ran out first, `converged` is False and
@@ -736,6 +1017,9 @@ def spectrum(
         C. Lanczos, "An iteration method for the solution of the eigenvalue
         problem of linear differential and integral operators", J. Res.
         Nat. Bur. Standards 45 (1950).
+        K. Wu and H. Simon, "Thick-restart Lanczos method for large
+        symmetric eigenvalue problems", SIAM J. Matrix Anal. Appl. 22(2),
+        2000.
         G. H. Golub and C. F. Van Loan, "Matrix Computations", 4th ed.,
         ch. 10 (Lanczos with full reorthogonalisation) and 8.2 (power
         method), 2013.
@@ -750,28 +1034,10 @@ def spectrum(
     later = spectrum(model, (x, y), top_k=3, init_vectors=spec)
     ```
     """
-    if method not in SPECTRUM_METHODS:
-        raise ValueError(
-            "Invalid value for argument `method`. Expected one of "
-            f"{SPECTRUM_METHODS}. Received: method={method!r}"
-        )
-    if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) \
-            or top_k <= 0:
-        raise ValueError(
-            "Invalid value for argument `top_k`. Expected a positive "
-            f"integer. Received: top_k={top_k!r}"
-        )
-    if not tol > 0:
-        raise ValueError(
-            "Invalid value for argument `tol`. Expected a positive float. "
-            f"Received: tol={tol!r}"
-        )
-    if max_hvps is not None and max_hvps < 1:
-        raise ValueError(
-            "Invalid value for argument `max_hvps`. Expected a positive "
-            f"integer or None. Received: max_hvps={max_hvps!r}"
-        )
-    hvp = make_hvp(model, data, hvp_mode=hvp_mode)
+    _check_spectrum_args(method, top_k, smallest, tol, max_hvps, max_vectors)
+    seed = check_seed(seed)
+    hvp = _operator(model, data, hvp_mode)
+    first = hvp.count
     n = hvp.num_params
     if top_k > n:
         raise ValueError(
@@ -780,24 +1046,11 @@ def spectrum(
         )
     rng = np.random.default_rng(seed)
     init = _init_matrix(init_vectors, hvp)
-    minimum = None
     if method == "lanczos":
-        steps = max_hvps or min(n, 100 + 10 * top_k)
-        steps = max(steps, min(n, top_k + int(smallest)))
-        start = init.sum(axis=0) if len(init) else rng.standard_normal(n)
-        if np.linalg.norm(start) < 1e-8:  # e.g. v and -v: fall back
-            start = rng.standard_normal(n)
-        values, vectors, residuals, converged = _lanczos(
-            hvp, top_k, smallest, tol, steps, start, rng
+        eigenvalues, eigenvectors, residuals, minimum, converged = (
+            _lanczos_spectrum(hvp, top_k, smallest, tol, max_hvps,
+                              max_vectors, init, rng)
         )
-        count = min(top_k, n)
-        top = np.argsort(values[:count])[::-1]
-        if smallest:
-            low = int(np.argmin(values))
-            minimum = (values[low], vectors[low], residuals[low])
-        eigenvalues = values[:count][top]
-        eigenvectors = vectors[:count][top]
-        residuals = residuals[:count][top]
     else:
         budget = max_hvps or 1000 * (top_k + 1)
         eigenvalues, eigenvectors, residuals, minimum, converged = (
@@ -806,15 +1059,15 @@ def spectrum(
     if not converged:
         warnings.warn(
             f"Hessian spectrum ({method}) did not reach tol={tol} within its "
-            f"HVP budget ({hvp.count} HVPs); returning the best estimates. "
-            "Pass a larger `max_hvps` or `tol`.",
+            f"HVP budget ({hvp.count - first} HVPs); returning the best "
+            "estimates. Pass a larger `max_hvps` or `tol`.",
             stacklevel=2,
         )
     return Spectrum(
         eigenvalues=np.asarray(eigenvalues, np.float64),
         eigenvectors=np.asarray(eigenvectors, np.float64),
         residuals=np.asarray(residuals, np.float64),
-        hvp_count=hvp.count,
+        hvp_count=hvp.count - first,
         converged=bool(converged),
         min_eigenvalue=None if minimum is None else float(minimum[0]),
         min_eigenvector=None if minimum is None else minimum[1],
@@ -822,15 +1075,69 @@ def spectrum(
     )
 
 
-def trace(model, data, num_samples=100, seed=None, hvp_mode=None):
+def _check_spectrum_args(method, top_k, smallest, tol, max_hvps, max_vectors):
+    if method not in SPECTRUM_METHODS:
+        raise ValueError(
+            "Invalid value for argument `method`. Expected one of "
+            f"{SPECTRUM_METHODS}. Received: method={method!r}"
+        )
+    check_positive_int("top_k", top_k)
+    check_bool("smallest", smallest)
+    check_tol(tol)
+    if max_hvps is not None:
+        check_positive_int("max_hvps", max_hvps)
+    if max_vectors is not None and (
+        check_positive_int("max_vectors", max_vectors)
+        < top_k + int(smallest) + 3
+    ):
+        raise invalid(
+            "max_vectors", "at least top_k + smallest + 3 (the wanted pairs "
+            "and room to grow between restarts)", max_vectors,
+        )
+
+
+def _lanczos_spectrum(hvp, top_k, smallest, tol, max_hvps, max_vectors,
+                      init, rng):
+    """Runs `_lanczos` and sorts its pairs as `Spectrum` wants them.
+
+    Returns `(eigenvalues, eigenvectors, residuals, minimum, converged)`,
+    eigenvectors as float64 NumPy, `minimum` as in `_power_spectrum`.
+    """
+    n = hvp.num_params
+    wanted = top_k + int(smallest)
+    steps = max_hvps or 200 + 20 * wanted
+    capacity = min(n + 1, max_vectors or max(20, 2 * wanted + 10))
+    if len(init) and np.linalg.norm(init.sum(axis=0)) >= 1e-8:
+        start = hvp.to_tensor(init.sum(axis=0))
+    else:  # cold, or e.g. v and -v: a random start
+        start = _random_vector(rng, n, hvp.dtype)
+    values, vectors, residuals, converged = _lanczos(
+        hvp, top_k, smallest, tol, steps, capacity, start, rng
+    )
+    vectors = vectors.numpy().astype(np.float64)
+    count = min(top_k, n)
+    top = np.argsort(values[:count])[::-1]
+    minimum = None
+    if smallest:
+        low = int(np.argmin(values))
+        minimum = (values[low], vectors[low], residuals[low])
+    return (values[:count][top], vectors[:count][top],
+            residuals[:count][top], minimum, converged)
+
+
+def trace(model, data=None, num_samples=100, seed=None, hvp_mode=None):
     """Estimates the Hessian trace with Hutchinson's estimator.
 
     `tr(H) = E[z^T H z]` for Rademacher `z` (entries +-1 with probability
     1/2), which has the smallest variance among i.i.d. probe distributions.
+    The probes are drawn on the model's device (stateless ops seeded from a
+    NumPy generator) and never pass through the host.
 
     Args:
-        model: a built, compiled Keras model (see `make_hvp`).
-        data: a batch, list of batches or finite dataset (see `make_hvp`).
+        model: a built, compiled Keras model (see `make_hvp`), or a
+            `HessianVectorProduct` to reuse (then `data` must be `None`).
+        data: a batch, list of batches, finite dataset or `ProbeData` (see
+            `make_hvp`). Defaults to `None` (only with an operator).
         num_samples: number of probes (= HVPs). Defaults to `100`.
         seed: seed of the NumPy generator drawing the probes. Defaults to
             `None`.
@@ -844,55 +1151,65 @@ def trace(model, data, num_samples=100, seed=None, hvp_mode=None):
         influence matrix for Laplacian smoothing splines", Communications in
         Statistics - Simulation and Computation 18(3), 1989.
     """
-    if isinstance(num_samples, bool) or not isinstance(
-        num_samples, (int, np.integer)
-    ) or num_samples < 1:
-        raise ValueError(
-            "Invalid value for argument `num_samples`. Expected a positive "
-            f"integer. Received: num_samples={num_samples!r}"
-        )
-    hvp = make_hvp(model, data, hvp_mode=hvp_mode)
-    rng = np.random.default_rng(seed)
+    check_positive_int("num_samples", num_samples)
+    rng = np.random.default_rng(check_seed(seed))
+    hvp = _operator(model, data, hvp_mode)
     samples = np.empty(num_samples)
     for i in range(num_samples):
-        z = rng.integers(0, 2, size=hvp.num_params) * 2.0 - 1.0
-        samples[i] = z @ hvp(z)
+        z = _random_vector(rng, hvp.num_params, hvp.dtype, rademacher=True)
+        samples[i] = float(_dot64(z, hvp.apply(z)))
     stderr = (
         float(samples.std(ddof=1) / math.sqrt(num_samples))
         if num_samples > 1 else float("nan")
     )
-    return TraceEstimate(float(samples.mean()), stderr, hvp.count)
+    return TraceEstimate(float(samples.mean()), stderr, num_samples)
+
+
+@tf.function(reduce_retracing=True)
+def _dot64(a, b):
+    # float64 accumulation: a float32 sum over millions of terms loses digits.
+    return tf.reduce_sum(tf.cast(a, tf.float64) * tf.cast(b, tf.float64))
 
 
 def _slq_probe(hvp, q, steps):
-    """Plain Lanczos (full reorthogonalisation) from unit `q`: (nodes, weights)."""
-    n = hvp.num_params
-    basis = np.empty((steps, n))
-    alphas, betas = [], []
-    for m in range(steps):
-        basis[m] = q
-        w = hvp(q)
-        alpha = float(q @ w)
-        w = w - alpha * q
-        if m > 0:
-            w = w - betas[-1] * basis[m - 1]
-        w = _orthogonalise(w, basis[: m + 1])
-        alphas.append(alpha)
-        beta = float(np.linalg.norm(w))
-        scale = max(abs(a) for a in alphas) + (max(betas) if betas else 0.0)
-        if m + 1 == steps or beta <= 1e-6 * scale:
-            break  # done, or the Krylov space is invariant: quadrature exact
-        betas.append(beta)
-        q = w / beta
-    theta, s = scipy.linalg.eigh_tridiagonal(
-        np.array(alphas), np.array(betas)
-    )
+    """Gauss quadrature nodes and weights of one SLQ probe.
+
+    Plain Lanczos from unit `q` (the same `_Lanczos` as `spectrum`, with
+    room for all `steps` vectors and no restart, which would change the
+    quadrature). Stops early on an invariant Krylov space, where the
+    quadrature is exact. Returns `(nodes, weights)`.
+    """
+    lanczos = _Lanczos(hvp, steps + 1, q)
+    for _ in range(steps):
+        if lanczos.step(1e-6):
+            break
+    m = lanczos.m
+    block = lanczos.coeffs[:m, :m]
+    theta, s = np.linalg.eigh(0.5 * (block + block.T))
     return theta, s[0] ** 2
+
+
+def _check_grid(grid):
+    """`grid` as an int (>= 2 points) or a finite increasing float64 array."""
+    expected = ("an integer >= 2 or an increasing array of at least 2 finite "
+                "points")
+    if np.ndim(grid) == 0:
+        if check_positive_int("grid", grid) < 2:
+            raise invalid("grid", expected, grid)
+        return int(grid)
+    try:
+        points = np.asarray(grid, np.float64)
+    except (TypeError, ValueError):
+        raise invalid("grid", expected, grid) from None
+    if points.ndim != 1 or points.size < 2 or not np.all(
+            np.isfinite(points)) or not np.all(np.diff(points) > 0):
+        raise invalid("grid", expected, grid)
+    return points
 
 
 def density(
     model,
-    data,
+    data=None,
     num_probes=4,
     num_steps=40,
     seed=None,
@@ -907,23 +1224,28 @@ def density(
     `m` Lanczos steps: nodes are the Ritz values, weights the squared first
     components of the Ritz vectors. Averaging over probes estimates the
     normalised eigenvalue density `(1/n) sum_i delta(t - lambda_i)`, which
-    is then smoothed with a Gaussian kernel of width `sigma`.
+    is then smoothed with a Gaussian kernel of width `sigma`. The Lanczos
+    vectors (`num_steps + 1` of them) stay on the model's device.
 
     Args:
-        model: a built, compiled Keras model (see `make_hvp`).
-        data: a batch, list of batches or finite dataset (see `make_hvp`).
+        model: a built, compiled Keras model (see `make_hvp`), or a
+            `HessianVectorProduct` to reuse (then `data` must be `None`).
+        data: a batch, list of batches, finite dataset or `ProbeData` (see
+            `make_hvp`). Defaults to `None` (only with an operator).
         num_probes: number of random probes. Defaults to `4`.
         num_steps: Lanczos steps per probe (capped at the number of
             parameters). Defaults to `40`.
         seed: seed of the NumPy generator drawing the probes. Defaults to
             `None`.
-        grid: number of evenly spaced grid points, or an increasing array of
-            points. A generated grid spans the extreme nodes extended by
-            `5 * sigma + 0.01 * width` on each side, so it covers the true
-            `[lambda_min, lambda_max]` (extreme Ritz values converge first)
-            and the kernel tails. Defaults to `1000`.
-        sigma: Gaussian kernel standard deviation. Defaults to `None`:
-            1% of the node range (`max(nodes) - min(nodes)`).
+        grid: number of evenly spaced grid points (>= 2), or an increasing
+            array of at least 2 finite points. A generated grid spans the
+            extreme nodes extended by `5 * sigma + 0.01 * width` on each
+            side, so it covers the true `[lambda_min, lambda_max]` (extreme
+            Ritz values converge first) and the kernel tails. Defaults to
+            `1000`.
+        sigma: Gaussian kernel standard deviation, a positive finite
+            number. Defaults to `None`: 1% of the node range
+            (`max(nodes) - min(nodes)`).
         hvp_mode: see `make_hvp`. Defaults to `None`.
 
     Returns:
@@ -936,30 +1258,27 @@ def density(
         matrices", SIAM Review 58(1), 2016.
         Z. Yao et al., "PyHessian", IEEE BigData 2020.
     """
-    for name, value in (("num_probes", num_probes), ("num_steps", num_steps)):
-        if isinstance(value, bool) or not isinstance(
-            value, (int, np.integer)
-        ) or value < 1:
-            raise ValueError(
-                f"Invalid value for argument `{name}`. Expected a positive "
-                f"integer. Received: {name}={value!r}"
-            )
-    if sigma is not None and not sigma > 0:
-        raise ValueError(
-            "Invalid value for argument `sigma`. Expected a positive float "
-            f"or None. Received: sigma={sigma!r}"
-        )
-    hvp = make_hvp(model, data, hvp_mode=hvp_mode)
-    n = hvp.num_params
-    rng = np.random.default_rng(seed)
+    check_positive_int("num_probes", num_probes)
+    check_positive_int("num_steps", num_steps)
+    if sigma is not None:
+        sigma = check_positive("sigma", sigma)
+    grid = _check_grid(grid)
+    rng = np.random.default_rng(check_seed(seed))
+    hvp = _operator(model, data, hvp_mode)
+    first, n = hvp.count, hvp.num_params
     nodes, weights = [], []
     for _ in range(num_probes):
-        z = rng.integers(0, 2, size=n) * 2.0 - 1.0
-        theta, tau = _slq_probe(hvp, z / math.sqrt(n), min(num_steps, n))
+        z = _random_vector(rng, n, hvp.dtype, rademacher=True)
+        theta, tau = _slq_probe(hvp, z, min(num_steps, n))
         nodes.append(theta)
         weights.append(tau / num_probes)
     nodes = np.concatenate(nodes)
     weights = np.concatenate(weights)
+    return _smoothed(nodes, weights, grid, sigma, hvp.count - first)
+
+
+def _smoothed(nodes, weights, grid, sigma, hvp_count):
+    """The `Density` of quadrature `nodes`/`weights` on `grid`."""
     lo, hi = float(nodes.min()), float(nodes.max())
     width = hi - lo
     if sigma is None:
@@ -968,7 +1287,7 @@ def density(
         pad = 5.0 * sigma + 0.01 * width
         points = np.linspace(lo - pad, hi + pad, int(grid))
     else:
-        points = np.asarray(grid, np.float64)
+        points = grid
     kernel = np.exp(-0.5 * ((points[:, None] - nodes[None, :]) / sigma) ** 2)
     values = kernel @ weights / (sigma * math.sqrt(2.0 * math.pi))
-    return Density(points, values, nodes, weights, float(sigma), hvp.count)
+    return Density(points, values, nodes, weights, float(sigma), hvp_count)
