@@ -1,44 +1,45 @@
-"""Writes TensorBoard event files from numbers on the host.
+"""Writes gradmon's numbers: one writer interface, an event-file and an in-memory backend.
 
-One writer interface (as in CLU's metric writers): `write_scalars(step,
-mapping)`, `write_histograms(step, mapping)`, `close()`. Summaries
-are built as protobufs directly (no TF ops), so writing many scalars per
-step costs microseconds, and nothing here ever runs inside a compiled step.
-Each tag's description (from `gradmon.tags.describe`) is written with its
-first value, which is where TensorBoard reads it from.
+As CLU's metric writers: `MetricWriter` declares `write_scalars(step,
+mapping)`, `write_histograms(step, mapping)`, `write_layout(layout)`,
+`flush()` and `close()`; `SummaryWriter` writes TensorBoard event files,
+`MemoryWriter` keeps everything in lists for tests. Nothing here runs inside
+a compiled step: writers take numbers on the host.
+
+`SummaryWriter` never ends training because of the disk. A full disk, a
+removed directory or a file that can no longer be written gives one warning
+(per kind of failure), the events are counted in `dropped`, and writing
+resumes in a fresh event file when it can. Only `open()`, before the first
+step, raises for a directory that cannot be written.
 """
 
+import abc
+import errno
 import itertools
+import logging
 import os
 import socket
+import struct
 import time
+import warnings
 
 import numpy as np
 import tensorflow as tf
 from tensorboard.compat.proto import event_pb2, summary_pb2, tensor_pb2, tensor_shape_pb2, types_pb2
+from tensorboard.plugins.custom_scalar import layout_pb2
 from tensorboard.plugins.custom_scalar import metadata as custom_scalar_metadata
 from tensorboard.plugins.histogram import metadata as histogram_metadata
-from tensorboard.plugins.scalar import metadata as scalar_metadata
+from tensorboard.plugins.scalar import summary_v2 as scalar_summary
+from tensorboard.util import tensor_util
 
 from gradmon import tags
+from gradmon._validation import check_log_dir, check_non_negative, check_non_negative_int, invalid
 
-_SCALAR_SHAPE = tensor_shape_pb2.TensorShapeProto()
-
-
-def _scalar_tensor(value):
-    return tensor_pb2.TensorProto(
-        dtype=types_pb2.DT_FLOAT, tensor_shape=_SCALAR_SHAPE, float_val=[float(value)]
-    )
+_logger = logging.getLogger(__name__)
 
 
-def _histogram_tensor(buckets):
-    buckets = np.asarray(buckets, dtype=np.float64)
-    shape = tensor_shape_pb2.TensorShapeProto(
-        dim=[tensor_shape_pb2.TensorShapeProto.Dim(size=n) for n in buckets.shape]
-    )
-    return tensor_pb2.TensorProto(
-        dtype=types_pb2.DT_DOUBLE, tensor_shape=shape, double_val=buckets.ravel().tolist()
-    )
+class WriteFailureWarning(RuntimeWarning):
+    """An event file could not be written; training goes on without those summaries."""
 
 
 def histogram_buckets(low, high, counts):
@@ -46,6 +47,14 @@ def histogram_buckets(low, high, counts):
 
     As TensorBoard's own `histogram_pb`: equal-width buckets over `[low, high]`;
     when `low == high` every edge is `low` and the last bucket holds all counts.
+
+    Args:
+        low: left edge of the first bucket.
+        high: right edge of the last bucket.
+        counts: `k` bucket counts.
+
+    Returns:
+        A float64 array of shape `[k, 3]`.
     """
     counts = np.asarray(counts, dtype=np.float64)
     if high > low:
@@ -56,127 +65,510 @@ def histogram_buckets(low, high, counts):
     return np.stack([left, right, counts], axis=1)
 
 
-class SummaryWriter:
-    """An event-file writer for one run directory (created on first write).
+def merge_layouts(current, new):
+    """The union of two custom-scalars layouts, categories and charts matched by title.
 
-    Every write is flushed to the file at once (a few microseconds): an
-    exception or a KeyboardInterrupt inside `fit` leaves an event file
-    holding everything written until then. Callbacks share one writer per
-    directory (`SummaryWriter.shared`): TensorBoard follows only the newest
-    event file of a run while it is being written (unless started with
-    `--reload_multifile=true`), so gradmon keeps its summaries in one file.
+    TensorBoard shows only the latest layout of a run, so monitors sharing a
+    run directory each add their categories to what is there. A chart of
+    `new` replaces the chart of the same title in the same category.
 
     Args:
-        logdir: directory of the event file, e.g. `<log_dir>/train`.
+        current: a `layout_pb2.Layout`, or `None`.
+        new: a `layout_pb2.Layout`.
+
+    Returns:
+        A new `layout_pb2.Layout`; the arguments are not modified.
+    """
+    if not isinstance(new, layout_pb2.Layout):
+        raise invalid("layout", "a tensorboard.plugins.custom_scalar.layout_pb2.Layout", new)
+    merged = layout_pb2.Layout()
+    if current is not None:
+        merged.CopyFrom(current)
+    merged.version = max(merged.version, new.version)
+    for category in new.category:
+        target = next((c for c in merged.category if c.title == category.title), None)
+        if target is None:
+            merged.category.add().CopyFrom(category)
+            continue
+        target.closed = category.closed
+        for chart in category.chart:
+            same = next((c for c in target.chart if c.title == chart.title), None)
+            (same if same is not None else target.chart.add()).CopyFrom(chart)
+    return merged
+
+
+def _check_buckets(tag, buckets):
+    buckets = np.asarray(buckets, dtype=np.float64)
+    if buckets.ndim != 2 or buckets.shape[1] != 3:
+        raise invalid(f"histograms[{tag!r}]", "an array of shape [k, 3] (see histogram_buckets)",
+                      buckets.shape)
+    return buckets
+
+
+class MetricWriter(abc.ABC):
+    """What gradmon's callbacks write through (CLU's `MetricWriter`).
+
+    `open()` and `close()` pair up around a run; `write_custom_scalar_layout`
+    is the older name of `write_layout`.
+    """
+
+    def open(self):
+        """Prepares for writing; returns `self`. Pairs with `close`."""
+        return self
+
+    @abc.abstractmethod
+    def write_scalars(self, step, mapping):
+        """Writes `{tag: number}` at `step`."""
+
+    @abc.abstractmethod
+    def write_histograms(self, step, mapping):
+        """Writes `{tag: [k, 3] buckets}` (see `histogram_buckets`) at `step`."""
+
+    @abc.abstractmethod
+    def write_layout(self, layout):
+        """Adds a custom-scalars `layout_pb2.Layout` to the run's layout (see `merge_layouts`)."""
+
+    def write_custom_scalar_layout(self, layout):
+        """Same as `write_layout`."""
+        return self.write_layout(layout)
+
+    def flush(self):
+        """Makes everything written so far durable (a no-op where nothing is buffered)."""
+
+    def close(self):
+        """Ends one `open`."""
+
+
+class MemoryWriter(MetricWriter):
+    """Keeps what is written in memory, for tests.
+
+    Attributes:
+        scalars: `{tag: [(step, float), ...]}` in write order.
+        histograms: `{tag: [(step, [k, 3] array), ...]}`.
+        descriptions: `{tag: description}` from `gradmon.tags.describe`, on first write.
+        layout: the merged custom-scalars layout, or `None`.
+        layouts: every merged layout written, in order.
+        opened: number of `open` calls not yet closed.
+    """
+
+    def __init__(self):
+        self.scalars = {}
+        self.histograms = {}
+        self.descriptions = {}
+        self.layout = None
+        self.layouts = []
+        self.opened = 0
+
+    def open(self):
+        self.opened += 1
+        return self
+
+    def _describe(self, tag):
+        if tag not in self.descriptions:
+            self.descriptions[tag] = tags.describe(tag)
+
+    def write_scalars(self, step, mapping):
+        for tag, value in mapping.items():
+            self._describe(tag)
+            self.scalars.setdefault(tag, []).append((int(step), float(value)))
+
+    def write_histograms(self, step, mapping):
+        for tag, buckets in mapping.items():
+            buckets = _check_buckets(tag, buckets)
+            self._describe(tag)
+            self.histograms.setdefault(tag, []).append((int(step), buckets.copy()))
+
+    def write_layout(self, layout):
+        self.layout = merge_layouts(self.layout, layout)
+        self.layouts.append(self.layout)
+
+    def close(self):
+        self.opened = max(self.opened - 1, 0)
+
+
+_SCALAR_SHAPE = tensor_shape_pb2.TensorShapeProto()
+_DOUBLE = struct.Struct("<d")
+# A float32 whose bytes (0xff 0xfe 0xfd 0x7e) cannot occur in an ASCII tag.
+_MARKER = np.frombuffer(b"\xff\xfe\xfd\x7e", "<f4")[0]
+
+
+def _varint(value):
+    """Protobuf base-128 varint of an int64 (negative numbers as 10 bytes, as protobuf does)."""
+    value &= 0xFFFFFFFFFFFFFFFF
+    out = bytearray()
+    while value > 0x7F:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+class _ScalarTemplate:
+    """A serialized `Summary` of fixed tags whose float32 values are patched in place.
+
+    Building ~50 protobuf messages per step, or even refilling cached ones,
+    costs more than the statistics themselves; here a step costs one numpy
+    scatter into the serialized bytes. The summary carries no metadata: the
+    first write of each tag (with its description) goes through protobuf.
+    """
+
+    def __init__(self, tag_names):
+        pieces, positions, offset = [], [], 0
+        for tag in tag_names:
+            value = summary_pb2.Summary.Value(tag=tag, tensor=tensor_pb2.TensorProto(
+                dtype=types_pb2.DT_FLOAT, tensor_shape=_SCALAR_SHAPE, float_val=[_MARKER]))
+            data = value.SerializeToString()
+            # the packed float is the last field of the last field (field order is
+            # ascending on the wire); checked, not assumed
+            if not data.endswith(_MARKER.tobytes()):
+                raise ValueError(f"unexpected serialization of a scalar summary: {data!r}")
+            piece = b"\x0a" + _varint(len(data)) + data  # Summary.value, field 1
+            offset += len(piece)
+            positions.append(offset - 4)
+            pieces.append(piece)
+        self._bytes = np.frombuffer(b"".join(pieces), np.uint8).copy()
+        self._index = (np.asarray(positions)[:, None] + np.arange(4)).ravel()
+        self._summary_key = b"\x2a" + _varint(self._bytes.size)  # Event.summary, field 5
+        self._count = len(positions)
+
+    def event(self, step, values):
+        """Serialized `Event` at `step` holding `values` (in the template's tag order)."""
+        floats = np.fromiter(values, dtype="<f4", count=self._count)
+        self._bytes[self._index] = floats.view(np.uint8)
+        return b"".join((b"\x09", _DOUBLE.pack(time.time()), b"\x10", _varint(int(step)),
+                         self._summary_key, self._bytes.tobytes()))
+
+
+def _failure_kind(error):
+    """Groups write errors so that each kind is reported once."""
+    code = getattr(error, "errno", None)
+    if isinstance(error, tf.errors.ResourceExhaustedError) or code in (errno.ENOSPC, errno.EDQUOT,
+                                                                        errno.EFBIG):
+        return "no space"
+    if isinstance(error, tf.errors.NotFoundError) or code == errno.ENOENT:
+        return "missing"
+    if isinstance(error, tf.errors.PermissionDeniedError) or code in (errno.EACCES, errno.EPERM,
+                                                                       errno.EROFS):
+        return "permission"
+    return type(error).__name__
+
+
+class SummaryWriter(MetricWriter):
+    """TensorBoard event files for one run directory.
+
+    Every write is flushed to the file at once (a few microseconds): an
+    exception or a KeyboardInterrupt inside `fit` leaves an event file holding
+    everything written until then. Callbacks share one writer per directory
+    (`SummaryWriter.shared`): TensorBoard follows only the newest event file
+    of a run while it is being written (unless started with
+    `--reload_multifile=true`), so gradmon keeps its summaries in one file.
+
+    `open()` raises if the directory cannot be written. Later failures (disk
+    full, directory removed, file no longer writable) warn once per kind, count
+    the lost events in `dropped` and never raise: the file is cut back to its
+    last whole record, and on a later write (at most every `retry_seconds`) a
+    fresh event file is started in `logdir`, recreating it if needed.
+
+    Args:
+        logdir: directory of the event files, e.g. `<log_dir>/train`.
+        retry_seconds: least time between a failure and the next attempt at a
+            fresh event file. Defaults to `10.0`.
+        max_retries: failed attempts at a fresh file after which the writer
+            stops for the rest of the run (said once); `None` never stops.
+            Defaults to `None`.
+        check_seconds: how often the event file is looked for on disk: a file
+            removed while open takes writes without any error. Defaults to `1.0`.
+
+    Attributes:
+        dropped: events not written since this writer was made. Events written
+            to a file that is then found removed count from the last time the
+            file was seen.
+        path: the event file being written, or `None`.
     """
 
     _shared = {}
     _file_counter = itertools.count()
+    # TF's writer computes the CRCs in C++ (tensorboard's pure-Python CRC32C
+    # costs ~0.8 ms per step). Tests replace it to simulate a failing file.
+    _record_writer = staticmethod(tf.io.TFRecordWriter)
 
-    def __init__(self, logdir):
-        self.logdir = logdir
+    def __init__(self, logdir, retry_seconds=10.0, max_retries=None, check_seconds=1.0):
+        self.logdir = check_log_dir(logdir)
+        self.retry_seconds = check_non_negative("retry_seconds", retry_seconds)
+        self.max_retries = None if max_retries is None else check_non_negative_int(
+            "max_retries", max_retries)
+        self.check_seconds = check_non_negative("check_seconds", check_seconds)
+        self.dropped = 0
+        self.path = None
         self._writer = None
         self._users = 0
-        self._described = set()
-        self._scalar_events = {}
+        self._layout = None
+        self._reset_file_state(0)
+        self._reset_failures()
 
     @classmethod
-    def shared(cls, logdir):
-        """The writer every gradmon callback of this process uses for `logdir`."""
+    def shared(cls, logdir, run=None):
+        """The writer every gradmon callback of this process uses for a directory.
+
+        Args:
+            logdir: the run directory, or the log directory when `run` is given.
+            run: a subdirectory of `logdir` (e.g. `"train"`), so that an empty
+                `logdir` is refused rather than read as the root. Defaults to `None`.
+
+        Returns:
+            The `SummaryWriter` of `logdir/run`, made on first use.
+        """
+        logdir = check_log_dir(logdir)
+        if run is not None:
+            parts = str(run).replace("\\", "/").split("/")
+            if not isinstance(run, str) or os.path.isabs(run) or any(p in ("", ".", "..") for p in parts):
+                raise invalid("run", "a relative subdirectory such as 'train'", run)
+            logdir = os.path.join(logdir, run)
         key = os.path.abspath(logdir)
         if key not in cls._shared:
             cls._shared[key] = cls(logdir)
         return cls._shared[key]
 
     def open(self):
-        """Creates the directory and the event file now (raises if it cannot); pairs with `close`."""
-        self._ensure_file()
+        """Starts an event file now unless one is open; pairs with `close`.
+
+        Returns:
+            `self`.
+
+        Raises:
+            ValueError: naming `log_dir`, if the directory or file cannot be written.
+        """
+        if self._writer is None:
+            self._reset_failures()
+            try:
+                self._start_file()
+            except (OSError, tf.errors.OpError) as error:
+                message = invalid("log_dir", "a writable directory", self.logdir)
+                raise ValueError(f"{message} ({error})") from error
         self._users += 1
         return self
 
-    def _ensure_file(self):
-        if self._writer is None:
-            try:
-                os.makedirs(self.logdir, exist_ok=True)
-                name = "events.out.tfevents.%010d.%s.%d.%d.gradmon.v2" % (
-                    time.time(), socket.gethostname(), os.getpid(), next(self._file_counter))
-                # Event files are TFRecord files; TF's writer computes the CRCs in C++
-                # (tensorboard's pure-Python CRC32C costs ~0.8 ms per step).
-                self._writer = tf.io.TFRecordWriter(os.path.join(self.logdir, name))
-                self._write_event(event_pb2.Event(wall_time=time.time(), file_version="brain.Event:2"))
-            except (OSError, tf.errors.OpError) as error:
-                raise ValueError(
-                    "Invalid value for argument `log_dir`. Expected a writable "
-                    f"directory. Received: log_dir={self.logdir!r} ({error})"
-                ) from error
+    def _reset_file_state(self, size):
+        self._size = size  # bytes of whole, flushed records: a failure cuts the file back to it
+        self._data_records = 0
+        self._unseen = 0  # records written since the file was last seen on disk
+        self._next_check = time.monotonic() + self.check_seconds
+        self._described = set()
+        self._templates = {}
 
-    def _metadata(self, tag, plugin):
+    def _reset_failures(self):
+        self._failing = False
+        self._stopped = False
+        self._retries = 0
+        self._retry_at = 0.0
+        self._warned = set()
+
+    def _start_file(self):
+        """Opens a fresh event file holding the header (and the layout so far); raises on failure."""
+        os.makedirs(self.logdir, exist_ok=True)
+        name = "events.out.tfevents.%010d.%s.%d.%d.gradmon.v2" % (
+            time.time(), socket.gethostname(), os.getpid(), next(self._file_counter))
+        path = os.path.join(self.logdir, name)
+        writer = self._record_writer(path)
+        records = [event_pb2.Event(wall_time=time.time(), file_version="brain.Event:2").SerializeToString()]
+        if self._layout is not None:  # a new file may be all that is left of the run
+            records.append(self._layout_event())
+        try:
+            for data in records:
+                writer.write(data)
+            writer.flush()
+        except (OSError, tf.errors.OpError):
+            self._writer, self.path, self._data_records = writer, path, 0
+            self._release_file(failed=True)
+            raise
+        self._writer, self.path = writer, path
+        self._reset_file_state(sum(len(data) + 16 for data in records))
+
+    def _release_file(self, failed):
+        """Closes the event file; after a failure leaves only its whole records."""
+        writer, path = self._writer, self.path
+        self._writer = self.path = None
+        try:
+            writer.close()
+        except (OSError, tf.errors.OpError):
+            failed = True  # every write was flushed, so close loses nothing we counted
+        if not failed:
+            return
+        try:
+            if self._data_records == 0:
+                os.remove(path)  # only a header: not worth a file per retry
+            else:
+                # appending after a partial record would make the rest unreadable
+                os.truncate(path, self._size)
+        except OSError:
+            pass  # e.g. the directory is gone: nothing is left to repair
+
+    def _warn(self, kind, message):
+        if kind not in self._warned:
+            self._warned.add(kind)
+            warnings.warn(message, WriteFailureWarning, stacklevel=4)
+
+    def _record_failure(self, error):
+        """Reports a failed write or a failed attempt at a fresh file."""
+        if self._failing:
+            self._retries += 1
+        self._failing = True
+        self._retry_at = time.monotonic() + self.retry_seconds
+        self._warn(_failure_kind(error), (
+            f"gradmon could not write TensorBoard summaries to {self.path or self.logdir!r}: "
+            f"{error}. Training continues without them; a fresh event file in "
+            f"{self.logdir!r} is tried at most every {self.retry_seconds:g} s "
+            "(`SummaryWriter.dropped` counts the events lost)."))
+        if self.max_retries is not None and self._retries >= self.max_retries:
+            self._stopped = True
+            self._warn("stopped", (
+                f"gradmon stops writing TensorBoard summaries to {self.logdir!r} for the rest "
+                f"of this run after {self._retries + 1} failures; last error: {error}"))
+
+    def _file_present(self):
+        """Whether the open event file is still on disk (looked at every `check_seconds`)."""
+        now = time.monotonic()
+        if now < self._next_check:
+            return True
+        self._next_check = now + self.check_seconds
+        if os.path.exists(self.path):
+            self._unseen = 0
+            return True
+        self.dropped += self._unseen  # they went to a file nobody can read
+        self._record_failure(FileNotFoundError(
+            errno.ENOENT, "the event file was removed while being written", self.path))
+        self._release_file(failed=False)
+        self._retry_at = now  # the directory may be recreated at once
+        return False
+
+    def _ready(self):
+        """Whether an event file is open, starting one if none is and it is time to try.
+
+        Returns:
+            `False` when the next event has to be dropped.
+        """
+        if self._writer is not None and self._file_present():
+            return True
+        if self._stopped or (self._failing and time.monotonic() < self._retry_at):
+            return False
+        try:
+            self._start_file()
+        except (OSError, tf.errors.OpError) as error:
+            self._record_failure(error)
+            return False
+        if self._failing:
+            _logger.info("gradmon writes TensorBoard summaries again, to %s (%d events dropped so far)",
+                         self.path, self.dropped)
+        self._failing = False
+        self._retries = 0
+        return True
+
+    def _append(self, data):
+        """Writes one serialized event to the open file; a failure drops it and ends the file."""
+        try:
+            self._writer.write(data)
+            self._writer.flush()
+        except (OSError, tf.errors.OpError) as error:
+            self.dropped += 1
+            self._record_failure(error)
+            self._release_file(failed=True)
+            return
+        self._size += len(data) + 16  # TFRecord framing: length, its CRC, data, its CRC
+        self._data_records += 1
+        self._unseen += 1
+
+    def _event(self, step, values):
+        return event_pb2.Event(wall_time=time.time(), step=int(step),
+                               summary=summary_pb2.Summary(value=values)).SerializeToString()
+
+    def _description(self, tag):
+        """`tags.describe(tag)` on the tag's first write to this file, else `None`."""
         if tag in self._described:
             return None
         self._described.add(tag)
-        return plugin.create_summary_metadata(display_name=None, description=tags.describe(tag))
+        return tags.describe(tag)
 
-    def _write(self, step, values):
-        if not values:
-            return
-        self._ensure_file()
-        self._write_event(event_pb2.Event(
-            wall_time=time.time(), step=int(step), summary=summary_pb2.Summary(value=values)))
-
-    def _write_event(self, event):
-        self._writer.write(event.SerializeToString())
-        self._writer.flush()
+    def _scalar_value(self, tag, value):
+        description = self._description(tag)
+        (summary_value,) = scalar_summary.scalar_pb(tag, value, description=description).value
+        if description is None:
+            summary_value.ClearField("metadata")  # TensorBoard keeps a tag's first metadata
+        return summary_value
 
     def write_scalars(self, step, mapping):
-        """Writes `{tag: number}` at `step`."""
-        self._ensure_file()
-        tags_key = tuple(mapping)
-        event = self._scalar_events.get(tags_key)
-        if event is None or any(tag not in self._described for tag in tags_key):
-            # first time for this set of tags: a fresh event, with descriptions
-            self._write(step, self._described_values(mapping, _scalar_tensor, scalar_metadata))
-            # later steps refill a cached event in place: building ~50 protobuf
-            # messages per step would cost more than the statistics themselves
-            self._scalar_events[tags_key] = event_pb2.Event(summary=summary_pb2.Summary(value=[
-                summary_pb2.Summary.Value(tag=tag, tensor=_scalar_tensor(0.0)) for tag in tags_key]))
+        """Writes `{tag: number}` at `step` as one event (numbers stored as float32)."""
+        if not mapping:
             return
-        for slot, value in zip(event.summary.value, mapping.values()):
-            slot.tensor.float_val[0] = value
-        event.step = int(step)
-        event.wall_time = time.time()
-        self._write_event(event)
+        if not self._ready():
+            self.dropped += 1
+            return
+        tag_names = tuple(mapping)
+        template = self._templates.get(tag_names)
+        if template:
+            self._append(template.event(step, mapping.values()))
+            return
+        # first time for these tags in this file: protobuf, with descriptions
+        self._append(self._event(step, [self._scalar_value(t, v) for t, v in mapping.items()]))
+        if template is None:
+            try:
+                self._templates[tag_names] = _ScalarTemplate(tag_names)
+            except ValueError:
+                self._templates[tag_names] = False  # protobuf serialized unexpectedly: stay on it
 
     def write_histograms(self, step, mapping):
-        """Writes `{tag: [k, 3] buckets}` (see `histogram_buckets`) at `step`."""
-        self._write(step, self._described_values(mapping, _histogram_tensor, histogram_metadata))
-
-    def _described_values(self, mapping, make_tensor, plugin):
-        """Summary values for `{tag: data}`, with metadata on each tag's first write."""
+        """Writes `{tag: [k, 3] buckets}` (see `histogram_buckets`) at `step` as one event."""
+        checked = {tag: _check_buckets(tag, buckets) for tag, buckets in mapping.items()}
+        if not checked:
+            return
+        if not self._ready():
+            self.dropped += 1
+            return
         values = []
-        for tag, data in mapping.items():
-            v = summary_pb2.Summary.Value(tag=tag, tensor=make_tensor(data))
-            metadata = self._metadata(tag, plugin)
-            if metadata is not None:
-                v.metadata.CopyFrom(metadata)
-            values.append(v)
-        return values
+        for tag, buckets in checked.items():
+            value = summary_pb2.Summary.Value(
+                tag=tag, tensor=tensor_util.make_tensor_proto(buckets, dtype=np.float64))
+            description = self._description(tag)
+            if description is not None:
+                value.metadata.CopyFrom(histogram_metadata.create_summary_metadata(
+                    display_name=None, description=description))
+            values.append(value)
+        self._append(self._event(step, values))
 
-    def write_custom_scalar_layout(self, layout):
-        """Writes a custom-scalars `Layout` proto (TensorBoard reads the latest per run)."""
-        tensor = tensor_pb2.TensorProto(
-            dtype=types_pb2.DT_STRING, tensor_shape=_SCALAR_SHAPE,
-            string_val=[layout.SerializeToString()])
+    def _layout_event(self):
+        # as tensorboard's `custom_scalar.summary.pb`, which builds a TF-flavoured proto
         value = summary_pb2.Summary.Value(
-            tag=custom_scalar_metadata.CONFIG_SUMMARY_TAG, tensor=tensor,
+            tag=custom_scalar_metadata.CONFIG_SUMMARY_TAG,
+            tensor=tensor_util.make_tensor_proto(self._layout.SerializeToString()),
             metadata=custom_scalar_metadata.create_summary_metadata())
-        self._write(0, [value])
+        return self._event(0, [value])
+
+    def write_layout(self, layout):
+        """Merges `layout` into the run's custom-scalars layout and writes the result.
+
+        Args:
+            layout: a `layout_pb2.Layout`; see `merge_layouts`.
+        """
+        ready = self._ready()  # before merging: a fresh file starts with the merged layout
+        self._layout = merge_layouts(self._layout, layout)
+        if not ready:
+            self.dropped += 1
+            return
+        self._append(self._layout_event())
+
+    def flush(self):
+        """Every write is flushed already; kept for the `MetricWriter` interface."""
+        if self._writer is None:
+            return
+        try:
+            self._writer.flush()
+        except (OSError, tf.errors.OpError) as error:
+            self._record_failure(error)
+            self._release_file(failed=True)
 
     def close(self):
-        """Releases one `open`; the file is closed when no user is left."""
+        """Ends one `open`; the file is closed when no user is left."""
         self._users = max(self._users - 1, 0)
-        if self._users == 0 and self._writer is not None:
-            self._writer.close()
-            self._writer = None
-            self._described = set()
-            self._scalar_events = {}
-
+        if self._users == 0:
+            if self._writer is not None:
+                self._release_file(failed=False)
+            self._reset_failures()  # the next `open` is a new run, with its own warnings
