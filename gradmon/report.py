@@ -2,12 +2,15 @@
 
 Reading, judging and drawing are separate steps:
 
-- `load_run(logdir)` reads the scalar series of a run's event files with
-  TensorBoard's own reader.
+- `load_run(logdir)` reads the scalar series of a run's event files (its own
+  TFRecord reader: checksums verified, damage reported, no TensorFlow import).
 - `health_report(run)` turns them into a `HealthReport`: per-layer numbers,
-  the curvature trend, and flags.
+  the curvature trend, flags (problems) and notes (worth knowing).
 - `format_table`, `to_json` and `plot` display a report; `add_arguments` and
   `run_command` are the `gradmon summary` command line.
+
+Importing this module does not import TensorFlow (`gradmon summary` starts in
+well under a second); matplotlib is imported only to draw a PNG.
 
 Rows are layers. A layer is a logged variable path minus its last component
 (`model/dense/kernel` and `model/dense/bias` are the layer `model/dense`); its
@@ -15,6 +18,14 @@ gradient norm at a step is sqrt(sum of its variables' squared norms), i.e. the
 norm of the layer's gradient as one vector. For a run monitored with
 `grouping="layer"` the logged groups already are layers: pass
 `grouping="layer"` (`--grouping layer`) so that each group is its own row.
+
+Loss-scale overflows. Under mixed precision a `LossScaleOptimizer` skips the
+steps whose *scaled* gradient overflowed and halves its scale: that is how
+dynamic loss scaling finds its scale, not a gradient explosion. A logged step
+with a NaN/inf raw gradient is an overflow when `gradients/overflow_steps`
+rose at that step, or (runs written before that tag existed) when
+`gradients/loss_scale` fell there from a value above 1. Overflow steps are left
+out of every gradient series below; their number is reported as a note.
 
 Per-layer columns:
 
@@ -28,50 +39,75 @@ Per-layer columns:
 - non-finite: number of logged steps in which the layer's raw gradient had a
   NaN or inf entry (its per-variable `nonfinite` counts when logged, else the
   global `gradients/raw/nonfinite` count).
-- update ratio: ||w_after - w_before|| / ||w_before|| of the whole layer at the
-  last step, from the per-variable update ratios weighted by the variables'
-  weight norms (recovered as norm / grad_to_weight); when a weight norm cannot
-  be recovered (a zero gradient, or grad_to_weight not logged) it is the plain
-  mean of the variables' update ratios.
+- grad/weight and update ratio: ||g|| / ||w|| and ||w_after - w_before|| /
+  ||w_before|| of the whole layer at the last step. Weight norms are recovered
+  as norm / grad_to_weight. A ratio whose weight norm is 0 (a zero-initialised
+  bias) is undefined: a NaN ratio, or one logged as 0 while the gradient is
+  not 0 (older gradmon). The layer's update ratio leaves such variables out;
+  when every variable's ratio is undefined the layer's is "undefined" (`null`
+  in JSON). Without grad_to_weight the update ratio is the plain mean of the
+  variables' defined ratios. "-": not logged.
 - zeros: mean share of exactly-zero gradient entries over the last
   `tail_fraction` of steps (variables weighted by size, recovered as
   (norm / rms)^2; equal weights when a size cannot be recovered).
 
 Flags (thresholds are the fields of `Thresholds`; "early" steps are the first
-`baseline_fraction` of logged steps, the "tail" the last `tail_fraction`, each
-at least one step):
+`baseline_fraction` of logged steps with a finite norm, the "tail" the last
+`tail_fraction`, each at least one step):
 
 - exploding (global): the global raw gradient norm's final or peak value
   exceeds `explode_factor` (default 100) times its median over the early
-  steps, or any logged step had a NaN/inf raw gradient entry.
-- vanishing (per layer): the layer's final raw norm is below `vanish_ratio`
-  (default 1e-3) times the largest layer's final norm. Dead layers are reported
-  as dead only.
+  steps, or a logged step had a NaN/inf raw gradient entry that was not a
+  loss-scale overflow, or the loss scale fell below 1 (even the unscaled
+  gradient overflows).
+- vanishing (per layer), judged on the evidence that says whether a layer
+  learns. When update ratios are logged (defined for the layer and for at
+  least one other): the layer's median update ratio over the tail is below
+  `vanish_ratio` (default 1e-3) times the median of all layers' (under Adam
+  and other adaptive optimizers a small gradient does not mean a small step:
+  attention query/key kernels at initialisation have tiny gradients and
+  ordinary updates). Otherwise: the layer's final raw norm is below
+  `vanish_ratio` times the largest layer's final norm. The flag names the
+  evidence used. Dead layers are reported as dead only.
 - dead (per layer): the layer's zeros share over the tail is at least
   `dead_zero_fraction` (default 0.99), or its norm is exactly 0 at every tail
   step.
 - clipping (global): clipping changed the gradient in at least `clip_share`
-  (default 0.5) of the tail steps (global signal above); the detail lists the
-  layers clipped that often when per-layer norms are known.
+  (default 0.5) of the tail steps (global signal above); the detail names the
+  layers clipped that often, most often first.
 - edge_of_stability (global): lr * lambda_1 / 2 (`hessian/edge_of_stability`)
   exceeds `edge_of_stability` (default 1.1) at every Hessian probe in the last
   `tail_fraction` of probes. Above 1, plain gradient descent with this
   learning rate is unstable along the top Hessian eigenvector.
+
+Notes (not problems, but worth knowing):
+
+- inactive (per layer): the zeros share over the tail is at least
+  `inactive_zero_fraction` (default 0.5) but below the dead threshold: most
+  units pass no gradient (e.g. ReLUs that are mostly off).
+- loss_scale_overflow (global): steps the LossScaleOptimizer skipped.
+
+Embedding tables (variables named `embeddings`) are sparse by design: the rows
+of tokens absent from a batch get exact zeros. Their zeros share is shown but
+not judged (their layers are dead only when the norm is 0).
 """
 
 import argparse
 import dataclasses
+import functools
 import glob
+import itertools
 import json
 import math
 import os
+import struct
 import sys
 import typing
 
 import numpy as np
 
 from gradmon import tags
-from gradmon._validation import check_choice, invalid
+from gradmon._validation import check_choice, check_positive_int, invalid
 
 
 GROUPINGS = ("variable", "layer")
@@ -81,22 +117,35 @@ VANISHING = "vanishing"
 DEAD = "dead"
 CLIPPING = "clipping"
 EDGE_OF_STABILITY = "edge_of_stability"
+INACTIVE = "inactive"
+LOSS_SCALE_OVERFLOW = "loss_scale_overflow"
 
 _EXPLANATIONS = {
     EXPLODING: "the gradient norm blew up or became NaN/inf: lower the learning rate, "
                "clip gradients, check the data and loss for inf/NaN.",
-    VANISHING: "this layer's gradient is orders of magnitude smaller than the largest "
-               "layer's: it barely learns (saturation, bad init or scaling).",
+    VANISHING: "this layer barely learns compared with the others (saturation, bad init "
+               "or scaling).",
     DEAD: "this layer's gradient is (almost) all exact zeros: dead ReLUs, a cut graph "
           "or a zeroed branch; it does not learn.",
     CLIPPING: "clipping rewrites most steps: the effective step size is set by the "
               "clip threshold, not the learning rate; raise max_norm or lower the lr.",
     EDGE_OF_STABILITY: "lr * lambda_1 / 2 > 1: gradient descent is unstable along the "
                        "sharpest direction (edge of stability); expect oscillating loss.",
+    INACTIVE: "most of this layer's gradient entries are exact zeros (e.g. ReLUs that are "
+              "mostly off); it still learns through the rest. Watch it if the share grows.",
+    LOSS_SCALE_OVERFLOW: "mixed precision: the LossScaleOptimizer skipped these steps because "
+                         "the loss-scaled gradient overflowed float16, and lowered its scale. "
+                         "Routine while the scale settles; not a gradient explosion.",
 }
 
 _CLIP_TOLERANCE = 1e-6  # relative: float32 rounding is not clipping
 _PNG_NEEDS_MATPLOTLIB = "gradmon summary --png needs matplotlib: pip install matplotlib"
+_EMBEDDING_WEIGHT = "embeddings"  # keras.layers.Embedding's table: sparse gradients by design
+
+# Exit statuses of `gradmon summary`.
+EXIT_OK = 0
+EXIT_DAMAGED = 1  # the report was printed, but an event file is corrupted
+EXIT_ERROR = 2  # no report: bad arguments, no gradmon logs, PNG not writable
 
 
 class NoGradmonLogs(ValueError):
@@ -105,15 +154,20 @@ class NoGradmonLogs(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class Thresholds:
-    """Thresholds of `health_report`'s flags (see the module docstring).
+    """Thresholds of `health_report`'s flags and notes (see the module docstring).
 
     Args:
         explode_factor: exploding when the global raw norm's final or peak
             value exceeds this times its early median. Defaults to `100.0`.
-        vanish_ratio: vanishing when a layer's final norm is below this times
-            the largest layer's final norm. Defaults to `1e-3`.
+        vanish_ratio: vanishing when a layer's tail update ratio is below
+            this times the layers' median (or, without update ratios, its
+            final norm below this times the largest layer's). Defaults to
+            `1e-3`.
         dead_zero_fraction: dead when a layer's mean zero-entry share over the
             tail is at least this. Defaults to `0.99`.
+        inactive_zero_fraction: noted as mostly inactive when a layer's mean
+            zero-entry share over the tail is at least this (and below
+            `dead_zero_fraction`). Defaults to `0.5`.
         clip_share: persistent clipping when at least this share of tail
             steps was clipped. Defaults to `0.5`.
         edge_of_stability: past the edge when lr * lambda_1 / 2 exceeds this
@@ -127,6 +181,7 @@ class Thresholds:
     explode_factor: float = 100.0
     vanish_ratio: float = 1e-3
     dead_zero_fraction: float = 0.99
+    inactive_zero_fraction: float = 0.5
     clip_share: float = 0.5
     edge_of_stability: float = 1.1
     tail_fraction: float = 0.2
@@ -135,8 +190,7 @@ class Thresholds:
     def __post_init__(self):
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
-            share = field.name in ("dead_zero_fraction", "clip_share", "tail_fraction",
-                                   "baseline_fraction")
+            share = field.name in _SHARES
             ok = (isinstance(value, (int, float)) and not isinstance(value, bool)
                   and math.isfinite(value) and value > 0 and (not share or value <= 1))
             if not ok:
@@ -144,9 +198,18 @@ class Thresholds:
                               "a positive finite number", value)
 
 
+_SHARES = ("dead_zero_fraction", "inactive_zero_fraction", "clip_share", "tail_fraction",
+           "baseline_fraction")
+
+
 @dataclasses.dataclass
 class LayerHealth:
-    """One layer's row of the report (see the module docstring for each column)."""
+    """One layer's row of the report (see the module docstring for each column).
+
+    `final_grad_to_weight`, `final_update_ratio` and `tail_update_ratio` are
+    `None` when not logged (`ratios_logged` is False) or undefined (a zero
+    weight norm). `zeros_judged` is False for embedding tables.
+    """
 
     name: str
     variables: typing.List[str]
@@ -155,13 +218,22 @@ class LayerHealth:
     peak_step: typing.Optional[int]
     clipped_share: typing.Optional[float]
     nonfinite_steps: int
+    final_grad_to_weight: typing.Optional[float]
     final_update_ratio: typing.Optional[float]
+    tail_update_ratio: typing.Optional[float]
+    ratios_logged: bool
     tail_zero_fraction: typing.Optional[float]
+    zeros_judged: bool
 
 
 @dataclasses.dataclass
 class GlobalHealth:
-    """Whole-model numbers, from the global tags."""
+    """Whole-model numbers, from the global tags.
+
+    `overflow_steps` counts the steps a LossScaleOptimizer skipped (the final
+    `gradients/overflow_steps`, or the logged overflow steps of older runs);
+    `excluded_steps` are the logged steps left out as overflows.
+    """
 
     first_step: int
     last_step: int
@@ -175,6 +247,9 @@ class GlobalHealth:
     tail_clipped_share: typing.Optional[float]
     nonfinite_steps: int
     first_nonfinite_step: typing.Optional[int]
+    overflow_steps: int
+    excluded_steps: typing.List[int]
+    final_loss_scale: typing.Optional[float]
 
 
 @dataclasses.dataclass
@@ -200,15 +275,60 @@ class Curvature:
 
 @dataclasses.dataclass
 class Flag:
-    """A problem found: `kind` (e.g. `"exploding"`), what it concerns, the evidence."""
+    """A finding: `kind` (e.g. `"exploding"`), what it concerns, the evidence.
+
+    `layers` lists every layer concerned when the finding is about several
+    (the `detail` names the worst few).
+    """
 
     kind: str
     subject: str
     detail: str
+    layers: typing.List[str] = dataclasses.field(default_factory=list)
 
     @property
     def explanation(self):
         return _EXPLANATIONS[self.kind]
+
+
+@dataclasses.dataclass(frozen=True)
+class ReadProblem:
+    """Damage found in an event file by `load_run`.
+
+    `kind` is `"corrupt"` (bytes that fail their checksum: records were lost)
+    or `"incomplete"` (the file ends inside its last record: a write in
+    progress or an interrupted run). `last_good_step` is the step of the last
+    event read before `offset` in this file, `resumed_step` the first one read
+    after the damaged bytes (`None`: nothing after them could be read).
+    """
+
+    path: str
+    kind: str
+    offset: int
+    skipped_bytes: int
+    last_good_step: typing.Optional[int]
+    resumed_step: typing.Optional[int]
+
+    @property
+    def message(self):
+        where = (f"{self.path}: {'corrupted' if self.kind == 'corrupt' else 'incomplete last record'}"
+                 f" at byte {self.offset}")
+        good = ("no step before it" if self.last_good_step is None
+                else f"last good step {self.last_good_step}")
+        if self.kind == "incomplete":
+            return (f"{where} ({self.skipped_bytes} bytes: a write in progress or an interrupted "
+                    f"run); {good}")
+        after = ("nothing after it could be read" if self.resumed_step is None
+                 else f"reading resumed at step {self.resumed_step}")
+        return f"{where} ({self.skipped_bytes} bytes fail their checksum); {good}; {after}"
+
+
+class Run(dict):
+    """What `load_run` returns: `{tag: (steps, values)}`, plus `problems`, a list of `ReadProblem`."""
+
+    def __init__(self, series=(), problems=()):
+        super().__init__(series)
+        self.problems = list(problems)
 
 
 @dataclasses.dataclass
@@ -219,11 +339,172 @@ class HealthReport:
     layers: typing.List[LayerHealth]
     curvature: typing.Optional[Curvature]
     flags: typing.List[Flag]
+    notes: typing.List[Flag]
     clipping_source: str
     thresholds: Thresholds
+    read_problems: typing.List[ReadProblem] = dataclasses.field(default_factory=list)
+
+    @property
+    def damaged(self):
+        """Whether an event file was corrupted (records lost), not merely cut short."""
+        return any(p.kind == "corrupt" for p in self.read_problems)
 
 
-# -- reading -------------------------------------------------------------------
+# -- reading: TFRecord event files, without TensorFlow ------------------------------
+
+
+_CRC32C_POLY = 0x82F63B78  # Castagnoli, reflected
+_CRC_MASK_DELTA = 0xA282EAD8  # TFRecord's masked CRC
+_HEADER = 12  # uint64 length, masked CRC of those 8 bytes
+_FOOTER = 4  # masked CRC of the data
+
+
+@functools.lru_cache(maxsize=1)
+def _crc_table():
+    table = []
+    for byte in range(256):
+        crc = byte
+        for _ in range(8):
+            crc = (crc >> 1) ^ (_CRC32C_POLY if crc & 1 else 0)
+        table.append(crc)
+    return np.array(table, dtype=np.uint32)
+
+
+def _crc32c(data):
+    """CRC32C of one bytes object, in plain Python (short or single inputs)."""
+    table = _crc_table().tolist()
+    crc = 0xFFFFFFFF
+    for byte in data:
+        crc = table[(crc ^ byte) & 0xFF] ^ (crc >> 8)
+    return crc ^ 0xFFFFFFFF
+
+
+def _crc32c_many(chunks):
+    """CRC32C of each bytes object, those of similar length computed together by numpy.
+
+    A reflected CRC started at 0xFFFFFFFF equals one started at 0 over the
+    message with its first 4 bytes complemented, and leading zero bytes keep a
+    zero register at 0: so messages right-aligned in a zero-padded matrix run
+    through the byte table one column at a time, in lockstep.
+    """
+    table = _crc_table()
+    out = np.zeros(len(chunks), dtype=np.uint32)
+    lengths = np.array([len(c) for c in chunks], dtype=np.int64)
+    for i in np.flatnonzero(lengths < 4):
+        out[i] = _crc32c(chunks[i])
+    order = [i for i in np.argsort(lengths, kind="stable").tolist() if lengths[i] >= 4]
+    start = 0
+    while start < len(order):
+        stop, limit = start, 2 * lengths[order[start]] + 64  # padding at most doubles the work
+        while stop < len(order) and lengths[order[stop]] <= limit:
+            stop += 1
+        group = order[start:stop]
+        width = int(lengths[group[-1]])
+        matrix = np.zeros((len(group), width), dtype=np.uint8)
+        for row, i in enumerate(group):
+            first = width - len(chunks[i])
+            matrix[row, first:] = np.frombuffer(chunks[i], dtype=np.uint8)
+            matrix[row, first:first + 4] ^= 0xFF
+        crc = np.zeros(len(group), dtype=np.uint32)
+        for column in np.ascontiguousarray(matrix.T):
+            crc = table[(crc ^ column) & 0xFF] ^ (crc >> 8)
+        out[group] = crc ^ np.uint32(0xFFFFFFFF)
+        start = stop
+    return out
+
+
+def _masked(crc):
+    """TFRecord's masked form of unmasked CRCs (an int or a uint32 array)."""
+    crc = np.asarray(crc, dtype=np.uint64)
+    return (((crc >> 15) | (crc << 17)) + _CRC_MASK_DELTA) & 0xFFFFFFFF
+
+
+def _stored_crc(data, offset):
+    return struct.unpack_from("<I", data, offset)[0]
+
+
+def _record_at(data, offset):
+    """The payload of an intact record starting at `offset`, else `None` (plain Python)."""
+    if offset + _HEADER + _FOOTER > len(data):
+        return None
+    if int(_masked(_crc32c(data[offset:offset + 8]))) != _stored_crc(data, offset + 8):
+        return None
+    (length,) = struct.unpack_from("<Q", data, offset)
+    end = offset + _HEADER + length
+    if end + _FOOTER > len(data):
+        return None
+    payload = data[offset + _HEADER:end]
+    if int(_masked(_crc32c(payload))) != _stored_crc(data, end):
+        return None
+    return payload
+
+
+def _resync(data, start):
+    """The first offset >= `start` where an intact record begins, or `None`."""
+    last = len(data) - _HEADER - _FOOTER
+    array = np.frombuffer(data, dtype=np.uint8)
+    chunk = 1 << 20
+    for begin in range(start, last + 1, chunk):
+        stop = min(begin + chunk, last + 1)
+        windows = np.lib.stride_tricks.sliding_window_view(array[begin:stop + 7], 8)
+        lengths = np.ascontiguousarray(windows).view("<u8")[:, 0]
+        room = (len(data) - _HEADER - _FOOTER - np.arange(begin, stop)).astype(np.uint64)
+        for offset in (begin + np.flatnonzero(lengths <= room)).tolist():
+            if _record_at(data, offset) is not None:
+                return offset
+    return None
+
+
+def _scan_records(data):
+    """`(records, damage)`: `[(offset, payload)]` of the intact records, and
+    `[(kind, offset, skipped_bytes, resume_offset or None)]`.
+
+    Records are framed optimistically, then every length and payload checksum
+    is verified at once; after a bad length the reader searches for the next
+    intact record, so one damaged region loses only the records inside it.
+    """
+    records, damage = [], []
+    position, size = 0, len(data)
+    while position < size:
+        offsets, lengths, end = [], [], position
+        while end + _HEADER <= size:
+            (length,) = struct.unpack_from("<Q", data, end)
+            if end + _HEADER + length + _FOOTER > size:
+                break
+            offsets.append(end)
+            lengths.append(length)
+            end += _HEADER + length + _FOOTER
+        intact = len(offsets)
+        if offsets:
+            heads = _masked(_crc32c_many([data[o:o + 8] for o in offsets]))
+            bad = np.flatnonzero(heads != [_stored_crc(data, o + 8) for o in offsets])
+            intact = int(bad[0]) if len(bad) else len(offsets)
+        payloads = [data[o + _HEADER:o + _HEADER + n] for o, n in zip(offsets[:intact], lengths)]
+        sums = _masked(_crc32c_many(payloads))
+        for o, n, payload, crc in zip(offsets, lengths, payloads, sums.tolist()):
+            if crc == _stored_crc(data, o + _HEADER + n):
+                records.append((o, payload))
+            else:  # an intact length: skip just this record
+                damage.append(("corrupt", o, _HEADER + n + _FOOTER, o + _HEADER + n + _FOOTER))
+        if intact < len(offsets):
+            bad_at = offsets[intact]
+        elif end < size:
+            bad_at = end
+            head_ok = (end + _HEADER <= size and int(_masked(_crc32c(data[end:end + 8])))
+                       == _stored_crc(data, end + 8))
+            if end + _HEADER > size or head_ok:  # cut short inside its last record
+                resume = _resync(data, end + 1) if head_ok else None
+                if resume is None:
+                    damage.append(("incomplete", end, size - end, None))
+                    break
+        else:
+            break
+        resume = _resync(data, bad_at + 1)
+        damage.append(("corrupt", bad_at, (size if resume is None else resume) - bad_at, resume))
+        if resume is None:
+            break
+        position = resume
+    return records, damage
 
 
 def run_directory(logdir):
@@ -233,25 +514,28 @@ def run_directory(logdir):
 
 
 def load_run(logdir):
-    """Reads the scalar series of a run with TensorBoard's event-file reader.
+    """Reads the scalar series of a run's event files.
+
+    Every record's checksums are verified (as TensorFlow's reader does). A
+    damaged region is skipped and reading goes on after it; what was lost is
+    reported in the result's `problems` (`ReadProblem`), not silently dropped.
+    TensorFlow is not imported.
 
     Args:
         logdir: the `log_dir` given to `gradmon.GradientMonitor`, or its
             `train` subdirectory.
 
     Returns:
-        `{tag: (steps, values)}`: int64 and float64 numpy arrays sorted by
-        step, for every scalar summary in the event files (non-scalar
+        A `Run`: `{tag: (steps, values)}`, int64 and float64 numpy arrays
+        sorted by step, for every scalar summary in the event files (non-scalar
         summaries such as histograms are skipped). When a step was written more
         than once, the last value written wins (files in name order, which is
-        creation order).
+        creation order). `run.problems` lists the damage found.
 
     Raises:
         NoGradmonLogs: when the directory holds no event files.
     """
-    from tensorboard.backend.event_processing import event_file_loader
-    from tensorboard.compat.proto import types_pb2
-    from tensorboard.util import tensor_util
+    from tensorboard.compat.proto import event_pb2, types_pb2
 
     directory = run_directory(logdir)
     if not os.path.isdir(directory):
@@ -265,34 +549,59 @@ def load_run(logdir):
             f"No event files in {directory!r}. Expected the `log_dir` of a "
             "gradmon.GradientMonitor run (event files under LOGDIR/train)."
         )
-    values = {}
+    values, problems = {}, []
     for path in paths:
-        for event in event_file_loader.EventFileLoader(path).Load():
+        with open(path, "rb") as f:
+            data = f.read()
+        records, damage = _scan_records(data)
+        read = []  # (offset, step) of the events read
+        for offset, payload in records:
+            try:
+                event = event_pb2.Event.FromString(payload)
+            except Exception:  # pragma: no cover - a checksummed record that is not an Event
+                damage.append(("corrupt", offset, len(payload), None))
+                continue
+            read.append((offset, int(event.step)))
             if not event.HasField("summary"):
                 continue
             for value in event.summary.value:
-                number = _scalar(value, tensor_util, types_pb2)
+                number = _scalar(value, types_pb2)
                 if number is not None:
                     values.setdefault(value.tag, {})[int(event.step)] = number
-    out = {}
+        for kind, offset, skipped, resume in sorted(damage, key=lambda d: d[1]):
+            before = [step for o, step in read if o < offset]
+            after = [step for o, step in read if resume is not None and o >= resume]
+            problems.append(ReadProblem(
+                path=path, kind=kind, offset=offset, skipped_bytes=skipped,
+                last_good_step=before[-1] if before else None,
+                resumed_step=after[0] if after else None))
+    out = Run(problems=problems)
     for tag, by_step in values.items():
         steps = np.array(sorted(by_step), dtype=np.int64)
         out[tag] = (steps, np.array([by_step[s] for s in steps], dtype=np.float64))
     return out
 
 
-def _scalar(value, tensor_util, types_pb2):
-    if value.HasField("tensor"):
-        tensor = value.tensor
-        if tensor.tensor_shape.dim or tensor.dtype == types_pb2.DT_STRING:
-            return None
-        try:
-            return float(tensor_util.make_ndarray(tensor))
-        except (TypeError, ValueError):
-            return None
-    if value.WhichOne("value") == "simple_value":
+def _scalar(value, types_pb2):
+    """A scalar summary's number, or `None` for anything else (histograms, layouts, text)."""
+    kind = value.WhichOneof("value")
+    if kind == "simple_value":
         return float(value.simple_value)
-    return None
+    if kind != "tensor":
+        return None
+    tensor = value.tensor
+    if tensor.tensor_shape.dim or tensor.dtype == types_pb2.DT_STRING:
+        return None
+    if tensor.dtype == types_pb2.DT_FLOAT and len(tensor.float_val) == 1:
+        return float(tensor.float_val[0])
+    if tensor.dtype == types_pb2.DT_DOUBLE and len(tensor.double_val) == 1:
+        return float(tensor.double_val[0])
+    from tensorboard.util import tensor_util  # other encodings (tensor_content, ints, half)
+
+    try:
+        return float(tensor_util.make_ndarray(tensor))
+    except (TypeError, ValueError):
+        return None
 
 
 def is_gradmon_run(run):
@@ -301,6 +610,9 @@ def is_gradmon_run(run):
 
 
 # -- judging -------------------------------------------------------------------
+
+# Step counters and loss-scale bookkeeping: kept whole when overflow steps are left out.
+_BOOKKEEPING = (tags.OVERFLOW_STEPS, tags.SKIPPED_STEPS, tags.LOSS_SCALE, tags.NO_GRADIENT)
 
 
 def _per_path(run, prefix):
@@ -368,20 +680,58 @@ def _sizes(norms, rms, names):
     return np.array(sizes, dtype=np.float64)
 
 
-def _update_ratio(ratios, norms, g2w, names):
-    """The layer's final update ratio (module docstring), or `None` when not logged."""
-    if any(n not in ratios for n in names):
+def _weight_norms(norms, grad_to_weight):
+    """||w|| = ||g|| / (||g|| / ||w||) per entry: 0 where the ratio says the weight is 0
+    (NaN, inf, or 0 beside a nonzero gradient), NaN where it cannot be known."""
+    weights = np.full(norms.shape, np.nan)
+    live = np.isfinite(norms) & (norms > 0)
+    ok = live & np.isfinite(grad_to_weight) & (grad_to_weight > 0)
+    weights[ok] = norms[ok] / grad_to_weight[ok]
+    zero = live & (~np.isfinite(grad_to_weight) | (grad_to_weight == 0))
+    zero |= (norms == 0) & np.isnan(grad_to_weight)  # 0 / 0
+    weights[zero] = 0.0
+    return weights
+
+
+def _layer_ratios(names, norms, grad_to_weight, update_ratios):
+    """`(steps, grad/weight, update ratio)` of a layer per step (module docstring); NaN where
+    undefined or unknown, `None` for a ratio not logged for every variable."""
+    has_g2w = all(n in grad_to_weight for n in names)
+    has_update = all(n in update_ratios for n in names)
+    if not (has_g2w or has_update):
+        return None, None, None
+    k = len(names)
+    steps, rows = _align([norms[n] for n in names]
+                         + ([grad_to_weight[n] for n in names] if has_g2w else [])
+                         + ([update_ratios[n] for n in names] if has_update else []))
+    g = rows[:k]
+    layer_g2w = layer_update = None
+    with np.errstate(invalid="ignore", divide="ignore"):
+        if has_g2w:
+            w = _weight_norms(g, rows[k:2 * k])
+            total = np.sqrt(np.sum(w**2, axis=0))  # NaN when a weight norm is unknown
+            layer_g2w = np.where(total > 0, np.sqrt(np.sum(g**2, axis=0)) / total, np.nan)
+        if has_update:
+            u = rows[-k:]
+            if has_g2w:  # ||delta w|| / ||w|| over the variables whose ratio is defined
+                use = np.isfinite(u) & (w > 0)
+                wu = np.where(use, w, 0.0)
+                total = np.sqrt(np.sum(wu**2, axis=0))
+                moved = np.sqrt(np.sum((np.where(use, u, 0.0) * wu) ** 2, axis=0))
+                layer_update = np.where(total > 0, moved / total, np.nan)
+            else:
+                defined = np.isfinite(u)
+                count = defined.sum(axis=0)
+                layer_update = np.where(count > 0, np.where(defined, u, 0.0).sum(axis=0)
+                                        / np.maximum(count, 1), np.nan)
+    return steps, layer_g2w, layer_update
+
+
+def _final(values):
+    """Last entry as a float, `None` when it is undefined (NaN)."""
+    if values is None or not len(values) or not np.isfinite(values[-1]):
         return None
-    if all(n in g2w for n in names):
-        _, rows = _align([ratios[n] for n in names] + [norms[n] for n in names]
-                         + [g2w[n] for n in names])
-        k = len(names)
-        u, g, q = rows[:k, -1], rows[k:2 * k, -1], rows[2 * k:, -1]
-        if np.all(np.isfinite(g) & np.isfinite(q) & (q > 0)):
-            w = g / q
-            return float(np.sqrt(np.sum((u * w) ** 2)) / np.sqrt(np.sum(w**2)))
-    _, rows = _align([ratios[n] for n in names])
-    return float(np.mean(rows[:, -1]))
+    return float(values[-1])
 
 
 def _layers(paths, grouping):
@@ -392,8 +742,14 @@ def _layers(paths, grouping):
     return out
 
 
-def _nanmedian(values):
-    return float("nan") if np.isnan(values).all() else float(np.nanmedian(values))
+def _is_embedding(path):
+    return path.rsplit("/", 1)[-1] == _EMBEDDING_WEIGHT
+
+
+def _finite_median(values):
+    values = np.asarray(values, dtype=np.float64)
+    values = values[np.isfinite(values)]
+    return float(np.median(values)) if len(values) else float("nan")
 
 
 def _trend(series):
@@ -402,11 +758,62 @@ def _trend(series):
     return Trend(float(values[0]), float(values[-1]), peak, peak_step)
 
 
+def _nonfinite_steps(run):
+    """`(counted, suspect)`: logged steps with NaN/inf raw gradient entries (the
+    `gradients/raw/nonfinite` count, or a non-finite norm when no count was logged),
+    and those plus the steps whose norm alone is non-finite (it overflows float32
+    before its entries do)."""
+    steps, norm = run[tags.global_norm(tags.RAW)]
+    by_norm = set(steps[~np.isfinite(norm)].tolist())
+    if tags.nonfinite_total(tags.RAW) not in run:
+        return by_norm, by_norm
+    s, v = run[tags.nonfinite_total(tags.RAW)]
+    counted = set(s[v > 0].tolist())
+    return counted, counted | by_norm
+
+
+def _overflow_steps(run, bad):
+    """The steps of `bad` that were loss-scale overflows: `gradients/overflow_steps` rose at
+    the step, or `gradients/loss_scale` fell there from a value above 1."""
+    out = set()
+    if tags.OVERFLOW_STEPS in run:
+        s, count = run[tags.OVERFLOW_STEPS]
+        rose = np.diff(count, prepend=0.0) > 0
+        out |= bad & set(s[rose].tolist())
+    if tags.LOSS_SCALE in run:
+        s, scale = run[tags.LOSS_SCALE]
+        for step in sorted(bad - out):
+            j = int(np.searchsorted(s, step, side="right")) - 1  # last scale at or before it
+            if j < 0:
+                continue
+            fell_here = s[j] == step and j >= 1 and scale[j] < scale[j - 1] and scale[j - 1] > 1
+            fell_next = j + 1 < len(s) and scale[j + 1] < scale[j] and scale[j] > 1
+            if fell_here or fell_next:
+                out.add(step)
+    return out
+
+
+def _without_steps(run, steps):
+    """`run` with the gradient statistics of `steps` left out (bookkeeping tags kept)."""
+    if not steps:
+        return run
+    drop = np.array(sorted(steps), dtype=np.int64)
+    out = {}
+    for tag, (s, v) in run.items():
+        if tag.startswith("gradients/") and tag not in _BOOKKEEPING:
+            keep = ~np.isin(s, drop)
+            s, v = s[keep], v[keep]
+        out[tag] = (s, v)
+    return out
+
+
 def health_report(run, thresholds=None, grouping="variable"):
     """Judges a run's gradient health.
 
     Args:
-        run: `{tag: (steps, values)}` as returned by `load_run`.
+        run: `{tag: (steps, values)}` as returned by `load_run` (its
+            `problems`, when it has them, become the report's
+            `read_problems`).
         thresholds: a `Thresholds`, or `None` for the defaults.
             Defaults to `None`.
         grouping: the `grouping` the run was monitored with: `"variable"`
@@ -426,27 +833,36 @@ def health_report(run, thresholds=None, grouping="variable"):
             f"No gradmon statistics in this run (no `{tags.global_norm(tags.RAW)}` tag). "
             "Expected the `log_dir` of a gradmon.GradientMonitor run."
         )
+    problems = list(getattr(run, "problems", []))
+    all_steps = run[tags.global_norm(tags.RAW)][0]
+    bad, suspect = _nonfinite_steps(run)
+    overflows = _overflow_steps(run, suspect)
+    if len(overflows) == len(all_steps):  # nothing would be left to judge
+        overflows = set()
+    run = _without_steps(run, overflows)
     steps, norm = run[tags.global_norm(tags.RAW)]
     n = len(steps)
-    tail, early = _window(n, thresholds.tail_fraction), _window(n, thresholds.baseline_fraction)
+    tail = _window(n, thresholds.tail_fraction)
+    finite = norm[np.isfinite(norm)]
     peak, peak_step = _peak(steps, norm)
 
-    nonfinite = np.zeros(n, dtype=bool)
-    if tags.nonfinite_total(tags.RAW) in run:
-        s, v = run[tags.nonfinite_total(tags.RAW)]
-        bad = set(s[v > 0].tolist())
-        nonfinite = np.array([int(step) in bad for step in steps])
+    nonfinite = np.isin(steps, np.array(sorted(bad - overflows), dtype=np.int64))
     clipped = _clipped_global(run, steps)
     transformed = run.get(tags.global_norm(tags.TRANSFORMED))
+    overflow_count = len(overflows)
+    if tags.OVERFLOW_STEPS in run:
+        overflow_count = max(overflow_count, int(run[tags.OVERFLOW_STEPS][1][-1]))
     summary = GlobalHealth(
-        first_step=int(steps[0]), last_step=int(steps[-1]), logged_steps=n,
+        first_step=int(all_steps[0]), last_step=int(all_steps[-1]), logged_steps=len(all_steps),
         final_norm=float(norm[-1]), peak_norm=peak, peak_step=peak_step,
-        early_median_norm=_nanmedian(norm[:early]),
+        early_median_norm=_finite_median(finite[:_window(len(finite), thresholds.baseline_fraction)]),
         final_transformed_norm=None if transformed is None else float(transformed[1][-1]),
         clipped_share=None if clipped is None else float(np.mean(clipped)),
         tail_clipped_share=None if clipped is None else float(np.mean(clipped[-tail:])),
         nonfinite_steps=int(nonfinite.sum()),
         first_nonfinite_step=int(steps[nonfinite][0]) if nonfinite.any() else None,
+        overflow_steps=overflow_count, excluded_steps=sorted(int(s) for s in overflows),
+        final_loss_scale=(float(run[tags.LOSS_SCALE][1][-1]) if tags.LOSS_SCALE in run else None),
     )
 
     raw_norms = _per_path(run, _stat_prefix(tags.RAW, "norm"))
@@ -489,11 +905,17 @@ def health_report(run, thresholds=None, grouping="variable"):
             weights = np.ones(len(names)) if sizes is None else sizes
             per_step = weights @ rows / weights.sum()
             zeros = float(np.mean(per_step[-_window(len(per_step), thresholds.tail_fraction):]))
+        _, g2w, update = _layer_ratios(names, raw_norms, grad_to_weight, update_ratios)
+        tail_update = None
+        if update is not None:
+            recent = update[-_window(len(update), thresholds.tail_fraction):]
+            tail_update = None if not np.isfinite(recent).any() else _finite_median(recent)
         layers.append(LayerHealth(
             name=name, variables=list(names), final_norm=float(lnorm[-1]), peak_norm=lpeak,
             peak_step=lpeak_step, clipped_share=share, nonfinite_steps=lnonfinite,
-            final_update_ratio=_update_ratio(update_ratios, raw_norms, grad_to_weight, names),
-            tail_zero_fraction=zeros,
+            final_grad_to_weight=_final(g2w), final_update_ratio=_final(update),
+            tail_update_ratio=tail_update, ratios_logged=update is not None or g2w is not None,
+            tail_zero_fraction=zeros, zeros_judged=not any(_is_embedding(p) for p in names),
         ))
 
     curvature = None
@@ -506,55 +928,93 @@ def health_report(run, thresholds=None, grouping="variable"):
             edge_of_stability=None if eos is None else _trend(eos),
         )
 
-    flags = _flags(summary, layers, thresholds, layer_clipped_tail, dead_norm, run)
+    flags, notes = _judge(summary, layers, thresholds, layer_clipped_tail, dead_norm, run)
     return HealthReport(summary=summary, layers=layers, curvature=curvature, flags=flags,
-                        clipping_source=clipping_source, thresholds=thresholds)
+                        notes=notes, clipping_source=clipping_source, thresholds=thresholds,
+                        read_problems=problems)
 
 
-def _flags(summary, layers, thresholds, layer_clipped_tail, dead_norm, run):
-    flags = []
+def _judge(summary, layers, thresholds, layer_clipped_tail, dead_norm, run):
+    """`(flags, notes)`; per-layer findings of one kind come worst first."""
+    flags, notes = [], []
     limit = thresholds.explode_factor * summary.early_median_norm
     blown = [label for label, value in (("final", summary.final_norm), ("peak", summary.peak_norm))
              if math.isfinite(limit) and limit > 0 and value > limit]
-    if blown or summary.nonfinite_steps:
-        parts = []
-        if blown:
-            parts.append(f"raw global norm {_num(summary.peak_norm)} peak (step "
-                         f"{summary.peak_step}), {_num(summary.final_norm)} final: above "
-                         f"{_num(thresholds.explode_factor)} x early median "
-                         f"{_num(summary.early_median_norm)}")
-        if summary.nonfinite_steps:
-            parts.append(f"{summary.nonfinite_steps} step(s) with NaN/inf gradients, first at "
-                         f"step {summary.first_nonfinite_step}")
+    scale = summary.final_loss_scale
+    parts = []
+    if blown:
+        parts.append(f"raw global norm {_num(summary.peak_norm)} peak (step "
+                     f"{summary.peak_step}), {_num(summary.final_norm)} final: above "
+                     f"{_num(thresholds.explode_factor)} x early median "
+                     f"{_num(summary.early_median_norm)}")
+    if summary.nonfinite_steps:
+        parts.append(f"{summary.nonfinite_steps} step(s) with NaN/inf gradients, first at "
+                     f"step {summary.first_nonfinite_step}")
+    if scale is not None and scale < 1:
+        parts.append(f"loss scale fell to {_num(scale)} (< 1): the gradient overflows float16 "
+                     "even unscaled")
+    if parts:
         flags.append(Flag(EXPLODING, "global", "; ".join(parts)))
 
-    dead = set()
+    if summary.overflow_steps:
+        steps = summary.excluded_steps
+        source = (f"`{tags.OVERFLOW_STEPS}`" if tags.OVERFLOW_STEPS in run
+                  else f"NaN/inf gradients while `{tags.LOSS_SCALE}` fell")
+        detail = f"{summary.overflow_steps} step(s) skipped by the LossScaleOptimizer ({source})"
+        if steps:
+            detail += (f"; {len(steps)} logged step(s) left out of the statistics, "
+                       f"{_listed([str(s) for s in steps], 5)}")
+        if scale is not None:
+            detail += f"; loss scale now {_num(scale)}"
+        notes.append(Flag(LOSS_SCALE_OVERFLOW, "global", detail))
+
+    tail_text = f"over the last {_pct(thresholds.tail_fraction)} of steps"
+    dead, inactive = [], []
     for layer in layers:
-        zeros = layer.tail_zero_fraction
+        zeros = layer.tail_zero_fraction if layer.zeros_judged else None
         if dead_norm[layer.name] or (zeros is not None and zeros >= thresholds.dead_zero_fraction):
-            dead.add(layer.name)
-            why = ("norm exactly 0" if dead_norm[layer.name]
-                   else f"{zeros:.1%} of gradient entries exactly 0")
-            flags.append(Flag(DEAD, layer.name,
-                              f"{why} over the last {_pct(thresholds.tail_fraction)} of steps"))
+            why = "norm exactly 0" if dead_norm[layer.name] else f"{zeros:.1%} of gradient entries exactly 0"
+            dead.append((-(zeros or 1.0), Flag(DEAD, layer.name, f"{why} {tail_text}")))
+        elif zeros is not None and zeros >= thresholds.inactive_zero_fraction:
+            inactive.append((-zeros, Flag(INACTIVE, layer.name,
+                                          f"mostly inactive: {zeros:.1%} of gradient entries "
+                                          f"exactly 0 {tail_text} (dead at "
+                                          f"{_pct(thresholds.dead_zero_fraction)})")))
+    flags += [f for _, f in sorted(dead, key=lambda x: x[0])]
+    notes += [f for _, f in sorted(inactive, key=lambda x: x[0])]
+    dead_names = {f.subject for _, f in dead}
+
+    alive = [l for l in layers if l.name not in dead_names]
+    by_update = [l for l in alive if l.tail_update_ratio is not None]
+    update_reference = _finite_median([l.tail_update_ratio for l in by_update])
     finals = [l.final_norm for l in layers if math.isfinite(l.final_norm)]
-    reference = max(finals, default=float("nan"))
-    if math.isfinite(reference) and reference > 0:
-        for layer in layers:
-            if layer.name not in dead and layer.final_norm < thresholds.vanish_ratio * reference:
-                flags.append(Flag(VANISHING, layer.name,
-                                  f"final norm {_num(layer.final_norm)} < "
-                                  f"{_num(thresholds.vanish_ratio)} x largest layer's "
-                                  f"{_num(reference)}"))
+    norm_reference = max(finals, default=float("nan"))
+    vanishing = []
+    for layer in alive:
+        if (layer.tail_update_ratio is not None and len(by_update) >= 2
+                and math.isfinite(update_reference) and update_reference > 0):
+            ratio = layer.tail_update_ratio / update_reference
+            if ratio < thresholds.vanish_ratio:
+                vanishing.append((ratio, Flag(VANISHING, layer.name, (
+                    f"update ratio {_num(layer.tail_update_ratio)} (median of the tail) < "
+                    f"{_num(thresholds.vanish_ratio)} x the layers' median "
+                    f"{_num(update_reference)}; evidence: update ratios"))))
+        elif math.isfinite(norm_reference) and norm_reference > 0:
+            ratio = layer.final_norm / norm_reference
+            if ratio < thresholds.vanish_ratio:
+                vanishing.append((ratio, Flag(VANISHING, layer.name, (
+                    f"final norm {_num(layer.final_norm)} < {_num(thresholds.vanish_ratio)} x "
+                    f"largest layer's {_num(norm_reference)}; evidence: raw gradient norms "
+                    "(no update ratio defined for it)"))))
+    flags += [f for _, f in sorted(vanishing, key=lambda x: x[0])]
 
     share = summary.tail_clipped_share
     if share is not None and share >= thresholds.clip_share:
         detail = (f"{share:.0%} of the last {_pct(thresholds.tail_fraction)} of steps clipped "
                   f"(threshold {_pct(thresholds.clip_share)})")
-        often = [name for name, s in layer_clipped_tail.items() if s >= thresholds.clip_share]
-        if layer_clipped_tail:
-            detail += f"; layers clipped that often: {', '.join(often) or 'none'}"
-        flags.append(Flag(CLIPPING, "global", detail))
+        often = sorted((name for name, s in layer_clipped_tail.items() if s >= thresholds.clip_share),
+                       key=lambda name: -layer_clipped_tail[name])
+        flags.append(Flag(CLIPPING, "global", detail, layers=often))
 
     if tags.EDGE_OF_STABILITY in run:
         _, eos = run[tags.EDGE_OF_STABILITY]
@@ -564,10 +1024,12 @@ def _flags(summary, layers, thresholds, layer_clipped_tail, dead_norm, run):
                               f"lr * lambda_1 / 2 between {_num(tail.min())} and "
                               f"{_num(tail.max())} at the last {len(tail)} Hessian probe(s) "
                               f"(threshold {_num(thresholds.edge_of_stability)})"))
-    return flags
+    return flags, notes
 
 
 # -- displaying ----------------------------------------------------------------
+
+MAX_LISTED = 5  # default number of layers named in one finding (the rest counted)
 
 
 def _num(x):
@@ -583,6 +1045,19 @@ def _pct(x):
     return "-" if x is None else f"{x:.0%}"
 
 
+def _ratio(value, logged):
+    if not logged:
+        return "-"
+    return "undefined" if value is None else _num(value)
+
+
+def _listed(names, limit):
+    """The first `limit` names, then a count of the rest ("... and 94 more")."""
+    names = list(names)
+    shown = ", ".join(names[:limit])
+    return shown if len(names) <= limit else f"{shown} ... and {len(names) - limit} more"
+
+
 def _rows_text(header, rows):
     widths = [max(len(str(r[i])) for r in [header] + rows) for i in range(len(header))]
 
@@ -594,25 +1069,54 @@ def _rows_text(header, rows):
     return [line(header)] + [line(r) for r in rows]
 
 
-def format_table(report):
-    """The report as plain text: layer rows, curvature, then flags with explanations."""
+def _findings_text(title, findings, max_listed):
+    """One section of findings; past `max_listed` per-layer findings of a kind, a count."""
+    if not findings:
+        return [f"{title}: none"]
+    out = [f"{title}:"]
+    for kind, group in itertools.groupby(findings, key=lambda f: f.kind):
+        group = list(group)
+        for f in group[:max_listed]:
+            detail = f.detail + (f"; layers: {_listed(f.layers, max_listed)}" if f.layers else "")
+            out.append(f"  {f.kind.upper()} [{f.subject}] {detail}")
+            out.append(f"    {f.explanation}")
+        if len(group) > max_listed:
+            out.append(f"  ... and {len(group) - max_listed} more {kind.upper()} layers "
+                       "(all of them in --json)")
+    return out
+
+
+def format_table(report, max_listed=MAX_LISTED):
+    """The report as plain text: damage warnings, layer rows, curvature, flags, notes.
+
+    Args:
+        report: a `HealthReport`.
+        max_listed: at most this many layers are named per kind of finding;
+            the rest are counted. Defaults to `5`.
+    """
+    max_listed = check_positive_int("max_listed", max_listed)
     s = report.summary
-    out = [f"gradmon health report: steps {s.first_step}-{s.last_step} "
-           f"({s.logged_steps} logged)", ""]
+    out = [f"WARNING: {p.message}" for p in report.read_problems]
+    out += [f"gradmon health report: steps {s.first_step}-{s.last_step} "
+            f"({s.logged_steps} logged)", ""]
     header = ["layer", "final norm", "peak norm", "peak step", "clipped", "non-finite",
-              "update ratio", "zeros"]
+              "grad/weight", "update ratio", "zeros"]
     rows = [[l.name, _num(l.final_norm), _num(l.peak_norm), _num(l.peak_step),
-             _pct(l.clipped_share), str(l.nonfinite_steps), _num(l.final_update_ratio),
+             _pct(l.clipped_share), str(l.nonfinite_steps),
+             _ratio(l.final_grad_to_weight, l.ratios_logged),
+             _ratio(l.final_update_ratio, l.ratios_logged),
              _pct(l.tail_zero_fraction)] for l in report.layers]
     rows.append(["(global)", _num(s.final_norm), _num(s.peak_norm), _num(s.peak_step),
-                 _pct(s.clipped_share), str(s.nonfinite_steps), "", ""])
+                 _pct(s.clipped_share), str(s.nonfinite_steps), "", "", ""])
     out += _rows_text(header, rows)
     source = {"layer": "per layer, transformed vs raw norms",
               "global": "global clip ratio / fraction",
               "none": "no transform logged"}[report.clipping_source]
-    out += ["", f"norms: raw gradient L2; early median {_num(s.early_median_norm)}; "
-                f"clipped: {source}; zeros: mean over the last "
+    out += ["", f"norms: raw gradient L2; early median {_num(s.early_median_norm)} (finite "
+                f"values); clipped: {source}; zeros: mean over the last "
                 f"{_pct(report.thresholds.tail_fraction)} of steps"]
+    if s.excluded_steps:
+        out.append(f"left out: {len(s.excluded_steps)} loss-scale overflow step(s)")
     c = report.curvature
     if c is not None:
         out += ["", f"curvature: {c.probes} Hessian probe(s), steps {c.first_step}-{c.last_step}"]
@@ -622,14 +1126,9 @@ def format_table(report):
             e = c.edge_of_stability
             rows.append(["lr*lambda_1/2", _num(e.first), _num(e.last), _num(e.max)])
         out += _rows_text(["", "first", "last", "max"], rows)
-    out += [""]
-    if not report.flags:
-        out.append("flags: none")
-    else:
-        out.append("flags:")
-        for f in report.flags:
-            out.append(f"  {f.kind.upper()} [{f.subject}] {f.detail}")
-            out.append(f"    {f.explanation}")
+    out += [""] + _findings_text("flags", report.flags, max_listed)
+    if report.notes:
+        out += _findings_text("notes", report.notes, max_listed)
     return "\n".join(out)
 
 
@@ -647,9 +1146,18 @@ def _jsonable(x):
 
 
 def to_json(report):
-    """The report as plain dicts and lists; non-finite numbers become "nan"/"inf"/"-inf"."""
+    """The report as plain dicts and lists.
+
+    Non-finite numbers become "nan"/"inf"/"-inf"; undefined or unlogged ratios
+    are `null`. Flags and notes carry their `explanation`, read problems their
+    `message`.
+    """
     out = dataclasses.asdict(report)
-    out["flags"] = [dict(dataclasses.asdict(f), explanation=f.explanation) for f in report.flags]
+    for key in ("flags", "notes"):
+        out[key] = [dict(dataclasses.asdict(f), explanation=f.explanation)
+                    for f in getattr(report, key)]
+    out["read_problems"] = [dict(dataclasses.asdict(p), message=p.message)
+                            for p in report.read_problems]
     return _jsonable(out)
 
 
@@ -665,10 +1173,11 @@ def plot(run, report, path):
     Global raw and transformed norms (log scale, NaN/inf steps marked), the
     clip ratio, per-layer norms (log scale), and lambda_1 and lr * lambda_1 / 2
     when the run has them. Uses matplotlib's Agg canvas without touching
-    pyplot's global state.
+    pyplot's global state. The directory of `path` is created when missing.
 
     Raises:
         ImportError: when matplotlib is not installed.
+        ValueError: when `path` cannot be written.
     """
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -676,6 +1185,7 @@ def plot(run, report, path):
     except ImportError as error:
         raise ImportError(_PNG_NEEDS_MATPLOTLIB) from error
 
+    path = os.fspath(path)
     panels = ["norms"]
     if tags.CLIP_RATIO in run:
         panels.append("clip")
@@ -697,6 +1207,11 @@ def plot(run, report, path):
             if tags.nonfinite_total(tags.RAW) in run:
                 s, v = run[tags.nonfinite_total(tags.RAW)]
                 bad = np.union1d(bad, s[v > 0])
+            overflow = np.array(report.summary.excluded_steps, dtype=np.int64)
+            if len(overflow):
+                ax.vlines(overflow, 0, 1, transform=ax.get_xaxis_transform(), colors="gray",
+                          alpha=0.3, label="loss-scale overflow")
+            bad = np.setdiff1d(bad, overflow)
             if len(bad):
                 ax.vlines(bad, 0, 1, transform=ax.get_xaxis_transform(), colors="red",
                           alpha=0.3, label="NaN/inf gradient")
@@ -726,17 +1241,25 @@ def plot(run, report, path):
                 twin.set_ylabel("lr * lambda_1 / 2")
                 ax.set_title("top Hessian eigenvalue and edge of stability (dashed: 1)")
         if ax.get_legend_handles_labels()[0] and panel != "curvature":
-            ax.legend(fontsize="small", loc="best")
+            if len(ax.get_legend_handles_labels()[0]) <= 12:  # a legend of 100 layers hides the plot
+                ax.legend(fontsize="small", loc="best")
     axes[-1].set_xlabel("step")
-    fig.savefig(path, format="png", dpi=100)
+    try:
+        directory = os.path.dirname(os.path.abspath(path))
+        os.makedirs(directory, exist_ok=True)
+        fig.savefig(path, format="png", dpi=100)
+    except OSError as error:
+        raise invalid("png", "a writable file path", path) from error
 
 
 # -- command line --------------------------------------------------------------
 
 _THRESHOLD_OPTIONS = {
     "explode_factor": "exploding when the final or peak global norm exceeds this x its early median",
-    "vanish_ratio": "vanishing when a layer's final norm is below this x the largest layer's",
+    "vanish_ratio": "vanishing when a layer's tail update ratio is below this x the layers' median "
+                    "(without update ratios: its final norm below this x the largest layer's)",
     "dead_zero_fraction": "dead when this share of a layer's gradient entries is exactly 0 over the tail",
+    "inactive_zero_fraction": "note a layer as mostly inactive from this share of exact zeros",
     "clip_share": "persistent clipping when at least this share of tail steps is clipped",
     "edge_of_stability": "flag when lr*lambda_1/2 exceeds this at every tail Hessian probe",
     "tail_fraction": "the tail is this last share of logged steps",
@@ -750,22 +1273,36 @@ def add_arguments(parser):
                         help="log_dir of a gradmon.GradientMonitor run (or its train/ subdirectory)")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     parser.add_argument("--png", metavar="FILE",
-                        help="also draw the key curves into this PNG (needs matplotlib)")
+                        help="also draw the key curves into this PNG, creating its directory "
+                             "(needs matplotlib)")
     parser.add_argument("--grouping", choices=GROUPINGS, default="variable",
                         help="the grouping the run was monitored with; 'layer': each logged group is a row "
                              "(default: variable, rows are variable paths minus their last component)")
+    parser.add_argument("--max-listed", type=int, default=MAX_LISTED,
+                        help=f"name at most this many layers per kind of finding, count the rest "
+                             f"(default: {MAX_LISTED})")
     defaults = Thresholds()
     group = parser.add_argument_group("thresholds")
     for name, text in _THRESHOLD_OPTIONS.items():
         group.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(defaults, name),
                            help=f"{text} (default: {getattr(defaults, name):g})")
+    parser.epilog = (f"exit status: {EXIT_OK} report printed; {EXIT_DAMAGED} report printed but an "
+                     f"event file is corrupted (records lost, named on stderr); {EXIT_ERROR} no "
+                     "report (bad arguments, no gradmon logs) or the PNG could not be written")
     return parser
 
 
 def run_command(args):
-    """Runs `gradmon summary` with parsed `args`; returns the exit status (0, or 2 on errors)."""
+    """Runs `gradmon summary` with parsed `args`.
+
+    Returns:
+        The exit status: 0; 1 when the report was printed but an event file is
+        corrupted (each damaged file is named on stderr with its last good
+        step); 2 on errors (bad arguments, no gradmon logs, an unwritable PNG).
+    """
     try:
         thresholds = Thresholds(**{name: getattr(args, name) for name in _THRESHOLD_OPTIONS})
+        max_listed = check_positive_int("max_listed", args.max_listed)
         run = load_run(args.logdir)
         if not is_gradmon_run(run):
             raise NoGradmonLogs(
@@ -775,15 +1312,17 @@ def run_command(args):
         report = health_report(run, thresholds, grouping=args.grouping)
     except ValueError as error:  # NoGradmonLogs or a bad threshold
         print(f"gradmon summary: {error}", file=sys.stderr)
-        return 2
-    if args.png:
-        try:
-            plot(run, report, args.png)
-        except ImportError as error:
-            print(f"gradmon summary: {error}", file=sys.stderr)
-            return 2
+        return EXIT_ERROR
+    for problem in report.read_problems:
+        print(f"gradmon summary: warning: {problem.message}", file=sys.stderr)
     if args.json:
         print(json.dumps(to_json(report), indent=2, allow_nan=False))
     else:
-        print(format_table(report))
-    return 0
+        print(format_table(report, max_listed=max_listed))
+    if args.png:
+        try:
+            plot(run, report, args.png)
+        except (ImportError, ValueError) as error:
+            print(f"gradmon summary: {error}", file=sys.stderr)
+            return EXIT_ERROR
+    return EXIT_DAMAGED if report.damaged else EXIT_OK

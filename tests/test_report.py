@@ -125,13 +125,16 @@ def check_layer_rows(text, events, paths):
     rows = table_rows(text)
     for layer, variables in layers_of(paths).items():
         steps, norms = layer_norms(events, variables)
-        final, peak, peak_step, _, _, ratio, _ = rows[layer]
+        final, peak, peak_step, _, _, g2w, ratio, _ = rows[layer]
         assert as_number(final) == pytest.approx(norms[-1], rel=1e-3, abs=1e-30, nan_ok=True)
         assert as_number(peak) == pytest.approx(np.nanmax(norms), rel=1e-3, abs=1e-30)
         assert int(peak_step) == steps[np.nanargmax(norms)]
         if math.isfinite(norms[-1]) and norms[-1] > 0:
             expected = layer_update_ratio(events, variables, steps[-1])
             assert as_number(ratio) == pytest.approx(expected, rel=1e-3)
+            w = [events[tags.group_stat("raw", "norm", p)][steps[-1]] / events[tags.grad_to_weight(p)][steps[-1]]
+                 for p in variables]
+            assert as_number(g2w) == pytest.approx(norms[-1] / np.linalg.norm(w), rel=1e-3)
     return rows
 
 
@@ -219,12 +222,12 @@ def test_dead_and_vanishing_layers_are_flagged(runs):
     assert finals["faint"] < 1e-3 * max(finals.values()) < finals["live"]
     text = report.format_table(rep)
     rows = check_layer_rows(text, events, paths)
-    assert rows["dead"][6] == "100%" and rows["live"][6] == "0%"
+    assert rows["dead"][7] == "100%" and rows["live"][7] == "0%"
     # The head's kernel sees the dead branch's zeros; its 12 + 1 entries weighted by size,
     # averaged over the last 10 steps (20% of 48).
     kernel, bias = (series(events, tags.group_stat("raw", "zero_fraction", p))[1][-10:]
                     for p in layers_of(paths)["head"])
-    assert rows["head"][6] == f"{np.mean((12 * kernel + bias) / 13):.0%}" != "0%"
+    assert rows["head"][7] == f"{np.mean((12 * kernel + bias) / 13):.0%}" != "0%"
     # A stricter vanishing ratio no longer flags "faint".
     assert kinds(report.health_report(report.load_run(logdir), report.Thresholds(vanish_ratio=1e-9))) == [
         ("dead", "dead")]
