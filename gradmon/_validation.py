@@ -65,7 +65,7 @@ def check_bool(argument, value):
 
 
 def check_choice(argument, value, choices):
-    if not isinstance(value, str) or value not in choices:
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)) or value not in choices:
         raise invalid(argument, f"one of {list(choices)}", value)
     return value
 

@@ -71,7 +71,7 @@ def prepare_model(model):
         True when the train function must be rebuilt (the hook is new).
     """
     observer = model._gradmon_observer
-    if model.optimizer is None:
+    if getattr(model, "optimizer", None) is None:
         return False
     observer.min_rows = int(getattr(model, "steps_per_execution", 1) or 1)
     if observer_of(model.optimizer) is observer:
@@ -177,8 +177,9 @@ class GradientMonitorMixin:
         new = config.observer
         new.restore_step(old.step)
         new.monitor, new.writer = old.monitor, old.writer
-        if self.optimizer is not None and observer_of(self.optimizer) is old:
-            _unhook(self.optimizer)
+        optimizer = getattr(self, "optimizer", None)
+        if optimizer is not None and observer_of(optimizer) is old:
+            _unhook(optimizer)
         object.__setattr__(self, "_gradmon_config", config)
         object.__setattr__(self, "_gradmon_observer", new)
         if old.monitor is not None:
@@ -354,7 +355,8 @@ def monitor(model, transform=None, grouping="variable", stats=None, penalties=No
     if not kc.model_train_step_is_keras(model):
         _check_own_step(model, config)
         previous = getattr(model, "_gradmon_observer", None)
-        if previous is not None and model.optimizer is not None and observer_of(model.optimizer) is previous:
+        optimizer = getattr(model, "optimizer", None)
+        if previous is not None and optimizer is not None and observer_of(optimizer) is previous:
             _unhook(model.optimizer)
         instrument(model, config.observer)
         model.train_function = None

@@ -200,7 +200,9 @@ class Observer:
     @property
     def step(self):
         """Observed updates so far (one device-to-host read)."""
-        return 0 if self.recorder is None else int(self.recorder.step.numpy())
+        if self.recorder is None:
+            return self._restored_step or 0
+        return int(self.recorder.step.numpy())
 
     # -- the hooked apply --------------------------------------------------
 

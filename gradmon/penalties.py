@@ -233,7 +233,10 @@ def check_penalties(penalties):
         return ()
     if isinstance(penalties, Penalty):
         penalties = [penalties]
-    penalties = tuple(penalties)
+    try:
+        penalties = tuple(penalties)
+    except TypeError:
+        raise invalid("penalties", "a list of gradmon.penalties.Penalty", penalties) from None
     for p in penalties:
         if not isinstance(p, Penalty):
             raise invalid("penalties", "a list of gradmon.penalties.Penalty", penalties)

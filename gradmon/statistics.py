@@ -395,13 +395,14 @@ class NoiseScale(Statistic):
     def active(self, spec):
         return spec.noise_scale
 
+    _GLOBAL = {"": tags.NOISE_SCALE, "ema": tags.NOISE_SCALE_EMA, "grad_sq": tags.NOISE_GRAD_SQ,
+               "trace_cov": tags.NOISE_TRACE_COV}
+
     def labels(self, spec):
-        return ["", "ema"] + spec.groups
+        return list(self._GLOBAL) + spec.groups
 
     def tag(self, label):
-        if label in ("", "ema"):
-            return tags.NOISE_SCALE_EMA if label else tags.NOISE_SCALE
-        return tags.snr(label)
+        return self._GLOBAL[label] if label in self._GLOBAL else tags.snr(label)
 
     def build(self, spec):
         from gradmon import _distribute
@@ -411,7 +412,7 @@ class NoiseScale(Statistic):
     def compute(self, ctx):
         noise = ctx.extras.get("noise")
         if noise is None:
-            return tf.fill([2 + ctx.spec.num_groups], float("nan"))
+            return tf.fill([4 + ctx.spec.num_groups], float("nan"))
         m, b = tf.cast(noise["moments"], tf.float64), tf.cast(noise["half_batch"], tf.float64)
         small = (m[:, 0] + m[:, 1]) / 2
         big = (m[:, 0] + m[:, 1] + 2 * m[:, 2]) / 4
@@ -426,7 +427,8 @@ class NoiseScale(Statistic):
         snr = tf.math.divide_no_nan(2 * b * grad_sq, trace_cov)
         return tf.cast(tf.concat([tf.stack([
             tf.math.divide_no_nan(total_trace, total_grad_sq),
-            tf.math.divide_no_nan(new_ema[0], new_ema[1])]), snr], 0), tf.float32)
+            tf.math.divide_no_nan(new_ema[0], new_ema[1]), total_grad_sq, total_trace]), snr], 0),
+            tf.float32)
 
 
 def default_statistics(selected=None):

@@ -85,6 +85,8 @@ def clip_fraction_of(member):
 
 NOISE_SCALE = "gradients/noise_scale"
 NOISE_SCALE_EMA = "gradients/noise_scale_ema"
+NOISE_GRAD_SQ = "gradients/noise_scale/grad_sq"
+NOISE_TRACE_COV = "gradients/noise_scale/trace_cov"
 
 
 def snr(path):
@@ -196,6 +198,8 @@ _FIXED_DESCRIPTIONS = {
         "Simple gradient noise scale B_simple = tr(Sigma) / |G|^2 (McCandlish et al. 2018), "
         "unbiased two-batch-size estimate from this batch's halves; roughly the critical batch size."
     ),
+    NOISE_GRAD_SQ: "Unbiased estimate of |G|^2, the squared norm of the true (full-data) gradient.",
+    NOISE_TRACE_COV: "Unbiased estimate of tr(Sigma), the trace of the per-example gradient covariance.",
     NOISE_SCALE_EMA: "B_simple from exponential moving averages (decay 0.99) of tr(Sigma) and |G|^2.",
     LOSS_DATA: "The compiled loss (with Keras regularization losses), without gradmon penalties.",
     LOSS_TOTAL: "The loss optimized: data loss + gradmon penalties.",

@@ -265,7 +265,12 @@ class _FunctionTransform(GradientTransform):
         self.name = getattr(fn, "__name__", "custom")
 
     def __call__(self, grads, params):
-        new = list(self.fn(list(grads), list(params)))
+        new = self.fn(list(grads), list(params))
+        if new is None:
+            raise ValueError(
+                f"Invalid value for argument `transform`. Expected a callable returning one "
+                f"gradient per variable. Received: transform={self.name!r}, which returned None")
+        new = list(new)
         if len(new) != len(grads):
             raise ValueError(
                 f"Transform `{self.name}` must return one gradient per variable. "

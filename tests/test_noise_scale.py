@@ -6,6 +6,7 @@ import pytest
 
 import gradmon
 from gradmon import tags
+from helpers import latest_snapshot
 
 RNG = np.random.default_rng(31)
 N, D, B = 2048, 3, 16
@@ -25,7 +26,7 @@ class Collect(keras.callbacks.Callback):
         self.snapshots = []
 
     def on_train_batch_end(self, batch, logs=None):
-        self.snapshots.append(self.model.gradient_state.read())
+        self.snapshots.append(latest_snapshot(self.model))
 
 
 def fit_frozen(steps):
@@ -48,15 +49,16 @@ def test_estimates_equal_the_formula_on_per_example_gradients():
         small_sq = (g1 @ g1 + g2 @ g2) / 2
         grad_sq = 2 * big @ big - small_sq
         trace = B * (small_sq - big @ big)
-        assert snap["noise"]["grad_sq"] == pytest.approx(grad_sq, rel=1e-4)
-        assert snap["noise"]["trace_cov"] == pytest.approx(trace, rel=1e-4)
-        assert snap["noise"]["noise_scale"] == pytest.approx(trace / grad_sq, rel=1e-4)
+        assert snap.step == i + 1
+        assert snap[tags.NOISE_GRAD_SQ] == pytest.approx(grad_sq, rel=1e-4)
+        assert snap[tags.NOISE_TRACE_COV] == pytest.approx(trace, rel=1e-4)
+        assert snap[tags.NOISE_SCALE] == pytest.approx(trace / grad_sq, rel=1e-4)
         # per layer (one Dense: kernel and bias are separate variables)
         k, c = slice(0, D), slice(D, D + 1)
-        for row, sl in enumerate([k, c]):
+        for path, sl in zip([v.path for v in model.trainable_variables], [k, c]):
             gs = 2 * big[sl] @ big[sl] - (g1[sl] @ g1[sl] + g2[sl] @ g2[sl]) / 2
             tc = B * ((g1[sl] @ g1[sl] + g2[sl] @ g2[sl]) / 2 - big[sl] @ big[sl])
-            assert snap["noise"]["snr"][row] == pytest.approx(B * gs / tc, rel=1e-3)
+            assert snap[tags.snr(path)] == pytest.approx(B * gs / tc, rel=1e-3)
 
 
 def test_estimates_are_unbiased_for_the_population():
@@ -65,17 +67,17 @@ def test_estimates_are_unbiased_for_the_population():
     mean = g.mean(0)
     true_grad_sq = mean @ mean
     true_trace = np.trace(np.cov(g.T, bias=True))
-    traces = np.array([s["noise"]["trace_cov"] for s in snaps])
-    grad_sqs = np.array([s["noise"]["grad_sq"] for s in snaps])
+    traces = np.array([s[tags.NOISE_TRACE_COV] for s in snaps])
+    grad_sqs = np.array([s[tags.NOISE_GRAD_SQ] for s in snaps])
     se_trace = traces.std(ddof=1) / np.sqrt(len(traces))
     se_grad = grad_sqs.std(ddof=1) / np.sqrt(len(grad_sqs))
     assert abs(traces.mean() - true_trace) < 3.5 * se_trace
     assert abs(grad_sqs.mean() - true_grad_sq) < 3.5 * se_grad
     # the EMA of the last step equals the decayed averages recomputed here
-    decay, et, eg = gradmon.monitored.NOISE_SCALE_EMA_DECAY, 0.0, 0.0
+    decay, et, eg = gradmon.statistics.NOISE_SCALE_EMA_DECAY, 0.0, 0.0
     for t, gq in zip(traces, grad_sqs):
         et, eg = decay * et + (1 - decay) * t, decay * eg + (1 - decay) * gq
-    assert snaps[-1]["noise"]["noise_scale_ema"] == pytest.approx(et / eg, rel=1e-5)
+    assert snaps[-1][tags.NOISE_SCALE_EMA] == pytest.approx(et / eg, rel=1e-5)
 
 
 def test_noise_scale_tags_and_no_effect_on_training(tmp_path):
@@ -97,6 +99,24 @@ def test_noise_scale_tags_and_no_effect_on_training(tmp_path):
     assert sorted(events[tags.NOISE_SCALE]) == list(range(1, 9))
     assert tags.NOISE_SCALE_EMA in events
     assert any(t.startswith("gradients/snr/") for t in events)
+
+
+def test_noise_scale_only_on_logged_steps_and_refused_with_an_own_train_step(tmp_path):
+    model, *_ = fit_frozen(steps=1)
+    events_dir = str(tmp_path)
+    model.fit(X[:6 * B], Y[:6 * B], batch_size=B, shuffle=False, verbose=0,
+              callbacks=[gradmon.GradientMonitor(events_dir, update_freq=3)])
+    from helpers import read_events
+
+    assert sorted(read_events(events_dir + "/train")[tags.NOISE_SCALE]) == [3, 6]
+
+    class OwnStep(keras.Sequential):
+        def train_step(self, data):
+            return super().train_step(data)
+
+    own = OwnStep([keras.Input((D,)), keras.layers.Dense(1)])
+    with pytest.raises(ValueError, match="has its own `train_step`.*noise_scale need gradmon's own train step"):
+        gradmon.monitor(own, noise_scale=True)
 
 
 def test_noise_scale_argument_is_checked():

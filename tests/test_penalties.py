@@ -10,7 +10,7 @@ import tensorflow as tf
 import gradmon
 from gradmon import penalties as P
 from gradmon import tags
-from helpers import explicit_hessian, read_events, tape_gradients
+from helpers import explicit_hessian, latest_snapshot, read_events, tape_gradients
 
 RNG = np.random.default_rng(21)
 X = RNG.normal(size=(16, 3)).astype(np.float32)
@@ -36,7 +36,7 @@ def one_step(model, penalties, tmp_path=None):
     callbacks = [gradmon.GradientMonitor(str(tmp_path))] if tmp_path else []
     m.fit(X, Y, batch_size=16, epochs=1, shuffle=False, verbose=0, callbacks=callbacks)
     w1 = [v.numpy().astype(np.float64) for v in model.trainable_variables]
-    return m, w0, g0, w1, m.gradient_state.read()
+    return m, w0, g0, w1, latest_snapshot(m)
 
 
 def test_weight_penalty_value_gradient_and_logs(tmp_path):
@@ -44,18 +44,18 @@ def test_weight_penalty_value_gradient_and_logs(tmp_path):
     m, w0, g0, w1, snap = one_step(model, [P.WeightPenalty(l1=0.01, l2=0.05)], tmp_path)
     value = sum(0.01 * np.abs(w).sum() + 0.05 * (w**2).sum() for w in w0)
     data = float(np.mean((X.astype(np.float64) @ w0[0] + w0[1] - Y) ** 2))
-    assert snap["penalties"]["weight"]["value"] == pytest.approx(value, rel=1e-5)
-    assert snap["losses"]["data"] == pytest.approx(data, rel=1e-5)
-    assert snap["losses"]["total"] == pytest.approx(data + value, rel=1e-5)
-    assert snap["penalties"]["weight"]["share"] == pytest.approx(value / (data + value), rel=1e-5)
+    assert snap[tags.penalty("weight")] == pytest.approx(value, rel=1e-5)
+    assert snap[tags.LOSS_DATA] == pytest.approx(data, rel=1e-5)
+    assert snap[tags.LOSS_TOTAL] == pytest.approx(data + value, rel=1e-5)
+    assert snap[tags.penalty_share("weight")] == pytest.approx(value / (data + value), rel=1e-5)
     pen_grads = [0.01 * np.sign(w) + 0.1 * w for w in w0]
-    assert snap["penalties"]["weight"]["grad_norm"] == pytest.approx(
+    assert snap[tags.penalty_grad_norm("weight")] == pytest.approx(
         np.sqrt(sum((g**2).sum() for g in pen_grads)), rel=1e-5)
     for a, g, pg, b in zip(w0, g0, pen_grads, w1):
         np.testing.assert_allclose(b, a - LR * (g + pg), rtol=1e-5, atol=1e-7)
     # the raw gradient statistics are those of the total gradient
     total = [g + pg for g, pg in zip(g0, pen_grads)]
-    assert snap["global"]["raw_global_norm"] == pytest.approx(np.sqrt(sum((t**2).sum() for t in total)), rel=1e-5)
+    assert snap[tags.global_norm("raw")] == pytest.approx(np.sqrt(sum((t**2).sum() for t in total)), rel=1e-5)
     events = read_events(os.path.join(str(tmp_path), "train"))
     for tag in (tags.penalty("weight"), tags.penalty_share("weight"), tags.penalty_grad_norm("weight"),
                 tags.LOSS_DATA, tags.LOSS_TOTAL):
@@ -74,9 +74,9 @@ def test_gradient_norm_penalty_is_double_backprop():
     weight = 0.3
     m, w0, g0, w1, snap = one_step(model, [P.GradientNormPenalty(weight)])
     g = np.concatenate([x.ravel() for x in g0])
-    assert snap["penalties"]["grad_norm"]["value"] == pytest.approx(weight * np.linalg.norm(g), rel=1e-5)
+    assert snap[tags.penalty("grad_norm")] == pytest.approx(weight * np.linalg.norm(g), rel=1e-5)
     pen = weight * H @ g / np.linalg.norm(g)
-    assert snap["penalties"]["grad_norm"]["grad_norm"] == pytest.approx(np.linalg.norm(pen), rel=1e-4)
+    assert snap[tags.penalty_grad_norm("grad_norm")] == pytest.approx(np.linalg.norm(pen), rel=1e-4)
     step = np.concatenate([(a - b).ravel() for a, b in zip(w0, w1)]) / LR
     np.testing.assert_allclose(step, g + pen, rtol=1e-4, atol=1e-6)
 
@@ -94,7 +94,7 @@ def test_r1_and_wgan_gp_on_a_linear_critic():
         model = linear(seed=4)
         m, w0, g0, w1, snap = one_step(model, [penalty])
         value, grad_w = closed_form(w0[0])
-        assert snap["penalties"][penalty.name]["value"] == pytest.approx(value, rel=1e-5)
+        assert snap[tags.penalty(penalty.name)] == pytest.approx(value, rel=1e-5)
         np.testing.assert_allclose(w1[0], w0[0] - LR * (g0[0] + grad_w), rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(w1[1], w0[1] - LR * g0[1], rtol=1e-5, atol=1e-7)
 

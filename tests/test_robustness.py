@@ -12,7 +12,7 @@ import tensorflow as tf
 import gradmon
 from gradmon import tags
 from gradmon import transforms as T
-from helpers import global_norm, read_events, tape_gradients
+from helpers import global_norm, latest_snapshot, read_events, tape_gradients
 
 RNG = np.random.default_rng(41)
 X = RNG.normal(size=(48, 5)).astype(np.float32)
@@ -48,7 +48,7 @@ def mixed_precision():
     keras.mixed_precision.set_global_policy("float32")
 
 
-def test_mixed_precision_statistics_are_unscaled_and_skips_are_logged(mixed_precision, tmp_path):
+def test_mixed_precision_statistics_are_unscaled_and_overflows_are_counted(mixed_precision, tmp_path):
     base = mlp(dtype="float32")
     grads = tape_gradients(base, MSE, X[:8], Y[:8])
     model = gradmon.monitor(base, transform=T.clip_by_value(0.05))
@@ -60,23 +60,54 @@ def test_mixed_precision_statistics_are_unscaled_and_skips_are_logged(mixed_prec
     events = read_events(os.path.join(str(tmp_path), "train"))
     # step 1: true gradient (loss scale 32768 divided out), float16 compute
     assert events[tags.global_norm("raw")][1] == pytest.approx(global_norm(grads), rel=2e-2)
-    # step 3 had a NaN: the LossScaleOptimizer skipped it, gradmon counted it, not as clipped
-    assert events[tags.SKIPPED_STEPS][2] == 0 and events[tags.SKIPPED_STEPS][3] == 1
-    assert events[tags.CLIP_FRACTION][3] == 0.0 and events[tags.CLIP_RATIO][3] == 1.0
-    assert events[tags.nonfinite_total("raw")][3] > 0
+    # step 3 had a NaN at a loss scale above 1: the LossScaleOptimizer's business (skipped,
+    # scale halved), counted as an overflow; its unknown gradient is not written
+    assert events[tags.OVERFLOW_STEPS][2] == 0 and events[tags.OVERFLOW_STEPS][3] == 1
+    assert events[tags.SKIPPED_STEPS][3] == 1
+    assert events[tags.LOSS_SCALE][3] == 32768 and events[tags.LOSS_SCALE][4] == 16384
+    assert 3 not in events[tags.global_norm("raw")] and 3 not in events[tags.nonfinite_total("raw")]
+    assert 3 not in events[tags.CLIP_RATIO]
     for a, b in zip(snaps.weights[1], snaps.weights[2]):
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.parametrize("policy", ["warn", "skip", "stop"])
+def test_mixed_precision_trains_as_without_gradmon_under_every_policy(mixed_precision, tmp_path, policy):
+    """Unnormalised targets: the first steps overflow while the loss scale adapts."""
+    y = (Y * 3000.0).astype(np.float32)
+    results = []
+    for observed in (False, True):
+        base = mlp(seed=3, dtype="float32")
+        model = gradmon.monitor(base, on_nonfinite=policy) if observed else base
+        model.compile(optimizer=keras.optimizers.Adam(0.01), loss="mse")
+        callbacks = [gradmon.GradientMonitor(str(tmp_path))] if observed else []
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            history = model.fit(X, y, batch_size=4, epochs=3, shuffle=False, verbose=0, callbacks=callbacks)
+        results.append((history.history["loss"], [v.numpy() for v in model.weights],
+                        int(model.optimizer.iterations.numpy()), float(model.optimizer.dynamic_scale.numpy())))
+    (plain_loss, plain_w, plain_it, plain_scale), (loss, w, it, scale) = results
+    assert loss == plain_loss and it == plain_it and scale == plain_scale
+    for a, b in zip(plain_w, w):
+        np.testing.assert_array_equal(a, b)
+    assert loss[-1] < loss[0] and it > 0
+    events = read_events(os.path.join(str(tmp_path), "train"))
+    overflows = events[tags.OVERFLOW_STEPS][36]
+    assert overflows == 36 - it > 0  # every overflow was a step the LossScaleOptimizer skipped
+    assert events[tags.SKIPPED_STEPS][36] == overflows
+    assert not any("non-finite" in str(c.message) for c in caught)
+    assert all(np.isfinite(v) for v in events[tags.global_norm("raw")].values())
+
+
 @pytest.mark.parametrize("policy", ["skip", "stop", "warn"])
 def test_nonfinite_policies(policy, tmp_path):
-    model = gradmon.monitor(mlp())
+    model = gradmon.monitor(mlp(), on_nonfinite=policy)
     model.compile(optimizer=keras.optimizers.Adam(0.01), loss="mse")
     snaps = Snapshots()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         model.fit(with_nan_at(3), Y, batch_size=8, epochs=1, shuffle=False, verbose=0,
-                  callbacks=[gradmon.GradientMonitor(str(tmp_path), on_nonfinite=policy), snaps])
+                  callbacks=[gradmon.GradientMonitor(str(tmp_path)), snaps])
     messages = " ".join(str(w.message) for w in caught)
     events = read_events(os.path.join(str(tmp_path), "train"))
     assert events[tags.nonfinite_total("raw")][3] > 0
@@ -84,7 +115,9 @@ def test_nonfinite_policies(policy, tmp_path):
     assert model.trainable_variables[0].path in messages
     if policy == "warn":
         assert all(np.isnan(w).any() for w in snaps.weights[2])
+        assert "the update was applied" in messages
         return
+    assert "was applied" not in messages
     for a, b in zip(snaps.weights[1], snaps.weights[2]):
         np.testing.assert_array_equal(a, b)  # step 3 left the weights as they were
     assert events[tags.SKIPPED_STEPS][3] == 1
@@ -93,6 +126,25 @@ def test_nonfinite_policies(policy, tmp_path):
         assert all(np.isfinite(w).all() for w in snaps.weights[-1])
     else:
         assert len(snaps.weights) == 3 and max(events[tags.global_norm("raw")]) == 3
+
+
+def test_stop_applies_no_later_step_of_the_same_execution(tmp_path):
+    model = gradmon.monitor(mlp(), on_nonfinite="stop")
+    model.compile(optimizer=keras.optimizers.SGD(0.05), loss="mse", steps_per_execution=4)
+    before = [v.numpy().copy() for v in model.trainable_variables]
+    reference = mlp()
+    reference.compile(optimizer=keras.optimizers.SGD(0.05), loss="mse")
+    reference.fit(X[:8], Y[:8], batch_size=4, shuffle=False, verbose=0)  # the two good steps
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("always")
+        model.fit(with_nan_at(3, batch_size=4), Y, batch_size=4, epochs=2, shuffle=False, verbose=0,
+                  callbacks=[gradmon.GradientMonitor(str(tmp_path))])
+    # steps 1-2 applied, step 3 refused, step 4 (same execution) refused too; fit ended
+    for a, b in zip(reference.trainable_variables, model.trainable_variables):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-6)
+    assert int(model.optimizer.iterations.numpy()) == 2
+    assert model.gradient_observer.step == 4
+    assert not all(np.array_equal(a, b.numpy()) for a, b in zip(before, model.trainable_variables))
 
 
 def test_steps_per_execution_logs_every_step_at_its_own_step(tmp_path):
@@ -119,7 +171,7 @@ def test_save_and_resume_continue_the_step_axis(tmp_path):
     model.save(path)
     loaded = keras.models.load_model(path)
     assert loaded.gradient_config.get_config() == model.gradient_config.get_config()
-    assert int(loaded.gradient_state.step.numpy()) == 6
+    assert loaded.gradient_observer.step == 6
     for a, b in zip(model.weights, loaded.weights):
         np.testing.assert_array_equal(a.numpy(), b.numpy())
     loaded.fit(X, Y, batch_size=8, epochs=2, initial_epoch=1, verbose=0,
@@ -146,7 +198,7 @@ def test_subclassed_wrapper_saves_and_loads(tmp_path):
     model.save(path)
     loaded = keras.models.load_model(path)
     np.testing.assert_allclose(loaded.predict(X, verbose=0), model.predict(X, verbose=0))
-    assert int(loaded.gradient_state.step.numpy()) == 3
+    assert loaded.gradient_observer.step == 3
     assert loaded.gradient_config.get_config()["transform"] == T.serialize(T.clip_by_norm(1.0))
 
 
@@ -172,6 +224,14 @@ def test_transform_returning_the_wrong_structure_is_a_clear_error():
         model.fit(X, Y, verbose=0)
 
 
+def test_transform_returning_none_is_a_clear_error():
+    model = gradmon.monitor(mlp(), transform=lambda grads, params: None)
+    model.compile(optimizer="sgd", loss="mse")
+    with pytest.raises(ValueError, match="`transform`.*returned None"):
+        model.fit(X, Y, verbose=0)
+    assert int(model.optimizer.iterations.numpy()) == 0
+
+
 def test_input_gradient_penalty_on_integer_inputs_is_a_clear_error():
     keras.utils.set_random_seed(0)
     tokens = keras.Input((3,), dtype="int32")
@@ -193,11 +253,11 @@ def test_embedding_gradients_are_exact_without_densifying():
     model = gradmon.monitor(base, transform=T.clip_by_norm(0.01))
     model.compile(optimizer="sgd", loss="mse")
     model.fit(ids, Y[:16], batch_size=16, verbose=0)
-    snap = model.gradient_state.read()
-    row = snap["group_stats"][0]
-    assert row[0] == pytest.approx(np.linalg.norm(grads[0]), rel=1e-5)
-    assert row[3] == pytest.approx(np.mean(grads[0] == 0), rel=1e-6)
-    assert snap["global"]["raw_global_norm"] == pytest.approx(global_norm(grads), rel=1e-5)
+    snap = latest_snapshot(model)
+    path = base.trainable_variables[0].path
+    assert snap[tags.group_stat("raw", "norm", path)] == pytest.approx(np.linalg.norm(grads[0]), rel=1e-5)
+    assert snap[tags.group_stat("raw", "zero_fraction", path)] == pytest.approx(np.mean(grads[0] == 0), rel=1e-6)
+    assert snap[tags.global_norm("raw")] == pytest.approx(global_norm(grads), rel=1e-5)
 
 
 def test_histograms_and_every_statistic_under_xla(tmp_path):
