@@ -360,7 +360,7 @@ class SummaryWriter(MetricWriter):
         self._failing = False
         self._stopped = False
         self._retries = 0
-        self._retry_at = 0.0
+        self._failed_at = float("-inf")  # `retry_seconds` counts from here
         self._warned = set()
 
     def _start_file(self):
@@ -413,7 +413,7 @@ class SummaryWriter(MetricWriter):
         if self._failing:
             self._retries += 1
         self._failing = True
-        self._retry_at = time.monotonic() + self.retry_seconds
+        self._failed_at = time.monotonic()
         self._warn(_failure_kind(error), (
             f"gradmon could not write TensorBoard summaries to {self.path or self.logdir!r}: "
             f"{error}. Training continues without them; a fresh event file in "
@@ -438,7 +438,7 @@ class SummaryWriter(MetricWriter):
         self._record_failure(FileNotFoundError(
             errno.ENOENT, "the event file was removed while being written", self.path))
         self._release_file(failed=False)
-        self._retry_at = now  # the directory may be recreated at once
+        self._failed_at = float("-inf")  # the directory may be recreated at once
         return False
 
     def _ready(self):
@@ -449,19 +449,14 @@ class SummaryWriter(MetricWriter):
         """
         if self._writer is not None and self._file_present():
             return True
-        if self._stopped or (self._failing and time.monotonic() < self._retry_at):
+        if self._stopped or (self._failing and time.monotonic() - self._failed_at < self.retry_seconds):
             return False
         try:
             self._start_file()
         except (OSError, tf.errors.OpError) as error:
             self._record_failure(error)
             return False
-        if self._failing:
-            _logger.info("gradmon writes TensorBoard summaries again, to %s (%d events dropped so far)",
-                         self.path, self.dropped)
-        self._failing = False
-        self._retries = 0
-        return True
+        return True  # the failure is over once an event is written (`_append`)
 
     def _append(self, data):
         """Writes one serialized event to the open file; a failure drops it and ends the file."""
@@ -476,6 +471,11 @@ class SummaryWriter(MetricWriter):
         self._size += len(data) + 16  # TFRecord framing: length, its CRC, data, its CRC
         self._data_records += 1
         self._unseen += 1
+        if self._failing:
+            _logger.info("gradmon writes TensorBoard summaries again, to %s (%d events dropped so far)",
+                         self.path, self.dropped)
+            self._failing = False
+            self._retries = 0
 
     def _event(self, step, values):
         return event_pb2.Event(wall_time=time.time(), step=int(step),
