@@ -902,7 +902,7 @@ def health_report(run, thresholds=None, grouping="variable"):
         if all(p in zero_fractions for p in names):
             _, rows = _align([zero_fractions[p] for p in names])
             sizes = _sizes(raw_norms, raw_rms, names)
-            weights = np.ones(len(names)) if sizes is None else sizes
+            weights = np.ones(len(names)) if sizes is None or not sizes.sum() > 0 else sizes
             per_step = weights @ rows / weights.sum()
             zeros = float(np.mean(per_step[-_window(len(per_step), thresholds.tail_fraction):]))
         _, g2w, update = _layer_ratios(names, raw_norms, grad_to_weight, update_ratios)
@@ -957,15 +957,20 @@ def _judge(summary, layers, thresholds, layer_clipped_tail, dead_norm, run):
         flags.append(Flag(EXPLODING, "global", "; ".join(parts)))
 
     if summary.overflow_steps:
-        steps = summary.excluded_steps
-        source = (f"`{tags.OVERFLOW_STEPS}`" if tags.OVERFLOW_STEPS in run
-                  else f"NaN/inf gradients while `{tags.LOSS_SCALE}` fell")
-        detail = f"{summary.overflow_steps} step(s) skipped by the LossScaleOptimizer ({source})"
-        if steps:
-            detail += (f"; {len(steps)} logged step(s) left out of the statistics, "
-                       f"{_listed([str(s) for s in steps], 5)}")
-        if scale is not None:
-            detail += f"; loss scale now {_num(scale)}"
+        if tags.OVERFLOW_STEPS in run:
+            s, count = run[tags.OVERFLOW_STEPS]
+            rose = [str(step) for step in s[np.diff(count, prepend=0.0) > 0].tolist()]
+            detail = (f"{summary.overflow_steps} step(s) skipped by the LossScaleOptimizer "
+                      f"(`{tags.OVERFLOW_STEPS}` rose by step(s) {_listed(rose, 5)})")
+        else:
+            detail = (f"{summary.overflow_steps} step(s) with NaN/inf gradients while "
+                      f"`{tags.LOSS_SCALE}` fell: skipped by the LossScaleOptimizer")
+        if summary.excluded_steps:
+            detail += (f"; logged step(s) {_listed([str(s) for s in summary.excluded_steps], 5)} "
+                       "left out of the statistics")
+        if tags.LOSS_SCALE in run:
+            scales = run[tags.LOSS_SCALE][1]
+            detail += f"; loss scale {scales[0]:g} -> {scales[-1]:g}"
         notes.append(Flag(LOSS_SCALE_OVERFLOW, "global", detail))
 
     tail_text = f"over the last {_pct(thresholds.tail_fraction)} of steps"

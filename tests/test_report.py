@@ -5,11 +5,15 @@ import json
 import math
 import os
 import shutil
+import struct
+import subprocess
 import sys
 
 import keras
 import numpy as np
 import pytest
+from tensorboard.compat.proto import event_pb2, summary_pb2, tensor_pb2, tensor_shape_pb2, types_pb2
+from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c
 
 import gradmon
 from gradmon import report, tags
@@ -353,3 +357,379 @@ def test_thresholds_reject_invalid_values(kwargs):
     (name, value), = kwargs.items()
     with pytest.raises(ValueError, match=rf"`{name}`.*Received: {name}="):
         report.Thresholds(**kwargs)
+
+
+# -- hand-built event files ----------------------------------------------------------------------
+# Written here record by record (TFRecord framing with tensorboard's own pure-Python CRC32C, float32
+# scalars as TensorFlow writes them), so that each judgement is checked on numbers chosen for it.
+
+
+def _record(payload):
+    header = struct.pack("<Q", len(payload))
+    return (header + struct.pack("<I", masked_crc32c(header)) + payload
+            + struct.pack("<I", masked_crc32c(payload)))
+
+
+def write_events(directory, rows, name="events.out.tfevents.0000000001.test"):
+    """Writes `[(step, {tag: value})]`, one event per row; returns `[(offset, step)]` of the records."""
+    os.makedirs(directory, exist_ok=True)
+    data, offsets = _record(event_pb2.Event(file_version="brain.Event:2").SerializeToString()), []
+    for step, mapping in rows:
+        values = [summary_pb2.Summary.Value(tag=tag, tensor=tensor_pb2.TensorProto(
+            dtype=types_pb2.DT_FLOAT, tensor_shape=tensor_shape_pb2.TensorShapeProto(),
+            float_val=[value])) for tag, value in mapping.items()]
+        offsets.append((len(data), step))
+        data += _record(event_pb2.Event(step=step, summary=summary_pb2.Summary(value=values))
+                        .SerializeToString())
+    path = os.path.join(directory, name)
+    with open(path, "wb") as f:
+        f.write(data)
+    return path, offsets
+
+
+def f32(x):
+    return np.asarray(x, dtype=np.float32).astype(np.float64)
+
+
+def variable_rows(steps, variables, *, g2w=True, update=True, zeros=None):
+    """`{step: {tag: value}}` from `variables = {path: (norm[t], weight_norm[t], update_ratio[t], size)}`.
+
+    A zero weight norm gives NaN ratios (as the monitor writes them); the global norm is the
+    root sum of squares of the variables' norms.
+    """
+    rows = {int(s): {} for s in steps}
+    for i, step in enumerate(steps):
+        row = rows[int(step)]
+        row[tags.global_norm("raw")] = float(np.sqrt(sum(v[0][i] ** 2 for v in variables.values())))
+        row[tags.nonfinite_total("raw")] = 0.0
+        for path, (norm, weight, ratio, size) in variables.items():
+            row[tags.group_stat("raw", "norm", path)] = norm[i]
+            row[tags.group_stat("raw", "rms", path)] = norm[i] / np.sqrt(size)
+            row[tags.group_stat("raw", "nonfinite", path)] = 0.0
+            row[tags.group_stat("raw", "zero_fraction", path)] = 0.0 if zeros is None else zeros.get(path, 0.0)
+            if g2w:
+                row[tags.grad_to_weight(path)] = norm[i] / weight[i] if weight[i] > 0 else float("nan")
+            if update:
+                row[tags.update_ratio(path)] = ratio[i] if weight[i] > 0 else float("nan")
+    return rows
+
+
+def run_of(tmp_path, rows, name="run"):
+    directory = str(tmp_path / name)
+    write_events(directory, sorted(rows.items()))
+    return directory
+
+
+def transformer_at_init(steps=30, seed=0):
+    """Per-variable series shaped like a Transformer block's first Adam steps (measured on
+    `keras.layers.MultiHeadAttention` + FFN under gradmon.monitor): query/key gradients 1e-3
+    to 1e-5 of the value projection's, every layer's update ratio near 1.5e-3."""
+    rng = np.random.default_rng(seed)
+    scales = {  # layer: (gradient norm, weight norm, update ratio)
+        "embed": (2.0, 3.4, 7.9e-3), "attn/query": (1.6e-3, 8.0, 1.4e-3),
+        "attn/key": (1.2e-4, 8.0, 1.4e-3), "attn/value": (8.0, 8.0, 1.9e-3),
+        "attn/attention_output": (7.6, 8.0, 1.9e-3), "ffn1": (0.36, 9.3, 2.3e-3),
+        "ffn2": (0.9, 9.2, 2.0e-3), "head": (0.88, 3.9, 1.6e-3)}
+    variables = {}
+    for layer, (g, w, u) in scales.items():
+        jitter = lambda: np.exp(rng.normal(0, 0.1, steps))
+        if layer == "embed":
+            variables["embed/embeddings"] = (g * jitter(), np.full(steps, w), u * jitter(), 200 * 64)
+            continue
+        variables[f"{layer}/kernel"] = (g * jitter(), np.full(steps, w), u * jitter(), 64 * 64)
+        bias_w = np.r_[0.0, 0.01 * np.arange(1, steps)]  # zero-initialised, then moving
+        variables[f"{layer}/bias"] = (0.1 * g * jitter(), bias_w, 0.5 * jitter(), 64)
+    return variables
+
+
+def expected_layer_update(variables, names, tail):
+    """Numpy reference: ||delta w|| / ||w|| of a layer per step over variables with w > 0,
+    median over the last `tail` steps."""
+    u = np.array([f32(np.where(variables[n][1] > 0, variables[n][2], np.nan)) for n in names])
+    g = np.array([f32(variables[n][0]) for n in names])
+    g2w = np.array([f32(np.where(variables[n][1] > 0, variables[n][0] / np.where(variables[n][1] > 0, variables[n][1], 1), np.nan)) for n in names])
+    w = np.where(np.isfinite(g2w), g / g2w, 0.0)
+    with np.errstate(invalid="ignore"):
+        per_step = np.sqrt(np.nansum((u * w) ** 2, axis=0)) / np.sqrt(np.sum(w**2, axis=0))
+    return float(np.median(per_step[-tail:]))
+
+
+def test_transformer_at_init_under_adam_is_judged_by_update_ratios(tmp_path):
+    variables = transformer_at_init()
+    steps = np.arange(1, 31)
+    rep = report.health_report(report.load_run(run_of(tmp_path, variable_rows(steps, variables))))
+    assert rep.flags == [] and rep.notes == []
+    layers = {l.name: l for l in rep.layers}
+    for name in ("attn/query", "attn/key", "head"):
+        names = [f"{name}/kernel", f"{name}/bias"]
+        assert layers[name].tail_update_ratio == pytest.approx(
+            expected_layer_update(variables, names, tail=6), rel=1e-5)
+    # The gradient norms alone would call query and key vanishing ...
+    finals = {l: np.sqrt(sum(f32(v[0])[-1] ** 2 for p, v in variables.items() if p.startswith(l + "/")))
+              for l in layers}
+    assert finals["attn/key"] < finals["attn/query"] < 1e-3 * max(finals.values())
+    # ... and that is what a run without update ratios gets, with the evidence named.
+    no_ratios = report.health_report(report.load_run(
+        run_of(tmp_path, variable_rows(steps, variables, update=False), "no_ratios")))
+    assert kinds(no_ratios) == [("vanishing", "attn/key"), ("vanishing", "attn/query")]
+    assert all("evidence: raw gradient norms" in f.detail for f in no_ratios.flags)
+    assert [f.subject for f in no_ratios.flags] == ["attn/key", "attn/query"]  # worst first
+    # A layer whose updates really stall is still caught, on update ratios.
+    stalled = dict(variables)
+    norm, weight, ratio, size = stalled["ffn1/kernel"]
+    stalled["ffn1/kernel"] = (norm, weight, ratio * 1e-5, size)
+    stalled["ffn1/bias"] = (stalled["ffn1/bias"][0], np.full(30, 0.0), ratio, 64)  # undefined throughout
+    rep = report.health_report(report.load_run(run_of(tmp_path, variable_rows(steps, stalled), "stalled")))
+    assert kinds(rep) == [("vanishing", "ffn1")]
+    reference = np.median([l.tail_update_ratio for l in rep.layers])
+    assert rep.flags[0].detail.endswith("evidence: update ratios")
+    assert f"{reference:.4g}" in rep.flags[0].detail
+
+
+def mixed_precision_rows(old_style, genuine_nan_at=None, steps=40):
+    """A float16 warm-up: the LossScaleOptimizer overflows at steps 1-4 and 30 (scale 32768 halved
+    to 2048, doubled to 4096 at step 29, halved back). New runs count the overflows in
+    `gradients/overflow_steps` and write no gradient statistics at those steps; old runs wrote NaN/inf
+    norms there (and `gradients/skipped_steps`)."""
+    rng = np.random.default_rng(3)
+    overflow = {1, 2, 3, 4, 30}
+    scale, rows, count = 32768.0, {}, 0
+    for step in range(1, steps + 1):
+        if step in overflow:
+            scale /= 2
+            count += 1
+        if step == 29:
+            scale *= 2
+        row = {tags.LOSS_SCALE: scale, tags.SKIPPED_STEPS: float(count)}
+        if not old_style:
+            row[tags.OVERFLOW_STEPS] = float(count)
+        bad = step in overflow or step == genuine_nan_at
+        if bad and not old_style and step != genuine_nan_at:
+            rows[step] = row  # only the counters
+            continue
+        norm = float("nan") if bad else float(rng.uniform(0.5, 2.0))
+        row.update({tags.global_norm("raw"): norm, tags.nonfinite_total("raw"): 12.0 if bad else 0.0,
+                    tags.group_stat("raw", "norm", "dense/kernel"): norm,
+                    tags.group_stat("raw", "nonfinite", "dense/kernel"): 12.0 if bad else 0.0})
+        rows[step] = row
+    return rows
+
+
+@pytest.mark.parametrize("old_style", [False, True], ids=["overflow_steps", "loss_scale_only"])
+def test_loss_scale_overflows_are_not_explosions(tmp_path, old_style):
+    rows = mixed_precision_rows(old_style)
+    rep = report.health_report(report.load_run(run_of(tmp_path, rows)))
+    assert rep.flags == []
+    assert kinds(type("R", (), {"flags": rep.notes})) == [("loss_scale_overflow", "global")]
+    assert rep.summary.overflow_steps == 5 and rep.summary.nonfinite_steps == 0
+    assert rep.summary.excluded_steps == ([1, 2, 3, 4, 30] if old_style else [])
+    finite = [r[tags.global_norm("raw")] for _, r in sorted(rows.items())
+              if tags.global_norm("raw") in r and np.isfinite(r[tags.global_norm("raw")])]
+    assert len(finite) == 35
+    assert rep.summary.early_median_norm == pytest.approx(np.median(f32(finite[:4])), rel=1e-6)  # ceil(3.5)
+    assert rep.summary.peak_norm == pytest.approx(np.max(f32(finite)), rel=1e-6)
+    assert rep.summary.final_loss_scale == 2048.0
+    text = report.format_table(rep)
+    assert "nan" not in text and "EXPLODING" not in text and "learning rate" not in text
+    assert "LOSS_SCALE_OVERFLOW" in text and "loss scale 16384 -> 2048" in text
+
+
+@pytest.mark.parametrize("old_style", [False, True], ids=["overflow_steps", "loss_scale_only"])
+def test_nan_without_an_overflow_is_still_an_explosion(tmp_path, old_style):
+    rep = report.health_report(report.load_run(run_of(tmp_path, mixed_precision_rows(old_style, 35))))
+    assert kinds(rep) == [("exploding", "global")]
+    assert rep.summary.nonfinite_steps == 1 and rep.summary.first_nonfinite_step == 35
+    assert "1 step(s) with NaN/inf gradients, first at step 35" in rep.flags[0].detail
+
+
+def test_loss_scale_below_one_is_an_explosion(tmp_path):
+    rows = mixed_precision_rows(old_style=False)
+    for step in range(31, 41):
+        rows[step][tags.LOSS_SCALE] = 2.0 ** -(step - 30)
+    rep = report.health_report(report.load_run(run_of(tmp_path, rows)))
+    assert kinds(rep) == [("exploding", "global")]
+    assert f"loss scale fell to {2.0 ** -10:.4g} (< 1)" in rep.flags[0].detail
+
+
+def test_partly_dead_layers_get_a_note_dead_ones_a_flag_embeddings_neither(tmp_path):
+    steps = np.arange(1, 21)
+    ones = np.ones(20)
+    variables = {"relu/kernel": (ones, ones, ones * 1e-3, 64), "relu/bias": (ones, ones, ones * 1e-3, 8),
+                 "dead/kernel": (ones, ones, ones * 1e-3, 64), "embed/embeddings": (ones, ones, ones * 1e-3, 1000),
+                 "ok/kernel": (ones, ones, ones * 1e-3, 16)}
+    zeros = {"relu/kernel": 0.7, "relu/bias": 0.6, "dead/kernel": 0.995, "embed/embeddings": 0.97}
+    rep = report.health_report(report.load_run(run_of(tmp_path, variable_rows(steps, variables, zeros=zeros))))
+    assert kinds(rep) == [("dead", "dead")]
+    assert [(n.kind, n.subject) for n in rep.notes] == [("inactive", "relu")]
+    relu = (64 * f32(0.7) + 8 * f32(0.6)) / 72  # weighted by size, (norm / rms)^2
+    assert f"mostly inactive: {relu:.1%} of gradient entries" in rep.notes[0].detail
+    layers = {l.name: l for l in rep.layers}
+    assert layers["relu"].tail_zero_fraction == pytest.approx(relu, rel=1e-4)
+    assert layers["embed"].tail_zero_fraction == pytest.approx(f32(0.97)) and not layers["embed"].zeros_judged
+    text = report.format_table(rep)
+    assert "notes:\n  INACTIVE [relu]" in text and "[embed]" not in text
+    # The thresholds move the line.
+    rep = report.health_report(report.load_run(str(tmp_path / "run")),
+                               report.Thresholds(inactive_zero_fraction=0.75, dead_zero_fraction=0.5))
+    assert kinds(rep) == [("dead", "dead"), ("dead", "relu")] and rep.notes == []
+
+
+def test_long_lists_name_the_worst_and_count_the_rest(tmp_path, capsys):
+    steps = np.arange(1, 11)
+    rows = {}
+    for i, step in enumerate(steps):
+        row = {tags.global_norm("raw"): 10.0, tags.CLIP_RATIO: 0.5}
+        for j in range(100):
+            row[tags.group_stat("raw", "norm", f"layer{j:03d}/kernel")] = 1.0
+            row[tags.group_stat("transformed", "norm", f"layer{j:03d}/kernel")] = 1.0 if (j, i) == (7, 9) else 0.5
+        for j in range(12):  # no update ratios: judged on norms, the smallest first
+            row[tags.group_stat("raw", "norm", f"tiny{j:02d}/kernel")] = 10.0 ** -(4 + (j * 7) % 12)
+            row[tags.group_stat("transformed", "norm", f"tiny{j:02d}/kernel")] = 10.0 ** -(4 + (j * 7) % 12)
+        rows[int(step)] = row
+    logdir = run_of(tmp_path, rows)
+    rep = report.health_report(report.load_run(logdir))
+    clipping = [f for f in rep.flags if f.kind == "clipping"][0]
+    # layer007 is clipped in half of the tail of 2 steps; every other one in all: 007 comes last.
+    assert len(clipping.layers) == 100 and clipping.layers[-1] == "layer007"
+    assert summary([logdir]) == 0
+    text = capsys.readouterr().out
+    line = next(l for l in text.splitlines() if "CLIPPING" in l)
+    assert line.endswith("layers: layer000, layer001, layer002, layer003, layer004 ... and 95 more")
+    vanishing = [l for l in text.splitlines() if l.startswith("  VANISHING")]
+    order = np.argsort([(j * 7) % 12 for j in range(12)])[::-1]  # smallest norm first
+    assert [l.split("[")[1].split("]")[0] for l in vanishing] == [f"tiny{j:02d}" for j in order[:5]]
+    assert "  ... and 7 more VANISHING layers (all of them in --json)" in text
+    assert summary([logdir, "--max-listed", "2", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert sum(f["kind"] == "vanishing" for f in out["flags"]) == 12
+    assert summary([logdir, "--max-listed", "0"]) == 2
+    assert "Invalid value for argument `max_listed`" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("style", ["nan", "zero"], ids=["nan_ratio", "older_gradmon_zero"])
+def test_ratios_of_a_zero_weight_are_undefined(tmp_path, capsys, style):
+    """A zero-initialised bias: the new monitor writes NaN ratios, older gradmon wrote 0.0."""
+    undefined = float("nan") if style == "nan" else 0.0
+    rows = {}
+    for step in (1, 2, 3):
+        rows[step] = {tags.global_norm("raw"): 3.0,
+                      tags.group_stat("raw", "norm", "dense/kernel"): 2.0,
+                      tags.grad_to_weight("dense/kernel"): 0.5, tags.update_ratio("dense/kernel"): 0.01,
+                      tags.group_stat("raw", "norm", "dense/bias"): 1.5,
+                      tags.grad_to_weight("dense/bias"): undefined, tags.update_ratio("dense/bias"): undefined,
+                      tags.group_stat("raw", "norm", "norm/beta"): 0.5,
+                      tags.grad_to_weight("norm/beta"): undefined, tags.update_ratio("norm/beta"): undefined,
+                      tags.group_stat("raw", "norm", "plain/kernel"): 1.0}
+    logdir = run_of(tmp_path, rows)
+    rep = report.health_report(report.load_run(logdir))
+    layers = {l.name: l for l in rep.layers}
+    # dense: ||g|| over both variables / ||w|| of the kernel alone (4 = 2 / 0.5); the update
+    # ratio of the kernel alone, the bias's being undefined.
+    assert layers["dense"].final_grad_to_weight == pytest.approx(np.hypot(2.0, 1.5) / 4.0)
+    assert layers["dense"].final_update_ratio == pytest.approx(f32(0.01))
+    assert layers["norm"].final_grad_to_weight is None and layers["norm"].final_update_ratio is None
+    assert layers["norm"].ratios_logged and not layers["plain"].ratios_logged
+    assert summary([logdir]) == 0
+    rows = table_rows(capsys.readouterr().out)
+    assert rows["norm"][5:7] == ["undefined", "undefined"] and rows["plain"][5:7] == ["-", "-"]
+    assert rows["dense"][6] == f"{f32(0.01):.4g}"
+    assert summary([logdir, "--json"]) == 0
+    out = {l["name"]: l for l in json.loads(capsys.readouterr().out)["layers"]}
+    assert out["norm"]["final_update_ratio"] is None and out["norm"]["final_grad_to_weight"] is None
+    # Undefined ratios are not non-finite gradients.
+    assert rep.flags == [] and rep.summary.nonfinite_steps == 0
+
+
+# -- damaged event files -------------------------------------------------------------------------
+
+
+def steps_rows(n=150):
+    rng = np.random.default_rng(5)
+    return [(step, {tags.global_norm("raw"): float(rng.uniform(1, 2)),
+                    tags.group_stat("raw", "norm", "dense/kernel"): 1.0}) for step in range(1, n + 1)]
+
+
+def test_crc32c_matches_tensorboards_reference():
+    rng = np.random.default_rng(0)
+    chunks = [rng.integers(0, 256, size=n, dtype=np.uint8).tobytes()
+              for n in (0, 1, 3, 4, 5, 8, 8, 17, 100, 257, 1000, 5000, 12)]
+    expected = [masked_crc32c(c) for c in chunks]
+    assert report._masked(report._crc32c_many(chunks)).tolist() == expected
+    assert [int(report._masked(report._crc32c(c))) for c in chunks] == expected
+
+
+@pytest.mark.parametrize("where", ["payload", "length"])
+def test_corrupted_file_is_reported_with_its_last_good_step_and_read_past(tmp_path, capsys, where):
+    path, offsets = write_events(str(tmp_path / "train"), steps_rows())
+    offset, step = offsets[50]
+    assert step == 51
+    data = bytearray(open(path, "rb").read())
+    data[offset + (20 if where == "payload" else 2)] ^= 0x5A  # a flipped byte in step 51's record
+    open(path, "wb").write(bytes(data))
+    run = report.load_run(str(tmp_path))
+    steps, _ = run[tags.global_norm("raw")]
+    assert steps.tolist() == [s for s in range(1, 151) if s != 51]  # only the damaged record is lost
+    (problem,) = run.problems
+    assert (problem.path, problem.kind, problem.offset) == (path, "corrupt", offset)
+    assert (problem.last_good_step, problem.resumed_step) == (50, 52)
+    assert problem.skipped_bytes == offsets[51][0] - offset
+    assert summary([str(tmp_path)]) == 1
+    captured = capsys.readouterr()
+    assert f"warning: {path}: corrupted at byte {offset}" in captured.err
+    assert "last good step 50; reading resumed at step 52" in captured.err
+    assert captured.out.startswith(f"WARNING: {path}: corrupted")
+    assert summary([str(tmp_path), "--json"]) == 1
+    out = json.loads(capsys.readouterr().out)
+    assert out["read_problems"][0]["last_good_step"] == 50
+
+
+def test_garbage_to_the_end_and_a_cut_last_record(tmp_path, capsys):
+    path, offsets = write_events(str(tmp_path / "train"), steps_rows())
+    data = open(path, "rb").read()
+    offset = offsets[100][0]
+    open(path, "wb").write(data[:offset] + bytes(range(256)) * 40)  # steps 101-150 overwritten
+    run = report.load_run(str(tmp_path))
+    assert run[tags.global_norm("raw")][0].tolist() == list(range(1, 101))
+    (problem,) = run.problems
+    assert (problem.kind, problem.last_good_step, problem.resumed_step) == ("corrupt", 100, None)
+    assert "nothing after it could be read" in problem.message
+    assert summary([str(tmp_path)]) == 1
+    capsys.readouterr()
+    # A run being written (or killed mid-write) ends inside a record: a warning, exit status 0.
+    open(path, "wb").write(data[:offsets[-1][0] + 30])
+    run = report.load_run(str(tmp_path))
+    assert run[tags.global_norm("raw")][0].tolist() == list(range(1, 150))
+    (problem,) = run.problems
+    assert (problem.kind, problem.last_good_step, problem.skipped_bytes) == ("incomplete", 149, 30)
+    assert summary([str(tmp_path)]) == 0
+    assert "incomplete last record" in capsys.readouterr().err
+
+
+# -- PNG, imports ---------------------------------------------------------------------------------
+
+
+def test_png_into_a_missing_directory_is_created_and_an_unwritable_path_is_an_error(tmp_path, capsys):
+    logdir = run_of(tmp_path, dict(steps_rows(20)))
+    png = tmp_path / "new" / "deeper" / "report.png"
+    assert summary([logdir, "--png", str(png)]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    (tmp_path / "afile").write_text("")
+    assert summary([logdir, "--png", str(tmp_path / "afile" / "x.png")]) == 2
+    err = capsys.readouterr().err
+    assert "Invalid value for argument `png`. Expected a writable file path." in err
+    assert "Traceback" not in err
+
+
+def test_report_and_summary_do_not_import_tensorflow(tmp_path):
+    logdir = run_of(tmp_path, dict(steps_rows(20)))
+    code = ("import sys, gradmon.report\n"
+            "assert 'tensorflow' not in sys.modules, 'import gradmon.report imported tensorflow'\n"
+            "from gradmon.__main__ import main\n"
+            f"rc = main(['summary', {logdir!r}])\n"
+            "assert 'tensorflow' not in sys.modules, 'gradmon summary imported tensorflow'\n"
+            "sys.exit(rc)\n")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "flags: none" in done.stdout
