@@ -118,15 +118,30 @@ class MetricWriter(abc.ABC):
 
     @abc.abstractmethod
     def write_scalars(self, step, mapping):
-        """Writes `{tag: number}` at `step`."""
+        """Writes numbers at one step.
+
+        Args:
+            step: the training step (an integer).
+            mapping: `{tag: number}`; each tag's description
+                (`gradmon.tags.describe`) goes with its first value.
+        """
 
     @abc.abstractmethod
     def write_histograms(self, step, mapping):
-        """Writes `{tag: [k, 3] buckets}` (see `histogram_buckets`) at `step`."""
+        """Writes histograms at one step.
+
+        Args:
+            step: the training step (an integer).
+            mapping: `{tag: [k, 3] buckets}` (see `histogram_buckets`).
+        """
 
     @abc.abstractmethod
     def write_layout(self, layout):
-        """Adds a custom-scalars `layout_pb2.Layout` to the run's layout (see `merge_layouts`)."""
+        """Adds a custom-scalars layout to the run's layout (see `merge_layouts`).
+
+        Args:
+            layout: a `tensorboard.plugins.custom_scalar.layout_pb2.Layout`.
+        """
 
     def write_custom_scalar_layout(self, layout):
         """Same as `write_layout`."""
@@ -188,7 +203,8 @@ class MemoryWriter(MetricWriter):
 
 _SCALAR_SHAPE = tensor_shape_pb2.TensorShapeProto()
 _DOUBLE = struct.Struct("<d")
-# A float32 whose bytes (0xff 0xfe 0xfd 0x7e) cannot occur in an ASCII tag.
+# A float32 whose bytes (0xff 0xfe 0xfd 0x7e) no tag, length or dtype field ends
+# with, so the serialization check in `_ScalarTemplate` cannot pass by chance.
 _MARKER = np.frombuffer(b"\xff\xfe\xfd\x7e", "<f4")[0]
 
 
@@ -232,7 +248,15 @@ class _ScalarTemplate:
         self._count = len(positions)
 
     def event(self, step, values):
-        """Serialized `Event` at `step` holding `values` (in the template's tag order)."""
+        """A serialized `Event`.
+
+        Args:
+            step: the event's step.
+            values: the numbers, in the order of the template's tags.
+
+        Returns:
+            The `Event`'s bytes, stamped with the current time.
+        """
         floats = np.fromiter(values, dtype="<f4", count=self._count)
         self._bytes[self._index] = floats.view(np.uint8)
         return b"".join((b"\x09", _DOUBLE.pack(time.time()), b"\x10", _varint(int(step)),
@@ -336,9 +360,11 @@ class SummaryWriter(MetricWriter):
             `self`.
 
         Raises:
-            ValueError: naming `log_dir`, if the directory or file cannot be written.
+            ValueError: naming `log_dir`, if no run is under way and the
+                directory or file cannot be written (during a run a failing
+                writer only warns).
         """
-        if self._writer is None:
+        if self._writer is None and self._users == 0:
             self._reset_failures()
             try:
                 self._start_file()
@@ -496,7 +522,7 @@ class SummaryWriter(MetricWriter):
         return summary_value
 
     def write_scalars(self, step, mapping):
-        """Writes `{tag: number}` at `step` as one event (numbers stored as float32)."""
+        """Writes `{tag: number}` at `step` as one event, numbers as float32; never raises for I/O."""
         if not mapping:
             return
         if not self._ready():
@@ -516,7 +542,7 @@ class SummaryWriter(MetricWriter):
                 self._templates[tag_names] = False  # protobuf serialized unexpectedly: stay on it
 
     def write_histograms(self, step, mapping):
-        """Writes `{tag: [k, 3] buckets}` (see `histogram_buckets`) at `step` as one event."""
+        """Writes `{tag: [k, 3] buckets}` at `step` as one event; never raises for I/O."""
         checked = {tag: _check_buckets(tag, buckets) for tag, buckets in mapping.items()}
         if not checked:
             return

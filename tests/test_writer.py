@@ -287,6 +287,15 @@ def test_a_full_disk_warns_once_and_keeps_whole_records(small_fs, long_descripti
     assert w.dropped == 63 - len(written) and len(failure_warnings(caught)) == 1
 
 
+def test_open_on_a_full_disk_raises_before_training(small_fs):
+    with open(str(small_fs / "filler"), "wb", buffering=0) as f, pytest.raises(OSError):
+        while True:
+            f.write(b"x" * 4096)
+    with pytest.raises(ValueError, match="argument `log_dir`. Expected a writable directory.*No space"):
+        SummaryWriter(str(small_fs / "train")).open()
+    assert event_files(small_fs / "train") == []
+
+
 def test_retries_on_a_full_disk_leave_no_empty_files(small_fs, long_descriptions, caught):
     w = SummaryWriter(str(small_fs), retry_seconds=0).open()
     write_steps(w, range(60))
@@ -362,6 +371,8 @@ def test_a_file_that_cannot_be_written_warns_once_and_resumes(tmp_path, monkeypa
     write_steps(w, range(5))
     monkeypatch.setattr(FlakyRecords, "broken", True)
     write_steps(w, range(5, 10))  # every retry fails too
+    w.open()  # a monitor joining the run does not end it
+    w.close()
     (first,) = event_files(tmp_path)  # failed retries left no files behind
     assert scalar_steps(tmp_path) == [0, 1, 2, 3, 4]  # the partial record was cut off
     monkeypatch.setattr(FlakyRecords, "broken", False)
