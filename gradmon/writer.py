@@ -20,6 +20,7 @@ import logging
 import os
 import socket
 import struct
+import sys
 import time
 import warnings
 
@@ -430,9 +431,14 @@ class SummaryWriter(MetricWriter):
             pass  # e.g. the directory is gone: nothing is left to repair
 
     def _warn(self, kind, message):
-        if kind not in self._warned:
-            self._warned.add(kind)
-            warnings.warn(message, WriteFailureWarning, stacklevel=4)
+        if kind in self._warned:
+            return
+        self._warned.add(kind)
+        # attribute the warning to the code that called the writer (e.g. a callback)
+        level, frame = 1, sys._getframe()
+        while frame.f_back is not None and frame.f_globals.get("__name__") == __name__:
+            frame, level = frame.f_back, level + 1
+        warnings.warn(message, WriteFailureWarning, stacklevel=level)
 
     def _record_failure(self, error):
         """Reports a failed write or a failed attempt at a fresh file."""

@@ -335,6 +335,7 @@ def test_a_removed_directory_is_recreated(tmp_path, caught):
     assert w.dropped == 1  # step 4, written after the file was last seen, went with it
     (warning,) = failure_warnings(caught)
     assert "was removed" in str(warning.message) and str(logdir) in str(warning.message)
+    assert warning.filename == __file__  # points at the writer's caller
 
 
 class FlakyRecords:
