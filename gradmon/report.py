@@ -1291,9 +1291,10 @@ def add_arguments(parser):
     for name, text in _THRESHOLD_OPTIONS.items():
         group.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(defaults, name),
                            help=f"{text} (default: {getattr(defaults, name):g})")
-    parser.epilog = (f"exit status: {EXIT_OK} report printed; {EXIT_DAMAGED} report printed but an "
-                     f"event file is corrupted (records lost, named on stderr); {EXIT_ERROR} no "
-                     "report (bad arguments, no gradmon logs) or the PNG could not be written")
+    parser.epilog = (f"exit status: {EXIT_OK} report printed; {EXIT_DAMAGED} report printed, but an "
+                     "event file is corrupted (records lost; each file named on stderr with its "
+                     f"last good step); {EXIT_ERROR} bad arguments or no gradmon logs (no report), "
+                     "or the PNG could not be written")
     return parser
 
 
