@@ -6,8 +6,6 @@ with the Keras behaviour it relies on, so that a Keras upgrade breaks one
 module, not seven. Read from keras 3.15.
 """
 
-import contextlib
-
 import keras
 import tensorflow as tf
 from keras.src.losses import loss as _loss_module
@@ -84,23 +82,23 @@ def own_variables(model):
     return model._trainable_variables + model._non_trainable_variables
 
 
-@contextlib.contextmanager
-def optimizer_without_all_reduce(optimizer):
-    """Within: `optimizer.apply` does not all-reduce the gradients it is given.
+def skip_optimizer_all_reduce(optimizer):
+    """From now on, `optimizer.apply` does not all-reduce the gradients it is given.
 
     Under a `tf.distribute` strategy Keras' TensorFlow optimizer sums the
-    replicas' gradients in `_all_reduce_sum_gradients`, inside `apply`. gradmon
-    all-reduces first (to measure the global gradient) and hands the reduced
-    gradients on: a second all-reduce would double the traffic and the
-    gradient. Tracing is Python, so the switch holds for the trace of one
-    `apply` call.
+    replicas' gradients in `_all_reduce_sum_gradients`, inside `apply`. An
+    observed optimizer's gradients reach it through gradmon's pipeline, which
+    all-reduces them first (to measure the global gradient): a second
+    all-reduce would double the traffic and the gradient. Set on the instance
+    for good (replicas trace `apply` in parallel threads, so a temporary
+    switch would race).
     """
-    target = base_optimizer(optimizer)
-    target._all_reduce_sum_gradients = lambda grads_and_vars: list(grads_and_vars)
-    try:
-        yield
-    finally:
-        del target._all_reduce_sum_gradients
+    object.__setattr__(base_optimizer(optimizer), "_all_reduce_sum_gradients",
+                       lambda grads_and_vars: list(grads_and_vars))
+
+
+def restore_optimizer_all_reduce(optimizer):
+    base_optimizer(optimizer).__dict__.pop("_all_reduce_sum_gradients", None)
 
 
 def optimizer_slot(optimizer, slot, variable):

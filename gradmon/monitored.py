@@ -74,10 +74,13 @@ def prepare_model(model):
     if getattr(model, "optimizer", None) is None:
         return False
     observer.min_rows = int(getattr(model, "steps_per_execution", 1) or 1)
-    if observer_of(model.optimizer) is observer:
-        return False
-    observer.hook(model.optimizer)
-    return True
+    rebuild = observer_of(model.optimizer) is not observer
+    if rebuild:
+        observer.hook(model.optimizer)
+    if model.built and model.trainable_variables:
+        # before tracing: variables created inside a trace make tf.function trace twice
+        rebuild = observer.ensure_built(model.optimizer, model.trainable_variables) or rebuild
+    return rebuild
 
 
 def instrument(model, observer):
@@ -266,8 +269,8 @@ class GradientMonitorMixin:
 
 def _unhook(optimizer):
     for name in ("apply", "_gradmon_observer", "flush", "gradmon"):
-        if name in optimizer.__dict__:
-            object.__delattr__(optimizer, name)
+        optimizer.__dict__.pop(name, None)
+    kc.restore_optimizer_all_reduce(optimizer)
 
 
 @keras.saving.register_keras_serializable(package="gradmon", name="MonitoredFunctional")

@@ -137,6 +137,8 @@ class Observer:
 
         object.__setattr__(optimizer, "apply", apply)
         object.__setattr__(optimizer, _HOOK, self)
+        # one all-reduce per step under a strategy: the pipeline's
+        _keras_compat.skip_optimizer_all_reduce(optimizer)
         self.optimizer = optimizer
         return optimizer
 
@@ -320,12 +322,8 @@ class _Update:
         self.prepared, self.variables, self.verdict = prepared, variables, verdict
 
     def _call(self, grads):
-        if _distribute.num_replicas() > 1:
-            # the pipeline all-reduced them already: one all-reduce per step
-            with _keras_compat.optimizer_without_all_reduce(self.optimizer):
-                self.original_apply(grads, self.variables)
-        else:
-            self.original_apply(grads, self.variables)
+        # the pipeline all-reduced them already (`hook` told the optimizer not to)
+        self.original_apply(grads, self.variables)
 
     def run(self):
         if self.verdict is None or not self.verdict.may_refuse:

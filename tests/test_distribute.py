@@ -3,10 +3,9 @@
 Each run is a subprocess (the CPU must be split into logical devices, or the
 cluster configured, before TensorFlow initialises). A run fits small models,
 one per case, for one or two steps with a `GradientMonitor` and prints JSON:
-gradmon's statistics, the final weights and the event files written. The
-single-device run also computes, with a plain tape and numpy, what a Keras
-optimizer's `global_clipnorm` applies under two replicas (each replica's half
-of the gradient clipped on its own, then summed).
+gradmon's statistics, the final weights, the event files written and the
+number of elements passed to `ReplicaContext.all_reduce` while tracing (a
+plain Keras case is the reference for the weights and the traffic).
 """
 
 import glob
@@ -31,6 +30,8 @@ CASES = {
     # the other paths of the step: skip policy (a conditional update), noise scale, a
     # weight penalty, histograms
     "extras": dict(steps=STEPS, extras=True),
+    # plain Keras, no gradmon: the reference for bit-identity and all-reduce traffic
+    "plain": dict(steps=STEPS, plain=True),
 }
 
 SCRIPT = r'''
@@ -77,6 +78,19 @@ if cfg["mode"] == "multiworker":
     tf_trainer.reduce_per_replica = lambda values, strategy, reduction: reduce_per_replica(
         values, strategy, "first" if reduction == "auto" else reduction)
 
+ALL_REDUCED = {}  # case -> elements passed to ReplicaContext.all_reduce while tracing
+_all_reduce = tf.distribute.ReplicaContext.all_reduce
+
+
+def counting_all_reduce(self, reduce_op, value, options=None):
+    elements = sum(int(np.prod(v.shape)) for v in tf.nest.flatten(value, expand_composites=False))
+    ALL_REDUCED[CURRENT[0]] = ALL_REDUCED.get(CURRENT[0], 0) + elements
+    return _all_reduce(self, reduce_op, value, options)
+
+
+tf.distribute.ReplicaContext.all_reduce = counting_all_reduce
+CURRENT = [None]
+
 rng = np.random.default_rng(0)
 n = cfg["batch"] * max(case["steps"] for case in cfg["cases"].values())
 x = rng.normal(size=(n, 6)).astype(np.float32)
@@ -86,25 +100,9 @@ loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
 def build():
     keras.utils.set_random_seed(0)
-    return keras.Sequential([keras.Input((6,)), keras.layers.Dense(8, activation="tanh"),
-                             keras.layers.Dense(3)])
-
-
-def per_replica_clip_reference(case):
-    """What SGD(global_clipnorm) applies at the first step under cfg["replicas"] replicas."""
-    model, r = build(), cfg["replicas"]
-    w0 = [v.numpy().astype(np.float64) for v in model.trainable_variables]
-    applied = [np.zeros_like(w) for w in w0]
-    size = cfg["batch"] // r
-    for i in range(r):
-        with tf.GradientTape() as tape:
-            # Keras divides each replica's loss by the number of replicas
-            loss = loss_fn(y[i * size:(i + 1) * size], model(x[i * size:(i + 1) * size])) / r
-        grads = [g.numpy().astype(np.float64) for g in tape.gradient(loss, model.trainable_variables)]
-        norm = np.sqrt(sum(np.sum(g ** 2) for g in grads))
-        for a, g in zip(applied, grads):
-            a += g * min(1.0, case["global_clipnorm"] / norm)
-    return [a.tolist() for a in applied]
+    # fixed names: the tags (variable paths) are compared between processes
+    return keras.Sequential([keras.Input((6,)), keras.layers.Dense(8, activation="tanh", name="hidden"),
+                             keras.layers.Dense(3, name="out")], name="net")
 
 
 def run(name, case):
@@ -115,34 +113,28 @@ def run(name, case):
         transform = gradmon.transforms.clip_by_global_norm(case["transform"]) if "transform" in case else None
         extras = dict(on_nonfinite="skip", noise_scale=True,
                       penalties=[gradmon.penalties.WeightPenalty(l2=0.01)]) if "extras" in case else {}
-        monitored = gradmon.monitor(model, transform=transform, **extras)
+        monitored = model if case.get("plain") else gradmon.monitor(model, transform=transform, **extras)
         optimizer = keras.optimizers.SGD(cfg["lr"], global_clipnorm=case.get("global_clipnorm"))
         monitored.compile(optimizer=optimizer, loss=loss_fn)
-    callback = gradmon.GradientMonitor(log_dir, histogram_freq=1 if "extras" in case else 0)
+    callbacks = [] if case.get("plain") else [
+        gradmon.GradientMonitor(log_dir, histogram_freq=1 if "extras" in case else 0)]
+    CURRENT[0] = name
     initial = [v.numpy().tolist() for v in model.trainable_variables]
     steps = case["steps"]
     # Keras splits each global batch between the replicas (and, multi-worker, the workers)
     n = cfg["batch"] * steps
     monitored.fit(x[:n], y[:n], batch_size=cfg["batch"], epochs=1, shuffle=False, verbose=0,
-                  callbacks=[callback])
-    snap = monitored.gradient_state.read()
-    out = {
-        "step": snap["step"],
-        "state_step": int(monitored.gradient_state.step.numpy()),
-        "global": snap["global"],
-        "group_stats": snap["group_stats"].tolist(),
-        "fractions": snap["fractions"],
-        "losses": snap["losses"],
-        "penalties": snap["penalties"],
-        "noise": None if snap["noise"] is None else {k: float(snap["noise"][k])
-                                                     for k in ("noise_scale", "grad_sq", "trace_cov")},
-        "initial_weights": initial,
+                  callbacks=callbacks)
+    out = {"initial_weights": initial, "all_reduced": ALL_REDUCED.get(name, 0),
+           "num_params": int(sum(np.prod(v.shape) for v in model.trainable_variables))}
+    if not case.get("plain"):
+        snap = monitored.gradient_observer.recorder.read()[-1]
+        out.update(step=snap.step, state_step=monitored.gradient_observer.step, values=snap.values)
+    out.update({
         "weights": [v.numpy().tolist() for v in model.trainable_variables],
         "event_files": sorted(glob.glob(os.path.join(log_dir, "**", "events.out.tfevents.*"),
                                         recursive=True)),
-    }
-    if cfg["mode"] == "single" and "global_clipnorm" in case:
-        out["per_replica_clip_applied"] = per_replica_clip_reference(case)
+    })
     return out
 
 
@@ -191,12 +183,15 @@ def mirrored_runs(tmp_path_factory):
     return _result(single), _result(mirrored)
 
 
-def _assert_same_stats(ours, reference, transformed=True):
-    keys = ["raw_global_norm", "transformed_global_norm", "clip_ratio", "clip_fraction"]
-    for key in keys if transformed else keys[:1]:
-        assert ours["global"][key] == pytest.approx(reference["global"][key], rel=1e-5, abs=1e-7), key
-    np.testing.assert_allclose(np.array(ours["group_stats"]), np.array(reference["group_stats"]),
-                               rtol=1e-5, atol=1e-7)
+GRADIENT_TAGS = ("gradients/raw/", "gradients/transformed/", "gradients/clip/", "gradients/grad_to_weight/",
+                 "gradients/update_ratio/", "gradients/no_gradient", "gradients/skipped_steps")
+
+
+def _assert_same_stats(ours, reference):
+    tags = sorted(t for t in reference["values"] if t.startswith(GRADIENT_TAGS))
+    assert tags and sorted(t for t in ours["values"] if t.startswith(GRADIENT_TAGS)) == tags
+    for tag in tags:
+        assert ours["values"][tag] == pytest.approx(reference["values"][tag], rel=1e-5, abs=1e-7, nan_ok=True), tag
     for a, b in zip(ours["weights"], reference["weights"]):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
@@ -209,41 +204,44 @@ def test_mirrored_statistics_equal_single_device(mirrored_runs, case):
     _assert_same_stats(mirrored, single)
     if case == "transform_clip":
         # gradmon's transform clips the all-reduced gradient: the global norm is MAX_NORM
-        assert mirrored["global"]["raw_global_norm"] > MAX_NORM
-        assert mirrored["global"]["transformed_global_norm"] == pytest.approx(MAX_NORM, rel=1e-5)
-        assert mirrored["global"]["clip_fraction"] == 1.0
+        values = mirrored["values"]
+        assert values["gradients/raw/global_norm"] > MAX_NORM
+        assert values["gradients/transformed/global_norm"] == pytest.approx(MAX_NORM, rel=1e-5)
+        assert values["gradients/clip/fraction"] == 1.0
 
 
-def test_mirrored_optimizer_clipping_is_per_replica_and_observed_as_applied(mirrored_runs):
-    """Keras clips each replica's gradient before summing them; gradmon reports what is applied."""
+def test_mirrored_one_all_reduce_and_bit_identical_weights(mirrored_runs):
+    """A monitored step all-reduces the gradient once, as plain training does, and trains
+    bit for bit as plain training (no transform)."""
+    mirrored = mirrored_runs[1]
+    plain, observed = mirrored["plain"], mirrored["none"]
+    assert plain["all_reduced"] > 0
+    assert observed["all_reduced"] == plain["all_reduced"]
+    for a, b in zip(plain["weights"], observed["weights"]):
+        np.testing.assert_array_equal(a, b)
+    for case in ("transform_clip", "optimizer_clip", "extras"):
+        # small all-reduces of scalars (Keras' metrics) aside, no second gradient all-reduce
+        assert mirrored[case]["all_reduced"] < plain["all_reduced"] + plain["num_params"], case
+
+
+def test_mirrored_optimizer_clipping_acts_on_the_global_gradient(mirrored_runs):
+    """Observed, a Keras optimizer's own clipping acts on the all-reduced gradient, as on one
+    device (plain Keras clips each replica's share before the sum)."""
     single, mirrored = (r["optimizer_clip"] for r in mirrored_runs)
-    applied = [np.array(a) for a in single["per_replica_clip_applied"]]
-    applied_norm = np.sqrt(sum(np.sum(a ** 2) for a in applied))
-    g = mirrored["global"]
-    assert g["raw_global_norm"] == pytest.approx(single["global"]["raw_global_norm"], rel=1e-5)
-    assert g["transformed_global_norm"] == pytest.approx(applied_norm, rel=1e-5)
-    assert g["clip_ratio"] == pytest.approx(applied_norm / g["raw_global_norm"], rel=1e-5)
-    # Both halves are longer than MAX_NORM: each is clipped to it, and their sum is longer
-    # than the single device's clipped gradient (MAX_NORM).
-    assert g["clip_fraction"] == 1.0
-    assert single["global"]["transformed_global_norm"] == pytest.approx(MAX_NORM, rel=1e-5)
-    assert MAX_NORM * 1.01 < applied_norm <= 2 * MAX_NORM
-    for i, a in enumerate(applied):
-        assert mirrored["group_stats"][i][5] == pytest.approx(np.linalg.norm(a), rel=1e-5)
-    for w0, a, w1 in zip(single["initial_weights"], applied, mirrored["weights"]):
-        np.testing.assert_allclose(w1, np.array(w0) - LR * a, rtol=1e-5, atol=1e-6)
+    _assert_same_stats(mirrored, single)
+    assert mirrored["values"]["gradients/transformed/global_norm"] == pytest.approx(MAX_NORM, rel=1e-5)
+    assert mirrored["values"]["gradients/raw/global_norm"] > MAX_NORM
 
 
 def test_mirrored_skip_policy_noise_scale_penalty_and_histograms(mirrored_runs):
     single, mirrored = (r["extras"] for r in mirrored_runs)
     _assert_same_stats(mirrored, single)
     # a weight penalty does not depend on the batch: the same on every replica
-    for key in ("value", "grad_norm"):
-        assert mirrored["penalties"]["weight"][key] == pytest.approx(
-            single["penalties"]["weight"][key], rel=1e-5)
+    for tag in ("penalties/weight", "penalties/weight/grad_norm"):
+        assert mirrored["values"][tag] == pytest.approx(single["values"][tag], rel=1e-5)
     # the noise scale is the first replica's estimate (its shard): finite, not compared
-    assert all(np.isfinite(v) for v in mirrored["noise"].values())
-    assert mirrored["global"]["skipped_steps"] == 0
+    assert all(np.isfinite(v) for t, v in mirrored["values"].items() if t.startswith("gradients/noise_scale"))
+    assert mirrored["values"]["gradients/skipped_steps"] == 0
 
 
 def _events(log_dir):
@@ -283,7 +281,7 @@ def _free_ports(n):
 def test_multi_worker_statistics_equal_single_device_and_only_the_chief_writes(
         tmp_path, mirrored_runs):
     single = mirrored_runs[0]
-    cases = {name: CASES[name] for name in ("none", "transform_clip")}
+    cases = {name: CASES[name] for name in ("none", "transform_clip", "plain")}
     cluster = {"worker": [f"127.0.0.1:{port}" for port in _free_ports(2)]}
     workers = []
     for index in range(2):
@@ -298,7 +296,10 @@ def test_multi_worker_statistics_equal_single_device_and_only_the_chief_writes(
             if w.poll() is None:
                 w.kill()
     chief, other = results
-    for name in cases:
+    for a, b in zip(chief["plain"]["weights"], chief["none"]["weights"]):
+        np.testing.assert_array_equal(a, b)
+    assert chief["none"]["all_reduced"] == chief["plain"]["all_reduced"] > 0
+    for name in ("none", "transform_clip"):
         _assert_same_stats(chief[name], single[name])
         assert chief[name]["step"] == chief[name]["state_step"] == STEPS
         # every worker holds the same (all-reduced) numbers and weights
