@@ -619,46 +619,108 @@ def _random_vector(rng, n, dtype, rademacher=False):
     return tf.random.stateless_normal([n], seed, dtype=dtype)
 
 
-@tf.function(reduce_retracing=True)
-def _project_out(basis, w):
-    """`w` minus its projection on the rows of `basis`, twice (CGS2).
+class _Basis:
+    """Orthonormal vectors as immutable device tensors, in blocks.
 
-    Unused rows are zero, so the full-capacity products need no slicing
-    (no copies, one trace). Two passes keep `w` orthogonal to working
-    precision ("twice is enough": Parlett, The Symmetric Eigenvalue Problem,
-    1980, sec. 6.9). Returns `(w, coefficients, ||w||)`; `coefficients` sum
-    both passes, so `w_in = basis^T coefficients + w_out` to rounding.
+    Vectors are appended one by one and stacked into a `[block, n]` matrix
+    every `block` appends, so projections are a few matrix-vector products
+    and no tensor is ever written in place (a partly assigned `tf.Variable`
+    switches to copy-on-read: every later read copied the whole basis, 0.3 s
+    a step at 6.3 M parameters). Memory is the vectors plus, briefly, one
+    block being stacked.
     """
-    first = tf.linalg.matvec(basis, w)
-    w = w - tf.linalg.matvec(basis, first, transpose_a=True)
-    second = tf.linalg.matvec(basis, w)
-    w = w - tf.linalg.matvec(basis, second, transpose_a=True)
-    return w, first + second, tf.norm(w)
+
+    def __init__(self, block=4):
+        self.block = block
+        self.blocks, self.pending = [], []
+
+    def __len__(self):
+        return sum(int(b.shape[0]) for b in self.blocks) + len(self.pending)
+
+    def __getitem__(self, index):
+        for b in self.blocks:
+            if index < b.shape[0]:
+                return b[index]
+            index -= int(b.shape[0])
+        return self.pending[index]
+
+    def append(self, vector):
+        self.pending.append(vector)
+        if len(self.pending) == self.block:
+            self.blocks.append(tf.stack(self.pending))
+            self.pending = []
+
+    def _coefficients(self, w):
+        parts = [tf.linalg.matvec(b, w) for b in self.blocks]
+        parts += [tf.tensordot(p, w, 1)[None] for p in self.pending]
+        return tf.concat(parts, 0) if parts else tf.zeros([0], w.dtype)
+
+    def combine(self, coefficients):
+        """`coefficients @ basis` for a `[k, len(self)]` tensor, `[k, n]`."""
+        parts = self.blocks + [p[None] for p in self.pending]
+        starts = np.cumsum([0] + [int(b.shape[0]) for b in parts])
+        terms = (tf.matmul(coefficients[:, a:z], b)
+                 for a, z, b in zip(starts[:-1], starts[1:], parts))
+        if coefficients.shape[0] == 1:
+            return tf.add_n(list(terms))  # one pass over narrow terms
+        out = next(terms)
+        for term in terms:  # wide terms one at a time: bounded memory
+            out = out + term
+        return out
+
+    def rebuilt(self, coefficients):
+        """A new `_Basis` of the rows `coefficients @ basis`, built a block
+        at a time so the temporaries stay a block wide."""
+        new = _Basis(self.block)
+        for start in range(0, int(coefficients.shape[0]), self.block):
+            rows = self.combine(coefficients[start:start + self.block])
+            for row in tf.unstack(rows):
+                new.append(row)
+        return new
+
+    def project_out(self, w):
+        """`w` minus its projection on the basis, once or twice.
+
+        A second pass runs when the first removed most of `w` (its norm fell
+        below 1/sqrt(2) of what it was): "twice is enough" (Parlett, The
+        Symmetric Eigenvalue Problem, 1980, sec. 6.9) keeps `w` orthogonal
+        to working precision. Returns `(w, coefficients, ||w||)` with
+        `coefficients` (float64 NumPy) summed over the passes, so that
+        `w_in = basis^T coefficients + w_out` to rounding.
+        """
+        total = np.zeros(len(self))
+        norm = float(tf.norm(w))
+        for _ in range(2):
+            if not total.size:
+                return w, total, norm
+            h = self._coefficients(w)
+            w = w - self.combine(h[None])[0]
+            total += h.numpy()
+            before, norm = norm, float(tf.norm(w))
+            if norm >= 0.7071 * before:
+                break
+        return w, total, norm
 
 
-@tf.function(reduce_retracing=True)
-def _ritz_pairs(basis, vector_coeffs, product_coeffs, theta):
-    """Unit Ritz vectors, Rayleigh quotients and residuals on the device.
+def _ritz_pair(y, hy, theta):
+    """A unit Ritz vector, its Rayleigh quotient and residual, on the device.
 
-    `basis^T vector_coeffs[i]` is a Ritz vector `y` and
-    `basis^T product_coeffs[i]` its product `H y`, both combinations of
-    stored vectors; `theta` are the Ritz values, so the quotients are
-    computed as small corrections to them.
+    `y` is a Ritz vector and `hy` its product `H y` (both combinations of
+    stored vectors); `theta` is its Ritz value, so the quotient is computed
+    as a small correction to it.
     """
-    y = tf.matmul(vector_coeffs, basis)
-    hy = tf.matmul(product_coeffs, basis)
-    yy = tf.reduce_sum(y * y, axis=1)
-    theta = tf.cast(theta, basis.dtype)
-    quotient = theta + tf.reduce_sum(y * (hy - theta[:, None] * y), 1) / yy
-    residual = tf.norm(hy - quotient[:, None] * y, axis=1) / tf.sqrt(yy)
-    return y / tf.sqrt(yy)[:, None], quotient, residual
+    yy = tf.reduce_sum(y * y)
+    theta = tf.constant(theta, y.dtype)
+    quotient = theta + tf.reduce_sum(y * (hy - theta * y)) / yy
+    residual = tf.norm(hy - quotient * y) / tf.sqrt(yy)
+    return y / tf.sqrt(yy), quotient, residual
 
 
 class _Lanczos:
     """Lanczos with full reorthogonalisation and thick restarts.
 
-    The basis lives in one `tf.Variable` of `capacity` rows on the model's
-    device, in its dtype: memory stays `capacity * num_params` whatever the
+    The basis lives on the model's device, in its dtype, at most `capacity`
+    vectors (`_Basis`): memory stays `capacity * num_params` whatever the
     number of steps. Only the small coefficient matrix `B` is float64 NumPy.
     The Arnoldi relation `H Q[:m] = Q[:m+1] B[:m+1, :m]` holds to rounding
     after every step (each column of `B` holds the exact Gram-Schmidt
@@ -672,13 +734,10 @@ class _Lanczos:
     def __init__(self, op, capacity, start):
         self.op = op
         self.capacity = capacity
-        with tf.init_scope():
-            self.basis = tf.Variable(
-                tf.zeros([capacity, op.num_params], op.dtype), trainable=False
-            )
+        self.basis = _Basis()
+        self.basis.append(start / tf.norm(start))
         self.coeffs = np.zeros((capacity, capacity))
-        self.m = 0
-        self.basis[0].assign(start / tf.norm(start))
+        self.m = 0  # basis[m], when it exists, is the next direction
 
     def step(self, relative_floor, rng=None):
         """One HVP: extends the basis by `H q_m`, orthogonalised.
@@ -688,22 +747,33 @@ class _Lanczos:
         `rng`, a random direction continues the basis. Returns whether that
         happened.
         """
-        w = self.op.apply(self.basis[self.m])
-        w, h, beta = _project_out(self.basis, w)
-        self.coeffs[:, self.m] = h.numpy()
+        q = self.basis[self.m]
+        w = self.op.apply(q)
+        # The local recurrence first (alpha q, and the coupling to the
+        # previous vector): the full pass then removes only rounding-level
+        # components and rarely needs its second pass.
+        alpha = float(tf.tensordot(q, w, 1))
+        local = {self.m: alpha}
+        w = w - tf.cast(alpha, w.dtype) * q
+        if self.m > 0 and self.coeffs[self.m, self.m - 1] != 0.0:
+            local[self.m - 1] = self.coeffs[self.m, self.m - 1]
+            w = w - tf.cast(local[self.m - 1], w.dtype) * self.basis[self.m - 1]
+        w, h, beta = self.basis.project_out(w)
+        for row, value in local.items():
+            h[row] += value
+        self.coeffs[: h.size, self.m] = h
         self.m += 1
-        beta = float(beta)
         scale = np.abs(self.coeffs[: self.m, : self.m]).max()
         if self.m >= self.capacity:
             return beta <= relative_floor * scale
         if beta > relative_floor * scale:
-            self.basis[self.m].assign(w / beta)
+            self.basis.append(w / beta)
             self.coeffs[self.m, self.m - 1] = beta
             return False
         if rng is not None and self.m < self.op.num_params:
             w = _random_vector(rng, self.op.num_params, self.op.dtype)
-            w, _, norm = _project_out(self.basis, w)
-            self.basis[self.m].assign(w / norm)
+            w, _, norm = self.basis.project_out(w)
+            self.basis.append(w / norm)
         return True
 
     def ritz(self):
@@ -723,36 +793,31 @@ class _Lanczos:
             s: their eigenvectors of `T`, `[m, k]`.
 
         Returns:
-            `(vectors [k, n] tensor, values [k], residuals [k])`, float64
-            NumPy for the numbers.
+            `(vectors, values [k], residuals [k])`: a list of `k` device
+            tensors, and float64 NumPy numbers.
         """
-        m, k = self.m, s.shape[1]
-        rows = min(m + 1, self.capacity)
-        vector_coeffs = np.zeros((k, self.capacity))
-        vector_coeffs[:, :m] = s.T
-        product_coeffs = np.zeros((k, self.capacity))
-        product_coeffs[:, :rows] = (self.coeffs[:rows, :m] @ s).T
+        m, rows = self.m, len(self.basis)
         dtype = self.op.dtype
-        vectors, values, residuals = _ritz_pairs(
-            self.basis, tf.constant(vector_coeffs, dtype),
-            tf.constant(product_coeffs, dtype), tf.constant(theta, tf.float64),
-        )
-        return (vectors, values.numpy().astype(np.float64),
-                residuals.numpy().astype(np.float64))
+        vector_coeffs = np.zeros((s.shape[1], rows))
+        vector_coeffs[:, :m] = s.T
+        product_coeffs = (self.coeffs[:rows, :m] @ s).T
+        vectors, values, residuals = [], [], []
+        for i in range(s.shape[1]):  # one pair at a time: temporaries of one vector
+            y = self.basis.combine(tf.constant(vector_coeffs[i:i + 1], dtype))
+            hy = self.basis.combine(tf.constant(product_coeffs[i:i + 1], dtype))
+            vector, value, residual = _ritz_pair(y[0], hy[0], theta[i])
+            vectors.append(vector)
+            values.append(float(value))
+            residuals.append(float(residual))
+        return vectors, np.array(values), np.array(residuals)
 
     def restart(self, s_keep):
         """Keeps the Ritz vectors `Q s_keep` and the next direction."""
         m, keep = self.m, s_keep.shape[1]
-        combine = np.zeros((keep + 1, self.capacity))
+        combine = np.zeros((keep + 1, len(self.basis)))
         combine[:keep, :m] = s_keep.T
         combine[keep, m] = 1.0  # the pending next vector moves to row keep
-        rows = tf.matmul(tf.constant(combine, self.op.dtype), self.basis)
-        self.basis[: keep + 1].assign(rows)
-        del rows
-        self.basis[keep + 1:].assign(
-            tf.zeros([self.capacity - keep - 1, self.op.num_params],
-                     self.op.dtype)
-        )
+        self.basis = self.basis.rebuilt(tf.constant(combine, self.op.dtype))
         coeffs = np.zeros_like(self.coeffs)
         coeffs[:keep, :keep] = s_keep.T @ self.coeffs[:m, :m] @ s_keep
         coeffs[keep, :keep] = self.coeffs[m, :m] @ s_keep
@@ -805,7 +870,7 @@ def _lanczos(op, top_k, smallest, tol, max_steps, capacity, start, rng):
 
     Returns `(values, vectors, residuals, converged)` for the wanted Ritz
     pairs (the `top_k` largest, then the smallest if `smallest`);
-    `vectors` is a `[k, n]` device tensor.
+    `vectors` is a list of device tensors.
     """
     n = op.num_params
     lanczos = _Lanczos(op, capacity, start)
@@ -1114,15 +1179,23 @@ def _lanczos_spectrum(hvp, top_k, smallest, tol, max_hvps, max_vectors,
     values, vectors, residuals, converged = _lanczos(
         hvp, top_k, smallest, tol, steps, capacity, start, rng
     )
-    vectors = vectors.numpy().astype(np.float64)
     count = min(top_k, n)
     top = np.argsort(values[:count])[::-1]
     minimum = None
     if smallest:
         low = int(np.argmin(values))
-        minimum = (values[low], vectors[low], residuals[low])
-    return (values[:count][top], vectors[:count][top],
-            residuals[:count][top], minimum, converged)
+        minimum = (values[low], _host(vectors[low]), residuals[low])
+    # One vector at a time to the host: no second copy of all of them.
+    eigenvectors = np.empty((count, n))
+    for row, i in enumerate(top):
+        eigenvectors[row] = vectors[i].numpy()
+        vectors[i] = None
+    return (values[:count][top], eigenvectors, residuals[:count][top],
+            minimum, converged)
+
+
+def _host(vector):
+    return vector.numpy().astype(np.float64)
 
 
 def trace(model, data=None, num_samples=100, seed=None, hvp_mode=None):

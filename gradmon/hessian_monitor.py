@@ -9,12 +9,20 @@ import numpy as np
 
 from gradmon import _distribute, hessian, tags
 from gradmon._steps import current_learning_rate, training_step
-from gradmon._validation import invalid
+from gradmon._validation import check_bool, check_log_dir, check_positive_int, invalid
 from gradmon.writer import SummaryWriter
 
 
 def density_buckets(density, buckets=60):
-    """`[buckets, 3]` histogram rows (left, right, probability mass) of an SLQ density."""
+    """`[buckets, 3]` histogram rows (left, right, probability mass) of an SLQ density.
+
+    Args:
+        density: a `gradmon.hessian.Density`.
+        buckets: number of equal-width buckets over its grid. Defaults to `60`.
+
+    Returns:
+        A float64 array `[buckets, 3]`, as `SummaryWriter.write_histograms` takes.
+    """
     edges = np.linspace(density.grid[0], density.grid[-1], buckets + 1)
     cumulative = np.concatenate([[0.0], np.cumsum(
         0.5 * (density.values[1:] + density.values[:-1]) * np.diff(density.grid))])
@@ -30,24 +38,27 @@ class HessianMonitor(keras.callbacks.Callback):
     eigenvectors), their residuals, and optionally the Hutchinson trace and
     the SLQ spectral density, with `gradmon.hessian` (loss with
     `training=False`; the probe changes no weight, optimizer slot,
-    BatchNorm statistic, RNG state or step counter). It also writes
-    `hessian/edge_of_stability` = lambda_1 * lr / 2 with the optimizer's
-    current learning rate (for plain gradient descent, 1.0 is the edge of
-    stability; for adaptive optimizers it is only indicative).
+    BatchNorm statistic, RNG state or step counter). One Hessian-vector
+    product operator serves every probe of a fit: the probe data is
+    converted once (here, which also checks it) and the HVP is traced once.
+    It also writes `hessian/edge_of_stability` = lambda_1 * lr / 2 with the
+    optimizer's current learning rate (for plain gradient descent, 1.0 is
+    the edge of stability; for adaptive optimizers it is only indicative).
 
     Args:
         log_dir: directory of the TensorBoard run (summaries go to `<log_dir>/train`).
         data: the probe: a batch `(x, y)` / `(x, y, sample_weight)`, a list
-            of batches or a finite `tf.data.Dataset`.
+            of batches or a finite `tf.data.Dataset`, with targets and finite values.
         every_n_steps: probe every this many training steps. Defaults to `100`.
         top_k: number of largest eigenvalues. Defaults to `1`.
         trace: also estimate the trace. Defaults to `False`.
         trace_samples: Hutchinson probes for the trace. Defaults to `50`.
         density: also estimate the spectral density. Defaults to `False`.
         smallest: also compute the smallest eigenvalue. Defaults to `False`.
-        tol: residual tolerance relative to ||H|| for the eigenpairs.
-            Defaults to `1e-3`.
-        seed: seed for the probes' random vectors. Defaults to `0`.
+        tol: residual tolerance relative to ||H|| for the eigenpairs, in
+            (0, 1). Defaults to `1e-3`.
+        seed: seed (a non-negative integer, or `None`) for the probes'
+            random vectors. Defaults to `0`.
 
     Example:
         >>> probe = (x_val[:512], y_val[:512])
@@ -57,21 +68,23 @@ class HessianMonitor(keras.callbacks.Callback):
     def __init__(self, log_dir, data, every_n_steps=100, top_k=1, trace=False, trace_samples=50,
                  density=False, smallest=False, tol=1e-3, seed=0):
         super().__init__()
+        self.log_dir = check_log_dir(log_dir)
         if data is None:
             raise invalid("data", "a batch, a list of batches or a tf.data.Dataset", data)
-        self.log_dir = str(log_dir)
         self.data = data
-        self.every_n_steps = _check_positive_int("every_n_steps", every_n_steps)
-        self.top_k = _check_positive_int("top_k", top_k)
-        self.trace = bool(trace)
-        self.trace_samples = _check_positive_int("trace_samples", trace_samples)
-        self.density = bool(density)
-        self.smallest = bool(smallest)
-        self.tol = float(tol)
-        self.seed = seed
+        self._probe_data = hessian.prepare_data(data)  # bad data fails here, not at step 100
+        self.every_n_steps = check_positive_int("every_n_steps", every_n_steps)
+        self.top_k = check_positive_int("top_k", top_k)
+        self.trace = check_bool("trace", trace)
+        self.trace_samples = check_positive_int("trace_samples", trace_samples)
+        self.density = check_bool("density", density)
+        self.smallest = check_bool("smallest", smallest)
+        self.tol = hessian.check_tol(tol)
+        self.seed = hessian.check_seed(seed)
         self._writer = SummaryWriter.shared(f"{self.log_dir}/train")
         self.last_spectrum = None
-        self._next_probe = every_n_steps
+        self._operator = None
+        self._next_probe = self.every_n_steps
         self._active = True
 
     def on_train_begin(self, logs=None):
@@ -79,13 +92,20 @@ class HessianMonitor(keras.callbacks.Callback):
         self._active = _distribute.is_chief(self.model.distribute_strategy)
         if not self._active:
             return
-        self._writer.open()
-        hvp = hessian.make_hvp(self.model, self.data)  # bad data or no compiled loss: fail now
-        if self.top_k > hvp.num_params:
-            raise invalid("top_k", f"at most the number of parameters ({hvp.num_params})", self.top_k)
-        if self.last_spectrum is not None and self.last_spectrum.eigenvectors.shape[1] != hvp.num_params:
+        operator = self._build_operator()  # no compiled loss or too many eigenvalues: fail now
+        if self.last_spectrum is not None and self.last_spectrum.eigenvectors.shape[1] != operator.num_params:
             self.last_spectrum = None
+        self._writer.open()
         self._next_probe = (training_step(self.model) // self.every_n_steps + 1) * self.every_n_steps
+
+    def _build_operator(self):
+        """The fit's one HVP operator (checks the model against the arguments)."""
+        operator = hessian.make_hvp(self.model, self._probe_data)
+        if self.top_k + int(self.smallest) > operator.num_params:
+            raise invalid("top_k", f"at most the number of parameters ({operator.num_params})"
+                          + (" minus one (smallest=True)" if self.smallest else ""), self.top_k)
+        self._operator = operator
+        return operator
 
     def on_train_batch_end(self, batch, logs=None):
         if not self._active:
@@ -98,11 +118,21 @@ class HessianMonitor(keras.callbacks.Callback):
     def on_train_end(self, logs=None):
         if self._active:
             self._writer.close()
+        self._operator = None  # holds the probe tensors; the next fit builds its own
 
     def probe(self, step):
-        """Runs the estimates now and writes them at `step`; returns the scalars written."""
-        spec = hessian.spectrum(self.model, self.data, top_k=self.top_k, smallest=self.smallest,
-                                tol=self.tol, init_vectors=self.last_spectrum, seed=self.seed)
+        """Runs the estimates now and writes them at `step`.
+
+        Args:
+            step: the summary step to write at.
+
+        Returns:
+            The dict of scalars written, by tag.
+        """
+        operator = self._operator or self._build_operator()
+        first = operator.count
+        spec = hessian.spectrum(operator, top_k=self.top_k, smallest=self.smallest, tol=self.tol,
+                                init_vectors=self.last_spectrum, seed=self.seed)
         self.last_spectrum = spec
         scalars = {}
         for i, (value, res) in enumerate(zip(spec.eigenvalues, spec.residuals), start=1):
@@ -110,23 +140,14 @@ class HessianMonitor(keras.callbacks.Callback):
             scalars[tags.residual(i)] = res
         if self.smallest:
             scalars[tags.HESSIAN_MIN_EIGENVALUE] = spec.min_eigenvalue
-        hvps = spec.hvp_count
         scalars[tags.EDGE_OF_STABILITY] = spec.eigenvalues[0] * current_learning_rate(self.model.optimizer) / 2
         if self.trace:
-            estimate = hessian.trace(self.model, self.data, num_samples=self.trace_samples, seed=self.seed)
+            estimate = hessian.trace(operator, num_samples=self.trace_samples, seed=self.seed)
             scalars[tags.HESSIAN_TRACE] = estimate.value
             scalars[tags.HESSIAN_TRACE_STDERR] = estimate.stderr
-            hvps += estimate.hvp_count
         if self.density:
-            dens = hessian.density(self.model, self.data, seed=self.seed)
-            hvps += dens.hvp_count
+            dens = hessian.density(operator, seed=self.seed)
             self._writer.write_histograms(step, {tags.HESSIAN_DENSITY: density_buckets(dens)})
-        scalars[tags.HESSIAN_HVP_COUNT] = hvps
+        scalars[tags.HESSIAN_HVP_COUNT] = operator.count - first
         self._writer.write_scalars(step, scalars)
         return scalars
-
-
-def _check_positive_int(argument, value):
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise invalid(argument, "a positive integer", value)
-    return value
