@@ -934,6 +934,16 @@ def health_report(run, thresholds=None, grouping="variable"):
                         read_problems=problems)
 
 
+def _all_skipped_without_scale(run, summary):
+    """Whether every non-finite step was skipped in a run that logged no loss scale."""
+    if tags.SKIPPED_STEPS not in run or tags.LOSS_SCALE in run or tags.OVERFLOW_STEPS in run:
+        return False
+    counted, _ = _nonfinite_steps(run)
+    s, count = run[tags.SKIPPED_STEPS]
+    skipped = set(s[np.diff(count, prepend=0.0) > 0].tolist())
+    return bool(counted) and counted <= skipped
+
+
 def _judge(summary, layers, thresholds, layer_clipped_tail, dead_norm, run):
     """`(flags, notes)`; per-layer findings of one kind come worst first."""
     flags, notes = [], []
@@ -950,6 +960,10 @@ def _judge(summary, layers, thresholds, layer_clipped_tail, dead_norm, run):
     if summary.nonfinite_steps:
         parts.append(f"{summary.nonfinite_steps} step(s) with NaN/inf gradients, first at "
                      f"step {summary.first_nonfinite_step}")
+        if _all_skipped_without_scale(run, summary):
+            parts.append(f"all of them skipped (`{tags.SKIPPED_STEPS}`): if this run used mixed "
+                         f"precision, it predates `{tags.LOSS_SCALE}` and these may be loss-scale "
+                         "overflows, which this run cannot tell from explosions")
     if scale is not None and scale < 1:
         parts.append(f"loss scale fell to {_num(scale)} (< 1): the gradient overflows float16 "
                      "even unscaled")

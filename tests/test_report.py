@@ -733,3 +733,18 @@ def test_report_and_summary_do_not_import_tensorflow(tmp_path):
                           timeout=120)
     assert done.returncode == 0, done.stderr
     assert "flags: none" in done.stdout
+
+
+def test_skipped_nan_steps_of_an_old_run_without_loss_scale_say_what_is_unknown(tmp_path):
+    rows = mixed_precision_rows(old_style=True)
+    for row in rows.values():
+        del row[tags.LOSS_SCALE]
+    rep = report.health_report(report.load_run(run_of(tmp_path, rows)))
+    assert kinds(rep) == [("exploding", "global")]  # the evidence to tell them apart is missing
+    assert rep.summary.nonfinite_steps == 5 and rep.notes == []
+    assert "all of them skipped (`gradients/skipped_steps`)" in rep.flags[0].detail
+    # A NaN step that was applied gets no such hint.
+    rows[35][tags.global_norm("raw")] = float("nan")
+    rows[35][tags.nonfinite_total("raw")] = 3.0
+    rep = report.health_report(report.load_run(run_of(tmp_path, rows, "applied")))
+    assert rep.summary.nonfinite_steps == 6 and "all of them skipped" not in rep.flags[0].detail
