@@ -40,11 +40,16 @@ def loss_scale(optimizer):
     return getattr(optimizer, "loss_scale_factor", None)
 
 
-def model_train_step_is_keras(model):
-    """Whether `model` trains with Keras' own `train_step` (not an override)."""
+def is_keras_train_step(function):
+    """Whether `function` is Keras' own TensorFlow `train_step`."""
     from keras.src.backend.tensorflow.trainer import TensorFlowTrainer
 
-    return type(model).train_step is TensorFlowTrainer.train_step
+    return function is TensorFlowTrainer.train_step
+
+
+def model_train_step_is_keras(model):
+    """Whether `model` trains with Keras' own `train_step` (not an override)."""
+    return is_keras_train_step(type(model).train_step)
 
 
 def call_with_training(model, x):

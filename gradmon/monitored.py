@@ -61,7 +61,13 @@ def _check_own_step(model, config):
 
 
 def _uses_gradmon_step(model):
-    return type(model).train_step is GradientMonitorMixin.train_step
+    """gradmon's step runs when nothing overrides it and nothing behind the mixin does either."""
+    mro = type(model).__mro__
+    if type(model).train_step is not GradientMonitorMixin.train_step:
+        return False
+    behind = mro[mro.index(GradientMonitorMixin) + 1:]
+    owner = next((c for c in behind if "train_step" in c.__dict__), None)
+    return owner is None or kc.is_keras_train_step(owner.__dict__["train_step"])
 
 
 def prepare_model(model):
