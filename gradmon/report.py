@@ -92,7 +92,6 @@ of tokens absent from a batch get exact zeros. Their zeros share is shown but
 not judged (their layers are dead only when the norm is 0).
 """
 
-import argparse
 import dataclasses
 import functools
 import glob
