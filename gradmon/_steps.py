@@ -11,9 +11,12 @@ def current_learning_rate(optimizer):
 
 
 def training_step(model):
-    """The step axis of gradmon's summaries: gradmon's own counter, else `optimizer.iterations`."""
-    from gradmon import monitored
+    """The step axis of gradmon's summaries: the observer's update count, else `optimizer.iterations`.
 
-    if isinstance(model, monitored.GradientMonitorMixin):
-        return int(model.gradient_state.step.numpy())
+    (An observed optimizer counts every update it is given, also those a
+    LossScaleOptimizer skips, which `optimizer.iterations` does not.)
+    """
+    observer = getattr(model, "_gradmon_observer", None)
+    if observer is not None:
+        return observer.step
     return int(model.optimizer.iterations.numpy())

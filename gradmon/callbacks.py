@@ -65,7 +65,7 @@ class GradientMonitor(keras.callbacks.Callback):
         self.log_dir = check_log_dir(log_dir)
         self.update_freq = _check_update_freq(update_freq)
         self.histogram_freq = check_non_negative_int("histogram_freq", histogram_freq)
-        self._writer = SummaryWriter.shared(f"{self.log_dir}/train")
+        self._writer = SummaryWriter.shared(self.log_dir, "train")
         self._observer = None
         self._writes = True
         self._layout_key = None

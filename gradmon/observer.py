@@ -470,7 +470,7 @@ def observe(optimizer, log_dir=None, transform=None, name=None, update_freq=1, h
     observer.histograms = observer.hist_every > 0
     if log_dir is not None:
         log_dir = check_log_dir(log_dir)
-        observer.writer = SummaryWriter.shared(f"{log_dir}/train").open()
+        observer.writer = SummaryWriter.shared(log_dir, "train").open()
     observer.hook(optimizer)
     object.__setattr__(optimizer, "flush", observer.flush)
     object.__setattr__(optimizer, "gradmon", observer)
