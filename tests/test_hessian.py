@@ -519,3 +519,160 @@ def test_bad_method_and_mode(small):
         hessian.make_hvp(*small, hvp_mode="fast")
     with pytest.raises(ValueError, match="num_samples=0"):
         hessian.trace(*small, num_samples=0)
+
+
+# --------------------------------------------------------------------------
+# At scale: bounded device basis, one operator, no host round trips.
+
+
+def test_thick_restarts_bound_the_basis_and_stay_accurate(monkeypatch):
+    model, data, loss = dense_tanh()
+    matrix = explicit_hessian(model, loss, *data)
+    expected = np.linalg.eigvalsh(matrix)
+    sizes = []
+    append = hessian._Basis.append
+
+    def recording_append(self, vector):
+        append(self, vector)
+        sizes.append(len(self))
+
+    monkeypatch.setattr(hessian._Basis, "append", recording_append)
+    spec = hessian.spectrum(model, data, top_k=3, smallest=True, tol=1e-5,
+                            max_vectors=8, seed=0)
+    assert spec.converged
+    assert max(sizes) <= 8
+    assert spec.hvp_count > 8  # it did restart
+    assert_close(spec.eigenvalues, expected[::-1][:3])
+    assert_close(spec.min_eigenvalue, expected[0])
+    for value, vector, residual in zip(
+        spec.eigenvalues, spec.eigenvectors, spec.residuals
+    ):
+        explicit = np.linalg.norm(matrix @ vector - value * vector)
+        assert residual == pytest.approx(explicit, abs=1e-5 * expected[-1])
+
+
+def test_lanczos_vectors_stay_on_device_in_the_model_dtype(monkeypatch):
+    model, data, loss = dense_tanh()
+    op = hessian.make_hvp(model, data)
+    seen = []
+    apply = op.apply
+
+    def recording_apply(vector):
+        seen.append(isinstance(vector, tf.Tensor) and vector.dtype == tf.float32)
+        return apply(vector)
+
+    def host_call(vector):
+        raise AssertionError("a vector went through the host")
+
+    monkeypatch.setattr(op, "apply", recording_apply)
+    monkeypatch.setattr(hessian.HessianVectorProduct, "__call__", host_call)
+    spec = hessian.spectrum(op, top_k=2, seed=0)
+    hessian.trace(op, num_samples=3, seed=0)
+    hessian.density(op, num_probes=1, num_steps=5, seed=0)
+    assert len(seen) == spec.hvp_count + 3 + 5
+    assert all(seen)
+    expected = np.linalg.eigvalsh(explicit_hessian(model, loss, *data))
+    assert_close(spec.eigenvalues, expected[::-1][:2])
+
+
+def test_one_operator_serves_spectrum_trace_and_density_traced_once():
+    model, data, loss = dense_relu()
+    op = hessian.make_hvp(model, data)
+    spec = hessian.spectrum(op, top_k=2, seed=0)
+    est = hessian.trace(op, num_samples=4, seed=0)
+    dens = hessian.density(op, num_probes=2, num_steps=6, seed=0)
+    again = hessian.spectrum(op, top_k=2, init_vectors=spec)
+    assert op.trace_count == 1
+    assert op.count == spec.hvp_count + 4 + dens.hvp_count + again.hvp_count
+    assert est.hvp_count == 4 and dens.hvp_count == 12
+    expected = np.linalg.eigvalsh(explicit_hessian(model, loss, *data))
+    assert_close(again.eigenvalues, expected[::-1][:2])
+    with pytest.raises(ValueError, match="`data`"):
+        hessian.trace(op, data, num_samples=2)
+
+
+def test_slq_with_as_many_steps_as_parameters_finds_the_exact_spectrum():
+    # Linear regression: the Hessian is 2/n X^T X in closed form; Lanczos run
+    # to the dimension makes each probe's nodes its eigenvalues.
+    rng = _rng(12)
+    x = (rng.standard_normal((40, 3)) * [1.0, 2.0, 3.0]).astype("float32")
+    y = rng.standard_normal((40, 1)).astype("float32")
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1)])
+    model.compile(optimizer="sgd", loss="mse")
+    augmented = np.hstack([x, np.ones((40, 1))]).astype(np.float64)
+    exact = np.linalg.eigvalsh(2.0 / 40 * augmented.T @ augmented)
+    dens = hessian.density(model, (x, y), num_probes=2, num_steps=10, seed=0)
+    assert dens.hvp_count == 2 * 4
+    for probe in np.split(dens.nodes, 2):
+        np.testing.assert_allclose(np.sort(probe), exact, rtol=1e-4)
+    assert dens.weights.sum() == pytest.approx(1.0, abs=1e-6)
+
+
+# --------------------------------------------------------------------------
+# Argument and data checks, with Keras' wording.
+
+
+@pytest.mark.parametrize("tol", [-1, 0, float("nan"), float("inf"), 1, "1e-3", True])
+def test_bad_tol(small, tol):
+    with pytest.raises(ValueError, match=(
+            r"Invalid value for argument `tol`\. Expected a positive finite "
+            r"number below 1\. Received: tol=")):
+        hessian.spectrum(*small, tol=tol)
+
+
+def test_tol_inf_message_is_keras_worded(small):
+    with pytest.raises(ValueError) as error:
+        hessian.spectrum(*small, tol=float("inf"))
+    assert str(error.value) == (
+        "Invalid value for argument `tol`. Expected a positive finite number "
+        "below 1. Received: tol=inf")
+
+
+@pytest.mark.parametrize("kwargs,argument", [
+    (dict(seed="abc"), "seed"), (dict(seed=-1), "seed"),
+    (dict(max_hvps=0), "max_hvps"), (dict(max_vectors=3, top_k=2), "max_vectors"),
+    (dict(smallest="yes"), "smallest"), (dict(top_k=1.5), "top_k")])
+def test_bad_spectrum_arguments(small, kwargs, argument):
+    with pytest.raises(ValueError, match=rf"`{argument}`.*Received: {argument}="):
+        hessian.spectrum(*small, **kwargs)
+
+
+@pytest.mark.parametrize("kwargs,argument", [
+    (dict(sigma=float("inf")), "sigma"), (dict(sigma=0.0), "sigma"),
+    (dict(sigma=float("nan")), "sigma"), (dict(grid=[]), "grid"),
+    (dict(grid=1), "grid"), (dict(grid=[1.0, 0.0]), "grid"),
+    (dict(grid=[0.0, float("nan")]), "grid"), (dict(grid=np.zeros((2, 2))), "grid"),
+    (dict(num_probes=0), "num_probes"), (dict(num_steps=-2), "num_steps"),
+    (dict(seed="abc"), "seed")])
+def test_bad_density_arguments(small, kwargs, argument):
+    with pytest.raises(ValueError, match=rf"`{argument}`.*Received: {argument}="):
+        hessian.density(*small, **kwargs)
+
+
+def test_numpy_integers_are_accepted(small):
+    model, data = small
+    spec = hessian.spectrum(model, data, top_k=np.int64(2), seed=np.int64(0),
+                            max_hvps=np.int32(200))
+    assert spec.eigenvalues.shape == (2,)
+    est = hessian.trace(model, data, num_samples=np.int64(3), seed=np.int64(1))
+    assert est.hvp_count == 3
+    dens = hessian.density(model, data, num_probes=np.int64(1),
+                           num_steps=np.int64(4), grid=np.int64(50))
+    assert dens.grid.shape == (50,)
+
+
+@pytest.mark.parametrize("bad", ["no_y", "nan_x", "inf_y", "nan_weight"])
+def test_bad_data_names_data(small, bad):
+    model, (x, y) = small
+    x_nan = x.copy()
+    x_nan[3, 1] = np.nan
+    y_inf = y.copy()
+    y_inf[0, 0] = np.inf
+    weight = np.ones(len(x), "float32")
+    weight[5] = np.nan
+    data = {"no_y": (x,), "nan_x": (x_nan, y), "inf_y": [(x, y), (x, y_inf)],
+            "nan_weight": (x, y, weight)}[bad]
+    for call in (hessian.make_hvp, hessian.spectrum, hessian.trace,
+                 hessian.density, hessian.prepare_data):
+        with pytest.raises(ValueError, match=r"Invalid value for argument `data`"):
+            call(data) if call is hessian.prepare_data else call(model, data)

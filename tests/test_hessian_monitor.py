@@ -8,7 +8,7 @@ import pytest
 import tensorflow as tf
 
 import gradmon
-from gradmon import tags
+from gradmon import hessian, tags
 from helpers import explicit_hessian, read_events
 
 RNG = np.random.default_rng(11)
@@ -78,7 +78,7 @@ def test_probing_changes_nothing(tmp_path):
         model.fit(X, Y, batch_size=8, epochs=2, verbose=0, callbacks=callbacks)
         finals.append(([v.numpy() for v in model.weights],
                        [v.numpy() for v in model.optimizer.variables],
-                       int(model.gradient_state.step.numpy())))
+                       int(model.gradient_observer.step)))
     (w0, o0, s0), (w1, o1, s1) = finals
     assert s0 == s1 == 12
     for a, b in zip(w0 + o0, w1 + o1):  # BN moving stats are in model.weights
@@ -96,18 +96,73 @@ def test_warm_start_reuses_the_previous_eigenvectors(tmp_path):
     assert warm[tags.eigenvalue(1)] == pytest.approx(cold[tags.eigenvalue(1)], rel=1e-6)
 
 
+NAN_X = X.copy()
+NAN_X[2, 2] = np.nan
+
+
 @pytest.mark.parametrize("kwargs,argument", [
     (dict(top_k=0), "top_k"), (dict(every_n_steps=0), "every_n_steps"), (dict(data=None), "data"),
-    (dict(trace_samples=-3), "trace_samples")])
+    (dict(trace_samples=-3), "trace_samples"), (dict(every_n_steps=2.5), "every_n_steps"),
+    (dict(tol=-1), "tol"), (dict(tol=0), "tol"), (dict(tol=float("nan")), "tol"),
+    (dict(tol=float("inf")), "tol"), (dict(tol=1.0), "tol"), (dict(seed="abc"), "seed"),
+    (dict(seed=-2), "seed"), (dict(log_dir=None), "log_dir"), (dict(log_dir=""), "log_dir"),
+    (dict(trace="no"), "trace"), (dict(density=1), "density"), (dict(smallest="yes"), "smallest")])
 def test_invalid_arguments(tmp_path, kwargs, argument):
-    args = dict(data=(X, Y))
+    args = dict(log_dir=str(tmp_path), data=(X, Y))
     args.update(kwargs)
-    with pytest.raises(ValueError, match=rf"`{argument}`.*Received: {argument}="):
-        gradmon.HessianMonitor(str(tmp_path), **args)
+    with pytest.raises(ValueError, match=rf"Invalid value for argument `{argument}`\..*Received: {argument}="):
+        gradmon.HessianMonitor(**args)
+    assert not os.path.exists("None")
+
+
+def test_tol_message_is_keras_worded(tmp_path):
+    with pytest.raises(ValueError) as error:
+        gradmon.HessianMonitor(str(tmp_path), data=(X, Y), tol=float("inf"))
+    assert str(error.value) == ("Invalid value for argument `tol`. Expected a positive finite number "
+                                "below 1. Received: tol=inf")
+
+
+@pytest.mark.parametrize("data", [(X,), (NAN_X, Y), [(X, Y), (X, Y * np.inf)]])
+def test_bad_probe_data_fails_at_construction(tmp_path, data):
+    with pytest.raises(ValueError, match="Invalid value for argument `data`"):
+        gradmon.HessianMonitor(str(tmp_path), data=data)
+
+
+def test_numpy_integers_are_accepted(tmp_path):
+    cb = gradmon.HessianMonitor(str(tmp_path), data=(X, Y), every_n_steps=np.int64(10), top_k=np.int32(2),
+                                trace_samples=np.int64(5), seed=np.int64(3), trace=np.bool_(True))
+    assert (cb.every_n_steps, cb.top_k, cb.trace_samples, cb.seed, cb.trace) == (10, 2, 5, 3, True)
+    assert type(cb.every_n_steps) is int
+
+
+def test_one_operator_per_fit_traced_once(tmp_path, monkeypatch):
+    """Spectrum, trace and density of every probe share one HVP operator and one trace."""
+    built, applied = [], []
+    init, apply = hessian.HessianVectorProduct.__init__, hessian.HessianVectorProduct.apply
+
+    def counting_init(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        built.append(self)
+
+    def counting_apply(self, vector):
+        applied.append(1)
+        return apply(self, vector)
+
+    monkeypatch.setattr(hessian.HessianVectorProduct, "__init__", counting_init)
+    monkeypatch.setattr(hessian.HessianVectorProduct, "apply", counting_apply)
+    model = small_model()
+    cb = gradmon.HessianMonitor(str(tmp_path), data=(X, Y), every_n_steps=2, top_k=2, trace=True,
+                                trace_samples=4, density=True)
+    model.fit(X, Y, batch_size=6, epochs=1, shuffle=False, verbose=0, callbacks=[cb])  # 8 steps, 4 probes
+    assert len(built) == 1
+    assert built[0].trace_count == 1
+    events = read_events(os.path.join(str(tmp_path), "train"))
+    assert sorted(events[tags.HESSIAN_HVP_COUNT]) == [2, 4, 6, 8]
+    assert sum(events[tags.HESSIAN_HVP_COUNT].values()) == len(applied) == built[0].count
 
 
 def test_too_many_eigenvalues_fail_before_training(tmp_path):
     model = small_model()
     with pytest.raises(ValueError, match="`top_k`.*Received: top_k=1000"):
         model.fit(X, Y, verbose=0, callbacks=[gradmon.HessianMonitor(str(tmp_path), data=(X, Y), top_k=1000)])
-    assert int(model.gradient_state.step.numpy()) == 0
+    assert int(model.gradient_observer.step) == 0
