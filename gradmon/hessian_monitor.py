@@ -81,7 +81,7 @@ class HessianMonitor(keras.callbacks.Callback):
         self.smallest = check_bool("smallest", smallest)
         self.tol = hessian.check_tol(tol)
         self.seed = hessian.check_seed(seed)
-        self._writer = SummaryWriter.shared(f"{self.log_dir}/train")
+        self._writer = SummaryWriter.shared(self.log_dir, "train")
         self.last_spectrum = None
         self._operator = None
         self._next_probe = self.every_n_steps
