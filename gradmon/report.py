@@ -386,7 +386,6 @@ def _crc32c_many(chunks):
     zero register at 0: so messages right-aligned in a zero-padded matrix run
     through the byte table one column at a time, in lockstep.
     """
-    table = _crc_table()
     out = np.zeros(len(chunks), dtype=np.uint32)
     lengths = np.array([len(c) for c in chunks], dtype=np.int64)
     for i in np.flatnonzero(lengths < 4):
@@ -401,15 +400,23 @@ def _crc32c_many(chunks):
         width = int(lengths[group[-1]])
         matrix = np.zeros((len(group), width), dtype=np.uint8)
         for row, i in enumerate(group):
-            first = width - len(chunks[i])
-            matrix[row, first:] = np.frombuffer(chunks[i], dtype=np.uint8)
-            matrix[row, first:first + 4] ^= 0xFF
-        crc = np.zeros(len(group), dtype=np.uint32)
-        for column in np.ascontiguousarray(matrix.T):
-            crc = table[(crc ^ column) & 0xFF] ^ (crc >> 8)
-        out[group] = crc ^ np.uint32(0xFFFFFFFF)
+            matrix[row, width - len(chunks[i]):] = np.frombuffer(chunks[i], dtype=np.uint8)
+        out[group] = _crc32c_rows(matrix, width - lengths[group])
         start = stop
     return out
+
+
+def _crc32c_rows(matrix, first):
+    """CRC32C of each row of a uint8 matrix (changed in place), the message of row i
+    starting at column `first[i]` (zeros before it; at least 4 bytes from it on)."""
+    table = _crc_table()
+    rows = np.arange(len(matrix))
+    for k in range(4):  # the 0xFFFFFFFF start, as complemented leading bytes
+        matrix[rows, first + k] ^= 0xFF
+    crc = np.zeros(len(matrix), dtype=np.uint32)
+    for column in np.ascontiguousarray(matrix.T):
+        crc = table[(crc ^ column) & 0xFF] ^ (crc >> 8)
+    return crc ^ np.uint32(0xFFFFFFFF)
 
 
 def _masked(crc):
@@ -422,11 +429,13 @@ def _stored_crc(data, offset):
     return struct.unpack_from("<I", data, offset)[0]
 
 
+def _record_head_ok(data, offset):
+    return int(_masked(_crc32c(data[offset:offset + 8]))) == _stored_crc(data, offset + 8)
+
+
 def _record_at(data, offset):
     """The payload of an intact record starting at `offset`, else `None` (plain Python)."""
-    if offset + _HEADER + _FOOTER > len(data):
-        return None
-    if int(_masked(_crc32c(data[offset:offset + 8]))) != _stored_crc(data, offset + 8):
+    if offset + _HEADER + _FOOTER > len(data) or not _record_head_ok(data, offset):
         return None
     (length,) = struct.unpack_from("<Q", data, offset)
     end = offset + _HEADER + length
@@ -439,34 +448,59 @@ def _record_at(data, offset):
 
 
 def _resync(data, start):
-    """The first offset >= `start` where an intact record begins, or `None`."""
+    """The first offset >= `start` where an intact record begins, or `None`.
+
+    Offsets are sifted in bulk (a length that fits in the file, then the
+    length's checksum, for every offset of a 1 MiB window at once) before the
+    payload's checksum is computed: a long run of garbage or zeros costs
+    milliseconds, not one Python call per byte.
+    """
     last = len(data) - _HEADER - _FOOTER
     array = np.frombuffer(data, dtype=np.uint8)
     chunk = 1 << 20
     for begin in range(start, last + 1, chunk):
         stop = min(begin + chunk, last + 1)
-        windows = np.lib.stride_tricks.sliding_window_view(array[begin:stop + 7], 8)
-        lengths = np.ascontiguousarray(windows).view("<u8")[:, 0]
+        windows = np.lib.stride_tricks.sliding_window_view(array[begin:stop + _HEADER - 1], _HEADER)
+        heads = np.ascontiguousarray(windows)
+        lengths = heads[:, :8].copy().view("<u8")[:, 0]
         room = (len(data) - _HEADER - _FOOTER - np.arange(begin, stop)).astype(np.uint64)
-        for offset in (begin + np.flatnonzero(lengths <= room)).tolist():
+        candidates = np.flatnonzero(lengths <= room)
+        if not len(candidates):
+            continue
+        stored = heads[candidates, 8:].copy().view("<u4")[:, 0]
+        sums = _masked(_crc32c_rows(heads[candidates, :8], np.zeros(len(candidates), np.int64)))
+        for offset in (begin + candidates[sums == stored]).tolist():
             if _record_at(data, offset) is not None:
                 return offset
     return None
+
+
+def _header_sums(array, offsets):
+    """`(computed, stored)` masked checksums of the length fields at `offsets`."""
+    offsets = np.asarray(offsets, dtype=np.int64)
+    heads = array[offsets[:, None] + np.arange(_HEADER)]
+    stored = np.ascontiguousarray(heads[:, 8:]).view("<u4")[:, 0]
+    return _masked(_crc32c_rows(heads[:, :8], np.zeros(len(offsets), np.int64))), stored
+
+
+_BATCH = 4096  # records framed before their lengths are verified
 
 
 def _scan_records(data):
     """`(records, damage)`: `[(offset, payload)]` of the intact records, and
     `[(kind, offset, skipped_bytes, resume_offset or None)]`.
 
-    Records are framed optimistically, then every length and payload checksum
-    is verified at once; after a bad length the reader searches for the next
-    intact record, so one damaged region loses only the records inside it.
+    Records are framed optimistically a batch at a time, then the batch's
+    length and payload checksums are verified at once; after a bad length the
+    reader searches for the next intact record, so one damaged region loses
+    only the records inside it.
     """
     records, damage = [], []
+    array = np.frombuffer(data, dtype=np.uint8)
     position, size = 0, len(data)
     while position < size:
         offsets, lengths, end = [], [], position
-        while end + _HEADER <= size:
+        while end + _HEADER <= size and len(offsets) < _BATCH:
             (length,) = struct.unpack_from("<Q", data, end)
             if end + _HEADER + length + _FOOTER > size:
                 break
@@ -475,8 +509,8 @@ def _scan_records(data):
             end += _HEADER + length + _FOOTER
         intact = len(offsets)
         if offsets:
-            heads = _masked(_crc32c_many([data[o:o + 8] for o in offsets]))
-            bad = np.flatnonzero(heads != [_stored_crc(data, o + 8) for o in offsets])
+            computed, stored = _header_sums(array, offsets)
+            bad = np.flatnonzero(computed != stored)
             intact = int(bad[0]) if len(bad) else len(offsets)
         payloads = [data[o + _HEADER:o + _HEADER + n] for o, n in zip(offsets[:intact], lengths)]
         sums = _masked(_crc32c_many(payloads))
@@ -487,10 +521,12 @@ def _scan_records(data):
                 damage.append(("corrupt", o, _HEADER + n + _FOOTER, o + _HEADER + n + _FOOTER))
         if intact < len(offsets):
             bad_at = offsets[intact]
+        elif len(offsets) == _BATCH:
+            position = end
+            continue
         elif end < size:
             bad_at = end
-            head_ok = (end + _HEADER <= size and int(_masked(_crc32c(data[end:end + 8])))
-                       == _stored_crc(data, end + 8))
+            head_ok = end + _HEADER <= size and _record_head_ok(data, end)
             if end + _HEADER > size or head_ok:  # cut short inside its last record
                 resume = _resync(data, end + 1) if head_ok else None
                 if resume is None:
@@ -503,7 +539,19 @@ def _scan_records(data):
         if resume is None:
             break
         position = resume
-    return records, damage
+    return records, _merged(damage)
+
+
+def _merged(damage):
+    """Damage regions that touch one another, as one (the later resume wins)."""
+    out = []
+    for kind, offset, skipped, resume in sorted(damage, key=lambda d: d[1]):
+        if out and out[-1][0] == kind == "corrupt" and offset <= out[-1][1] + out[-1][2]:
+            _, first, length, _ = out[-1]
+            out[-1] = (kind, first, max(length, offset + skipped - first), resume)
+        else:
+            out.append((kind, offset, skipped, resume))
+    return out
 
 
 def run_directory(logdir):
@@ -548,7 +596,7 @@ def load_run(logdir):
             f"No event files in {directory!r}. Expected the `log_dir` of a "
             "gradmon.GradientMonitor run (event files under LOGDIR/train)."
         )
-    values, problems = {}, []
+    values, problems, float32 = {}, [], types_pb2.DT_FLOAT
     for path in paths:
         with open(path, "rb") as f:
             data = f.read()
@@ -563,10 +611,16 @@ def load_run(logdir):
             read.append((offset, int(event.step)))
             if not event.HasField("summary"):
                 continue
+            step = int(event.step)
             for value in event.summary.value:
-                number = _scalar(value, types_pb2)
+                tensor = value.tensor
+                floats = tensor.float_val
+                if len(floats) == 1 and tensor.dtype == float32 and not tensor.tensor_shape.dim:
+                    number = floats[0]  # the common case, inline: a float32 scalar
+                else:
+                    number = _scalar(value, types_pb2)
                 if number is not None:
-                    values.setdefault(value.tag, {})[int(event.step)] = number
+                    values.setdefault(value.tag, {})[step] = number
         for kind, offset, skipped, resume in sorted(damage, key=lambda d: d[1]):
             before = [step for o, step in read if o < offset]
             after = [step for o, step in read if resume is not None and o >= resume]
