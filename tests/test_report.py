@@ -748,3 +748,17 @@ def test_skipped_nan_steps_of_an_old_run_without_loss_scale_say_what_is_unknown(
     rows[35][tags.nonfinite_total("raw")] = 3.0
     rep = report.health_report(report.load_run(run_of(tmp_path, rows, "applied")))
     assert rep.summary.nonfinite_steps == 6 and "all of them skipped" not in rep.flags[0].detail
+
+
+def test_zeros_written_into_a_record_are_one_damaged_region(tmp_path):
+    """A crash can leave a block of zeros inside a file: the record it splits and the zeros
+    are one region, reading resumes at the next record."""
+    path, offsets = write_events(str(tmp_path / "train"), steps_rows())
+    data = open(path, "rb").read()
+    offset = offsets[50][0]
+    open(path, "wb").write(data[:offset + 30] + bytes(1 << 16) + data[offset + 30:])
+    run = report.load_run(str(tmp_path))
+    assert run[tags.global_norm("raw")][0].tolist() == [s for s in range(1, 151) if s != 51]
+    (problem,) = run.problems
+    assert (problem.offset, problem.last_good_step, problem.resumed_step) == (offset, 50, 52)
+    assert problem.skipped_bytes == offsets[51][0] - offset + (1 << 16)
