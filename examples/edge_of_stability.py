@@ -45,7 +45,7 @@ class Trajectory(keras.callbacks.Callback):
 
     def on_train_batch_end(self, batch, logs=None):
         spec = self.hessian_monitor.last_spectrum
-        step = int(self.model.gradient_state.step.numpy())
+        step = self.model.gradient_observer.step  # observed updates so far
         if spec is not None and (not self.rows or self.rows[-1][1] != spec.eigenvalues[0]):
             self.rows.append((step, float(spec.eigenvalues[0]), float(logs["loss"])))
 

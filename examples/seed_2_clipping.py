@@ -37,6 +37,7 @@ import numpy as np  # noqa: E402
 from sklearn.datasets import load_digits  # noqa: E402
 
 import gradmon  # noqa: E402
+from gradmon import tags  # noqa: E402
 
 NUM_CLASSES = 10
 
@@ -94,15 +95,15 @@ def main(argv=None):
         ],
     )
 
-    snapshot = model.gradient_state.read()
-    g = snapshot["global"]
-    print(f"\nlast step ({snapshot['step']}):")
-    print(f"  raw global norm       {g['raw_global_norm']:.4f}")
-    print(f"  clipped global norm   {g['transformed_global_norm']:.4f}")
-    print(f"  clip ratio            {g['clip_ratio']:.4f}   (1.0 = untouched)")
-    print(f"  clip fraction         {g['clip_fraction']:.4f}   (largest member's share)")
-    for member, fraction in snapshot["fractions"].items():
-        print(f"    {member:<20}{fraction:.4f}")
+    # The latest measured step, read back from the model's observer.
+    snapshot = model.gradient_observer.recorder.read()[-1]
+    print(f"\nlast step ({snapshot.step}):")
+    print(f"  raw global norm       {snapshot[tags.global_norm(tags.RAW)]:.4f}")
+    print(f"  clipped global norm   {snapshot[tags.global_norm(tags.TRANSFORMED)]:.4f}")
+    print(f"  clip ratio            {snapshot[tags.CLIP_RATIO]:.4f}   (1.0 = untouched)")
+    print(f"  clip fraction         {snapshot[tags.CLIP_FRACTION]:.4f}   (largest member's share)")
+    for member in ("clip_by_value", "clip_by_global_norm"):
+        print(f"    {member:<20}{snapshot[tags.clip_fraction_of(member)]:.4f}")
     print(f"\nLogs written to {args.log_dir}. Look at them with:\n\n"
           f"    tensorboard --logdir {args.log_dir}\n")
     return 0

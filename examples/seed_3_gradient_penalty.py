@@ -39,6 +39,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 import gradmon  # noqa: E402
+from gradmon import tags  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -86,16 +87,16 @@ def main(argv=None):
         ],
     )
 
-    snapshot = model.gradient_state.read()
-    losses = snapshot["losses"]
-    print(f"\nlast step ({snapshot['step']}):")
-    print(f"  loss/data   {losses['data']:.5f}")
-    print(f"  loss/total  {losses['total']:.5f}")
-    print(f"  raw global gradient norm (all parts) {snapshot['global']['raw_global_norm']:.5f}")
+    # The latest measured step, read back from the model's observer.
+    snapshot = model.gradient_observer.recorder.read()[-1]
+    print(f"\nlast step ({snapshot.step}):")
+    print(f"  {tags.LOSS_DATA}   {snapshot[tags.LOSS_DATA]:.5f}")
+    print(f"  {tags.LOSS_TOTAL}  {snapshot[tags.LOSS_TOTAL]:.5f}")
+    print(f"  raw global gradient norm (all parts) {snapshot[tags.global_norm(tags.RAW)]:.5f}")
     print(f"  {'penalty':<12}{'value':>10}{'share':>10}{'grad_norm':>12}")
-    for name, numbers in snapshot["penalties"].items():
-        print(f"  {name:<12}{numbers['value']:>10.5f}{numbers['share']:>10.4f}"
-              f"{numbers['grad_norm']:>12.5f}")
+    for name in ("grad_norm", "weight"):
+        print(f"  {name:<12}{snapshot[tags.penalty(name)]:>10.5f}{snapshot[tags.penalty_share(name)]:>10.4f}"
+              f"{snapshot[tags.penalty_grad_norm(name)]:>12.5f}")
     print(f"\nLogs written to {args.log_dir}. Look at them with:\n\n"
           f"    tensorboard --logdir {args.log_dir}\n")
     return 0
