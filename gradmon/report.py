@@ -206,8 +206,8 @@ class LayerHealth:
     """One layer's row of the report (see the module docstring for each column).
 
     `final_grad_to_weight`, `final_update_ratio` and `tail_update_ratio` are
-    `None` when not logged (`ratios_logged` is False) or undefined (a zero
-    weight norm). `zeros_judged` is False for embedding tables.
+    `None` when not logged (`grad_to_weight_logged`, `update_ratio_logged`) or
+    undefined (a zero weight norm). `zeros_judged` is False for embedding tables.
     """
 
     name: str
@@ -220,7 +220,8 @@ class LayerHealth:
     final_grad_to_weight: typing.Optional[float]
     final_update_ratio: typing.Optional[float]
     tail_update_ratio: typing.Optional[float]
-    ratios_logged: bool
+    grad_to_weight_logged: bool
+    update_ratio_logged: bool
     tail_zero_fraction: typing.Optional[float]
     zeros_judged: bool
 
@@ -967,7 +968,8 @@ def health_report(run, thresholds=None, grouping="variable"):
             name=name, variables=list(names), final_norm=float(lnorm[-1]), peak_norm=lpeak,
             peak_step=lpeak_step, clipped_share=share, nonfinite_steps=lnonfinite,
             final_grad_to_weight=_final(g2w), final_update_ratio=_final(update),
-            tail_update_ratio=tail_update, ratios_logged=update is not None or g2w is not None,
+            tail_update_ratio=tail_update, grad_to_weight_logged=g2w is not None,
+            update_ratio_logged=update is not None,
             tail_zero_fraction=zeros, zeros_judged=not any(_is_embedding(p) for p in names),
         ))
 
@@ -995,6 +997,14 @@ def _all_skipped_without_scale(run, summary):
     s, count = run[tags.SKIPPED_STEPS]
     skipped = set(s[np.diff(count, prepend=0.0) > 0].tolist())
     return bool(counted) and counted <= skipped
+
+
+def _why_not_updates(layer, by_update):
+    if not layer.update_ratio_logged:
+        return "no update ratios logged"
+    if layer.tail_update_ratio is None:
+        return "its update ratio is undefined"
+    return "update ratios defined for fewer than 2 layers"
 
 
 def _judge(summary, layers, thresholds, layer_clipped_tail, dead_norm, run):
@@ -1077,7 +1087,7 @@ def _judge(summary, layers, thresholds, layer_clipped_tail, dead_norm, run):
                 vanishing.append((ratio, Flag(VANISHING, layer.name, (
                     f"final norm {_num(layer.final_norm)} < {_num(thresholds.vanish_ratio)} x "
                     f"largest layer's {_num(norm_reference)}; evidence: raw gradient norms "
-                    "(no update ratio defined for it)"))))
+                    f"({_why_not_updates(layer, by_update)})"))))
     flags += [f for _, f in sorted(vanishing, key=lambda x: x[0])]
 
     share = summary.tail_clipped_share
@@ -1175,8 +1185,8 @@ def format_table(report, max_listed=MAX_LISTED):
               "grad/weight", "update ratio", "zeros"]
     rows = [[l.name, _num(l.final_norm), _num(l.peak_norm), _num(l.peak_step),
              _pct(l.clipped_share), str(l.nonfinite_steps),
-             _ratio(l.final_grad_to_weight, l.ratios_logged),
-             _ratio(l.final_update_ratio, l.ratios_logged),
+             _ratio(l.final_grad_to_weight, l.grad_to_weight_logged),
+             _ratio(l.final_update_ratio, l.update_ratio_logged),
              _pct(l.tail_zero_fraction)] for l in report.layers]
     rows.append(["(global)", _num(s.final_norm), _num(s.peak_norm), _num(s.peak_step),
                  _pct(s.clipped_share), str(s.nonfinite_steps), "", "", ""])

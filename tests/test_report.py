@@ -472,7 +472,9 @@ def test_transformer_at_init_under_adam_is_judged_by_update_ratios(tmp_path):
     no_ratios = report.health_report(report.load_run(
         run_of(tmp_path, variable_rows(steps, variables, update=False), "no_ratios")))
     assert kinds(no_ratios) == [("vanishing", "attn/key"), ("vanishing", "attn/query")]
-    assert all("evidence: raw gradient norms" in f.detail for f in no_ratios.flags)
+    assert all("evidence: raw gradient norms (no update ratios logged)" in f.detail for f in no_ratios.flags)
+    rows = table_rows(report.format_table(no_ratios))
+    assert all(row[6] == "-" and row[5] != "-" for name, row in rows.items() if name != "(global)")
     assert [f.subject for f in no_ratios.flags] == ["attn/key", "attn/query"]  # worst first
     # A layer whose updates really stall is still caught, on update ratios.
     stalled = dict(variables)
@@ -628,7 +630,8 @@ def test_ratios_of_a_zero_weight_are_undefined(tmp_path, capsys, style):
     assert layers["dense"].final_grad_to_weight == pytest.approx(np.hypot(2.0, 1.5) / 4.0)
     assert layers["dense"].final_update_ratio == pytest.approx(f32(0.01))
     assert layers["norm"].final_grad_to_weight is None and layers["norm"].final_update_ratio is None
-    assert layers["norm"].ratios_logged and not layers["plain"].ratios_logged
+    assert layers["norm"].update_ratio_logged and layers["norm"].grad_to_weight_logged
+    assert not layers["plain"].update_ratio_logged and not layers["plain"].grad_to_weight_logged
     assert summary([logdir]) == 0
     rows = table_rows(capsys.readouterr().out)
     assert rows["norm"][5:7] == ["undefined", "undefined"] and rows["plain"][5:7] == ["-", "-"]
