@@ -765,3 +765,49 @@ def test_zeros_written_into_a_record_are_one_damaged_region(tmp_path):
     (problem,) = run.problems
     assert (problem.offset, problem.last_good_step, problem.resumed_step) == (offset, 50, 52)
     assert problem.skipped_bytes == offsets[51][0] - offset + (1 << 16)
+
+
+# -- a real Transformer block -----------------------------------------------------------------------
+
+
+def transformer_block(vocab=200, seq=16, width=64):
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((seq,), dtype="int32")
+    x = keras.layers.Embedding(vocab, width, name="embed")(inp)
+    x = keras.layers.LayerNormalization(name="ln1")(
+        x + keras.layers.MultiHeadAttention(num_heads=4, key_dim=16, name="attn")(x, x))
+    ffn = keras.layers.Dense(width, name="ffn2")(keras.layers.Dense(2 * width, activation="relu", name="ffn1")(x))
+    x = keras.layers.GlobalAveragePooling1D()(keras.layers.LayerNormalization(name="ln2")(x + ffn))
+    return keras.Model(inp, keras.layers.Dense(10, name="head", dtype="float32")(x))
+
+
+@pytest.mark.parametrize("policy", ["float32", "mixed_float16"])
+def test_transformer_block_at_init_under_adam_raises_no_flag(tmp_path, policy):
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 200, size=(32 * 20, 16)).astype("int32")
+    y = (x[:, 0] % 10).astype("int64")
+    keras.mixed_precision.set_global_policy(policy)
+    try:
+        model = gradmon.monitor(transformer_block())
+        model.compile(optimizer=keras.optimizers.Adam(1e-3),
+                      loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        model.fit(x, y, batch_size=32, epochs=1, verbose=0,
+                  callbacks=[gradmon.GradientMonitor(str(tmp_path))])
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    events = events_of(str(tmp_path))
+    rep = report.health_report(report.load_run(str(tmp_path)))
+    assert rep.flags == [], report.format_table(rep)
+    # What makes it a test: by gradient norms, query and key would be vanishing.
+    norms = {}
+    for tag, by_step in events.items():
+        if tag.startswith("gradients/raw/norm/"):
+            layer = tag[len("gradients/raw/norm/"):].rsplit("/", 1)[0]
+            norms[layer] = norms.get(layer, 0.0) + by_step[max(by_step)] ** 2
+    largest = max(np.sqrt(v) for v in norms.values())
+    assert np.sqrt(norms["attn/key"]) < 1e-3 * largest
+    assert "attn/key" in [l.name for l in rep.layers]
+    if policy == "mixed_float16":
+        overflows = events[tags.OVERFLOW_STEPS]
+        assert rep.summary.overflow_steps == overflows[max(overflows)] >= 1  # the scale starts too high
+        assert [n.kind for n in rep.notes] == ["loss_scale_overflow"]
