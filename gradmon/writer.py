@@ -393,7 +393,8 @@ class SummaryWriter(MetricWriter):
     def _start_file(self):
         """Opens a fresh event file holding the header (and the layout so far); raises on failure."""
         os.makedirs(self.logdir, exist_ok=True)
-        name = "events.out.tfevents.%010d.%s.%d.%d.gradmon.v2" % (
+        # zero-padded counter: TensorBoard reads a run's files in name order
+        name = "events.out.tfevents.%010d.%s.%d.%06d.gradmon.v2" % (
             time.time(), socket.gethostname(), os.getpid(), next(self._file_counter))
         path = os.path.join(self.logdir, name)
         writer = self._record_writer(path)
