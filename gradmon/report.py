@@ -1096,6 +1096,8 @@ def _judge(summary, layers, thresholds, layer_clipped_tail, dead_norm, run):
                   f"(threshold {_pct(thresholds.clip_share)})")
         often = sorted((name for name, s in layer_clipped_tail.items() if s >= thresholds.clip_share),
                        key=lambda name: -layer_clipped_tail[name])
+        if layer_clipped_tail and not often:
+            detail += "; no single layer clipped that often"
         flags.append(Flag(CLIPPING, "global", detail, layers=often))
 
     if tags.EDGE_OF_STABILITY in run:
@@ -1159,7 +1161,8 @@ def _findings_text(title, findings, max_listed):
     for kind, group in itertools.groupby(findings, key=lambda f: f.kind):
         group = list(group)
         for f in group[:max_listed]:
-            detail = f.detail + (f"; layers: {_listed(f.layers, max_listed)}" if f.layers else "")
+            label = "layers clipped that often" if kind == CLIPPING else "layers"
+            detail = f.detail + (f"; {label}: {_listed(f.layers, max_listed)}" if f.layers else "")
             out.append(f"  {f.kind.upper()} [{f.subject}] {detail}")
             out.append(f"    {f.explanation}")
         if len(group) > max_listed:

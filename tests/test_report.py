@@ -596,7 +596,8 @@ def test_long_lists_name_the_worst_and_count_the_rest(tmp_path, capsys):
     assert summary([logdir]) == 0
     text = capsys.readouterr().out
     line = next(l for l in text.splitlines() if "CLIPPING" in l)
-    assert line.endswith("layers: layer000, layer001, layer002, layer003, layer004 ... and 95 more")
+    assert line.endswith("layers clipped that often: layer000, layer001, layer002, layer003, layer004 "
+                         "... and 95 more")
     vanishing = [l for l in text.splitlines() if l.startswith("  VANISHING")]
     order = np.argsort([(j * 7) % 12 for j in range(12)])[::-1]  # smallest norm first
     assert [l.split("[")[1].split("]")[0] for l in vanishing] == [f"tiny{j:02d}" for j in order[:5]]
