@@ -1,13 +1,17 @@
 """Smoke tests of examples/: each runs tiny in a subprocess, exits 0 and writes gradmon's tags."""
 
+import importlib.util
 import math
 import os
 import pathlib
 import subprocess
 import sys
 
+import keras
+import numpy as np
 import pytest
-from helpers import read_events
+import tensorflow as tf
+from helpers import global_norm, read_events
 
 from gradmon import tags
 
@@ -83,3 +87,82 @@ def test_wgan_gp(tmp_path):
         assert sorted(events[tag]) == [1, 2, 3, 4], tag
         assert all(math.isfinite(v) for v in events[tag].values()), tag
     assert all(v >= 0 for v in events[tags.penalty("wgan_gp")].values())
+
+
+def load_example(name):
+    """The example as a module (its helpers: data, batches, model), without running main()."""
+    spec = importlib.util.spec_from_file_location(f"example_{name}", EXAMPLES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def first_step_gradients(example, seed, batch_size, penalty_weight=None):
+    """The gradient the example's first step applies, recomputed here with plain tapes (float64 out)."""
+    x, y = example.load_data()
+    xb, yb = next(example.batches(x, y, batch_size, 1, seed))
+    model = example.build_model(seed)
+    loss_fn = keras.losses.CategoricalCrossentropy(from_logits=True)
+    variables = model.trainable_variables
+    with tf.GradientTape() as outer:
+        with tf.GradientTape() as inner:
+            loss = loss_fn(yb, model(xb, training=True))
+        grads = inner.gradient(loss, variables)
+        if penalty_weight is not None:
+            loss = loss + penalty_weight * tf.linalg.global_norm(grads)
+    if penalty_weight is not None:
+        grads = outer.gradient(loss, variables)
+    return model, [g.numpy().astype(np.float64) for g in grads]
+
+
+def test_custom_loop(tmp_path):
+    steps, flush_every, batch_size, seed = 20, 5, 64, 0
+    out = run_example("custom_loop.py", "--log-dir", str(tmp_path), "--steps", str(steps),
+                      "--flush-every", str(flush_every), "--batch-size", str(batch_size))
+    assert "clip_by_global_norm" in out and f"tensorboard --logdir {tmp_path}" in out
+    runs = {name: read_events(tmp_path / name / "train")
+            for name in ("eager", "tf_function", "clipping", "penalty")}
+    raw_norm = tags.global_norm(tags.RAW)
+    every_step = list(range(1, steps + 1))
+    flushed = list(range(flush_every, steps + 1, flush_every))
+    for name, events in runs.items():
+        assert sorted(events[raw_norm]) == every_step, name  # flush() lost no step
+        assert all(math.isfinite(v) for v in events[raw_norm].values()), name
+        assert sorted(events[tags.LOSS_DATA]) == flushed, name
+
+    # Recipe 1: step 1's logged norms equal a plain-tape recomputation; eager == tf.function.
+    example = load_example("custom_loop")
+    model, grads = first_step_gradients(example, seed, batch_size)
+    for name in ("eager", "tf_function"):
+        events = runs[name]
+        assert events[raw_norm][1] == pytest.approx(global_norm(grads), rel=1e-5), name
+        for v, g in zip(model.trainable_variables, grads):
+            assert events[tags.group_stat(tags.RAW, "norm", v.path)][1] == pytest.approx(
+                np.linalg.norm(g), rel=1e-5), (name, v.path)
+    for step in every_step:
+        assert runs["eager"][raw_norm][step] == pytest.approx(runs["tf_function"][raw_norm][step], rel=1e-4)
+
+    # Recipe 2: the clips acted and are logged; the clipped norm never exceeds 0.5.
+    clipping = runs["clipping"]
+    assert clipping[raw_norm][1] == pytest.approx(global_norm(grads), rel=1e-5)
+    for tag in (tags.CLIP_RATIO, tags.CLIP_FRACTION, tags.global_norm(tags.TRANSFORMED),
+                tags.clip_fraction_of("clip_by_value"), tags.clip_fraction_of("clip_by_global_norm")):
+        assert sorted(clipping[tag]) == every_step, tag
+    for step in every_step:
+        raw, clipped = clipping[raw_norm][step], clipping[tags.global_norm(tags.TRANSFORMED)][step]
+        assert clipped <= 0.5 * (1 + 1e-5)
+        assert clipping[tags.CLIP_RATIO][step] == pytest.approx(clipped / raw, rel=1e-5)
+    assert max(clipping[tags.clip_fraction_of("clip_by_value")].values()) > 0
+    assert max(clipping[tags.clip_fraction_of("clip_by_global_norm")].values()) == 1
+    hist = tags.histogram(tags.TRANSFORMED, model.trainable_variables[0].path)
+    assert sorted(clipping[hist]) == [2 * flush_every * k for k in range(1, steps // (2 * flush_every) + 1)]
+
+    # Recipe 3: the applied gradient includes the penalty's double-backprop term.
+    penalty = runs["penalty"]
+    _, penalized = first_step_gradients(example, seed, batch_size, penalty_weight=0.05)
+    assert penalty[raw_norm][1] == pytest.approx(global_norm(penalized), rel=1e-5)
+    assert global_norm(penalized) != pytest.approx(global_norm(grads), rel=1e-3)
+    for step in flushed:
+        total = penalty[tags.LOSS_DATA][step] + penalty[tags.penalty("grad_norm")][step]
+        assert penalty[tags.LOSS_TOTAL][step] == pytest.approx(total, rel=1e-5)
+        assert 0 < penalty[tags.penalty_share("grad_norm")][step] < 1
