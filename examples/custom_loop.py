@@ -36,7 +36,9 @@ Run from the repository root (about 15 s on 2 CPUs):
     tensorboard --logdir runs/custom_loop
 
 In TensorBoard, Scalars (run = eager, tf_function, clipping, penalty):
-  - `gradients/raw/global_norm`, `gradients/raw/norm/<variable path>`, ... (all runs);
+  - `gradients/raw/global_norm` (all runs), `gradients/raw/norm/<variable path>`,
+    `gradients/update_ratio/<variable path>` (eager, tf_function; the other runs
+    per layer or variable, as gradmon's `grouping` defaults);
   - `gradients/clip/ratio`, `gradients/clip/fraction/clip_by_value`,
     `gradients/clip/fraction/clip_by_global_norm`, `gradients/transformed/global_norm` (clipping);
   - `loss/data`; and for the penalty run `penalties/grad_norm`,
@@ -70,7 +72,8 @@ def parse_args(argv=None):
     parser.add_argument("--log-dir", default="runs/custom_loop",
                         help="TensorBoard log directory, one run per recipe (default: %(default)s)")
     parser.add_argument("--recipe", choices=("all",) + RECIPES, default="all", help="default: %(default)s")
-    parser.add_argument("--steps", type=int, default=300, help="training steps per run (default: %(default)s)")
+    parser.add_argument("--steps", type=int, default=300,
+                        help="training steps per run (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=64, help="default: %(default)s")
     parser.add_argument("--flush-every", type=int, default=10,
                         help="opt.flush() every this many steps in a tf.function loop (default: %(default)s)")
@@ -180,8 +183,8 @@ def train(step, optimizer, data, log_dir, flush_every, compiled, jit_compile=Fal
 def print_gradients(name, snapshot, model):
     print(f"\n[{name}] step {snapshot.step}: raw global norm {snapshot[tags.global_norm(tags.RAW)]:.5f}")
     for v in model.trainable_variables:
-        print(f"    {v.path:<20} norm {snapshot[tags.group_stat(tags.RAW, 'norm', v.path)]:.5f}  "
-              f"max|g| {snapshot[tags.group_stat(tags.RAW, 'max_abs', v.path)]:.5f}")
+        print(f"    {v.path:<26} norm {snapshot[tags.group_stat(tags.RAW, 'norm', v.path)]:.5f}  "
+              f"update/weight {snapshot[tags.update_ratio(v.path)]:.2e}")
 
 
 def run_gradients(args, x, y):
@@ -189,7 +192,8 @@ def run_gradients(args, x, y):
     for name, compiled in (("eager", False), ("tf_function", True)):
         log_dir = os.path.join(args.log_dir, name)
         model = build_model(args.seed)
-        opt = gradmon.observe(keras.optimizers.Adam(1e-3), log_dir=log_dir)
+        # grouping="variable": one row per variable, tagged by its path (`v.path`)
+        opt = gradmon.observe(keras.optimizers.Adam(1e-3), log_dir=log_dir, grouping="variable")
         data = list(batches(x, y, args.batch_size, args.steps, args.seed))
         snapshots, logs = train(plain_step(model, opt), opt, data, log_dir, args.flush_every, compiled,
                                 args.jit_compile)

@@ -1,37 +1,45 @@
-"""A small WGAN-GP on 2-D toy data, built from gradmon's pieces, with its gradients in TensorBoard.
+"""A small WGAN-GP on 2-D toy data, its two optimizers observed by gradmon side by side.
 
 Real data: a mixture of 8 Gaussians on a ring of radius 2 (numpy). A
 `keras.Model` subclass holds a generator and a critic, each with its own
 optimizer, and a custom `train_step` does `--critic-steps` critic updates
 then one generator update (Gulrajani et al. 2017, Algorithm 1). gradmon gives:
 
+  - the gradients of both models, observed where each optimizer applies them:
+        critic_opt = gradmon.observe(critic_opt, log_dir, name="critic")
+        generator_opt = gradmon.observe(generator_opt, log_dir, name="generator",
+                                        transform=gradmon.transforms.clip_by_global_norm(1.0))
+    `name` prefixes every tag (`critic/gradients/raw/global_norm`,
+    `generator/gradients/raw/global_norm`), so both sit in one run; the
+    generator's observer also clips its gradient and logs what the clip did;
   - the penalty: `gradmon.penalties.InputGradientPenalty(10.0, kind="wgan-gp")
     .value(critic, real, fake)`, lambda * mean((||grad_x f(x_hat)|| - 1)^2)
     on random interpolates x_hat; it is differentiated exactly (the critic's
     gradient goes through the input gradient, double backpropagation);
-  - the gradient norms: `gradmon.stats.global_norm(grads)`;
-  - an optional clip of the generator's gradient:
-    `gradmon.transforms.clip_by_global_norm(1.0)(grads, variables)`, which
-    also says whether it clipped;
   - the tag names and their descriptions: `gradmon.tags`.
 
-`train_step` returns these numbers as logs; a small callback writes them
-with `tf.summary` every `--update-freq` generator steps.
+`fit` runs `train_step` as a tf.function, so the measurements wait on the
+device: a small callback calls `opt.flush()` on both optimizers every
+`--update-freq` generator steps and writes the step's own numbers
+(Wasserstein estimate, penalty, losses) into the same event file.
 
 Run from the repository root (about 25 s on 2 CPUs):
 
     python examples/wgan_gp.py                         # writes runs/wgan_gp
     tensorboard --logdir runs/wgan_gp
 
-In TensorBoard, Scalars:
+In TensorBoard, Scalars (run `train`). Each model's tags count that model's
+updates: `critic/...` steps are critic updates (`--critic-steps` per
+generator step), `generator/...` steps are generator updates.
+  - `critic/gradients/raw/global_norm`, `critic/gradients/raw/norm/<variable>`, ...:
+    every `--update-freq`-th critic update;
+  - `generator/gradients/raw/global_norm`, `generator/gradients/transformed/global_norm`,
+    `generator/gradients/clip/ratio`, `generator/gradients/clip/fraction`: the
+    generator's gradient and what the clip did;
   - `critic/wasserstein`: mean f(real) - mean f(fake), the critic's estimate of
     the Wasserstein-1 distance; it should fall towards 0 as the generator learns;
-  - `penalties/wgan_gp`: the gradient penalty (small means the critic is close
-    to 1-Lipschitz on the interpolates);
-  - `critic/gradients/raw/global_norm`, `generator/gradients/raw/global_norm`:
-    the two models' gradient norms (critic: the last of its updates in the step);
-  - `generator/gradients/transformed/global_norm`, `generator/gradients/clip/ratio`,
-    `generator/gradients/clip/fraction`: what the generator clip did;
+  - `critic/penalties/wgan_gp`: the gradient penalty (small means the critic is
+    close to 1-Lipschitz on the interpolates);
   - `critic/loss` (-wasserstein + penalty), `generator/loss` (-mean f(fake)).
 """
 
@@ -48,6 +56,7 @@ import tensorflow as tf  # noqa: E402
 
 import gradmon  # noqa: E402
 from gradmon import tags  # noqa: E402
+from gradmon.writer import SummaryWriter  # noqa: E402
 
 RADIUS, MODE_STD, NUM_MODES = 2.0, 0.05, 8
 LATENT_DIM = 2
@@ -69,7 +78,8 @@ def parse_args(argv=None):
                         help="global-norm clip of the generator's gradient, 0 = off "
                              "(default: %(default)s)")
     parser.add_argument("--update-freq", type=int, default=5,
-                        help="write scalars every this many generator steps (default: %(default)s)")
+                        help="measure each optimizer every this many of its updates, and write "
+                             "every this many generator steps (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="default: %(default)s")
     return parser.parse_args(argv)
 
@@ -88,9 +98,9 @@ def sample_ring(n, rng):
 def mlp(name, inputs, outputs, width=64):
     return keras.Sequential([
         keras.Input((inputs,)),
-        keras.layers.Dense(width, activation="relu"),
-        keras.layers.Dense(width, activation="relu"),
-        keras.layers.Dense(outputs),
+        keras.layers.Dense(width, activation="relu", name="hidden_1"),
+        keras.layers.Dense(width, activation="relu", name="hidden_2"),
+        keras.layers.Dense(outputs, name="out"),
     ], name=name)
 
 
@@ -100,13 +110,11 @@ class WGANGP(keras.Model):
     Each batch holds `critic_steps * batch` real points: one slice per critic update.
     """
 
-    def __init__(self, generator, critic, critic_steps=5, gp_weight=10.0, generator_clip=None,
-                 **kwargs):
+    def __init__(self, generator, critic, critic_steps=5, gp_weight=10.0, **kwargs):
         super().__init__(**kwargs)
         self.generator, self.critic = generator, critic
         self.critic_steps = critic_steps
         self.penalty = gradmon.penalties.InputGradientPenalty(gp_weight, kind="wgan-gp")
-        self.generator_clip = generator_clip
 
     def compile(self, critic_optimizer, generator_optimizer, **kwargs):
         super().compile(**kwargs)
@@ -133,7 +141,7 @@ class WGANGP(keras.Model):
             with tf.GradientTape() as tape:
                 critic_loss, wasserstein, penalty = self.critic_losses(real_slice, fake)
             critic_grads = tape.gradient(critic_loss, critic_vars)
-            self.critic_optimizer.apply_gradients(zip(critic_grads, critic_vars))
+            self.critic_optimizer.apply_gradients(zip(critic_grads, critic_vars))  # observed
 
         generator_vars = self.generator.trainable_variables
         with tf.GradientTape() as tape:
@@ -141,71 +149,60 @@ class WGANGP(keras.Model):
                                   training=True)
             generator_loss = -tf.reduce_mean(self.critic(fake, training=True))
         generator_grads = tape.gradient(generator_loss, generator_vars)
-        logs = {
-            "critic_loss": critic_loss,
-            "wasserstein": wasserstein,
-            "gp": penalty,
-            "critic_grad_norm": gradmon.stats.global_norm(critic_grads),
-            "generator_loss": generator_loss,
-            "generator_grad_norm": gradmon.stats.global_norm(generator_grads),
-        }
-        if self.generator_clip is not None:
-            generator_grads, fractions = self.generator_clip(generator_grads, generator_vars)
-            clipped_norm = gradmon.stats.global_norm(generator_grads)
-            logs["generator_clipped_norm"] = clipped_norm
-            logs["generator_clip_ratio"] = gradmon.stats.safe_ratio(
-                clipped_norm, logs["generator_grad_norm"])
-            logs["generator_clip_fraction"] = fractions[self.generator_clip.name]
+        # observed, and clipped there if the observer has a transform
         self.generator_optimizer.apply_gradients(zip(generator_grads, generator_vars))
-        return logs
+        return {"critic_loss": critic_loss, "wasserstein": wasserstein, "gp": penalty,
+                "generator_loss": generator_loss}
 
 
-# Log key -> (TensorBoard tag, description). gradmon's tags, namespaced by model where
-# there are two; descriptions from gradmon.tags.describe where the tag is gradmon's.
-TAGS = {
-    "gp": (tags.penalty("wgan_gp"), tags.describe(tags.penalty("wgan_gp"))
-           + " lambda * mean((||grad_x critic(x_hat)|| - 1)^2) on interpolates x_hat."),
-    "wasserstein": ("critic/wasserstein",
-                    "mean critic(real) - mean critic(fake): the critic's estimate of the "
-                    "Wasserstein-1 distance (last critic update of the step)."),
-    "critic_loss": ("critic/loss", "-wasserstein + gradient penalty."),
-    "generator_loss": ("generator/loss", "-mean critic(fake)."),
-    "critic_grad_norm": ("critic/" + tags.global_norm(tags.RAW),
-                         "Critic: " + tags.describe(tags.global_norm(tags.RAW))),
-    "generator_grad_norm": ("generator/" + tags.global_norm(tags.RAW),
-                            "Generator: " + tags.describe(tags.global_norm(tags.RAW))),
-    "generator_clipped_norm": ("generator/" + tags.global_norm(tags.TRANSFORMED),
-                               "Generator: " + tags.describe(tags.global_norm(tags.TRANSFORMED))),
-    "generator_clip_ratio": ("generator/" + tags.CLIP_RATIO,
-                             "Generator: " + tags.describe(tags.CLIP_RATIO)),
-    "generator_clip_fraction": ("generator/" + tags.CLIP_FRACTION,
-                                "Generator: 1 when clip_by_global_norm rescaled the step, else 0."),
+# The train step's own numbers (log key -> TensorBoard tag), next to what gradmon observes.
+CRITIC_TAGS = {
+    "wasserstein": "critic/wasserstein",
+    "gp": tags.prefixed("critic", tags.penalty("wgan_gp")),
+    "critic_loss": "critic/loss",
 }
+GENERATOR_TAGS = {"generator_loss": "generator/loss"}
+tags.register_descriptions({
+    CRITIC_TAGS["wasserstein"]: "mean critic(real) - mean critic(fake): the critic's estimate of "
+                                "the Wasserstein-1 distance (last critic update of the step).",
+    CRITIC_TAGS["gp"]: tags.describe(tags.penalty("wgan_gp"))
+    + " lambda * mean((||grad_x critic(x_hat)|| - 1)^2) on interpolates x_hat.",
+    CRITIC_TAGS["critic_loss"]: "-wasserstein + gradient penalty.",
+    GENERATOR_TAGS["generator_loss"]: "-mean critic(fake).",
+})
 
 
-class ScalarLogger(keras.callbacks.Callback):
-    """Writes the train step's logs to `<log_dir>/train` every `update_freq` generator steps."""
+class FlushObserved(keras.callbacks.Callback):
+    """Every `update_freq` generator steps: `flush()` both observed optimizers (they write
+    their measured steps to `<log_dir>/train`) and write the step's own numbers there too,
+    the critic's at the critic's step, the generator's at the generator's."""
 
     def __init__(self, log_dir, update_freq=1):
         super().__init__()
         self.log_dir, self.update_freq = log_dir, update_freq
-        self._writer = None
+
+    def on_train_begin(self, logs=None):
+        self._writer = SummaryWriter.shared(self.log_dir, "train").open()  # gradmon's file
+        self._generator_step = self.model.generator_optimizer.gradmon.step
 
     def on_train_batch_end(self, batch, logs=None):
-        step = int(self.model.generator_optimizer.iterations.numpy())
-        if step % self.update_freq:
-            return
-        if self._writer is None:
-            self._writer = tf.summary.create_file_writer(os.path.join(self.log_dir, "train"))
-        with self._writer.as_default(step=step):
-            for key, value in (logs or {}).items():
-                if key in TAGS:
-                    tag, description = TAGS[key]
-                    tf.summary.scalar(tag, float(value), description=description)
+        self._generator_step += 1
+        if self._generator_step % self.update_freq == 0:
+            self._flush(logs)
 
     def on_train_end(self, logs=None):
-        if self._writer is not None:
-            self._writer.close()
+        self._flush(None)
+        self._writer.close()
+
+    def _flush(self, logs):
+        critic_opt, generator_opt = self.model.critic_optimizer, self.model.generator_optimizer
+        critic_opt.flush()
+        generator_opt.flush()
+        if logs:
+            self._writer.write_scalars(critic_opt.gradmon.step, {
+                tag: float(logs[key]) for key, tag in CRITIC_TAGS.items()})
+            self._writer.write_scalars(self._generator_step, {
+                tag: float(logs[key]) for key, tag in GENERATOR_TAGS.items()})
 
 
 def mode_coverage(points):
@@ -231,15 +228,21 @@ def main(argv=None):
         critic=mlp("critic", 2, 1),
         critic_steps=args.critic_steps,
         gp_weight=args.gp_weight,
-        generator_clip=(gradmon.transforms.clip_by_global_norm(args.generator_clip)
-                        if args.generator_clip > 0 else None),
     )
-    gan.compile(
-        critic_optimizer=keras.optimizers.Adam(1e-3, beta_1=0.5, beta_2=0.9),
-        generator_optimizer=keras.optimizers.Adam(1e-3, beta_1=0.5, beta_2=0.9),
-    )
+    # Both optimizers observed into one run, their tags prefixed by `name`. The critic makes
+    # `critic_steps` measured updates per generator step at most: the buffer holds them
+    # until the next flush.
+    critic_opt = gradmon.observe(
+        keras.optimizers.Adam(1e-3, beta_1=0.5, beta_2=0.9), log_dir=args.log_dir, name="critic",
+        update_freq=args.update_freq, buffer_steps=max(16, 2 * args.critic_steps))
+    generator_opt = gradmon.observe(
+        keras.optimizers.Adam(1e-3, beta_1=0.5, beta_2=0.9), log_dir=args.log_dir, name="generator",
+        update_freq=args.update_freq,
+        transform=(gradmon.transforms.clip_by_global_norm(args.generator_clip)
+                   if args.generator_clip > 0 else None))
+    gan.compile(critic_optimizer=critic_opt, generator_optimizer=generator_opt)
     gan.fit(dataset, epochs=args.epochs, steps_per_epoch=args.steps, verbose=2,
-            callbacks=[ScalarLogger(args.log_dir, args.update_freq)])
+            callbacks=[FlushObserved(args.log_dir, args.update_freq)])
 
     # Final check on fresh data.
     real = tf.constant(sample_ring(2048, rng))

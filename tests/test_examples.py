@@ -46,10 +46,10 @@ def test_seed_2_clipping(tmp_path):
         tags.CLIP_RATIO, tags.CLIP_FRACTION,
         tags.clip_fraction_of("clip_by_value"), tags.clip_fraction_of("clip_by_global_norm"),
         tags.global_norm(tags.RAW), tags.global_norm(tags.TRANSFORMED),
-        tags.histogram(tags.RAW, "digits_mlp/hidden/kernel"),
-        tags.histogram(tags.TRANSFORMED, "digits_mlp/hidden/kernel"),
     ]
     assert not [t for t in expected if t not in events], sorted(events)
+    for kind in (tags.RAW, tags.TRANSFORMED):  # per layer or variable (gradmon's grouping)
+        assert any(t.startswith(tags.histogram(kind, "digits_mlp/hidden")) for t in events), sorted(events)
     assert len(events[tags.CLIP_RATIO]) == 45  # one epoch of 1437 training examples, batch 32
     assert all(0 < r <= 1 + 1e-6 for r in events[tags.CLIP_RATIO].values())
     for member in ("clip_by_value", "clip_by_global_norm"):
@@ -76,17 +76,43 @@ def test_wgan_gp(tmp_path):
     out = run_example("wgan_gp.py", "--log-dir", str(tmp_path), "--epochs", "1", "--steps", "4",
                       "--update-freq", "1")
     assert "finite: True" in out
-    events = read_events(tmp_path / "train")
-    expected = [
-        tags.penalty("wgan_gp"), "critic/wasserstein",
-        "critic/" + tags.global_norm(tags.RAW), "generator/" + tags.global_norm(tags.RAW),
-        "generator/" + tags.CLIP_RATIO, "generator/" + tags.CLIP_FRACTION,
-    ]
-    assert not [t for t in expected if t not in events], sorted(events)
-    for tag in expected:
-        assert sorted(events[tag]) == [1, 2, 3, 4], tag
+    events = read_events(tmp_path / "train")  # both optimizers in one run, tags prefixed
+    critic, generator = (lambda t: tags.prefixed("critic", t)), (lambda t: tags.prefixed("generator", t))
+    critic_steps = list(range(1, 21))  # 4 generator steps x 5 critic updates, each observed
+    expected = {
+        critic(tags.global_norm(tags.RAW)): critic_steps,
+        generator(tags.global_norm(tags.RAW)): [1, 2, 3, 4],
+        generator(tags.global_norm(tags.TRANSFORMED)): [1, 2, 3, 4],
+        generator(tags.CLIP_RATIO): [1, 2, 3, 4],
+        generator(tags.CLIP_FRACTION): [1, 2, 3, 4],
+        "generator/loss": [1, 2, 3, 4],
+        # the train step's own numbers, at the critic's step (its last update of each step)
+        "critic/wasserstein": [5, 10, 15, 20],
+        critic(tags.penalty("wgan_gp")): [5, 10, 15, 20],
+        "critic/loss": [5, 10, 15, 20],
+    }
+    # the output layer's gradient norm, per layer or per variable as gradmon's grouping defaults
+    for prefix, steps in ((critic, critic_steps), (generator, [1, 2, 3, 4])):
+        start = prefix(tags.group_stat(tags.RAW, "norm", prefix("out")))  # critic/.../norm/critic/out
+        norms = [t for t in events if t.startswith(start)]
+        assert norms, sorted(events)
+        assert sorted(events[norms[0]]) == steps, norms[0]
+    missing = [t for t in expected if t not in events]
+    assert not missing, (missing, sorted(events))
+    for tag, steps in expected.items():
+        assert sorted(events[tag]) == steps, tag
         assert all(math.isfinite(v) for v in events[tag].values()), tag
-    assert all(v >= 0 for v in events[tags.penalty("wgan_gp")].values())
+    assert not [t for t in events if t.startswith("gradients/")]  # nothing unprefixed
+    assert critic(tags.CLIP_RATIO) not in events  # only the generator's observer clips
+    for step in range(1, 5):
+        raw = events[generator(tags.global_norm(tags.RAW))][step]
+        clipped = events[generator(tags.global_norm(tags.TRANSFORMED))][step]
+        assert clipped == pytest.approx(min(raw, 1.0), rel=1e-5)
+        assert events[generator(tags.CLIP_RATIO)][step] == pytest.approx(clipped / raw, rel=1e-5)
+    for step in (5, 10, 15, 20):
+        expected_loss = events[critic(tags.penalty("wgan_gp"))][step] - events["critic/wasserstein"][step]
+        assert events["critic/loss"][step] == pytest.approx(expected_loss, rel=1e-5, abs=1e-6)
+    assert all(v >= 0 for v in events[critic(tags.penalty("wgan_gp"))].values())
 
 
 def load_example(name):
@@ -154,8 +180,11 @@ def test_custom_loop(tmp_path):
         assert clipping[tags.CLIP_RATIO][step] == pytest.approx(clipped / raw, rel=1e-5)
     assert max(clipping[tags.clip_fraction_of("clip_by_value")].values()) > 0
     assert max(clipping[tags.clip_fraction_of("clip_by_global_norm")].values()) == 1
-    hist = tags.histogram(tags.TRANSFORMED, model.trainable_variables[0].path)
-    assert sorted(clipping[hist]) == [2 * flush_every * k for k in range(1, steps // (2 * flush_every) + 1)]
+    for kind in (tags.RAW, tags.TRANSFORMED):  # per layer or variable (gradmon's grouping)
+        hist = [t for t in clipping if t.startswith(tags.histogram(kind, "digits_mlp/hidden"))]
+        assert hist, sorted(clipping)
+        every = 2 * flush_every  # the example's histogram_freq
+        assert sorted(clipping[hist[0]]) == list(range(every, steps + 1, every))
 
     # Recipe 3: the applied gradient includes the penalty's double-backprop term.
     penalty = runs["penalty"]
