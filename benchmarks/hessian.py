@@ -1,6 +1,6 @@
 """Benchmark of gradmon.hessian on two MLPs (CPU, a few minutes).
 
-Run as `python benchmarks/hessian.py [--quick]`. Prints one table:
+Run as `python benchmarks/hessian.py [--quick] [--scale]`. Prints one table:
 
 - HVP cost: median time of one compiled HVP over one compiled gradient,
   for reverse-over-reverse and forward-over-reverse, measured interleaved in
@@ -13,11 +13,16 @@ Run as `python benchmarks/hessian.py [--quick]`. Prints one table:
   `scipy.sparse.linalg.eigsh` (ARPACK, `which="LA"`, tol 1e-10) on the same
   HVP in float64.
 - Warm refresh: HVPs for top-1 after 100 SGD steps, cold vs warm-started
-  from the previous eigenvector, to tol 1e-4 and with a budget of 5 HVPs
-  (4 Lanczos steps and the explicit check).
+  from the previous eigenvector, to tol 1e-4 and to HessianMonitor's 1e-3,
+  and with a budget of 5 HVPs.
 - HessianMonitor cost: a 600-step `fit` (batch 32) with
   `HessianMonitor(every_n_steps=100, top_k=1)` on a 512-example probe over
   the same fit without it (median of paired repeats).
+
+- With `--scale` (a few minutes more, ~3 GB of memory): top-3 by
+  `spectrum` on a 1024-2048-2048-10 tanh MLP (6.3 M parameters, 256
+  examples) in a fresh process: wall time, HVPs, time of as many bare HVPs,
+  peak RSS above the RSS of the built model, residuals over lambda_1.
 
 No timing is asserted anywhere; numbers depend on the machine.
 
@@ -96,9 +101,7 @@ def hvp_over_gradient(model, batch):
             for m in hessian.HVP_MODES}
     any_hvp = hvps[hessian.HVP_MODES[0]]
     x, y, sw = any_hvp._batches[0]
-    rng = np.random.default_rng(0)
-    vector = any_hvp._to_tensors(rng.standard_normal(any_hvp.num_params))
-
+    vector = tf.random.normal([any_hvp.num_params], seed=0)
     def timed(fn, *args):
         start = time.perf_counter()
         out = fn(*args)
@@ -208,16 +211,19 @@ def run(builder):
     before = hessian.spectrum(model, batch, top_k=1, seed=0)
     train(model, full, TRAIN_STEPS, seed=2)
     reference, _ = eigsh_reference(model, batch, 1)
-    cold = hessian.spectrum(model, batch, top_k=1, seed=3)
-    warm = hessian.spectrum(model, batch, top_k=1, init_vectors=before)
+    runs = []
+    for tol in (1e-4, 1e-3):
+        runs.append((f"cold, tol {tol:g}",
+                     hessian.spectrum(model, batch, top_k=1, seed=3, tol=tol)))
+        runs.append((f"warm, tol {tol:g}",
+                     hessian.spectrum(model, batch, top_k=1, tol=tol, init_vectors=before)))
     with warnings.catch_warnings():  # the small budgets do not converge
         warnings.simplefilter("ignore", UserWarning)
-        cold5 = hessian.spectrum(model, batch, top_k=1, max_hvps=4, seed=3)
-        warm5 = hessian.spectrum(model, batch, top_k=1, max_hvps=4,
-                                 init_vectors=before)
-    for label, spec in (("cold", cold), ("warm", warm),
-                        ("cold, 5-HVP budget", cold5),
-                        ("warm, 5-HVP budget", warm5)):
+        runs.append(("cold, 5-HVP budget",
+                     hessian.spectrum(model, batch, top_k=1, max_hvps=5, seed=3)))
+        runs.append(("warm, 5-HVP budget",
+                     hessian.spectrum(model, batch, top_k=1, max_hvps=5, init_vectors=before)))
+    for label, spec in runs:
         rows.append((
             name, f"top-1 after {TRAIN_STEPS} steps, {label}",
             f"{spec.eigenvalues[0]:.5f}",
@@ -263,16 +269,84 @@ def monitor_overhead(repeats=3, steps=600):
              f"{np.median(ratios):.3f}x", f"median of {repeats} paired", "")]
 
 
+def _rss_mb():
+    """Current resident set size of this process, MB (Linux)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def scale_child():
+    """Top-3 on the 6.3 M-parameter MLP; prints one JSON line (fresh process)."""
+    import json
+    import resource
+
+    keras.utils.set_random_seed(0)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((256, 1024)).astype("float32")
+    y = rng.integers(0, 10, 256).astype("int32")
+    model = keras.Sequential([keras.Input((1024,))] + [
+        keras.layers.Dense(2048, activation="tanh") for _ in range(2)
+    ] + [keras.layers.Dense(10)])
+    model.compile(optimizer="sgd", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model_rss = _rss_mb()
+    start = time.perf_counter()
+    spec = hessian.spectrum(model, (x, y), top_k=3, seed=0)
+    elapsed = time.perf_counter() - start
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    op = hessian.make_hvp(model, (x, y))  # traced already: cached per model
+    vector = tf.random.normal([op.num_params], seed=1)
+    start = time.perf_counter()
+    for _ in range(spec.hvp_count):
+        out = op.apply(vector)
+    out.numpy()
+    bare = time.perf_counter() - start
+    print(json.dumps({
+        "params": op.num_params, "seconds": elapsed, "hvps": spec.hvp_count, "bare_seconds": bare,
+        "model_rss_mb": model_rss, "peak_rss_mb": peak, "eigenvalues": spec.eigenvalues.tolist(),
+        "relative_residuals": (spec.residuals / abs(spec.eigenvalues[0])).tolist(),
+        "converged": spec.converged,
+    }))
+
+
+def scale_rows():
+    """Runs `scale_child` in a fresh process (peak RSS is per process)."""
+    import json
+    import subprocess
+
+    out = subprocess.run([sys.executable, os.path.abspath(__file__), "--scale-child"],
+                         check=True, capture_output=True, text=True).stdout
+    r = json.loads(out.strip().splitlines()[-1])
+    name = f"1024-2048-2048-10 tanh ({r['params'] / 1e6:.1f} M params, 256 ex.)"
+    return [
+        (name, "top-3 spectrum: wall time / as many bare HVPs",
+         f"{r['seconds']:.1f} s / {r['bare_seconds']:.1f} s",
+         f"{r['seconds'] / r['bare_seconds']:.2f}x", str(r["hvps"])),
+        (name, "top-3 eigenvalues, max residual / lambda_1",
+         np.array2string(np.array(r["eigenvalues"]), precision=5),
+         f"{max(r['relative_residuals']):.1e} (converged {r['converged']})", ""),
+        (name, "peak RSS above the built model's",
+         f"{r['peak_rss_mb'] - r['model_rss_mb']:.0f} MB",
+         f"model {r['model_rss_mb']:.0f} MB, peak {r['peak_rss_mb']:.0f} MB", ""),
+    ]
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true",
                         help="digits model only")
+    parser.add_argument("--scale", action="store_true",
+                        help="also the 6.3 M-parameter MLP (minutes, ~3 GB)")
+    parser.add_argument("--scale-child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.scale_child:
+        return scale_child()
     builders = [digits_mlp] if args.quick else [digits_mlp, random_mlp]
     rows = []
     for builder in builders:
         rows.extend(run(builder))
     rows.extend(monitor_overhead())
+    if args.scale:
+        rows.extend(scale_rows())
     header = ("model", "quantity", "value", "rel. err / note", "HVPs")
     widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(5)]
     line = " | ".join(h.ljust(w) for h, w in zip(header, widths))

@@ -650,11 +650,6 @@ class _Basis:
             self.blocks.append(tf.stack(self.pending))
             self.pending = []
 
-    def _coefficients(self, w):
-        parts = [tf.linalg.matvec(b, w) for b in self.blocks]
-        parts += [tf.tensordot(p, w, 1)[None] for p in self.pending]
-        return tf.concat(parts, 0) if parts else tf.zeros([0], w.dtype)
-
     def combine(self, coefficients):
         """`coefficients @ basis` for a `[k, len(self)]` tensor, `[k, n]`."""
         parts = self.blocks + [p[None] for p in self.pending]
@@ -679,27 +674,62 @@ class _Basis:
         return new
 
     def project_out(self, w):
-        """`w` minus its projection on the basis, once or twice.
+        """`w` minus its projection on the basis, in two passes.
 
-        A second pass runs when the first removed most of `w` (its norm fell
-        below 1/sqrt(2) of what it was): "twice is enough" (Parlett, The
-        Symmetric Eigenvalue Problem, 1980, sec. 6.9) keeps `w` orthogonal
-        to working precision. Returns `(w, coefficients, ||w||)` with
-        `coefficients` (float64 NumPy) summed over the passes, so that
-        `w_in = basis^T coefficients + w_out` to rounding.
+        Returns `(w, coefficients, ||w||)`, `coefficients` float64 NumPy.
         """
-        total = np.zeros(len(self))
-        norm = float(tf.norm(w))
-        for _ in range(2):
-            if not total.size:
-                return w, total, norm
-            h = self._coefficients(w)
-            w = w - self.combine(h[None])[0]
-            total += h.numpy()
-            before, norm = norm, float(tf.norm(w))
-            if norm >= 0.7071 * before:
-                break
-        return w, total, norm
+        w, h, norm = _two_passes(self.blocks, self.pending, w)
+        return w, h.numpy().astype(np.float64), float(norm)
+
+
+def _project(blocks, pending, w):
+    """One classical Gram-Schmidt pass (graph code): `(w - Q^T h, h = Q w)`."""
+    h = tf.concat([tf.linalg.matvec(b, w) for b in blocks]
+                  + [tf.tensordot(p, w, 1)[None] for p in pending], 0)
+    terms, start = [], 0
+    for b in blocks:
+        size = int(b.shape[0])
+        terms.append(tf.linalg.matvec(b, h[start:start + size], transpose_a=True))
+        start += size
+    terms += [h[start + i] * p for i, p in enumerate(pending)]
+    return w - tf.add_n(terms), h
+
+
+@tf.function
+def _two_passes(blocks, pending, w):
+    w, first = _project(blocks, pending, w)
+    w, second = _project(blocks, pending, w)
+    return w, first + second, tf.norm(w)
+
+
+@tf.function
+def _lanczos_update(blocks, pending, w, q, previous, coupling):
+    """Orthogonalises `w = H q` against the basis, in one graph call.
+
+    The local recurrence first (`alpha q` and the known `coupling` to the
+    previous vector), then one full pass, which removes only rounding-level
+    components (folding the local terms into that pass instead leaves the
+    dot-product errors of the large `H q`, ~eps ||H q||, along every
+    vector: measured, it stalled residuals near 3e-4 ||H||). A second pass
+    runs only when the first removed most of what was left ("twice is
+    enough": Parlett, The Symmetric Eigenvalue Problem, 1980, sec. 6.9).
+    Returns `(w, h, alpha, ||w||)` where `h` sums the full passes, so
+    `H q = alpha q + coupling previous + Q^T h + w` to rounding. A trace per
+    basis layout (number of blocks and pending vectors).
+    """
+    alpha = tf.tensordot(q, w, 1)
+    w = w - alpha * q - coupling * previous
+    w, h = _project(blocks, pending, w)
+    norm = tf.norm(w)
+
+    def again():
+        w2, h2 = _project(blocks, pending, w)
+        return w2, h + h2, tf.norm(w2)
+
+    # ||w before the pass||^2 = norm^2 + ||h||^2 for an orthonormal basis.
+    w, h, norm = tf.cond(norm < 0.7071 * tf.sqrt(norm**2 + tf.reduce_sum(h * h)),
+                         again, lambda: (w, h, norm))
+    return w, h, alpha, norm
 
 
 def _ritz_pair(y, hy, theta):
@@ -747,21 +777,19 @@ class _Lanczos:
         `rng`, a random direction continues the basis. Returns whether that
         happened.
         """
-        q = self.basis[self.m]
-        w = self.op.apply(q)
-        # The local recurrence first (alpha q, and the coupling to the
-        # previous vector): the full pass then removes only rounding-level
-        # components and rarely needs its second pass.
-        alpha = float(tf.tensordot(q, w, 1))
-        local = {self.m: alpha}
-        w = w - tf.cast(alpha, w.dtype) * q
-        if self.m > 0 and self.coeffs[self.m, self.m - 1] != 0.0:
-            local[self.m - 1] = self.coeffs[self.m, self.m - 1]
-            w = w - tf.cast(local[self.m - 1], w.dtype) * self.basis[self.m - 1]
-        w, h, beta = self.basis.project_out(w)
-        for row, value in local.items():
-            h[row] += value
-        self.coeffs[: h.size, self.m] = h
+        m = self.m
+        q = self.basis[m]
+        coupling = self.coeffs[m, m - 1] if m > 0 else 0.0
+        w, h, alpha, beta = _lanczos_update(
+            self.basis.blocks, self.basis.pending, self.op.apply(q), q,
+            self.basis[m - 1] if m > 0 else q, tf.constant(coupling, q.dtype),
+        )
+        h = h.numpy().astype(np.float64)
+        h[m] += float(alpha)
+        if m > 0:
+            h[m - 1] += coupling
+        beta = float(beta)
+        self.coeffs[: h.size, m] = h
         self.m += 1
         scale = np.abs(self.coeffs[: self.m, : self.m]).max()
         if self.m >= self.capacity:
@@ -1071,7 +1099,7 @@ def spectrum(
         hvp_mode: see `make_hvp`. Defaults to `None`.
         max_vectors: Lanczos basis size (memory: this many vectors of
             `num_params` entries in the model's dtype). Defaults to `None`:
-            `max(20, 2 * (top_k + smallest) + 10)`, at most
+            `max(14, 2 * (top_k + smallest) + 8)`, at most
             `num_params + 1`.
 
     Returns:
@@ -1171,7 +1199,7 @@ def _lanczos_spectrum(hvp, top_k, smallest, tol, max_hvps, max_vectors,
     n = hvp.num_params
     wanted = top_k + int(smallest)
     steps = max_hvps or 200 + 20 * wanted
-    capacity = min(n + 1, max_vectors or max(20, 2 * wanted + 10))
+    capacity = min(n + 1, max_vectors or max(14, 2 * wanted + 8))
     if len(init) and np.linalg.norm(init.sum(axis=0)) >= 1e-8:
         start = hvp.to_tensor(init.sum(axis=0))
     else:  # cold, or e.g. v and -v: a random start
