@@ -24,7 +24,7 @@ _STEP_KEY = "gradmon_step"
 class GradientConfig:
     """What a monitored model does with its gradients: transform, penalties, statistics, policy."""
 
-    def __init__(self, transform=None, grouping="variable", stats=None, penalties=None,
+    def __init__(self, transform=None, grouping="layer", stats=None, penalties=None,
                  noise_scale=False, on_nonfinite="warn"):
         self.observer = Observer(transform, grouping, stats, on_nonfinite)
         self.noise_scale = check_bool("noise_scale", noise_scale)
@@ -146,7 +146,7 @@ class GradientMonitorMixin:
                 f"Expected: class {cls.__name__}(gradmon.GradientMonitorMixin, keras.Model). "
                 f"Received: bases {[b.__name__ for b in cls.__bases__]}")
 
-    def __init__(self, *args, gradient_transform=None, gradient_grouping="variable",
+    def __init__(self, *args, gradient_transform=None, gradient_grouping="layer",
                  gradient_stats=None, gradient_penalties=None, gradient_noise_scale=False,
                  gradient_on_nonfinite="warn", **kwargs):
         config = GradientConfig(gradient_transform, gradient_grouping, gradient_stats,
@@ -155,18 +155,19 @@ class GradientMonitorMixin:
         object.__setattr__(self, "_gradmon_observer", config.observer)
         super().__init__(*args, **kwargs)
 
-    def configure_gradients(self, transform=None, grouping="variable", stats=None, penalties=None,
+    def configure_gradients(self, transform=None, grouping="layer", stats=None, penalties=None,
                             noise_scale=False, on_nonfinite="warn"):
         """Sets what is done with the gradients; takes effect at the next `fit`.
 
         Args:
             transform: a `gradmon.transforms` transform, a callable
                 `(grads, params) -> grads`, or `None`. Defaults to `None`.
-            grouping: `"variable"` (one row per variable) or `"layer"`.
-                Defaults to `"variable"`.
+            grouping: `"layer"` (one row per layer: its variables taken as one
+                vector) or `"variable"` (one row per variable). Defaults to `"layer"`.
             stats: names from `gradmon.STAT_NAMES` and/or
-                `gradmon.statistics.Statistic` instances, or `None` for all
-                built-ins. Defaults to `None`.
+                `gradmon.statistics.Statistic` instances, `None` for the defaults
+                (`gradmon.statistics.DEFAULT_STATS`: norm, update ratio) or `"all"`.
+                Defaults to `None`.
             penalties: `gradmon.penalties.Penalty` list added to the loss.
                 Defaults to `None`.
             noise_scale: also estimate the gradient noise scale (one extra
@@ -318,7 +319,7 @@ def gradient_config_args(config):
     return config
 
 
-def monitor(model, transform=None, grouping="variable", stats=None, penalties=None,
+def monitor(model, transform=None, grouping="layer", stats=None, penalties=None,
             noise_scale=False, on_nonfinite="warn"):
     """Observes (and optionally transforms) the gradients a model's training applies.
 
@@ -336,9 +337,11 @@ def monitor(model, transform=None, grouping="variable", stats=None, penalties=No
         model: a `keras.Model` (Sequential, functional or subclassed).
         transform: a gradient transform from `gradmon.transforms`, a callable
             `(grads, params) -> grads`, or `None`. Defaults to `None`.
-        grouping: `"variable"` or `"layer"`. Defaults to `"variable"`.
+        grouping: `"layer"` (one row per layer: its variables taken as one vector)
+            or `"variable"` (one row per variable). Defaults to `"layer"`.
         stats: names from `gradmon.STAT_NAMES` and/or
-            `gradmon.statistics.Statistic` instances, or `None` for all.
+            `gradmon.statistics.Statistic` instances, `None` for the defaults
+            (`gradmon.statistics.DEFAULT_STATS`: norm, update ratio) or `"all"`.
             Defaults to `None`.
         penalties: a list of `gradmon.penalties.Penalty` added to the loss,
             or `None`. Defaults to `None`.

@@ -75,15 +75,17 @@ class Observer:
 
     Args:
         transform: gradient transform, or `None`. Defaults to `None`.
-        grouping: `"variable"` or `"layer"`. Defaults to `"variable"`.
+        grouping: `"layer"` (one row per layer: its variables taken as one vector)
+            or `"variable"` (one row per variable). Defaults to `"layer"`.
         stats: names from `gradmon.STAT_NAMES` and/or `Statistic` instances,
-            or `None` for all built-ins. Defaults to `None`.
+            `None` for the defaults
+            (`gradmon.statistics.DEFAULT_STATS`: norm, update ratio) or `"all"`. Defaults to `None`.
         on_nonfinite: `"warn"`, `"skip"` or `"stop"`. Defaults to `"warn"`.
         name: prefix of every tag (`"critic"` -> `critic/gradients/...`), or `None`.
         buffer_steps: logged steps held between two reads. Defaults to `16`.
     """
 
-    def __init__(self, transform=None, grouping="variable", stats=None, on_nonfinite="warn",
+    def __init__(self, transform=None, grouping="layer", stats=None, on_nonfinite="warn",
                  name=None, buffer_steps=16):
         self.pipeline = GradientPipeline(transform, on_nonfinite)
         self.grouping = check_choice("grouping", grouping, GROUPINGS)
@@ -157,7 +159,9 @@ class Observer:
         spec = statistics.Spec(
             groups, ids, has_transform=observed is not None,
             fraction_names=observed.fraction_names() if observed else (),
-            loss_scaled=_keras_compat.is_loss_scale_optimizer(optimizer), **extras)
+            loss_scaled=_keras_compat.is_loss_scale_optimizer(optimizer),
+            full_moments=bool(set(self.selected) & {"max_abs", "rms", "zero_fraction", "nonfinite"}),
+            **extras)
         stats = statistics.default_statistics(self.selected) + self.custom
         strategy = getattr(optimizer, "_distribution_strategy", None)
         with tf.init_scope(), _distribute.strategy_scope(strategy):
@@ -420,7 +424,7 @@ def report_nonfinite(observer, snapshot):
 
 
 def observe(optimizer, log_dir=None, transform=None, name=None, update_freq=1, histogram_freq=0,
-            grouping="variable", stats=None, on_nonfinite="warn", buffer_steps=16):
+            grouping="layer", stats=None, on_nonfinite="warn", buffer_steps=16):
     """Observes (and optionally transforms) the gradients an optimizer applies.
 
     For custom training loops: the returned optimizer is `optimizer` itself,
@@ -440,9 +444,11 @@ def observe(optimizer, log_dir=None, transform=None, name=None, update_freq=1, h
             (`name="critic"` -> `critic/gradients/raw/global_norm`). Defaults to `None`.
         update_freq: measure every this many updates. Defaults to `1`.
         histogram_freq: histograms every this many updates (0: none). Defaults to `0`.
-        grouping: `"variable"` or `"layer"`. Defaults to `"variable"`.
+        grouping: `"layer"` (one row per layer: its variables taken as one vector)
+            or `"variable"` (one row per variable). Defaults to `"layer"`.
         stats: names from `gradmon.STAT_NAMES` and/or `gradmon.statistics.Statistic`
-            instances, or `None` for all built-ins. Defaults to `None`.
+            instances, `None` for the defaults
+            (`gradmon.statistics.DEFAULT_STATS`: norm, update ratio) or `"all"`. Defaults to `None`.
         on_nonfinite: `"warn"`, `"skip"` or `"stop"` (stop: no later update is
             applied; check `opt.gradmon.stopped`). Defaults to `"warn"`.
         buffer_steps: logged steps held on the device between two `flush()`. Defaults to `16`.

@@ -76,6 +76,10 @@ class Recorder:
             # [raw/transformed, group, (min, max, counts...)]
             self.histograms = variable(tf.zeros([2, spec.num_groups, HISTOGRAM_BUCKETS + 2]))
         self.tags = {s: [self._tag(s, label) for label in labels] for s, labels, _ in self.slices}
+        # parsing a row is one zip over these (host cost per logged step matters)
+        self._all_tags = [t for s, _, _ in self.slices for t in self.tags[s]]
+        self._counter_columns = [(t, where.start + i) for s, labels, where in self.slices
+                                 if isinstance(s, _ALWAYS_WRITTEN) for i, t in enumerate(self.tags[s])]
 
     def _tag(self, statistic, label):
         return tags.prefixed(self.prefix, statistic.tag(label))
@@ -119,18 +123,20 @@ class Recorder:
     def read(self, after_step=-1):
         """Snapshots of the held logged steps later than `after_step`, oldest first."""
         rows = self.records.numpy()
-        rows = rows[rows[:, 0] > after_step]
-        return [self._parse(r) for r in rows[np.argsort(rows[:, 0])]]
+        if rows.shape[0] > 1:
+            rows = rows[rows[:, 0] > after_step]
+            rows = rows[np.argsort(rows[:, 0])]
+        elif rows[0, 0] <= after_step:
+            return []
+        return [self._parse(r) for r in rows]
 
     def _parse(self, row):
         overflow = bool(row[1])
-        values, by_statistic = {}, {}
-        for statistic, labels, where in self.slices:
-            vector = row[where]
-            by_statistic[statistic] = vector
-            if overflow and not isinstance(statistic, _ALWAYS_WRITTEN):
-                continue  # the true gradient of an overflow step is unknown
-            values.update(zip(self.tags[statistic], vector.tolist()))
+        if overflow:  # the true gradient of an overflow step is unknown: counters only
+            values = {tag: float(row[column]) for tag, column in self._counter_columns}
+        else:
+            values = dict(zip(self._all_tags, row[_HEADER:].tolist()))
+        by_statistic = {statistic: row[where] for statistic, _, where in self.slices}
         return Snapshot(int(row[0]), overflow, values, by_statistic)
 
     def read_histograms(self):

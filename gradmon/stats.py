@@ -144,9 +144,26 @@ def grouped_moments(tensors, group_ids, num_groups):
 
 
 def grouped_squared_norms(tensors, group_ids, num_groups):
-    """Per-group sum of squares of `tensors` (e.g. weights)."""
-    squares = tf.stack([squared_norm(t) for t in tensors])
-    return tf.math.unsorted_segment_sum(squares, tf.constant(group_ids, tf.int32), num_groups)
+    """Per-group sum of squares of `tensors` (weights, gradients); `None` entries count as 0."""
+    present = [(t, gid) for t, gid in zip(tensors, group_ids) if t is not None]
+    if not present:
+        return tf.zeros([num_groups])
+    squares = tf.stack([squared_norm(t) for t, _ in present])
+    ids = tf.constant([gid for _, gid in present], tf.int32)
+    return tf.math.unsorted_segment_sum(squares, ids, num_groups)
+
+
+def count_nonfinite(tensors, sumsq_total):
+    """Number of NaN/inf entries, counted only when `sumsq_total` (their sum of squares) is
+    not finite: nothing to count on a healthy step."""
+    present = [t for t in tensors if t is not None]
+    if not present:
+        return tf.constant(0.0)
+
+    def count():
+        return tf.add_n([_count_nonfinite(_values_and_size(t)[0]) for t in present])
+
+    return tf.cond(tf.math.is_finite(sumsq_total), lambda: tf.constant(0.0), count)
 
 
 def finalize(grouped):

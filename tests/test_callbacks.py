@@ -19,6 +19,7 @@ Y = RNG.normal(size=(40, 2)).astype(np.float32)
 def model(transform=None, **kwargs):
     keras.utils.set_random_seed(4)
     base = keras.Sequential([keras.Input((5,)), keras.layers.Dense(4, activation="tanh"), keras.layers.Dense(2)])
+    kwargs = {"grouping": "variable", "stats": "all", **kwargs}  # every per-variable tag
     m = gradmon.monitor(base, transform=transform, **kwargs)
     m.compile(optimizer=keras.optimizers.SGD(0.05), loss="mse")
     return m

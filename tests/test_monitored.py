@@ -37,6 +37,7 @@ def one_step(model, transform=None, optimizer=None, mode="graph", sample_weight=
     """Fits `monitor(model)` one full-batch step; returns (monitored, w0, grads at w0, state snapshot)."""
     w0 = [v.numpy().astype(np.float64) for v in model.trainable_variables]
     grads = tape_gradients(model, LOSS, X, Y, sample_weight)
+    monitor_kwargs = {"grouping": "variable", "stats": "all", **monitor_kwargs}
     m = gradmon.monitor(model, transform=transform, **monitor_kwargs)
     m.compile(optimizer=optimizer or keras.optimizers.SGD(LR), loss=LOSS, **MODES[mode])
     m.fit(X, Y, sample_weight=sample_weight, batch_size=len(X), epochs=1, shuffle=False, verbose=0)
@@ -165,7 +166,7 @@ def test_sample_weights_and_two_inputs():
     sw = RNG.uniform(0.0, 2.0, size=32).astype(np.float32)
     w0 = [v.numpy() for v in model.trainable_variables]
     grads = tape_gradients(model, LOSS, [X, xb], Y, sw)
-    m = gradmon.monitor(model)
+    m = gradmon.monitor(model, grouping="variable", stats="all")
     m.compile(optimizer=keras.optimizers.SGD(LR), loss=LOSS)
     m.fit([X, xb], Y, sample_weight=sw, batch_size=32, epochs=1, shuffle=False, verbose=0)
     snap = latest_snapshot(m)
@@ -200,7 +201,7 @@ class Net(gradmon.GradientMonitorMixin, keras.Model):
 
 def test_mixin_subclass_with_transform_and_unused_variables():
     keras.utils.set_random_seed(2)
-    net = Net(gradient_transform=T.clip_by_global_norm(0.1))
+    net = Net(gradient_transform=T.clip_by_global_norm(0.1), gradient_grouping="variable")
     net(X[:1])
     net.unused(X[:1, :8])  # built but never used in call: no gradient
     w0 = [v.numpy().astype(np.float64) for v in net.trainable_variables]

@@ -32,7 +32,8 @@ class Collect(keras.callbacks.Callback):
 def fit_frozen(steps):
     """Monitored fit with learning rate 0: every batch sees the same weights."""
     keras.utils.set_random_seed(2)
-    model = gradmon.monitor(keras.Sequential([keras.Input((D,)), keras.layers.Dense(1)]), noise_scale=True)
+    model = gradmon.monitor(keras.Sequential([keras.Input((D,)), keras.layers.Dense(1)]), noise_scale=True,
+                            grouping="variable")
     model.compile(optimizer=keras.optimizers.SGD(0.0), loss="mse")
     collect = Collect()
     model.fit(X[:steps * B], Y[:steps * B], batch_size=B, shuffle=False, verbose=0, callbacks=[collect])

@@ -29,7 +29,7 @@ STEPS = 48  # 6 epochs of 8 batches
 
 
 def fit(model, logdir, lr, *, transform=None, extra_callbacks=(), y=Y, histogram_freq=0):
-    m = gradmon.monitor(model, transform=transform)
+    m = gradmon.monitor(model, transform=transform, grouping="variable", stats="all")
     m.compile(optimizer=keras.optimizers.SGD(lr), loss="mse")
     m.fit(X, y, batch_size=8, epochs=STEPS // 8, shuffle=False, verbose=0,
           callbacks=[gradmon.GradientMonitor(logdir, histogram_freq=histogram_freq), *extra_callbacks])
@@ -789,7 +789,7 @@ def test_transformer_block_at_init_under_adam_raises_no_flag(tmp_path, policy):
     y = (x[:, 0] % 10).astype("int64")
     keras.mixed_precision.set_global_policy(policy)
     try:
-        model = gradmon.monitor(transformer_block())
+        model = gradmon.monitor(transformer_block(), grouping="variable", stats="all")
         model.compile(optimizer=keras.optimizers.Adam(1e-3),
                       loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
         model.fit(x, y, batch_size=32, epochs=1, verbose=0,

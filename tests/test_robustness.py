@@ -101,7 +101,7 @@ def test_mixed_precision_trains_as_without_gradmon_under_every_policy(mixed_prec
 
 @pytest.mark.parametrize("policy", ["skip", "stop", "warn"])
 def test_nonfinite_policies(policy, tmp_path):
-    model = gradmon.monitor(mlp(), on_nonfinite=policy)
+    model = gradmon.monitor(mlp(), on_nonfinite=policy, stats="all")
     model.compile(optimizer=keras.optimizers.Adam(0.01), loss="mse")
     snaps = Snapshots()
     with warnings.catch_warnings(record=True) as caught:
@@ -112,7 +112,7 @@ def test_nonfinite_policies(policy, tmp_path):
     events = read_events(os.path.join(str(tmp_path), "train"))
     assert events[tags.nonfinite_total("raw")][3] > 0
     assert "non-finite gradients at step 3" in messages
-    assert model.trainable_variables[0].path in messages
+    assert model.trainable_variables[0].path.rsplit("/", 1)[0] in messages  # its layer
     if policy == "warn":
         assert all(np.isnan(w).any() for w in snaps.weights[2])
         assert "the update was applied" in messages
@@ -250,7 +250,7 @@ def test_embedding_gradients_are_exact_without_densifying():
     base = keras.Model(tokens, out)
     ids = RNG.integers(0, 5, size=(16, 4))  # many repeated indices
     grads = tape_gradients(base, MSE, ids, Y[:16])
-    model = gradmon.monitor(base, transform=T.clip_by_norm(0.01))
+    model = gradmon.monitor(base, transform=T.clip_by_norm(0.01), grouping="variable", stats="all")
     model.compile(optimizer="sgd", loss="mse")
     model.fit(ids, Y[:16], batch_size=16, verbose=0)
     snap = latest_snapshot(model)
@@ -263,7 +263,7 @@ def test_embedding_gradients_are_exact_without_densifying():
 def test_histograms_and_every_statistic_under_xla(tmp_path):
     base = mlp(seed=5)
     grads = tape_gradients(base, MSE, X[:8], Y[:8])
-    model = gradmon.monitor(base, transform=T.clip_by_value(0.05), noise_scale=True,
+    model = gradmon.monitor(base, transform=T.clip_by_value(0.05), noise_scale=True, grouping="variable",
                             penalties=[gradmon.penalties.WeightPenalty(l2=0.0)])
     model.compile(optimizer=keras.optimizers.SGD(0.01), loss="mse", jit_compile=True)
     model.fit(X, Y, batch_size=8, epochs=1, shuffle=False, verbose=0,

@@ -42,7 +42,8 @@ def served_run(tmp_path_factory):
     keras.utils.set_random_seed(0)
     base = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, activation="tanh"), keras.layers.Dense(1)])
     model = gradmon.monitor(base, transform=gradmon.transforms.clip_by_global_norm(0.5),
-                            penalties=[gradmon.penalties.WeightPenalty(l2=1e-3)])
+                            penalties=[gradmon.penalties.WeightPenalty(l2=1e-3)], grouping="variable",
+                            stats="all")
     model.compile(optimizer=keras.optimizers.SGD(0.05), loss="mse")
     model.fit(X, Y, batch_size=8, epochs=2, verbose=0, callbacks=[
         gradmon.GradientMonitor(logdir, histogram_freq=5),
