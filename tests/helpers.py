@@ -71,8 +71,8 @@ def explicit_hessian(model, loss_fn, x, y):
 
 def latest_snapshot(model):
     """The last measured step of a monitored model (gradmon's own reading of its device state)."""
-    snapshots = model.gradient_observer.read() if hasattr(model, "gradient_observer") \
-        else model._gradmon_observer.read()
+    observer = model.gradient_observer if hasattr(model, "gradient_observer") else model._gradmon_observer
+    snapshots = observer.recorder.read() if observer.recorder is not None else []
     return snapshots[-1] if snapshots else None
 
 
