@@ -30,7 +30,7 @@ small MLP over scikit-learn's bundled digits (8x8 images, no download):
 The loop's own scalars (losses, the penalty) go into the same event file
 through `gradmon.writer.SummaryWriter.shared(log_dir, "train")`.
 
-Run from the repository root (about 15 s on 2 CPUs):
+Run from the repository root (about 12 s on 2 CPUs):
 
     python examples/custom_loop.py                     # writes runs/custom_loop/<run>/train
     tensorboard --logdir runs/custom_loop

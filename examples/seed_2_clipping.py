@@ -11,7 +11,7 @@ before training) and the clipping is one argument:
 The model is a small MLP on scikit-learn's bundled digits (8x8 images, no
 download). `gradmon.GradientMonitor` logs, every step, how much each clip did.
 
-Run from the repository root (about 15 s on 2 CPUs):
+Run from the repository root (about 10 s on 2 CPUs):
 
     python examples/seed_2_clipping.py                 # writes runs/seed_2_clipping
     tensorboard --logdir runs/seed_2_clipping

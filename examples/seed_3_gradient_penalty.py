@@ -14,7 +14,7 @@ gradient includes the Hessian-vector product term (nothing is stopped or
 approximated), and every part of the loss is differentiated and logged on
 its own. The model is a small regression MLP on generated data.
 
-Run from the repository root (about 12 s on 2 CPUs):
+Run from the repository root (about 8 s on 2 CPUs):
 
     python examples/seed_3_gradient_penalty.py         # writes runs/seed_3_gradient_penalty
     tensorboard --logdir runs/seed_3_gradient_penalty

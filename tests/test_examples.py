@@ -115,6 +115,18 @@ def test_wgan_gp(tmp_path):
     assert all(v >= 0 for v in events[critic(tags.penalty("wgan_gp"))].values())
 
 
+def test_edge_of_stability(tmp_path):
+    out = run_example("edge_of_stability.py", "--log-dir", str(tmp_path), "--steps", "40",
+                      "--probe-every", "10")
+    assert "the edge of stability is lambda_1 = 2/lr = 10.00" in out
+    events = read_events(tmp_path / "train")
+    for tag in (tags.EDGE_OF_STABILITY, tags.eigenvalue(1), tags.global_norm(tags.RAW)):
+        assert sorted(events.get(tag, {})) == [10, 20, 30, 40], (tag, sorted(events))
+    for step, ratio in events[tags.EDGE_OF_STABILITY].items():  # lambda_1 * lr / 2, lr = 0.2
+        assert ratio == pytest.approx(events[tags.eigenvalue(1)][step] * 0.1, rel=1e-5)
+        assert 0.5 < ratio < 1.5  # starts near the edge (the initial sharpness is ~9.9)
+
+
 def load_example(name):
     """The example as a module (its helpers: data, batches, model), without running main()."""
     spec = importlib.util.spec_from_file_location(f"example_{name}", EXAMPLES / f"{name}.py")
