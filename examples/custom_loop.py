@@ -83,7 +83,13 @@ def parse_args(argv=None):
     parser.add_argument("--penalty-weight", type=float, default=0.05,
                         help="lambda of the gradient-norm penalty (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="default: %(default)s")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.steps < 1:
+        parser.error("--steps must be at least 1")
+    if not 1 <= args.flush_every <= 16:
+        # an observer holds 16 measured steps between two flush() calls (observe's buffer_steps)
+        parser.error("--flush-every must be between 1 and 16 (observe's buffer_steps)")
+    return args
 
 
 def load_data():
