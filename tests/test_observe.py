@@ -11,7 +11,7 @@ import tensorflow as tf
 import gradmon
 from gradmon import tags
 from gradmon import transforms as T
-from helpers import global_norm, read_events, tape_gradients
+from helpers import global_norm, read_descriptions, read_events, tape_gradients
 
 RNG = np.random.default_rng(11)
 X = RNG.normal(size=(32, 4)).astype(np.float32)
@@ -54,7 +54,7 @@ def test_custom_loop_norms_and_clip_ratios_equal_a_numpy_replay(tmp_path, compil
     model = net()
     w0 = [v.numpy().astype(np.float64) for v in model.trainable_variables]
     opt = gradmon.observe(keras.optimizers.SGD(LR), log_dir=str(tmp_path),
-                          transform=T.clip_by_global_norm(0.3), update_freq=2)
+                          transform=T.clip_by_global_norm(0.3), update_freq=2, grouping="variable")
     assert isinstance(opt, keras.optimizers.SGD)
     expected = loop(model, opt, 4, compiled)
     if compiled:
@@ -197,14 +197,21 @@ def test_mixin_after_keras_model_is_a_clear_error():
             pass
 
 
-class CosineToMomentum(gradmon.statistics.PerGroup):
-    """The documented user statistic: cosine between the gradient and Adam's first moment."""
+class CosineToMomentum(gradmon.statistics.Statistic):
+    """The documented user statistic (docs/ARCHITECTURE.md): cosine between each variable's
+    gradient and Adam's first moment."""
 
     name = "cosine_to_momentum"
     needs_update = True  # read the moment after this step's update
 
+    def labels(self, spec):
+        return [str(i) for i in range(len(spec.segment_ids))]  # one per variable
+
     def tag(self, label):
         return f"gradients/cosine_to_momentum/{label}"
+
+    def description(self, label):
+        return "cos(gradient, Adam's first moment) of variable " + label
 
     def compute(self, ctx):
         from gradmon import _keras_compat
@@ -212,8 +219,7 @@ class CosineToMomentum(gradmon.statistics.PerGroup):
         rows = []
         for g, v in zip(ctx.raw, ctx.variables):
             m = _keras_compat.optimizer_slot(ctx.optimizer, "momentums", v)
-            g = tf.reshape(tf.convert_to_tensor(g), [-1])
-            m = tf.reshape(tf.convert_to_tensor(m), [-1])
+            g, m = tf.reshape(g, [-1]), tf.reshape(m, [-1])
             rows.append(tf.reduce_sum(g * m) / (tf.norm(g) * tf.norm(m)))
         return tf.stack(rows)
 
@@ -233,7 +239,11 @@ def test_a_user_statistic_with_its_own_tag_and_description(tmp_path):
             loss = MSE(y, model(x, training=True))
         opt.apply_gradients(zip(tape.gradient(loss, model.trainable_variables), model.trainable_variables))
     events = read_events(os.path.join(str(tmp_path), "train"))
-    tag = f"gradients/cosine_to_momentum/{model.trainable_variables[0].path}"
+    tag = "gradients/cosine_to_momentum/0"
     assert events[tag][1] == pytest.approx(1.0, rel=1e-5)  # m_1 = 0.1 g_1
     assert events[tag][2] == pytest.approx(expected[1], rel=1e-4)
-    assert tags.group_stat("raw", "rms", model.trainable_variables[0].path) not in events
+    assert read_descriptions(os.path.join(str(tmp_path), "train"))[tag] == \
+        "cos(gradient, Adam's first moment) of variable 0"
+    layer = model.trainable_variables[0].path.rsplit("/", 1)[0]
+    assert tags.group_stat("raw", "norm", layer) in events
+    assert tags.group_stat("raw", "rms", layer) not in events
