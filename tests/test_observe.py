@@ -247,3 +247,28 @@ def test_a_user_statistic_with_its_own_tag_and_description(tmp_path):
     layer = model.trainable_variables[0].path.rsplit("/", 1)[0]
     assert tags.group_stat("raw", "norm", layer) in events
     assert tags.group_stat("raw", "rms", layer) not in events
+
+
+class TwoWeights(keras.layers.Layer):
+    def build(self, shape):
+        self.first = self.add_weight(name="a>b", shape=(shape[-1], 2))
+        self.second = self.add_weight(name="a_b", shape=(shape[-1], 2))
+
+    def call(self, x):
+        return x @ self.first + 2.0 * (x @ self.second)
+
+
+def test_variables_that_sanitise_alike_keep_distinct_tags(tmp_path):
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((4,)), TwoWeights(name="pair")])
+    grads = tape_gradients(model, MSE, X[:8], Y[:8])
+    paths = [v.path for v in model.trainable_variables]
+    assert [p.rsplit("/", 2)[-2:] for p in paths] == [["pair", "a>b"], ["pair", "a_b"]]
+    opt = gradmon.observe(keras.optimizers.SGD(LR), log_dir=str(tmp_path), grouping="variable")
+    with tf.GradientTape() as tape:
+        loss = MSE(Y[:8], model(X[:8], training=True))
+    opt.apply_gradients(zip(tape.gradient(loss, model.trainable_variables), model.trainable_variables))
+    events = read_events(os.path.join(str(tmp_path), "train"))
+    norms = {t: v[1] for t, v in events.items() if t.startswith("gradients/raw/norm/")}
+    assert len(norms) == 2  # two variables, two series
+    assert sorted(norms.values()) == pytest.approx(sorted(np.linalg.norm(g) for g in grads), rel=1e-5)
