@@ -768,6 +768,8 @@ class _Lanczos:
         self.basis.append(start / tf.norm(start))
         self.coeffs = np.zeros((capacity, capacity))
         self.m = 0  # basis[m], when it exists, is the next direction
+        # basis[m] and basis[m - 1] held apart: no slicing of blocks per step
+        self._current, self._previous = self.basis[0], None
 
     def step(self, relative_floor, rng=None):
         """One HVP: extends the basis by `H q_m`, orthogonalised.
@@ -777,13 +779,14 @@ class _Lanczos:
         `rng`, a random direction continues the basis. Returns whether that
         happened.
         """
-        m = self.m
-        q = self.basis[m]
+        m, q = self.m, self._current
         coupling = self.coeffs[m, m - 1] if m > 0 else 0.0
         w, h, alpha, beta = _lanczos_update(
             self.basis.blocks, self.basis.pending, self.op.apply(q), q,
-            self.basis[m - 1] if m > 0 else q, tf.constant(coupling, q.dtype),
+            q if self._previous is None else self._previous,
+            tf.constant(coupling, q.dtype),
         )
+        self._previous = q
         h = h.numpy().astype(np.float64)
         h[m] += float(alpha)
         if m > 0:
@@ -795,13 +798,15 @@ class _Lanczos:
         if self.m >= self.capacity:
             return beta <= relative_floor * scale
         if beta > relative_floor * scale:
-            self.basis.append(w / beta)
+            self._current = w / beta
+            self.basis.append(self._current)
             self.coeffs[self.m, self.m - 1] = beta
             return False
         if rng is not None and self.m < self.op.num_params:
             w = _random_vector(rng, self.op.num_params, self.op.dtype)
             w, _, norm = self.basis.project_out(w)
-            self.basis.append(w / norm)
+            self._current = w / norm
+            self.basis.append(self._current)
         return True
 
     def ritz(self):
@@ -846,6 +851,7 @@ class _Lanczos:
         combine[:keep, :m] = s_keep.T
         combine[keep, m] = 1.0  # the pending next vector moves to row keep
         self.basis = self.basis.rebuilt(tf.constant(combine, self.op.dtype))
+        self._current, self._previous = self.basis[keep], self.basis[keep - 1]
         coeffs = np.zeros_like(self.coeffs)
         coeffs[:keep, :keep] = s_keep.T @ self.coeffs[:m, :m] @ s_keep
         coeffs[keep, :keep] = self.coeffs[m, :m] @ s_keep
