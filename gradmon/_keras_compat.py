@@ -57,9 +57,11 @@ def call_with_training(model, x):
     return model(x, training=True) if model._call_has_training_arg else model(x)
 
 
-def compute_loss(model, x, y, y_pred, sample_weight):
-    """The compiled loss with regularization losses, as Keras' `train_step` computes it."""
-    return model._compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=True)
+def compute_loss(model, x, y, y_pred, sample_weight, training=True):
+    """The compiled loss with regularization losses, as Keras' `train_step` computes it
+    (`_compute_loss`, which also handles a `compute_loss` override without `training`)."""
+    compute = getattr(model, "_compute_loss", None) or model.compute_loss
+    return compute(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=training)
 
 
 def track_loss(model, loss, x):

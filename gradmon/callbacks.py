@@ -11,16 +11,14 @@ import warnings
 import keras
 
 from gradmon import _distribute, monitored, tags
-from gradmon._validation import check_bool, check_log_dir, check_non_negative_int, check_positive_int
+from gradmon._validation import check_log_dir, check_non_negative_int, check_positive_int, invalid
 from gradmon.layout import build_layout
-from gradmon.writer import SummaryWriter
+from gradmon.writer import MetricWriter, SummaryWriter
 
 
 def _check_update_freq(update_freq):
     if update_freq == "epoch":
         return update_freq
-    from gradmon._validation import invalid
-
     if isinstance(update_freq, str):
         raise invalid("update_freq", 'a positive integer (steps) or "epoch"', update_freq)
     try:
@@ -48,24 +46,30 @@ class GradientMonitor(keras.callbacks.Callback):
     per model.
 
     Args:
-        log_dir: directory of the TensorBoard run (a non-empty path).
+        log_dir: directory of the TensorBoard run (a non-empty path), or
+            `None` when `writer` is given.
         update_freq: write statistics every this many training steps, or
             `"epoch"` for the last step of each epoch. Only written steps
             are measured. Defaults to `1`.
         histogram_freq: write gradient histograms every this many training
             steps; `0` disables them. Defaults to `0`.
+        writer: a `gradmon.writer.MetricWriter` to write to instead of the
+            event file of `log_dir` (e.g. `gradmon.writer.MemoryWriter()` in
+            tests). Defaults to `None`.
 
     Example:
         >>> model.compile(optimizer="adam", loss="mse")
         >>> model.fit(x, y, callbacks=[gradmon.GradientMonitor("runs/exp1", update_freq=10)])
     """
 
-    def __init__(self, log_dir, update_freq=1, histogram_freq=0):
+    def __init__(self, log_dir=None, update_freq=1, histogram_freq=0, writer=None):
         super().__init__()
-        self.log_dir = check_log_dir(log_dir)
+        if writer is not None and not isinstance(writer, MetricWriter):
+            raise invalid("writer", "a gradmon.writer.MetricWriter or None", writer)
+        self.log_dir = None if writer is not None and log_dir is None else check_log_dir(log_dir)
         self.update_freq = _check_update_freq(update_freq)
         self.histogram_freq = check_non_negative_int("histogram_freq", histogram_freq)
-        self._writer = SummaryWriter.shared(self.log_dir, "train")
+        self._writer = writer if writer is not None else SummaryWriter.shared(self.log_dir, "train")
         self._observer = None
         self._writes = True
         self._layout_key = None
@@ -159,7 +163,7 @@ class GradientMonitor(keras.callbacks.Callback):
     def _write_layout(self, observer):
         key = id(observer.recorder)
         if self._layout_key != key:
-            self._writer.write_custom_scalar_layout(build_layout(observer.recorder))
+            self._writer.write_layout(build_layout(observer.recorder))
             self._layout_key = key
 
     def _stop(self, snapshots):

@@ -478,7 +478,10 @@ def _clone_model(model, dtype, data):
 
 
 def _model_loss(model, variables, x, y, sample_weight):
-    compute = getattr(model, "_compute_loss", None) or model.compute_loss
+    from gradmon import _keras_compat
+
+    def compute(**kwargs):
+        return _keras_compat.compute_loss(model, **kwargs)
 
     def loss(params):
         with keras.StatelessScope(

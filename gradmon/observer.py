@@ -310,6 +310,13 @@ class Observer:
             report_nonfinite(self, snapshot)
         return snapshots
 
+    def close(self):
+        """Writes what is left and releases the event file `observe(log_dir=...)` opened."""
+        self.flush()
+        if self.writer is not None and self.monitor is None:
+            self.writer.close()
+            self.writer = None
+
     def write_histograms(self):
         latest = self.recorder.read_histograms() if self.recorder is not None else None
         if latest is None or latest[0] == getattr(self, "_last_hist", None):
@@ -454,7 +461,8 @@ def observe(optimizer, log_dir=None, transform=None, name=None, update_freq=1, h
         buffer_steps: logged steps held on the device between two `flush()`. Defaults to `16`.
 
     Returns:
-        `optimizer`, observed; `optimizer.flush()` writes, `optimizer.gradmon` is the `Observer`.
+        `optimizer`, observed; `optimizer.flush()` writes, `optimizer.gradmon` is the
+        `Observer` (`optimizer.gradmon.close()` releases the event file at the end).
 
     Example:
         >>> opt = gradmon.observe(keras.optimizers.Adam(1e-3), log_dir="runs/loop",

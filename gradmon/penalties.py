@@ -14,8 +14,8 @@ Example:
 import dataclasses
 import typing
 
+import keras
 import tensorflow as tf
-from keras.src import tree
 
 from gradmon._validation import check_choice, invalid
 
@@ -145,11 +145,11 @@ def input_gradient_norms(model, inputs, training=True):
     training mode across the batch), so the gradient of the summed output
     with respect to the batch holds each example's input gradient.
     """
-    flat = [tf.convert_to_tensor(t) for t in tree.flatten(inputs)]
+    flat = [tf.convert_to_tensor(t) for t in keras.tree.flatten(inputs)]
     with tf.GradientTape() as tape:
         tape.watch(flat)
-        outputs = model(tree.pack_sequence_as(inputs, flat), training=training)
-        total = tf.add_n([tf.reduce_sum(tf.cast(o, tf.float32)) for o in tree.flatten(outputs)])
+        outputs = model(keras.tree.pack_sequence_as(inputs, flat), training=training)
+        total = tf.add_n([tf.reduce_sum(tf.cast(o, tf.float32)) for o in keras.tree.flatten(outputs)])
     grads = tape.gradient(total, flat)
     if any(g is None for g in grads):
         raise ValueError(
@@ -163,14 +163,14 @@ def input_gradient_norms(model, inputs, training=True):
 
 def interpolate(real, fake, seed=None):
     """`eps * real + (1 - eps) * fake` with one `eps ~ U(0, 1)` per example (WGAN-GP)."""
-    flat_real, flat_fake = tree.flatten(real), tree.flatten(fake)
+    flat_real, flat_fake = keras.tree.flatten(real), keras.tree.flatten(fake)
     batch = tf.shape(flat_real[0])[0]
     eps = tf.random.uniform([batch], seed=seed)
     mixed = []
     for r, f in zip(flat_real, flat_fake):
         e = tf.reshape(tf.cast(eps, r.dtype), tf.concat([[batch], tf.ones([tf.rank(r) - 1], tf.int32)], 0))
         mixed.append(e * r + (1 - e) * tf.cast(f, r.dtype))
-    return tree.pack_sequence_as(real, mixed)
+    return keras.tree.pack_sequence_as(real, mixed)
 
 
 class InputGradientPenalty(Penalty):
@@ -218,9 +218,9 @@ class InputGradientPenalty(Penalty):
     def __call__(self, context):
         fake = None
         if self.kind == "wgan-gp":
-            flat = tree.flatten(context.x)
+            flat = keras.tree.flatten(context.x)
             order = tf.random.shuffle(tf.range(tf.shape(flat[0])[0]))
-            fake = tree.pack_sequence_as(context.x, [tf.gather(t, order) for t in flat])
+            fake = keras.tree.pack_sequence_as(context.x, [tf.gather(t, order) for t in flat])
         return self.value(context.model, context.x, fake)
 
     def get_config(self):

@@ -164,6 +164,20 @@ def test_two_monitors_on_one_model_are_refused_before_training(tmp_path):
     assert m.gradient_observer.step == 0
 
 
+def test_an_injected_memory_writer_gets_what_the_event_file_would(tmp_path):
+    from gradmon.writer import MemoryWriter
+
+    m = model()
+    memory = MemoryWriter()
+    m.fit(X, Y, batch_size=10, epochs=1, shuffle=False, verbose=0,
+          callbacks=[gradmon.GradientMonitor(writer=memory, update_freq=2)])
+    steps = [s for s, _ in memory.scalars[tags.global_norm("raw")]]
+    assert steps == [2, 4]
+    assert memory.layout is not None
+    with pytest.raises(ValueError, match="`writer`.*Received: writer='file'"):
+        gradmon.GradientMonitor(writer="file")
+
+
 def test_empty_log_dir_is_rejected():
     with pytest.raises(ValueError, match="`log_dir`.*non-empty.*Received: log_dir=''"):
         gradmon.GradientMonitor("")

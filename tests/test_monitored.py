@@ -246,6 +246,10 @@ def test_monitor_shares_weights_with_the_original():
     (dict(stats=["norm", "kurtosis"]), "stats"),
     (dict(stats=[]), "stats"),
     (dict(transform=3.0), "transform"),
+    (dict(stats=5), "stats"),
+    (dict(penalties=5), "penalties"),
+    (dict(on_nonfinite="ignore"), "on_nonfinite"),
+    (dict(noise_scale="no"), "noise_scale"),
 ])
 def test_monitor_rejects_invalid_arguments(kwargs, argument):
     with pytest.raises(ValueError, match=rf"`{argument}`.*Received: {argument}="):
