@@ -685,7 +685,7 @@ class _Basis:
 def _project(blocks, pending, w):
     """One classical Gram-Schmidt pass (graph code): `(w - Q^T h, h = Q w)`."""
     h = tf.concat([tf.linalg.matvec(b, w) for b in blocks]
-                  + [tf.tensordot(p, w, 1)[None] for p in pending], 0)
+                  + [_vdot(p, w) for p in pending], 0)
     terms, start = [], 0
     for b in blocks:
         size = int(b.shape[0])
@@ -693,6 +693,12 @@ def _project(blocks, pending, w):
         start += size
     terms += [h[start + i] * p for i, p in enumerate(pending)]
     return w - tf.add_n(terms), h
+
+
+def _vdot(a, b):
+    # `[a.b]` as a matrix product: tf.tensordot of two long vectors is
+    # single-threaded here (6.4 ms vs 1.5 ms at 6.3 M entries).
+    return tf.matmul(a[None], b[None], transpose_b=True)[0]
 
 
 @tf.function
@@ -717,7 +723,7 @@ def _lanczos_update(blocks, pending, w, q, previous, coupling):
     `H q = alpha q + coupling previous + Q^T h + w` to rounding. A trace per
     basis layout (number of blocks and pending vectors).
     """
-    alpha = tf.tensordot(q, w, 1)
+    alpha = _vdot(q, w)[0]
     w = w - alpha * q - coupling * previous
     w, h = _project(blocks, pending, w)
     norm = tf.norm(w)
