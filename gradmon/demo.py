@@ -53,6 +53,9 @@ def run(log_dir="runs/demo", epochs=8, seed=0):
         ),
         penalties=[gradmon.penalties.WeightPenalty(l2=1e-4)],
         noise_scale=True,
+        # a small model: every statistic per variable is still browsable
+        grouping="variable",
+        stats="all",
     )
     model.compile(
         optimizer=keras.optimizers.Adam(3e-3),
