@@ -108,6 +108,11 @@ def restore_optimizer_all_reduce(optimizer):
     base_optimizer(optimizer).__dict__.pop("_all_reduce_sum_gradients", None)
 
 
+def optimizer_variables(optimizer):
+    """The trainable variables a built optimizer updates (`apply(grads)` without variables)."""
+    return list(optimizer._trainable_variables)
+
+
 def optimizer_slot(optimizer, slot, variable):
     """An optimizer's per-variable slot, e.g. Adam's `"momentums"` / `"velocities"`.
 

@@ -218,7 +218,7 @@ class Observer:
         if not grads:
             return original_apply(grads, trainable_variables)
         variables = list(trainable_variables) if trainable_variables is not None \
-            else list(optimizer._trainable_variables)
+            else _keras_compat.optimizer_variables(optimizer)
         self._warn_missing(variables, grads)
         self.ensure_built(optimizer, variables)
         rec, extras = self.recorder, self._take_extras()

@@ -195,3 +195,26 @@ def test_unwritable_log_dir_fails_before_the_first_step(tmp_path):
 def test_numpy_stats_helper_is_not_trivial():
     # guards the reference itself: a known vector
     np.testing.assert_allclose(numpy_stats([3.0, 0.0, -4.0, 0.0]), [5.0, 4.0, 2.5, 0.5, 0.0])
+
+
+def test_unwritten_steps_cost_no_device_read(tmp_path, monkeypatch):
+    """The host knows the schedule: it reads the device only after executions that held a
+    written step (plus once per epoch for the step counter and once at each epoch end)."""
+    from gradmon import observer as observer_module
+    from gradmon import recorder as recorder_module
+
+    reads = []
+    original_read = recorder_module.Recorder.read
+    monkeypatch.setattr(recorder_module.Recorder, "read",
+                        lambda self, after_step=-1: reads.append("records") or original_read(self, after_step))
+    original_step = observer_module.Observer.step.fget
+    monkeypatch.setattr(observer_module.Observer, "step",
+                        property(lambda self: reads.append("step") or original_step(self)))
+    m = model()
+    m.fit(X, Y, batch_size=2, epochs=2, verbose=0,
+          callbacks=[gradmon.GradientMonitor(str(tmp_path), update_freq=7)])  # 40 steps
+    events = read_events(os.path.join(str(tmp_path), "train"))
+    assert sorted(events[tags.global_norm("raw")]) == [7, 14, 21, 28, 35]
+    # records: 5 scheduled reads + 2 epoch ends + 1 train end; step: train begin + 2 epoch begins
+    assert reads.count("records") == 8
+    assert reads.count("step") == 3
