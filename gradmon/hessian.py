@@ -4,11 +4,13 @@ Pure numerical code: it knows nothing of callbacks or TensorBoard. Every
 function builds (or reuses) a compiled Hessian-vector product (HVP) of the
 mean training loss and runs a matrix-free algorithm on it:
 
-- `spectrum`: extreme eigenvalues (Lanczos with full reorthogonalisation, or
-  power iteration with deflation), with honest residuals.
+- `spectrum`: extreme eigenvalues (thick-restart Lanczos with full
+  reorthogonalisation, or power iteration with deflation), with honest
+  residuals.
 - `trace`: Hutchinson's estimator with Rademacher probes.
-- `density`: stochastic Lanczos quadrature (SLQ) spectral density.
-- `make_hvp`: the HVP operator itself.
+- `density`: stochastic Lanczos quadrature (SLQ) spectral density, on the
+  same Lanczos routine (`_Lanczos`) as `spectrum`.
+- `make_hvp`: the HVP operator itself, reusable by all three.
 
 The operator is the Hessian, with respect to `model.trainable_variables`, of
 
