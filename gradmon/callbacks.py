@@ -12,7 +12,6 @@ import keras
 
 from gradmon import _distribute, monitored, tags
 from gradmon._validation import check_log_dir, check_non_negative_int, check_positive_int, invalid
-from gradmon.layout import build_layout
 from gradmon.writer import MetricWriter, SummaryWriter
 
 
@@ -72,7 +71,6 @@ class GradientMonitor(keras.callbacks.Callback):
         self._writer = writer if writer is not None else SummaryWriter.shared(self.log_dir, "train")
         self._observer = None
         self._writes = True
-        self._layout_key = None
         self.stopped_at = None
 
     def set_model(self, model):
@@ -147,7 +145,7 @@ class GradientMonitor(keras.callbacks.Callback):
         if latest_only:
             snapshots = snapshots[-1:]
         if self._writes and observer.recorder is not None:
-            self._write_layout(observer)
+            observer.write_header(self._writer)
             for snapshot in snapshots:
                 self._writer.write_scalars(snapshot.step, snapshot.values)
             if observer.histograms:
@@ -159,12 +157,6 @@ class GradientMonitor(keras.callbacks.Callback):
         for snapshot in snapshots:
             report_nonfinite(observer, snapshot)
         return snapshots
-
-    def _write_layout(self, observer):
-        key = id(observer.recorder)
-        if self._layout_key != key:
-            self._writer.write_layout(build_layout(observer.recorder))
-            self._layout_key = key
 
     def _stop(self, snapshots):
         nonfinite = tags.prefixed(self._observer.name, tags.nonfinite_total(tags.RAW))

@@ -303,12 +303,37 @@ class Observer:
         """Writes the measured steps not yet written (idempotent); returns their snapshots."""
         snapshots = self.read()
         if self.writer is not None:
+            self.write_header(self.writer)
             for snapshot in snapshots:
                 self.writer.write_scalars(snapshot.step, snapshot.values)
             self.write_histograms()
         for snapshot in snapshots:
             report_nonfinite(self, snapshot)
         return snapshots
+
+    def config_text(self):
+        """The monitoring configuration as JSON (written once per run as `tags.CONFIG`)."""
+        import json
+
+        return json.dumps({
+            "grouping": self.grouping, "stats": list(self.selected),
+            "custom_stats": [type(s).__name__ for s in self.custom],
+            "transform": None if self.transform is None else repr(self.transform),
+            "on_nonfinite": self.on_nonfinite, "name": self.name,
+        })
+
+    def write_header(self, writer):
+        """Writes the custom-scalars layout and the configuration once per recorder."""
+        from gradmon.layout import build_layout
+
+        if self.recorder is None or (id(writer), id(self.recorder)) in getattr(self, "_headers", ()):
+            return
+        writer.write_layout(build_layout(self.recorder))
+        writer.write_texts(0, {tags.config(self.name): self.config_text()})
+        # remembered per writer (a writer may serve several observers: one entry per observer)
+        done = getattr(self, "_headers", set())
+        done.add((id(writer), id(self.recorder)))
+        self._headers = done
 
     def close(self):
         """Writes what is left and releases the event file `observe(log_dir=...)` opened."""

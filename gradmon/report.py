@@ -16,8 +16,9 @@ Rows are layers. A layer is a logged variable path minus its last component
 (`model/dense/kernel` and `model/dense/bias` are the layer `model/dense`); its
 gradient norm at a step is sqrt(sum of its variables' squared norms), i.e. the
 norm of the layer's gradient as one vector. For a run monitored with
-`grouping="layer"` the logged groups already are layers: pass
-`grouping="layer"` (`--grouping layer`) so that each group is its own row.
+`grouping="layer"` (gradmon's default) the logged groups already are layers,
+each its own row: the run records its grouping (`gradmon/config`), which the
+report reads (`--grouping` overrides it; runs written before it: variable).
 
 Loss-scale overflows. Under mixed precision a `LossScaleOptimizer` skips the
 steps whose *scaled* gradient overflowed and halves its scale: that is how
@@ -110,6 +111,8 @@ from gradmon._validation import check_choice, check_positive_int, invalid
 
 
 GROUPINGS = ("variable", "layer")
+# "auto": the grouping the run recorded in `tags.CONFIG` (runs before it: "variable")
+GROUPING_CHOICES = ("auto",) + GROUPINGS
 
 EXPLODING = "exploding"
 VANISHING = "vanishing"
@@ -326,9 +329,11 @@ class ReadProblem:
 class Run(dict):
     """What `load_run` returns: `{tag: (steps, values)}`, plus `problems`, a list of `ReadProblem`."""
 
-    def __init__(self, series=(), problems=()):
+    def __init__(self, series=(), problems=(), config=None):
         super().__init__(series)
         self.problems = list(problems)
+        # the monitoring configuration the run recorded (`tags.CONFIG`), or {} (older runs)
+        self.config = dict(config or {})
 
 
 @dataclasses.dataclass
@@ -597,7 +602,7 @@ def load_run(logdir):
             f"No event files in {directory!r}. Expected the `log_dir` of a "
             "gradmon.GradientMonitor run (event files under LOGDIR/train)."
         )
-    values, problems, float32 = {}, [], types_pb2.DT_FLOAT
+    values, problems, float32, config = {}, [], types_pb2.DT_FLOAT, {}
     for path in paths:
         with open(path, "rb") as f:
             data = f.read()
@@ -622,6 +627,8 @@ def load_run(logdir):
                     number = _scalar(value, types_pb2)
                 if number is not None:
                     values.setdefault(value.tag, {})[step] = number
+                elif value.tag == tags.CONFIG and tensor.string_val:
+                    config = _config(tensor.string_val[0])
         for kind, offset, skipped, resume in sorted(damage, key=lambda d: d[1]):
             before = [step for o, step in read if o < offset]
             after = [step for o, step in read if resume is not None and o >= resume]
@@ -629,11 +636,22 @@ def load_run(logdir):
                 path=path, kind=kind, offset=offset, skipped_bytes=skipped,
                 last_good_step=before[-1] if before else None,
                 resumed_step=after[0] if after else None))
-    out = Run(problems=problems)
+    out = Run(problems=problems, config=config)
     for tag, by_step in values.items():
         steps = np.array(sorted(by_step), dtype=np.int64)
         out[tag] = (steps, np.array([by_step[s] for s in steps], dtype=np.float64))
     return out
+
+
+def _config(raw):
+    """The JSON configuration of `tags.CONFIG`, or {} if it cannot be read."""
+    import json
+
+    try:
+        config = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        return {}
+    return config if isinstance(config, dict) else {}
 
 
 def _scalar(value, types_pb2):
@@ -861,7 +879,7 @@ def _without_steps(run, steps):
     return out
 
 
-def health_report(run, thresholds=None, grouping="variable"):
+def health_report(run, thresholds=None, grouping="auto"):
     """Judges a run's gradient health.
 
     Args:
@@ -871,8 +889,10 @@ def health_report(run, thresholds=None, grouping="variable"):
         thresholds: a `Thresholds`, or `None` for the defaults.
             Defaults to `None`.
         grouping: the `grouping` the run was monitored with: `"variable"`
-            (rows are layers, i.e. variable paths minus their last component)
-            or `"layer"` (each logged group is a row). Defaults to `"variable"`.
+            (rows are layers, i.e. variable paths minus their last component),
+            `"layer"` (each logged group is a row) or `"auto"` (what the run
+            recorded in `tags.CONFIG`; `"variable"` for runs that recorded
+            none). Defaults to `"auto"`.
 
     Returns:
         A `HealthReport`.
@@ -881,7 +901,10 @@ def health_report(run, thresholds=None, grouping="variable"):
         NoGradmonLogs: when `run` has no gradmon gradient statistics.
     """
     thresholds = Thresholds() if thresholds is None else thresholds
-    check_choice("grouping", grouping, GROUPINGS)
+    check_choice("grouping", grouping, GROUPING_CHOICES)
+    if grouping == "auto":
+        grouping = getattr(run, "config", {}).get("grouping", "variable")
+        grouping = grouping if grouping in GROUPINGS else "variable"
     if not is_gradmon_run(run):
         raise NoGradmonLogs(
             f"No gradmon statistics in this run (no `{tags.global_norm(tags.RAW)}` tag). "
@@ -1360,9 +1383,10 @@ def add_arguments(parser):
     parser.add_argument("--png", metavar="FILE",
                         help="also draw the key curves into this PNG, creating its directory "
                              "(needs matplotlib)")
-    parser.add_argument("--grouping", choices=GROUPINGS, default="variable",
-                        help="the grouping the run was monitored with; 'layer': each logged group is a row "
-                             "(default: variable, rows are variable paths minus their last component)")
+    parser.add_argument("--grouping", choices=GROUPING_CHOICES, default="auto",
+                        help="the grouping the run was monitored with; 'layer': each logged group is a row, "
+                             "'variable': rows are variable paths minus their last component (default: auto, "
+                             "what the run recorded; variable for runs that recorded none)")
     parser.add_argument("--max-listed", type=int, default=MAX_LISTED,
                         help=f"name at most this many layers per kind of finding, count the rest "
                              f"(default: {MAX_LISTED})")

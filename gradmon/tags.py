@@ -93,6 +93,14 @@ def snr(path):
     return f"gradients/snr/{sanitize(path)}"
 
 
+# A text summary (JSON) of the monitoring configuration, read back by `gradmon summary`.
+CONFIG = "gradmon/config"
+
+
+def config(prefix=None):
+    return prefixed(prefix, CONFIG)
+
+
 LOSS_DATA = "loss/data"
 LOSS_TOTAL = "loss/total"
 
@@ -203,6 +211,7 @@ _FIXED_DESCRIPTIONS = {
     NOISE_SCALE_EMA: "B_simple from exponential moving averages (decay 0.99) of tr(Sigma) and |G|^2.",
     LOSS_DATA: "The compiled loss (with Keras regularization losses), without gradmon penalties.",
     LOSS_TOTAL: "The loss optimized: data loss + gradmon penalties.",
+    CONFIG: "How gradmon monitored this run (JSON): grouping, statistics, transform, policy.",
     HESSIAN_TRACE: "Hutchinson estimate of the Hessian trace (sum of all eigenvalues).",
     HESSIAN_TRACE_STDERR: "Standard error of the Hutchinson trace estimate.",
     HESSIAN_HVP_COUNT: "Hessian-vector products spent by this Hessian probe.",

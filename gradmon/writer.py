@@ -31,6 +31,7 @@ from tensorboard.plugins.custom_scalar import layout_pb2
 from tensorboard.plugins.custom_scalar import metadata as custom_scalar_metadata
 from tensorboard.plugins.histogram import metadata as histogram_metadata
 from tensorboard.plugins.scalar import summary_v2 as scalar_summary
+from tensorboard.plugins.text import metadata as text_metadata
 from tensorboard.util import tensor_util
 
 from gradmon import tags
@@ -148,6 +149,15 @@ class MetricWriter(abc.ABC):
         """Same as `write_layout`."""
         return self.write_layout(layout)
 
+    @abc.abstractmethod
+    def write_texts(self, step, mapping):
+        """Writes Markdown texts (TensorBoard's Text tab) at one step.
+
+        Args:
+            step: the training step (an integer).
+            mapping: `{tag: str}`.
+        """
+
     def flush(self):
         """Makes everything written so far durable (a no-op where nothing is buffered)."""
 
@@ -164,6 +174,7 @@ class MemoryWriter(MetricWriter):
         descriptions: `{tag: description}` from `gradmon.tags.describe`, on first write.
         layout: the merged custom-scalars layout, or `None`.
         layouts: every merged layout written, in order.
+        texts: `{tag: [(step, str), ...]}`.
         opened: number of `open` calls not yet closed.
     """
 
@@ -173,6 +184,7 @@ class MemoryWriter(MetricWriter):
         self.descriptions = {}
         self.layout = None
         self.layouts = []
+        self.texts = {}
         self.opened = 0
 
     def open(self):
@@ -197,6 +209,11 @@ class MemoryWriter(MetricWriter):
     def write_layout(self, layout):
         self.layout = merge_layouts(self.layout, layout)
         self.layouts.append(self.layout)
+
+    def write_texts(self, step, mapping):
+        for tag, text in mapping.items():
+            self._describe(tag)
+            self.texts.setdefault(tag, []).append((int(step), str(text)))
 
     def close(self):
         self.opened = max(self.opened - 1, 0)
@@ -564,6 +581,22 @@ class SummaryWriter(MetricWriter):
             if description is not None:
                 value.metadata.CopyFrom(histogram_metadata.create_summary_metadata(
                     display_name=None, description=description))
+            values.append(value)
+        self._append(self._event(step, values))
+
+    def write_texts(self, step, mapping):
+        """Writes `{tag: Markdown text}` at `step` (TensorBoard's Text tab); never raises for I/O."""
+        if not mapping:
+            return
+        if not self._ready():
+            self.dropped += 1
+            return
+        values = []
+        for tag, text in mapping.items():
+            value = summary_pb2.Summary.Value(tag=tag, tensor=tensor_util.make_tensor_proto(str(text)))
+            description = self._description(tag)
+            value.metadata.CopyFrom(text_metadata.create_summary_metadata(
+                display_name=None, description=description or ""))
             values.append(value)
         self._append(self._event(step, values))
 

@@ -812,3 +812,20 @@ def test_transformer_block_at_init_under_adam_raises_no_flag(tmp_path, policy):
         overflows = events[tags.OVERFLOW_STEPS]
         assert rep.summary.overflow_steps == overflows[max(overflows)] >= 1  # the scale starts too high
         assert [n.kind for n in rep.notes] == ["loss_scale_overflow"]
+
+
+def test_the_default_grouping_is_read_back_from_the_run(tmp_path):
+    """A run monitored with the defaults (per-layer groups) records its configuration; the
+    report makes each logged layer a row, without being told."""
+    keras.utils.set_random_seed(3)
+    base = keras.Sequential([keras.Input((5,)), keras.layers.Dense(8, activation="tanh", name="a"),
+                             keras.layers.Dense(4, activation="tanh", name="b"), keras.layers.Dense(1, name="c")])
+    base.compile(optimizer=keras.optimizers.Adam(0.01), loss="mse")
+    base.fit(X, Y, batch_size=8, epochs=2, verbose=0, callbacks=[gradmon.GradientMonitor(str(tmp_path))])
+    run = report.load_run(str(tmp_path))
+    assert run.config["grouping"] == "layer" and run.config["stats"] == ["norm", "update_ratio"]
+    rep = report.health_report(run)
+    layers = [v.path.rsplit("/", 1)[0] for v in base.trainable_variables[::2]]
+    assert [row.name for row in rep.layers] == layers
+    norms = run[tags.group_stat(tags.RAW, "norm", layers[0])][1]
+    assert rep.layers[0].final_norm == pytest.approx(norms[-1])
