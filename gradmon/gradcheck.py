@@ -65,7 +65,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from gradmon._validation import invalid
+from gradmon._validation import check_positive_int, invalid
 
 DTYPES = ("float32", "float64")
 # (rtol, atol) used when `rtol` / `atol` are not given, by working dtype.
@@ -217,12 +217,6 @@ def _check_dtype(dtype):
     if name not in DTYPES:
         raise invalid("dtype", f"one of {list(DTYPES)}", dtype)
     return name
-
-
-def _check_positive_int(argument, value):
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
-        raise invalid(argument, "a positive integer", value)
-    return int(value)
 
 
 def _check_optional_float(argument, value, expected, positive):
@@ -746,8 +740,8 @@ def check_gradients(
         raise invalid("fn_or_model", "a callable or a compiled keras.Model", fn_or_model)
     if manual is not None and not callable(manual):
         raise invalid("manual", "a callable or None", manual)
-    directions = _check_positive_int("directions", directions)
-    max_elementwise = _check_positive_int("max_elementwise", max_elementwise)
+    directions = check_positive_int("directions", directions)
+    max_elementwise = check_positive_int("max_elementwise", max_elementwise)
     dtype = _check_dtype(dtype)
     eps = _check_optional_float("eps", eps, "a positive finite float or None", True)
     rtol = _check_optional_float("rtol", rtol, "a non-negative finite float or None", False)

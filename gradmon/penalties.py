@@ -17,13 +17,7 @@ import typing
 import keras
 import tensorflow as tf
 
-from gradmon._validation import check_choice, invalid
-
-
-def _check_non_negative(argument, value):
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0 or value == float("inf"):
-        raise invalid(argument, "a non-negative finite number", value)
-    return float(value)
+from gradmon._validation import check_choice, check_non_negative, invalid
 
 
 @dataclasses.dataclass
@@ -78,8 +72,8 @@ class WeightPenalty(Penalty):
     """
 
     def __init__(self, l1=0.0, l2=0.0, include=None, name="weight"):
-        self.l1 = _check_non_negative("l1", l1)
-        self.l2 = _check_non_negative("l2", l2)
+        self.l1 = check_non_negative("l1", l1)
+        self.l2 = check_non_negative("l2", l2)
         if include is not None and not callable(include):
             raise invalid("include", "a callable variable -> bool or None", include)
         self.include = include
@@ -119,7 +113,7 @@ class GradientNormPenalty(Penalty):
     needs_gradients = True
 
     def __init__(self, weight, p=2, name="grad_norm"):
-        self.weight = _check_non_negative("weight", weight)
+        self.weight = check_non_negative("weight", weight)
         self.p = check_choice("p", p, (1, 2, "inf"))
         self.name = name
 
@@ -200,9 +194,9 @@ class InputGradientPenalty(Penalty):
     """
 
     def __init__(self, weight, kind="wgan-gp", target=1.0, name=None):
-        self.weight = _check_non_negative("weight", weight)
+        self.weight = check_non_negative("weight", weight)
         self.kind = check_choice("kind", kind, ("wgan-gp", "r1"))
-        self.target = _check_non_negative("target", target)
+        self.target = check_non_negative("target", target)
         self.name = name or self.kind.replace("-", "_")
 
     def value(self, model, real, fake=None):
