@@ -137,5 +137,5 @@ def test_invalid_penalty_arguments(factory, argument):
 def test_numpy_scalars_are_accepted_like_python_numbers():
     assert P.WeightPenalty(l1=np.float32(0.5), l2=np.int64(2)).get_config()["l2"] == 2.0
     assert P.GradientNormPenalty(np.float64(0.1)).weight == pytest.approx(0.1)
-    with pytest.raises(ValueError, match="`weight`.*Received: weight=-1.0"):
+    with pytest.raises(ValueError, match=r"`weight`.*Received: weight=np.float64\(-1.0\)"):
         P.GradientNormPenalty(np.float64(-1.0))
