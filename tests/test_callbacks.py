@@ -218,3 +218,19 @@ def test_unwritten_steps_cost_no_device_read(tmp_path, monkeypatch):
     # records: 5 scheduled reads + 2 epoch ends + 1 train end; step: train begin + 2 epoch begins
     assert reads.count("records") == 8
     assert reads.count("step") == 3
+
+
+def test_epoch_schedule_on_a_dataset_of_unknown_length(tmp_path):
+    import tensorflow as tf
+
+    m = model()
+    data = tf.data.Dataset.from_tensor_slices((X, Y)).filter(lambda x, y: True).batch(10)
+    assert data.cardinality() == tf.data.UNKNOWN_CARDINALITY
+    ends = []
+    at_epoch_end = keras.callbacks.LambdaCallback(
+        on_epoch_end=lambda epoch, logs: ends.append(int(m.optimizer.iterations.numpy())))
+    m.fit(data, epochs=2, verbose=0,
+          callbacks=[gradmon.GradientMonitor(str(tmp_path), update_freq="epoch"), at_epoch_end])
+    events = read_events(os.path.join(str(tmp_path), "train"))
+    # (Keras 3.15 runs one update past the end of an unknown-length first epoch: 4, then 9)
+    assert sorted(events[tags.global_norm("raw")]) == ends and ends[0] == 4
