@@ -166,3 +166,24 @@ def test_too_many_eigenvalues_fail_before_training(tmp_path):
     with pytest.raises(ValueError, match="`top_k`.*Received: top_k=1000"):
         model.fit(X, Y, verbose=0, callbacks=[gradmon.HessianMonitor(str(tmp_path), data=(X, Y), top_k=1000)])
     assert int(model.gradient_observer.step) == 0
+
+
+def test_steps_per_execution_probes_at_the_first_due_step(tmp_path, monkeypatch):
+    """With 3 steps per call the step counter is read only when a probe may be due."""
+    from gradmon import hessian_monitor
+
+    reads = []
+    real = hessian_monitor.training_step
+
+    def counting_step(model):
+        reads.append(1)
+        return real(model)
+
+    monkeypatch.setattr(hessian_monitor, "training_step", counting_step)
+    model = small_model(monitored=False)
+    model.compile(optimizer=keras.optimizers.SGD(LR), loss="mse", steps_per_execution=3)
+    cb = gradmon.HessianMonitor(str(tmp_path), data=(X, Y), every_n_steps=4, top_k=1)
+    model.fit(X, Y, batch_size=4, epochs=1, shuffle=False, verbose=0, callbacks=[cb])  # 12 steps, 4 calls
+    events = read_events(os.path.join(str(tmp_path), "train"))
+    assert sorted(events[tags.eigenvalue(1)]) == [6, 9, 12]
+    assert len(reads) == 1 + 3  # on_train_begin, then the calls ending at steps 6, 9, 12
