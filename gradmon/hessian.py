@@ -43,6 +43,7 @@ One operator (`make_hvp`) can serve `spectrum`, `trace` and `density`: its
 HVP is traced once per model and it reads the current weights at each call.
 """
 
+import functools
 import math
 import numbers
 import typing
@@ -680,7 +681,7 @@ class _Basis:
 
         Returns `(w, coefficients, ||w||)`, `coefficients` float64 NumPy.
         """
-        w, h, norm = _two_passes(self.blocks, self.pending, w)
+        w, h, norm = _for_layout(_two_passes, self)(self.blocks, self.pending, w)
         return w, h.numpy().astype(np.float64), float(norm)
 
 
@@ -703,14 +704,29 @@ def _vdot(a, b):
     return tf.matmul(a[None], b[None], transpose_b=True)[0]
 
 
-@tf.function
+# One tf.function per basis layout (number and sizes of blocks, pending
+# vectors): each is traced once per vector size, where one function would
+# retrace at every new layout and warn of frequent retracing.
+_LAYOUT_FUNCTIONS = {}
+
+
+def _for_layout(fn, basis):
+    """The `tf.function` of `fn` for the layout of `basis`."""
+    key = (fn.__name__, tuple(int(b.shape[0]) for b in basis.blocks),
+           len(basis.pending))
+    if key not in _LAYOUT_FUNCTIONS:
+        # A partial of its own: TensorFlow counts retraces per code object
+        # (closures share one), a partial is counted by itself.
+        _LAYOUT_FUNCTIONS[key] = tf.function(functools.partial(fn))
+    return _LAYOUT_FUNCTIONS[key]
+
+
 def _two_passes(blocks, pending, w):
     w, first = _project(blocks, pending, w)
     w, second = _project(blocks, pending, w)
     return w, first + second, tf.norm(w)
 
 
-@tf.function
 def _lanczos_update(blocks, pending, w, q, previous, coupling):
     """Orthogonalises `w = H q` against the basis, in one graph call.
 
@@ -722,8 +738,8 @@ def _lanczos_update(blocks, pending, w, q, previous, coupling):
     runs only when the first removed most of what was left ("twice is
     enough": Parlett, The Symmetric Eigenvalue Problem, 1980, sec. 6.9).
     Returns `(w, h, alpha, ||w||)` where `h` sums the full passes, so
-    `H q = alpha q + coupling previous + Q^T h + w` to rounding. A trace per
-    basis layout (number of blocks and pending vectors).
+    `H q = alpha q + coupling previous + Q^T h + w` to rounding. Graph code
+    (see `_for_layout`).
     """
     alpha = _vdot(q, w)[0]
     w = w - alpha * q - coupling * previous
@@ -789,7 +805,7 @@ class _Lanczos:
         """
         m, q = self.m, self._current
         coupling = self.coeffs[m, m - 1] if m > 0 else 0.0
-        w, h, alpha, beta = _lanczos_update(
+        w, h, alpha, beta = _for_layout(_lanczos_update, self.basis)(
             self.basis.blocks, self.basis.pending, self.op.apply(q), q,
             q if self._previous is None else self._previous,
             tf.constant(coupling, q.dtype),
