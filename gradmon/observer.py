@@ -168,7 +168,7 @@ class Observer:
             if not optimizer.built and variables:
                 optimizer.build(variables)  # slots cannot be created inside tf.cond
             old = self.recorder
-            self.recorder = recorder.Recorder(spec, stats, rows, self.histograms, self.name)
+            self.recorder = recorder.Recorder(spec, stats, rows, self.histograms, self.name, variables)
             if old is not None:
                 self.recorder.step.assign(old.step.numpy())
                 self.recorder.skipped.assign(old.skipped.numpy())
@@ -375,44 +375,31 @@ def _weights(variables):
 def _run_step(rec, step, do_log, update, extras):
     """Applies the update and, on logged steps, measures around it.
 
-    Only logged steps pay for keeping the pre-update weights alive (and for
-    the statistics); the update and the measurement share one `tf.cond`.
-    Under a strategy the update synchronises replicas and cannot sit in a
-    `tf.cond` in replica context: it runs outside, and the weights are
-    copied on every step when a statistic needs them.
+    The update never sits inside a `tf.cond` (a conditional update costs
+    every step, and under a strategy it cannot be in one at all): on logged
+    steps the pre-update weights are copied into the recorder's buffers
+    first, then the update runs, then the statistics are computed. Unlogged
+    steps copy nothing and compute nothing.
     """
-    needs_before = any(s.needs_weights for s in rec.statistics)
-    needs_after = any(s.needs_update for s in rec.statistics)
     verdict = update.verdict
     skipped = tf.constant(False) if verdict is None else verdict.refused
     if verdict is not None and rec.spec.loss_scaled:
         skipped = tf.logical_or(skipped, tf.logical_not(verdict.finite))
     overflow = tf.constant(False) if verdict is None else verdict.overflow
     counters = {"skipped": rec.skipped, "overflow": rec.overflow}
+    if rec.weight_buffers is not None:
+        tf.cond(do_log, lambda: rec.keep_weights(update.variables), lambda: tf.constant(False))
+    update.run()
 
-    def measure(before):
-        after = _weights(update.variables) if needs_after else None
+    def measure():
+        before = None if rec.weight_buffers is None else [b.value() for b in rec.weight_buffers]
+        after = _weights(update.variables) if any(s.needs_update for s in rec.statistics) else None
         ctx = statistics.StepContext(
             rec.spec, update.prepared.raw, update.prepared.observed, update.prepared.fractions,
             update.variables, update.optimizer, skipped, before, after, extras, counters, rec.state)
         return rec.write(step, ctx, overflow)
 
-    if _distribute.in_replicas():
-        before = _weights(update.variables) if needs_before else None
-        update.run()
-        tf.cond(do_log, lambda: measure(before), lambda: tf.constant(False))
-        return
-
-    def update_and_measure():
-        before = _weights(update.variables) if needs_before else None
-        update.run()
-        return measure(before)
-
-    def update_only():
-        update.run()
-        return tf.constant(False)
-
-    tf.cond(do_log, update_and_measure, update_only)
+    tf.cond(do_log, measure, lambda: tf.constant(False))
 
 
 def histogram_summaries(rec, histograms):

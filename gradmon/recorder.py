@@ -49,7 +49,7 @@ class Recorder:
     numbers, those of the all-reduced gradient; the host reads the first copy.
     """
 
-    def __init__(self, spec, statistics, rows, histograms, prefix=None):
+    def __init__(self, spec, statistics, rows, histograms, prefix=None, variables=()):
         variable = _distribute.replica_local_variable
         self.spec, self.prefix = spec, prefix
         self.statistics = [s for s in statistics if s.active(spec)]
@@ -59,6 +59,11 @@ class Recorder:
             self.slices.append((s, labels, slice(offset, offset + len(labels))))
             offset += len(labels)
         self.state = {s: s.build(spec) for s in self.statistics}
+        # the pre-update weights of a logged step, for statistics that need them (one
+        # copy of the trainable weights, filled on logged steps only)
+        self.weight_buffers = None
+        if any(s.needs_weights for s in self.statistics):
+            self.weight_buffers = [variable(tf.zeros(v.shape, v.dtype)) for v in variables]
         self.step = variable(0, dtype=tf.int64, name="gradmon_step")
         self.skipped = variable(0, dtype=tf.int64, name="gradmon_skipped")
         self.overflow = variable(0, dtype=tf.int64, name="gradmon_overflow")
@@ -111,6 +116,11 @@ class Recorder:
             parts.append(values)
         row = tf.reshape(tf.math.floormod(step, self.rows), [1, 1])
         self.records.assign(tf.tensor_scatter_nd_update(self.records, row, tf.concat(parts, 0)[None]))
+        return tf.constant(True)
+
+    def keep_weights(self, variables):
+        for buffer, v in zip(self.weight_buffers, variables):
+            buffer.assign(v.value)
         return tf.constant(True)
 
     def write_histograms(self, step, rows):
