@@ -27,7 +27,7 @@ h = keras.layers.GlobalAveragePooling1D()(keras.layers.Embedding(rows, 64)(token
 model = keras.Model(tokens, keras.layers.Dense(1)(h))
 callbacks = []
 if monitored:
-    model = gradmon.monitor(model, stats=None if stats == "all" else [stats])
+    model = gradmon.monitor(model, stats="all" if stats == "all" else (None if stats == "default" else [stats]))
     callbacks = [gradmon.GradientMonitor(tempfile.mkdtemp())]
 model.compile(optimizer="adam", loss="mse")
 rng = np.random.default_rng(0)
@@ -49,7 +49,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--stats", default="all", help='"all" or one statistic name, e.g. "norm"')
+    parser.add_argument("--stats", default="all", help='"all", "default" or one statistic name, e.g. "norm"')
     args = parser.parse_args()
     plain, monitored = peak(False, args), peak(True, args)
     print(f"| embedding | plain fit peak RSS | monitored ({args.stats} stats) peak RSS | ratio |")
