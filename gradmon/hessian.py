@@ -52,7 +52,6 @@ import weakref
 
 import keras
 import numpy as np
-import scipy.linalg
 import tensorflow as tf
 
 from gradmon._validation import (
