@@ -9,7 +9,7 @@ once before timing starts. Targets (issue "Cheap enough to leave on"):
 step <= 1.30x (small) and within 3 points of Keras' `TensorBoard(update_freq=1)`
 (medium).
 
-    python benchmarks/overhead.py [--repeats 9] [--steps 300] [--single-thread]
+    python benchmarks/overhead.py [--repeats 9] [--steps 300] [--single-thread] [--cpu-time]
 """
 
 import argparse
@@ -80,9 +80,10 @@ def time_model(factory, inputs, batch_size, args, logdir):
         order = list(configs)
         random.Random(repeat).shuffle(order)
         for name in order:
-            start = time.perf_counter()
+            clock = time.process_time if args.cpu_time else time.perf_counter
+            start = clock()
             models[name].fit(x, y, batch_size=batch_size, epochs=1, verbose=0, callbacks=callbacks[name])
-            times[name].append(time.perf_counter() - start)
+            times[name].append(clock() - start)
     base = np.array(times["plain fit"])
     return [(name, np.median(times[name]) / args.steps * 1e3, np.median(np.array(times[name]) / base))
             for name in configs]
@@ -95,6 +96,9 @@ def main():
     parser.add_argument("--models", nargs="*", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--single-thread", action="store_true",
                         help="one intra-op and one inter-op thread: less noise on a shared machine")
+    parser.add_argument("--cpu-time", action="store_true",
+                        help="time the process's CPU time instead of wall time (with --single-thread: "
+                             "steadier where other processes share the cores)")
     args = parser.parse_args()
     if args.single_thread:
         import tensorflow as tf
@@ -107,7 +111,7 @@ def main():
             factory, inputs, batch_size = MODELS[model_name]
             rows += [(model_name,) + row for row in time_model(factory, inputs, batch_size, args, logdir)]
     print(f"\n{args.repeats} paired repeats, {args.steps} steps per fit, keras {keras.__version__}"
-          f"{', single-threaded TF' if args.single_thread else ''}\n")
+          f"{', single-threaded TF' if args.single_thread else ''}{', CPU time' if args.cpu_time else ''}\n")
     print("| model | configuration | ms/step (median) | ratio to plain fit (median) |")
     print("|---|---|---|---|")
     for model_name, name, ms, ratio in rows:
