@@ -1,4 +1,4 @@
-"""Everything gradmon needs from Keras that is not public API, in one place.
+"""Everything gradmon needs from Keras (and TensorFlow) that is not public API, in one place.
 
 Public equivalents are used where they exist (`keras.tree`,
 `keras.utils.unpack_x_y_sample_weight`); what remains private is named here,
@@ -125,3 +125,23 @@ def optimizer_slot(optimizer, slot, variable):
             f"Invalid value for argument `slot`. Expected a slot of {type(optimizer).__name__}. "
             f"Received: slot={slot!r}")
     return slots[optimizer._get_variable_index(variable)]
+
+
+def lazy_cond(pred, true_fn, false_fn):
+    """`tf.cond` whose branches run as function calls, only the branch taken.
+
+    `tf.cond` inside a `tf.function` is lowered to Switch/Merge: the ops of
+    the branch not taken are still visited by the executor (dead tensors
+    propagate through each), which costs every unlogged step in proportion to
+    the size of the measurement branch. An `If` kept functional
+    (`lower_using_switch_merge=False`, TensorFlow's `cond_v2.indexed_case`)
+    costs one op. Eagerly, it is a Python branch.
+    """
+    import tensorflow as tf
+
+    if tf.executing_eagerly():
+        return true_fn() if bool(pred) else false_fn()
+    from tensorflow.python.ops import cond_v2
+
+    index = tf.cast(pred, tf.int32)  # 0: false, 1: true
+    return cond_v2.indexed_case(index, [false_fn, true_fn], lower_using_switch_merge=False)

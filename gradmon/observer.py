@@ -18,6 +18,7 @@ from gradmon.pipeline import GradientPipeline
 
 GROUPINGS = ("variable", "layer")
 _HOOK = "_gradmon_observer"
+_NEVER = 2 ** 62  # a period no run reaches: "never" without a branch on the device
 
 
 def group_names(variables, grouping):
@@ -195,9 +196,9 @@ class Observer:
 
     def _push_schedule(self):
         if self.recorder is not None:
-            self.recorder.every.assign(self.every)
+            self.recorder.every.assign(self.every if self.every > 0 else _NEVER)
             self.recorder.log_at.assign(self.log_at)
-            self.recorder.hist_every.assign(self.hist_every)
+            self.recorder.hist_every.assign(self.hist_every if self.hist_every > 0 else _NEVER)
 
     def is_scheduled(self, step):
         """Host mirror of the device schedule."""
@@ -238,7 +239,7 @@ class Observer:
                 do_log = tf.logical_or(do_log, tf.logical_and(
                     tf.logical_not(verdict.finite), tf.logical_not(verdict.overflow)))
         if rec.histograms_wanted:
-            tf.cond(rec.should_histogram(step), lambda: rec.write_histograms(step, tf.stack([
+            _keras_compat.lazy_cond(rec.should_histogram(step), lambda: rec.write_histograms(step, tf.stack([
                 histogram_rows(prepared.raw, rec.spec.segment_ids, rec.spec.num_groups),
                 histogram_rows(prepared.observed, rec.spec.segment_ids, rec.spec.num_groups)])),
                 lambda: tf.constant(False))
@@ -388,7 +389,7 @@ def _run_step(rec, step, do_log, update, extras):
     overflow = tf.constant(False) if verdict is None else verdict.overflow
     counters = {"skipped": rec.skipped, "overflow": rec.overflow}
     if rec.weight_buffers is not None:
-        tf.cond(do_log, lambda: rec.keep_weights(update.variables), lambda: tf.constant(False))
+        _keras_compat.lazy_cond(do_log, lambda: rec.keep_weights(update.variables), lambda: tf.constant(False))
     update.run()
 
     def measure():
@@ -399,7 +400,7 @@ def _run_step(rec, step, do_log, update, extras):
             update.variables, update.optimizer, skipped, before, after, extras, counters, rec.state)
         return rec.write(step, ctx, overflow)
 
-    tf.cond(do_log, measure, lambda: tf.constant(False))
+    _keras_compat.lazy_cond(do_log, measure, lambda: tf.constant(False))
 
 
 def histogram_summaries(rec, histograms):

@@ -96,9 +96,8 @@ class Recorder:
     # -- inside the step ---------------------------------------------------
 
     def scheduled(self, step, every, log_at):
-        return tf.logical_or(
-            tf.logical_and(every > 0, tf.equal(tf.math.floormod(step, tf.maximum(every, 1)), 0)),
-            tf.equal(step, log_at))
+        # `every` is never 0 on the device: "never" is stored as a period no run reaches
+        return tf.logical_or(tf.equal(tf.math.floormod(step, every), 0), tf.equal(step, log_at))
 
     def should_log(self, step):
         return self.scheduled(step, self.every, self.log_at)
@@ -106,7 +105,7 @@ class Recorder:
     def should_histogram(self, step):
         if not self.histograms_wanted:
             return tf.constant(False)
-        return self.scheduled(step, self.hist_every, tf.constant(-1, tf.int64))
+        return tf.equal(tf.math.floormod(step, self.hist_every), 0)
 
     def write(self, step, ctx, overflow):
         """Stores one logged step's statistics (an overflow step keeps only the counters)."""
