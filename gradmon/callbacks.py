@@ -148,15 +148,22 @@ class GradientMonitor(keras.callbacks.Callback):
             observer.write_header(self._writer)
             for snapshot in snapshots:
                 self._writer.write_scalars(snapshot.step, snapshot.values)
-            if observer.histograms:
-                observer.writer = self._writer
-                observer.write_histograms()
-                observer.writer = None
+            if observer.histograms and self._histogram_due():
+                observer.write_histograms(self._writer)
         from gradmon.observer import report_nonfinite
 
         for snapshot in snapshots:
             report_nonfinite(observer, snapshot)
         return snapshots
+
+    def _histogram_due(self):
+        """Whether a histogram step passed since the last look (the host knows the schedule)."""
+        seen, now = getattr(self, "_hist_seen", -1), getattr(self, "_host_step", None)
+        if now is None or seen < 0:  # before the mirror runs, or the first look: read
+            self._hist_seen = now if now is not None else -1
+            return True
+        self._hist_seen = now
+        return now // self.histogram_freq > seen // self.histogram_freq
 
     def _stop(self, snapshots):
         nonfinite = tags.prefixed(self._observer.name, tags.nonfinite_total(tags.RAW))

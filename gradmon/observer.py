@@ -307,7 +307,8 @@ class Observer:
             self.write_header(self.writer)
             for snapshot in snapshots:
                 self.writer.write_scalars(snapshot.step, snapshot.values)
-            self.write_histograms()
+            if self.histograms:
+                self.write_histograms(self.writer)
         for snapshot in snapshots:
             report_nonfinite(self, snapshot)
         return snapshots
@@ -343,12 +344,13 @@ class Observer:
             self.writer.close()
             self.writer = None
 
-    def write_histograms(self):
+    def write_histograms(self, writer):
+        """Writes the latest histograms if they were not written yet (two device reads)."""
         latest = self.recorder.read_histograms() if self.recorder is not None else None
         if latest is None or latest[0] == getattr(self, "_last_hist", None):
             return
         self._last_hist = latest[0]
-        self.writer.write_histograms(latest[0], histogram_summaries(self.recorder, latest[1]))
+        writer.write_histograms(latest[0], histogram_summaries(self.recorder, latest[1]))
 
 
 class _Update:
