@@ -239,10 +239,9 @@ class Observer:
                 do_log = tf.logical_or(do_log, tf.logical_and(
                     tf.logical_not(verdict.finite), tf.logical_not(verdict.overflow)))
         if rec.histograms_wanted:
-            _keras_compat.lazy_cond(rec.should_histogram(step), lambda: rec.write_histograms(step, tf.stack([
-                histogram_rows(prepared.raw, rec.spec.segment_ids, rec.spec.num_groups),
-                histogram_rows(prepared.observed, rec.spec.segment_ids, rec.spec.num_groups)])),
-                lambda: tf.constant(False))
+            _keras_compat.lazy_cond(rec.should_histogram(step),
+                                    lambda: rec.write_histograms(step, _histograms(rec.spec, prepared)),
+                                    lambda: tf.constant(False))
         update = _Update(optimizer, original_apply, prepared, variables, verdict)
         _run_step(rec, step, do_log, update, extras)
         if tf.executing_eagerly() and self.writer is not None and self._eager_due(step):
@@ -351,6 +350,12 @@ class Observer:
             return
         self._last_hist = latest[0]
         writer.write_histograms(latest[0], histogram_summaries(self.recorder, latest[1]))
+
+
+def _histograms(spec, prepared):
+    """`[kinds, groups, 2 + buckets]`: raw, and transformed only when something transforms."""
+    kinds = [prepared.raw] + ([prepared.observed] if spec.has_transform else [])
+    return tf.stack([histogram_rows(g, spec.segment_ids, spec.num_groups) for g in kinds])
 
 
 class _Update:

@@ -78,8 +78,9 @@ class Recorder:
         self.histograms_wanted = histograms
         if histograms:
             self.hist_step = variable(-1, dtype=tf.int64)
-            # [raw/transformed, group, (min, max, counts...)]
-            self.histograms = variable(tf.zeros([2, spec.num_groups, HISTOGRAM_BUCKETS + 2]))
+            # [raw (, transformed), group, (min, max, counts...)]
+            kinds = 2 if spec.has_transform else 1
+            self.histograms = variable(tf.zeros([kinds, spec.num_groups, HISTOGRAM_BUCKETS + 2]))
         self.tags = {s: [self._tag(s, label) for label in labels] for s, labels, _ in self.slices}
         # parsing a row is one zip over these (host cost per logged step matters)
         self._all_tags = [t for s, _, _ in self.slices for t in self.tags[s]]
