@@ -12,6 +12,7 @@ first step <= 1.5x plain on the MobileNetV2; defaults of at most a few hundred t
 import argparse
 import glob
 import os
+import random
 import tempfile
 import time
 
@@ -88,10 +89,14 @@ def main():
     for key in args.models:
         title, factory = MODELS[key]
         results = {name: [] for name in CONFIGS}
-        for _ in range(args.repeats):
-            for name, config in CONFIGS.items():
+        with tempfile.TemporaryDirectory() as logdir:
+            run(factory, None, 2, logdir)  # one-time costs (imports, first traces) out of the pairs
+        for repeat in range(args.repeats):
+            order = list(CONFIGS)
+            random.Random(repeat).shuffle(order)
+            for name in order:
                 with tempfile.TemporaryDirectory() as logdir:
-                    results[name].append(run(factory, config, args.steps, logdir))
+                    results[name].append(run(factory, CONFIGS[name], args.steps, logdir))
         base = np.array(results["plain fit"])
         for name in CONFIGS:
             r = np.array(results[name])
