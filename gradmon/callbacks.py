@@ -75,12 +75,18 @@ class GradientMonitor(keras.callbacks.Callback):
 
     def set_model(self, model):
         super().set_model(model)
-        observer = monitored.observer_for(model)
-        if observer.monitor is not None and observer.monitor is not self:
+        monitored.observer_for(model)  # observe a model that is not monitored yet
+
+    def _claim(self):
+        """Takes the model's observer; two GradientMonitors in one `fit` are an error (a later
+        `fit` with a new GradientMonitor takes over: `params` is shared by one fit's callbacks)."""
+        observer = monitored.observer_for(self.model)
+        other = observer.monitor
+        if other is not None and other is not self and other.params is self.params:
             raise ValueError(
-                f"The model {model.name!r} already has a GradientMonitor (log_dir="
-                f"{observer.monitor.log_dir!r}). Expected one GradientMonitor per model: one "
-                "callback with the update_freq / histogram_freq you need. "
+                f"The model {self.model.name!r} already has a GradientMonitor in this fit (log_dir="
+                f"{other.log_dir!r}). Expected one GradientMonitor per model: one callback with "
+                "the update_freq / histogram_freq you need. "
                 f"Received: a second GradientMonitor(log_dir={self.log_dir!r})")
         self.adopt(observer)
 
@@ -95,6 +101,7 @@ class GradientMonitor(keras.callbacks.Callback):
             self.model.train_function = None  # the histogram branch is traced or not
 
     def on_train_begin(self, logs=None):
+        self._claim()
         self._writes = _distribute.is_chief(self.model.distribute_strategy)
         if self._writes:
             self._writer.open()  # an unwritable log_dir fails before the first step

@@ -159,9 +159,14 @@ def test_callback_observes_a_plain_model_without_changing_its_training(tmp_path)
 def test_two_monitors_on_one_model_are_refused_before_training(tmp_path):
     m = model()
     first, second = gradmon.GradientMonitor(str(tmp_path / "a")), gradmon.GradientMonitor(str(tmp_path / "b"))
-    with pytest.raises(ValueError, match="already has a GradientMonitor.*one GradientMonitor per model"):
+    with pytest.raises(ValueError, match="already has a GradientMonitor in this fit.*one GradientMonitor"):
         m.fit(X, Y, verbose=0, callbacks=[first, second])
     assert m.gradient_observer.step == 0
+    # a later fit with a new monitor (callbacks made per call) takes over
+    m.fit(X, Y, batch_size=10, verbose=0, callbacks=[gradmon.GradientMonitor(str(tmp_path / "c"))])
+    m.fit(X, Y, batch_size=10, verbose=0, callbacks=[gradmon.GradientMonitor(str(tmp_path / "c"))])
+    events = read_events(os.path.join(str(tmp_path / "c"), "train"))
+    assert sorted(events[tags.global_norm("raw")]) == list(range(1, 9))
 
 
 def test_an_injected_memory_writer_gets_what_the_event_file_would(tmp_path):
