@@ -54,6 +54,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from gradmon import _keras_compat
 from gradmon._validation import (
     check_bool,
     check_non_negative_int,
@@ -296,11 +297,7 @@ def _batch_loss(model, variables, params, x, y, sample_weight, initialize):
         initialize_variables=initialize,
     ):
         y_pred = model(x, training=False)
-        compute = getattr(model, "_compute_loss", None) or model.compute_loss
-        loss = compute(
-            x=x, y=y, y_pred=y_pred, sample_weight=sample_weight,
-            training=False,
-        )
+        loss = _keras_compat.compute_loss(model, x, y, y_pred, sample_weight, training=False)
     if loss is None:
         raise ValueError(
             "Invalid value for argument `model`. Expected `compute_loss` to "
