@@ -16,7 +16,7 @@ from tensorboard.compat.proto import event_pb2, summary_pb2, tensor_pb2, tensor_
 from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c
 
 import gradmon
-from gradmon import report, tags
+from gradmon import events, report, tags
 from gradmon import transforms as T
 from gradmon.writer import SummaryWriter
 from helpers import read_events
@@ -658,8 +658,8 @@ def test_crc32c_matches_tensorboards_reference():
     chunks = [rng.integers(0, 256, size=n, dtype=np.uint8).tobytes()
               for n in (0, 1, 3, 4, 5, 8, 8, 17, 100, 257, 1000, 5000, 12)]
     expected = [masked_crc32c(c) for c in chunks]
-    assert report._masked(report._crc32c_many(chunks)).tolist() == expected
-    assert [int(report._masked(report._crc32c(c))) for c in chunks] == expected
+    assert events._masked(events._crc32c_many(chunks)).tolist() == expected
+    assert [int(events._masked(events._crc32c(c))) for c in chunks] == expected
 
 
 @pytest.mark.parametrize("where", ["payload", "length"])

@@ -1,0 +1,391 @@
+"""Reading TensorBoard event files without TensorFlow: the scalar series of a run.
+
+Event files are TFRecord files; every record's checksums are verified (as
+TensorFlow's reader does), a damaged region is skipped and reading goes on
+after it, and what was lost is reported (`ReadProblem`), never silently
+dropped. Used by `gradmon summary` (`gradmon.report`), which must start fast
+and run where TensorFlow is not installed.
+"""
+
+import dataclasses
+import functools
+import glob
+import os
+import struct
+import typing
+
+import numpy as np
+
+from gradmon import tags
+
+
+class NoGradmonLogs(ValueError):
+    """The directory holds no event files written by `gradmon.GradientMonitor`."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ReadProblem:
+    """Damage found in an event file by `load_run`.
+
+    `kind` is `"corrupt"` (bytes that fail their checksum: records were lost)
+    or `"incomplete"` (the file ends inside its last record: a write in
+    progress or an interrupted run). `last_good_step` is the step of the last
+    event read before `offset` in this file, `resumed_step` the first one read
+    after the damaged bytes (`None`: nothing after them could be read).
+    """
+
+    path: str
+    kind: str
+    offset: int
+    skipped_bytes: int
+    last_good_step: typing.Optional[int]
+    resumed_step: typing.Optional[int]
+
+    @property
+    def message(self):
+        where = (f"{self.path}: {'corrupted' if self.kind == 'corrupt' else 'incomplete last record'}"
+                 f" at byte {self.offset}")
+        good = ("no step before it" if self.last_good_step is None
+                else f"last good step {self.last_good_step}")
+        if self.kind == "incomplete":
+            return (f"{where} ({self.skipped_bytes} bytes: a write in progress or an interrupted "
+                    f"run); {good}")
+        after = ("nothing after it could be read" if self.resumed_step is None
+                 else f"reading resumed at step {self.resumed_step}")
+        return f"{where} ({self.skipped_bytes} bytes fail their checksum); {good}; {after}"
+
+
+class Run(dict):
+    """What `load_run` returns: `{tag: (steps, values)}`, plus `problems`, a list of `ReadProblem`."""
+
+    def __init__(self, series=(), problems=(), config=None):
+        super().__init__(series)
+        self.problems = list(problems)
+        # the monitoring configuration the run recorded (`tags.CONFIG`), or {} (older runs)
+        self.config = dict(config or {})
+
+
+# -- reading: TFRecord event files, without TensorFlow ------------------------------
+
+
+_CRC32C_POLY = 0x82F63B78  # Castagnoli, reflected
+_CRC_MASK_DELTA = 0xA282EAD8  # TFRecord's masked CRC
+_HEADER = 12  # uint64 length, masked CRC of those 8 bytes
+_FOOTER = 4  # masked CRC of the data
+
+
+@functools.lru_cache(maxsize=1)
+def _crc_table():
+    table = []
+    for byte in range(256):
+        crc = byte
+        for _ in range(8):
+            crc = (crc >> 1) ^ (_CRC32C_POLY if crc & 1 else 0)
+        table.append(crc)
+    return np.array(table, dtype=np.uint32)
+
+
+def _crc32c(data):
+    """CRC32C of one bytes object, in plain Python (short or single inputs)."""
+    table = _crc_table().tolist()
+    crc = 0xFFFFFFFF
+    for byte in data:
+        crc = table[(crc ^ byte) & 0xFF] ^ (crc >> 8)
+    return crc ^ 0xFFFFFFFF
+
+
+def _crc32c_many(chunks):
+    """CRC32C of each bytes object, those of similar length computed together by numpy.
+
+    A reflected CRC started at 0xFFFFFFFF equals one started at 0 over the
+    message with its first 4 bytes complemented, and leading zero bytes keep a
+    zero register at 0: so messages right-aligned in a zero-padded matrix run
+    through the byte table one column at a time, in lockstep.
+    """
+    out = np.zeros(len(chunks), dtype=np.uint32)
+    lengths = np.array([len(c) for c in chunks], dtype=np.int64)
+    for i in np.flatnonzero(lengths < 4):
+        out[i] = _crc32c(chunks[i])
+    order = [i for i in np.argsort(lengths, kind="stable").tolist() if lengths[i] >= 4]
+    start = 0
+    while start < len(order):
+        stop, limit = start, 2 * lengths[order[start]] + 64  # padding at most doubles the work
+        while stop < len(order) and lengths[order[stop]] <= limit:
+            stop += 1
+        group = order[start:stop]
+        width = int(lengths[group[-1]])
+        matrix = np.zeros((len(group), width), dtype=np.uint8)
+        for row, i in enumerate(group):
+            matrix[row, width - len(chunks[i]):] = np.frombuffer(chunks[i], dtype=np.uint8)
+        out[group] = _crc32c_rows(matrix, width - lengths[group])
+        start = stop
+    return out
+
+
+def _crc32c_rows(matrix, first):
+    """CRC32C of each row of a uint8 matrix (changed in place), the message of row i
+    starting at column `first[i]` (zeros before it; at least 4 bytes from it on)."""
+    table = _crc_table()
+    rows = np.arange(len(matrix))
+    for k in range(4):  # the 0xFFFFFFFF start, as complemented leading bytes
+        matrix[rows, first + k] ^= 0xFF
+    crc = np.zeros(len(matrix), dtype=np.uint32)
+    for column in np.ascontiguousarray(matrix.T):
+        crc = table[(crc ^ column) & 0xFF] ^ (crc >> 8)
+    return crc ^ np.uint32(0xFFFFFFFF)
+
+
+def _masked(crc):
+    """TFRecord's masked form of unmasked CRCs (an int or a uint32 array)."""
+    crc = np.asarray(crc, dtype=np.uint64)
+    return (((crc >> 15) | (crc << 17)) + _CRC_MASK_DELTA) & 0xFFFFFFFF
+
+
+def _stored_crc(data, offset):
+    return struct.unpack_from("<I", data, offset)[0]
+
+
+def _record_head_ok(data, offset):
+    return int(_masked(_crc32c(data[offset:offset + 8]))) == _stored_crc(data, offset + 8)
+
+
+def _record_at(data, offset):
+    """The payload of an intact record starting at `offset`, else `None` (plain Python)."""
+    if offset + _HEADER + _FOOTER > len(data) or not _record_head_ok(data, offset):
+        return None
+    (length,) = struct.unpack_from("<Q", data, offset)
+    end = offset + _HEADER + length
+    if end + _FOOTER > len(data):
+        return None
+    payload = data[offset + _HEADER:end]
+    if int(_masked(_crc32c(payload))) != _stored_crc(data, end):
+        return None
+    return payload
+
+
+def _resync(data, start):
+    """The first offset >= `start` where an intact record begins, or `None`.
+
+    Offsets are sifted in bulk (a length that fits in the file, then the
+    length's checksum, for every offset of a 1 MiB window at once) before the
+    payload's checksum is computed: a long run of garbage or zeros costs
+    milliseconds, not one Python call per byte.
+    """
+    last = len(data) - _HEADER - _FOOTER
+    array = np.frombuffer(data, dtype=np.uint8)
+    chunk = 1 << 20
+    for begin in range(start, last + 1, chunk):
+        stop = min(begin + chunk, last + 1)
+        windows = np.lib.stride_tricks.sliding_window_view(array[begin:stop + _HEADER - 1], _HEADER)
+        heads = np.ascontiguousarray(windows)
+        lengths = heads[:, :8].copy().view("<u8")[:, 0]
+        room = (len(data) - _HEADER - _FOOTER - np.arange(begin, stop)).astype(np.uint64)
+        candidates = np.flatnonzero(lengths <= room)
+        if not len(candidates):
+            continue
+        stored = heads[candidates, 8:].copy().view("<u4")[:, 0]
+        sums = _masked(_crc32c_rows(heads[candidates, :8], np.zeros(len(candidates), np.int64)))
+        for offset in (begin + candidates[sums == stored]).tolist():
+            if _record_at(data, offset) is not None:
+                return offset
+    return None
+
+
+def _header_sums(array, offsets):
+    """`(computed, stored)` masked checksums of the length fields at `offsets`."""
+    offsets = np.asarray(offsets, dtype=np.int64)
+    heads = array[offsets[:, None] + np.arange(_HEADER)]
+    stored = np.ascontiguousarray(heads[:, 8:]).view("<u4")[:, 0]
+    return _masked(_crc32c_rows(heads[:, :8], np.zeros(len(offsets), np.int64))), stored
+
+
+_BATCH = 4096  # records framed before their lengths are verified
+
+
+def _scan_records(data):
+    """`(records, damage)`: `[(offset, payload)]` of the intact records, and
+    `[(kind, offset, skipped_bytes, resume_offset or None)]`.
+
+    Records are framed optimistically a batch at a time, then the batch's
+    length and payload checksums are verified at once; after a bad length the
+    reader searches for the next intact record, so one damaged region loses
+    only the records inside it.
+    """
+    records, damage = [], []
+    array = np.frombuffer(data, dtype=np.uint8)
+    position, size = 0, len(data)
+    while position < size:
+        offsets, lengths, end = [], [], position
+        while end + _HEADER <= size and len(offsets) < _BATCH:
+            (length,) = struct.unpack_from("<Q", data, end)
+            if end + _HEADER + length + _FOOTER > size:
+                break
+            offsets.append(end)
+            lengths.append(length)
+            end += _HEADER + length + _FOOTER
+        intact = len(offsets)
+        if offsets:
+            computed, stored = _header_sums(array, offsets)
+            bad = np.flatnonzero(computed != stored)
+            intact = int(bad[0]) if len(bad) else len(offsets)
+        payloads = [data[o + _HEADER:o + _HEADER + n] for o, n in zip(offsets[:intact], lengths)]
+        sums = _masked(_crc32c_many(payloads))
+        for o, n, payload, crc in zip(offsets, lengths, payloads, sums.tolist()):
+            if crc == _stored_crc(data, o + _HEADER + n):
+                records.append((o, payload))
+            else:  # an intact length: skip just this record
+                damage.append(("corrupt", o, _HEADER + n + _FOOTER, o + _HEADER + n + _FOOTER))
+        if intact < len(offsets):
+            bad_at = offsets[intact]
+        elif len(offsets) == _BATCH:
+            position = end
+            continue
+        elif end < size:
+            bad_at = end
+            head_ok = end + _HEADER <= size and _record_head_ok(data, end)
+            if end + _HEADER > size or head_ok:  # cut short inside its last record
+                resume = _resync(data, end + 1) if head_ok else None
+                if resume is None:
+                    damage.append(("incomplete", end, size - end, None))
+                    break
+        else:
+            break
+        resume = _resync(data, bad_at + 1)
+        damage.append(("corrupt", bad_at, (size if resume is None else resume) - bad_at, resume))
+        if resume is None:
+            break
+        position = resume
+    return records, _merged(damage)
+
+
+def _merged(damage):
+    """Damage regions that touch one another, as one (the later resume wins)."""
+    out = []
+    for kind, offset, skipped, resume in sorted(damage, key=lambda d: d[1]):
+        if out and out[-1][0] == kind == "corrupt" and offset <= out[-1][1] + out[-1][2]:
+            _, first, length, _ = out[-1]
+            out[-1] = (kind, first, max(length, offset + skipped - first), resume)
+        else:
+            out.append((kind, offset, skipped, resume))
+    return out
+
+
+def run_directory(logdir):
+    """`logdir/train` when it exists (a `GradientMonitor(log_dir)` root), else `logdir`."""
+    train = os.path.join(str(logdir), "train")
+    return train if os.path.isdir(train) else str(logdir)
+
+
+def load_run(logdir):
+    """Reads the scalar series of a run's event files.
+
+    Every record's checksums are verified (as TensorFlow's reader does). A
+    damaged region is skipped and reading goes on after it; what was lost is
+    reported in the result's `problems` (`ReadProblem`), not silently dropped.
+    TensorFlow is not imported.
+
+    Args:
+        logdir: the `log_dir` given to `gradmon.GradientMonitor`, or its
+            `train` subdirectory.
+
+    Returns:
+        A `Run`: `{tag: (steps, values)}`, int64 and float64 numpy arrays
+        sorted by step, for every scalar summary in the event files (non-scalar
+        summaries such as histograms are skipped). When a step was written more
+        than once, the last value written wins (files in name order, which is
+        creation order). `run.problems` lists the damage found.
+
+    Raises:
+        NoGradmonLogs: when the directory holds no event files.
+    """
+    from tensorboard.compat.proto import event_pb2, types_pb2
+
+    directory = run_directory(logdir)
+    if not os.path.isdir(directory):
+        raise NoGradmonLogs(
+            f"{directory!r} is not a directory. Expected the `log_dir` of a "
+            "gradmon.GradientMonitor run (event files under LOGDIR/train)."
+        )
+    paths = sorted(glob.glob(os.path.join(glob.escape(directory), "events.out.tfevents.*")))
+    if not paths:
+        raise NoGradmonLogs(
+            f"No event files in {directory!r}. Expected the `log_dir` of a "
+            "gradmon.GradientMonitor run (event files under LOGDIR/train)."
+        )
+    values, problems, float32, config = {}, [], types_pb2.DT_FLOAT, {}
+    for path in paths:
+        with open(path, "rb") as f:
+            data = f.read()
+        records, damage = _scan_records(data)
+        read = []  # (offset, step) of the events read
+        for offset, payload in records:
+            try:
+                event = event_pb2.Event.FromString(payload)
+            except Exception:  # pragma: no cover - a checksummed record that is not an Event
+                damage.append(("corrupt", offset, len(payload), None))
+                continue
+            read.append((offset, int(event.step)))
+            if not event.HasField("summary"):
+                continue
+            step = int(event.step)
+            for value in event.summary.value:
+                tensor = value.tensor
+                floats = tensor.float_val
+                if len(floats) == 1 and tensor.dtype == float32 and not tensor.tensor_shape.dim:
+                    number = floats[0]  # the common case, inline: a float32 scalar
+                else:
+                    number = _scalar(value, types_pb2)
+                if number is not None:
+                    values.setdefault(value.tag, {})[step] = number
+                elif value.tag == tags.CONFIG and tensor.string_val:
+                    config = _config(tensor.string_val[0])
+        for kind, offset, skipped, resume in sorted(damage, key=lambda d: d[1]):
+            before = [step for o, step in read if o < offset]
+            after = [step for o, step in read if resume is not None and o >= resume]
+            problems.append(ReadProblem(
+                path=path, kind=kind, offset=offset, skipped_bytes=skipped,
+                last_good_step=before[-1] if before else None,
+                resumed_step=after[0] if after else None))
+    out = Run(problems=problems, config=config)
+    for tag, by_step in values.items():
+        steps = np.array(sorted(by_step), dtype=np.int64)
+        out[tag] = (steps, np.array([by_step[s] for s in steps], dtype=np.float64))
+    return out
+
+
+def _config(raw):
+    """The JSON configuration of `tags.CONFIG`, or {} if it cannot be read."""
+    import json
+
+    try:
+        config = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        return {}
+    return config if isinstance(config, dict) else {}
+
+
+def _scalar(value, types_pb2):
+    """A scalar summary's number, or `None` for anything else (histograms, layouts, text)."""
+    kind = value.WhichOneof("value")
+    if kind == "simple_value":
+        return float(value.simple_value)
+    if kind != "tensor":
+        return None
+    tensor = value.tensor
+    if tensor.tensor_shape.dim or tensor.dtype == types_pb2.DT_STRING:
+        return None
+    if tensor.dtype == types_pb2.DT_FLOAT and len(tensor.float_val) == 1:
+        return float(tensor.float_val[0])
+    if tensor.dtype == types_pb2.DT_DOUBLE and len(tensor.double_val) == 1:
+        return float(tensor.double_val[0])
+    from tensorboard.util import tensor_util  # other encodings (tensor_content, ints, half)
+
+    try:
+        return float(tensor_util.make_ndarray(tensor))
+    except (TypeError, ValueError):
+        return None
+
+
+def is_gradmon_run(run):
+    """Whether a `load_run` result holds gradmon's gradient statistics."""
+    return tags.global_norm(tags.RAW) in run
