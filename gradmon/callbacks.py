@@ -15,6 +15,19 @@ from gradmon._validation import check_log_dir, check_non_negative_int, check_pos
 from gradmon.writer import MetricWriter, SummaryWriter
 
 
+def _with_measuring(observer, train_function, measuring):
+    """`train_function` with `observer.measuring` set while it runs (and so while it traces)."""
+
+    def function(iterator):
+        observer.measuring = measuring
+        try:
+            return train_function(iterator)
+        finally:
+            observer.measuring = True
+
+    return function
+
+
 def _check_update_freq(update_freq):
     if update_freq == "epoch":
         return update_freq
@@ -105,12 +118,40 @@ class GradientMonitor(keras.callbacks.Callback):
         self._writes = _distribute.is_chief(self.model.distribute_strategy)
         if self._writes:
             self._writer.open()  # an unwritable log_dir fails before the first step
-        if monitored.prepare_model(self.model) or self.model.train_function is None:
-            self.model.make_train_function(force=True)
+        self._make_functions(monitored.prepare_model(self.model))
         self._observer.set_schedule(every=0 if self.update_freq == "epoch" else self.update_freq,
                                     log_at=-1, hist_every=self.histogram_freq)
         self._observer.last_written = max(self._observer.last_written, self._observer.step)
         self.stopped_at = None
+
+    def _make_functions(self, rebuild):
+        """Two train functions: one measuring, one that only updates (for the steps the host
+        knows are not written: they cost no conditional at all). Each is traced the first
+        time it runs, and kept across `fit` calls while nothing they depend on changes."""
+        model, observer = self.model, self._observer
+        key = (id(observer), id(model.optimizer), observer.min_rows, observer.histograms,
+               id(observer.recorder), model.jit_compile)
+        if not rebuild and getattr(self, "_functions", (None,))[0] == key and \
+                model.train_function in self._functions[1:]:
+            return
+        functions = []
+        for measuring in (True, False):
+            model.make_train_function(force=True)
+            functions.append(_with_measuring(observer, model.train_function, measuring))
+        self._functions = (key, *functions)
+        model.train_function = functions[0]
+
+    def on_train_batch_begin(self, batch, logs=None):
+        if self._observer.on_nonfinite != "warn":
+            return  # refused steps must be measured, to name them: always the measuring one
+        spe = self._observer.min_rows
+        first = self._host_step + 1
+        measure = any(self._observer.is_scheduled(s) or self._histogram_step(s)
+                      for s in range(first, first + spe))
+        self.model.train_function = self._functions[1] if measure else self._functions[2]
+
+    def _histogram_step(self, step):
+        return self.histogram_freq > 0 and step % self.histogram_freq == 0
 
     def on_epoch_begin(self, epoch, logs=None):
         self._host_step = self._observer.step  # one read per epoch: the mirror's base

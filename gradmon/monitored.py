@@ -214,7 +214,7 @@ class GradientMonitorMixin:
                 self, x, y, sample_weight, config.penalties)
         else:
             y_pred, grads = own_step.plain_step(self, x, y, sample_weight)
-        if config.noise_scale:
+        if config.noise_scale and self._gradmon_observer.measuring:
             pending["noise"] = self._gradmon_noise((x, y, sample_weight))
         config.extras.pending = pending
         self.optimizer.apply_gradients(zip(grads, self.trainable_weights))

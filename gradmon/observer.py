@@ -105,6 +105,9 @@ class Observer:
         self.min_rows = 1  # e.g. steps_per_execution
         self._restored_step = None
         self.monitor = None  # the GradientMonitor writing for this observer, if any
+        # read while tracing: False traces an update that measures nothing (steps the host
+        # knows are not written run such a trace; see GradientMonitor)
+        self.measuring = True
 
     def restore_step(self, step):
         """Continues the step axis at `step` (after loading a saved model)."""
@@ -231,6 +234,12 @@ class Observer:
             extras["loss_scale"] = tf.identity(prepared.scale)  # before the update changes it
         verdict = self.pipeline.verdict(prepared, rec.spec.loss_scaled,
                                         rec.halted if self.on_nonfinite == "stop" else None)
+        update = _Update(optimizer, original_apply, prepared, variables, verdict)
+        if not self.measuring:
+            if verdict is not None:
+                self._count(verdict)
+            update.run()
+            return
         do_log = rec.should_log(step)
         if verdict is not None:
             self._count(verdict)
@@ -242,7 +251,6 @@ class Observer:
             _keras_compat.lazy_cond(rec.should_histogram(step),
                                     lambda: rec.write_histograms(step, _histograms(rec.spec, prepared)),
                                     lambda: tf.constant(False))
-        update = _Update(optimizer, original_apply, prepared, variables, verdict)
         _run_step(rec, step, do_log, update, extras)
         if tf.executing_eagerly() and self.writer is not None and self._eager_due(step):
             self.flush()

@@ -138,7 +138,9 @@ def test_only_written_steps_are_computed(tmp_path, update_freq, written):
     assert events["gradients/test/computations"] == {s: float(i + 1) for i, s in enumerate(written)}
 
 
-def test_callback_observes_a_plain_model_without_changing_its_training(tmp_path):
+@pytest.mark.parametrize("update_freq", [1, 3])
+def test_callback_observes_a_plain_model_without_changing_its_training(tmp_path, update_freq):
+    """Bit for bit, also when unwritten steps run the train function that measures nothing."""
     weights = []
     for observed in (False, True):
         keras.utils.set_random_seed(4)
@@ -146,14 +148,32 @@ def test_callback_observes_a_plain_model_without_changing_its_training(tmp_path)
                                   keras.layers.Dense(2)])
         plain.compile(optimizer=keras.optimizers.Adam(0.01), loss="mse")
         grads = tape_gradients(plain, keras.losses.MeanSquaredError(), X[:10], Y[:10])
-        callbacks = [gradmon.GradientMonitor(str(tmp_path))] if observed else []
+        callbacks = [gradmon.GradientMonitor(str(tmp_path), update_freq=update_freq)] if observed else []
         plain.fit(X, Y, batch_size=10, epochs=2, shuffle=False, verbose=0, callbacks=callbacks)
         weights.append([v.numpy() for v in plain.weights])
     events = read_events(os.path.join(str(tmp_path), "train"))
-    assert sorted(events[tags.global_norm("raw")]) == list(range(1, 9))
-    assert events[tags.global_norm("raw")][1] == pytest.approx(global_norm(grads), rel=1e-5)
+    assert sorted(events[tags.global_norm("raw")]) == list(range(update_freq, 9, update_freq))
+    if update_freq == 1:
+        assert events[tags.global_norm("raw")][1] == pytest.approx(global_norm(grads), rel=1e-5)
     for a, b in zip(*weights):
         np.testing.assert_array_equal(a, b)
+
+
+def test_unwritten_steps_run_a_train_function_that_measures_nothing(tmp_path):
+    """Counted: the measuring trace runs only for executions holding a written step."""
+    counting = CountingStatistic()
+    m = model(stats=["norm", counting])
+    m.compile(optimizer=keras.optimizers.SGD(0.05), loss="mse", steps_per_execution=2)
+    calls = []
+    monitor = gradmon.GradientMonitor(str(tmp_path), update_freq=5)
+    spy = keras.callbacks.LambdaCallback(on_train_batch_begin=lambda batch, logs: calls.append(
+        m.train_function is monitor._functions[1]))
+    m.fit(X, Y, batch_size=2, epochs=1, verbose=0, callbacks=[monitor, spy])  # 20 steps, 10 executions
+    # executions (1,2) (3,4) (5,6) ...: measuring only for those holding 5, 10, 15, 20
+    assert calls == [False, False, True, False, True, False, False, True, False, True]
+    assert int(m.gradient_observer.recorder.state[counting].numpy()) == 4
+    events = read_events(os.path.join(str(tmp_path), "train"))
+    assert sorted(events[tags.global_norm("raw")]) == [5, 10, 15, 20]
 
 
 def test_two_monitors_on_one_model_are_refused_before_training(tmp_path):
