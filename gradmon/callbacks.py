@@ -144,14 +144,21 @@ class GradientMonitor(keras.callbacks.Callback):
     def on_train_batch_begin(self, batch, logs=None):
         if self._observer.on_nonfinite != "warn":
             return  # refused steps must be measured, to name them: always the measuring one
-        spe = self._observer.min_rows
-        first = self._host_step + 1
-        measure = any(self._observer.is_scheduled(s) or self._histogram_step(s)
-                      for s in range(first, first + spe))
-        self.model.train_function = self._functions[1] if measure else self._functions[2]
+        # measure when this execution (the next steps_per_execution steps) holds a due step
+        measure = self._host_step + self._observer.min_rows >= self._next_due
+        function = self._functions[1] if measure else self._functions[2]
+        if self.model.train_function is not function:
+            self.model.train_function = function
 
-    def _histogram_step(self, step):
-        return self.histogram_freq > 0 and step % self.histogram_freq == 0
+    def _next_due_after(self, step):
+        """The first step after `step` that is written or takes histograms (host schedule)."""
+        observer, candidates = self._observer, []
+        for period in (observer.every, self.histogram_freq):
+            if period > 0:
+                candidates.append((step // period + 1) * period)
+        if observer.log_at > step:
+            candidates.append(observer.log_at)
+        return min(candidates, default=float("inf"))
 
     def on_epoch_begin(self, epoch, logs=None):
         self._host_step = self._observer.step  # one read per epoch: the mirror's base
@@ -161,12 +168,15 @@ class GradientMonitor(keras.callbacks.Callback):
             # the last step of the epoch; unknown length: measure every step, write the last
             self._observer.set_schedule(every=0 if steps else 1,
                                         log_at=self._host_step + steps if steps else -1)
+        self._next_due = self._next_due_after(self._host_step)
 
     def on_train_batch_end(self, batch, logs=None):
         # `batch` is the last step of the execution (steps_per_execution)
         previous = self._host_step
         self._host_step += batch - self._batch_seen
         self._batch_seen = batch
+        if self._host_step >= self._next_due:
+            self._next_due = self._next_due_after(self._host_step)
         if self._observer.on_nonfinite == "stop" and self.stopped_at is None and self._observer.stopped:
             self._stop(self._write())
             return
