@@ -28,6 +28,11 @@ def _with_measuring(observer, train_function, measuring):
     return function
 
 
+def _passed(period, after, upto):
+    """Whether a multiple of `period` (> 0) lies in `(after, upto]`."""
+    return period > 0 and upto // period > after // period
+
+
 def _check_update_freq(update_freq):
     if update_freq == "epoch":
         return update_freq
@@ -180,14 +185,8 @@ class GradientMonitor(keras.callbacks.Callback):
         if self._observer.on_nonfinite == "stop" and self.stopped_at is None and self._observer.stopped:
             self._stop(self._write())
             return
-        if self.update_freq != "epoch" and self._due(previous, self._host_step):
+        if self.update_freq != "epoch" and _passed(self._observer.every, previous, self._host_step):
             self._write()
-
-    def _due(self, first_exclusive, last):
-        every = self._observer.every
-        if every <= 0:
-            return False
-        return last // every > first_exclusive // every
 
     def on_epoch_end(self, epoch, logs=None):
         self._write(latest_only=self.update_freq == "epoch")
@@ -198,30 +197,11 @@ class GradientMonitor(keras.callbacks.Callback):
             self._writer.close()
 
     def _write(self, latest_only=False):
-        observer = self._observer
-        snapshots = observer.read()
-        if latest_only:
-            snapshots = snapshots[-1:]
-        if self._writes and observer.recorder is not None:
-            observer.write_header(self._writer)
-            for snapshot in snapshots:
-                self._writer.write_scalars(snapshot.step, snapshot.values)
-            if observer.histograms and self._histogram_due():
-                observer.write_histograms(self._writer)
-        from gradmon.observer import report_nonfinite
-
-        for snapshot in snapshots:
-            report_nonfinite(observer, snapshot)
-        return snapshots
-
-    def _histogram_due(self):
-        """Whether a histogram step passed since the last look (the host knows the schedule)."""
-        seen, now = getattr(self, "_hist_seen", -1), getattr(self, "_host_step", None)
-        if now is None or seen < 0:  # before the mirror runs, or the first look: read
-            self._hist_seen = now if now is not None else -1
-            return True
-        self._hist_seen = now
-        return now // self.histogram_freq > seen // self.histogram_freq
+        # histograms only when a histogram step passed since the last look (host schedule)
+        seen, self._hist_seen = getattr(self, "_hist_seen", None), getattr(self, "_host_step", None)
+        histograms = seen is None or self._hist_seen is None or \
+            _passed(self.histogram_freq, seen, self._hist_seen)
+        return self._observer.flush(self._writer if self._writes else None, latest_only, histograms)
 
     def _stop(self, snapshots):
         nonfinite = tags.prefixed(self._observer.name, tags.nonfinite_total(tags.RAW))

@@ -19,6 +19,7 @@ from gradmon.pipeline import GradientPipeline
 GROUPINGS = ("variable", "layer")
 _HOOK = "_gradmon_observer"
 _NEVER = 2 ** 62  # a period no run reaches: "never" without a branch on the device
+_OWN_WRITER = object()  # `flush()`'s default: the observer's own writer
 
 
 def group_names(variables, grouping):
@@ -235,14 +236,13 @@ class Observer:
         verdict = self.pipeline.verdict(prepared, rec.spec.loss_scaled,
                                         rec.halted if self.on_nonfinite == "stop" else None)
         update = _Update(optimizer, original_apply, prepared, variables, verdict)
+        if verdict is not None:
+            self._count(verdict)
         if not self.measuring:
-            if verdict is not None:
-                self._count(verdict)
             update.run()
             return
         do_log = rec.should_log(step)
         if verdict is not None:
-            self._count(verdict)
             if self.on_nonfinite != "warn":
                 # the host must see a refused step, to stop or to name the variables
                 do_log = tf.logical_or(do_log, tf.logical_and(
@@ -307,15 +307,25 @@ class Observer:
         """Whether a non-finite step stopped the updates (`on_nonfinite="stop"`)."""
         return self.recorder is not None and bool(self.recorder.halted.numpy())
 
-    def flush(self):
-        """Writes the measured steps not yet written (idempotent); returns their snapshots."""
+    def flush(self, writer=_OWN_WRITER, latest_only=False, histograms=True):
+        """Writes the measured steps not yet written (idempotent); returns their snapshots.
+
+        Args:
+            writer: where to write; defaults to the writer of `observe(log_dir=...)`
+                (`None`: read and warn only, e.g. a non-chief worker).
+            latest_only: write only the latest of them (`update_freq="epoch"`).
+            histograms: also look for new histograms (two device reads).
+        """
+        writer = self.writer if writer is _OWN_WRITER else writer
         snapshots = self.read()
-        if self.writer is not None:
-            self.write_header(self.writer)
+        if latest_only:
+            snapshots = snapshots[-1:]
+        if writer is not None and self.recorder is not None:
+            self.write_header(writer)
             for snapshot in snapshots:
-                self.writer.write_scalars(snapshot.step, snapshot.values)
-            if self.histograms:
-                self.write_histograms(self.writer)
+                writer.write_scalars(snapshot.step, snapshot.values)
+            if self.histograms and histograms:
+                self.write_histograms(writer)
         for snapshot in snapshots:
             report_nonfinite(self, snapshot)
         return snapshots

@@ -239,13 +239,19 @@ class UpdateRatio(PerGroup):
 
 # -- global numbers -----------------------------------------------------------
 
-class GlobalNorm(Statistic):
+class _OfKind(Statistic):
+    """A global number of the raw or the transformed gradient (the latter only when
+    something transforms it)."""
+
     def __init__(self, kind):
         self.kind = kind
-        self.chart = ("Gradients", "global norm: raw vs transformed")
 
     def active(self, spec):
         return self.kind == tags.RAW or spec.has_transform
+
+
+class GlobalNorm(_OfKind):
+    chart = ("Gradients", "global norm: raw vs transformed")
 
     def tag(self, label):
         return tags.global_norm(self.kind)
@@ -254,14 +260,11 @@ class GlobalNorm(Statistic):
         return ctx.global_norm(self.kind)[None]
 
 
-class NonfiniteTotal(Statistic):
+class NonfiniteTotal(_OfKind):
     def __init__(self, kind):
-        self.kind = kind
+        super().__init__(kind)
         if kind == tags.RAW:
             self.chart = ("Gradients", "non-finite entries and skipped steps")
-
-    def active(self, spec):
-        return self.kind == tags.RAW or spec.has_transform
 
     def tag(self, label):
         return tags.nonfinite_total(self.kind)

@@ -568,35 +568,28 @@ class SummaryWriter(MetricWriter):
     def write_histograms(self, step, mapping):
         """Writes `{tag: [k, 3] buckets}` at `step` as one event; never raises for I/O."""
         checked = {tag: _check_buckets(tag, buckets) for tag, buckets in mapping.items()}
-        if not checked:
-            return
-        if not self._ready():
-            self.dropped += 1
-            return
-        values = []
-        for tag, buckets in checked.items():
-            value = summary_pb2.Summary.Value(
-                tag=tag, tensor=tensor_util.make_tensor_proto(buckets, dtype=np.float64))
-            description = self._description(tag)
-            if description is not None:
-                value.metadata.CopyFrom(histogram_metadata.create_summary_metadata(
-                    display_name=None, description=description))
-            values.append(value)
-        self._append(self._event(step, values))
+        self._write_tensors(step, {tag: tensor_util.make_tensor_proto(b, dtype=np.float64)
+                                   for tag, b in checked.items()}, histogram_metadata)
 
     def write_texts(self, step, mapping):
         """Writes `{tag: Markdown text}` at `step` (TensorBoard's Text tab); never raises for I/O."""
-        if not mapping:
+        self._write_tensors(step, {tag: tensor_util.make_tensor_proto(str(text))
+                                   for tag, text in mapping.items()}, text_metadata)
+
+    def _write_tensors(self, step, tensors, plugin):
+        """`{tag: TensorProto}` as one event, each tag's `plugin` metadata on its first write."""
+        if not tensors:
             return
         if not self._ready():
             self.dropped += 1
             return
         values = []
-        for tag, text in mapping.items():
-            value = summary_pb2.Summary.Value(tag=tag, tensor=tensor_util.make_tensor_proto(str(text)))
+        for tag, tensor in tensors.items():
+            value = summary_pb2.Summary.Value(tag=tag, tensor=tensor)
             description = self._description(tag)
-            value.metadata.CopyFrom(text_metadata.create_summary_metadata(
-                display_name=None, description=description or ""))
+            if description is not None:
+                value.metadata.CopyFrom(plugin.create_summary_metadata(
+                    display_name=None, description=description))
             values.append(value)
         self._append(self._event(step, values))
 
