@@ -155,7 +155,9 @@ class Observer:
         """(Re)creates the recorder for these variables and settings; True if it did."""
         rows = max(self.min_rows, self.buffer_steps)
         extras = self.extras_source.spec_extras() if self.extras_source else {}
-        key = (tuple(id(v) for v in variables), rows, self.histograms, tuple(sorted(extras.items())))
+        # the optimizer too: its clipping and loss scaling shape the statistics (a recompile)
+        key = (tuple(id(v) for v in variables), id(optimizer), rows, self.histograms,
+               tuple(sorted(extras.items())))
         if self._key == key:
             return False
         clip = transforms.from_optimizer(_keras_compat.base_optimizer(optimizer))

@@ -262,3 +262,15 @@ def test_epoch_schedule_on_a_dataset_of_unknown_length(tmp_path):
     # of an unknown-length first epoch that no batch callback sees: 4, then 9)
     assert sorted(events[tags.global_norm("raw")]) == [last_batch[0], last_batch[1]]
     assert last_batch[0] == 4
+
+
+def test_a_recompile_with_another_optimizer_rebuilds_what_is_measured(tmp_path):
+    m = model()
+    m.fit(X, Y, batch_size=10, epochs=1, verbose=0, callbacks=[gradmon.GradientMonitor(str(tmp_path))])
+    m.compile(optimizer=keras.optimizers.SGD(0.05, global_clipnorm=1e-3), loss="mse")
+    m.fit(X, Y, batch_size=10, epochs=1, verbose=0, callbacks=[gradmon.GradientMonitor(str(tmp_path))])
+    events = read_events(os.path.join(str(tmp_path), "train"))
+    # the second optimizer clips: its clipping is now observed, and the step axis continues
+    assert sorted(events[tags.CLIP_RATIO]) == [5, 6, 7, 8]
+    assert all(v < 1 for v in events[tags.CLIP_RATIO].values())
+    assert sorted(events[tags.global_norm("raw")]) == list(range(1, 9))
