@@ -5,9 +5,9 @@ train step runs once per replica, on that replica's shard of the global batch,
 with the loss already divided by the number of replicas; the optimizer sums
 the per-replica gradients (an all-reduce) inside `apply`, *after* its own
 `clipnorm` / `global_clipnorm` / `clipvalue`, so Keras clips each replica's
-gradient, not the global one. gradmon measures the all-reduced (global-batch)
-gradient, and its own transforms act on that gradient (see
-`GradientMonitorMixin._gradmon_apply`).
+gradient, not the global one. gradmon all-reduces once, before the
+optimizer (which it tells not to all-reduce again), measures that global
+gradient and transforms it (see `gradmon.pipeline`).
 
 Outside a strategy every function here is the identity / a no-op.
 """
@@ -69,16 +69,6 @@ def all_reduce_sum(values):
     for i, r in zip(present, reduced):
         out[i] = r
     return out
-
-
-def all_reduce_mean(mapping):
-    """Means a `{name: scalar}` over the replicas (one all-reduce)."""
-    if num_replicas() == 1 or not mapping:
-        return dict(mapping)
-    names = list(mapping)
-    reduced = tf.distribute.get_replica_context().all_reduce(
-        tf.distribute.ReduceOp.MEAN, [tf.convert_to_tensor(mapping[n]) for n in names])
-    return dict(zip(names, reduced))
 
 
 def cond_apply(pred, apply_fn, args):

@@ -51,12 +51,6 @@ def check_non_negative_int(argument, value):
     return int(value)
 
 
-def check_int(argument, value):
-    if not _is_int(value):
-        raise invalid(argument, "an integer", value)
-    return int(value)
-
-
 def check_bool(argument, value):
     """Accepts Python and numpy booleans only (not "no", not 0)."""
     if type(value).__name__ not in ("bool", "bool_"):
