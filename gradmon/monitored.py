@@ -181,20 +181,10 @@ class GradientMonitorMixin:
         Returns:
             The model, for chaining.
         """
-        old = self._gradmon_observer
         config = GradientConfig(transform, grouping, stats, penalties, noise_scale, on_nonfinite)
         _check_own_step(self, config)
-        new = config.observer
-        new.restore_step(old.step)
-        new.monitor, new.writer = old.monitor, old.writer
-        optimizer = getattr(self, "optimizer", None)
-        if optimizer is not None and observer_of(optimizer) is old:
-            _unhook(optimizer)
         object.__setattr__(self, "_gradmon_config", config)
-        object.__setattr__(self, "_gradmon_observer", new)
-        if old.monitor is not None:
-            old.monitor.adopt(new)
-        self.train_function = None
+        _replace_observer(self, config.observer)
         return self
 
     def make_train_function(self, force=False):
@@ -274,10 +264,23 @@ class GradientMonitorMixin:
         return self._gradmon_observer
 
 
-def _unhook(optimizer):
-    for name in ("apply", "_gradmon_observer", "flush", "gradmon"):
-        optimizer.__dict__.pop(name, None)
-    kc.restore_optimizer_all_reduce(optimizer)
+def _replace_observer(model, new):
+    """Gives `model` a new observer (new settings): the step axis, the writing monitor and the
+    optimizer's hook carry over from the old one, if any."""
+    old = getattr(model, "_gradmon_observer", None)
+    if old is not None:
+        new.restore_step(old.step)
+        new.monitor, new.writer = old.monitor, old.writer
+        optimizer = getattr(model, "optimizer", None)
+        if optimizer is not None and observer_of(optimizer) is old:
+            old.unhook(optimizer)
+    if isinstance(model, GradientMonitorMixin):
+        object.__setattr__(model, "_gradmon_observer", new)
+    else:
+        instrument(model, new)
+    if old is not None and old.monitor is not None:
+        old.monitor.adopt(new)
+    model.train_function = None
 
 
 @keras.saving.register_keras_serializable(package="gradmon", name="MonitoredFunctional")
@@ -366,12 +369,7 @@ def monitor(model, transform=None, grouping="layer", stats=None, penalties=None,
     config = GradientConfig(*args)
     if not kc.model_train_step_is_keras(model):
         _check_own_step(model, config)
-        previous = getattr(model, "_gradmon_observer", None)
-        optimizer = getattr(model, "optimizer", None)
-        if previous is not None and optimizer is not None and observer_of(optimizer) is previous:
-            _unhook(model.optimizer)
-        instrument(model, config.observer)
-        model.train_function = None
+        _replace_observer(model, config.observer)
         return model
     kwargs = dict(gradient_transform=transform, gradient_grouping=grouping, gradient_stats=stats,
                   gradient_penalties=penalties, gradient_noise_scale=noise_scale,

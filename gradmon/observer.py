@@ -149,6 +149,14 @@ class Observer:
         self.optimizer = optimizer
         return optimizer
 
+    def unhook(self, optimizer):
+        """Undoes `hook`: `optimizer.apply` (and its own all-reduce) are Keras' again."""
+        if getattr(optimizer, _HOOK, None) is not self:
+            return
+        for name in ("apply", _HOOK, "flush", "gradmon"):
+            optimizer.__dict__.pop(name, None)
+        _keras_compat.restore_optimizer_all_reduce(optimizer)
+
     # -- building (outside any tf.function) ---------------------------------
 
     def ensure_built(self, optimizer, variables):
