@@ -133,12 +133,8 @@ class Recorder:
     def read(self, after_step=-1):
         """Snapshots of the held logged steps later than `after_step`, oldest first."""
         rows = self.records.numpy()
-        if rows.shape[0] > 1:
-            rows = rows[rows[:, 0] > after_step]
-            rows = rows[np.argsort(rows[:, 0])]
-        elif rows[0, 0] <= after_step:
-            return []
-        return [self._parse(r) for r in rows]
+        rows = rows[rows[:, 0] > after_step]
+        return [self._parse(r) for r in rows[np.argsort(rows[:, 0])]]
 
     def _parse(self, row):
         overflow = bool(row[1])
