@@ -217,9 +217,9 @@ class GradientMonitorMixin:
         observer.ensure_built(self.optimizer, self.trainable_weights)
         rec = observer.recorder
         g = rec.spec.num_groups
-        half = tf.shape(kc.tree.flatten(batch[0])[0])[0] // 2
+        half = own_step.half_size(batch)
         moments = tf.cond(rec.should_log(rec.step + 1),
-                          lambda: own_step.half_batch_moments(self, batch, rec.spec.segment_ids, g)["moments"],
+                          lambda: own_step.half_batch_moments(self, batch, rec.spec.segment_ids, g),
                           lambda: tf.zeros([g, 3]))
         return {"moments": moments, "half_batch": half}
 

@@ -110,8 +110,14 @@ def plain_step(model, x, y, sample_weight):
     return y_pred, tape.gradient(loss, model.trainable_weights)
 
 
+def half_size(batch):
+    """The number of examples in each half of `(x, y, sample_weight)` (the first input's)."""
+    return tf.shape(kc.tree.flatten(batch[0])[0])[0] // 2
+
+
 def half_batch_moments(model, batch, segment_ids, num_groups):
-    """Per group `[|g1|^2, |g2|^2, g1.g2]` for the gradients of the two batch halves.
+    """Per group `[|g1|^2, |g2|^2, g1.g2]` for the gradients of the two batch halves
+    (`half_size(batch)` examples each).
 
     Computed in a `keras.StatelessScope`, so the extra forward passes change
     no BatchNorm statistic, RNG state or loss tracker. Under a strategy, of
@@ -119,7 +125,7 @@ def half_batch_moments(model, batch, segment_ids, num_groups):
     """
     x, y, sample_weight = batch
     variables = model.trainable_weights
-    half = tf.shape(kc.tree.flatten(x)[0])[0] // 2
+    half = half_size(batch)
     replicas = float(_distribute.num_replicas())
 
     def part(start):
@@ -144,4 +150,4 @@ def half_batch_moments(model, batch, segment_ids, num_groups):
         else:
             rows.append(tf.stack([tf.reduce_sum(a * a), tf.reduce_sum(b * b), tf.reduce_sum(a * b)]))
     moments = tf.math.unsorted_segment_sum(tf.stack(rows), tf.constant(segment_ids, tf.int32), num_groups)
-    return {"moments": moments, "half_batch": half}
+    return moments
