@@ -68,6 +68,21 @@ def update_ratio(path):
     return f"gradients/update_ratio/{sanitize(path)}"
 
 
+# Optimizer state: norms of the optimizer's moment slots, cosines of update, gradient and
+# first moment (`stats=["moment_norm", "cosines"]`).
+FIRST_MOMENT = "first_moment"
+SECOND_MOMENT = "second_moment"
+MOMENTS = (FIRST_MOMENT, SECOND_MOMENT)
+OPTIMIZER_PREFIX = "optimizer/"
+COSINE_UPDATE_GRADIENT = "optimizer/cosine/update_gradient"
+COSINE_GRADIENT_FIRST_MOMENT = "optimizer/cosine/gradient_first_moment"
+
+
+def moment_norm(moment, path):
+    """Norm of the optimizer's `first_moment` / `second_moment` slots of a group."""
+    return f"optimizer/{moment}/norm/{sanitize(path)}"
+
+
 CLIP_RATIO = "gradients/clip/ratio"
 CLIP_FRACTION = "gradients/clip/fraction"
 NO_GRADIENT = "gradients/no_gradient"
@@ -173,6 +188,8 @@ def describe(tag):
                 "B |G|^2 / tr(Sigma), from the two batch halves.")
     if parts[:2] == ["gradients", "grad_to_weight"]:
         return f"||raw gradient|| / ||weight|| of `{'/'.join(parts[2:])}`."
+    if parts[0] == "optimizer" and len(parts) >= 4 and parts[1] in MOMENTS and parts[2] == "norm":
+        return _MOMENT_NORM_DESCRIPTIONS[parts[1]].format(path="/".join(parts[3:]))
     if parts[:2] == ["gradients", "update_ratio"]:
         return (
             f"||w_after - w_before|| / ||w_before|| of `{'/'.join(parts[2:])}` "
@@ -180,6 +197,20 @@ def describe(tag):
         )
     return ""
 
+
+_MOMENT_NORM_DESCRIPTIONS = {
+    FIRST_MOMENT: (
+        "L2 norm of the optimizer's first-moment slots of `{path}`, as the optimizer holds them "
+        "after this step: Adam/AdamW/Nadam/Adamax/Lion/Lamb `m` (average gradient), RMSprop "
+        "`momentum` (of its steps), SGD `momentum` (-lr x the running sum: in weight units)."
+    ),
+    SECOND_MOMENT: (
+        "sqrt(sum v) = ||sqrt(v)||, in gradient units, of the optimizer's second-moment slots v "
+        "of `{path}` after this step: Adam/AdamW/Nadam/Lamb/RMSprop `v` (average squared "
+        "gradient), Adagrad's accumulator (sum of squared gradients); Adamax: ||u|| (its "
+        "infinity-norm average, already in gradient units)."
+    ),
+}
 
 _FIXED_DESCRIPTIONS = {
     global_norm(RAW): "Global L2 norm of the raw (unscaled, untransformed) gradient.",
@@ -212,6 +243,16 @@ _FIXED_DESCRIPTIONS = {
     LOSS_DATA: "The compiled loss (with Keras regularization losses), without gradmon penalties.",
     LOSS_TOTAL: "The loss optimized: data loss + gradmon penalties.",
     CONFIG: "How gradmon monitored this run (JSON): grouping, statistics, transform, policy.",
+    COSINE_UPDATE_GRADIENT: (
+        "cos(w_after - w_before, -raw gradient) over all variables: 1 = the step went straight "
+        "down the gradient (plain SGD), 0 = orthogonal, < 0 = uphill (momentum, preconditioning, "
+        "weight decay and transforms turn it). NaN: undefined (no update applied, zero step)."
+    ),
+    COSINE_GRADIENT_FIRST_MOMENT: (
+        "cos(raw gradient, the optimizer's first moment after this step) over all variables, "
+        "the moment taken in gradient direction (SGD's momentum buffer, -lr x the running sum, "
+        "negated). NaN: undefined (no update applied, zero vector)."
+    ),
     HESSIAN_TRACE: "Hutchinson estimate of the Hessian trace (sum of all eigenvalues).",
     HESSIAN_TRACE_STDERR: "Standard error of the Hutchinson trace estimate.",
     HESSIAN_HVP_COUNT: "Hessian-vector products spent by this Hessian probe.",
