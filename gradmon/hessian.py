@@ -12,7 +12,8 @@ mean training loss and runs a matrix-free algorithm on it:
   same Lanczos routine (`_Lanczos`) as `spectrum`.
 - `make_hvp`: the HVP operator itself, reusable by all three.
 
-The operator is the Hessian, with respect to `model.trainable_variables`, of
+The operator is the Hessian, with respect to `model.trainable_variables` (or
+a subset of them: a diagonal block, `make_hvp(variables=...)`), of
 
     L(w) = sum_b n_b * loss_b(w) / sum_b n_b,
 
@@ -318,23 +319,30 @@ def _dot(a, b):
     )
 
 
-def _build_functions(model, variables, hvp_mode, dtype):
+def _build_functions(model, variables, hvp_mode, dtype, block):
+    # `block`: indices of the variables differentiated (all of them, or a
+    # diagonal block of the Hessian); the others enter the loss as constants.
     model_ref = weakref.ref(model)  # the cache must not keep models alive
-    shapes = [tuple(v.shape) for v in variables]
+    wrt = [variables[i] for i in block]
+    shapes = [tuple(v.shape) for v in wrt]
     sizes = [int(np.prod(s)) for s in shapes]
 
     def read_params():
         return [tf.convert_to_tensor(v.value) for v in variables]
 
+    def watched(params):
+        return [params[i] for i in block]
+
     def loss_and_gradient(params, x, y, sample_weight):
         # Recorded by any enclosing tape or accumulator: the HVPs differentiate it again.
+        # Only the block is watched, so the backward pass stops where it ends.
         with tf.GradientTape() as tape:
-            tape.watch(params)
+            tape.watch(watched(params))
             loss = _batch_loss(
                 model_ref(), variables, params, x, y, sample_weight, False
             )
-        grads = tape.gradient(loss, params)
-        return loss, [_dense(g, p) for g, p in zip(grads, params)]
+        grads = tape.gradient(loss, watched(params))
+        return loss, [_dense(g, p) for g, p in zip(grads, watched(params))]
 
     def gradient(x, y, sample_weight):
         return loss_and_gradient(read_params(), x, y, sample_weight)
@@ -342,15 +350,15 @@ def _build_functions(model, variables, hvp_mode, dtype):
     def hvp_reverse(x, y, sample_weight, vector):
         params = read_params()
         with tf.GradientTape() as outer:
-            outer.watch(params)
+            outer.watch(watched(params))
             _, grads = loss_and_gradient(params, x, y, sample_weight)
             grad_dot_v = _dot(grads, vector)
-        hv = outer.gradient(grad_dot_v, params)
-        return [_dense(h, p) for h, p in zip(hv, params)]
+        hv = outer.gradient(grad_dot_v, watched(params))
+        return [_dense(h, p) for h, p in zip(hv, watched(params))]
 
     def hvp_forward(x, y, sample_weight, vector):
         params = read_params()
-        with tf.autodiff.ForwardAccumulator(params, vector) as acc:
+        with tf.autodiff.ForwardAccumulator(watched(params), vector) as acc:
             _, grads = loss_and_gradient(params, x, y, sample_weight)
         hv = acc.jvp(grads, unconnected_gradients=tf.UnconnectedGradients.ZERO)
         return list(hv)
@@ -363,7 +371,7 @@ def _build_functions(model, variables, hvp_mode, dtype):
         parts = tf.split(vector, sizes)
         tangents = [
             tf.cast(tf.reshape(p, s), v.dtype)
-            for p, s, v in zip(parts, shapes, variables)
+            for p, s, v in zip(parts, shapes, wrt)
         ]
         hv = hvp(x, y, sample_weight, tangents)
         return tf.concat(
@@ -381,15 +389,31 @@ def _build_functions(model, variables, hvp_mode, dtype):
 _FUNCTION_CACHE = weakref.WeakKeyDictionary()
 
 
-def _functions(model, variables, hvp_mode, dtype):
-    key = (hvp_mode, dtype.name, tuple(id(v) for v in variables))
+def _functions(model, variables, hvp_mode, dtype, block):
+    key = (hvp_mode, dtype.name, tuple(id(v) for v in variables), block)
     try:
         per_model = _FUNCTION_CACHE.setdefault(model, {})
     except TypeError:  # not weak-referenceable: no caching
-        return _build_functions(model, variables, hvp_mode, dtype)
+        return _build_functions(model, variables, hvp_mode, dtype, block)
     if key not in per_model:
-        per_model[key] = _build_functions(model, variables, hvp_mode, dtype)
+        per_model[key] = _build_functions(model, variables, hvp_mode, dtype, block)
     return per_model[key]
+
+
+def _block_indices(variables, trainable):
+    """Indices into `trainable` of `variables` (`None`: all), in model order."""
+    if variables is None:
+        return tuple(range(len(trainable)))
+    index = {id(v): i for i, v in enumerate(trainable)}
+    chosen = list(variables) if isinstance(variables, (list, tuple)) else None
+    if not chosen or any(id(v) not in index for v in chosen) or len(
+            {id(v) for v in chosen}) != len(chosen):
+        raise invalid(
+            "variables", "None or a non-empty list of the model's trainable "
+            "variables, each at most once",
+            variables if chosen is None else [getattr(v, "path", v) for v in chosen],
+        )
+    return tuple(sorted(index[id(v)] for v in chosen))
 
 
 def _vector_dtype(variables):
@@ -409,7 +433,8 @@ class HessianVectorProduct:
     serves every probe of a training run.
 
     Attributes:
-        variables: the model's trainable variables, in flattening order.
+        variables: the trainable variables differentiated (all of the
+            model's, or the block given to `make_hvp`), in flattening order.
         shapes: their shapes.
         num_params: total number of trainable parameters.
         dtype: the `tf.DType` of flat vectors (the variables' widest).
@@ -417,7 +442,7 @@ class HessianVectorProduct:
         count: number of HVPs computed so far.
     """
 
-    def __init__(self, model, data, hvp_mode=None):
+    def __init__(self, model, data, hvp_mode=None, variables=None):
         _check_model(model)
         hvp_mode = DEFAULT_HVP_MODE if hvp_mode is None else hvp_mode
         if hvp_mode not in HVP_MODES:
@@ -429,19 +454,21 @@ class HessianVectorProduct:
         x0, y0, sw0 = self._batches[0]
         if not model.built:
             model(x0, training=False)  # creates the weights, nothing else
-        self.variables = list(model.trainable_variables)
-        if not self.variables:
+        trainable = list(model.trainable_variables)
+        if not trainable:
             raise ValueError(
                 "Invalid value for argument `model`. Expected a model with "
                 "trainable variables. Received: a model with none"
             )
+        block = _block_indices(variables, trainable)
+        self.variables = [trainable[i] for i in block]
         compile_loss = getattr(model, "_compile_loss", None)
         if compile_loss is not None and not compile_loss.built:
             # Builds CompileLoss' trackers as `fit`/`evaluate` would; their
             # (zero) state is created here, outside any tf.function.
             _batch_loss(
-                model, self.variables,
-                [tf.convert_to_tensor(v.value) for v in self.variables],
+                model, trainable,
+                [tf.convert_to_tensor(v.value) for v in trainable],
                 x0, y0, sw0, True,
             )
         self.shapes = [tuple(v.shape) for v in self.variables]
@@ -451,7 +478,7 @@ class HessianVectorProduct:
         self.hvp_mode = hvp_mode
         self.count = 0
         self._hvp_fn, self._grad_fn = _functions(
-            model, self.variables, hvp_mode, self.dtype
+            model, trainable, hvp_mode, self.dtype, block
         )
         self._concrete = {}  # batch index -> concrete HVP function
 
@@ -546,7 +573,7 @@ class HessianVectorProduct:
         return loss, grad
 
 
-def make_hvp(model, data, hvp_mode=None):
+def make_hvp(model, data, hvp_mode=None, variables=None):
     """Builds the compiled Hessian-vector product of a model's mean loss.
 
     Args:
@@ -559,6 +586,11 @@ def make_hvp(model, data, hvp_mode=None):
         hvp_mode: `"reverse_over_reverse"` (nested `tf.GradientTape`) or
             `"forward_over_reverse"` (`tf.autodiff.ForwardAccumulator` over
             a tape). Defaults to `None`, meaning `DEFAULT_HVP_MODE`.
+        variables: a subset of `model.trainable_variables`: the operator is
+            then the diagonal block of the Hessian for them (the others held
+            at their values), flattened in the model's order, and both
+            backward passes stop at the earliest of them (a layer near the
+            output costs less than a full HVP). Defaults to `None`: all.
 
     Returns:
         A `HessianVectorProduct`: `hvp.apply(t)` maps a flat device tensor to
@@ -577,7 +609,7 @@ def make_hvp(model, data, hvp_mode=None):
     tr = trace(hvp, num_samples=50)
     ```
     """
-    return HessianVectorProduct(model, data, hvp_mode=hvp_mode)
+    return HessianVectorProduct(model, data, hvp_mode=hvp_mode, variables=variables)
 
 
 def _operator(model, data, hvp_mode):
