@@ -108,6 +108,18 @@ def snr(path):
     return f"gradients/snr/{sanitize(path)}"
 
 
+# Spikes caught in the step (`on_spike`, gradmon.spikes) and ZClip (gradmon.transforms.zclip).
+SPIKE_ZSCORE = "gradients/spike/zscore"
+SPIKE_LOSS_ZSCORE = "gradients/spike/loss_zscore"
+SPIKE_COUNT = "gradients/spike/count"
+SPIKE_AT = "gradients/spike/at"
+
+
+def zclip_threshold(member="zclip"):
+    """The clipping threshold of a `zclip` transform member (`gradients/zclip/threshold`)."""
+    return f"gradients/{sanitize(member)}/threshold"
+
+
 # A text summary (JSON) of the monitoring configuration, read back by `gradmon summary`.
 CONFIG = "gradmon/config"
 
@@ -195,6 +207,9 @@ def describe(tag):
             f"||w_after - w_before|| / ||w_before|| of `{'/'.join(parts[2:])}` "
             "over this optimizer step."
         )
+    if len(parts) == 3 and parts[0] == "gradients" and parts[2] == "threshold":
+        return (f"ZClip threshold of the `{parts[1]}` transform member: mean + z_threshold * std of "
+                "the recent global norms (EMA); a larger norm is clipped (NaN during the warm-up).")
     return ""
 
 
@@ -226,7 +241,8 @@ _FIXED_DESCRIPTIONS = {
     NO_GRADIENT: "Number of trainable variables that received no gradient in this step.",
     SKIPPED_STEPS: (
         "Steps so far whose update was not applied because the gradient had NaN/inf entries "
-        "(LossScaleOptimizer skips, on_nonfinite='skip'/'stop'); they count as unclipped."
+        "(LossScaleOptimizer skips, on_nonfinite='skip'/'stop') or was a spike (on_spike="
+        "'skip'/'stop'); they count as unclipped."
     ),
     LOSS_SCALE: "Dynamic loss scale of the LossScaleOptimizer (mixed precision) at this step.",
     OVERFLOW_STEPS: (
@@ -262,4 +278,14 @@ _FIXED_DESCRIPTIONS = {
     ),
     HESSIAN_MIN_EIGENVALUE: "Smallest (most negative) Hessian eigenvalue on the probe data.",
     HESSIAN_DENSITY: "Spectral density of the Hessian (stochastic Lanczos quadrature), as probability mass per bucket.",
+    SPIKE_ZSCORE: (
+        "z-score of the raw global gradient norm against its running mean and std before this step "
+        "(EMA, alpha 0.97, after a 25-step warm-up; NaN during the warm-up)."
+    ),
+    SPIKE_LOSS_ZSCORE: (
+        "z-score of the batch loss against its running mean and std before this step (where "
+        "gradmon's own train step computes the loss; NaN during the warm-up)."
+    ),
+    SPIKE_COUNT: "Gradient-norm spikes so far (z-score above the on_spike threshold, after the warm-up).",
+    SPIKE_AT: "A gradient-norm spike, written at its own step; the value is its z-score.",
 }

@@ -1,0 +1,210 @@
+"""Spikes caught in the step: running mean and variance of the gradient norm (and the loss).
+
+The statistics are those of ZClip (Kumar et al. 2025): a warm-up that only
+collects values (after `warmup` of them, mean and variance are theirs,
+exactly: the population variance), then exponential moving averages
+
+    mean_t = alpha * mean_{t-1} + (1 - alpha) * x_t
+    var_t  = alpha * var_{t-1}  + (1 - alpha) * (x_t - mean_t)^2
+
+(the variance against the *updated* mean, as ZClip's reference code). A
+value is judged by the statistics *before* it is folded in:
+`z = (x - mean) / (std + eps)`. No value is judged during the warm-up, and a
+non-finite value (NaN/inf gradient, loss-scale overflow) is neither judged
+nor folded: it is the non-finite policy's business.
+
+A spike is folded in *winsorised*, at `mean + threshold * std` (ZClip folds
+its clipped norm): one huge norm does not inflate the variance so much that
+the next spikes go unseen.
+
+State is one float64 vector `[seen, mean, var]` in a device variable
+(replica-local: every replica folds the same all-reduced norm), updated on
+every step, logged or not. `SpikeTracker` (the `on_spike` policy) and
+`gradmon.transforms.zclip` each keep their own.
+
+References:
+    Kumar, Owen, Chowdhury, Güra (2025). ZClip: Adaptive Spike Mitigation for
+    LLM Pre-Training. arXiv:2504.02507.
+"""
+
+import numpy as np
+import tensorflow as tf
+
+from gradmon import _distribute, statistics, tags
+
+SPIKE_POLICIES = ("warn", "skip", "stop")
+# The detector's EMA (ZClip's defaults): alpha 0.97 (about 33 steps of memory), 25 warm-up steps.
+SPIKE_ALPHA = 0.97
+SPIKE_WARMUP = 25
+# Spikes are judged against z = 6 by default: the detector guards updates, so a false
+# alarm costs (a skipped step, a stopped run); gradient norms are heavy-tailed.
+DEFAULT_SPIKE_THRESHOLD = 6.0
+_EPS = 1e-12
+_NAME_SCOPE = "gradmon_spikes"  # every op of the tracker: a test finds them by it
+
+
+def initial_state():
+    """`[seen, mean, var]` before the first value."""
+    return np.zeros([3], np.float64)
+
+
+def warmed_up(state, warmup):
+    """Bool scalar: `warmup` values were folded in, so the next one is judged."""
+    return state[0] >= warmup
+
+
+def zscore(state, x, eps=_EPS):
+    """`(x - mean) / (std + eps)` against `state` (float64)."""
+    return (tf.cast(x, tf.float64) - state[1]) / (tf.sqrt(state[2]) + eps)
+
+
+def upper_bound(state, threshold):
+    """`mean + threshold * std`: the largest value that is not a spike."""
+    return state[1] + threshold * tf.sqrt(state[2])
+
+
+def folded(state, x, warmup, alpha):
+    """The state after folding in `x` (float64 scalar); a non-finite `x` leaves it unchanged.
+
+    Args:
+        state: float64 `[seen, mean, var]`.
+        x: the value folded in (a spike already winsorised by the caller).
+        warmup: values collected before the moving averages start (positive int).
+        alpha: EMA decay in [0, 1).
+
+    Returns:
+        The new float64 `[seen, mean, var]`.
+    """
+    x = tf.cast(x, tf.float64)
+    seen, mean, var = state[0], state[1], state[2]
+    # warm-up: the running (Welford) mean and population variance of the values so far
+    n = seen + 1.0
+    warm_mean = mean + (x - mean) / n
+    warm_var = (var * seen + (x - mean) * (x - warm_mean)) / n
+    ema_mean = alpha * mean + (1.0 - alpha) * x
+    ema_var = alpha * var + (1.0 - alpha) * tf.square(x - ema_mean)
+    warm = seen >= warmup
+    new = tf.stack([n, tf.where(warm, ema_mean, warm_mean), tf.where(warm, ema_var, warm_var)])
+    return tf.where(tf.math.is_finite(x), new, state)
+
+
+class SpikeStep:
+    """One step's verdict of the tracker (tensors).
+
+    Attributes:
+        zscore: z of the raw global norm (NaN during the warm-up or for a non-finite norm).
+        loss_zscore: z of the loss, or `None` where the loss is unknown.
+        spike: bool scalar, the norm is a spike.
+    """
+
+    def __init__(self, zscore, loss_zscore, spike):
+        self.zscore, self.loss_zscore, self.spike = zscore, loss_zscore, spike
+
+
+class SpikeTracker:
+    """Device state of the spike detector of one observed optimizer (created outside tf.function).
+
+    Args:
+        threshold: z above which a norm is a spike.
+        rows: spikes held between two reads (a ring of `(step, z)`).
+        loss: whether a loss reaches the step (gradmon's own train step).
+        alpha: EMA decay. Defaults to `SPIKE_ALPHA`.
+        warmup: steps collected before the first verdict. Defaults to `SPIKE_WARMUP`.
+    """
+
+    def __init__(self, threshold, rows, loss=False, alpha=SPIKE_ALPHA, warmup=SPIKE_WARMUP):
+        variable = _distribute.replica_local_variable
+        self.threshold, self.alpha, self.warmup = float(threshold), float(alpha), int(warmup)
+        self.norm_state = variable(initial_state(), dtype=tf.float64, name="gradmon_spike_norm")
+        self.loss_state = variable(initial_state(), dtype=tf.float64,
+                                   name="gradmon_spike_loss") if loss else None
+        self.count = variable(0, dtype=tf.int64, name="gradmon_spike_count")
+        # the latest spikes, row `count % rows`: (step, z); step -1 where none yet
+        self.ring = variable(np.concatenate([-np.ones([rows, 1]), np.zeros([rows, 1])], axis=1),
+                             dtype=tf.float64, name="gradmon_spike_ring")
+
+    @property
+    def rows(self):
+        return int(self.ring.shape[0])
+
+    def _judge(self, variable, x):
+        """`(z, spike)` of `x` against `variable`'s state, which then folds `x` in (winsorised)."""
+        state = variable.read_value()
+        x = tf.cast(x, tf.float64)
+        warm = warmed_up(state, self.warmup)
+        finite = tf.math.is_finite(x)
+        z = tf.where(tf.logical_and(warm, finite), zscore(state, x), tf.constant(np.nan, tf.float64))
+        spike = tf.logical_and(tf.logical_and(warm, finite), z > self.threshold)
+        kept = tf.where(spike, upper_bound(state, self.threshold), x)
+        variable.assign(folded(state, kept, self.warmup, self.alpha))
+        return z, spike
+
+    def update(self, step, norm, loss=None):
+        """Judges this step's raw global norm (and loss), folds them in; returns a `SpikeStep`."""
+        with tf.name_scope(_NAME_SCOPE):
+            z, spike = self._judge(self.norm_state, norm)
+            loss_z = None
+            if self.loss_state is not None and loss is not None:
+                loss_z, _ = self._judge(self.loss_state, loss)
+            index = tf.math.floormod(self.count, self.rows)
+            row = tf.where(spike, tf.stack([tf.cast(step, tf.float64), z]), self.ring[index])
+            self.ring.assign(tf.tensor_scatter_nd_update(self.ring, [[index]], row[None]))
+            self.count.assign_add(tf.cast(spike, tf.int64))
+            return SpikeStep(z, loss_z, spike)
+
+    def read(self):
+        """`(count, [(step, z), ...] oldest first)` of the spikes held (host side)."""
+        count, ring = int(self.count.numpy()), self.ring.numpy()
+        held = ring[ring[:, 0] >= 0]
+        held = held[np.argsort(held[:, 0])]
+        return count, [(int(s), float(z)) for s, z in held]
+
+
+def global_norm(gradients):
+    """The raw global norm the tracker judges, inside its name scope."""
+    from gradmon import stats
+
+    with tf.name_scope(_NAME_SCOPE):
+        return stats.global_norm(gradients)
+
+
+# -- what a logged step writes ------------------------------------------------
+
+class SpikeScores(statistics.Statistic):
+    """`gradients/spike/zscore` (and `gradients/spike/loss_zscore` where the loss is known)."""
+
+    chart = ("Gradients", "spikes: z-scores")
+
+    def __init__(self, loss=False):
+        self.loss = loss
+
+    def labels(self, spec):
+        return ["norm", "loss"] if self.loss else ["norm"]
+
+    def tag(self, label):
+        return tags.SPIKE_LOSS_ZSCORE if label == "loss" else tags.SPIKE_ZSCORE
+
+    def compute(self, ctx):
+        step = ctx.extras["spike"]
+        values = [step.zscore] + ([step.loss_zscore] if self.loss else [])
+        return tf.cast(tf.stack(values), tf.float32)
+
+
+def spike_count():
+    """`gradients/spike/count`: a counter, written also on overflow steps."""
+    return statistics.Counter("spikes", tags.SPIKE_COUNT)
+
+
+class ZClipThreshold(statistics.Statistic):
+    """`gradients/zclip/threshold`: the norm above which a `zclip` member clipped this step."""
+
+    chart = ("Gradients", "global norm: raw vs transformed")
+
+    def __init__(self, member, label):
+        self.member, self._label = member, label
+
+    def tag(self, label):
+        return tags.zclip_threshold(self._label)
+
+    def compute(self, ctx):
+        return tf.cast(self.member.threshold.read_value(), tf.float32)[None]
