@@ -120,11 +120,41 @@ def optimizer_slot(optimizer, slot, variable):
     """
     optimizer = base_optimizer(optimizer)
     slots = getattr(optimizer, f"_{slot}", None)
+    if slots is None:  # SGD keeps its momentum buffers public (`momentums`)
+        slots = getattr(optimizer, slot, None) if slot == "momentums" else None
     if slots is None:
         raise ValueError(
             f"Invalid value for argument `slot`. Expected a slot of {type(optimizer).__name__}. "
             f"Received: slot={slot!r}")
     return slots[optimizer._get_variable_index(variable)]
+
+
+def moment_slots(optimizer):
+    """The optimizer's moment slots, from its class and configuration (before it is built).
+
+    Returns:
+        `{"first_moment": (slot, sign), "second_moment": (slot, squared)}` with only the
+        moments the optimizer keeps. `slot` is for `optimizer_slot`; `sign` turns the first
+        moment into the gradient's direction (-1 for SGD, whose buffer holds -lr x the running
+        sum); `squared` says the slot holds squared gradients (Adamax's `u` does not).
+        Slot names read from keras 3.15's `build` methods.
+    """
+    o = base_optimizer(optimizer)
+    k = keras.optimizers
+    if isinstance(o, (k.Adam, k.Nadam, k.Lamb)):  # AdamW is an Adam
+        return {"first_moment": ("momentums", 1.0), "second_moment": ("velocities", True)}
+    if isinstance(o, k.Adamax):
+        return {"first_moment": ("m", 1.0), "second_moment": ("u", False)}
+    if isinstance(o, k.Lion):
+        return {"first_moment": ("momentums", 1.0)}
+    if isinstance(o, k.RMSprop):
+        first = {"first_moment": ("momentums", 1.0)} if o.momentum > 0 else {}
+        return dict(first, second_moment=("velocities", True))
+    if isinstance(o, k.Adagrad):
+        return {"second_moment": ("accumulators", True)}
+    if isinstance(o, k.SGD):
+        return {"first_moment": ("momentums", -1.0)} if o.momentum != 0 else {}
+    return {}
 
 
 def lazy_cond(pred, true_fn, false_fn):

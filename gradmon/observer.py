@@ -175,6 +175,7 @@ class Observer:
             groups, ids, has_transform=observed is not None,
             fraction_names=observed.fraction_names() if observed else (),
             loss_scaled=_keras_compat.is_loss_scale_optimizer(optimizer),
+            moment_slots=_keras_compat.moment_slots(optimizer),
             full_moments=bool(set(self.selected) & {"max_abs", "rms", "zero_fraction", "nonfinite"}),
             **extras)
         stats = statistics.default_statistics(self.selected) + self.custom

@@ -20,12 +20,13 @@ A statistic is a small object (in the spirit of Cockpit's quantities and
 
 import tensorflow as tf
 
+from gradmon import _keras_compat
 from gradmon import stats as _stats
 from gradmon import tags
 
 GROUP_STATS = tags.GROUP_STATS
 # Names `stats=` selects among (per group); global numbers are always written.
-STAT_NAMES = GROUP_STATS + ("grad_to_weight", "update_ratio")
+STAT_NAMES = GROUP_STATS + ("grad_to_weight", "update_ratio", "moment_norm", "cosines")
 # What `stats=None` computes: few enough tags to browse on a big model (with the default
 # per-layer grouping, ~200 tags and ~16 KB per logged step on MobileNetV2); `stats="all"`
 # for every statistic.
@@ -43,10 +44,12 @@ class Spec:
         loss_scaled: whether the optimizer is a `LossScaleOptimizer`.
         penalty_names: gradmon penalties of the model's own step.
         noise_scale: whether the model's own step estimates the noise scale.
+        moment_slots: the optimizer's moment slots (`_keras_compat.moment_slots`).
     """
 
     def __init__(self, groups, segment_ids, has_transform=False, fraction_names=(),
-                 loss_scaled=False, penalty_names=(), noise_scale=False, full_moments=True):
+                 loss_scaled=False, penalty_names=(), noise_scale=False, full_moments=True,
+                 moment_slots=None):
         self.groups = list(groups)
         self.segment_ids = list(segment_ids)
         self.has_transform = has_transform
@@ -56,6 +59,7 @@ class Spec:
         self.noise_scale = noise_scale
         # whether any statistic needs more than the sum of squares (max, zeros, non-finite per group)
         self.full_moments = full_moments
+        self.moment_slots = dict(moment_slots or {})
 
     @property
     def num_groups(self):
@@ -461,6 +465,100 @@ class NoiseScale(Statistic):
             tf.float32)
 
 
+# -- optimizer state (Composer's OptimizerMonitor, for Keras) -----------------
+
+def _slot(ctx, slot, variable):
+    """The optimizer's slot of `variable` as a TensorFlow variable (gathers read rows only)."""
+    value = _keras_compat.optimizer_slot(ctx.optimizer, slot, variable)
+    return getattr(value, "value", value)
+
+
+def _slot_squares(ctx, moment):
+    """Per variable: sum of squares of the optimizer's `moment` slot after this step (for a
+    slot of squared gradients, the plain sum: ||sqrt(v)||^2), read once per step."""
+    key = ("slot_squares", moment)
+    if key not in ctx._moments:
+        slot, flag = ctx.spec.moment_slots[moment]
+        plain_sum = moment == tags.SECOND_MOMENT and flag
+        rows = []
+        for v in ctx.variables:
+            s = tf.cast(_slot(ctx, slot, v), tf.float32)
+            rows.append(tf.reduce_sum(s) if plain_sum else 2.0 * tf.nn.l2_loss(s))
+        ctx._moments[key] = tf.stack(rows)
+    return ctx._moments[key]
+
+
+class MomentNorm(PerGroup):
+    """Per-group norm of the optimizer's first or second moment slots, after this step.
+
+    First moment: the L2 norm of the slot as the optimizer holds it. Second
+    moment: sqrt(sum v) = ||sqrt(v)||, in gradient units (Adamax's `u`, already
+    in gradient units: ||u||). Only for optimizers that keep the slot
+    (`_keras_compat.moment_slots`).
+    """
+
+    name = "moment_norm"
+
+    def __init__(self, moment):
+        self.moment = moment
+        self.chart = ("Optimizer", f"{moment.replace('_', ' ')} norms")
+
+    def active(self, spec):
+        return self.moment in spec.moment_slots
+
+    def tag(self, label):
+        return tags.moment_norm(self.moment, label)
+
+    def compute(self, ctx):
+        ids = tf.constant(ctx.spec.segment_ids, tf.int32)
+        return tf.sqrt(tf.math.unsorted_segment_sum(_slot_squares(ctx, self.moment), ids,
+                                                    ctx.spec.num_groups))
+
+
+class Cosines(Statistic):
+    """cos(update, -gradient) and cos(gradient, first moment), over all variables.
+
+    The update is w_after - w_before of this step; the gradient the raw one
+    (unscaled, untransformed: the loss's own descent direction), so 1 means the
+    step went straight down the gradient; momentum, preconditioning, weight decay
+    and transforms turn it. The first moment is the optimizer's slot after this
+    step, taken in the gradient's direction (SGD's buffer holds -lr x the running
+    sum: negated). NaN where undefined: the update was not applied, or a zero vector.
+    An `IndexedSlices` gradient reads only its rows of the update and the moment.
+
+    References:
+        Composer's `OptimizerMonitor` (MosaicML), which logs the same cosines for PyTorch.
+    """
+
+    name = "cosines"
+    needs_weights = needs_update = True
+    chart = ("Optimizer", "cosines: update vs -gradient, gradient vs first moment")
+
+    def labels(self, spec):
+        return ["update_gradient"] + (
+            ["gradient_first_moment"] if tags.FIRST_MOMENT in spec.moment_slots else [])
+
+    def tag(self, label):
+        return {"update_gradient": tags.COSINE_UPDATE_GRADIENT,
+                "gradient_first_moment": tags.COSINE_GRADIENT_FIRST_MOMENT}[label]
+
+    def compute(self, ctx):
+        grad_norm = ctx.global_norm(tags.RAW)
+        delta = [a - b for a, b in zip(ctx.weights_after, ctx.weights_before)]
+        along = [-_stats.dot(g, d) for g, d in zip(ctx.raw, delta) if g is not None]
+        out = [undefined_ratio(tf.add_n(along) if along else tf.constant(0.0),
+                               _stats.global_norm(delta) * grad_norm)]
+        if tags.FIRST_MOMENT in ctx.spec.moment_slots:
+            slot, sign = ctx.spec.moment_slots[tags.FIRST_MOMENT]
+            dots = [_stats.dot(g, _slot(ctx, slot, v))
+                    for g, v in zip(ctx.raw, ctx.variables) if g is not None]
+            moment_norm = tf.sqrt(tf.reduce_sum(_slot_squares(ctx, tags.FIRST_MOMENT)))
+            out.append(undefined_ratio(sign * (tf.add_n(dots) if dots else tf.constant(0.0)),
+                                       moment_norm * grad_norm))
+        values = tf.stack(out)
+        return tf.where(ctx.skipped, tf.fill(tf.shape(values), float("nan")), values)
+
+
 def default_statistics(selected=None):
     """The built-in statistics, in record order; `selected` names the per-group ones kept."""
     selected = STAT_NAMES if selected is None else selected
@@ -474,6 +572,10 @@ def default_statistics(selected=None):
         out.append(GradToWeight())
     if "update_ratio" in selected:
         out.append(UpdateRatio())
+    if "moment_norm" in selected:
+        out += [MomentNorm(tags.FIRST_MOMENT), MomentNorm(tags.SECOND_MOMENT)]
+    if "cosines" in selected:
+        out.append(Cosines())
     return out
 
 

@@ -188,3 +188,12 @@ def finalize(grouped):
 def safe_ratio(numerator, denominator):
     """`numerator / denominator`, 0 where the denominator is 0."""
     return tf.math.divide_no_nan(numerator, denominator)
+
+
+def dot(tensor, dense):
+    """Sum of `tensor * dense` in float32; a `tf.IndexedSlices` `tensor` reads only its rows
+    of `dense` (repeated indices add up, as in the dense sum)."""
+    if isinstance(tensor, tf.IndexedSlices):
+        rows = tf.gather(dense, tensor.indices)
+        return tf.reduce_sum(tf.cast(tensor.values, tf.float32) * tf.cast(rows, tf.float32))
+    return tf.reduce_sum(tf.cast(tensor, tf.float32) * tf.cast(dense, tf.float32))
