@@ -11,6 +11,10 @@ mean training loss and runs a matrix-free algorithm on it:
 - `density`: stochastic Lanczos quadrature (SLQ) spectral density, on the
   same Lanczos routine (`_Lanczos`) as `spectrum`.
 - `make_hvp`: the HVP operator itself, reusable by all three.
+- `precondition`: `P^-1/2 H P^-1/2` for a positive diagonal `P` (an adaptive
+  optimizer's, `gradmon.preconditioner`): its spectrum is the preconditioned
+  sharpness that decides an adaptive optimizer's stability.
+- `gradient_overlap`: the share of the gradient in the top eigenspace.
 
 The operator is the Hessian, with respect to `model.trainable_variables` (or
 a subset of them: a diagonal block, `make_hvp(variables=...)`), of
@@ -612,9 +616,10 @@ def make_hvp(model, data, hvp_mode=None, variables=None):
     return HessianVectorProduct(model, data, hvp_mode=hvp_mode, variables=variables)
 
 
-def _operator(model, data, hvp_mode):
-    """`model` itself if it is an operator, else a new one on `data`."""
-    if isinstance(model, HessianVectorProduct):
+def _operator(model, data, hvp_mode, preconditioner=None):
+    """`model` itself if it is an operator, else a new one on `data`;
+    preconditioned by `preconditioner` if one is given."""
+    if isinstance(model, (HessianVectorProduct, PreconditionedOperator)):
         if data is not None:
             raise invalid(
                 "data", "None when `model` is a HessianVectorProduct (it "
@@ -622,10 +627,102 @@ def _operator(model, data, hvp_mode):
             )
         if hvp_mode is not None and hvp_mode != model.hvp_mode:
             raise invalid("hvp_mode", f"None or {model.hvp_mode!r}", hvp_mode)
-        return model
-    if data is None:
+        op = model
+    elif data is None:
         raise invalid("data", "a batch, a list of batches or a dataset", data)
-    return make_hvp(model, data, hvp_mode=hvp_mode)
+    else:
+        op = make_hvp(model, data, hvp_mode=hvp_mode)
+    return op if preconditioner is None else precondition(op, preconditioner)
+
+
+class PreconditionedOperator:
+    """`P^-1/2 H P^-1/2` for a positive diagonal `P`: symmetric, with the
+    eigenvalues of `P^-1 H`.
+
+    Built by `precondition`; accepted wherever a `HessianVectorProduct` is
+    (`spectrum`, `trace`, `density`). An eigenvector `u` of this operator
+    gives the eigenvector `P^-1/2 u` of `P^-1 H`. Each product is one HVP of
+    the wrapped operator (and counts in its `count`).
+
+    Attributes:
+        hvp: the wrapped `HessianVectorProduct`.
+        diagonal: `P` as a flat float64 array.
+        num_params, dtype, hvp_mode, variables: those of `hvp`.
+    """
+
+    def __init__(self, hvp, diagonal):
+        self.hvp = hvp
+        self.diagonal = diagonal
+        self.num_params, self.dtype = hvp.num_params, hvp.dtype
+        self.hvp_mode, self.variables = hvp.hvp_mode, hvp.variables
+        self._scale = hvp.to_tensor(1.0 / np.sqrt(diagonal))  # P^-1/2, on the device
+
+    @property
+    def count(self):
+        return self.hvp.count
+
+    def flatten(self, arrays):
+        return self.hvp.flatten(arrays)
+
+    def unflatten(self, vector):
+        return self.hvp.unflatten(vector)
+
+    def to_tensor(self, flat):
+        return self.hvp.to_tensor(flat)
+
+    def apply(self, vector):
+        """`P^-1/2 H P^-1/2 v` for a flat device tensor `v` in `dtype`."""
+        return self._scale * self.hvp.apply(self._scale * vector)
+
+    def __call__(self, vector):
+        """`P^-1/2 H P^-1/2 v` through the host, for a flat vector."""
+        flat = np.asarray(vector, np.float64).reshape(-1)
+        return self.apply(self.to_tensor(flat)).numpy().astype(np.float64)
+
+
+def precondition(hvp, preconditioner):
+    """The operator `P^-1/2 H P^-1/2`, whose eigenvalues are those of `P^-1 H`.
+
+    Args:
+        hvp: a `HessianVectorProduct` (from `make_hvp`).
+        preconditioner: the positive diagonal `P`: a flat array of
+            `hvp.num_params` entries, a list of arrays shaped like
+            `hvp.variables`, or a Keras optimizer (or `LossScaleOptimizer`)
+            whose last update's `P` is read from its slots
+            (`gradmon.preconditioner.diagonal`).
+
+    Returns:
+        A `PreconditionedOperator`.
+
+    Raises:
+        ValueError: naming `preconditioner`, for an optimizer without a
+            diagonal preconditioner or without an update yet, a wrong size,
+            or entries that are not positive and finite.
+
+    References:
+        J. Cohen et al., "Adaptive Gradient Methods at the Edge of
+        Stability", arXiv:2207.14484, 2022.
+    """
+    if isinstance(hvp, PreconditionedOperator):
+        raise invalid("preconditioner", "None for an operator that is already preconditioned",
+                      type(preconditioner).__name__)
+    if isinstance(preconditioner, keras.optimizers.Optimizer):
+        from gradmon import preconditioner as _preconditioner
+
+        diagonal = _preconditioner.diagonal(preconditioner, hvp.variables)
+        if diagonal is None:
+            raise invalid("preconditioner", "an adaptive optimizer (Adam, AdamW, Adamax, Nadam, "
+                          "RMSprop, Adagrad) that has applied an update, or a positive diagonal",
+                          preconditioner)
+        preconditioner = diagonal
+    if isinstance(preconditioner, (list, tuple)):
+        flat = hvp.flatten(preconditioner)
+    else:
+        flat = np.asarray(preconditioner, np.float64).reshape(-1)
+    if flat.size != hvp.num_params or not np.all(np.isfinite(flat) & (flat > 0)):
+        raise invalid("preconditioner", f"{hvp.num_params} positive finite entries",
+                      f"an array of {flat.size} entries, min {flat.min() if flat.size else None}")
+    return PreconditionedOperator(hvp, flat)
 
 
 # --------------------------------------------------------------------------
@@ -1120,6 +1217,7 @@ def spectrum(
     seed=None,
     hvp_mode=None,
     max_vectors=None,
+    preconditioner=None,
 ):
     """Computes the largest (and optionally smallest) Hessian eigenvalues.
 
@@ -1179,6 +1277,13 @@ def spectrum(
             `num_params` entries in the model's dtype). Defaults to `None`:
             `max(14, 2 * (top_k + smallest) + 8)`, at most
             `num_params + 1`.
+        preconditioner: a positive diagonal `P` (flat, or per-variable
+            arrays) or a Keras optimizer whose last update's `P` is read
+            (see `precondition`): the spectrum is then that of the symmetric
+            `P^-1/2 H P^-1/2` (the eigenvalues of `P^-1 H`, the
+            preconditioned sharpness first), with residuals and eigenvectors
+            of that operator, and `tol` relative to its norm. Warm-start it
+            from a preconditioned `Spectrum` only. Defaults to `None`: `H`.
 
     Returns:
         A `Spectrum`. If the budget ran out first, `converged` is False and
@@ -1196,6 +1301,8 @@ def spectrum(
         method), 2013.
         Z. Yao, A. Gholami, K. Keutzer, M. Mahoney, "PyHessian: Neural
         Networks Through the Lens of the Hessian", IEEE BigData 2020.
+        J. Cohen et al., "Adaptive Gradient Methods at the Edge of
+        Stability", arXiv:2207.14484, 2022 (preconditioned sharpness).
 
     Example:
 
@@ -1207,7 +1314,7 @@ def spectrum(
     """
     _check_spectrum_args(method, top_k, smallest, tol, max_hvps, max_vectors)
     seed = check_seed(seed)
-    hvp = _operator(model, data, hvp_mode)
+    hvp = _operator(model, data, hvp_mode, preconditioner)
     first = hvp.count
     n = hvp.num_params
     if top_k > n:
@@ -1302,6 +1409,45 @@ def _lanczos_spectrum(hvp, top_k, smallest, tol, max_hvps, max_vectors,
 
 def _host(vector):
     return vector.numpy().astype(np.float64)
+
+
+def gradient_overlap(eigenvectors, gradient):
+    """The share of `|g|^2` in the span of the top Hessian eigenvectors.
+
+    `sum_i (v_i . g)^2 / |g|^2` for orthonormal `v_i` (the vectors are
+    orthonormalised first, so any basis of the span gives the same number):
+    1 when the gradient lies in the top eigenspace, `k / n` on average for a
+    random direction. Gur-Ari et al. found it close to 1 for the top-k
+    eigenvectors (k = number of classes) after a short initial phase.
+
+    Args:
+        eigenvectors: a `Spectrum` of `H` (not a preconditioned one), or its
+            `eigenvectors` (`[k, num_params]`, or `[num_params]`).
+        gradient: the gradient as a flat vector, or the `HessianVectorProduct`
+            the spectrum came from (its probe-data gradient, one backward
+            pass).
+
+    Returns:
+        A float in [0, 1]; `nan` for a zero gradient.
+
+    References:
+        G. Gur-Ari, D. A. Roberts, E. Dyer, "Gradient Descent Happens in a
+        Tiny Subspace", arXiv:1812.04754, 2018.
+    """
+    if isinstance(eigenvectors, Spectrum):
+        eigenvectors = eigenvectors.eigenvectors
+    if isinstance(gradient, HessianVectorProduct):
+        gradient = gradient.gradient()[1]
+    vectors = np.atleast_2d(np.asarray(eigenvectors, np.float64))
+    g = np.asarray(gradient, np.float64).reshape(-1)
+    if vectors.ndim != 2 or vectors.shape[1] != g.size:
+        raise invalid("eigenvectors", f"vectors of length {g.size} (the gradient's)",
+                      f"an array of shape {vectors.shape}")
+    squared = float(g @ g)
+    if squared == 0.0:
+        return float("nan")
+    basis, _ = np.linalg.qr(vectors.T)  # orthonormal columns spanning the vectors
+    return float(np.sum(np.square(basis.T @ g)) / squared)
 
 
 def trace(model, data=None, num_samples=100, seed=None, hvp_mode=None):

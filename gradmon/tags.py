@@ -165,6 +165,23 @@ def residual(i):
     return f"{RESIDUAL_PREFIX}{i}"
 
 
+# An adaptive optimizer's curvature: lambda_i(P^-1 H), P its diagonal preconditioner.
+PRECONDITIONED_EIGENVALUE_PREFIX = "hessian/preconditioned/eigenvalue_"
+PRECONDITIONED_RESIDUAL_PREFIX = "hessian/preconditioned/residual_"
+GD_EDGE_OF_STABILITY = "hessian/gd_edge_of_stability"
+STABILITY_THRESHOLD = "hessian/stability_threshold"
+GRADIENT_OVERLAP = "hessian/gradient_overlap"
+
+
+def preconditioned_eigenvalue(i):
+    """Tag of the i-th largest eigenvalue of P^-1 H, 1-based."""
+    return f"{PRECONDITIONED_EIGENVALUE_PREFIX}{i}"
+
+
+def preconditioned_residual(i):
+    return f"{PRECONDITIONED_RESIDUAL_PREFIX}{i}"
+
+
 def describe(tag):
     """One-line Markdown description of a gradmon tag."""
     if tag in _REGISTERED:
@@ -172,6 +189,13 @@ def describe(tag):
     parts = tag.split("/")
     if tag in _FIXED_DESCRIPTIONS:
         return _FIXED_DESCRIPTIONS[tag]
+    if tag.startswith(PRECONDITIONED_EIGENVALUE_PREFIX):
+        return (f"{tag.rsplit('_', 1)[1]}-th largest eigenvalue of P^-1 H, P the optimizer's "
+                "diagonal preconditioner (its last update's); eigenvalue_1 is the preconditioned "
+                "sharpness that decides an adaptive optimizer's stability (Cohen et al. 2022).")
+    if tag.startswith(PRECONDITIONED_RESIDUAL_PREFIX):
+        return (f"||Au - lambda u|| of eigenpair {tag.rsplit('_', 1)[1]} of A = P^-1/2 H P^-1/2 "
+                "(unit u).")
     if tag.startswith("hessian/eigenvalue_"):
         return (f"{tag.rsplit('_', 1)[1]}-th largest (algebraic) eigenvalue of the Hessian "
                 "of the loss on the probe data; eigenvalue_1 is the sharpness.")
@@ -273,8 +297,22 @@ _FIXED_DESCRIPTIONS = {
     HESSIAN_TRACE_STDERR: "Standard error of the Hutchinson trace estimate.",
     HESSIAN_HVP_COUNT: "Hessian-vector products spent by this Hessian probe.",
     EDGE_OF_STABILITY: (
-        "lambda_1 * learning_rate / 2: 1.0 is the edge of stability of gradient descent "
-        "(Cohen et al. 2021); above 1, plain GD would diverge along the top eigenvector."
+        "Sharpness / the stability threshold of the optimizer in use: 1.0 is its edge of "
+        "stability. lambda_1(H) / (2/lr) for SGD ((2 + 2 momentum)/lr heavy ball), "
+        "lambda_1(P^-1 H) / ((2 + 2 beta_1)/((1 - beta_1) lr)) for Adam (Cohen et al. 2021, 2022); "
+        "not written where no threshold is known."
+    ),
+    GD_EDGE_OF_STABILITY: (
+        "lambda_1 * learning_rate / 2: 1.0 is the edge of stability of plain gradient descent "
+        "(Cohen et al. 2021); for other optimizers see hessian/edge_of_stability."
+    ),
+    STABILITY_THRESHOLD: (
+        "The sharpness at which the optimizer's update becomes unstable (2/lr for SGD, "
+        "38/lr for Adam at beta_1 = 0.9, on lambda_1(P^-1 H) for adaptive optimizers)."
+    ),
+    GRADIENT_OVERLAP: (
+        "Share of |g|^2 in the span of the top-k Hessian eigenvectors, g the probe-data "
+        "gradient (Gur-Ari et al. 2018): near 1 when descent happens in the top subspace."
     ),
     HESSIAN_MIN_EIGENVALUE: "Smallest (most negative) Hessian eigenvalue on the probe data.",
     HESSIAN_DENSITY: "Spectral density of the Hessian (stochastic Lanczos quadrature), as probability mass per bucket.",
