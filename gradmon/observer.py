@@ -12,8 +12,11 @@ a `Recorder` and hands the update on. The host reads the recorder back
 
 import tensorflow as tf
 
-from gradmon import _distribute, _keras_compat, recorder, statistics, tags, transforms
-from gradmon._validation import check_choice, check_log_dir, check_non_negative_int, invalid, warn_once
+import warnings
+
+from gradmon import _distribute, _keras_compat, recorder, spikes, statistics, tags, transforms
+from gradmon._validation import (check_choice, check_log_dir, check_non_negative_int, check_positive,
+                                 invalid, warn_once)
 from gradmon.pipeline import GradientPipeline
 
 GROUPINGS = ("variable", "layer")
@@ -85,11 +88,19 @@ class Observer:
         on_nonfinite: `"warn"`, `"skip"` or `"stop"`. Defaults to `"warn"`.
         name: prefix of every tag (`"critic"` -> `critic/gradients/...`), or `None`.
         buffer_steps: logged steps held between two reads. Defaults to `16`.
+        on_spike: `None` (spikes not tracked), `"warn"`, `"skip"` or `"stop"`. Defaults to `None`.
+        spike_threshold: z-score above which the raw global norm is a spike.
+            Defaults to `6.0`.
     """
 
     def __init__(self, transform=None, grouping="layer", stats=None, on_nonfinite="warn",
-                 name=None, buffer_steps=16):
-        self.pipeline = GradientPipeline(transform, on_nonfinite)
+                 name=None, buffer_steps=16, on_spike=None,
+                 spike_threshold=spikes.DEFAULT_SPIKE_THRESHOLD):
+        self.pipeline = GradientPipeline(transform, on_nonfinite, on_spike)
+        self.spike_threshold = check_positive("spike_threshold", spike_threshold)
+        self.spikes = None  # the SpikeTracker, built with the recorder when on_spike is set
+        self.spikes_seen = []  # (step, z) of the spikes read back so far
+        self._spike_count_read = 0
         self.grouping = check_choice("grouping", grouping, GROUPINGS)
         self.selected, self.custom = statistics.check_stats(stats)
         if name is not None and (not isinstance(name, str) or not tags.sanitize(name).strip("_")):
@@ -124,6 +135,10 @@ class Observer:
     @property
     def on_nonfinite(self):
         return self.pipeline.on_nonfinite
+
+    @property
+    def on_spike(self):
+        return self.pipeline.on_spike
 
     # -- hooking -----------------------------------------------------------
 
@@ -178,13 +193,18 @@ class Observer:
             moment_slots=_keras_compat.moment_slots(optimizer),
             full_moments=bool(set(self.selected) & {"max_abs", "rms", "zero_fraction", "nonfinite"}),
             **extras)
-        stats = statistics.default_statistics(self.selected) + self.custom
+        stats = statistics.default_statistics(self.selected) + self._spike_statistics(observed) + self.custom
         strategy = getattr(optimizer, "_distribution_strategy", None)
         with tf.init_scope(), _distribute.strategy_scope(strategy):
             if not optimizer.built and variables:
                 optimizer.build(variables)  # slots cannot be created inside tf.cond
+            if self.transform is not None:
+                self.transform.build(variables)  # e.g. zclip's running statistics
+            if self.on_spike is not None and self.spikes is None:
+                self.spikes = spikes.SpikeTracker(self.spike_threshold, rows, loss=self._knows_loss)
             old = self.recorder
             self.recorder = recorder.Recorder(spec, stats, rows, self.histograms, self.name, variables)
+            self.recorder.spikes = self.spikes
             if old is not None:
                 self.recorder.step.assign(old.step.numpy())
                 self.recorder.skipped.assign(old.skipped.numpy())
@@ -195,6 +215,23 @@ class Observer:
         tags.register_descriptions(self.recorder.descriptions())
         self._key = key
         return True
+
+    @property
+    def _knows_loss(self):
+        """Whether the loss reaches the step (gradmon's own train step hands it over)."""
+        return self.extras_source is not None and getattr(self.extras_source, "loss", False)
+
+    def _spike_statistics(self, observed):
+        """The spike z-scores and count (with `on_spike`) and each zclip member's threshold."""
+        out = []
+        if self.on_spike is not None:
+            out += [spikes.SpikeScores(loss=self._knows_loss), spikes.spike_count()]
+        if observed is not None:
+            names = observed.fraction_names()
+            for member, name in zip(observed.members(), names):
+                if isinstance(member, transforms.zclip):
+                    out.append(spikes.ZClipThreshold(member, name))
+        return out
 
     # -- the schedule (set by the host) -------------------------------------
 
@@ -244,8 +281,13 @@ class Observer:
         prepared = self.pipeline.prepare(grads, variables, scale, clip)
         if prepared.scale is not None:
             extras["loss_scale"] = tf.identity(prepared.scale)  # before the update changes it
+        spike = None
+        if self.spikes is not None:  # every step, measured or not: the statistics are running
+            spike = self.spikes.update(step, spikes.global_norm(prepared.raw), extras.get("loss"))
+            extras["spike"] = spike
         verdict = self.pipeline.verdict(prepared, rec.spec.loss_scaled,
-                                        rec.halted if self.on_nonfinite == "stop" else None)
+                                        rec.halted if self.pipeline.stops else None,
+                                        None if spike is None else spike.spike)
         update = _Update(optimizer, original_apply, prepared, variables, verdict)
         if verdict is not None:
             self._count(verdict)
@@ -263,8 +305,12 @@ class Observer:
                                     lambda: rec.write_histograms(step, _histograms(rec.spec, prepared)),
                                     lambda: tf.constant(False))
         _run_step(rec, step, do_log, update, extras)
-        if tf.executing_eagerly() and self.writer is not None and self._eager_due(step):
-            self.flush()
+        if tf.executing_eagerly():
+            spiked = spike is not None and bool(spike.spike)
+            if self.writer is not None and (self._eager_due(step) or spiked):
+                self.flush()
+            elif spiked:
+                self.read_spikes()  # warns, naming the step
 
     def _take_extras(self):
         extras = {}
@@ -274,11 +320,10 @@ class Observer:
 
     def _count(self, verdict):
         rec = self.recorder
-        rec.skipped.assign_add(tf.cast(tf.logical_or(tf.logical_not(verdict.finite), verdict.refused),
-                                       tf.int64))
+        rec.skipped.assign_add(tf.cast(verdict.skipped, tf.int64))
         rec.overflow.assign_add(tf.cast(verdict.overflow, tf.int64))
-        if self.on_nonfinite == "stop":
-            rec.halted.assign(tf.logical_or(rec.halted, verdict.refused))
+        if self.pipeline.stops:
+            rec.halted.assign(tf.logical_or(rec.halted, verdict.halts))
 
     def _eager_due(self, step):
         return self.is_scheduled(int(step)) or bool(self.on_nonfinite != "warn")
@@ -315,8 +360,30 @@ class Observer:
 
     @property
     def stopped(self):
-        """Whether a non-finite step stopped the updates (`on_nonfinite="stop"`)."""
+        """Whether a non-finite step (`on_nonfinite="stop"`) or a spike (`on_spike="stop"`)
+        stopped the updates."""
         return self.recorder is not None and bool(self.recorder.halted.numpy())
+
+    def read_spikes(self):
+        """The spikes not read yet, `[(step, z), ...]` oldest first; warns naming their steps.
+
+        Two device reads (the count and a small ring); also appended to `spikes_seen`.
+        """
+        if self.spikes is None:
+            return []
+        count, held = self.spikes.read()
+        last = self.spikes_seen[-1][0] if self.spikes_seen else -1
+        new = [(s, z) for s, z in held if s > last]
+        if count - self._spike_count_read > len(new):
+            warn_once(("lost-spikes", id(self)),
+                      f"gradmon: {count - self._spike_count_read - len(new)} spikes were overwritten "
+                      f"before they were read (the ring holds {self.spikes.rows}); they are counted in "
+                      f"`{tags.SPIKE_COUNT}` but not written under `{tags.SPIKE_AT}`.")
+        self._spike_count_read = count
+        self.spikes_seen += new
+        if new:
+            report_spikes(self, new)
+        return new
 
     def flush(self, writer=_OWN_WRITER, latest_only=False, histograms=True):
         """Writes the measured steps not yet written (idempotent); returns their snapshots.
@@ -331,10 +398,16 @@ class Observer:
         snapshots = self.read()
         if latest_only:
             snapshots = snapshots[-1:]
+        spiked = self.read_spikes()
         if writer is not None and self.recorder is not None:
             self.write_header(writer)
+            at = tags.prefixed(self.name, tags.SPIKE_AT)
             for snapshot in snapshots:
+                while spiked and spiked[0][0] <= snapshot.step:  # in step order
+                    writer.write_scalars(spiked[0][0], {at: spiked.pop(0)[1]})
                 writer.write_scalars(snapshot.step, snapshot.values)
+            for step, z in spiked:
+                writer.write_scalars(step, {at: z})
             if self.histograms and histograms:
                 self.write_histograms(writer)
         for snapshot in snapshots:
@@ -350,6 +423,7 @@ class Observer:
             "custom_stats": [type(s).__name__ for s in self.custom],
             "transform": None if self.transform is None else repr(self.transform),
             "on_nonfinite": self.on_nonfinite, "name": self.name,
+            "on_spike": self.on_spike, "spike_threshold": self.spike_threshold,
         })
 
     def write_header(self, writer):
@@ -419,11 +493,11 @@ def _run_step(rec, step, do_log, update, extras):
     steps copy nothing and compute nothing.
     """
     verdict = update.verdict
-    skipped = tf.constant(False) if verdict is None else verdict.refused
-    if verdict is not None and rec.spec.loss_scaled:
-        skipped = tf.logical_or(skipped, tf.logical_not(verdict.finite))
+    skipped = tf.constant(False) if verdict is None else verdict.skipped
     overflow = tf.constant(False) if verdict is None else verdict.overflow
     counters = {"skipped": rec.skipped, "overflow": rec.overflow}
+    if rec.spikes is not None:
+        counters["spikes"] = rec.spikes.count
     if rec.weight_buffers is not None:
         _keras_compat.lazy_cond(do_log, lambda: rec.keep_weights(update.variables), lambda: tf.constant(False))
     update.run()
@@ -479,8 +553,27 @@ def report_nonfinite(observer, snapshot):
     warn_once(("nonfinite", policy, id(observer)), message)
 
 
+def report_spikes(observer, spiked):
+    """Warns about new spikes `[(step, z), ...]`, naming their steps and what the policy did."""
+    policy = observer.on_spike
+    where = ", ".join(f"{step} (z = {z:.1f})" for step, z in spiked[:5])
+    if len(spiked) > 5:
+        where += f" and {len(spiked) - 5} more"
+    plural = "s" if len(spiked) > 1 else ""
+    message = (f"gradmon: gradient-norm spike{plural} at step{plural} {where}, above z = "
+               f"{observer.spike_threshold:g} (on_spike={policy!r})")
+    if policy == "stop":
+        message += ": the update was not applied, and no later update will be."
+    elif policy == "skip":
+        message += f": such updates are skipped; their number is logged as `{tags.SKIPPED_STEPS}`."
+    else:
+        message += ": the update was applied. Use on_spike='skip' or 'stop' to protect the weights."
+    warnings.warn(message, stacklevel=3)
+
+
 def observe(optimizer, log_dir=None, transform=None, name=None, update_freq=1, histogram_freq=0,
-            grouping="layer", stats=None, on_nonfinite="warn", buffer_steps=16):
+            grouping="layer", stats=None, on_nonfinite="warn", buffer_steps=16, on_spike=None,
+            spike_threshold=spikes.DEFAULT_SPIKE_THRESHOLD):
     """Observes (and optionally transforms) the gradients an optimizer applies.
 
     For custom training loops: the returned optimizer is `optimizer` itself,
@@ -508,6 +601,11 @@ def observe(optimizer, log_dir=None, transform=None, name=None, update_freq=1, h
         on_nonfinite: `"warn"`, `"skip"` or `"stop"` (stop: no later update is
             applied; check `opt.gradmon.stopped`). Defaults to `"warn"`.
         buffer_steps: logged steps held on the device between two `flush()`. Defaults to `16`.
+        on_spike: what a step whose raw global norm is a spike does (z-score
+            above `spike_threshold` against the running mean and std of the
+            recent norms, `gradmon.spikes`): `"warn"` (apply it), `"skip"`,
+            `"stop"`, or `None` (spikes not tracked: no cost). Defaults to `None`.
+        spike_threshold: z-score above which a norm is a spike. Defaults to `6.0`.
 
     Returns:
         `optimizer`, observed; `optimizer.flush()` writes, `optimizer.gradmon` is the
@@ -527,7 +625,8 @@ def observe(optimizer, log_dir=None, transform=None, name=None, update_freq=1, h
         raise invalid("optimizer", "a keras.optimizers.Optimizer", optimizer)
     from gradmon._validation import check_positive_int
 
-    observer = Observer(transform, grouping, stats, on_nonfinite, name, buffer_steps)
+    observer = Observer(transform, grouping, stats, on_nonfinite, name, buffer_steps, on_spike,
+                        spike_threshold)
     observer.set_schedule(every=check_positive_int("update_freq", update_freq),
                           hist_every=check_non_negative_int("histogram_freq", histogram_freq))
     observer.histograms = observer.hist_every > 0

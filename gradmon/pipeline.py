@@ -21,6 +21,10 @@ or Keras models; `gradmon.observer` runs it at the optimizer's door.
   skips the step and lowers its scale); other non-finite gradients are
   subject to the policy: `"warn"` applies them as Keras would, `"skip"` and
   `"stop"` refuse the update (`"stop"` refuses every later one too).
+- **spikes** (opt-in, `on_spike`): a finite raw global norm whose z-score
+  against the recent norms exceeds the threshold (`gradmon.spikes`, judged
+  by the observer) is refused by `"skip"` and `"stop"` as a non-finite one
+  is; `"warn"` applies it.
 """
 
 import tensorflow as tf
@@ -29,6 +33,7 @@ from gradmon import _distribute, transforms
 from gradmon._validation import check_choice, invalid
 
 NONFINITE_POLICIES = ("warn", "skip", "stop")
+SPIKE_POLICIES = (None, "warn", "skip", "stop")
 
 
 def multiplied(gradient, factor):
@@ -75,13 +80,22 @@ class Prepared:
 
 
 class Verdict:
-    """Whether this step's update runs. `finite`, `overflow`, `refused`, `apply`: bool scalars."""
+    """Whether this step's update runs. `finite`, `overflow`, `refused`, `apply`: bool scalars.
 
-    def __init__(self, finite, overflow, refused, may_refuse):
+    `spike`: the raw norm was a spike (`False` when spikes are not tracked);
+    `halts`: this step stops every later update (a `"stop"` policy's event);
+    `skipped`: the update does not happen (refused here, or skipped by a
+    `LossScaleOptimizer` for its non-finite gradient).
+    """
+
+    def __init__(self, finite, overflow, refused, may_refuse, spike=None, halts=None, loss_scaled=False):
         self.finite, self.overflow, self.refused = finite, overflow, refused
         self.apply = tf.logical_not(refused)
+        self.skipped = tf.logical_or(refused, tf.logical_not(finite)) if loss_scaled else refused
         # False: the update always reaches the optimizer (which may skip it itself)
         self.may_refuse = may_refuse
+        self.spike = tf.constant(False) if spike is None else spike
+        self.halts = tf.constant(False) if halts is None else halts
 
 
 class GradientPipeline:
@@ -91,11 +105,21 @@ class GradientPipeline:
         transform: a `gradmon.transforms` transform, a callable
             `(grads, params) -> grads`, or `None`. Defaults to `None`.
         on_nonfinite: `"warn"`, `"skip"` or `"stop"`. Defaults to `"warn"`.
+        on_spike: `None` (spikes not tracked), `"warn"`, `"skip"` or `"stop"`.
+            Defaults to `None`.
     """
 
-    def __init__(self, transform=None, on_nonfinite="warn"):
+    def __init__(self, transform=None, on_nonfinite="warn", on_spike=None):
         self.transform = None if transform is None else transforms.as_transform(transform)
         self.on_nonfinite = check_choice("on_nonfinite", on_nonfinite, NONFINITE_POLICIES)
+        if on_spike is not None:
+            check_choice("on_spike", on_spike, SPIKE_POLICIES[1:])
+        self.on_spike = on_spike
+
+    @property
+    def stops(self):
+        """Whether a policy is `"stop"` (a step may refuse every later one)."""
+        return "stop" in (self.on_nonfinite, self.on_spike)
 
     def observed_transform(self, optimizer_clip):
         """The user's transform followed by the optimizer's own clipping, as one, or `None`."""
@@ -140,27 +164,37 @@ class GradientPipeline:
                           f"(one per variable), got {len(transformed)}", self.transform)
         return transformed, fractions
 
-    def verdict(self, prepared, loss_scaled=False, halted=None):
-        """Decides the update from the finiteness of the raw gradient.
+    def verdict(self, prepared, loss_scaled=False, halted=None, spike=None):
+        """Decides the update from the finiteness of the raw gradient (and its spike verdict).
 
         Args:
             prepared: this step's `Prepared`.
             loss_scaled: the optimizer is a `LossScaleOptimizer`.
             halted: bool scalar, a previous step stopped training (`"stop"`), or `None`.
+            spike: bool scalar, the raw norm is a spike (`gradmon.spikes`), or `None`
+                when spikes are not tracked.
 
         Returns:
             A `Verdict`, or `None` when nothing needs deciding (policy `"warn"`
-            without loss scaling: the step is applied as Keras would).
+            without loss scaling or spikes: the step is applied as Keras would).
         """
-        if self.on_nonfinite == "warn" and not loss_scaled:
+        if self.on_nonfinite == "warn" and not loss_scaled and spike is None:
             return None
         finite = all_finite(prepared.raw)
         overflow = tf.constant(False)
         if loss_scaled:
             overflow = tf.logical_and(tf.logical_not(finite), prepared.scale > 1.0)
-        refused = tf.constant(False)
+        refused = halts = tf.constant(False)
         if self.on_nonfinite != "warn":
             refused = tf.logical_and(tf.logical_not(finite), tf.logical_not(overflow))
+            if self.on_nonfinite == "stop":
+                halts = refused
+        refuses_spikes = spike is not None and self.on_spike in ("skip", "stop")
+        if refuses_spikes:
+            refused = tf.logical_or(refused, spike)
+            if self.on_spike == "stop":
+                halts = tf.logical_or(halts, spike)
         if halted is not None:
             refused = tf.logical_or(refused, halted)
-        return Verdict(finite, overflow, refused, self.on_nonfinite != "warn")
+        return Verdict(finite, overflow, refused, self.on_nonfinite != "warn" or refuses_spikes,
+                       spike, halts, loss_scaled)

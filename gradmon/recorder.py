@@ -64,6 +64,7 @@ class Recorder:
         self.weight_buffers = None
         if any(s.needs_weights for s in self.statistics):
             self.weight_buffers = [variable(tf.zeros(v.shape, v.dtype)) for v in variables]
+        self.spikes = None  # the observer's SpikeTracker (`on_spike`), if any
         self.step = variable(0, dtype=tf.int64, name="gradmon_step")
         self.skipped = variable(0, dtype=tf.int64, name="gradmon_skipped")
         self.overflow = variable(0, dtype=tf.int64, name="gradmon_overflow")

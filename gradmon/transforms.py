@@ -6,8 +6,10 @@ untouched), and `fractions` maps the transform's name to the share of units it
 clipped in this step, a float32 scalar tensor. Units are tensors for
 `clip_by_norm`, elements for `clip_by_value`, output units for
 `adaptive_clip` and the whole gradient (1/0) for `clip_by_global_norm`.
-Transforms are stateless, pure tensor functions, and compose with `chain`,
-in the spirit of optax.
+Transforms are pure tensor functions, and compose with `chain`, in the
+spirit of optax. A transform with state (`zclip`) creates its variables in
+`build(params)`, which the observer calls outside any `tf.function` (a
+chain builds its members); the others' `build` does nothing.
 
 Example:
     >>> t = gradmon.transforms.chain(
@@ -37,12 +39,19 @@ def _fraction(clipped, total):
 
 
 class GradientTransform:
-    """Base class: a named, serialisable, stateless gradient transform."""
+    """Base class: a named, serialisable gradient transform."""
 
     name = "transform"
 
     def __call__(self, grads, params):
         raise NotImplementedError
+
+    def build(self, params):
+        """Creates state variables, outside any `tf.function` (stateless transforms: nothing)."""
+
+    def members(self):
+        """The transforms this one is made of (itself, for all but `chain`)."""
+        return [self]
 
     def fraction_names(self):
         """Keys of the `fractions` dict this transform returns, in order."""
@@ -249,6 +258,13 @@ class chain(GradientTransform):
             names = merge_fractions(names, dict.fromkeys(t.fraction_names()))
         return list(names)
 
+    def build(self, params):
+        for t in self.transforms:
+            t.build(params)
+
+    def members(self):
+        return [m for t in self.transforms for m in t.members()]
+
     def get_config(self):
         return {"transforms": [serialize(t) for t in self.transforms]}
 
@@ -286,6 +302,91 @@ class _FunctionTransform(GradientTransform):
         return new, {self.name: _fraction(tf.add_n(changed or [0.0]), tf.add_n(total or [0.0]))}
 
 
+class zclip(GradientTransform):
+    """ZClip: clips the global norm when its z-score against the recent norms is too high.
+
+    Keeps the running mean and variance of the global norm of the gradients it
+    receives (`gradmon.spikes`: the first `warmup_steps` norms only collected,
+    then exponential moving averages with decay `alpha`). From then on a step
+    whose norm has `z = (norm - mean) / (std + eps) > z_threshold` is rescaled
+    to the norm `mean + z_threshold**2 * std / z` (ZClip's default
+    "reciprocal" rule: the larger the outlier, the harder it is clipped; below
+    `mean + z_threshold * std`), and that clipped norm is folded into the
+    averages, as in the paper. A non-finite norm is neither clipped nor
+    folded in (the non-finite policy's business). The rescaling is exact
+    (ZClip's reference code divides by `norm + 1e-6`).
+
+    Reports the clip fraction (1.0 when the step was clipped, else 0.0) under
+    its name and, through the observer, the threshold `mean + z_threshold *
+    std` of each step (`gradients/zclip/threshold`, NaN during the warm-up).
+    Its state lives on the device (replica-local under a strategy: every
+    replica sees the same all-reduced gradient), created by `build`.
+
+    Args:
+        z_threshold: positive float, the z-score above which a step is clipped.
+            Defaults to `2.5`.
+        alpha: EMA decay of the mean and variance, in (0, 1). Defaults to `0.97`.
+        warmup_steps: positive int, norms collected before the first clipping.
+            Defaults to `25`.
+        eps: non-negative float added to the std in the z-score. Defaults to `1e-6`.
+
+    References:
+        Kumar, Owen, Chowdhury, Güra (2025). ZClip: Adaptive Spike Mitigation
+        for LLM Pre-Training. arXiv:2504.02507.
+
+    Example:
+        >>> opt = gradmon.observe(keras.optimizers.AdamW(3e-4), transform=gradmon.transforms.zclip())
+    """
+
+    name = "zclip"
+
+    def __init__(self, z_threshold=2.5, alpha=0.97, warmup_steps=25, eps=1e-6):
+        from gradmon._validation import check_non_negative, check_positive_int, invalid
+
+        self.z_threshold = check_positive("z_threshold", z_threshold)
+        alpha = check_positive("alpha", alpha)
+        if not alpha < 1:
+            raise invalid("alpha", "a number in (0, 1)", alpha)
+        self.alpha = alpha
+        self.warmup_steps = check_positive_int("warmup_steps", warmup_steps)
+        self.eps = check_non_negative("eps", eps)
+        self.state = self.threshold = None
+
+    def build(self, params):
+        if self.state is not None:
+            return  # the running statistics carry over (e.g. a recompile)
+        from gradmon import _distribute, spikes
+
+        with tf.init_scope():
+            self.state = _distribute.replica_local_variable(spikes.initial_state(), tf.float64,
+                                                            name="gradmon_zclip_state")
+            self.threshold = _distribute.replica_local_variable(float("nan"), tf.float64,
+                                                                name="gradmon_zclip_threshold")
+
+    def __call__(self, grads, params):
+        from gradmon import spikes
+
+        self.build(params)
+        norm = tf.cast(stats.global_norm(grads), tf.float64)
+        state = self.state.read_value()
+        warm = spikes.warmed_up(state, self.warmup_steps)
+        z = spikes.zscore(state, norm, self.eps)
+        clip = tf.logical_and(tf.logical_and(warm, tf.math.is_finite(norm)), z > self.z_threshold)
+        std = tf.sqrt(state[2])
+        target = state[1] + tf.math.divide_no_nan(self.z_threshold ** 2 * std, z)
+        scale = tf.where(clip, tf.math.divide_no_nan(target, norm), tf.constant(1.0, tf.float64))
+        self.threshold.assign(tf.where(warm, spikes.upper_bound(state, self.z_threshold),
+                                       tf.constant(float("nan"), tf.float64)))
+        self.state.assign(spikes.folded(state, tf.where(clip, target, norm), self.warmup_steps, self.alpha))
+        out = [None if g is None else _with_values(g, _values(g) * tf.cast(scale, _values(g).dtype))
+               for g in grads]
+        return out, {self.name: tf.cast(clip, tf.float32)}
+
+    def get_config(self):
+        return {"z_threshold": self.z_threshold, "alpha": self.alpha,
+                "warmup_steps": self.warmup_steps, "eps": self.eps}
+
+
 def merge_fractions(first, second):
     """Merges two `fractions` dicts; a repeated name gets a suffix `_2`, `_3`..."""
     merged = dict(first)
@@ -312,7 +413,7 @@ def as_transform(transform, argument="transform"):
 
 _REGISTRY = {
     cls.__name__: cls
-    for cls in (clip_by_value, clip_by_norm, clip_by_global_norm, adaptive_clip, chain)
+    for cls in (clip_by_value, clip_by_norm, clip_by_global_norm, adaptive_clip, zclip, chain)
 }
 
 
