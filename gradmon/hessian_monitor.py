@@ -7,7 +7,7 @@ and writes their results.
 import keras
 import numpy as np
 
-from gradmon import _distribute, hessian, tags
+from gradmon import _distribute, hessian, preconditioner, tags
 from gradmon._steps import current_learning_rate, training_step
 from gradmon._validation import check_bool, check_log_dir, check_positive_int, invalid
 from gradmon.writer import SummaryWriter
@@ -41,9 +41,19 @@ class HessianMonitor(keras.callbacks.Callback):
     BatchNorm statistic, RNG state or step counter). One Hessian-vector
     product operator serves every probe of a fit: the probe data is
     converted once (here, which also checks it) and the HVP is traced once.
-    It also writes `hessian/edge_of_stability` = lambda_1 * lr / 2 with the
-    optimizer's current learning rate (for plain gradient descent, 1.0 is
-    the edge of stability; for adaptive optimizers it is only indicative).
+    For an adaptive optimizer (Adam, AdamW, Adamax, Nadam, RMSprop, Adagrad,
+    also inside a `LossScaleOptimizer`) it also computes the top-`top_k`
+    eigenvalues of `P^-1 H`, `P` the diagonal preconditioner of the
+    optimizer's last update (`gradmon.preconditioner`), warm-started from
+    the previous preconditioned probe. It writes
+    `hessian/edge_of_stability` = sharpness / the optimizer's own stability
+    threshold (`hessian/stability_threshold`, with the current learning
+    rate): `lambda_1(H) / (2 / lr)` for SGD, `lambda_1(P^-1 H) / (38 / lr)`
+    for Adam at `beta_1 = 0.9`, ... (table and references in
+    `gradmon.preconditioner`); no ratio where no threshold is known or the
+    preconditioned sharpness is not computed. `hessian/gd_edge_of_stability`
+    = lambda_1 * lr / 2 (plain gradient descent's) is always written, and
+    `hessian/gradient_overlap` (Gur-Ari et al. 2018) on each probe.
 
     Args:
         log_dir: directory of the TensorBoard run (summaries go to `<log_dir>/train`).
@@ -59,6 +69,11 @@ class HessianMonitor(keras.callbacks.Callback):
             (0, 1). Defaults to `1e-3`.
         seed: seed (a non-negative integer, or `None`) for the probes'
             random vectors. Defaults to `0`.
+        preconditioned: compute the preconditioned spectrum for adaptive
+            optimizers (doubles the HVPs of a probe). Defaults to `True`.
+        gradient_overlap: write the share of the probe-data gradient's
+            squared norm in the span of the top-`top_k` eigenvectors (one
+            extra gradient per probe). Defaults to `True`.
 
     Example:
         >>> probe = (x_val[:512], y_val[:512])
@@ -66,7 +81,8 @@ class HessianMonitor(keras.callbacks.Callback):
     """
 
     def __init__(self, log_dir, data, every_n_steps=100, top_k=1, trace=False, trace_samples=50,
-                 density=False, smallest=False, tol=1e-3, seed=0):
+                 density=False, smallest=False, tol=1e-3, seed=0, preconditioned=True,
+                 gradient_overlap=True):
         super().__init__()
         self.log_dir = check_log_dir(log_dir)
         if data is None:
@@ -81,6 +97,9 @@ class HessianMonitor(keras.callbacks.Callback):
         self.smallest = check_bool("smallest", smallest)
         self.tol = hessian.check_tol(tol)
         self.seed = hessian.check_seed(seed)
+        self.preconditioned = check_bool("preconditioned", preconditioned)
+        self.gradient_overlap = check_bool("gradient_overlap", gradient_overlap)
+        self.last_preconditioned = None  # its own warm start: other coordinates
         self._writer = SummaryWriter.shared(self.log_dir, "train")
         self.last_spectrum = None
         self._operator = None
@@ -95,7 +114,7 @@ class HessianMonitor(keras.callbacks.Callback):
             return
         operator = self._build_operator()  # no compiled loss or too many eigenvalues: fail now
         if self.last_spectrum is not None and self.last_spectrum.eigenvectors.shape[1] != operator.num_params:
-            self.last_spectrum = None
+            self.last_spectrum = self.last_preconditioned = None
         self._writer.open()
         self._read_step(training_step(self.model))
         spe = getattr(self.model, "steps_per_execution", 1)
@@ -162,7 +181,7 @@ class HessianMonitor(keras.callbacks.Callback):
             scalars[tags.residual(i)] = res
         if self.smallest:
             scalars[tags.HESSIAN_MIN_EIGENVALUE] = spec.min_eigenvalue
-        scalars[tags.EDGE_OF_STABILITY] = spec.eigenvalues[0] * current_learning_rate(self.model.optimizer) / 2
+        scalars.update(self._stability(operator, spec))
         if self.trace:
             estimate = hessian.trace(operator, num_samples=self.trace_samples, seed=self.seed)
             scalars[tags.HESSIAN_TRACE] = estimate.value
@@ -172,4 +191,30 @@ class HessianMonitor(keras.callbacks.Callback):
             self._writer.write_histograms(step, {tags.HESSIAN_DENSITY: density_buckets(dens)})
         scalars[tags.HESSIAN_HVP_COUNT] = operator.count - first
         self._writer.write_scalars(step, scalars)
+        return scalars
+
+    def _stability(self, operator, spec):
+        """The preconditioned spectrum, the edges of stability and the gradient overlap, by tag."""
+        optimizer = self.model.optimizer
+        lr = current_learning_rate(optimizer)
+        scalars = {tags.GD_EDGE_OF_STABILITY: spec.eigenvalues[0] * lr / 2}
+        sharpness = {False: spec.eigenvalues[0]}
+        diagonal = preconditioner.diagonal(optimizer, operator.variables) if self.preconditioned else None
+        if diagonal is not None:
+            pre = hessian.spectrum(hessian.precondition(operator, diagonal), top_k=self.top_k, tol=self.tol,
+                                   init_vectors=self.last_preconditioned, seed=self.seed)
+            self.last_preconditioned = pre
+            for i, (value, res) in enumerate(zip(pre.eigenvalues, pre.residuals), start=1):
+                scalars[tags.preconditioned_eigenvalue(i)] = value
+                scalars[tags.preconditioned_residual(i)] = res
+            sharpness[True] = pre.eigenvalues[0]
+        threshold = preconditioner.stability_threshold(optimizer, lr)
+        if threshold is not None:
+            scalars[tags.STABILITY_THRESHOLD] = threshold.value
+            if threshold.preconditioned in sharpness:
+                scalars[tags.EDGE_OF_STABILITY] = sharpness[threshold.preconditioned] / threshold.value
+        if self.gradient_overlap:
+            overlap = hessian.gradient_overlap(spec, operator)
+            if np.isfinite(overlap):  # undefined for a zero gradient
+                scalars[tags.GRADIENT_OVERLAP] = overlap
         return scalars
