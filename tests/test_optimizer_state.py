@@ -185,3 +185,19 @@ def test_descriptions_say_what_each_number_is():
     assert "first-moment" in tags.describe(tags.moment_norm(tags.FIRST_MOMENT, "dense"))
     assert "-raw gradient" in tags.describe(tags.COSINE_UPDATE_GRADIENT)
     assert tags.describe(tags.COSINE_GRADIENT_FIRST_MOMENT)
+
+
+def test_observing_the_optimizer_state_leaves_training_as_it_was():
+    """Weights and slots after compiled steps are bit-identical to an unobserved optimizer's."""
+    results = []
+    for observed in (False, True):
+        net = model()
+        opt = keras.optimizers.Adam(0.01)
+        if observed:
+            opt = gradmon.observe(opt, stats=["moment_norm", "cosines"])
+        run_steps(opt, net.trainable_variables, 3, compiled=True)
+        if observed:
+            assert len(opt.flush()) == 3
+        results.append([v.numpy() for v in net.trainable_variables + opt._momentums + opt._velocities])
+    for a, b in zip(*results):
+        np.testing.assert_array_equal(a, b)
