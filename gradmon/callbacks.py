@@ -182,7 +182,7 @@ class GradientMonitor(keras.callbacks.Callback):
         self._batch_seen = batch
         if self._host_step >= self._next_due:
             self._next_due = self._next_due_after(self._host_step)
-        if self._observer.on_nonfinite == "stop" and self.stopped_at is None and self._observer.stopped:
+        if self._observer.pipeline.stops and self.stopped_at is None and self._observer.stopped:
             self._stop(self._write())
             return
         if self.update_freq != "epoch" and _passed(self._observer.every, previous, self._host_step):
@@ -204,12 +204,20 @@ class GradientMonitor(keras.callbacks.Callback):
         return self._observer.flush(self._writer if self._writes else None, latest_only, histograms)
 
     def _stop(self, snapshots):
-        nonfinite = tags.prefixed(self._observer.name, tags.nonfinite_total(tags.RAW))
-        bad = [s.step for s in snapshots if s.values.get(nonfinite, 0) > 0]
-        step = bad[0] if bad else self._observer.last_written
+        observer = self._observer
+        nonfinite = tags.prefixed(observer.name, tags.nonfinite_total(tags.RAW))
+        causes = []
+        if observer.on_nonfinite == "stop":
+            causes += [(s.step, "non-finite gradients", "on_nonfinite")
+                       for s in snapshots if s.values.get(nonfinite, 0) > 0]
+        if observer.on_spike == "stop":
+            causes += [(step, f"a gradient-norm spike (z = {z:.1f})", "on_spike")
+                       for step, z in observer.spikes_seen]
+        step, cause, policy = min(causes) if causes else (
+            observer.last_written, "non-finite gradients or a spike", "on_nonfinite/on_spike")
         self.stopped_at = step
         self.model.stop_training = True
-        message = (f"gradmon: non-finite gradients at step {step} (on_nonfinite='stop'): that "
+        message = (f"gradmon: {cause} at step {step} ({policy}='stop'): that "
                    "update and every later one were not applied; training stops.")
         warnings.warn(message, stacklevel=2)
         print(message)

@@ -13,7 +13,7 @@ import numpy as np
 from gradmon import _keras_compat as kc
 from gradmon import own_step
 from gradmon import penalties as penalties_module
-from gradmon import statistics, transforms
+from gradmon import spikes, statistics, transforms
 from gradmon._validation import check_bool, invalid
 from gradmon.observer import Observer, observer_of
 
@@ -25,13 +25,24 @@ class GradientConfig:
     """What a monitored model does with its gradients: transform, penalties, statistics, policy."""
 
     def __init__(self, transform=None, grouping="layer", stats=None, penalties=None,
-                 noise_scale=False, on_nonfinite="warn"):
-        self.observer = Observer(transform, grouping, stats, on_nonfinite)
+                 noise_scale=False, on_nonfinite="warn", on_spike=None,
+                 spike_threshold=spikes.DEFAULT_SPIKE_THRESHOLD):
+        self.observer = Observer(transform, grouping, stats, on_nonfinite, on_spike=on_spike,
+                                 spike_threshold=spike_threshold)
         self.noise_scale = check_bool("noise_scale", noise_scale)
         self.penalties = penalties_module.check_penalties(penalties)
-        self.extras = own_step.Extras([p.name for p in self.penalties], self.noise_scale)
-        if self.penalties or self.noise_scale:
+        # with on_spike, gradmon's own step (where the model has no train_step of its own)
+        # hands the batch loss over for its z-score
+        self.extras = own_step.Extras([p.name for p in self.penalties], self.noise_scale,
+                                      loss=on_spike is not None)
+        if self.penalties or self.noise_scale or self.extras.loss:
             self.observer.extras_source = self.extras
+
+    def without_loss(self):
+        """A model with its own `train_step`: no loss reaches the observer (only the norm's z-score)."""
+        self.extras.loss = False
+        if not self.needs_own_step:
+            self.observer.extras_source = None
 
     @property
     def needs_own_step(self):
@@ -47,10 +58,14 @@ class GradientConfig:
             "penalties": [penalties_module.serialize(p) for p in self.penalties],
             "noise_scale": self.noise_scale,
             "on_nonfinite": obs.on_nonfinite,
+            "on_spike": obs.on_spike,
+            "spike_threshold": obs.spike_threshold,
         }
 
 
 def _check_own_step(model, config):
+    if not _uses_gradmon_step(model):
+        config.without_loss()
     if config.needs_own_step and not _uses_gradmon_step(model):
         asked = [n for n, on in (("penalties", config.penalties), ("noise_scale", config.noise_scale)) if on]
         raise ValueError(
@@ -133,8 +148,8 @@ class GradientMonitorMixin:
     A model with its own `train_step` keeps it: gradmon observes what it
     applies through `self.optimizer`. Constructor keywords (all optional):
     `gradient_transform`, `gradient_grouping`, `gradient_stats`,
-    `gradient_penalties`, `gradient_noise_scale`, `gradient_on_nonfinite`
-    (see `configure_gradients`).
+    `gradient_penalties`, `gradient_noise_scale`, `gradient_on_nonfinite`,
+    `gradient_on_spike`, `gradient_spike_threshold` (see `configure_gradients`).
     """
 
     def __init_subclass__(cls, **kwargs):
@@ -148,15 +163,18 @@ class GradientMonitorMixin:
 
     def __init__(self, *args, gradient_transform=None, gradient_grouping="layer",
                  gradient_stats=None, gradient_penalties=None, gradient_noise_scale=False,
-                 gradient_on_nonfinite="warn", **kwargs):
+                 gradient_on_nonfinite="warn", gradient_on_spike=None,
+                 gradient_spike_threshold=spikes.DEFAULT_SPIKE_THRESHOLD, **kwargs):
         config = GradientConfig(gradient_transform, gradient_grouping, gradient_stats,
-                                gradient_penalties, gradient_noise_scale, gradient_on_nonfinite)
+                                gradient_penalties, gradient_noise_scale, gradient_on_nonfinite,
+                                gradient_on_spike, gradient_spike_threshold)
         object.__setattr__(self, "_gradmon_config", config)
         object.__setattr__(self, "_gradmon_observer", config.observer)
         super().__init__(*args, **kwargs)
 
     def configure_gradients(self, transform=None, grouping="layer", stats=None, penalties=None,
-                            noise_scale=False, on_nonfinite="warn"):
+                            noise_scale=False, on_nonfinite="warn", on_spike=None,
+                            spike_threshold=spikes.DEFAULT_SPIKE_THRESHOLD):
         """Sets what is done with the gradients; takes effect at the next `fit`.
 
         Args:
@@ -177,11 +195,20 @@ class GradientMonitorMixin:
                 state untouched) or `"stop"` (skip it and every later step,
                 and end `fit`). Loss-scale overflows are left to the
                 `LossScaleOptimizer` under every policy. Defaults to `"warn"`.
+            on_spike: what a step whose raw global gradient norm is a spike
+                does (z-score above `spike_threshold` against the running
+                mean and std of the recent norms; see `gradmon.spikes`):
+                `"warn"` (apply it), `"skip"`, `"stop"` (skip it and every later
+                step, and end `fit`), or `None` (not tracked: no cost). Where
+                gradmon's own train step runs (no `train_step` of the model's
+                own) the loss's z-score is logged too. Defaults to `None`.
+            spike_threshold: z-score above which a norm is a spike. Defaults to `6.0`.
 
         Returns:
             The model, for chaining.
         """
-        config = GradientConfig(transform, grouping, stats, penalties, noise_scale, on_nonfinite)
+        config = GradientConfig(transform, grouping, stats, penalties, noise_scale, on_nonfinite,
+                                on_spike, spike_threshold)
         _check_own_step(self, config)
         object.__setattr__(self, "_gradmon_config", config)
         _replace_observer(self, config.observer)
@@ -193,7 +220,7 @@ class GradientMonitorMixin:
 
     def train_step(self, data):
         config = self._gradmon_config
-        if not config.needs_own_step:
+        if not (config.needs_own_step or config.extras.loss):
             return super().train_step(data)
         x, y, sample_weight = kc.unpack_x_y_sample_weight(data)
         if not self.trainable_weights:
@@ -202,8 +229,11 @@ class GradientMonitorMixin:
         if config.penalties:
             y_pred, grads, pending["penalties"] = own_step.penalized_step(
                 self, x, y, sample_weight, config.penalties)
+            pending["loss"] = pending["penalties"]["total_loss"]
         else:
-            y_pred, grads = own_step.plain_step(self, x, y, sample_weight)
+            y_pred, grads, pending["loss"] = own_step.plain_step(self, x, y, sample_weight, with_loss=True)
+        if not config.extras.loss:
+            del pending["loss"]
         if config.noise_scale and self._gradmon_observer.measuring:
             pending["noise"] = self._gradmon_noise((x, y, sample_weight))
         config.extras.pending = pending
@@ -323,7 +353,8 @@ def gradient_config_args(config):
 
 
 def monitor(model, transform=None, grouping="layer", stats=None, penalties=None,
-            noise_scale=False, on_nonfinite="warn"):
+            noise_scale=False, on_nonfinite="warn", on_spike=None,
+            spike_threshold=spikes.DEFAULT_SPIKE_THRESHOLD):
     """Observes (and optionally transforms) the gradients a model's training applies.
 
     Compile and fit the returned model as you would `model`. A model with
@@ -352,6 +383,10 @@ def monitor(model, transform=None, grouping="layer", stats=None, penalties=None,
             Defaults to `False`.
         on_nonfinite: `"warn"`, `"skip"` or `"stop"` (see
             `GradientMonitorMixin.configure_gradients`). Defaults to `"warn"`.
+        on_spike: `None` (spikes not tracked), `"warn"`, `"skip"` or `"stop"`
+            (see `GradientMonitorMixin.configure_gradients`). Defaults to `None`.
+        spike_threshold: z-score above which the raw global norm is a spike.
+            Defaults to `6.0`.
 
     Returns:
         The monitored `keras.Model`.
@@ -361,7 +396,7 @@ def monitor(model, transform=None, grouping="layer", stats=None, penalties=None,
         >>> m.compile(optimizer="adam", loss="mse")
         >>> m.fit(x, y, callbacks=[gradmon.GradientMonitor("runs/exp1")])
     """
-    args = (transform, grouping, stats, penalties, noise_scale, on_nonfinite)
+    args = (transform, grouping, stats, penalties, noise_scale, on_nonfinite, on_spike, spike_threshold)
     if isinstance(model, GradientMonitorMixin):
         return model.configure_gradients(*args)
     if not isinstance(model, keras.Model):
@@ -373,7 +408,8 @@ def monitor(model, transform=None, grouping="layer", stats=None, penalties=None,
         return model
     kwargs = dict(gradient_transform=transform, gradient_grouping=grouping, gradient_stats=stats,
                   gradient_penalties=penalties, gradient_noise_scale=noise_scale,
-                  gradient_on_nonfinite=on_nonfinite, name=f"{model.name}_monitored")
+                  gradient_on_nonfinite=on_nonfinite, gradient_on_spike=on_spike,
+                  gradient_spike_threshold=spike_threshold, name=f"{model.name}_monitored")
     inputs, outputs = kc.functional_structure(model)
     if inputs is not None:
         return _MonitoredFunctional(inputs=inputs, outputs=outputs, **kwargs)

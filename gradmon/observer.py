@@ -101,6 +101,7 @@ class Observer:
         self.spikes = None  # the SpikeTracker, built with the recorder when on_spike is set
         self.spikes_seen = []  # (step, z) of the spikes read back so far
         self._spike_count_read = 0
+        self._spikes_written = -1  # the step of the last spike written
         self.grouping = check_choice("grouping", grouping, GROUPINGS)
         self.selected, self.custom = statistics.check_stats(stats)
         if name is not None and (not isinstance(name, str) or not tags.sanitize(name).strip("_")):
@@ -398,9 +399,12 @@ class Observer:
         snapshots = self.read()
         if latest_only:
             snapshots = snapshots[-1:]
-        spiked = self.read_spikes()
+        self.read_spikes()
+        spiked = [(s, z) for s, z in self.spikes_seen if s > self._spikes_written]
         if writer is not None and self.recorder is not None:
             self.write_header(writer)
+            if spiked:
+                self._spikes_written = spiked[-1][0]
             at = tags.prefixed(self.name, tags.SPIKE_AT)
             for snapshot in snapshots:
                 while spiked and spiked[0][0] <= snapshot.step:  # in step order

@@ -28,8 +28,10 @@ class Extras:
     trace (so they are tensors of the same graph).
     """
 
-    def __init__(self, penalty_names=(), noise_scale=False):
+    def __init__(self, penalty_names=(), noise_scale=False, loss=False):
         self.penalty_names, self.noise_scale = list(penalty_names), noise_scale
+        # the batch loss is handed over (`"loss"`) for the spike detector's loss z-score
+        self.loss = loss
         self.pending = {}
 
     def spec_extras(self):
@@ -99,15 +101,20 @@ def _summed(parts):
     return out
 
 
-def plain_step(model, x, y, sample_weight):
-    """`(y_pred, scaled gradients)` exactly as Keras' own TensorFlow `train_step`."""
+def plain_step(model, x, y, sample_weight, with_loss=False):
+    """`(y_pred, scaled gradients)` exactly as Keras' own TensorFlow `train_step`
+    (`with_loss`: and the batch loss as Keras' loss tracker gets it)."""
     with tf.GradientTape() as tape:
         y_pred = kc.call_with_training(model, x)
         loss = kc.compute_loss(model, x, y, y_pred, sample_weight)
         kc.track_loss(model, loss, x)
+        unscaled = loss
         if model.optimizer is not None:
             loss = model.optimizer.scale_loss(loss)
-    return y_pred, tape.gradient(loss, model.trainable_weights)
+    grads = tape.gradient(loss, model.trainable_weights)
+    if not with_loss:
+        return y_pred, grads
+    return y_pred, grads, kc.unscale_loss_for_distribution(unscaled)
 
 
 def half_size(batch):

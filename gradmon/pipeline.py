@@ -112,8 +112,8 @@ class GradientPipeline:
     def __init__(self, transform=None, on_nonfinite="warn", on_spike=None):
         self.transform = None if transform is None else transforms.as_transform(transform)
         self.on_nonfinite = check_choice("on_nonfinite", on_nonfinite, NONFINITE_POLICIES)
-        if on_spike is not None:
-            check_choice("on_spike", on_spike, SPIKE_POLICIES[1:])
+        if on_spike is not None and (not isinstance(on_spike, str) or on_spike not in SPIKE_POLICIES):
+            raise invalid("on_spike", f"None or one of {list(SPIKE_POLICIES[1:])}", on_spike)
         self.on_spike = on_spike
 
     @property

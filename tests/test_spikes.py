@@ -1,0 +1,335 @@
+"""Spikes caught in the step (`on_spike`) and ZClip, against numpy replays of the norms."""
+
+import warnings
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import gradmon
+from gradmon import tags
+from gradmon import transforms as T
+from gradmon.writer import MemoryWriter
+
+NAN = float("nan")
+
+
+# -- independent references (numpy, lists; no gradmon code) --------------------
+
+def replay_detector(values, threshold, alpha=0.97, warmup=25):
+    """z-scores, spikes [(step, z)] and counts of the on_spike detector: the first `warmup` finite
+    values set mean / population variance, then EMAs; a spike is folded in at mean + thr * std."""
+    buffer, mean, var, zs, found, counts = [], None, None, [], [], []
+    for step, x in enumerate(values, 1):
+        z = NAN
+        if np.isfinite(x):
+            if mean is None:
+                buffer.append(x)
+                if len(buffer) == warmup:
+                    mean, var = np.mean(buffer), np.var(buffer)
+            else:
+                std = np.sqrt(var)
+                z = (x - mean) / (std + 1e-12)
+                if z > threshold:
+                    found.append((step, z))
+                    x = mean + threshold * std
+                mean = alpha * mean + (1 - alpha) * x
+                var = alpha * var + (1 - alpha) * (x - mean) ** 2
+        zs.append(z)
+        counts.append(len(found))
+    return np.array(zs), found, counts
+
+
+def replay_zclip(norms, z_threshold, alpha, warmup, eps=1e-6):
+    """ZClip as its reference code: clipped norms, thresholds, clipped flags."""
+    buffer, ready, mean, var = [], False, 0.0, 0.0
+    out, thresholds, flags = [], [], []
+    for x in norms:
+        if not ready:
+            buffer.append(x)
+            if len(buffer) >= warmup:
+                mean = sum(buffer) / len(buffer)
+                var = sum((b - mean) ** 2 for b in buffer) / len(buffer)
+                ready = True
+            out.append(x), thresholds.append(NAN), flags.append(0.0)
+            continue
+        std = var ** 0.5
+        z = (x - mean) / (std + eps)
+        thresholds.append(mean + z_threshold * std)
+        effective = x
+        if z > z_threshold:
+            effective = mean + (z_threshold * std) / (z / z_threshold)
+        flags.append(float(z > z_threshold))
+        out.append(effective)
+        mean = alpha * mean + (1 - alpha) * effective
+        var = alpha * var + (1 - alpha) * (effective - mean) ** 2
+    return np.array(out), np.array(thresholds), np.array(flags)
+
+
+def gradients_with_norms(norms, size=4, seed=0):
+    """float32 gradients whose global norms are `norms` (random directions)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for n in norms:
+        d = rng.normal(size=size)
+        out.append((d / np.linalg.norm(d) * n).astype(np.float32))
+    return out
+
+
+def series(writer, tag):
+    return dict(writer.scalars.get(tag, []))
+
+
+def norm_sequence(steps=60, spikes=(), seed=1):
+    rng = np.random.default_rng(seed)
+    norms = 1.0 + 0.1 * rng.normal(size=steps)
+    for step, value in spikes:
+        norms[step - 1] = value
+    return norms
+
+
+# -- custom loops -------------------------------------------------------------
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_custom_loop_zscores_and_spikes_equal_a_numpy_replay(compiled):
+    norms = norm_sequence(spikes=[(30, 6.0), (31, 5.0), (45, 9.0), (38, NAN)])
+    grads = gradients_with_norms(norms)
+    v = keras.Variable(np.zeros(4, np.float32))
+    opt = gradmon.observe(keras.optimizers.SGD(0.01), on_spike="warn", spike_threshold=4.0,
+                          buffer_steps=64)
+    apply = lambda g: opt.apply_gradients([(g, v)])  # noqa: E731
+    apply = tf.function(apply) if compiled else apply
+    writer = MemoryWriter()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for i, g in enumerate(grads, 1):
+            apply(tf.constant(g))
+            if i % 10 == 0:
+                opt.flush(writer)
+    # the device norm is the float32 gradient's: replay on the same float32 arrays
+    measured = [np.linalg.norm(g.astype(np.float64)) for g in grads]
+    zs, found, counts = replay_detector(measured, 4.0)
+    assert [s for s, _ in found] == [30, 31, 45]  # the spikes the replay sees, the NaN step not one
+    written = series(writer, tags.SPIKE_ZSCORE)
+    assert sorted(written) == list(range(1, 61))
+    np.testing.assert_allclose([written[s] for s in range(1, 61)], zs, rtol=1e-5, atol=1e-5, equal_nan=True)
+    assert np.isnan([written[s] for s in range(1, 26)]).all()  # warm-up: no verdict
+    assert [series(writer, tags.SPIKE_COUNT)[s] for s in range(1, 61)] == counts
+    at = series(writer, tags.SPIKE_AT)
+    assert sorted(at) == [30, 31, 45]
+    for step, z in found:
+        assert at[step] == pytest.approx(z, rel=1e-5)
+    assert tags.SPIKE_LOSS_ZSCORE not in writer.scalars  # a custom loop hands no loss over
+    messages = [str(c.message) for c in caught if "spike" in str(c.message)]
+    assert any("spike at step 30" in m or "steps 30" in m for m in messages)
+    assert any("45 (z = " in m for m in messages)
+    assert all("the update was applied" in m for m in messages)
+
+
+def test_skip_leaves_the_weights_of_a_run_without_that_step():
+    norms = norm_sequence(40, spikes=[(33, 8.0)], seed=2)
+    grads = gradients_with_norms(norms, seed=3)
+    v = keras.Variable(np.ones(4, np.float32))
+    opt = gradmon.observe(keras.optimizers.SGD(0.5), on_spike="skip", spike_threshold=5.0)
+    step = tf.function(lambda g: opt.apply_gradients([(g, v)]))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for g in grads:
+            step(tf.constant(g))
+        snapshots = opt.flush()
+    expected = np.ones(4, np.float32)
+    for i, g in enumerate(grads, 1):
+        if i != 33:
+            expected = expected - np.float32(0.5) * g  # plain SGD, in float32 as Keras
+    np.testing.assert_allclose(v.numpy(), expected, rtol=1e-6, atol=1e-7)
+    assert int(opt.iterations.numpy()) == 39
+    assert opt.gradmon.spikes_seen[0][0] == 33 and len(opt.gradmon.spikes_seen) == 1
+    assert snapshots[-1][tags.SKIPPED_STEPS] == 1
+    assert any("spike at step 33" in str(c.message) and "skipped" in str(c.message) for c in caught)
+
+
+def test_zclip_clips_as_a_numpy_replay_of_zclip():
+    norms = norm_sequence(40, spikes=[(15, 4.0), (16, 3.0), (30, 2.0)], seed=4)
+    grads = gradients_with_norms(norms, seed=5)
+    v = keras.Variable(np.zeros(4, np.float32))
+    transform = T.zclip(z_threshold=2.5, alpha=0.9, warmup_steps=10)
+    opt = gradmon.observe(keras.optimizers.SGD(1.0), transform=transform, buffer_steps=64)
+    step = tf.function(lambda g: opt.apply_gradients([(g, v)]))
+    for g in grads:
+        step(tf.constant(g))
+    writer = MemoryWriter()
+    opt.flush(writer)
+    measured = [np.linalg.norm(g.astype(np.float64)) for g in grads]
+    clipped, thresholds, flags = replay_zclip(measured, 2.5, 0.9, 10)
+    assert flags[14] == flags[15] == 1.0 and flags.sum() >= 2
+    out = series(writer, tags.global_norm("transformed"))
+    np.testing.assert_allclose([out[s] for s in range(1, 41)], clipped, rtol=1e-5)
+    written = series(writer, tags.zclip_threshold())
+    np.testing.assert_allclose([written[s] for s in range(1, 41)], thresholds, rtol=1e-5, equal_nan=True)
+    fraction = series(writer, tags.CLIP_FRACTION)
+    assert [fraction[s] for s in range(1, 41)] == list(flags)
+    # what the optimizer applied: each gradient rescaled to the clipped norm (SGD, lr 1)
+    expected = -sum(g.astype(np.float64) * (c / m) for g, c, m in zip(grads, clipped, measured))
+    np.testing.assert_allclose(v.numpy(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_zclip_in_a_chain_reports_its_member_fraction_and_serializes():
+    chain = T.chain(T.clip_by_value(10.0), T.zclip(z_threshold=3.0, warmup_steps=5))
+    assert chain.fraction_names() == ["clip_by_value", "zclip"]
+    again = T.deserialize(T.serialize(chain))
+    assert again.transforms[1].get_config() == {"z_threshold": 3.0, "alpha": 0.97, "warmup_steps": 5,
+                                                "eps": 1e-6}
+    norms = norm_sequence(12, spikes=[(9, 50.0)], seed=6)
+    grads = gradients_with_norms(norms, seed=7)
+    v = keras.Variable(np.zeros(4, np.float32))
+    opt = gradmon.observe(keras.optimizers.SGD(0.1), transform=chain)
+    writer = MemoryWriter()
+    for g in grads:  # eager
+        opt.apply_gradients([(tf.constant(g), v)])
+    opt.flush(writer)
+    member = series(writer, tags.clip_fraction_of("zclip"))
+    assert member[9] == 1.0 and sum(member.values()) == 1.0
+    assert np.isnan(series(writer, tags.zclip_threshold())[5])
+    assert np.isfinite(series(writer, tags.zclip_threshold())[6])
+
+
+# -- fit --------------------------------------------------------------------------
+
+RNG = np.random.default_rng(11)
+X = RNG.normal(size=(160, 3)).astype(np.float32)
+Y = (X @ np.array([[1.0], [-2.0], [0.5]]) + 0.3 * RNG.normal(size=(160, 1))).astype(np.float32)
+SPIKE_BATCH = 30
+X[4 * (SPIKE_BATCH - 1):4 * SPIKE_BATCH] *= 30.0  # batch 30 (1-based, batch size 4) is a spike
+Y[4 * (SPIKE_BATCH - 1):4 * SPIKE_BATCH] *= 30.0
+
+
+def linear(seed=0):
+    keras.utils.set_random_seed(seed)
+    return keras.Sequential([keras.Input((3,)), keras.layers.Dense(1)])
+
+
+class WeightsBefore(keras.callbacks.Callback):
+    def __init__(self):
+        super().__init__()
+        self.weights = []
+
+    def on_train_batch_begin(self, batch, logs=None):
+        self.weights.append([w.numpy().astype(np.float64) for w in self.model.trainable_variables])
+
+
+def numpy_norm_and_loss(kernel, bias, x, y):
+    """Keras' MSE on a Dense(1) layer and its gradient's global norm, by hand."""
+    residual = x.astype(np.float64) @ kernel + bias - y
+    g_kernel, g_bias = 2 * x.T @ residual / len(x), 2 * residual.sum(0) / len(x)
+    return np.sqrt((g_kernel ** 2).sum() + (g_bias ** 2).sum()), float(np.mean(residual ** 2))
+
+
+def test_fit_warn_writes_the_spike_at_its_step_and_trains_as_plain_keras():
+    plain = linear()
+    plain.compile(optimizer=keras.optimizers.SGD(0.01), loss="mse")
+    plain.fit(X, Y, batch_size=4, shuffle=False, verbose=0)
+    model = gradmon.monitor(linear(), on_spike="warn")
+    model.compile(optimizer=keras.optimizers.SGD(0.01), loss="mse")
+    writer, before = MemoryWriter(), WeightsBefore()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model.fit(X, Y, batch_size=4, shuffle=False, verbose=0,
+                  callbacks=[before, gradmon.GradientMonitor(writer=writer, update_freq=7)])
+    for a, b in zip(plain.trainable_variables, model.trainable_variables):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())  # "warn" applies: plain Keras
+    pairs = [numpy_norm_and_loss(k, b, X[i * 4:i * 4 + 4], Y[i * 4:i * 4 + 4])
+             for i, (k, b) in enumerate(before.weights)]
+    zs, found, counts = replay_detector([p[0] for p in pairs], 6.0)
+    loss_zs, _, _ = replay_detector([p[1] for p in pairs], 6.0)
+    # the spiked batch, and what its applied update did to the next batches
+    assert found[0][0] == SPIKE_BATCH
+    at = series(writer, tags.SPIKE_AT)
+    assert list(at) == [s for s, _ in found]
+    for step, z in found:
+        assert at[step] == pytest.approx(z, rel=1e-4)
+    written, loss_written = series(writer, tags.SPIKE_ZSCORE), series(writer, tags.SPIKE_LOSS_ZSCORE)
+    assert sorted(written) == list(range(7, 41, 7))  # logged steps only; the spike step is not one
+    steps = sorted(written)
+    np.testing.assert_allclose([written[s] for s in steps], zs[np.array(steps) - 1], rtol=1e-4,
+                               atol=1e-5, equal_nan=True)
+    np.testing.assert_allclose([loss_written[s] for s in steps], loss_zs[np.array(steps) - 1],
+                               rtol=1e-4, atol=1e-5, equal_nan=True)
+    assert np.isnan(written[7]) and np.isfinite(written[28]) and np.isfinite(loss_written[35])
+    assert [series(writer, tags.SPIKE_COUNT)[s] for s in steps] == [counts[s - 1] for s in steps]
+    assert any(f"spike at step {SPIKE_BATCH}" in str(c.message) for c in caught)
+
+
+def test_fit_stop_stops_at_the_spike_with_the_weights_of_the_steps_before():
+    reference = linear()
+    reference.compile(optimizer=keras.optimizers.SGD(0.01), loss="mse")
+    reference.fit(X[:4 * (SPIKE_BATCH - 1)], Y[:4 * (SPIKE_BATCH - 1)], batch_size=4, shuffle=False,
+                  verbose=0)
+    model = gradmon.monitor(linear(), on_spike="stop")
+    model.compile(optimizer=keras.optimizers.SGD(0.01), loss="mse")
+    monitor = gradmon.GradientMonitor(writer=MemoryWriter(), update_freq=100)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model.fit(X, Y, batch_size=4, epochs=2, shuffle=False, verbose=0, callbacks=[monitor])
+    for a, b in zip(reference.trainable_variables, model.trainable_variables):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+    assert monitor.stopped_at == SPIKE_BATCH and model.gradient_observer.step == SPIKE_BATCH
+    assert int(model.optimizer.iterations.numpy()) == SPIKE_BATCH - 1
+    assert any(f"spike (z = " in str(c.message) and f"step {SPIKE_BATCH} (on_spike='stop')"
+               in str(c.message) for c in caught)
+
+
+def test_fit_without_on_spike_is_plain_keras():
+    plain = linear(seed=3)
+    plain.compile(optimizer=keras.optimizers.Adam(0.01), loss="mse")
+    plain.fit(X, Y, batch_size=8, shuffle=False, verbose=0)
+    model = gradmon.monitor(linear(seed=3))
+    model.compile(optimizer=keras.optimizers.Adam(0.01), loss="mse")
+    model.fit(X, Y, batch_size=8, shuffle=False, verbose=0,
+              callbacks=[gradmon.GradientMonitor(writer=MemoryWriter(), update_freq=3)])
+    for a, b in zip(plain.trainable_variables, model.trainable_variables):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+    assert model.gradient_observer.spikes is None
+
+
+# -- cost and arguments -------------------------------------------------------
+
+def _traced_ops(**kwargs):
+    v = keras.Variable(np.zeros(3, np.float32))
+    opt = gradmon.observe(keras.optimizers.SGD(0.1), **kwargs)
+    function = tf.function(lambda g: opt.apply_gradients([(g, v)]))
+    graph = function.get_concrete_function(tf.TensorSpec([3], tf.float32)).graph
+    return [op.name for op in graph.get_operations()]
+
+
+def test_without_on_spike_the_step_has_no_spike_op():
+    plain, tracked = _traced_ops(), _traced_ops(on_spike="warn")
+    assert not any("gradmon_spikes" in name for name in plain)
+    assert any("gradmon_spikes" in name for name in tracked)  # the check can fail
+    assert len(tracked) > len(plain)
+
+
+def test_bad_arguments_are_keras_worded():
+    opt = keras.optimizers.SGD()
+    with pytest.raises(ValueError, match="argument `on_spike`.*Received: on_spike='panic'"):
+        gradmon.observe(opt, on_spike="panic")
+    with pytest.raises(ValueError, match="argument `spike_threshold`.*Received: spike_threshold=-1"):
+        gradmon.observe(opt, on_spike="warn", spike_threshold=-1)
+    with pytest.raises(ValueError, match="argument `alpha`.*Received: alpha=1"):
+        T.zclip(alpha=1)
+    with pytest.raises(ValueError, match="argument `warmup_steps`.*Received: warmup_steps=0"):
+        T.zclip(warmup_steps=0)
+    with pytest.raises(ValueError, match="argument `on_spike`"):
+        gradmon.monitor(linear(), on_spike=True)
+
+
+def test_on_spike_survives_saving(tmp_path):
+    model = gradmon.monitor(linear(), on_spike="skip", spike_threshold=4.5, transform=T.zclip())
+    model.compile(optimizer="sgd", loss="mse")
+    model.fit(X[:8], Y[:8], batch_size=4, verbose=0)
+    path = str(tmp_path / "m.keras")
+    model.save(path)
+    loaded = keras.models.load_model(path)
+    config = loaded.gradient_config.get_config()
+    assert config["on_spike"] == "skip" and config["spike_threshold"] == 4.5
+    assert config["transform"]["class_name"] == "zclip"
