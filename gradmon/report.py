@@ -76,10 +76,17 @@ Flags (thresholds are the fields of `Thresholds`; "early" steps are the first
 - clipping (global): clipping changed the gradient in at least `clip_share`
   (default 0.5) of the tail steps (global signal above); the detail names the
   layers clipped that often, most often first.
-- edge_of_stability (global): lr * lambda_1 / 2 (`hessian/edge_of_stability`)
+- edge_of_stability (global): the optimizer's own edge-of-stability ratio
+  (`hessian/edge_of_stability`: its sharpness / its stability threshold, e.g.
+  lambda_1(H) / (2/lr) for SGD, lambda_1(P^-1 H) / (38/lr) for Adam at
+  beta_1 = 0.9; `gradmon.HessianMonitor` writes it where the threshold is known)
   exceeds `edge_of_stability` (default 1.1) at every Hessian probe in the last
-  `tail_fraction` of probes. Above 1, plain gradient descent with this
-  learning rate is unstable along the top Hessian eigenvector.
+  `tail_fraction` of probes: the update is unstable along the sharpest
+  direction. Runs written before that tag had this meaning (no
+  `hessian/gd_edge_of_stability`, `hessian/stability_threshold` or
+  preconditioned eigenvalue beside it) logged lr * lambda_1 / 2, the edge of
+  plain gradient descent, under the same tag: they are judged on it as before,
+  and the report says so (`Curvature.edge_of_stability_meaning`).
 
 Notes (not problems, but worth knowing):
 
@@ -87,6 +94,19 @@ Notes (not problems, but worth knowing):
   `inactive_zero_fraction` (default 0.5) but below the dead threshold: most
   units pass no gradient (e.g. ReLUs that are mostly off).
 - loss_scale_overflow (global): steps the LossScaleOptimizer skipped.
+- at_edge_of_stability (global): not past the edge, but the optimizer's
+  edge-of-stability ratio reached `at_edge_of_stability` (default 0.9) at a
+  Hessian probe of the tail: training sits at its edge of stability, where
+  adaptive and plain gradient descent settle (Cohen et al. 2021, 2022); the
+  sharpness is then set by the learning rate, and the loss may oscillate.
+  Not for runs of the old meaning.
+- spikes (global): gradient-norm spikes caught in the step (`on_spike`):
+  their number (`gradients/spike/count`) and their steps with z-scores
+  (`gradients/spike/at`), the largest first.
+
+Optimizer state (shown, not judged): the median over the tail of
+cos(update, -gradient) and cos(gradient, first moment) when the run logged
+them (`stats=["cosines"]`).
 
 Embedding tables (variables named `embeddings`) are sparse by design: the rows
 of tokens absent from a batch get exact zeros. Their zeros share is shown but
@@ -121,6 +141,11 @@ CLIPPING = "clipping"
 EDGE_OF_STABILITY = "edge_of_stability"
 INACTIVE = "inactive"
 LOSS_SCALE_OVERFLOW = "loss_scale_overflow"
+AT_EDGE_OF_STABILITY = "at_edge_of_stability"
+SPIKES = "spikes"
+# What `hessian/edge_of_stability` means in a run (`Curvature.edge_of_stability_meaning`).
+OPTIMIZER_EDGE = "optimizer"  # sharpness / the optimizer's own stability threshold
+GD_EDGE = "gradient_descent"  # runs before it: lr * lambda_1 / 2, plain gradient descent's
 
 _EXPLANATIONS = {
     EXPLODING: "the gradient norm blew up or became NaN/inf: lower the learning rate, "
@@ -131,8 +156,15 @@ _EXPLANATIONS = {
           "or a zeroed branch; it does not learn.",
     CLIPPING: "clipping rewrites most steps: the effective step size is set by the "
               "clip threshold, not the learning rate; raise max_norm or lower the lr.",
-    EDGE_OF_STABILITY: "lr * lambda_1 / 2 > 1: gradient descent is unstable along the "
-                       "sharpest direction (edge of stability); expect oscillating loss.",
+    EDGE_OF_STABILITY: "the sharpness is past the stability threshold of the optimizer "
+                       "(ratio > 1): its update is unstable along the sharpest direction; "
+                       "expect oscillating or rising loss; lower the learning rate.",
+    AT_EDGE_OF_STABILITY: "training sits at the optimizer's edge of stability: the sharpness "
+                          "rose until lr capped it (Cohen et al. 2021, 2022). Common, not a "
+                          "failure; the loss may oscillate, and a larger lr will not train faster.",
+    SPIKES: "the raw gradient norm jumped far above its running mean at these steps (z-score "
+            "against the recent norms; the on_spike policy decided what to do with them). "
+            "Look at the batches and the learning rate there.",
     INACTIVE: "most of this layer's gradient entries are exact zeros (e.g. ReLUs that are "
               "mostly off); it still learns through the rest. Watch it if the share grows.",
     LOSS_SCALE_OVERFLOW: "mixed precision: the LossScaleOptimizer skipped these steps because "
@@ -168,8 +200,11 @@ class Thresholds:
             `dead_zero_fraction`). Defaults to `0.5`.
         clip_share: persistent clipping when at least this share of tail
             steps was clipped. Defaults to `0.5`.
-        edge_of_stability: past the edge when lr * lambda_1 / 2 exceeds this
-            at every tail Hessian probe. Defaults to `1.1`.
+        edge_of_stability: past the edge when the optimizer's edge-of-stability
+            ratio (sharpness / its stability threshold; lr * lambda_1 / 2 in
+            older runs) exceeds this at every tail Hessian probe. Defaults to `1.1`.
+        at_edge_of_stability: noted as at the edge when that ratio reaches
+            this at a tail probe (and is not past the edge). Defaults to `0.9`.
         tail_fraction: the tail is this last share of logged steps (and of
             Hessian probes). Defaults to `0.2`.
         baseline_fraction: the early steps are this first share of logged
@@ -182,6 +217,7 @@ class Thresholds:
     inactive_zero_fraction: float = 0.5
     clip_share: float = 0.5
     edge_of_stability: float = 1.1
+    at_edge_of_stability: float = 0.9
     tail_fraction: float = 0.2
     baseline_fraction: float = 0.1
 
@@ -263,13 +299,47 @@ class Trend:
 
 @dataclasses.dataclass
 class Curvature:
-    """Top Hessian eigenvalue and lr * lambda_1 / 2 over the Hessian probes."""
+    """The Hessian probes' numbers, each a `Trend` (`None`: not logged).
+
+    `edge_of_stability` is `hessian/edge_of_stability`: sharpness / the
+    optimizer's own threshold (`edge_of_stability_meaning` `"optimizer"`), or in
+    runs before that meaning lr * lambda_1 / 2 (`"gradient_descent"`).
+    `gd_edge_of_stability` is lr * lambda_1 / 2 in newer runs,
+    `preconditioned_eigenvalue` lambda_1(P^-1 H), `stability_threshold` the
+    optimizer's threshold in sharpness units, `gradient_overlap` the share of
+    |g|^2 in the top eigenspace. `layer_eigenvalues`: each layer's last top
+    eigenvalue of its diagonal Hessian block, largest first.
+    """
 
     probes: int
     first_step: int
     last_step: int
-    eigenvalue: Trend
+    eigenvalue: typing.Optional[Trend]
     edge_of_stability: typing.Optional[Trend]
+    edge_of_stability_meaning: str = OPTIMIZER_EDGE
+    gd_edge_of_stability: typing.Optional[Trend] = None
+    preconditioned_eigenvalue: typing.Optional[Trend] = None
+    stability_threshold: typing.Optional[Trend] = None
+    gradient_overlap: typing.Optional[Trend] = None
+    layer_eigenvalues: typing.Dict[str, float] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class Spikes:
+    """Gradient-norm spikes of the run: `count` (the last `gradients/spike/count`, or the
+    spikes written), and each written spike's `step` and `zscore`, largest z-score first."""
+
+    count: int
+    steps: typing.List[int]
+    zscores: typing.List[float]
+
+
+@dataclasses.dataclass
+class OptimizerHealth:
+    """Medians over the tail of the logged cosines (`None`: not logged or all undefined)."""
+
+    cosine_update_gradient: typing.Optional[float]
+    cosine_gradient_first_moment: typing.Optional[float]
 
 
 @dataclasses.dataclass
@@ -302,6 +372,8 @@ class HealthReport:
     clipping_source: str
     thresholds: Thresholds
     read_problems: typing.List[ReadProblem] = dataclasses.field(default_factory=list)
+    spikes: typing.Optional[Spikes] = None
+    optimizer: typing.Optional[OptimizerHealth] = None
 
     @property
     def damaged(self):
@@ -312,7 +384,10 @@ class HealthReport:
 # -- judging -------------------------------------------------------------------
 
 # Step counters and loss-scale bookkeeping: kept whole when overflow steps are left out.
-_BOOKKEEPING = (tags.OVERFLOW_STEPS, tags.SKIPPED_STEPS, tags.LOSS_SCALE, tags.NO_GRADIENT)
+_BOOKKEEPING = (tags.OVERFLOW_STEPS, tags.SKIPPED_STEPS, tags.LOSS_SCALE, tags.NO_GRADIENT,
+                tags.SPIKE_COUNT, tags.SPIKE_AT)
+# Written only by runs where `hessian/edge_of_stability` is the optimizer's own ratio.
+_NEW_EDGE_TAGS = (tags.GD_EDGE_OF_STABILITY, tags.STABILITY_THRESHOLD, tags.preconditioned_eigenvalue(1))
 
 
 def _per_path(run, prefix):
@@ -624,20 +699,84 @@ def health_report(run, thresholds=None, grouping="auto"):
             tail_zero_fraction=zeros, zeros_judged=not any(_is_embedding(p) for p in names),
         ))
 
-    curvature = None
-    if tags.eigenvalue(1) in run:
-        eig_steps = run[tags.eigenvalue(1)][0]
-        eos = run.get(tags.EDGE_OF_STABILITY)
-        curvature = Curvature(
-            probes=len(eig_steps), first_step=int(eig_steps[0]), last_step=int(eig_steps[-1]),
-            eigenvalue=_trend(run[tags.eigenvalue(1)]),
-            edge_of_stability=None if eos is None else _trend(eos),
-        )
+    curvature = _curvature(run)
+    spikes = _spikes(run)
+    optimizer = _optimizer_health(run, thresholds)
 
     flags, notes = _judge(summary, layers, thresholds, layer_clipped_tail, dead_norm, run)
+    flags, notes = _judge_curvature(curvature, run, thresholds, flags, notes)
+    if spikes is not None and spikes.count:
+        notes.append(Flag(SPIKES, "global", _spikes_detail(spikes, MAX_LISTED)))
     return HealthReport(summary=summary, layers=layers, curvature=curvature, flags=flags,
                         notes=notes, clipping_source=clipping_source, thresholds=thresholds,
-                        read_problems=problems)
+                        read_problems=problems, spikes=spikes, optimizer=optimizer)
+
+
+def _optional_trend(run, tag):
+    return _trend(run[tag]) if tag in run and len(run[tag][0]) else None
+
+
+def _curvature(run):
+    """A `Curvature` from the Hessian tags, or `None` when the run has no Hessian probe."""
+    probes = [run[t][0] for t in (tags.eigenvalue(1), tags.preconditioned_eigenvalue(1)) if t in run]
+    if not probes:
+        return None
+    steps = np.union1d(*probes) if len(probes) == 2 else probes[0]
+    layers = {tag[len(tags.LAYER_EIGENVALUE_PREFIX):]: float(values[-1])
+              for tag, (_, values) in run.items() if tag.startswith(tags.LAYER_EIGENVALUE_PREFIX)}
+    return Curvature(
+        probes=len(steps), first_step=int(steps[0]), last_step=int(steps[-1]),
+        eigenvalue=_optional_trend(run, tags.eigenvalue(1)),
+        edge_of_stability=_optional_trend(run, tags.EDGE_OF_STABILITY),
+        edge_of_stability_meaning=(OPTIMIZER_EDGE if any(t in run for t in _NEW_EDGE_TAGS)
+                                   else GD_EDGE),
+        gd_edge_of_stability=_optional_trend(run, tags.GD_EDGE_OF_STABILITY),
+        preconditioned_eigenvalue=_optional_trend(run, tags.preconditioned_eigenvalue(1)),
+        stability_threshold=_optional_trend(run, tags.STABILITY_THRESHOLD),
+        gradient_overlap=_optional_trend(run, tags.GRADIENT_OVERLAP),
+        layer_eigenvalues=dict(sorted(layers.items(), key=lambda kv: -kv[1])),
+    )
+
+
+def _spikes(run):
+    """A `Spikes` from `gradients/spike/at` and `gradients/spike/count`, or `None` (not logged)."""
+    if tags.SPIKE_AT not in run and tags.SPIKE_COUNT not in run:
+        return None
+    steps, zscores = run[tags.SPIKE_AT] if tags.SPIKE_AT in run else (np.zeros(0, np.int64), np.zeros(0))
+    known = np.isfinite(zscores)  # NaN z-scores last
+    order = sorted(range(len(steps)), key=lambda i: (not known[i], -zscores[i] if known[i] else 0.0,
+                                                     steps[i]))
+    count = len(steps)
+    if tags.SPIKE_COUNT in run:
+        count = max(count, int(np.nanmax(run[tags.SPIKE_COUNT][1], initial=0)))
+    return Spikes(count=count, steps=[int(steps[i]) for i in order],
+                  zscores=[float(zscores[i]) for i in order])
+
+
+def _spikes_detail(spikes, limit):
+    listed = [f"{s} (z {_num(z)})" for s, z in zip(spikes.steps, spikes.zscores)]
+    detail = f"{spikes.count} gradient-norm spike(s)"
+    if listed:
+        detail += f", largest first: step {_listed(listed, limit)}"
+    if spikes.count > len(listed):
+        detail += f"; {spikes.count - len(listed)} without their step in the event files"
+    return detail
+
+
+def _tail_median(run, tag, thresholds):
+    if tag not in run:
+        return None
+    values = run[tag][1]
+    value = _finite_median(values[-_window(len(values), thresholds.tail_fraction):])
+    return value if math.isfinite(value) else None
+
+
+def _optimizer_health(run, thresholds):
+    if tags.COSINE_UPDATE_GRADIENT not in run and tags.COSINE_GRADIENT_FIRST_MOMENT not in run:
+        return None
+    return OptimizerHealth(
+        cosine_update_gradient=_tail_median(run, tags.COSINE_UPDATE_GRADIENT, thresholds),
+        cosine_gradient_first_moment=_tail_median(run, tags.COSINE_GRADIENT_FIRST_MOMENT, thresholds))
 
 
 def _all_skipped_without_scale(run, summary):
@@ -751,15 +890,47 @@ def _judge(summary, layers, thresholds, layer_clipped_tail, dead_norm, run):
             detail += "; no single layer clipped that often"
         flags.append(Flag(CLIPPING, "global", detail, layers=often))
 
-    if tags.EDGE_OF_STABILITY in run:
-        _, eos = run[tags.EDGE_OF_STABILITY]
-        tail = eos[-_window(len(eos), thresholds.tail_fraction):]
+    return flags, notes
+
+
+def _judge_curvature(curvature, run, thresholds, flags, notes):
+    """Past / at the edge of stability, judged on `hessian/edge_of_stability` (module docstring)."""
+    if curvature is None or tags.EDGE_OF_STABILITY not in run:
+        return flags, notes
+    _, eos = run[tags.EDGE_OF_STABILITY]
+    tail = eos[-_window(len(eos), thresholds.tail_fraction):]
+    probes = f"at the last {len(tail)} Hessian probe(s)"
+    if curvature.edge_of_stability_meaning == GD_EDGE:
         if np.all(tail > thresholds.edge_of_stability):
             flags.append(Flag(EDGE_OF_STABILITY, "global",
                               f"lr * lambda_1 / 2 between {_num(tail.min())} and "
-                              f"{_num(tail.max())} at the last {len(tail)} Hessian probe(s) "
-                              f"(threshold {_num(thresholds.edge_of_stability)})"))
+                              f"{_num(tail.max())} {probes} "
+                              f"(threshold {_num(thresholds.edge_of_stability)}); an older run: its "
+                              f"`{tags.EDGE_OF_STABILITY}` is lr * lambda_1 / 2, the edge of plain "
+                              "gradient descent, not the optimizer's own"))
+        return flags, notes
+    which = _edge_quantity(curvature)
+    if np.all(tail > thresholds.edge_of_stability):
+        flags.append(Flag(EDGE_OF_STABILITY, "global",
+                          f"{which} / the optimizer's threshold between {_num(tail.min())} and "
+                          f"{_num(tail.max())} {probes} (over the edge above "
+                          f"{_num(thresholds.edge_of_stability)})"))
+    elif np.nanmax(tail, initial=-np.inf) >= thresholds.at_edge_of_stability:
+        notes.append(Flag(AT_EDGE_OF_STABILITY, "global",
+                          f"{which} / the optimizer's threshold between {_num(np.nanmin(tail))} and "
+                          f"{_num(np.nanmax(tail))} (median {_num(_finite_median(tail))}) {probes}: "
+                          f"at the edge from {_num(thresholds.at_edge_of_stability)}"))
     return flags, notes
+
+
+def _edge_quantity(curvature):
+    """The sharpness the optimizer's edge-of-stability ratio was computed from, in words."""
+    if curvature.preconditioned_eigenvalue is None or curvature.stability_threshold is None:
+        return "lambda_1(H)"
+    # The ratio is on the preconditioned sharpness when it matches it (Adam, RMSprop, Adagrad).
+    p, t, e = (curvature.preconditioned_eigenvalue.last, curvature.stability_threshold.last,
+               curvature.edge_of_stability.last)
+    return "lambda_1(P^-1 H)" if math.isclose(p / t, e, rel_tol=1e-4) else "lambda_1(H)"
 
 
 # -- displaying ----------------------------------------------------------------
@@ -822,6 +993,28 @@ def _findings_text(title, findings, max_listed):
     return out
 
 
+def _curvature_text(c, max_listed):
+    out = ["", f"curvature: {c.probes} Hessian probe(s), steps {c.first_step}-{c.last_step}"]
+    old = c.edge_of_stability_meaning == GD_EDGE
+    named = [("lambda_1", c.eigenvalue), ("lambda_1(P^-1 H)", c.preconditioned_eigenvalue),
+             ("stability threshold", c.stability_threshold),
+             ("lr*lambda_1/2" if old else "edge of stability", c.edge_of_stability),
+             ("lr*lambda_1/2", c.gd_edge_of_stability), ("gradient overlap", c.gradient_overlap)]
+    rows = [[name, _num(t.first), _num(t.last), _num(t.max)] for name, t in named if t is not None]
+    out += _rows_text(["", "first", "last", "max"], rows)
+    if old and c.edge_of_stability is not None:
+        out.append(f"edge of stability: an older run, its `{tags.EDGE_OF_STABILITY}` is "
+                   "lr * lambda_1 / 2 (plain gradient descent's edge), judged as such")
+    elif c.edge_of_stability is not None:
+        out.append("edge of stability: sharpness / the optimizer's own threshold (1 = at the edge)")
+    elif not old:
+        out.append("edge of stability: no threshold known for this optimizer (none written)")
+    if c.layer_eigenvalues:
+        listed = [f"{name} {_num(value)}" for name, value in c.layer_eigenvalues.items()]
+        out.append(f"per-layer top eigenvalue (last probe, largest first): {_listed(listed, max_listed)}")
+    return out
+
+
 def format_table(report, max_listed=MAX_LISTED):
     """The report as plain text: damage warnings, layer rows, curvature, flags, notes.
 
@@ -853,15 +1046,13 @@ def format_table(report, max_listed=MAX_LISTED):
                 f"{_pct(report.thresholds.tail_fraction)} of steps"]
     if s.excluded_steps:
         out.append(f"left out: {len(s.excluded_steps)} loss-scale overflow step(s)")
-    c = report.curvature
-    if c is not None:
-        out += ["", f"curvature: {c.probes} Hessian probe(s), steps {c.first_step}-{c.last_step}"]
-        rows = [["lambda_1", _num(c.eigenvalue.first), _num(c.eigenvalue.last),
-                 _num(c.eigenvalue.max)]]
-        if c.edge_of_stability is not None:
-            e = c.edge_of_stability
-            rows.append(["lr*lambda_1/2", _num(e.first), _num(e.last), _num(e.max)])
-        out += _rows_text(["", "first", "last", "max"], rows)
+    if report.curvature is not None:
+        out += _curvature_text(report.curvature, max_listed)
+    o = report.optimizer
+    if o is not None:
+        out += ["", f"optimizer state (medians over the last {_pct(report.thresholds.tail_fraction)} "
+                    f"of steps): cos(update, -gradient) {_num(o.cosine_update_gradient)}, "
+                    f"cos(gradient, first moment) {_num(o.cosine_gradient_first_moment)}"]
     out += [""] + _findings_text("flags", report.flags, max_listed)
     if report.notes:
         out += _findings_text("notes", report.notes, max_listed)
@@ -907,8 +1098,8 @@ def plot(run, report, path):
     """Draws the key curves of `run` into a PNG at `path`.
 
     Global raw and transformed norms (log scale, NaN/inf steps marked), the
-    clip ratio, per-layer norms (log scale), and lambda_1 and lr * lambda_1 / 2
-    when the run has them. Uses matplotlib's Agg canvas without touching
+    clip ratio, per-layer norms (log scale), and the Hessian probes' lambda_1,
+    lambda_1(P^-1 H) and edge-of-stability ratios when the run has them. Uses matplotlib's Agg canvas without touching
     pyplot's global state. The directory of `path` is created when missing.
 
     Raises:
@@ -927,7 +1118,7 @@ def plot(run, report, path):
         panels.append("clip")
     if report.layers:
         panels.append("layers")
-    if tags.eigenvalue(1) in run:
+    if report.curvature is not None:
         panels.append("curvature")
     fig = Figure(figsize=(9, 2.6 * len(panels)), layout="constrained")
     FigureCanvasAgg(fig)
@@ -966,15 +1157,21 @@ def plot(run, report, path):
             ax.set_yscale("log")
             ax.set_title("raw gradient norm per layer")
         else:
-            steps, values = run[tags.eigenvalue(1)]
-            ax.plot(steps, values, marker=".", label="lambda_1")
+            for tag, label in ((tags.eigenvalue(1), "lambda_1"),
+                               (tags.preconditioned_eigenvalue(1), "lambda_1(P^-1 H)")):
+                if tag in run:
+                    ax.plot(*run[tag], marker=".", label=label)
             ax.set_title("top Hessian eigenvalue")
-            if tags.EDGE_OF_STABILITY in run:
+            old = report.curvature is not None and report.curvature.edge_of_stability_meaning == GD_EDGE
+            edges = [(tags.EDGE_OF_STABILITY, "lr*lambda_1/2" if old else "sharpness / threshold",
+                      "tab:red"), (tags.GD_EDGE_OF_STABILITY, "lr*lambda_1/2", "tab:purple")]
+            edges = [e for e in edges if e[0] in run]
+            if edges:
                 twin = ax.twinx()
-                steps, values = run[tags.EDGE_OF_STABILITY]
-                twin.plot(steps, values, marker=".", color="tab:red", label="lr*lambda_1/2")
+                for tag, label, color in edges:
+                    twin.plot(*run[tag], marker=".", color=color, label=label)
                 twin.axhline(1.0, color="tab:red", lw=0.8, ls="--")
-                twin.set_ylabel("lr * lambda_1 / 2")
+                twin.set_ylabel(", ".join(label for _, label, _ in edges))
                 ax.set_title("top Hessian eigenvalue and edge of stability (dashed: 1)")
         if ax.get_legend_handles_labels()[0] and panel != "curvature":
             if len(ax.get_legend_handles_labels()[0]) <= 12:  # a legend of 100 layers hides the plot
@@ -997,7 +1194,10 @@ _THRESHOLD_OPTIONS = {
     "dead_zero_fraction": "dead when this share of a layer's gradient entries is exactly 0 over the tail",
     "inactive_zero_fraction": "note a layer as mostly inactive from this share of exact zeros",
     "clip_share": "persistent clipping when at least this share of tail steps is clipped",
-    "edge_of_stability": "flag when lr*lambda_1/2 exceeds this at every tail Hessian probe",
+    "edge_of_stability": "flag when sharpness / the optimizer's stability threshold (lr*lambda_1/2 in "
+                         "older runs) exceeds this at every tail Hessian probe",
+    "at_edge_of_stability": "note training as at the edge of stability when that ratio reaches this "
+                            "at a tail Hessian probe",
     "tail_fraction": "the tail is this last share of logged steps",
     "baseline_fraction": "the early steps are this first share of logged steps",
 }

@@ -829,3 +829,183 @@ def test_the_default_grouping_is_read_back_from_the_run(tmp_path):
     assert [row.name for row in rep.layers] == layers
     norms = run[tags.group_stat(tags.RAW, "norm", layers[0])][1]
     assert rep.layers[0].final_norm == pytest.approx(norms[-1])
+
+
+# -- issue 12: the optimizer's own edge of stability, spikes, optimizer state -------------------
+
+
+def curvature_run(tmp_path, hessian, extra=None, steps=40, name="run"):
+    """A healthy two-variable run with `hessian = {tag: [values at probe steps 5, 10, ...]}`
+    and `extra = {step: {tag: value}}` merged in."""
+    s = np.arange(1, steps + 1)
+    rows = variable_rows(s, {"d/kernel": (np.ones(steps), np.full(steps, 2.0), np.full(steps, 1e-3), 8),
+                             "d/bias": (np.ones(steps), np.full(steps, 1.0), np.full(steps, 1e-3), 2)})
+    for tag, values in hessian.items():
+        for i, value in enumerate(values):
+            rows[5 * (i + 1)][tag] = value
+    for step, mapping in (extra or {}).items():
+        rows.setdefault(step, {}).update(mapping)
+    return run_of(tmp_path, rows, name)
+
+
+def adam_probes(ratios, lr=1e-3, beta_1=0.9):
+    """Hessian tags as HessianMonitor writes them for Adam: lambda_1(P^-1 H) = ratio x 38/lr,
+    lambda_1(H) tiny (lr * lambda_1 / 2 = 0.002)."""
+    threshold = (2 + 2 * beta_1) / ((1 - beta_1) * lr)
+    ratios = np.asarray(ratios, dtype=np.float64)
+    return {tags.eigenvalue(1): [4.0] * len(ratios), tags.GD_EDGE_OF_STABILITY: [4.0 * lr / 2] * len(ratios),
+            tags.preconditioned_eigenvalue(1): list(ratios * threshold),
+            tags.STABILITY_THRESHOLD: [threshold] * len(ratios),
+            tags.EDGE_OF_STABILITY: list(ratios)}
+
+
+def notes_of(rep):
+    return sorted((f.kind, f.subject) for f in rep.notes)
+
+
+def test_adam_at_its_edge_of_stability_is_noted_from_the_preconditioned_sharpness(tmp_path, capsys):
+    # the issue's measurement: the ratio climbs to ~1 and oscillates at 0.62-0.95 after
+    ratios = [0.2, 0.4, 0.6, 0.8, 0.94, 0.62, 0.95, 0.7]
+    logdir = curvature_run(tmp_path, adam_probes(ratios))
+    rep = report.health_report(report.load_run(logdir))
+    c = rep.curvature
+    assert c.edge_of_stability_meaning == "optimizer"
+    assert c.gd_edge_of_stability.last == pytest.approx(0.002)
+    assert c.preconditioned_eigenvalue.last == pytest.approx(0.7 * 38000, rel=1e-6)
+    assert c.stability_threshold.last == pytest.approx(38000)
+    assert kinds(rep) == []  # 0.002 (lr * lambda_1 / 2) is not what judges Adam, nor is 0.95 "over"
+    assert notes_of(rep) == [("at_edge_of_stability", "global")]
+    tail = f32(ratios[-2:])  # the last 20 % of 8 probes
+    note = rep.notes[0].detail
+    assert note.startswith("lambda_1(P^-1 H) / the optimizer's threshold between "
+                           f"{tail.min():.4g} and {tail.max():.4g}")
+    assert f"(median {np.median(tail):.4g})" in note
+    # configurable: the edge counted from 0.96 on, nothing to note
+    assert report.health_report(report.load_run(logdir),
+                                report.Thresholds(at_edge_of_stability=0.96)).notes == []
+    assert summary([logdir]) == 0
+    text = capsys.readouterr().out
+    assert text.split("lambda_1(P^-1 H)")[1].split()[:3] == [f"{f32(0.2 * 38000):.4g}",
+                                                              f"{f32(0.7 * 38000):.4g}",
+                                                              f"{f32(0.95 * 38000):.4g}"]
+    assert "edge of stability: sharpness / the optimizer's own threshold (1 = at the edge)" in text
+    assert "AT_EDGE_OF_STABILITY [global]" in text
+
+
+def test_over_the_optimizers_edge_is_flagged(tmp_path):
+    ratios = [0.5, 0.9, 1.0, 1.05, 1.2, 1.3, 1.25, 1.4]
+    rep = report.health_report(report.load_run(curvature_run(tmp_path, adam_probes(ratios))))
+    assert kinds(rep) == [("edge_of_stability", "global")] and rep.notes == []
+    assert rep.flags[0].detail == ("lambda_1(P^-1 H) / the optimizer's threshold between 1.25 and 1.4 "
+                                   "at the last 2 Hessian probe(s) (over the edge above 1.1)")
+
+
+def test_sgd_edge_is_judged_on_the_raw_sharpness(tmp_path):
+    """SGD: no preconditioner; the ratio is lambda_1 / (2/lr), equal to lr * lambda_1 / 2."""
+    lr, eig = 0.1, np.array([10.0, 15, 20, 22, 24, 25, 23, 24])
+    probes = {tags.eigenvalue(1): list(eig), tags.GD_EDGE_OF_STABILITY: list(eig * lr / 2),
+              tags.STABILITY_THRESHOLD: [2 / lr] * 8, tags.EDGE_OF_STABILITY: list(eig / (2 / lr))}
+    rep = report.health_report(report.load_run(curvature_run(tmp_path, probes)))
+    assert kinds(rep) == [("edge_of_stability", "global")]
+    assert rep.flags[0].detail.startswith("lambda_1(H) / the optimizer's threshold between 1.15 and 1.2 ")
+
+
+def test_a_large_gd_ratio_under_adam_far_from_its_own_edge_is_not_flagged(tmp_path):
+    probes = adam_probes([0.01] * 8)
+    probes[tags.GD_EDGE_OF_STABILITY] = [1.5] * 8  # plain GD would diverge; Adam does not
+    rep = report.health_report(report.load_run(curvature_run(tmp_path, probes)))
+    assert kinds(rep) == [] and rep.notes == []
+
+
+def test_without_a_known_threshold_nothing_is_judged(tmp_path, capsys):
+    probes = {tags.eigenvalue(1): [30.0] * 8, tags.GD_EDGE_OF_STABILITY: [1.5] * 8}
+    logdir = curvature_run(tmp_path, probes)
+    rep = report.health_report(report.load_run(logdir))
+    assert rep.curvature.edge_of_stability is None and rep.curvature.edge_of_stability_meaning == "optimizer"
+    assert kinds(rep) == [] and rep.notes == []
+    assert summary([logdir]) == 0
+    assert "edge of stability: no threshold known for this optimizer (none written)" in capsys.readouterr().out
+
+
+def test_an_older_run_means_lr_lambda_over_2_and_is_judged_as_before_and_says_so(tmp_path, capsys):
+    eos = [0.5, 0.7, 0.9, 1.0, 1.05, 1.2, 1.3, 1.4]
+    logdir = curvature_run(tmp_path, {tags.eigenvalue(1): [2.0] * 8, tags.EDGE_OF_STABILITY: eos})
+    rep = report.health_report(report.load_run(logdir))
+    assert rep.curvature.edge_of_stability_meaning == "gradient_descent"
+    assert kinds(rep) == [("edge_of_stability", "global")]
+    assert rep.flags[0].detail.startswith("lr * lambda_1 / 2 between 1.3 and 1.4 at the last 2 Hessian probe(s) "
+                                          "(threshold 1.1); an older run")
+    # no "at the edge" note for the old meaning (judged as before): 0.95 at the tail says nothing new
+    calm = curvature_run(tmp_path, {tags.eigenvalue(1): [2.0] * 8, tags.EDGE_OF_STABILITY: [0.95] * 8},
+                         name="calm")
+    assert report.health_report(report.load_run(calm)).notes == []
+    assert summary([logdir]) == 0
+    text = capsys.readouterr().out
+    assert "its `hessian/edge_of_stability` is lr * lambda_1 / 2 (plain gradient descent's edge)" in text
+    assert text.split("lr*lambda_1/2")[1].split()[:3] == ["0.5", "1.4", "1.4"]
+
+
+def test_spikes_are_listed_with_their_steps_largest_first_in_text_and_json(tmp_path, capsys):
+    spikes = {7: 8.5, 13: 12.0, 21: 6.25, 22: 30.0, 25: 7.0, 31: 9.0, 33: 6.5}
+    extra = {step: {tags.SPIKE_AT: z} for step, z in spikes.items()}
+    for step in range(1, 41):  # the count, on every logged step
+        extra.setdefault(step, {})[tags.SPIKE_COUNT] = float(sum(s <= step for s in spikes))
+    logdir = curvature_run(tmp_path, {}, extra)
+    rep = report.health_report(report.load_run(logdir))
+    order = sorted(spikes, key=lambda s: -spikes[s])
+    assert rep.spikes.count == 7
+    assert rep.spikes.steps == order and rep.spikes.zscores == [spikes[s] for s in order]
+    assert notes_of(rep) == [("spikes", "global")] and kinds(rep) == []
+    assert summary([logdir]) == 0
+    line = next(l for l in capsys.readouterr().out.splitlines() if l.startswith("  SPIKES"))
+    assert line == ("  SPIKES [global] 7 gradient-norm spike(s), largest first: step 22 (z 30), "
+                    "13 (z 12), 31 (z 9), 7 (z 8.5), 25 (z 7) ... and 2 more")
+    assert summary([logdir, "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["spikes"] == {"count": 7, "steps": order, "zscores": [spikes[s] for s in order]}
+
+
+def test_spike_count_beyond_the_written_spikes_is_said(tmp_path):
+    extra = {10: {tags.SPIKE_AT: 9.0}, 40: {tags.SPIKE_COUNT: 3.0}}
+    rep = report.health_report(report.load_run(curvature_run(tmp_path, {}, extra)))
+    assert rep.spikes.count == 3 and rep.spikes.steps == [10]
+    assert rep.notes[0].detail.endswith("; 2 without their step in the event files")
+
+
+def test_no_spike_tags_no_spikes_and_a_zero_count_no_note(tmp_path):
+    assert report.health_report(report.load_run(curvature_run(tmp_path, {}))).spikes is None
+    rep = report.health_report(report.load_run(curvature_run(
+        tmp_path, {}, {s: {tags.SPIKE_COUNT: 0.0} for s in range(1, 41)}, name="zero")))
+    assert rep.spikes.count == 0 and rep.notes == []
+
+
+def test_optimizer_cosines_are_shown_as_tail_medians(tmp_path, capsys):
+    rng = np.random.default_rng(3)
+    up, gm = rng.uniform(-1, 1, 40), rng.uniform(-1, 1, 40)
+    up[-2] = np.nan  # a skipped step: undefined
+    extra = {s: {tags.COSINE_UPDATE_GRADIENT: up[s - 1], tags.COSINE_GRADIENT_FIRST_MOMENT: gm[s - 1]}
+             for s in range(1, 41)}
+    logdir = curvature_run(tmp_path, {}, extra)
+    rep = report.health_report(report.load_run(logdir))
+    assert rep.optimizer.cosine_update_gradient == pytest.approx(np.nanmedian(f32(up[-8:])))
+    assert rep.optimizer.cosine_gradient_first_moment == pytest.approx(np.median(f32(gm[-8:])))
+    assert kinds(rep) == [] and rep.notes == []
+    assert summary([logdir]) == 0
+    assert (f"cos(update, -gradient) {np.nanmedian(f32(up[-8:])):.4g}, cos(gradient, first moment) "
+            f"{np.median(f32(gm[-8:])):.4g}") in capsys.readouterr().out
+
+
+def test_per_layer_curvature_and_new_tags_are_shown_and_drawn(tmp_path, capsys):
+    probes = adam_probes([0.3] * 8)
+    probes.update({tags.GRADIENT_OVERLAP: [0.9] * 7 + [0.8], tags.layer_eigenvalue("d"): [3.0] * 8,
+                   tags.layer_eigenvalue("e"): [7.0] * 7 + [5.0]})
+    logdir = curvature_run(tmp_path, probes)
+    run = report.load_run(logdir)
+    rep = report.health_report(run)
+    assert rep.curvature.layer_eigenvalues == {"e": 5.0, "d": 3.0}
+    assert rep.curvature.gradient_overlap.last == pytest.approx(0.8)
+    assert summary([logdir, "--png", str(tmp_path / "c.png")]) == 0
+    text = capsys.readouterr().out
+    assert "per-layer top eigenvalue (last probe, largest first): e 5, d 3" in text
+    assert text.split("gradient overlap")[1].split()[:3] == ["0.9", "0.8", "0.9"]
+    assert (tmp_path / "c.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
