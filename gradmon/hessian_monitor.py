@@ -7,7 +7,7 @@ and writes their results.
 import keras
 import numpy as np
 
-from gradmon import _distribute, hessian, preconditioner, tags
+from gradmon import _distribute, hessian, layer_curvature, preconditioner, tags
 from gradmon._steps import current_learning_rate, training_step
 from gradmon._validation import check_bool, check_log_dir, check_positive_int, invalid
 from gradmon.writer import SummaryWriter
@@ -74,6 +74,12 @@ class HessianMonitor(keras.callbacks.Callback):
         gradient_overlap: write the share of the probe-data gradient's
             squared norm in the span of the top-`top_k` eigenvectors (one
             extra gradient per probe). Defaults to `True`.
+        per_layer: also write the top eigenvalue of each layer's diagonal
+            Hessian block and its residual (`gradmon.layer_curvature`;
+            layers named as the per-layer gradient tags): `True` for every
+            layer, or a list of layer names. Each layer has its own block
+            HVP, cheaper than a full one, traced once per model; a probe
+            runs one Lanczos per layer. Defaults to `False`.
 
     Example:
         >>> probe = (x_val[:512], y_val[:512])
@@ -82,7 +88,7 @@ class HessianMonitor(keras.callbacks.Callback):
 
     def __init__(self, log_dir, data, every_n_steps=100, top_k=1, trace=False, trace_samples=50,
                  density=False, smallest=False, tol=1e-3, seed=0, preconditioned=True,
-                 gradient_overlap=True):
+                 gradient_overlap=True, per_layer=False):
         super().__init__()
         self.log_dir = check_log_dir(log_dir)
         if data is None:
@@ -99,6 +105,9 @@ class HessianMonitor(keras.callbacks.Callback):
         self.seed = hessian.check_seed(seed)
         self.preconditioned = check_bool("preconditioned", preconditioned)
         self.gradient_overlap = check_bool("gradient_overlap", gradient_overlap)
+        self.per_layer = layer_curvature.check_per_layer(per_layer)
+        self.last_layer_spectra = {}  # per-layer warm starts
+        self._layer_operators = None
         self.last_preconditioned = None  # its own warm start: other coordinates
         self._writer = SummaryWriter.shared(self.log_dir, "train")
         self.last_spectrum = None
@@ -115,6 +124,8 @@ class HessianMonitor(keras.callbacks.Callback):
         operator = self._build_operator()  # no compiled loss or too many eigenvalues: fail now
         if self.last_spectrum is not None and self.last_spectrum.eigenvectors.shape[1] != operator.num_params:
             self.last_spectrum = self.last_preconditioned = None
+        if self.per_layer:
+            self._build_layer_operators()  # a bad layer name fails now
         self._writer.open()
         self._read_step(training_step(self.model))
         spe = getattr(self.model, "steps_per_execution", 1)
@@ -160,6 +171,7 @@ class HessianMonitor(keras.callbacks.Callback):
         if self._active:
             self._writer.close()
         self._operator = None  # holds the probe tensors; the next fit builds its own
+        self._layer_operators = None
 
     def probe(self, step):
         """Runs the estimates now and writes them at `step`.
@@ -189,7 +201,8 @@ class HessianMonitor(keras.callbacks.Callback):
         if self.density:
             dens = hessian.density(operator, seed=self.seed)
             self._writer.write_histograms(step, {tags.HESSIAN_DENSITY: density_buckets(dens)})
-        scalars[tags.HESSIAN_HVP_COUNT] = operator.count - first
+        layer_hvps = self._probe_layers(scalars) if self.per_layer else 0
+        scalars[tags.HESSIAN_HVP_COUNT] = operator.count - first + layer_hvps
         self._writer.write_scalars(step, scalars)
         return scalars
 
@@ -218,3 +231,25 @@ class HessianMonitor(keras.callbacks.Callback):
             if np.isfinite(overlap):  # undefined for a zero gradient
                 scalars[tags.GRADIENT_OVERLAP] = overlap
         return scalars
+
+    def _build_layer_operators(self):
+        """One block HVP operator per layer (traced once per model: cached by `hessian`)."""
+        layers = None if self.per_layer is True else self.per_layer
+        self._layer_operators = layer_curvature._operators(self.model, self._probe_data, layers, None,
+                                                           "per_layer")
+        self.last_layer_spectra = {  # a warm start only where the layer kept its shape
+            name: spec for name, spec in self.last_layer_spectra.items()
+            if name in self._layer_operators
+            and spec.eigenvectors.shape[1] == self._layer_operators[name].num_params}
+        return self._layer_operators
+
+    def _probe_layers(self, scalars):
+        """Adds each layer's top block eigenvalue and residual to `scalars`; returns the HVPs spent."""
+        operators = self._layer_operators or self._build_layer_operators()
+        spectra = layer_curvature.layer_spectrum(operators, tol=self.tol, init_vectors=self.last_layer_spectra,
+                                                 seed=self.seed)
+        self.last_layer_spectra = spectra
+        for name, spec in spectra.items():
+            scalars[tags.layer_eigenvalue(name)] = spec.eigenvalues[0]
+            scalars[tags.layer_residual(name)] = spec.residuals[0]
+        return sum(spec.hvp_count for spec in spectra.values())

@@ -182,6 +182,20 @@ def preconditioned_residual(i):
     return f"{PRECONDITIONED_RESIDUAL_PREFIX}{i}"
 
 
+# Per-layer curvature: the top eigenvalue of each layer's diagonal Hessian block.
+LAYER_EIGENVALUE_PREFIX = "hessian/layer/eigenvalue_1/"
+LAYER_RESIDUAL_PREFIX = "hessian/layer/residual_1/"
+
+
+def layer_eigenvalue(layer):
+    """Tag of the largest eigenvalue of `layer`'s diagonal Hessian block."""
+    return f"{LAYER_EIGENVALUE_PREFIX}{sanitize(layer)}"
+
+
+def layer_residual(layer):
+    return f"{LAYER_RESIDUAL_PREFIX}{sanitize(layer)}"
+
+
 def describe(tag):
     """One-line Markdown description of a gradmon tag."""
     if tag in _REGISTERED:
@@ -196,6 +210,12 @@ def describe(tag):
     if tag.startswith(PRECONDITIONED_RESIDUAL_PREFIX):
         return (f"||Au - lambda u|| of eigenpair {tag.rsplit('_', 1)[1]} of A = P^-1/2 H P^-1/2 "
                 "(unit u).")
+    if tag.startswith(LAYER_EIGENVALUE_PREFIX):
+        return (f"Largest eigenvalue of the Hessian block of layer `{tag[len(LAYER_EIGENVALUE_PREFIX):]}` "
+                "(its own variables, the others held fixed) on the probe data; at most the sharpness.")
+    if tag.startswith(LAYER_RESIDUAL_PREFIX):
+        return (f"||H_LL v - lambda v|| of the top eigenpair of layer "
+                f"`{tag[len(LAYER_RESIDUAL_PREFIX):]}`'s Hessian block (unit v).")
     if tag.startswith("hessian/eigenvalue_"):
         return (f"{tag.rsplit('_', 1)[1]}-th largest (algebraic) eigenvalue of the Hessian "
                 "of the loss on the probe data; eigenvalue_1 is the sharpness.")
