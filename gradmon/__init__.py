@@ -20,7 +20,7 @@ _ATTRIBUTES = {
     "observe": "gradmon.observer",
     "Statistic": "gradmon.statistics",
 }
-_SUBMODULES = ("hessian", "penalties", "stats", "statistics", "tags", "transforms", "observer",
+_SUBMODULES = ("hessian", "layer_curvature", "penalties", "stats", "statistics", "tags", "transforms", "observer",
                "pipeline", "report", "writer", "layout")
 
 __all__ = sorted(list(_ATTRIBUTES) + list(_SUBMODULES))

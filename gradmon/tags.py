@@ -315,7 +315,7 @@ _FIXED_DESCRIPTIONS = {
     ),
     HESSIAN_TRACE: "Hutchinson estimate of the Hessian trace (sum of all eigenvalues).",
     HESSIAN_TRACE_STDERR: "Standard error of the Hutchinson trace estimate.",
-    HESSIAN_HVP_COUNT: "Hessian-vector products spent by this Hessian probe.",
+    HESSIAN_HVP_COUNT: "Hessian-vector products spent by this Hessian probe (per-layer block HVPs included).",
     EDGE_OF_STABILITY: (
         "Sharpness / the stability threshold of the optimizer in use: 1.0 is its edge of "
         "stability. lambda_1(H) / (2/lr) for SGD ((2 + 2 momentum)/lr heavy ball), "
