@@ -96,6 +96,56 @@ def test_histograms_and_custom_scalars_layout(served_run):
     assert tags.histogram("raw", model.trainable_variables[0].path) in hist_tags
     layout = get(port, "/data/plugin/custom_scalars/layout")
     titles = [c["title"] for c in layout["category"]]
-    assert titles[:3] == ["Gradients", "Penalties", "Curvature"]
+    assert titles[:4] == ["Gradients", "Penalties", "Optimizer", "Curvature"]  # stats="all": cosines
     gradients = layout["category"][0]["chart"]
     assert gradients[0]["multiline"]["tag"] == ["^gradients/raw/global_norm$", "^gradients/transformed/global_norm$"]
+
+
+# -- the layout selects issue 12's tags (no server: the regexes against the tag names) -------------
+
+
+def test_layout_charts_select_every_new_tag():
+    import re
+
+    import tensorflow as tf
+
+    from gradmon.layout import build_layout
+
+    keras.utils.set_random_seed(0)
+    net = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, name="d"), keras.layers.Dense(1, name="e")])
+    opt = gradmon.observe(keras.optimizers.Adam(0.01), stats="all", on_spike="warn",
+                          transform=gradmon.transforms.zclip())
+    opt.apply_gradients(zip([tf.ones_like(v) for v in net.trainable_variables], net.trainable_variables))
+    rec = opt.gradmon.recorder
+    layout = build_layout(rec)
+    charts = {(c.title, ch.title): list(ch.multiline.tag) for c in layout.category for ch in c.chart}
+
+    def charts_of(tag):
+        return [key for key, regexes in charts.items() if any(re.search(r, tag) for r in regexes)]
+
+    written = [t for ts in rec.tags.values() for t in ts]
+    new = [t for t in written if t.startswith(("optimizer/", "gradients/spike/", "gradients/zclip/"))]
+    d, e = rec.spec.groups  # the layers
+    assert {tags.moment_norm("first_moment", d), tags.moment_norm("second_moment", e),
+            tags.COSINE_UPDATE_GRADIENT, tags.COSINE_GRADIENT_FIRST_MOMENT, tags.SPIKE_ZSCORE,
+            tags.SPIKE_COUNT, tags.zclip_threshold()} <= set(new)
+    hessian = [tags.preconditioned_eigenvalue(1), tags.preconditioned_eigenvalue(2),
+               tags.preconditioned_residual(1), tags.EDGE_OF_STABILITY, tags.GD_EDGE_OF_STABILITY,
+               tags.STABILITY_THRESHOLD, tags.GRADIENT_OVERLAP, tags.layer_eigenvalue("d"),
+               tags.layer_residual("d")]
+    for tag in new + hessian + [tags.SPIKE_AT]:
+        assert charts_of(tag), tag
+    curvature = {title: regexes for (category, title), regexes in charts.items() if category == "Curvature"}
+    pre = next(r for t, r in curvature.items() if t.startswith("preconditioned"))
+    assert not any(re.search(r, tags.eigenvalue(1)) for r in pre)  # each chart its own series
+    assert charts_of(tags.preconditioned_eigenvalue(1)) == [
+        ("Curvature", "preconditioned top eigenvalues, of P^-1 H"),
+        ("Curvature", "the optimizer's stability threshold and the sharpness it bounds")]
+    assert charts_of(tags.SPIKE_AT) == charts_of(tags.SPIKE_ZSCORE) == [("Gradients", "spikes: z-scores")]
+    assert charts_of(tags.layer_eigenvalue("d")) == [("Curvature", "per-layer top eigenvalue")]
+    assert charts_of(tags.moment_norm("first_moment", d)) == [("Optimizer", "first moment norms")]
+    # without on_spike, no spike chart
+    plain = gradmon.observe(keras.optimizers.SGD(0.1), stats=["cosines"])
+    plain.apply_gradients(zip([tf.ones_like(v) for v in net.trainable_variables], net.trainable_variables))
+    titles = [ch.title for c in build_layout(plain.gradmon.recorder).category for ch in c.chart]
+    assert "spikes: z-scores" not in titles and "cosines: update vs -gradient, gradient vs first moment" in titles
