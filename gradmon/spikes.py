@@ -191,8 +191,10 @@ class SpikeScores(statistics.Statistic):
 
 
 def spike_count():
-    """`gradients/spike/count`: a counter, written also on overflow steps."""
-    return statistics.Counter("spikes", tags.SPIKE_COUNT)
+    """`gradients/spike/count`: a counter, written also on overflow steps (charted with the z-scores)."""
+    counter = statistics.Counter("spikes", tags.SPIKE_COUNT)
+    counter.chart = SpikeScores.chart
+    return counter
 
 
 class ZClipThreshold(statistics.Statistic):

@@ -333,3 +333,34 @@ def test_on_spike_survives_saving(tmp_path):
     config = loaded.gradient_config.get_config()
     assert config["on_spike"] == "skip" and config["spike_threshold"] == 4.5
     assert config["transform"]["class_name"] == "zclip"
+
+
+def test_loss_scale_overflows_are_not_spikes():
+    """mixed_float16 on unnormalised targets: the first steps overflow while the loss scale
+    adapts; the detector sees unscaled norms, skips nothing, and training is plain Keras'."""
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        y = (Y * 300.0).astype(np.float32)
+        results = []
+        for policy in (None, "skip"):
+            keras.utils.set_random_seed(3)
+            base = keras.Sequential([keras.Input((3,)), keras.layers.Dense(4, activation="tanh"),
+                                     keras.layers.Dense(1, dtype="float32")])
+            model = gradmon.monitor(base, on_spike=policy)
+            model.compile(optimizer=keras.optimizers.Adam(0.01), loss="mse")
+            writer = MemoryWriter()
+            model.fit(X, y, batch_size=2, shuffle=False, verbose=0,
+                      callbacks=[gradmon.GradientMonitor(writer=writer)])
+            results.append(([v.numpy() for v in model.weights], writer))
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    (plain, _), (skip, writer) = results
+    for a, b in zip(plain, skip):
+        np.testing.assert_array_equal(a, b)
+    overflows = series(writer, tags.OVERFLOW_STEPS)[80]
+    assert overflows > 0 and series(writer, tags.SKIPPED_STEPS)[80] == overflows
+    assert series(writer, tags.SPIKE_COUNT)[80] == 0
+    z = series(writer, tags.SPIKE_ZSCORE)  # written on the steps that did not overflow
+    assert len(z) == 80 - overflows
+    judged = [s for s in sorted(z) if np.isfinite(z[s])]
+    assert judged == sorted(z)[25:]  # the first 25 finite norms are the warm-up
