@@ -127,6 +127,23 @@ def test_edge_of_stability(tmp_path):
         assert 0.5 < ratio < 1.5  # starts near the edge (the initial sharpness is ~9.9)
 
 
+def test_adam_edge_of_stability(tmp_path):
+    out = run_example("adam_edge_of_stability.py", "--log-dir", str(tmp_path), "--steps", "30",
+                      "--probe-every", "10", "--examples", "200")
+    assert "Adam's edge of stability is lambda_1(P^-1 H) = (2 + 2 beta_1) / ((1 - beta_1) lr) = 38000" in out
+    events = read_events(tmp_path / "train")
+    for tag in (tags.EDGE_OF_STABILITY, tags.GD_EDGE_OF_STABILITY, tags.STABILITY_THRESHOLD,
+                tags.eigenvalue(1), tags.preconditioned_eigenvalue(1), tags.GRADIENT_OVERLAP):
+        assert sorted(events.get(tag, {})) == [10, 20, 30], (tag, sorted(events))
+    for step in (10, 20, 30):  # lr = 1e-3: Adam's threshold is 38 / lr on lambda_1(P^-1 H)
+        assert events[tags.STABILITY_THRESHOLD][step] == pytest.approx(38000.0, rel=1e-6)
+        pre, plain = events[tags.preconditioned_eigenvalue(1)][step], events[tags.eigenvalue(1)][step]
+        assert events[tags.EDGE_OF_STABILITY][step] == pytest.approx(pre / 38000.0, rel=1e-5)
+        assert events[tags.GD_EDGE_OF_STABILITY][step] == pytest.approx(plain * 5e-4, rel=1e-5)
+        # Adam's P is far below 1 (sqrt(v) ~ |g| << 1): the preconditioned sharpness is the larger
+        assert pre > 100 * plain and events[tags.GD_EDGE_OF_STABILITY][step] < 0.01
+
+
 def load_example(name):
     """The example as a module (its helpers: data, batches, model), without running main()."""
     spec = importlib.util.spec_from_file_location(f"example_{name}", EXAMPLES / f"{name}.py")
