@@ -75,6 +75,6 @@ def run(log_dir="runs/demo", epochs=8, seed=0):
     print(f"validation accuracy {accuracy:.3f}, loss {loss:.3f}")
     print(f"\nLogs written to {log_dir}. Look at them with:\n\n"
           f"    tensorboard --logdir {log_dir}\n\n"
-          "(CUSTOM SCALARS tab: gradmon's Gradients / Penalties / Curvature charts), "
+          "(CUSTOM SCALARS tab: gradmon's Gradients / Penalties / Optimizer / Curvature charts), "
           f"or get a health report with:\n\n    gradmon summary {log_dir}\n")
     return model
