@@ -1009,3 +1009,27 @@ def test_per_layer_curvature_and_new_tags_are_shown_and_drawn(tmp_path, capsys):
     assert "per-layer top eigenvalue (last probe, largest first): e 5, d 3" in text
     assert text.split("gradient overlap")[1].split()[:3] == ["0.9", "0.8", "0.9"]
     assert (tmp_path / "c.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_spikes_of_a_real_custom_loop_are_reported_at_the_steps_they_happened(tmp_path):
+    """observe(on_spike="warn"), logged every 5th step; norms 50x at steps 40 and 52 (after the
+    25-step warm-up): both reported with their own steps, z-scores as written in the events."""
+    import tensorflow as tf
+
+    keras.utils.set_random_seed(0)
+    net = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1)])
+    logdir = str(tmp_path / "spiky")
+    opt = gradmon.observe(keras.optimizers.SGD(1e-3), log_dir=logdir, on_spike="warn", update_freq=5)
+    rng = np.random.default_rng(0)
+    with pytest.warns(UserWarning, match="gradient-norm spike at step 40"):
+        for step in range(1, 61):
+            scale = 50.0 if step in (40, 52) else 1.0
+            opt.apply_gradients(zip([tf.constant((scale * (1 + 0.05 * rng.normal(size=v.shape))).astype("float32"))
+                                     for v in net.trainable_variables], net.trainable_variables))
+    opt.gradmon.close()
+    written = events_of(logdir)[tags.SPIKE_AT]
+    rep = report.health_report(report.load_run(logdir))
+    assert rep.spikes.count == 2 and sorted(rep.spikes.steps) == [40, 52] == sorted(written)
+    assert rep.spikes.zscores == [written[s] for s in rep.spikes.steps]
+    assert rep.spikes.zscores[0] >= rep.spikes.zscores[1] > 6
+    assert notes_of(rep) == [("spikes", "global")]
