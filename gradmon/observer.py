@@ -323,7 +323,7 @@ class Observer:
         rec = self.recorder
         rec.skipped.assign_add(tf.cast(verdict.skipped, tf.int64))
         rec.overflow.assign_add(tf.cast(verdict.overflow, tf.int64))
-        if self.pipeline.stops:
+        if verdict.halts is not None:
             rec.halted.assign(tf.logical_or(rec.halted, verdict.halts))
 
     def _eager_due(self, step):

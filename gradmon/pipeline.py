@@ -82,8 +82,9 @@ class Prepared:
 class Verdict:
     """Whether this step's update runs. `finite`, `overflow`, `refused`, `apply`: bool scalars.
 
-    `spike`: the raw norm was a spike (`False` when spikes are not tracked);
-    `halts`: this step stops every later update (a `"stop"` policy's event);
+    `spike`: the raw norm was a spike (`None` when spikes are not tracked);
+    `halts`: this step stops every later update (a `"stop"` policy's event;
+    `None` under no `"stop"` policy);
     `skipped`: the update does not happen (refused here, or skipped by a
     `LossScaleOptimizer` for its non-finite gradient).
     """
@@ -94,8 +95,7 @@ class Verdict:
         self.skipped = tf.logical_or(refused, tf.logical_not(finite)) if loss_scaled else refused
         # False: the update always reaches the optimizer (which may skip it itself)
         self.may_refuse = may_refuse
-        self.spike = tf.constant(False) if spike is None else spike
-        self.halts = tf.constant(False) if halts is None else halts
+        self.spike, self.halts = spike, halts
 
 
 class GradientPipeline:
@@ -184,7 +184,7 @@ class GradientPipeline:
         overflow = tf.constant(False)
         if loss_scaled:
             overflow = tf.logical_and(tf.logical_not(finite), prepared.scale > 1.0)
-        refused = halts = tf.constant(False)
+        refused, halts = tf.constant(False), None
         if self.on_nonfinite != "warn":
             refused = tf.logical_and(tf.logical_not(finite), tf.logical_not(overflow))
             if self.on_nonfinite == "stop":
@@ -193,7 +193,7 @@ class GradientPipeline:
         if refuses_spikes:
             refused = tf.logical_or(refused, spike)
             if self.on_spike == "stop":
-                halts = tf.logical_or(halts, spike)
+                halts = spike if halts is None else tf.logical_or(halts, spike)
         if halted is not None:
             refused = tf.logical_or(refused, halted)
         return Verdict(finite, overflow, refused, self.on_nonfinite != "warn" or refuses_spikes,
