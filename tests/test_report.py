@@ -890,6 +890,10 @@ def test_adam_at_its_edge_of_stability_is_noted_from_the_preconditioned_sharpnes
                                                               f"{f32(0.95 * 38000):.4g}"]
     assert "edge of stability: sharpness / the optimizer's own threshold (1 = at the edge)" in text
     assert "AT_EDGE_OF_STABILITY [global]" in text
+    assert summary([logdir, "--at-edge-of-stability", "0.96"]) == 0
+    assert "AT_EDGE_OF_STABILITY" not in capsys.readouterr().out
+    assert summary([logdir, "--at-edge-of-stability", "-1"]) == 2
+    assert "Invalid value for argument `at_edge_of_stability`" in capsys.readouterr().err
 
 
 def test_over_the_optimizers_edge_is_flagged(tmp_path):
