@@ -105,11 +105,17 @@ class SpikeTracker:
     """Device state of the spike detector of one observed optimizer (created outside tf.function).
 
     Args:
-        threshold: z above which a norm is a spike.
-        rows: spikes held between two reads (a ring of `(step, z)`).
-        loss: whether a loss reaches the step (gradmon's own train step).
-        alpha: EMA decay. Defaults to `SPIKE_ALPHA`.
-        warmup: steps collected before the first verdict. Defaults to `SPIKE_WARMUP`.
+        threshold: positive float, the z above which a norm is a spike.
+        rows: positive int, spikes held between two reads (a ring of `(step, z)`).
+        loss: whether a loss reaches the step (gradmon's own train step), so its
+            statistics are kept too. Defaults to `False`.
+        alpha: EMA decay. Defaults to `SPIKE_ALPHA` (0.97).
+        warmup: finite values collected before the first verdict. Defaults to
+            `SPIKE_WARMUP` (25).
+
+    References:
+        Kumar, Owen, Chowdhury, Güra (2025). ZClip: Adaptive Spike Mitigation
+        for LLM Pre-Training. arXiv:2504.02507.
     """
 
     def __init__(self, threshold, rows, loss=False, alpha=SPIKE_ALPHA, warmup=SPIKE_WARMUP):
@@ -140,7 +146,16 @@ class SpikeTracker:
         return z, spike
 
     def update(self, step, norm, loss=None):
-        """Judges this step's raw global norm (and loss), folds them in; returns a `SpikeStep`."""
+        """Judges this step's raw global norm (and loss) and folds them in (inside the step).
+
+        Args:
+            step: int64 scalar, the observer's step of this update.
+            norm: the raw global norm.
+            loss: the batch loss, or `None` where it is unknown. Defaults to `None`.
+
+        Returns:
+            A `SpikeStep`.
+        """
         with tf.name_scope(_NAME_SCOPE):
             z, spike = self._judge(self.norm_state, norm)
             loss_z = None

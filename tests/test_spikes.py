@@ -260,20 +260,23 @@ def test_fit_warn_writes_the_spike_at_its_step_and_trains_as_plain_keras():
     assert any(f"spike at step {SPIKE_BATCH}" in str(c.message) for c in caught)
 
 
-def test_fit_stop_stops_at_the_spike_with_the_weights_of_the_steps_before():
+@pytest.mark.parametrize("steps_per_execution", [1, 4])
+def test_fit_stop_stops_at_the_spike_with_the_weights_of_the_steps_before(steps_per_execution):
     reference = linear()
     reference.compile(optimizer=keras.optimizers.SGD(0.01), loss="mse")
     reference.fit(X[:4 * (SPIKE_BATCH - 1)], Y[:4 * (SPIKE_BATCH - 1)], batch_size=4, shuffle=False,
                   verbose=0)
     model = gradmon.monitor(linear(), on_spike="stop")
-    model.compile(optimizer=keras.optimizers.SGD(0.01), loss="mse")
+    model.compile(optimizer=keras.optimizers.SGD(0.01), loss="mse", steps_per_execution=steps_per_execution)
     monitor = gradmon.GradientMonitor(writer=MemoryWriter(), update_freq=100)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         model.fit(X, Y, batch_size=4, epochs=2, shuffle=False, verbose=0, callbacks=[monitor])
     for a, b in zip(reference.trainable_variables, model.trainable_variables):
         np.testing.assert_array_equal(a.numpy(), b.numpy())
-    assert monitor.stopped_at == SPIKE_BATCH and model.gradient_observer.step == SPIKE_BATCH
+    # the later steps of the spike's execution (29-32 with 4 per execution) are refused too
+    last = SPIKE_BATCH if steps_per_execution == 1 else 32
+    assert monitor.stopped_at == SPIKE_BATCH and model.gradient_observer.step == last
     assert int(model.optimizer.iterations.numpy()) == SPIKE_BATCH - 1
     assert any(f"spike (z = " in str(c.message) and f"step {SPIKE_BATCH} (on_spike='stop')"
                in str(c.message) for c in caught)
