@@ -1037,3 +1037,25 @@ def test_spikes_of_a_real_custom_loop_are_reported_at_the_steps_they_happened(tm
     assert rep.spikes.zscores == [written[s] for s in rep.spikes.steps]
     assert rep.spikes.zscores[0] >= rep.spikes.zscores[1] > 6
     assert notes_of(rep) == [("spikes", "global")]
+
+
+def test_a_real_adam_run_with_hessian_probes_is_judged_on_its_own_edge(tmp_path):
+    """What HessianMonitor writes for Adam reaches the report: the ratio is lambda_1(P^-1 H) over
+    (2 + 2 beta_1) / ((1 - beta_1) lr), not lr * lambda_1 / 2."""
+    lr, beta_1 = 0.01, 0.9
+    logdir = str(tmp_path / "adam")
+    m = gradmon.monitor(mlp())
+    m.compile(optimizer=keras.optimizers.Adam(lr, beta_1=beta_1), loss="mse")
+    m.fit(X, Y, batch_size=16, epochs=4, shuffle=False, verbose=0,
+          callbacks=[gradmon.GradientMonitor(logdir),
+                     gradmon.HessianMonitor(logdir, data=(X, Y), every_n_steps=8, seed=0)])
+    events = events_of(logdir)
+    rep = report.health_report(report.load_run(logdir))
+    c = rep.curvature
+    assert c.edge_of_stability_meaning == "optimizer" and c.probes == 2
+    threshold = (2 + 2 * beta_1) / ((1 - beta_1) * lr)
+    pre = events[tags.preconditioned_eigenvalue(1)]
+    assert c.stability_threshold.last == pytest.approx(threshold, rel=1e-6)
+    assert c.edge_of_stability.last == pytest.approx(pre[16] / threshold, rel=1e-5)
+    assert c.gd_edge_of_stability.last == pytest.approx(events[tags.eigenvalue(1)][16] * lr / 2, rel=1e-5)
+    assert report._edge_quantity(c) == "lambda_1(P^-1 H)"
