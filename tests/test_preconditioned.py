@@ -265,6 +265,10 @@ def test_preconditioner_as_arrays_and_warm_start():
         assert spec.eigenvalues[0] == pytest.approx(exact[0], rel=1e-5)
     assert warm.hvp_count < cold.hvp_count
     assert hvp.count == flat.hvp_count + cold.hvp_count + warm.hvp_count  # every product is one HVP
+    h = explicit_hessian(model, mse, X, Y)  # trace(P^-1/2 H P^-1/2) = sum_i H_ii / P_i
+    p = np.concatenate([d.ravel() for d in diagonal])
+    estimate = hessian.trace(op, num_samples=200, seed=0)
+    assert abs(estimate.value - np.sum(np.diag(h) / p)) <= 4 * estimate.stderr
 
 
 @pytest.mark.parametrize("kwargs", [dict(preconditioner=keras.optimizers.SGD()),
