@@ -319,6 +319,32 @@ class Observer:
             extras = self.extras_source.take_extras()
         return extras
 
+    def observe_loss(self, loss):
+        """Hands this step's loss to the spike detector (`gradients/spike/loss_zscore`).
+
+        For custom loops: call it in the same step (the same `tf.function`),
+        before `apply_gradients`, from the first step on. gradmon's own train
+        step does it by itself; without `on_spike` it does nothing.
+
+        Args:
+            loss: the scalar loss of the batch (unscaled: not multiplied by a loss scale).
+        """
+        if self.on_spike is None:
+            return
+        if self.extras_source is None:
+            from gradmon.own_step import Extras
+
+            self.extras_source = Extras(loss=True)
+        elif not getattr(self.extras_source, "loss", False):
+            return  # a model's own train_step: no loss reaches the step
+        if self.recorder is not None and not any(
+                isinstance(s, spikes.SpikeScores) and s.loss for s in self.recorder.statistics):
+            warn_once(("late-loss", id(self)),
+                      "gradmon: observe_loss() was first called after the first update; the loss "
+                      "z-score is written only when the loss is observed from the first step on.")
+            return
+        self.extras_source.pending["loss"] = loss
+
     def _count(self, verdict):
         rec = self.recorder
         rec.skipped.assign_add(tf.cast(verdict.skipped, tf.int64))

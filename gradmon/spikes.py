@@ -201,7 +201,10 @@ class SpikeScores(statistics.Statistic):
 
     def compute(self, ctx):
         step = ctx.extras["spike"]
-        values = [step.zscore] + ([step.loss_zscore] if self.loss else [])
+        loss_z = step.loss_zscore
+        if loss_z is None:  # a step without its loss (observe_loss not called in it)
+            loss_z = tf.constant(np.nan, tf.float64)
+        values = [step.zscore] + ([loss_z] if self.loss else [])
         return tf.cast(tf.stack(values), tf.float32)
 
 

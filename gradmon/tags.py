@@ -342,7 +342,8 @@ _FIXED_DESCRIPTIONS = {
     ),
     SPIKE_LOSS_ZSCORE: (
         "z-score of the batch loss against its running mean and std before this step (where "
-        "gradmon's own train step computes the loss; NaN during the warm-up)."
+        "gradmon's own train step computes the loss, or a custom loop hands it over with "
+        "observe_loss; NaN during the warm-up)."
     ),
     SPIKE_COUNT: "Gradient-norm spikes so far (z-score above the on_spike threshold, after the warm-up).",
     SPIKE_AT: "A gradient-norm spike, written at its own step; the value is its z-score.",

@@ -127,6 +127,32 @@ def test_custom_loop_zscores_and_spikes_equal_a_numpy_replay(compiled):
     assert all("the update was applied" in m for m in messages)
 
 
+def test_custom_loop_loss_zscore_equals_a_numpy_replay_of_its_losses():
+    model = linear(seed=1)
+    opt = gradmon.observe(keras.optimizers.SGD(0.01), on_spike="warn")
+    mse = keras.losses.MeanSquaredError()
+
+    @tf.function
+    def step(x, y):
+        with tf.GradientTape() as tape:
+            loss = mse(y, model(x, training=True))
+        opt.gradmon.observe_loss(loss)
+        opt.apply_gradients(zip(tape.gradient(loss, model.trainable_variables), model.trainable_variables))
+        return loss
+
+    losses = [float(step(X[i:i + 4], Y[i:i + 4])) for i in range(0, 160, 4)]
+    writer = MemoryWriter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt.flush(writer)
+    replay, _, _ = replay_detector(losses, 6.0)
+    written = series(writer, tags.SPIKE_LOSS_ZSCORE)
+    assert sorted(written) == list(range(25, 41))  # the ring holds the latest 16 logged steps
+    np.testing.assert_allclose([written[s] for s in range(25, 41)], replay[24:], rtol=1e-5, atol=1e-5,
+                               equal_nan=True)
+    assert np.isnan(written[25]) and written[SPIKE_BATCH] > 6.0  # the batch scaled by 30
+
+
 def test_skip_leaves_the_weights_of_a_run_without_that_step():
     norms = norm_sequence(40, spikes=[(33, 8.0)], seed=2)
     grads = gradients_with_norms(norms, seed=3)
