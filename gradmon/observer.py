@@ -636,6 +636,8 @@ def observe(optimizer, log_dir=None, transform=None, name=None, update_freq=1, h
             recent norms, `gradmon.spikes`): `"warn"` (apply it), `"skip"`,
             `"stop"`, or `None` (spikes not tracked: no cost). Defaults to `None`.
         spike_threshold: z-score above which a norm is a spike. Defaults to `6.0`.
+            (The loss's z-score is written too when each step calls
+            `opt.gradmon.observe_loss(loss)` before `apply_gradients`.)
 
     Returns:
         `optimizer`, observed; `optimizer.flush()` writes, `optimizer.gradmon` is the
