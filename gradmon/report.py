@@ -309,6 +309,9 @@ class Curvature:
     optimizer's threshold in sharpness units, `gradient_overlap` the share of
     |g|^2 in the top eigenspace. `layer_eigenvalues`: each layer's last top
     eigenvalue of its diagonal Hessian block, largest first.
+    `edge_of_stability_on`: the sharpness the optimizer's ratio divides,
+    `"lambda_1(P^-1 H)"` (adaptive optimizers) or `"lambda_1(H)"`; `None` for
+    older runs or without a threshold.
     """
 
     probes: int
@@ -322,6 +325,7 @@ class Curvature:
     stability_threshold: typing.Optional[Trend] = None
     gradient_overlap: typing.Optional[Trend] = None
     layer_eigenvalues: typing.Dict[str, float] = dataclasses.field(default_factory=dict)
+    edge_of_stability_on: typing.Optional[str] = None
 
 
 @dataclasses.dataclass
@@ -735,6 +739,7 @@ def _curvature(run):
         stability_threshold=_optional_trend(run, tags.STABILITY_THRESHOLD),
         gradient_overlap=_optional_trend(run, tags.GRADIENT_OVERLAP),
         layer_eigenvalues=dict(sorted(layers.items(), key=lambda kv: -kv[1])),
+        edge_of_stability_on=_edge_sharpness(run),
     )
 
 
@@ -909,7 +914,7 @@ def _judge_curvature(curvature, run, thresholds, flags, notes):
                               f"`{tags.EDGE_OF_STABILITY}` is lr * lambda_1 / 2, the edge of plain "
                               "gradient descent, not the optimizer's own"))
         return flags, notes
-    which = _edge_quantity(curvature)
+    which = curvature.edge_of_stability_on or "sharpness"
     if np.all(tail > thresholds.edge_of_stability):
         flags.append(Flag(EDGE_OF_STABILITY, "global",
                           f"{which} / the optimizer's threshold between {_num(tail.min())} and "
@@ -923,14 +928,21 @@ def _judge_curvature(curvature, run, thresholds, flags, notes):
     return flags, notes
 
 
-def _edge_quantity(curvature):
-    """The sharpness the optimizer's edge-of-stability ratio was computed from, in words."""
-    if curvature.preconditioned_eigenvalue is None or curvature.stability_threshold is None:
-        return "lambda_1(H)"
-    # The ratio is on the preconditioned sharpness when it matches it (Adam, RMSprop, Adagrad).
-    p, t, e = (curvature.preconditioned_eigenvalue.last, curvature.stability_threshold.last,
-               curvature.edge_of_stability.last)
-    return "lambda_1(P^-1 H)" if math.isclose(p / t, e, rel_tol=1e-4) else "lambda_1(H)"
+def _edge_sharpness(run):
+    """`"lambda_1(P^-1 H)"` or `"lambda_1(H)"`: the sharpness whose ratio to the threshold
+    `hessian/edge_of_stability` is (the nearer at the last probe holding all three), or `None`."""
+    if tags.EDGE_OF_STABILITY not in run or tags.STABILITY_THRESHOLD not in run:
+        return None
+    candidates = [(name, tag) for name, tag in (("lambda_1(P^-1 H)", tags.preconditioned_eigenvalue(1)),
+                                                ("lambda_1(H)", tags.eigenvalue(1))) if tag in run]
+    series = [run[tags.EDGE_OF_STABILITY], run[tags.STABILITY_THRESHOLD]] + [run[t] for _, t in candidates]
+    steps, rows = _align(series)
+    if not candidates or not len(steps):
+        return None
+    edge, threshold = rows[0, -1], rows[1, -1]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        misses = [abs(sharpness[-1] / threshold - edge) for sharpness in rows[2:]]
+    return candidates[int(np.nanargmin(misses))][0] if np.isfinite(misses).any() else None
 
 
 # -- displaying ----------------------------------------------------------------

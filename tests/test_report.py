@@ -873,6 +873,7 @@ def test_adam_at_its_edge_of_stability_is_noted_from_the_preconditioned_sharpnes
     assert c.gd_edge_of_stability.last == pytest.approx(0.002)
     assert c.preconditioned_eigenvalue.last == pytest.approx(0.7 * 38000, rel=1e-6)
     assert c.stability_threshold.last == pytest.approx(38000)
+    assert c.edge_of_stability_on == "lambda_1(P^-1 H)"
     assert kinds(rep) == []  # 0.002 (lr * lambda_1 / 2) is not what judges Adam, nor is 0.95 "over"
     assert notes_of(rep) == [("at_edge_of_stability", "global")]
     tail = f32(ratios[-2:])  # the last 20 % of 8 probes
@@ -935,7 +936,7 @@ def test_an_older_run_means_lr_lambda_over_2_and_is_judged_as_before_and_says_so
     eos = [0.5, 0.7, 0.9, 1.0, 1.05, 1.2, 1.3, 1.4]
     logdir = curvature_run(tmp_path, {tags.eigenvalue(1): [2.0] * 8, tags.EDGE_OF_STABILITY: eos})
     rep = report.health_report(report.load_run(logdir))
-    assert rep.curvature.edge_of_stability_meaning == "gradient_descent"
+    assert rep.curvature.edge_of_stability_meaning == "gradient_descent" and rep.curvature.edge_of_stability_on is None
     assert kinds(rep) == [("edge_of_stability", "global")]
     assert rep.flags[0].detail.startswith("lr * lambda_1 / 2 between 1.3 and 1.4 at the last 2 Hessian probe(s) "
                                           "(threshold 1.1); an older run")
@@ -1058,4 +1059,4 @@ def test_a_real_adam_run_with_hessian_probes_is_judged_on_its_own_edge(tmp_path)
     assert c.stability_threshold.last == pytest.approx(threshold, rel=1e-6)
     assert c.edge_of_stability.last == pytest.approx(pre[16] / threshold, rel=1e-5)
     assert c.gd_edge_of_stability.last == pytest.approx(events[tags.eigenvalue(1)][16] * lr / 2, rel=1e-5)
-    assert report._edge_quantity(c) == "lambda_1(P^-1 H)"
+    assert c.edge_of_stability_on == "lambda_1(P^-1 H)"
