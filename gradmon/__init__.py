@@ -21,7 +21,7 @@ _ATTRIBUTES = {
     "Statistic": "gradmon.statistics",
 }
 _SUBMODULES = ("hessian", "layer_curvature", "penalties", "stats", "statistics", "tags", "transforms", "observer",
-               "pipeline", "report", "writer", "layout", "spikes")
+               "pipeline", "report", "writer", "layout", "spikes", "preconditioner")
 
 __all__ = sorted(list(_ATTRIBUTES) + list(_SUBMODULES))
 
