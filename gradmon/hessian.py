@@ -716,6 +716,9 @@ def precondition(hvp, preconditioner):
                           preconditioner)
         preconditioner = diagonal
     if isinstance(preconditioner, (list, tuple)):
+        if len(preconditioner) != len(hvp.shapes):
+            raise invalid("preconditioner", f"{len(hvp.shapes)} arrays, one per variable",
+                          f"a list of {len(preconditioner)}")
         flat = hvp.flatten(preconditioner)
     else:
         flat = np.asarray(preconditioner, np.float64).reshape(-1)

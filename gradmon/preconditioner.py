@@ -168,7 +168,8 @@ def stability_threshold(optimizer, learning_rate=None):
 
     Returns:
         A `StabilityThreshold`, or `None` for an optimizer whose threshold is
-        not known (see the table in the module docstring).
+        not known (see the table in the module docstring) or a learning rate
+        that is not positive.
 
     References:
         Cohen et al., ICLR 2021, and Cohen et al., arXiv:2207.14484, 2022
@@ -176,6 +177,8 @@ def stability_threshold(optimizer, learning_rate=None):
     """
     optimizer = _keras_compat.base_optimizer(optimizer)
     lr = current_learning_rate(optimizer) if learning_rate is None else float(learning_rate)
+    if not lr > 0:  # e.g. a warm-up at 0: every sharpness is stable
+        return None
     if isinstance(optimizer, keras.optimizers.SGD):
         mu = _number(optimizer.momentum)
         if optimizer.nesterov and mu > 0:

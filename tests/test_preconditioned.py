@@ -203,6 +203,7 @@ def test_threshold_scales_with_the_current_learning_rate():
     wrapped = keras.optimizers.LossScaleOptimizer(keras.optimizers.SGD(0.5, momentum=0.5))
     assert preconditioner.stability_threshold(wrapped).value == pytest.approx(3.0 / 0.5)
     assert preconditioner.stability_threshold(keras.optimizers.Lion()) is None
+    assert preconditioner.stability_threshold(keras.optimizers.SGD(0.0)) is None  # no edge at lr 0
     assert preconditioner.stability_threshold(keras.optimizers.Adadelta()) is None
 
 
@@ -272,7 +273,7 @@ def test_preconditioner_as_arrays_and_warm_start():
 
 
 @pytest.mark.parametrize("kwargs", [dict(preconditioner=keras.optimizers.SGD()),
-                                    dict(preconditioner=np.ones(3)),
+                                    dict(preconditioner=np.ones(3)), dict(preconditioner=[np.ones((4, 5))]),
                                     dict(preconditioner=-np.ones(31))])
 def test_bad_preconditioner_is_named(kwargs):
     model = trained(keras.optimizers.SGD(0.01), steps=1)
