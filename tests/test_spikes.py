@@ -304,7 +304,7 @@ def test_fit_stop_stops_at_the_spike_with_the_weights_of_the_steps_before(steps_
     last = SPIKE_BATCH if steps_per_execution == 1 else 32
     assert monitor.stopped_at == SPIKE_BATCH and model.gradient_observer.step == last
     assert int(model.optimizer.iterations.numpy()) == SPIKE_BATCH - 1
-    assert any(f"spike (z = " in str(c.message) and f"step {SPIKE_BATCH} (on_spike='stop')"
+    assert any("spike (z = " in str(c.message) and f"step {SPIKE_BATCH} (on_spike='stop')"
                in str(c.message) for c in caught)
 
 
