@@ -160,8 +160,8 @@ _EXPLANATIONS = {
                        "(ratio > 1): its update is unstable along the sharpest direction; "
                        "expect oscillating or rising loss; lower the learning rate.",
     AT_EDGE_OF_STABILITY: "training sits at the optimizer's edge of stability: the sharpness "
-                          "rose until lr capped it (Cohen et al. 2021, 2022). Common, not a "
-                          "failure; the loss may oscillate, and a larger lr will not train faster.",
+                          "rose until the learning rate capped it (Cohen et al. 2021, 2022). "
+                          "Common, not a failure; the loss may oscillate while it falls.",
     SPIKES: "the raw gradient norm jumped far above its running mean at these steps (z-score "
             "against the recent norms; the on_spike policy decided what to do with them). "
             "Look at the batches and the learning rate there.",
@@ -1018,7 +1018,8 @@ def _curvature_text(c, max_listed):
         out.append(f"edge of stability: an older run, its `{tags.EDGE_OF_STABILITY}` is "
                    "lr * lambda_1 / 2 (plain gradient descent's edge), judged as such")
     elif c.edge_of_stability is not None:
-        out.append("edge of stability: sharpness / the optimizer's own threshold (1 = at the edge)")
+        out.append(f"edge of stability: {c.edge_of_stability_on or 'sharpness'} / the optimizer's own "
+                   "threshold (1 = at the edge)")
     elif not old:
         out.append("edge of stability: no threshold known for this optimizer (none written)")
     if c.layer_eigenvalues:

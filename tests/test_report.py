@@ -889,7 +889,7 @@ def test_adam_at_its_edge_of_stability_is_noted_from_the_preconditioned_sharpnes
     assert text.split("lambda_1(P^-1 H)")[1].split()[:3] == [f"{f32(0.2 * 38000):.4g}",
                                                               f"{f32(0.7 * 38000):.4g}",
                                                               f"{f32(0.95 * 38000):.4g}"]
-    assert "edge of stability: sharpness / the optimizer's own threshold (1 = at the edge)" in text
+    assert "edge of stability: lambda_1(P^-1 H) / the optimizer's own threshold (1 = at the edge)" in text
     assert "AT_EDGE_OF_STABILITY [global]" in text
     assert summary([logdir, "--at-edge-of-stability", "0.96"]) == 0
     assert "AT_EDGE_OF_STABILITY" not in capsys.readouterr().out
