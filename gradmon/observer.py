@@ -227,11 +227,12 @@ class Observer:
         out = []
         if self.on_spike is not None:
             out += [spikes.SpikeScores(loss=self._knows_loss), spikes.spike_count()]
-        if observed is not None:
-            names = observed.fraction_names()
-            for member, name in zip(observed.members(), names):
-                if isinstance(member, transforms.zclip):
-                    out.append(spikes.ZClipThreshold(member, name))
+        names = {}  # each member's fraction names, made unique as `chain` does
+        for member in observed.members() if observed is not None else ():
+            first = len(names)
+            names = transforms.merge_fractions(names, dict.fromkeys(member.fraction_names()))
+            if isinstance(member, transforms.zclip):
+                out.append(spikes.ZClipThreshold(member, list(names)[first]))
         return out
 
     # -- the schedule (set by the host) -------------------------------------
