@@ -220,6 +220,18 @@ def test_zclip_in_a_chain_reports_its_member_fraction_and_serializes():
     assert np.isfinite(series(writer, tags.zclip_threshold())[6])
 
 
+def test_two_zclips_in_a_chain_have_a_threshold_each():
+    norms = norm_sequence(6, seed=8)
+    v = keras.Variable(np.zeros(4, np.float32))
+    opt = gradmon.observe(keras.optimizers.SGD(0.1), transform=T.chain(
+        T.zclip(warmup_steps=2), T.clip_by_value(0.3), T.zclip(warmup_steps=4)))
+    for g in gradients_with_norms(norms, seed=9):
+        opt.apply_gradients([(tf.constant(g), v)])
+    values = opt.flush()[-1].values
+    first, second = values[tags.zclip_threshold("zclip")], values[tags.zclip_threshold("zclip_2")]
+    assert np.isfinite(first) and np.isfinite(second) and first != second
+
+
 # -- fit --------------------------------------------------------------------------
 
 RNG = np.random.default_rng(11)
