@@ -178,8 +178,9 @@ class GradientPipeline:
             A `Verdict`, or `None` when nothing needs deciding (policy `"warn"`
             without loss scaling or spikes: the step is applied as Keras would).
         """
-        if self.on_nonfinite == "warn" and not loss_scaled and spike is None:
-            return None
+        refuses_spikes = spike is not None and self.on_spike in ("skip", "stop")
+        if self.on_nonfinite == "warn" and not loss_scaled and not refuses_spikes:
+            return None  # on_spike="warn" refuses nothing: the tracker counts its spikes
         finite = all_finite(prepared.raw)
         overflow = tf.constant(False)
         if loss_scaled:
@@ -189,7 +190,6 @@ class GradientPipeline:
             refused = tf.logical_and(tf.logical_not(finite), tf.logical_not(overflow))
             if self.on_nonfinite == "stop":
                 halts = refused
-        refuses_spikes = spike is not None and self.on_spike in ("skip", "stop")
         if refuses_spikes:
             refused = tf.logical_or(refused, spike)
             if self.on_spike == "stop":

@@ -48,13 +48,18 @@ def initial_state():
     return np.zeros([3], np.float64)
 
 
+def read(variable):
+    """`(seen, mean, var)` float64 scalars of a state variable (one read, one unstack)."""
+    return tuple(tf.unstack(variable.read_value()))
+
+
 def warmed_up(state, warmup):
     """Bool scalar: `warmup` values were folded in, so the next one is judged."""
     return state[0] >= warmup
 
 
 def zscore(state, x, eps=_EPS):
-    """`(x - mean) / (std + eps)` against `state` (float64)."""
+    """`(x - mean) / (std + eps)` against `state` `(seen, mean, var)` (float64)."""
     return (tf.cast(x, tf.float64) - state[1]) / (tf.sqrt(state[2]) + eps)
 
 
@@ -67,16 +72,16 @@ def folded(state, x, warmup, alpha):
     """The state after folding in `x` (float64 scalar); a non-finite `x` leaves it unchanged.
 
     Args:
-        state: float64 `[seen, mean, var]`.
+        state: float64 `(seen, mean, var)`.
         x: the value folded in (a spike already winsorised by the caller).
         warmup: values collected before the moving averages start (positive int).
         alpha: EMA decay in [0, 1).
 
     Returns:
-        The new float64 `[seen, mean, var]`.
+        The new float64 vector `[seen, mean, var]`.
     """
     x = tf.cast(x, tf.float64)
-    seen, mean, var = state[0], state[1], state[2]
+    seen, mean, var = state
     # warm-up: the running (Welford) mean and population variance of the values so far
     n = seen + 1.0
     warm_mean = mean + (x - mean) / n
@@ -85,7 +90,7 @@ def folded(state, x, warmup, alpha):
     ema_var = alpha * var + (1.0 - alpha) * tf.square(x - ema_mean)
     warm = seen >= warmup
     new = tf.stack([n, tf.where(warm, ema_mean, warm_mean), tf.where(warm, ema_var, warm_var)])
-    return tf.where(tf.math.is_finite(x), new, state)
+    return tf.where(tf.math.is_finite(x), new, tf.stack(state))
 
 
 class SpikeStep:
@@ -135,7 +140,7 @@ class SpikeTracker:
 
     def _judge(self, variable, x):
         """`(z, spike)` of `x` against `variable`'s state, which then folds `x` in (winsorised)."""
-        state = variable.read_value()
+        state = read(variable)
         x = tf.cast(x, tf.float64)
         warm = warmed_up(state, self.warmup)
         finite = tf.math.is_finite(x)
