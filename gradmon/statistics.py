@@ -131,6 +131,19 @@ class StepContext:
                 self.weights_before, self.spec.segment_ids, self.spec.num_groups))
         return self._moments["weights"]
 
+    def deltas(self):
+        """Per variable: w_after - w_before of this step (computed once)."""
+        if "deltas" not in self._moments:
+            self._moments["deltas"] = [a - b for a, b in zip(self.weights_after, self.weights_before)]
+        return self._moments["deltas"]
+
+    def delta_sumsq(self):
+        """Per-group ||w_after - w_before||^2 (computed once)."""
+        if "delta_sumsq" not in self._moments:
+            self._moments["delta_sumsq"] = _stats.grouped_squared_norms(
+                self.deltas(), self.spec.segment_ids, self.spec.num_groups)
+        return self._moments["delta_sumsq"]
+
 
 def undefined_ratio(numerator, denominator):
     """`numerator / denominator`, NaN where the denominator is 0 (undefined, not 0)."""
@@ -236,9 +249,7 @@ class UpdateRatio(PerGroup):
                 "(NaN: undefined, zero weights).")
 
     def compute(self, ctx):
-        delta = [a - b for a, b in zip(ctx.weights_after, ctx.weights_before)]
-        moved = tf.sqrt(_stats.grouped_squared_norms(delta, ctx.spec.segment_ids, ctx.spec.num_groups))
-        return undefined_ratio(moved, ctx.weight_norms())
+        return undefined_ratio(tf.sqrt(ctx.delta_sumsq()), ctx.weight_norms())
 
 
 # -- global numbers -----------------------------------------------------------
@@ -467,24 +478,27 @@ class NoiseScale(Statistic):
 
 # -- optimizer state (Composer's OptimizerMonitor, for Keras) -----------------
 
-def _slot(ctx, slot, variable):
-    """The optimizer's slot of `variable` as a TensorFlow variable (gathers read rows only)."""
-    value = _keras_compat.optimizer_slot(ctx.optimizer, slot, variable)
-    return getattr(value, "value", value)
+def _slots(ctx, moment):
+    """Per variable: the optimizer's `moment` slot after this step, float32, read once per step."""
+    key = ("slots", moment)
+    if key not in ctx._moments:
+        slot, _ = ctx.spec.moment_slots[moment]
+        ctx._moments[key] = [
+            tf.cast(tf.convert_to_tensor(_keras_compat.optimizer_slot(ctx.optimizer, slot, v)), tf.float32)
+            for v in ctx.variables]
+    return ctx._moments[key]
 
 
 def _slot_squares(ctx, moment):
     """Per variable: sum of squares of the optimizer's `moment` slot after this step (for a
-    slot of squared gradients, the plain sum: ||sqrt(v)||^2), read once per step."""
+    slot of squared gradients, the plain sum: ||sqrt(v)||^2), computed once per step."""
     key = ("slot_squares", moment)
     if key not in ctx._moments:
-        slot, flag = ctx.spec.moment_slots[moment]
-        plain_sum = moment == tags.SECOND_MOMENT and flag
-        rows = []
-        for v in ctx.variables:
-            s = tf.cast(_slot(ctx, slot, v), tf.float32)
-            rows.append(tf.reduce_sum(s) if plain_sum else 2.0 * tf.nn.l2_loss(s))
-        ctx._moments[key] = tf.stack(rows)
+        slots = _slots(ctx, moment)
+        if moment == tags.SECOND_MOMENT and ctx.spec.moment_slots[moment][1]:
+            ctx._moments[key] = tf.stack([tf.reduce_sum(s) for s in slots])
+        else:  # one multiplication, not one per variable
+            ctx._moments[key] = 2.0 * tf.stack([tf.nn.l2_loss(s) for s in slots])
     return ctx._moments[key]
 
 
@@ -524,7 +538,7 @@ class Cosines(Statistic):
     and transforms turn it. The first moment is the optimizer's slot after this
     step, taken in the gradient's direction (SGD's buffer holds -lr x the running
     sum: negated). NaN where undefined: the update was not applied, or a zero vector.
-    An `IndexedSlices` gradient reads only its rows of the update and the moment.
+    An `IndexedSlices` gradient is not densified: its dot products gather its rows.
 
     References:
         Composer's `OptimizerMonitor` (MosaicML), which logs the same cosines for PyTorch.
@@ -544,14 +558,13 @@ class Cosines(Statistic):
 
     def compute(self, ctx):
         grad_norm = ctx.global_norm(tags.RAW)
-        delta = [a - b for a, b in zip(ctx.weights_after, ctx.weights_before)]
-        along = [-_stats.dot(g, d) for g, d in zip(ctx.raw, delta) if g is not None]
-        out = [undefined_ratio(tf.add_n(along) if along else tf.constant(0.0),
-                               _stats.global_norm(delta) * grad_norm)]
+        along = [_stats.dot(g, d) for g, d in zip(ctx.raw, ctx.deltas()) if g is not None]
+        step_norm = tf.sqrt(tf.reduce_sum(ctx.delta_sumsq()))
+        out = [undefined_ratio(-tf.add_n(along) if along else tf.constant(0.0), step_norm * grad_norm)]
         if tags.FIRST_MOMENT in ctx.spec.moment_slots:
-            slot, sign = ctx.spec.moment_slots[tags.FIRST_MOMENT]
-            dots = [_stats.dot(g, _slot(ctx, slot, v))
-                    for g, v in zip(ctx.raw, ctx.variables) if g is not None]
+            sign = ctx.spec.moment_slots[tags.FIRST_MOMENT][1]
+            dots = [_stats.dot(g, m) for g, m in zip(ctx.raw, _slots(ctx, tags.FIRST_MOMENT))
+                    if g is not None]
             moment_norm = tf.sqrt(tf.reduce_sum(_slot_squares(ctx, tags.FIRST_MOMENT)))
             out.append(undefined_ratio(sign * (tf.add_n(dots) if dots else tf.constant(0.0)),
                                        moment_norm * grad_norm))
