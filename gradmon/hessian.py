@@ -868,10 +868,31 @@ def _for_layout(fn, blocks, pending, w, *args):
     return _LAYOUT_FUNCTIONS[key](blocks, pending, w, *args)
 
 
+def _norm(w):
+    """`||w||` without underflow (graph code).
+
+    A float32 sum of squares loses entries below ~1e-19 (their squares are
+    subnormal): a tiny operator (a deep layer's Hessian block at
+    initialisation, ~1e-20) then gave non-unit Lanczos vectors, a wrong
+    eigenvalue and a residual of 0. Below the threshold the norm is
+    recomputed on `w / max|w|`; above it a single `tf.norm`.
+    """
+    norm = tf.norm(w)
+    info = np.finfo(w.dtype.as_numpy_dtype)
+    threshold = tf.constant(math.sqrt(info.tiny) / info.eps, w.dtype)
+
+    def rescaled():
+        scale = tf.reduce_max(tf.abs(w))
+        safe = tf.where(scale > 0, scale, tf.ones_like(scale))
+        return safe * tf.norm(w / safe)
+
+    return tf.cond(norm < threshold, rescaled, lambda: norm)
+
+
 def _two_passes(blocks, pending, w):
     w, first = _project(blocks, pending, w)
     w, second = _project(blocks, pending, w)
-    return w, first + second, tf.norm(w)
+    return w, first + second, _norm(w)
 
 
 def _lanczos_update(blocks, pending, w, q, previous, coupling):
@@ -891,15 +912,15 @@ def _lanczos_update(blocks, pending, w, q, previous, coupling):
     alpha = _vdot(q, w)[0]
     w = w - alpha * q - coupling * previous
     w, h = _project(blocks, pending, w)
-    norm = tf.norm(w)
+    norm = _norm(w)
 
     def again():
         w2, h2 = _project(blocks, pending, w)
-        return w2, h + h2, tf.norm(w2)
+        return w2, h + h2, _norm(w2)
 
-    # ||w before the pass||^2 = norm^2 + ||h||^2 for an orthonormal basis.
-    w, h, norm = tf.cond(norm < 0.7071 * tf.sqrt(norm**2 + tf.reduce_sum(h * h)),
-                         again, lambda: (w, h, norm))
+    # ||w before the pass||^2 = norm^2 + ||h||^2 for an orthonormal basis, so
+    # norm < ||w before|| / sqrt(2) is norm < ||h|| (no squares to underflow).
+    w, h, norm = tf.cond(norm < _norm(h), again, lambda: (w, h, norm))
     return w, h, alpha, norm
 
 
@@ -913,7 +934,7 @@ def _ritz_pair(y, hy, theta):
     yy = tf.reduce_sum(y * y)
     theta = tf.constant(theta, y.dtype)
     quotient = theta + tf.reduce_sum(y * (hy - theta * y)) / yy
-    residual = tf.norm(hy - quotient * y) / tf.sqrt(yy)
+    residual = _norm(hy - quotient * y) / tf.sqrt(yy)
     return y / tf.sqrt(yy), quotient, residual
 
 

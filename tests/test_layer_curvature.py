@@ -241,3 +241,31 @@ def test_bad_block_variables():
     for variables in ([], [other.trainable_variables[0]], model.trainable_variables[:1] * 2, "first"):
         with pytest.raises(ValueError, match=r"Invalid value for argument `variables`\..*Received: variables="):
             hessian.make_hvp(model, (X, Y), variables=variables)
+
+
+def test_monitor_per_layer_list_probes_only_those_layers(tmp_path):
+    model = mlp()
+    cb = gradmon.HessianMonitor(str(tmp_path), data=(X, Y), every_n_steps=1000, tol=1e-6, per_layer=["mlp/last"])
+    cb.set_model(model)
+    cb.on_train_begin()
+    written = cb.probe(1)
+    cb.on_train_end()
+    assert sorted(t for t in written if t.startswith("hessian/layer/")) == [
+        tags.layer_eigenvalue("mlp/last"), tags.layer_residual("mlp/last")]
+    assert written[tags.layer_eigenvalue("mlp/last")] == pytest.approx(explicit_blocks(model, X, Y)["last"][0],
+                                                                      rel=1e-4)
+
+
+def test_tiny_blocks_are_measured_not_lost_to_underflow():
+    """Blocks of ~1e-20 (deep layers at initialisation): float32 squares underflow; eigenvalues stay exact."""
+    model = mlp()
+    reference = explicit_blocks(model, X, Y)  # of the unscaled loss
+    scale = 1e-20
+    model.compile(optimizer="sgd", loss=lambda y, p: scale * tf.reduce_mean(tf.square(p - y)))
+    spectra = by_layer(layer_curvature.layer_spectrum(model, (X, Y), tol=1e-6, seed=0))
+    for name, (value, _) in reference.items():
+        assert spectra[name].eigenvalues[0] == pytest.approx(scale * value, rel=1e-4), name
+        assert 0 < spectra[name].residuals[0] <= 1e-5 * scale * value  # a residual, not an underflowed 0
+    full = hessian.spectrum(model, (X, Y), tol=1e-6, seed=0)
+    sharpness = np.linalg.eigvalsh(explicit_hessian(model, mse, X, Y))[-1]  # unscaled
+    assert full.eigenvalues[0] == pytest.approx(scale * sharpness, rel=1e-4)
