@@ -48,7 +48,7 @@ def initial_state():
     return np.zeros([3], np.float64)
 
 
-def read(variable):
+def read_state(variable):
     """`(seen, mean, var)` float64 scalars of a state variable (one read, one unstack)."""
     return tuple(tf.unstack(variable.read_value()))
 
@@ -140,7 +140,7 @@ class SpikeTracker:
 
     def _judge(self, variable, x):
         """`(z, spike)` of `x` against `variable`'s state, which then folds `x` in (winsorised)."""
-        state = read(variable)
+        state = read_state(variable)
         x = tf.cast(x, tf.float64)
         warm = warmed_up(state, self.warmup)
         finite = tf.math.is_finite(x)

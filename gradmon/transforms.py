@@ -368,7 +368,7 @@ class zclip(GradientTransform):
 
         self.build(params)
         norm = tf.cast(stats.global_norm(grads), tf.float64)
-        state = spikes.read(self.state)
+        state = spikes.read_state(self.state)
         warm = spikes.warmed_up(state, self.warmup_steps)
         z = spikes.zscore(state, norm, self.eps)
         clip = tf.logical_and(tf.logical_and(warm, tf.math.is_finite(norm)), z > self.z_threshold)
