@@ -405,3 +405,45 @@ def test_loss_scale_overflows_are_not_spikes():
     assert len(z) == 80 - overflows
     judged = [s for s in sorted(z) if np.isfinite(z[s])]
     assert judged == sorted(z)[25:]  # the first 25 finite norms are the warm-up
+
+
+class OwnStep(keras.Model):
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.dense = keras.layers.Dense(1)
+
+    def call(self, x):
+        return self.dense(x)
+
+    def train_step(self, data):
+        x, y = data
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_mean(tf.square(self(x, training=True) - y))
+        self.optimizer.apply_gradients(zip(tape.gradient(loss, self.trainable_variables),
+                                           self.trainable_variables))
+        return {"loss": loss}
+
+
+class MixedOwnStep(gradmon.GradientMonitorMixin, OwnStep):
+    pass
+
+
+@pytest.mark.parametrize("kind", ["monitor", "mixin"])
+def test_a_model_with_its_own_train_step_is_judged_on_the_norm_only(kind):
+    keras.utils.set_random_seed(0)
+    if kind == "mixin":
+        model = MixedOwnStep(gradient_on_spike="warn")
+    else:
+        model = OwnStep()
+        assert gradmon.monitor(model, on_spike="warn") is model  # its own step is kept
+    model.compile(optimizer=keras.optimizers.SGD(0.01))
+    writer = MemoryWriter()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model.fit(X, Y, batch_size=4, shuffle=False, verbose=0,
+                  callbacks=[gradmon.GradientMonitor(writer=writer, update_freq=10)])
+    assert tags.SPIKE_LOSS_ZSCORE not in writer.scalars  # no loss reaches the optimizer's door
+    assert SPIKE_BATCH in series(writer, tags.SPIKE_AT)
+    assert np.isfinite(series(writer, tags.SPIKE_ZSCORE)[40])
+    assert any(f"spike at step {SPIKE_BATCH}" in str(c.message) or f"steps {SPIKE_BATCH} " in str(c.message)
+               for c in caught)
