@@ -878,7 +878,8 @@ def _norm(w):
     recomputed on `w / max|w|`; above it a single `tf.norm`.
     """
     norm = tf.norm(w)
-    info = np.finfo(w.dtype.as_numpy_dtype)
+    # bfloat16 (no np.finfo) has float32's exponent range
+    info = np.finfo({tf.float16: np.float16, tf.float64: np.float64}.get(w.dtype, np.float32))
     threshold = tf.constant(math.sqrt(info.tiny) / info.eps, w.dtype)
 
     def rescaled():
