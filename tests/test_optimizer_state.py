@@ -33,6 +33,12 @@ CASES = {
     "adagrad": (lambda: keras.optimizers.Adagrad(0.1), None, ("_accumulators", True)),
     "adamax": (lambda: keras.optimizers.Adamax(0.01), ("_m", 1.0), ("_u", False)),
     "sgd": (lambda: keras.optimizers.SGD(0.05), None, None),
+    "rmsprop": (lambda: keras.optimizers.RMSprop(0.01), None, ("_velocities", True)),
+    "adamw": (lambda: keras.optimizers.AdamW(0.01, weight_decay=0.1), ("_momentums", 1.0),
+              ("_velocities", True)),
+    "nadam": (lambda: keras.optimizers.Nadam(0.01), ("_momentums", 1.0), ("_velocities", True)),
+    "lamb": (lambda: keras.optimizers.Lamb(0.01), ("_momentums", 1.0), ("_velocities", True)),
+    "lion": (lambda: keras.optimizers.Lion(0.01), ("_momentums", 1.0), None),
 }
 
 
@@ -97,6 +103,52 @@ def test_moment_norms_and_cosines_match_numpy_on_the_slots(case):
         assert got[tags.COSINE_UPDATE_GRADIENT] == pytest.approx(1.0, abs=1e-6)
     if case == "adagrad":  # per-coordinate steps: not along the gradient
         assert got[tags.COSINE_UPDATE_GRADIENT] < 0.999
+
+
+# Closed forms after the first step from zero slots (keras' update rules, written out), per
+# variable: the first moment in the gradient's direction, the second-moment norm
+# (||sqrt(v)||, Adamax ||u||).
+norm = np.linalg.norm
+FIRST_STEP = {
+    "adam": (lambda: keras.optimizers.Adam(0.01, beta_1=0.9, beta_2=0.999),
+             lambda g: 0.1 * g, lambda g: np.sqrt(0.001) * norm(g)),
+    "nadam": (lambda: keras.optimizers.Nadam(0.01, beta_1=0.9, beta_2=0.999),
+              lambda g: 0.1 * g, lambda g: np.sqrt(0.001) * norm(g)),
+    "lamb": (lambda: keras.optimizers.Lamb(0.01, beta_1=0.9, beta_2=0.999),
+             lambda g: 0.1 * g, lambda g: np.sqrt(0.001) * norm(g)),
+    "adamax": (lambda: keras.optimizers.Adamax(0.01, beta_1=0.9), lambda g: 0.1 * g, norm),
+    "lion": (lambda: keras.optimizers.Lion(0.01, beta_2=0.99), lambda g: 0.01 * g, None),
+    "sgd_momentum": (lambda: keras.optimizers.SGD(0.05, momentum=0.9), lambda g: 0.05 * g, None),
+    "rmsprop_momentum": (lambda: keras.optimizers.RMSprop(0.01, rho=0.9, momentum=0.5, epsilon=1e-7),
+                         lambda g: 0.01 * g / np.sqrt(0.1 * g**2 + 1e-7),
+                         lambda g: np.sqrt(0.1) * norm(g)),
+    "adagrad": (lambda: keras.optimizers.Adagrad(0.1, initial_accumulator_value=0.1), None,
+                lambda g: np.sqrt(np.sum(0.1 + g**2))),
+}
+
+
+@pytest.mark.parametrize("case", list(FIRST_STEP))
+def test_first_step_moment_norms_match_the_update_rules_closed_forms(case):
+    """Independent of which slot gradmon reads: the norms the update rules give after one step."""
+    make, first, second = FIRST_STEP[case]
+    net = model()
+    opt = gradmon.observe(make(), stats=["moment_norm", "cosines"], grouping="variable")
+    _, raw = run_steps(opt, net.trainable_variables, 1)
+    (snapshot,) = opt.flush()
+    raw = [g.astype(np.float64) for g in raw]
+    for v, g in zip(net.trainable_variables, raw):
+        first_tag, second_tag = (tags.moment_norm(m, v.path) for m in tags.MOMENTS)
+        assert (first_tag in snapshot) == (first is not None)
+        assert (second_tag in snapshot) == (second is not None)
+        if first is not None:
+            assert snapshot[first_tag] == pytest.approx(norm(first(g)), rel=1e-5)
+        if second is not None:
+            assert snapshot[second_tag] == pytest.approx(second(g), rel=1e-5)
+    if first is not None:
+        g = np.concatenate([r.ravel() for r in raw])
+        m = np.concatenate([first(r).ravel() for r in raw])
+        assert snapshot[tags.COSINE_GRADIENT_FIRST_MOMENT] == pytest.approx(
+            g @ m / (norm(g) * norm(m)), rel=1e-5)
 
 
 def test_sgd_momentum_first_step_points_along_the_gradient():
