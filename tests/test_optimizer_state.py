@@ -253,3 +253,18 @@ def test_observing_the_optimizer_state_leaves_training_as_it_was():
         results.append([v.numpy() for v in net.trainable_variables + opt._momentums + opt._velocities])
     for a, b in zip(*results):
         np.testing.assert_array_equal(a, b)
+
+
+def test_adam_first_step_update_cosine_is_that_of_lr_times_the_sign_of_g():
+    """Adam's first step is lr * m_hat / (sqrt(v_hat) + eps) with m_hat = g, v_hat = g^2:
+    about lr * sign(g), so cos(update, -g) = ||g||_1 / (sqrt(n) ||g||), far from 1."""
+    net = model()
+    opt = gradmon.observe(keras.optimizers.Adam(0.01, epsilon=1e-7), stats="cosines")
+    _, raw = run_steps(opt, net.trainable_variables, 1)
+    (snapshot,) = opt.flush()
+    g = np.concatenate([r.ravel() for r in raw]).astype(np.float64)
+    alpha = 0.01 * np.sqrt(1 - 0.999) / (1 - 0.9)
+    step = alpha * 0.1 * g / (np.sqrt(0.001) * np.abs(g) + 1e-7)
+    expected = step @ g / (norm(step) * norm(g))
+    assert expected == pytest.approx(np.abs(g).sum() / (np.sqrt(g.size) * norm(g)), rel=1e-4)
+    assert snapshot[tags.COSINE_UPDATE_GRADIENT] == pytest.approx(expected, rel=1e-4)
