@@ -268,3 +268,19 @@ def test_adam_first_step_update_cosine_is_that_of_lr_times_the_sign_of_g():
     expected = step @ g / (norm(step) * norm(g))
     assert expected == pytest.approx(np.abs(g).sum() / (np.sqrt(g.size) * norm(g)), rel=1e-4)
     assert snapshot[tags.COSINE_UPDATE_GRADIENT] == pytest.approx(expected, rel=1e-4)
+
+
+def test_a_spike_refused_by_on_spike_skip_has_undefined_cosines():
+    """After the 25-step warm-up, a 50x norm at step 35 is refused: its cosines are NaN, the
+    steps around it are defined."""
+    keras.utils.set_random_seed(0)
+    net = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1)])
+    opt = gradmon.observe(keras.optimizers.Adam(1e-3), on_spike="skip", stats="cosines")
+    rng = np.random.default_rng(0)
+    with pytest.warns(UserWarning, match="spike at step 35"):
+        for step in range(1, 37):
+            scale = 50.0 if step == 35 else 1.0
+            opt.apply_gradients(zip([tf.constant((scale * (1 + 0.05 * rng.normal(size=v.shape))).astype("float32"))
+                                     for v in net.trainable_variables], net.trainable_variables))
+        cosines = {s.step: s[tags.COSINE_UPDATE_GRADIENT] for s in opt.flush()}
+    assert np.isnan(cosines[35]) and np.isfinite(cosines[34]) and np.isfinite(cosines[36])
