@@ -845,26 +845,38 @@ def _vdot(a, b):
 
 
 # One tf.function per basis layout (number and sizes of blocks, pending
-# vectors): each is traced once per vector size, where one function would
-# retrace at every new layout and warn of frequent retracing.
+# vectors): each is traced once, for any vector length (the per-layer
+# operators of a model have as many lengths as layers: per-length traces
+# cost as much as their HVPs' own), where one function would retrace at
+# every new layout and warn of frequent retracing.
 _LAYOUT_FUNCTIONS = {}
 
 
+def _any_length(t):
+    """`t`'s `TensorSpec` with the vector length (last dimension) unknown."""
+    shape = list(t.shape)
+    if shape:
+        shape[-1] = None
+    return tf.TensorSpec(shape, t.dtype)
+
+
 def _for_layout(fn, blocks, pending, w, *args):
-    """Runs the graph of `fn` for this basis layout and vector size.
+    """Runs the graph of `fn` for this basis layout.
 
     Each layout gets a `tf.function` of its own, traced once, and its
     concrete function is called directly (a fifth less call overhead: it
     matters for small models).
     """
     key = (fn.__name__, tuple(int(b.shape[0]) for b in blocks), len(pending),
-           int(w.shape[0]), w.dtype.name)
+           w.dtype.name)
     if key not in _LAYOUT_FUNCTIONS:
         # A partial of its own: TensorFlow counts retraces per code object
         # (closures share one), a partial is counted by itself.
         _LAYOUT_FUNCTIONS[key] = tf.function(
             functools.partial(fn)
-        ).get_concrete_function(blocks, pending, w, *args)
+        ).get_concrete_function(
+            *tf.nest.map_structure(_any_length, (blocks, pending, w, *args))
+        )
     return _LAYOUT_FUNCTIONS[key](blocks, pending, w, *args)
 
 

@@ -269,3 +269,17 @@ def test_tiny_blocks_are_measured_not_lost_to_underflow():
     full = hessian.spectrum(model, (X, Y), tol=1e-6, seed=0)
     sharpness = np.linalg.eigvalsh(explicit_hessian(model, mse, X, Y))[-1]  # unscaled
     assert full.eigenvalues[0] == pytest.approx(scale * sharpness, rel=1e-4)
+
+
+def test_lanczos_graph_functions_are_shared_by_layers_of_any_size(monkeypatch):
+    """The layers' vector lengths differ; the Lanczos step's graph functions are traced once for all."""
+    monkeypatch.setattr(hessian, "_LAYOUT_FUNCTIONS", {})  # none traced by earlier tests
+    model = mlp()
+    first, middle, _ = layer_curvature.layer_operators(model, (X, Y)).values()
+    assert first.num_params != middle.num_params
+    with pytest.warns(UserWarning, match="did not reach"):
+        hessian.spectrum(first, tol=1e-9, max_hvps=6, seed=0)
+    traced = len(hessian._LAYOUT_FUNCTIONS)
+    with pytest.warns(UserWarning, match="did not reach"):
+        hessian.spectrum(middle, tol=1e-9, max_hvps=6, seed=0)  # the same basis layouts, another length
+    assert len(hessian._LAYOUT_FUNCTIONS) == traced
