@@ -234,6 +234,10 @@ def test_bad_layer_spectrum_arguments():
         layer_curvature.layer_spectrum(operators, init_vectors=[1.0])
     with pytest.raises(ValueError, match=r"argument `top_k`"):
         layer_curvature.layer_spectrum(operators, top_k=11)  # the last layer has 10 parameters
+    model.trainable = False
+    model.compile(optimizer="sgd", loss="mse")
+    with pytest.raises(ValueError, match=r"argument `model`. Expected a model with trainable variables"):
+        layer_curvature.layer_operators(model, (X, Y))
 
 
 def test_bad_block_variables():
