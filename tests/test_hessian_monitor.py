@@ -135,21 +135,9 @@ def test_numpy_integers_are_accepted(tmp_path):
     assert type(cb.every_n_steps) is int
 
 
-def test_one_operator_per_fit_traced_once(tmp_path, monkeypatch):
+def test_one_operator_per_fit_traced_once(tmp_path, hvp_counter):
     """Spectrum, trace and density of every probe share one HVP operator and one trace."""
-    built, applied = [], []
-    init, apply = hessian.HessianVectorProduct.__init__, hessian.HessianVectorProduct.apply
-
-    def counting_init(self, *args, **kwargs):
-        init(self, *args, **kwargs)
-        built.append(self)
-
-    def counting_apply(self, vector):
-        applied.append(1)
-        return apply(self, vector)
-
-    monkeypatch.setattr(hessian.HessianVectorProduct, "__init__", counting_init)
-    monkeypatch.setattr(hessian.HessianVectorProduct, "apply", counting_apply)
+    built, applied = hvp_counter
     model = small_model()
     cb = gradmon.HessianMonitor(str(tmp_path), data=(X, Y), every_n_steps=2, top_k=2, trace=True,
                                 trace_samples=4, density=True)

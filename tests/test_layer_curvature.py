@@ -148,21 +148,9 @@ def test_per_layer_is_opt_in(tmp_path):
     assert written and not any(tag.startswith("hessian/layer/") for tag in written)
 
 
-def test_each_layer_traced_once_and_every_hvp_counted(tmp_path, monkeypatch):
+def test_each_layer_traced_once_and_every_hvp_counted(tmp_path, hvp_counter):
     """Two fits, two probes each: one operator per layer per fit, each layer's HVP traced once in all."""
-    built, applied = [], []
-    init, apply = hessian.HessianVectorProduct.__init__, hessian.HessianVectorProduct.apply
-
-    def counting_init(self, *args, **kwargs):
-        init(self, *args, **kwargs)
-        built.append(self)
-
-    def counting_apply(self, vector):
-        applied.append(1)
-        return apply(self, vector)
-
-    monkeypatch.setattr(hessian.HessianVectorProduct, "__init__", counting_init)
-    monkeypatch.setattr(hessian.HessianVectorProduct, "apply", counting_apply)
+    built, applied = hvp_counter
     model = mlp()  # SGD: no preconditioned spectrum, every HVP is a plain operator's
     cb = gradmon.HessianMonitor(str(tmp_path), data=(X, Y), every_n_steps=4, per_layer=True,
                                 gradient_overlap=False)
