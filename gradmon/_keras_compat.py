@@ -17,6 +17,23 @@ scale_loss_for_distribution = _loss_module.scale_loss_for_distribution
 unscale_loss_for_distribution = _loss_module.unscale_loss_for_distribution
 
 
+def compile_arguments(model):
+    """The arguments `model.compile` was called with (the very objects), or `None` if not compiled.
+
+    Keras 3 keeps them in `Trainer._compile_config.config` (optimizer,
+    loss, loss_weights, metrics, weighted_metrics, run_eagerly,
+    steps_per_execution, jit_compile); the optimizer is taken as the model
+    holds it (an instance, wrapped in a `LossScaleOptimizer` under
+    `mixed_float16`), so its state carries over.
+    """
+    config = getattr(model, "_compile_config", None)
+    if not getattr(model, "compiled", False) or config is None:
+        return None
+    arguments = dict(config.config)
+    arguments["optimizer"] = model.optimizer
+    return arguments
+
+
 def is_loss_scale_optimizer(optimizer):
     """Keras' `LossScaleOptimizer` (dynamic loss scaling for mixed precision)."""
     return isinstance(optimizer, keras.optimizers.LossScaleOptimizer)

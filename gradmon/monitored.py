@@ -357,11 +357,13 @@ def monitor(model, transform=None, grouping="layer", stats=None, penalties=None,
             spike_threshold=spikes.DEFAULT_SPIKE_THRESHOLD):
     """Observes (and optionally transforms) the gradients a model's training applies.
 
-    Compile and fit the returned model as you would `model`. A model with
-    Keras' own `train_step` comes back as a model sharing its layers and
-    weights, with gradmon's step (penalties and the noise scale need it). A
-    model with its own `train_step` comes back *itself*, observed at its
-    optimizer: its step, its losses and its history keys are kept.
+    Fit the returned model as you would `model`. A model with Keras' own
+    `train_step` comes back as a model sharing its layers and weights, with
+    gradmon's step (penalties and the noise scale need it); if `model` was
+    compiled, the new one is compiled with the same arguments and the same
+    optimizer instance (else compile it as you would `model`). A model with
+    its own `train_step` comes back *itself*, observed at its optimizer: its
+    step, its losses and its history keys are kept.
 
     Under a `tf.distribute` strategy, call it inside `strategy.scope()`:
     statistics are those of the all-reduced gradient, and `transform` (and
@@ -412,5 +414,10 @@ def monitor(model, transform=None, grouping="layer", stats=None, penalties=None,
                   gradient_spike_threshold=spike_threshold, name=f"{model.name}_monitored")
     inputs, outputs = kc.functional_structure(model)
     if inputs is not None:
-        return _MonitoredFunctional(inputs=inputs, outputs=outputs, **kwargs)
-    return _MonitoredWrapper(model, **kwargs)
+        monitored = _MonitoredFunctional(inputs=inputs, outputs=outputs, **kwargs)
+    else:
+        monitored = _MonitoredWrapper(model, **kwargs)
+    compiled_with = kc.compile_arguments(model)
+    if compiled_with is not None:  # monitor(compiled model) stays compiled, as a user expects
+        monitored.compile(**compiled_with)
+    return monitored

@@ -241,6 +241,23 @@ def test_monitor_shares_weights_with_the_original():
     np.testing.assert_allclose(m.predict(X, verbose=0), model.predict(X, verbose=0))
 
 
+def test_monitor_of_a_compiled_model_is_compiled_alike():
+    """The optimizer instance, loss, metrics and steps_per_execution carry over; training is Keras'."""
+    plain = mlp()
+    plain.compile(keras.optimizers.Adam(0.01), LOSS, metrics=["accuracy"], steps_per_execution=2)
+    model = mlp()
+    opt = keras.optimizers.Adam(0.01)
+    model.compile(opt, LOSS, metrics=["accuracy"], steps_per_execution=2)
+    m = gradmon.monitor(model)
+    assert m.compiled and m.optimizer is opt and m.steps_per_execution == 2
+    history = m.fit(X, Y, batch_size=8, epochs=2, shuffle=False, verbose=0)
+    expected = plain.fit(X, Y, batch_size=8, epochs=2, shuffle=False, verbose=0)
+    assert set(history.history) == set(expected.history) == {"loss", "accuracy"}
+    for a, b in zip(m.trainable_variables, plain.trainable_variables):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+    assert not gradmon.monitor(mlp()).compiled  # an uncompiled model: compile the result yourself
+
+
 @pytest.mark.parametrize("kwargs,argument", [
     (dict(grouping="neuron"), "grouping"),
     (dict(stats=["norm", "kurtosis"]), "stats"),
