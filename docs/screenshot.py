@@ -29,6 +29,8 @@ def main():
     parser.add_argument("--dashboard", default="custom_scalars")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "tensorboard.png"))
     parser.add_argument("--chromium", default="chromium")
+    parser.add_argument("--window-size", default="1600,1200",
+                        help="width,height in pixels (a taller window shows the categories below)")
     args = parser.parse_args()
     log_dir = args.log_dir
     if log_dir is None:
@@ -51,7 +53,7 @@ def main():
                 args.chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
                 "--no-first-run", "--disable-background-networking", "--disable-component-update",
                 "--disable-sync", f"--user-data-dir={profile}", "--hide-scrollbars",
-                "--window-size=1600,1200", "--virtual-time-budget=20000",
+                f"--window-size={args.window_size}", "--virtual-time-budget=20000",
                 f"--screenshot={os.path.abspath(args.out)}",
                 f"http://127.0.0.1:{port}/#{args.dashboard}",
             ], check=True, timeout=180, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
