@@ -183,7 +183,8 @@ class GradientMonitor(keras.callbacks.Callback):
         if self._host_step >= self._next_due:
             self._next_due = self._next_due_after(self._host_step)
         if self._observer.pipeline.stops and self.stopped_at is None and self._observer.stopped:
-            self._stop(self._write())
+            self.stopped_at = stop_training(self.model, self._observer)
+            self._write()  # the steps measured up to the stop (its spike already named)
             return
         if self.update_freq != "epoch" and _passed(self._observer.every, previous, self._host_step):
             self._write()
@@ -203,21 +204,64 @@ class GradientMonitor(keras.callbacks.Callback):
             _passed(self.histogram_freq, seen, self._hist_seen)
         return self._observer.flush(self._writer if self._writes else None, latest_only, histograms)
 
-    def _stop(self, snapshots):
+
+
+def stop_training(model, observer):
+    """Ends `fit` after a `"stop"` policy halted the updates; warns and prints why. Returns the step."""
+    step, cause, policy = observer.stop_cause()
+    model.stop_training = True
+    message = (f"gradmon: {cause} at step {step} ({policy}='stop'): that "
+               "update and every later one were not applied; training stops.")
+    warnings.warn(message, stacklevel=3)
+    print(message)
+    return step
+
+
+class PolicyWatch(keras.callbacks.Callback):
+    """Makes the non-finite and spike policies heard in a `fit` without a `GradientMonitor`.
+
+    A monitored model adds it to `fit` by itself when its policies need it
+    (`"stop"`, `"skip"`, or `on_spike` set) and no `GradientMonitor` is among
+    the callbacks (which does the same and writes). It reads one flag per
+    execution under a `"stop"` policy, and two counters plus the spike ring
+    at each epoch's end: it ends `fit` when the updates stopped, and warns
+    of spikes (naming their steps) and of updates refused for non-finite
+    gradients.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.stopped_at = None
+
+    @staticmethod
+    def needed(observer):
+        return observer.pipeline.stops or observer.on_nonfinite != "warn" or observer.on_spike is not None
+
+    def on_train_begin(self, logs=None):
+        self._observer = monitored.observer_for(self.model)
+        self._refused = self._count_refused()
+        self.stopped_at = None
+
+    def _count_refused(self):
+        rec = self._observer.recorder
+        return 0 if rec is None else int(rec.skipped.numpy()) - int(rec.overflow.numpy())
+
+    def on_train_batch_end(self, batch, logs=None):
         observer = self._observer
-        nonfinite = tags.prefixed(observer.name, tags.nonfinite_total(tags.RAW))
-        causes = []
-        if observer.on_nonfinite == "stop":
-            causes += [(s.step, "non-finite gradients", "on_nonfinite")
-                       for s in snapshots if s.values.get(nonfinite, 0) > 0]
-        if observer.on_spike == "stop":
-            causes += [(step, f"a gradient-norm spike (z = {z:.1f})", "on_spike")
-                       for step, z in observer.spikes_seen]
-        step, cause, policy = min(causes) if causes else (
-            observer.last_written, "non-finite gradients or a spike", "on_nonfinite/on_spike")
-        self.stopped_at = step
-        self.model.stop_training = True
-        message = (f"gradmon: {cause} at step {step} ({policy}='stop'): that "
-                   "update and every later one were not applied; training stops.")
-        warnings.warn(message, stacklevel=2)
-        print(message)
+        if observer.pipeline.stops and self.stopped_at is None and observer.stopped:
+            self.stopped_at = stop_training(self.model, observer)
+
+    def on_epoch_end(self, epoch, logs=None):
+        observer = self._observer
+        if observer.recorder is None or self.stopped_at is not None:
+            return
+        new_spikes = observer.read_spikes()  # warns, naming their steps
+        spikes_refused = len(new_spikes) if observer.on_spike in ("skip", "stop") else 0
+        before, self._refused = self._refused, self._count_refused()
+        nonfinite = self._refused - before - spikes_refused
+        if nonfinite > 0:
+            warnings.warn(
+                f"gradmon: {nonfinite} update(s) in epoch {epoch + 1} had non-finite gradients and "
+                f"were not applied (on_nonfinite={observer.on_nonfinite!r}); add a "
+                "gradmon.GradientMonitor to the callbacks to see their steps.", stacklevel=2)
+

@@ -104,6 +104,34 @@ def prepare_model(model):
     return rebuild
 
 
+# keras.Model.fit(x, y, batch_size, epochs, verbose, callbacks, ...)
+_FIT_CALLBACKS_POSITION = 5
+
+
+def watched_fit_arguments(model, args, kwargs):
+    """`fit`'s `(args, kwargs)` with a `PolicyWatch` added when the model's policies need one
+    (`"stop"`, `"skip"`, `on_spike`) and no `GradientMonitor` is among the callbacks: without
+    it, a stopped model would go on fitting without updates, silently."""
+    from gradmon.callbacks import GradientMonitor, PolicyWatch
+
+    observer = getattr(model, "_gradmon_observer", None)
+    if observer is None or not PolicyWatch.needed(observer):
+        return args, kwargs
+    positional = len(args) > _FIT_CALLBACKS_POSITION
+    given = args[_FIT_CALLBACKS_POSITION] if positional else kwargs.get("callbacks")
+    if isinstance(given, keras.callbacks.CallbackList):
+        return args, kwargs  # the user's own list: used as it is
+    given = list(given or [])
+    if any(isinstance(c, (GradientMonitor, PolicyWatch)) for c in given):
+        return args, kwargs
+    given.append(PolicyWatch())
+    if positional:
+        args = args[:_FIT_CALLBACKS_POSITION] + (given,) + args[_FIT_CALLBACKS_POSITION + 1:]
+    else:
+        kwargs = {**kwargs, "callbacks": given}
+    return args, kwargs
+
+
 def instrument(model, observer):
     """Observes a model in place (a model with its own `train_step`, or any model
     a `GradientMonitor` meets): its optimizer is hooked whenever a train
@@ -118,6 +146,14 @@ def instrument(model, observer):
         return original(force=prepare_model(model) or force)
 
     object.__setattr__(model, "make_train_function", make_train_function)
+    original_fit = model.fit
+
+    def fit(*args, **kwargs):
+        args, kwargs = watched_fit_arguments(model, args, kwargs)
+        return original_fit(*args, **kwargs)
+
+    fit.__doc__ = original_fit.__doc__
+    object.__setattr__(model, "fit", fit)
     return model
 
 
@@ -213,6 +249,10 @@ class GradientMonitorMixin:
         object.__setattr__(self, "_gradmon_config", config)
         _replace_observer(self, config.observer)
         return self
+
+    def fit(self, *args, **kwargs):
+        args, kwargs = watched_fit_arguments(self, args, kwargs)
+        return super().fit(*args, **kwargs)
 
     def make_train_function(self, force=False):
         _check_own_step(self, self._gradmon_config)

@@ -292,7 +292,7 @@ class Observer:
                                         None if spike is None else spike.spike)
         update = _Update(optimizer, original_apply, prepared, variables, verdict)
         if verdict is not None:
-            self._count(verdict)
+            self._count(verdict, step)
         if not self.measuring:
             update.run()
             return
@@ -346,11 +346,13 @@ class Observer:
             return
         self.extras_source.pending["loss"] = loss
 
-    def _count(self, verdict):
+    def _count(self, verdict, step):
         rec = self.recorder
         rec.skipped.assign_add(tf.cast(verdict.skipped, tf.int64))
         rec.overflow.assign_add(tf.cast(verdict.overflow, tf.int64))
         if verdict.halts is not None:
+            first = tf.logical_and(verdict.halts, tf.logical_not(rec.halted))
+            rec.halted_at.assign(tf.where(first, step, rec.halted_at))
             rec.halted.assign(tf.logical_or(rec.halted, verdict.halts))
 
     def _eager_due(self, step):
@@ -392,10 +394,25 @@ class Observer:
         stopped the updates."""
         return self.recorder is not None and bool(self.recorder.halted.numpy())
 
-    def read_spikes(self):
+    def stop_cause(self):
+        """`(step, cause, policy)` of the step that stopped the updates (host side, once `stopped`).
+
+        The step is recorded on the device when it halts, measured or not; a
+        spike is named with its z-score.
+        """
+        step = int(self.recorder.halted_at.numpy())
+        spiked = dict(self.spikes_seen + self.read_spikes(report=False))  # the stop names it
+        if self.on_spike == "stop" and step in spiked:
+            return step, f"a gradient-norm spike (z = {spiked[step]:.1f})", "on_spike"
+        return step, "non-finite gradients", "on_nonfinite"
+
+    def read_spikes(self, report=True):
         """The spikes not read yet, `[(step, z), ...]` oldest first; warns naming their steps.
 
         Two device reads (the count and a small ring); also appended to `spikes_seen`.
+
+        Args:
+            report: warn of the new spikes. Defaults to `True`.
         """
         if self.spikes is None:
             return []
@@ -409,7 +426,7 @@ class Observer:
                       f"`{tags.SPIKE_COUNT}` but not written under `{tags.SPIKE_AT}`.")
         self._spike_count_read = count
         self.spikes_seen += new
-        if new:
+        if new and report:
             report_spikes(self, new)
         return new
 

@@ -68,8 +68,9 @@ class Recorder:
         self.step = variable(0, dtype=tf.int64, name="gradmon_step")
         self.skipped = variable(0, dtype=tf.int64, name="gradmon_skipped")
         self.overflow = variable(0, dtype=tf.int64, name="gradmon_overflow")
-        # set once a step is refused under on_nonfinite="stop": no later step applies
+        # set once a step is refused under a "stop" policy: no later step applies
         self.halted = variable(False, dtype=tf.bool, name="gradmon_halted")
+        self.halted_at = variable(-1, dtype=tf.int64, name="gradmon_halted_at")  # the step that did
         # the schedule (owned by the host): every `every` steps, and at step `log_at`
         self.every = variable(1, dtype=tf.int64, name="gradmon_every")
         self.log_at = variable(-1, dtype=tf.int64, name="gradmon_log_at")

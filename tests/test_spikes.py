@@ -447,3 +447,94 @@ def test_a_model_with_its_own_train_step_is_judged_on_the_norm_only(kind):
     assert np.isfinite(series(writer, tags.SPIKE_ZSCORE)[40])
     assert any(f"spike at step {SPIKE_BATCH}" in str(c.message) or f"steps {SPIKE_BATCH} " in str(c.message)
                for c in caught)
+
+
+# -- a fit without GradientMonitor: the policies are still heard ------------------
+
+def gradmon_warnings(caught):
+    return [str(c.message) for c in caught if str(c.message).startswith("gradmon:")]
+
+
+def test_stop_without_a_gradient_monitor_ends_fit_naming_the_step():
+    """Without the watch a stopped model went on fitting (refusing every update) in silence."""
+    model = gradmon.monitor(linear(), on_spike="stop")
+    model.compile(optimizer=keras.optimizers.SGD(0.01), loss="mse")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        history = model.fit(X, Y, batch_size=4, epochs=3, shuffle=False, verbose=0)
+    assert len(history.history["loss"]) == 1  # ended in the first epoch, not after three
+    assert int(model.optimizer.iterations.numpy()) == SPIKE_BATCH - 1
+    messages = gradmon_warnings(caught)
+    assert len(messages) == 1 and f"spike (z = " in messages[0] and \
+        f"at step {SPIKE_BATCH} (on_spike='stop')" in messages[0]
+
+
+def test_nonfinite_stop_without_a_gradient_monitor_names_the_exact_step():
+    x = X.copy()
+    x[4 * 6] = np.nan  # batch 7; nothing is measured without a GradientMonitor
+    model = gradmon.monitor(linear(), on_nonfinite="stop")
+    model.compile(optimizer=keras.optimizers.SGD(0.01), loss="mse")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model.fit(x, Y, batch_size=4, epochs=2, shuffle=False, verbose=0,
+                  callbacks=[keras.callbacks.History()])  # the user's list, kept
+    assert int(model.optimizer.iterations.numpy()) == 6
+    assert gradmon_warnings(caught) == [
+        "gradmon: non-finite gradients at step 7 (on_nonfinite='stop'): that update and every later "
+        "one were not applied; training stops."]
+
+
+def test_skip_and_warn_without_a_gradient_monitor_are_heard_at_the_epoch_end():
+    x = X.copy()
+    x[4 * 2] = np.nan  # batch 3: refused under skip
+    model = gradmon.monitor(linear(), on_nonfinite="skip", on_spike="warn")
+    model.compile(optimizer=keras.optimizers.SGD(0.01), loss="mse")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        # positional callbacks (x, y, batch_size, epochs, verbose, callbacks): the watch joins them
+        model.fit(x, Y, 4, 1, 0, [keras.callbacks.History()], shuffle=False)
+    messages = gradmon_warnings(caught)
+    assert any(m.startswith("gradmon: gradient-norm spike") and f" {SPIKE_BATCH} (z = " in m
+               and "the update was applied" in m for m in messages)
+    assert any(m.startswith("gradmon: 1 update(s) in epoch 1 had non-finite gradients") for m in messages)
+    assert int(model.optimizer.iterations.numpy()) == len(X) // 4 - 1
+
+
+def test_a_gradient_monitor_replaces_the_watch():
+    model = gradmon.monitor(linear(), on_spike="stop")
+    model.compile(optimizer=keras.optimizers.SGD(0.01), loss="mse")
+    monitor = gradmon.GradientMonitor(writer=MemoryWriter(), update_freq=100)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model.fit(X, Y, batch_size=4, epochs=2, shuffle=False, verbose=0, callbacks=[monitor])
+    assert monitor.stopped_at == SPIKE_BATCH
+    assert len(gradmon_warnings(caught)) == 1  # one message, not the watch's too
+
+
+def test_a_model_with_its_own_train_step_is_watched_too():
+    class OwnStep(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.dense = keras.layers.Dense(1)
+
+        def call(self, x):
+            return self.dense(x)
+
+        def train_step(self, data):
+            x, y = data
+            with tf.GradientTape() as tape:
+                loss = tf.reduce_mean(tf.square(self(x, training=True) - y))
+            self.optimizer.apply_gradients(zip(tape.gradient(loss, self.trainable_variables),
+                                               self.trainable_variables))
+            return {"own_loss": loss}
+
+    keras.utils.set_random_seed(0)
+    model = OwnStep()
+    model.compile(optimizer=keras.optimizers.SGD(0.01))
+    assert gradmon.monitor(model, on_spike="stop") is model
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        history = model.fit(X, Y, batch_size=4, epochs=3, shuffle=False, verbose=0)
+    assert len(history.history["own_loss"]) == 1
+    assert int(model.optimizer.iterations.numpy()) == SPIKE_BATCH - 1
+    assert len(gradmon_warnings(caught)) == 1
