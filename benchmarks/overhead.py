@@ -41,11 +41,21 @@ MODELS = {
 }
 
 
-def configurations(logdir):
+# configurations of a model made with `gradmon.monitor(model, **kwargs)` (`--spikes`)
+MONITORED = {
+    "gradmon update_freq=100 + on_spike='warn'": (dict(on_spike="warn"), dict(update_freq=100)),
+    "gradmon update_freq=100 + transform=zclip()": (dict(transform="zclip"), dict(update_freq=100)),
+}
+
+
+def configurations(logdir, spikes=False):
     def monitor(**kwargs):
         return lambda: [gradmon.GradientMonitor(f"{logdir}/{sorted(kwargs.items())}", **kwargs)]
 
-    return {
+    extra = {}
+    if spikes:
+        extra = {name: monitor(**callback_kwargs) for name, (_, callback_kwargs) in MONITORED.items()}
+    return extra | {
         "plain fit": lambda: [],
         "gradmon update_freq=100": monitor(update_freq=100),
         "gradmon update_freq=10": monitor(update_freq=10),
@@ -57,9 +67,14 @@ def configurations(logdir):
     }
 
 
-def build(factory):
+def build(factory, name):
     keras.utils.set_random_seed(0)
     model = factory()
+    if name in MONITORED:
+        kwargs = dict(MONITORED[name][0])
+        if kwargs.get("transform") == "zclip":
+            kwargs["transform"] = gradmon.transforms.zclip()
+        model = gradmon.monitor(model, **kwargs)
     model.compile(optimizer="adam", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     return model
 
@@ -69,10 +84,10 @@ def time_model(factory, inputs, batch_size, args, logdir):
     n = args.steps * batch_size
     x = rng.normal(size=(n, inputs)).astype("float32")
     y = rng.integers(0, 10, size=n)
-    configs = configurations(logdir)
+    configs = configurations(logdir, args.spikes)
     models, callbacks = {}, {}
     for name, make in configs.items():
-        models[name], callbacks[name] = build(factory), make()  # one callback per model, reused
+        models[name], callbacks[name] = build(factory, name), make()  # one callback per model, reused
         models[name].fit(x[:batch_size * 5], y[:batch_size * 5], batch_size=batch_size, verbose=0,
                          callbacks=callbacks[name])  # compile, warm up
     times = {name: [] for name in configs}
@@ -94,6 +109,8 @@ def main():
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--steps", type=int, default=300, help="training steps per timed fit")
     parser.add_argument("--models", nargs="*", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--spikes", action="store_true",
+                        help="also on_spike='warn' and transform=zclip() (with update_freq=100)")
     parser.add_argument("--single-thread", action="store_true",
                         help="one intra-op and one inter-op thread: less noise on a shared machine")
     parser.add_argument("--cpu-time", action="store_true",
