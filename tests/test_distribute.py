@@ -30,6 +30,9 @@ CASES = {
     # the other paths of the step: skip policy (a conditional update), noise scale, a
     # weight penalty, histograms
     "extras": dict(steps=STEPS, extras=True),
+    # the spike detector (skip), zclip and the optimizer-state statistics: state kept per
+    # replica from the all-reduced norm, a spike at step 30 past the 25 warm-up steps
+    "spikes": dict(steps=32, spikes=True),
     # plain Keras, no gradmon: the reference for bit-identity and all-reduce traffic
     "plain": dict(steps=STEPS, plain=True),
 }
@@ -113,6 +116,9 @@ def run(name, case):
         transform = gradmon.transforms.clip_by_global_norm(case["transform"]) if "transform" in case else None
         extras = dict(on_nonfinite="skip", noise_scale=True,
                       penalties=[gradmon.penalties.WeightPenalty(l2=0.01)]) if "extras" in case else {}
+        if "spikes" in case:
+            extras = dict(on_spike="skip", stats="all")
+            transform = gradmon.transforms.zclip()
         monitored = model if case.get("plain") else gradmon.monitor(model, transform=transform, **extras)
         optimizer = keras.optimizers.SGD(cfg["lr"], global_clipnorm=case.get("global_clipnorm"))
         monitored.compile(optimizer=optimizer, loss=loss_fn)
@@ -123,13 +129,17 @@ def run(name, case):
     steps = case["steps"]
     # Keras splits each global batch between the replicas (and, multi-worker, the workers)
     n = cfg["batch"] * steps
-    monitored.fit(x[:n], y[:n], batch_size=cfg["batch"], epochs=1, shuffle=False, verbose=0,
+    xs = x[:n].copy()
+    if "spikes" in case:
+        xs[cfg["batch"] * 29:cfg["batch"] * 30] *= 50.0
+    monitored.fit(xs, y[:n], batch_size=cfg["batch"], epochs=1, shuffle=False, verbose=0,
                   callbacks=callbacks)
     out = {"initial_weights": initial, "all_reduced": ALL_REDUCED.get(name, 0),
            "num_params": int(sum(np.prod(v.shape) for v in model.trainable_variables))}
     if not case.get("plain"):
         snap = monitored.gradient_observer.recorder.read()[-1]
-        out.update(step=snap.step, state_step=monitored.gradient_observer.step, values=snap.values)
+        out.update(step=snap.step, state_step=monitored.gradient_observer.step, values=snap.values,
+                   spikes=monitored.gradient_observer.spikes_seen)
     out.update({
         "weights": [v.numpy().tolist() for v in model.trainable_variables],
         "event_files": sorted(glob.glob(os.path.join(log_dir, "**", "events.out.tfevents.*"),
@@ -242,6 +252,17 @@ def test_mirrored_skip_policy_noise_scale_penalty_and_histograms(mirrored_runs):
     # the noise scale is the first replica's estimate (its shard): finite, not compared
     assert all(np.isfinite(v) for t, v in mirrored["values"].items() if t.startswith("gradients/noise_scale"))
     assert mirrored["values"]["gradients/skipped_steps"] == 0
+
+
+def test_mirrored_spikes_zclip_and_optimizer_state_equal_single_device(mirrored_runs):
+    single, mirrored = (r["spikes"] for r in mirrored_runs)
+    _assert_same_stats(mirrored, single)
+    assert [s for s, _ in single["spikes"]] == [s for s, _ in mirrored["spikes"]] == [30]
+    assert mirrored["spikes"][0][1] == pytest.approx(single["spikes"][0][1], rel=1e-4)
+    for tag in ("gradients/spike/zscore", "gradients/spike/count", "gradients/zclip/threshold",
+                "optimizer/cosine/update_gradient"):
+        assert np.isfinite(single["values"][tag]), tag
+        assert mirrored["values"][tag] == pytest.approx(single["values"][tag], rel=1e-4), tag
 
 
 def _events(log_dir):
