@@ -243,8 +243,16 @@ class PolicyWatch(keras.callbacks.Callback):
         self.stopped_at = None
 
     def _count_refused(self):
-        rec = self._observer.recorder
-        return 0 if rec is None else int(rec.skipped.numpy()) - int(rec.overflow.numpy())
+        """Updates refused for non-finite gradients so far (spikes refused by their policy and
+        loss-scale overflows left out: the device counters, not the ring, which may overflow)."""
+        observer = self._observer
+        rec = observer.recorder
+        if rec is None:
+            return 0
+        refused = int(rec.skipped.numpy()) - int(rec.overflow.numpy())
+        if observer.spikes is not None and observer.on_spike in ("skip", "stop"):
+            refused -= int(observer.spikes.count.numpy())
+        return refused
 
     def on_train_batch_end(self, batch, logs=None):
         observer = self._observer
@@ -255,10 +263,9 @@ class PolicyWatch(keras.callbacks.Callback):
         observer = self._observer
         if observer.recorder is None or self.stopped_at is not None:
             return
-        new_spikes = observer.read_spikes()  # warns, naming their steps
-        spikes_refused = len(new_spikes) if observer.on_spike in ("skip", "stop") else 0
+        observer.read_spikes()  # warns, naming their steps
         before, self._refused = self._refused, self._count_refused()
-        nonfinite = self._refused - before - spikes_refused
+        nonfinite = self._refused - before
         if nonfinite > 0:
             warnings.warn(
                 f"gradmon: {nonfinite} update(s) in epoch {epoch + 1} had non-finite gradients and "

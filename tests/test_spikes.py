@@ -538,3 +538,18 @@ def test_a_model_with_its_own_train_step_is_watched_too():
     assert len(history.history["own_loss"]) == 1
     assert int(model.optimizer.iterations.numpy()) == SPIKE_BATCH - 1
     assert len(gradmon_warnings(caught)) == 1
+
+
+def test_spikes_refused_by_skip_are_not_reported_as_non_finite_updates():
+    """The watch told refused spikes from non-finite updates by the spikes it read at the epoch end;
+    in an eager fit they are read (and warned of) at their step, and the ring may overflow: a spike
+    skipped under on_spike='skip' was then reported as an update with non-finite gradients."""
+    model = gradmon.monitor(linear(), on_spike="skip")
+    model.compile(optimizer=keras.optimizers.SGD(0.01), loss="mse", run_eagerly=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model.fit(X, Y, batch_size=4, shuffle=False, verbose=0)
+    messages = gradmon_warnings(caught)
+    assert any(m.startswith(f"gradmon: gradient-norm spike at step {SPIKE_BATCH} ") for m in messages)
+    assert not any("non-finite" in m for m in messages), messages
+    assert int(model.optimizer.iterations.numpy()) == len(X) // 4 - 1
