@@ -11,7 +11,10 @@ exactly: the population variance), then exponential moving averages
 value is judged by the statistics *before* it is folded in:
 `z = (x - mean) / (std + eps)`. No value is judged during the warm-up, and a
 non-finite value (NaN/inf gradient, loss-scale overflow) is neither judged
-nor folded: it is the non-finite policy's business.
+nor folded: it is the non-finite policy's business. Nothing is judged while
+the variance is exactly 0 (values all equal so far, e.g. zero gradients):
+z is undefined there (ZClip's reference code would clip every later step to
+the mean, and keep doing so).
 
 A spike is folded in *winsorised*, at `mean + threshold * std` (ZClip folds
 its clipped norm): one huge norm does not inflate the variance so much that
@@ -54,8 +57,14 @@ def read_state(variable):
 
 
 def warmed_up(state, warmup):
-    """Bool scalar: `warmup` values were folded in, so the next one is judged."""
-    return state[0] >= warmup
+    """Bool scalar: the next value is judged: `warmup` values were folded in, and they vary.
+
+    With a variance of exactly 0 (e.g. a warm-up of all-zero gradients) no z
+    is defined: every larger value would be a spike, folded in (or clipped)
+    at the mean, and the variance would stay 0 for good. Such a value is
+    folded in as it is, and judging starts once the values vary.
+    """
+    return tf.logical_and(state[0] >= warmup, state[2] > 0)
 
 
 def zscore(state, x, eps=_EPS):

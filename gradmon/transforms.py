@@ -313,7 +313,9 @@ class zclip(GradientTransform):
     "reciprocal" rule: the larger the outlier, the harder it is clipped; below
     `mean + z_threshold * std`), and that clipped norm is folded into the
     averages, as in the paper. A non-finite norm is neither clipped nor
-    folded in (the non-finite policy's business). The rescaling is exact
+    folded in (the non-finite policy's business), and nothing is clipped
+    while the variance is exactly 0 (all norms equal so far, e.g. zero
+    gradients; the reference code would clip every later norm to the mean). The rescaling is exact
     (ZClip's reference code divides by `norm + 1e-6`).
 
     Reports the clip fraction (1.0 when the step was clipped, else 0.0) under

@@ -19,7 +19,8 @@ NAN = float("nan")
 
 def replay_detector(values, threshold, alpha=0.97, warmup=25):
     """z-scores, spikes [(step, z)] and counts of the on_spike detector: the first `warmup` finite
-    values set mean / population variance, then EMAs; a spike is folded in at mean + thr * std."""
+    values set mean / population variance, then EMAs; a spike is folded in at mean + thr * std;
+    nothing is judged while the variance is exactly 0."""
     buffer, mean, var, zs, found, counts = [], None, None, [], [], []
     for step, x in enumerate(values, 1):
         z = NAN
@@ -30,7 +31,8 @@ def replay_detector(values, threshold, alpha=0.97, warmup=25):
                     mean, var = np.mean(buffer), np.var(buffer)
             else:
                 std = np.sqrt(var)
-                z = (x - mean) / (std + 1e-12)
+                if var > 0:
+                    z = (x - mean) / (std + 1e-12)
                 if z > threshold:
                     found.append((step, z))
                     x = mean + threshold * std
@@ -58,9 +60,9 @@ def replay_zclip(norms, z_threshold, alpha, warmup, eps=1e-6):
         z = (x - mean) / (std + eps)
         thresholds.append(mean + z_threshold * std)
         effective = x
-        if z > z_threshold:
+        if z > z_threshold and var > 0:  # with no variance yet, nothing is clipped
             effective = mean + (z_threshold * std) / (z / z_threshold)
-        flags.append(float(z > z_threshold))
+        flags.append(float(z > z_threshold and var > 0))
         out.append(effective)
         mean = alpha * mean + (1 - alpha) * effective
         var = alpha * var + (1 - alpha) * (effective - mean) ** 2
@@ -553,3 +555,28 @@ def test_spikes_refused_by_skip_are_not_reported_as_non_finite_updates():
     assert any(m.startswith(f"gradmon: gradient-norm spike at step {SPIKE_BATCH} ") for m in messages)
     assert not any("non-finite" in m for m in messages), messages
     assert int(model.optimizer.iterations.numpy()) == len(X) // 4 - 1
+
+
+def test_a_warm_up_without_variance_judges_nothing_until_the_norms_vary():
+    """All-zero gradients in the warm-up give var = 0. ZClip's reference would clip every later norm
+    to 0, and the detector would call every later step a spike and fold it in at the mean: for good.
+    Here nothing is judged until the norms vary (replays above: the same rule)."""
+    norms = [0.0] * 25 + [1.5, 1.6, 1.4, 1.5, 1.55, 1.45, 1.5, 30.0, 1.5]
+    zs, found, _ = replay_detector(norms, 6.0)
+    clipped, _, flags = replay_zclip(norms, 2.5, 0.97, 25)
+    assert np.isnan(zs[25]) and found and found[-1][0] == 33  # the real outlier is still caught
+    var_ = tf.Variable(np.zeros(4, np.float32))
+    opt = gradmon.observe(keras.optimizers.SGD(0.0), transform=T.zclip(), on_spike="warn", stats=["norm"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for g in gradients_with_norms(norms):
+            opt.apply_gradients([(tf.constant(g), var_)])
+        snapshots = opt.gradmon.flush(MemoryWriter())
+    tail = snapshots[-(len(norms) - 25):]  # the ring holds the last 16 steps
+    assert [s.step for s in tail] == list(range(26, len(norms) + 1))
+    np.testing.assert_allclose([s.values[tags.SPIKE_ZSCORE] for s in tail], zs[25:], rtol=1e-5,
+                               equal_nan=True)
+    np.testing.assert_allclose([s.values[tags.global_norm(tags.TRANSFORMED)] for s in tail],
+                               clipped[25:], rtol=1e-5)
+    assert clipped[25] == 1.5 and flags[-2] == 1.0  # not clipped to 0; the outlier clipped
+    assert [s for s, _ in opt.gradmon.spikes_seen] == [s for s, _ in found]
