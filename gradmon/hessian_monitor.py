@@ -9,7 +9,7 @@ import numpy as np
 
 from gradmon import _distribute, hessian, layer_curvature, preconditioner, tags
 from gradmon._steps import current_learning_rate, training_step
-from gradmon._validation import check_bool, check_log_dir, check_positive_int, invalid
+from gradmon._validation import check_bool, check_log_dir, check_positive_int, invalid, warn_once
 from gradmon.writer import SummaryWriter
 
 
@@ -180,8 +180,26 @@ class HessianMonitor(keras.callbacks.Callback):
             step: the summary step to write at.
 
         Returns:
-            The dict of scalars written, by tag.
+            The dict of scalars written, by tag (empty when the probe was skipped).
         """
+        # A probe must never end a run that would otherwise finish: non-finite weights
+        # (a NaN step Keras applied) have no Hessian, and make the eigensolvers fail.
+        if not all(np.all(np.isfinite(keras.ops.convert_to_numpy(v)))
+                   for v in self.model.trainable_variables):
+            self._skip(step, "the model's weights are not finite (NaN/inf): no Hessian is defined")
+            return {}
+        try:
+            return self._probe(step)
+        except np.linalg.LinAlgError as error:  # e.g. NaN curvature from a NaN in the probe's loss
+            self._skip(step, f"the eigensolver failed ({error})")
+            return {}
+
+    def _skip(self, step, reason):
+        warn_once(("hessian-probe-skipped", id(self), reason.split(" (")[0]),
+                  f"gradmon: HessianMonitor skipped its probe at step {step}: {reason}. Training goes "
+                  "on; later probes run as soon as they can (this is warned once).")
+
+    def _probe(self, step):
         operator = self._operator or self._build_operator()
         first = operator.count
         spec = hessian.spectrum(operator, top_k=self.top_k, smallest=self.smallest, tol=self.tol,
@@ -213,6 +231,14 @@ class HessianMonitor(keras.callbacks.Callback):
         scalars = {tags.GD_EDGE_OF_STABILITY: spec.eigenvalues[0] * lr / 2}
         sharpness = {False: spec.eigenvalues[0]}
         diagonal = preconditioner.diagonal(optimizer, operator.variables) if self.preconditioned else None
+        if diagonal is not None and not all(np.all(np.isfinite(p) & (p > 0)) for p in diagonal):
+            # e.g. epsilon=0 with a variable that never had a gradient, or a NaN slot
+            warn_once(("preconditioner-not-positive", id(self)),
+                      "gradmon: HessianMonitor skipped the preconditioned spectrum: the optimizer's "
+                      "preconditioner P has entries that are not positive and finite (epsilon=0 and a "
+                      "variable without gradient, or a non-finite slot); hessian/edge_of_stability is "
+                      "not written while it is so.")
+            diagonal = None
         if diagonal is not None:
             pre = hessian.spectrum(hessian.precondition(operator, diagonal), top_k=self.top_k, tol=self.tol,
                                    init_vectors=self.last_preconditioned, seed=self.seed)

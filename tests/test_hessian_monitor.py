@@ -175,3 +175,62 @@ def test_steps_per_execution_probes_at_the_first_due_step(tmp_path, monkeypatch)
     events = read_events(os.path.join(str(tmp_path), "train"))
     assert sorted(events[tags.eigenvalue(1)]) == [6, 9, 12]
     assert len(reads) == 1 + 3  # on_train_begin, then the calls ending at steps 6, 9, 12
+
+
+def test_a_nan_step_does_not_end_the_fit(tmp_path):
+    """Keras applies a NaN step (no policy): the weights are NaN, no Hessian is defined; the probe
+    used to raise LinAlgError and end the fit. It is skipped, warned once; the fit finishes."""
+    import warnings
+
+    x = X.copy()
+    x[6] = np.nan  # batch 2
+    model = small_model(monitored=False)
+    cb = gradmon.HessianMonitor(str(tmp_path), data=(X[:16], Y[:16]), every_n_steps=2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        history = model.fit(x, Y, batch_size=6, epochs=2, shuffle=False, verbose=0, callbacks=[cb])
+    assert len(history.history["loss"]) == 2  # the run finished
+    skipped = [str(c.message) for c in caught if "HessianMonitor skipped its probe" in str(c.message)]
+    assert len(skipped) == 1 and "at step 2:" in skipped[0] and "not finite" in skipped[0]
+    assert tags.eigenvalue(1) not in read_events(os.path.join(str(tmp_path), "train"))
+
+
+def test_adam_without_epsilon_on_a_dead_layer_does_not_end_the_fit(tmp_path):
+    """Adam(epsilon=0) on a dead layer (its gradients always 0): Keras' update is 0/0, the weights
+    NaN; the probe used to raise and end the fit."""
+    import warnings
+
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([
+        keras.Input((4,)),
+        keras.layers.Dense(3, activation="relu", kernel_initializer="zeros",
+                           bias_initializer=keras.initializers.Constant(-1.0)),  # relu(-1): dead
+        keras.layers.Dense(1)])
+    model.compile(optimizer=keras.optimizers.Adam(0.01, epsilon=0.0), loss="mse")
+    cb = gradmon.HessianMonitor(str(tmp_path), data=(X[:16], Y[:16]), every_n_steps=4)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        history = model.fit(X, Y, batch_size=6, epochs=2, shuffle=False, verbose=0, callbacks=[cb])
+    assert len(history.history["loss"]) == 2
+    assert any("HessianMonitor skipped its probe" in str(c.message) for c in caught)
+
+
+def test_a_preconditioner_that_is_not_positive_skips_only_the_preconditioned_spectrum(
+        tmp_path, monkeypatch):
+    import warnings
+
+    from gradmon import preconditioner
+
+    diagonal = preconditioner.diagonal
+    monkeypatch.setattr(preconditioner, "diagonal", lambda opt, variables: [
+        np.where(np.arange(p.size).reshape(p.shape) == 0, 0.0, p) for p in diagonal(opt, variables)])
+    model = small_model(monitored=False)
+    model.compile(optimizer=keras.optimizers.Adam(0.01), loss="mse")
+    cb = gradmon.HessianMonitor(str(tmp_path), data=(X[:16], Y[:16]), every_n_steps=4)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model.fit(X, Y, batch_size=6, epochs=1, shuffle=False, verbose=0, callbacks=[cb])
+    assert sum("skipped the preconditioned spectrum" in str(c.message) for c in caught) == 1
+    events = read_events(os.path.join(str(tmp_path), "train"))
+    assert sorted(events[tags.eigenvalue(1)]) == [4, 8] and tags.GD_EDGE_OF_STABILITY in events
+    assert tags.preconditioned_eigenvalue(1) not in events and tags.EDGE_OF_STABILITY not in events
