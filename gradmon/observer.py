@@ -402,8 +402,9 @@ class Observer:
         """
         step = int(self.recorder.halted_at.numpy())
         spiked = dict(self.spikes_seen + self.read_spikes(report=False))  # the stop names it
-        if self.on_spike == "stop" and step in spiked:
-            return step, f"a gradient-norm spike (z = {spiked[step]:.1f})", "on_spike"
+        if self.on_spike == "stop" and (step in spiked or self.on_nonfinite != "stop"):
+            z = f" (z = {spiked[step]:.1f})" if step in spiked else ""  # unless the ring lost it
+            return step, f"a gradient-norm spike{z}", "on_spike"
         return step, "non-finite gradients", "on_nonfinite"
 
     def read_spikes(self, report=True):
