@@ -18,6 +18,19 @@ def tape_gradients(model, loss_fn, x, y, sample_weight=None):
     return [None if g is None else tf.convert_to_tensor(g).numpy().astype(np.float64) for g in grads]
 
 
+def bn_dropout_net(outputs):
+    """A small functional net with BatchNormalization and Dropout (state a probe must not change)."""
+    import keras
+
+    keras.utils.set_random_seed(5)
+    inputs = keras.Input((4,))
+    h = keras.layers.Dense(6)(inputs)
+    h = keras.layers.BatchNormalization()(h)
+    h = keras.layers.Activation("relu")(h)
+    h = keras.layers.Dropout(0.3)(h)
+    return keras.Model(inputs, keras.layers.Dense(outputs)(h))
+
+
 def numpy_stats(g):
     """[norm, max_abs, rms, zero_fraction, nonfinite] of one array, in float64."""
     g = np.asarray(g, dtype=np.float64)

@@ -9,7 +9,7 @@ import tensorflow as tf
 
 import gradmon
 from gradmon import hessian, tags
-from helpers import explicit_hessian, read_events
+from helpers import bn_dropout_net, explicit_hessian, read_events
 
 RNG = np.random.default_rng(11)
 X = RNG.normal(size=(48, 4)).astype(np.float32)
@@ -56,13 +56,7 @@ def test_written_spectrum_matches_explicit_hessian(tmp_path, monitored):
 
 
 def bn_dropout_model():
-    keras.utils.set_random_seed(5)
-    inputs = keras.Input((4,))
-    h = keras.layers.Dense(6)(inputs)
-    h = keras.layers.BatchNormalization()(h)
-    h = keras.layers.Activation("relu")(h)
-    h = keras.layers.Dropout(0.3)(h)
-    model = gradmon.monitor(keras.Model(inputs, keras.layers.Dense(1)(h)))
+    model = gradmon.monitor(bn_dropout_net(1))
     model.compile(optimizer=keras.optimizers.Adam(0.01), loss="mse")
     return model
 

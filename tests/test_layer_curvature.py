@@ -17,7 +17,7 @@ import tensorflow as tf
 import gradmon
 from gradmon import hessian, layer_curvature, tags
 from gradmon.observer import group_names
-from helpers import explicit_hessian, read_descriptions, read_events
+from helpers import bn_dropout_net, explicit_hessian, read_descriptions, read_events
 
 RNG = np.random.default_rng(4)
 X = RNG.normal(size=(32, 4)).astype(np.float32)
@@ -164,13 +164,7 @@ def test_each_layer_traced_once_and_every_hvp_counted(tmp_path, hvp_counter):
 
 
 def bn_dropout_model():
-    keras.utils.set_random_seed(5)
-    inputs = keras.Input((4,))
-    h = keras.layers.Dense(6)(inputs)
-    h = keras.layers.BatchNormalization()(h)
-    h = keras.layers.Activation("relu")(h)
-    h = keras.layers.Dropout(0.3)(h)
-    model = keras.Model(inputs, keras.layers.Dense(2)(h))
+    model = bn_dropout_net(2)
     model.compile(optimizer=keras.optimizers.Adam(0.01), loss="mse")
     return model
 
