@@ -4,10 +4,16 @@ import keras
 import numpy as np
 
 
+def host_value(x):
+    """A variable's or tensor's value as a numpy array (`.numpy()`: `keras.ops.convert_to_numpy`
+    of a Keras variable warns of numpy 2's `copy` keyword)."""
+    return np.asarray(x.numpy() if hasattr(x, "numpy") else keras.ops.convert_to_numpy(x))
+
+
 def current_learning_rate(optimizer):
     """The optimizer's learning rate now, as a float (schedules evaluated)."""
     optimizer = getattr(optimizer, "inner_optimizer", optimizer)
-    return float(np.asarray(keras.ops.convert_to_numpy(optimizer.learning_rate)))
+    return float(host_value(optimizer.learning_rate))
 
 
 def training_step(model):

@@ -8,7 +8,7 @@ import keras
 import numpy as np
 
 from gradmon import _distribute, hessian, layer_curvature, preconditioner, tags
-from gradmon._steps import current_learning_rate, training_step
+from gradmon._steps import current_learning_rate, host_value, training_step
 from gradmon._validation import check_bool, check_log_dir, check_positive_int, invalid, warn_once
 from gradmon.writer import SummaryWriter
 
@@ -184,7 +184,7 @@ class HessianMonitor(keras.callbacks.Callback):
         """
         # A probe must never end a run that would otherwise finish: non-finite weights
         # (a NaN step Keras applied) have no Hessian, and make the eigensolvers fail.
-        if not all(np.all(np.isfinite(keras.ops.convert_to_numpy(v)))
+        if not all(np.all(np.isfinite(host_value(v)))
                    for v in self.model.trainable_variables):
             self._skip(step, "the model's weights are not finite (NaN/inf): no Hessian is defined")
             return {}

@@ -60,7 +60,7 @@ import keras
 import numpy as np
 
 from gradmon import _keras_compat
-from gradmon._steps import current_learning_rate
+from gradmon._steps import current_learning_rate, host_value
 
 
 class StabilityThreshold(typing.NamedTuple):
@@ -82,12 +82,12 @@ def _number(value):
     """A hyperparameter (float, tensor, variable or callable) as a float."""
     if callable(value):
         value = value()
-    return float(np.asarray(keras.ops.convert_to_numpy(value)))
+    return float(host_value(value))
 
 
 def _slot(optimizer, name, variable):
     value = _keras_compat.optimizer_slot(optimizer, name, variable)
-    return np.asarray(keras.ops.convert_to_numpy(value), np.float64)
+    return np.asarray(host_value(value), np.float64)
 
 
 def _diagonal_of(optimizer, variable, t):
@@ -143,7 +143,7 @@ def diagonal(optimizer, variables):
     optimizer = _keras_compat.base_optimizer(optimizer)
     if not isinstance(optimizer, ADAPTIVE) or not optimizer.built:
         return None
-    t = int(keras.ops.convert_to_numpy(optimizer.iterations))
+    t = int(host_value(optimizer.iterations))
     if t < 1:
         return None
     out = []
