@@ -1068,7 +1068,9 @@ def format_table(report, max_listed=MAX_LISTED):
                     f"cos(gradient, first moment) {_num(o.cosine_gradient_first_moment)}"]
     out += [""] + _findings_text("flags", report.flags, max_listed)
     if report.notes:
-        out += _findings_text("notes", report.notes, max_listed)
+        notes = [dataclasses.replace(f, detail=_spikes_detail(report.spikes, max_listed))
+                 if f.kind == SPIKES and report.spikes is not None else f for f in report.notes]
+        out += _findings_text("notes", notes, max_listed)
     return "\n".join(out)
 
 

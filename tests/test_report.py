@@ -965,6 +965,9 @@ def test_spikes_are_listed_with_their_steps_largest_first_in_text_and_json(tmp_p
     line = next(l for l in capsys.readouterr().out.splitlines() if l.startswith("  SPIKES"))
     assert line == ("  SPIKES [global] 7 gradient-norm spike(s), largest first: step 22 (z 30), "
                     "13 (z 12), 31 (z 9), 7 (z 8.5), 25 (z 7) ... and 2 more")
+    assert summary([logdir, "--max-listed", "2"]) == 0  # as long as the other lists
+    line = next(l for l in capsys.readouterr().out.splitlines() if l.startswith("  SPIKES"))
+    assert line.endswith("step 22 (z 30), 13 (z 12) ... and 5 more")
     assert summary([logdir, "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["spikes"] == {"count": 7, "steps": order, "zscores": [spikes[s] for s in order]}
