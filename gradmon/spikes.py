@@ -72,6 +72,15 @@ def zscore(state, x, eps=_EPS):
     return (tf.cast(x, tf.float64) - state[1]) / (tf.sqrt(state[2]) + eps)
 
 
+def judged(state, x, threshold, warmup, eps=_EPS):
+    """`(z, over)` of `x` against `state`: z is NaN where nothing is judged (the warm-up, no
+    variance yet, a non-finite `x`); `over` whether it exceeds `threshold` (float64, bool)."""
+    x = tf.cast(x, tf.float64)
+    judge = tf.logical_and(warmed_up(state, warmup), tf.math.is_finite(x))
+    z = tf.where(judge, zscore(state, x, eps), tf.constant(np.nan, tf.float64))
+    return z, tf.logical_and(judge, z > threshold)
+
+
 def upper_bound(state, threshold):
     """`mean + threshold * std`: the largest value that is not a spike."""
     return state[1] + threshold * tf.sqrt(state[2])
@@ -150,12 +159,8 @@ class SpikeTracker:
     def _judge(self, variable, x):
         """`(z, spike)` of `x` against `variable`'s state, which then folds `x` in (winsorised)."""
         state = read_state(variable)
-        x = tf.cast(x, tf.float64)
-        warm = warmed_up(state, self.warmup)
-        finite = tf.math.is_finite(x)
-        z = tf.where(tf.logical_and(warm, finite), zscore(state, x), tf.constant(np.nan, tf.float64))
-        spike = tf.logical_and(tf.logical_and(warm, finite), z > self.threshold)
-        kept = tf.where(spike, upper_bound(state, self.threshold), x)
+        z, spike = judged(state, x, self.threshold, self.warmup)
+        kept = tf.where(spike, upper_bound(state, self.threshold), tf.cast(x, tf.float64))
         variable.assign(folded(state, kept, self.warmup, self.alpha))
         return z, spike
 

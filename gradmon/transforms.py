@@ -371,13 +371,12 @@ class zclip(GradientTransform):
         self.build(params)
         norm = tf.cast(stats.global_norm(grads), tf.float64)
         state = spikes.read_state(self.state)
-        warm = spikes.warmed_up(state, self.warmup_steps)
-        z = spikes.zscore(state, norm, self.eps)
-        clip = tf.logical_and(tf.logical_and(warm, tf.math.is_finite(norm)), z > self.z_threshold)
+        z, clip = spikes.judged(state, norm, self.z_threshold, self.warmup_steps, self.eps)
         std = tf.sqrt(state[2])
         target = state[1] + tf.math.divide_no_nan(self.z_threshold ** 2 * std, z)
         scale = tf.where(clip, tf.math.divide_no_nan(target, norm), tf.constant(1.0, tf.float64))
-        self.threshold.assign(tf.where(warm, spikes.upper_bound(state, self.z_threshold),
+        self.threshold.assign(tf.where(spikes.warmed_up(state, self.warmup_steps),
+                                       spikes.upper_bound(state, self.z_threshold),
                                        tf.constant(float("nan"), tf.float64)))
         self.state.assign(spikes.folded(state, tf.where(clip, target, norm), self.warmup_steps, self.alpha))
         out = [None if g is None else _with_values(g, _values(g) * tf.cast(scale, _values(g).dtype))
