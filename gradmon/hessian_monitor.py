@@ -230,17 +230,9 @@ class HessianMonitor(keras.callbacks.Callback):
         lr = current_learning_rate(optimizer)
         scalars = {tags.GD_EDGE_OF_STABILITY: spec.eigenvalues[0] * lr / 2}
         sharpness = {False: spec.eigenvalues[0]}
-        diagonal = preconditioner.diagonal(optimizer, operator.variables) if self.preconditioned else None
-        if diagonal is not None and not all(np.all(np.isfinite(p) & (p > 0)) for p in diagonal):
-            # e.g. epsilon=0 with a variable that never had a gradient, or a NaN slot
-            warn_once(("preconditioner-not-positive", id(self)),
-                      "gradmon: HessianMonitor skipped the preconditioned spectrum: the optimizer's "
-                      "preconditioner P has entries that are not positive and finite (epsilon=0 and a "
-                      "variable without gradient, or a non-finite slot); hessian/edge_of_stability is "
-                      "not written while it is so.")
-            diagonal = None
-        if diagonal is not None:
-            pre = hessian.spectrum(hessian.precondition(operator, diagonal), top_k=self.top_k, tol=self.tol,
+        preconditioned = self._preconditioned(operator, optimizer)
+        if preconditioned is not None:
+            pre = hessian.spectrum(preconditioned, top_k=self.top_k, tol=self.tol,
                                    init_vectors=self.last_preconditioned, seed=self.seed)
             self.last_preconditioned = pre
             for i, (value, res) in enumerate(zip(pre.eigenvalues, pre.residuals), start=1):
@@ -257,6 +249,22 @@ class HessianMonitor(keras.callbacks.Callback):
             if np.isfinite(overlap):  # undefined for a zero gradient
                 scalars[tags.GRADIENT_OVERLAP] = overlap
         return scalars
+
+    def _preconditioned(self, operator, optimizer):
+        """`P^-1/2 H P^-1/2` of the optimizer's last update, or `None` (not adaptive, no update yet,
+        `preconditioned=False`, or a `P` that `hessian.precondition` refuses: warned once)."""
+        diagonal = preconditioner.diagonal(optimizer, operator.variables) if self.preconditioned else None
+        if diagonal is None:
+            return None
+        try:
+            return hessian.precondition(operator, diagonal)
+        except ValueError:  # entries not positive and finite: epsilon=0 and no gradient, a NaN slot
+            warn_once(("preconditioner-not-positive", id(self)),
+                      "gradmon: HessianMonitor skipped the preconditioned spectrum: the optimizer's "
+                      "preconditioner P has entries that are not positive and finite (epsilon=0 and a "
+                      "variable without gradient, or a non-finite slot); hessian/edge_of_stability is "
+                      "not written while it is so.")
+            return None
 
     def _build_layer_operators(self):
         """One block HVP operator per layer (traced once per model: cached by `hessian`)."""
