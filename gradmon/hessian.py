@@ -552,18 +552,7 @@ class HessianVectorProduct:
             `H v` as a flat float64 array, or as a list of float64 arrays if
             `vector` was a list.
         """
-        as_list = isinstance(vector, (list, tuple))
-        if as_list:
-            flat = self.flatten([np.asarray(v) for v in vector])
-        else:
-            flat = np.asarray(vector, np.float64).reshape(-1)
-            if flat.size != self.num_params:
-                raise ValueError(
-                    "Invalid value for argument `vector`. Expected "
-                    f"{self.num_params} entries. Received: {flat.size}"
-                )
-        result = self.apply(self.to_tensor(flat)).numpy().astype(np.float64)
-        return self.unflatten(result) if as_list else result
+        return _host_product(self, vector)
 
     def gradient(self):
         """Returns `(loss, flat float64 gradient)` of the mean loss."""
@@ -575,6 +564,23 @@ class HessianVectorProduct:
                 [t.numpy().astype(np.float64).reshape(-1) for t in g]
             )
         return loss, grad
+
+
+def _host_product(op, vector):
+    """`op.apply` through the host: a flat vector in, a flat float64 array out (or a list of
+    arrays shaped like `op.variables` in and out)."""
+    as_list = isinstance(vector, (list, tuple))
+    if as_list:
+        flat = op.flatten([np.asarray(v) for v in vector])
+    else:
+        flat = np.asarray(vector, np.float64).reshape(-1)
+        if flat.size != op.num_params:
+            raise ValueError(
+                "Invalid value for argument `vector`. Expected "
+                f"{op.num_params} entries. Received: {flat.size}"
+            )
+    result = op.apply(op.to_tensor(flat)).numpy().astype(np.float64)
+    return op.unflatten(result) if as_list else result
 
 
 def make_hvp(model, data, hvp_mode=None, variables=None):
@@ -675,9 +681,8 @@ class PreconditionedOperator:
         return self._scale * self.hvp.apply(self._scale * vector)
 
     def __call__(self, vector):
-        """`P^-1/2 H P^-1/2 v` through the host, for a flat vector."""
-        flat = np.asarray(vector, np.float64).reshape(-1)
-        return self.apply(self.to_tensor(flat)).numpy().astype(np.float64)
+        """`P^-1/2 H P^-1/2 v` through the host (a flat vector, or arrays shaped like `variables`)."""
+        return _host_product(self, vector)
 
 
 def precondition(hvp, preconditioner):
