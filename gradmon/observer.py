@@ -227,12 +227,14 @@ class Observer:
         out = []
         if self.on_spike is not None:
             out += [spikes.SpikeScores(loss=self._knows_loss), spikes.spike_count()]
-        names = {}  # each member's fraction names, made unique as `chain` does
-        for member in observed.members() if observed is not None else ():
-            first = len(names)
-            names = transforms.merge_fractions(names, dict.fromkeys(member.fraction_names()))
+        if observed is None:
+            return out
+        # the chain's (unique) fraction names follow its members, each member's in a run
+        names, first = observed.fraction_names(), 0
+        for member in observed.members():
             if isinstance(member, transforms.zclip):
-                out.append(spikes.ZClipThreshold(member, list(names)[first]))
+                out.append(spikes.ZClipThreshold(member, names[first]))
+            first += len(member.fraction_names())
         return out
 
     # -- the schedule (set by the host) -------------------------------------
