@@ -871,18 +871,18 @@ def _judge(summary, layers, thresholds, layer_clipped_tail, dead_norm, run):
         if (layer.tail_update_ratio is not None and len(by_update) >= 2
                 and math.isfinite(update_reference) and update_reference > 0):
             ratio = layer.tail_update_ratio / update_reference
-            if ratio < thresholds.vanish_ratio:
-                vanishing.append((ratio, Flag(VANISHING, layer.name, (
-                    f"update ratio {_num(layer.tail_update_ratio)} (median of the tail) < "
-                    f"{_num(thresholds.vanish_ratio)} x the layers' median "
-                    f"{_num(update_reference)}; evidence: update ratios"))))
+            detail = (f"update ratio {_num(layer.tail_update_ratio)} (median of the tail) < "
+                      f"{_num(thresholds.vanish_ratio)} x the layers' median "
+                      f"{_num(update_reference)}; evidence: update ratios")
         elif math.isfinite(norm_reference) and norm_reference > 0:
             ratio = layer.final_norm / norm_reference
-            if ratio < thresholds.vanish_ratio:
-                vanishing.append((ratio, Flag(VANISHING, layer.name, (
-                    f"final norm {_num(layer.final_norm)} < {_num(thresholds.vanish_ratio)} x "
-                    f"largest layer's {_num(norm_reference)}; evidence: raw gradient norms "
-                    f"({_why_not_updates(layer, by_update)})"))))
+            detail = (f"final norm {_num(layer.final_norm)} < {_num(thresholds.vanish_ratio)} x "
+                      f"largest layer's {_num(norm_reference)}; evidence: raw gradient norms "
+                      f"({_why_not_updates(layer, by_update)})")
+        else:
+            continue
+        if ratio < thresholds.vanish_ratio:  # the same judgement on either evidence
+            vanishing.append((ratio, Flag(VANISHING, layer.name, detail)))
     flags += [f for _, f in sorted(vanishing, key=lambda x: x[0])]
 
     share = summary.tail_clipped_share
