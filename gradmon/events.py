@@ -27,11 +27,13 @@ class NoGradmonLogs(ValueError):
 class ReadProblem:
     """Damage found in an event file by `load_run`.
 
-    `kind` is `"corrupt"` (bytes that fail their checksum: records were lost)
-    or `"incomplete"` (the file ends inside its last record: a write in
-    progress or an interrupted run). `last_good_step` is the step of the last
-    event read before `offset` in this file, `resumed_step` the first one read
-    after the damaged bytes (`None`: nothing after them could be read).
+    `kind` is `"corrupt"` (bytes that fail their checksum: records were lost),
+    `"incomplete"` (the file ends inside its last record: a write in
+    progress or an interrupted run) or `"unreadable"` (an entry named like an
+    event file that is not a readable file: a directory, a broken link, no
+    permission; skipped, `reason` says why). `last_good_step` is the step of
+    the last event read before `offset` in this file, `resumed_step` the first
+    one read after the damaged bytes (`None`: nothing after them could be read).
     """
 
     path: str
@@ -40,9 +42,12 @@ class ReadProblem:
     skipped_bytes: int
     last_good_step: typing.Optional[int]
     resumed_step: typing.Optional[int]
+    reason: str = ""
 
     @property
     def message(self):
+        if self.kind == "unreadable":
+            return f"{self.path}: named like an event file but {self.reason}; skipped"
         where = (f"{self.path}: {'corrupted' if self.kind == 'corrupt' else 'incomplete last record'}"
                  f" at byte {self.offset}")
         good = ("no step before it" if self.last_good_step is None
@@ -55,14 +60,52 @@ class ReadProblem:
         return f"{where} ({self.skipped_bytes} bytes fail their checksum); {good}; {after}"
 
 
-class Run(dict):
-    """What `load_run` returns: `{tag: (steps, values)}`, plus `problems`, a list of `ReadProblem`."""
+@dataclasses.dataclass(frozen=True)
+class Overlap:
+    """Steps of one gradient series written by more than one event file.
 
-    def __init__(self, series=(), problems=(), config=None):
+    Two processes writing one log directory (or a run restarted over steps it
+    had written) give one series whose steps come from several files; for a
+    step written by both, the later file's value is kept. `name` is the
+    observer's name (`None`: unnamed), `paths` the files (in name order),
+    `steps` the number of steps both wrote, `first_step` / `last_step` their
+    range.
+    """
+
+    name: typing.Optional[str]
+    paths: typing.Tuple[str, ...]
+    steps: int
+    first_step: int
+    last_step: int
+
+    @property
+    def message(self):
+        who = "" if self.name is None else f" of `{self.name}`"
+        files = ", ".join(self.paths)
+        return (f"{self.steps} step(s){who} ({self.first_step}-{self.last_step}) were written by "
+                f"{len(self.paths)} event files ({files}): two writers in one log directory, or a "
+                "run restarted over its own steps; the later file's values are used")
+
+
+class Run(dict):
+    """What `load_run` returns: `{tag: (steps, values)}`, plus `problems` (a list of
+    `ReadProblem`), `overlaps` (a list of `Overlap`), `config` and `configs`."""
+
+    def __init__(self, series=(), problems=(), config=None, configs=None, overlaps=()):
         super().__init__(series)
         self.problems = list(problems)
-        # the monitoring configuration the run recorded (`tags.CONFIG`), or {} (older runs)
-        self.config = dict(config or {})
+        # the monitoring configuration each observer recorded (`tags.config(name)`), by name
+        # (`None`: unnamed); a name without one recorded none (older runs, a file started
+        # after its directory was removed)
+        self.configs = dict(configs or {})
+        if config is not None:
+            self.configs[None] = dict(config)
+        self.overlaps = list(overlaps)
+
+    @property
+    def config(self):
+        """The configuration the unnamed observer recorded (`tags.CONFIG`), or {}."""
+        return self.configs.get(None, {})
 
 
 # -- reading: TFRecord event files, without TensorFlow ------------------------------
@@ -293,10 +336,16 @@ def load_run(logdir):
         sorted by step, for every scalar summary in the event files (non-scalar
         summaries such as histograms are skipped). When a step was written more
         than once, the last value written wins (files in name order, which is
-        creation order). `run.problems` lists the damage found.
+        creation order); `run.overlaps` lists the steps of a gradient series
+        that several files wrote (`Overlap`: two writers in one directory).
+        `run.problems` lists the damage found, entries named like event files
+        that are not readable files (directories, broken links) included.
+        `run.configs` holds each observer's recorded configuration by name
+        (`None`: unnamed; read from any file of the run), `run.config` the
+        unnamed one's.
 
     Raises:
-        NoGradmonLogs: when the directory holds no event files.
+        NoGradmonLogs: when the directory holds no readable event files.
     """
     from tensorboard.compat.proto import event_pb2, types_pb2
 
@@ -312,12 +361,19 @@ def load_run(logdir):
             f"No event files in {directory!r}. Expected the `log_dir` of a "
             "gradmon.GradientMonitor run (event files under LOGDIR/train)."
         )
-    values, problems, float32, config = {}, [], types_pb2.DT_FLOAT, {}
+    values, problems, float32, configs = {}, [], types_pb2.DT_FLOAT, {}
+    written = {}  # {name: [(path, steps of its global raw norm)]}: for overlapping writers
+    read_any = False
     for path in paths:
-        with open(path, "rb") as f:
-            data = f.read()
+        data, reason = _read_file(path)
+        if data is None:
+            problems.append(ReadProblem(path=path, kind="unreadable", offset=0, skipped_bytes=0,
+                                        last_good_step=None, resumed_step=None, reason=reason))
+            continue
+        read_any = True
         records, damage = _scan_records(data)
         read = []  # (offset, step) of the events read
+        norms = {}  # {name: steps} of the global raw norm in this file
         for offset, payload in records:
             try:
                 event = event_pb2.Event.FromString(payload)
@@ -337,8 +393,17 @@ def load_run(logdir):
                     number = _scalar(value, types_pb2)
                 if number is not None:
                     values.setdefault(value.tag, {})[step] = number
-                elif value.tag == tags.CONFIG and tensor.string_val:
-                    config = _config(tensor.string_val[0])
+                    if value.tag.endswith(_GLOBAL_NORM):
+                        name = _name_of(value.tag, _GLOBAL_NORM)
+                        if name is not False:
+                            norms.setdefault(name, set()).add(step)
+                elif tensor.string_val and value.tag.endswith(tags.CONFIG):
+                    name = _name_of(value.tag, tags.CONFIG)
+                    config = _config(tensor.string_val[0]) if name is not False else {}
+                    if config:  # any file of the run that recorded it
+                        configs[name] = config
+        for name, steps in norms.items():
+            written.setdefault(name, []).append((path, steps))
         for kind, offset, skipped, resume in sorted(damage, key=lambda d: d[1]):
             before = [step for o, step in read if o < offset]
             after = [step for o, step in read if resume is not None and o >= resume]
@@ -346,10 +411,53 @@ def load_run(logdir):
                 path=path, kind=kind, offset=offset, skipped_bytes=skipped,
                 last_good_step=before[-1] if before else None,
                 resumed_step=after[0] if after else None))
-    out = Run(problems=problems, config=config)
+    if not read_any:
+        raise NoGradmonLogs(
+            f"No readable event files in {directory!r}: "
+            + "; ".join(p.message for p in problems)
+            + ". Expected the `log_dir` of a gradmon.GradientMonitor run (event files under LOGDIR/train)."
+        )
+    out = Run(problems=problems, configs=configs, overlaps=_overlaps(written))
     for tag, by_step in values.items():
         steps = np.array(sorted(by_step), dtype=np.int64)
         out[tag] = (steps, np.array([by_step[s] for s in steps], dtype=np.float64))
+    return out
+
+
+_GLOBAL_NORM = tags.global_norm(tags.RAW)
+
+
+def _name_of(tag, base):
+    """The observer name of a tag `name/base` (`None` for `base` itself), or False for another tag."""
+    if tag == base:
+        return None
+    name = tag[:-len(base) - 1]
+    return name if name and tag[-len(base) - 1] == "/" else False
+
+
+def _read_file(path):
+    """`(bytes, None)`, or `(None, why)` for an entry that is not a readable file."""
+    if os.path.islink(path) and not os.path.exists(path):
+        return None, f"is a broken link (to {os.readlink(path)!r})"
+    if os.path.isdir(path):
+        return None, "is a directory"
+    try:
+        with open(path, "rb") as f:
+            return f.read(), None
+    except OSError as error:
+        return None, f"cannot be read ({error.strerror or error})"
+
+
+def _overlaps(written):
+    """`Overlap`s of the files that wrote the same steps of a global raw norm."""
+    out = []
+    for name, files in written.items():
+        for i, (first, a) in enumerate(files):
+            for second, b in files[i + 1:]:
+                common = a & b
+                if common:
+                    out.append(Overlap(name=name, paths=(first, second), steps=len(common),
+                                       first_step=min(common), last_step=max(common)))
     return out
 
 
@@ -386,6 +494,15 @@ def _scalar(value, types_pb2):
         return None
 
 
+def observer_names(run):
+    """The observers whose gradient statistics `run` holds, in name order: `None` for the
+    unnamed one (tags `gradients/...`), a name for one observed with `name=` (tags
+    `name/gradients/...`)."""
+    names = {_name_of(tag, _GLOBAL_NORM) for tag in run if tag.endswith(_GLOBAL_NORM)}
+    names.discard(False)
+    return sorted(names, key=lambda n: (n is not None, n or ""))
+
+
 def is_gradmon_run(run):
-    """Whether a `load_run` result holds gradmon's gradient statistics."""
-    return tags.global_norm(tags.RAW) in run
+    """Whether a `load_run` result holds gradmon's gradient statistics (of any observer)."""
+    return bool(observer_names(run))

@@ -25,17 +25,20 @@ _NEVER = 2 ** 62  # a period no run reaches: "never" without a branch on the dev
 _OWN_WRITER = object()  # `flush()`'s default: the observer's own writer
 
 
-def group_names(variables, grouping):
+def group_names(variables, grouping, prefix=None):
     """Group of each variable and the distinct group names, unique as tags.
 
     Two paths that sanitise to the same tag (`a>b` and `a_b`) get distinct
-    names (`a_b`, `a_b_2`): no series is silently merged into another.
+    names (`a_b`, `a_b_2`): no series is silently merged into another. Under
+    an observer named `prefix`, a leading `prefix/` is left out
+    (`tags.group_label`).
     """
     names, ids, by_path, taken = [], [], {}, set()
     for v in variables:
         path = getattr(v, "path", None) or v.name
         if grouping == "layer" and "/" in path:
             path = path.rsplit("/", 1)[0]
+        path = tags.group_label(path, prefix)
         if path not in by_path:
             name, n = tags.sanitize(path), 1
             while name in taken:
@@ -186,7 +189,7 @@ class Observer:
             return False
         clip = transforms.from_optimizer(_keras_compat.base_optimizer(optimizer))
         observed = self.pipeline.observed_transform(clip)
-        groups, ids = group_names(variables, self.grouping)
+        groups, ids = group_names(variables, self.grouping, self.name)
         spec = statistics.Spec(
             groups, ids, has_transform=observed is not None,
             fraction_names=observed.fraction_names() if observed else (),

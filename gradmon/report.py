@@ -18,7 +18,15 @@ gradient norm at a step is sqrt(sum of its variables' squared norms), i.e. the
 norm of the layer's gradient as one vector. For a run monitored with
 `grouping="layer"` (gradmon's default) the logged groups already are layers,
 each its own row: the run records its grouping (`gradmon/config`), which the
-report reads (`--grouping` overrides it; runs written before it: variable).
+report reads from any file of the run (`--grouping` overrides it). A run that
+recorded none (runs written before it; a file started after its directory was
+removed) has it inferred from its labels (`infer_grouping`), and says so.
+
+Optimizers observed with `name=` write their tags under `name/`: each is its
+own section (`observer_names`, `observer_run`, `health_reports`), the unnamed
+one first. Steps of one optimizer's global norm written by several event files
+(two processes writing one directory, a run restarted over its own steps) are
+reported (`HealthReport.overlaps`); the later file's values are used.
 
 Loss-scale overflows. Under mixed precision a `LossScaleOptimizer` skips the
 steps whose *scaled* gradient overflowed and halves its scale: that is how
@@ -126,7 +134,7 @@ import numpy as np
 from gradmon import tags
 # the reader lives in gradmon.events; its names stay importable from here
 from gradmon.events import (  # noqa: F401
-    NoGradmonLogs, ReadProblem, Run, is_gradmon_run, load_run, run_directory)
+    NoGradmonLogs, Overlap, ReadProblem, Run, is_gradmon_run, load_run, observer_names, run_directory)
 from gradmon._validation import check_choice, check_positive_int, invalid
 
 
@@ -378,11 +386,19 @@ class HealthReport:
     read_problems: typing.List[ReadProblem] = dataclasses.field(default_factory=list)
     spikes: typing.Optional[Spikes] = None
     optimizer: typing.Optional[OptimizerHealth] = None
+    # the observer's `name=` (`None`: unnamed); the grouping the rows were built with and
+    # where it came from: "recorded" (the run's `gradmon/config`), "inferred" (from the
+    # tags: the run recorded none) or "given" (`grouping=`)
+    name: typing.Optional[str] = None
+    grouping: str = "variable"
+    grouping_source: str = "given"
+    overlaps: typing.List[Overlap] = dataclasses.field(default_factory=list)
 
     @property
     def damaged(self):
-        """Whether an event file was corrupted (records lost), not merely cut short."""
-        return any(p.kind == "corrupt" for p in self.read_problems)
+        """Whether an event file was corrupted (records lost) or an entry named like one
+        could not be read, not merely cut short."""
+        return any(p.kind in ("corrupt", "unreadable") for p in self.read_problems)
 
 
 # -- judging -------------------------------------------------------------------
@@ -586,37 +602,125 @@ def _without_steps(run, steps):
     return out
 
 
-def health_report(run, thresholds=None, grouping="auto"):
-    """Judges a run's gradient health.
+# Names Keras gives variables (the last component of a variable's path): a run that recorded
+# no grouping was grouped per variable when most of its group labels end in one of them.
+_VARIABLE_NAMES = frozenset({
+    "kernel", "bias", "gamma", "beta", "moving_mean", "moving_variance", "embeddings",
+    "recurrent_kernel", "depthwise_kernel", "pointwise_kernel", "alpha", "scale", "offset",
+    "lora_kernel_a", "lora_kernel_b", "kernel_scale", "bias_scale", "mean", "variance"})
+
+
+def infer_grouping(labels):
+    """The grouping a run's group labels were written with, for a run that recorded none.
+
+    Under `grouping="variable"` a label is a variable path, ending in the
+    variable's name (`dense/kernel`); under `"layer"` a layer path (`model/dense`).
+    `"variable"` when at least half the labels with a `/` end in a name Keras
+    gives variables (`kernel`, `bias`, `gamma`, `embeddings`, ...), else
+    `"layer"` (labels without a `/` are the same rows either way).
+    """
+    votes = [label.rsplit("/", 1)[1] in _VARIABLE_NAMES for label in labels if "/" in label]
+    return "variable" if votes and 2 * sum(votes) >= len(votes) else "layer"
+
+
+_ONLY = object()  # health_report's default observer: the unnamed one, or the run's only one
+
+
+def observer_run(run, name=None):
+    """The series of one observer of `run`, as a `Run` of unprefixed tags.
+
+    Args:
+        run: `{tag: (steps, values)}` as returned by `load_run`.
+        name: the observer's `name=`; `None` for the unnamed observer (the
+            tags of no named observer). Defaults to `None`.
+
+    Returns:
+        A `Run`: for a named observer its tags `name/...` without the prefix
+        (and the run's Hessian tags when it is the run's only observer); its
+        recorded configuration, the run's `problems`, the `overlaps` of its
+        series.
+    """
+    names = [n for n in observer_names(run) if n is not None]
+    if name is None:
+        prefixes = tuple(f"{n}/" for n in names)
+        series = {t: v for t, v in run.items() if not (prefixes and t.startswith(prefixes))}
+    else:
+        prefix = f"{name}/"
+        series = {t[len(prefix):]: v for t, v in run.items() if t.startswith(prefix)}
+        if observer_names(run) == [name]:  # the model's curvature, beside its only optimizer
+            series.update({t: v for t, v in run.items() if t.startswith("hessian/")})
+    configs = dict(getattr(run, "configs", {}) or {})
+    if None not in configs and getattr(run, "config", None):
+        configs[None] = run.config
+    return Run(series, problems=getattr(run, "problems", []), config=configs.get(name),
+               overlaps=[o for o in getattr(run, "overlaps", []) if o.name == name])
+
+
+def health_reports(run, thresholds=None, grouping="auto"):
+    """One `HealthReport` per observer of the run (`health_report` of each `observer_names`
+    entry: the unnamed one first, then the named ones by name).
+
+    Raises:
+        NoGradmonLogs: when `run` has no gradmon gradient statistics.
+    """
+    names = observer_names(run)
+    if not names:
+        health_report(run, thresholds, grouping)  # raises NoGradmonLogs
+    return [health_report(run, thresholds, grouping, name=name) for name in names]
+
+
+def health_report(run, thresholds=None, grouping="auto", name=_ONLY):
+    """Judges the gradient health of one observer of a run.
 
     Args:
         run: `{tag: (steps, values)}` as returned by `load_run` (its
             `problems`, when it has them, become the report's
-            `read_problems`).
+            `read_problems`; its `overlaps`, those of this observer's series).
         thresholds: a `Thresholds`, or `None` for the defaults.
             Defaults to `None`.
         grouping: the `grouping` the run was monitored with: `"variable"`
             (rows are layers, i.e. variable paths minus their last component),
-            `"layer"` (each logged group is a row) or `"auto"` (what the run
-            recorded in `tags.CONFIG`; `"variable"` for runs that recorded
-            none). Defaults to `"auto"`.
+            `"layer"` (each logged group is a row) or `"auto"` (what the
+            observer recorded in `tags.CONFIG`, in any file of the run; when it
+            recorded none, e.g. an older run or a file started after its
+            directory was removed, `infer_grouping` of its labels). Defaults
+            to `"auto"`.
+        name: the observer's `name=` (`None`: the unnamed one). Defaults to
+            the unnamed observer, or the only one when the run has a single
+            (named) observer; `health_reports` makes one report per observer.
 
     Returns:
         A `HealthReport`.
 
     Raises:
-        NoGradmonLogs: when `run` has no gradmon gradient statistics.
+        NoGradmonLogs: when `run` has no gradmon gradient statistics (of
+            that observer).
+        ValueError: when `name` is left out and the run holds several named
+            observers and no unnamed one.
     """
     thresholds = Thresholds() if thresholds is None else thresholds
     check_choice("grouping", grouping, GROUPING_CHOICES)
-    if grouping == "auto":
-        grouping = getattr(run, "config", {}).get("grouping", "variable")
-        grouping = grouping if grouping in GROUPINGS else "variable"
-    if not is_gradmon_run(run):
+    names = observer_names(run)
+    if name is _ONLY:
+        name = None if None in names or len(names) != 1 else names[0]
+        if name is None and None not in names and names:
+            raise invalid("name", f"the name of one of the run's observers {names} "
+                          "(or gradmon.report.health_reports for all of them)", None)
+    if not names or name not in names:
         raise NoGradmonLogs(
-            f"No gradmon statistics in this run (no `{tags.global_norm(tags.RAW)}` tag). "
+            f"No gradmon statistics in this run (no `{tags.prefixed(name, tags.global_norm(tags.RAW))}` "
+            f"tag{'' if not names else f'; its observers: {names}'}). "
             "Expected the `log_dir` of a gradmon.GradientMonitor run."
         )
+    run, observer = observer_run(run, name), name
+    overlaps = list(run.overlaps)
+    source = "given"
+    if grouping == "auto":
+        recorded = run.config.get("grouping")
+        if recorded in GROUPINGS:
+            grouping, source = recorded, "recorded"
+        else:
+            grouping, source = infer_grouping(_per_path(run, _stat_prefix(tags.RAW, "norm"))), "inferred"
     problems = list(getattr(run, "problems", []))
     all_steps = run[tags.global_norm(tags.RAW)][0]
     bad, suspect = _nonfinite_steps(run)
@@ -713,7 +817,8 @@ def health_report(run, thresholds=None, grouping="auto"):
         notes.append(Flag(SPIKES, "global", _spikes_detail(spikes, MAX_LISTED)))
     return HealthReport(summary=summary, layers=layers, curvature=curvature, flags=flags,
                         notes=notes, clipping_source=clipping_source, thresholds=thresholds,
-                        read_problems=problems, spikes=spikes, optimizer=optimizer)
+                        read_problems=problems, spikes=spikes, optimizer=optimizer, name=observer,
+                        grouping=grouping, grouping_source=source, overlaps=overlaps)
 
 
 def _optional_trend(run, tag):
@@ -1028,18 +1133,34 @@ def _curvature_text(c, max_listed):
     return out
 
 
-def format_table(report, max_listed=MAX_LISTED):
+def format_tables(reports, max_listed=MAX_LISTED):
+    """Several observers' reports (`health_reports`) as plain text: the damage found in the
+    run once, then each report (`format_table`), separated by a blank line."""
+    reports = list(reports)
+    if len(reports) == 1:
+        return format_table(reports[0], max_listed=max_listed)
+    head = [f"WARNING: {p.message}" for p in (reports[0].read_problems if reports else [])]
+    body = "\n\n".join(format_table(r, max_listed=max_listed, read_problems=False) for r in reports)
+    return "\n".join(head + [body])
+
+
+def format_table(report, max_listed=MAX_LISTED, read_problems=True):
     """The report as plain text: damage warnings, layer rows, curvature, flags, notes.
 
     Args:
         report: a `HealthReport`.
         max_listed: at most this many layers are named per kind of finding;
             the rest are counted. Defaults to `5`.
+        read_problems: whether to begin with the damage found in the event
+            files (`format_tables` says it once for several reports).
+            Defaults to `True`.
     """
     max_listed = check_positive_int("max_listed", max_listed)
     s = report.summary
-    out = [f"WARNING: {p.message}" for p in report.read_problems]
-    out += [f"gradmon health report: steps {s.first_step}-{s.last_step} "
+    out = [f"WARNING: {p.message}" for p in report.read_problems] if read_problems else []
+    out += [f"WARNING: {o.message}" for o in report.overlaps]
+    who = "" if report.name is None else f" of optimizer `{report.name}`"
+    out += [f"gradmon health report{who}: steps {s.first_step}-{s.last_step} "
             f"({s.logged_steps} logged)", ""]
     header = ["layer", "final norm", "peak norm", "peak step", "clipped", "non-finite",
               "grad/weight", "update ratio", "zeros"]
@@ -1059,6 +1180,10 @@ def format_table(report, max_listed=MAX_LISTED):
                 f"{_pct(report.thresholds.tail_fraction)} of steps"]
     if s.excluded_steps:
         out.append(f"left out: {len(s.excluded_steps)} loss-scale overflow step(s)")
+    if report.grouping_source == "inferred":
+        out.append(f"rows: the run recorded no grouping (`{tags.CONFIG}`: an older run, or a file "
+                   f"started after its directory was removed); inferred from its tags: "
+                   f"grouping=\"{report.grouping}\" (--grouping overrides)")
     if report.curvature is not None:
         out += _curvature_text(report.curvature, max_listed)
     o = report.optimizer
@@ -1100,7 +1225,18 @@ def to_json(report):
                     for f in getattr(report, key)]
     out["read_problems"] = [dict(dataclasses.asdict(p), message=p.message)
                             for p in report.read_problems]
+    out["overlaps"] = [dict(dataclasses.asdict(o), message=o.message) for o in report.overlaps]
     return _jsonable(out)
+
+
+def reports_to_json(reports):
+    """Several observers' reports (`health_reports`): a run with only the unnamed observer
+    gives its `to_json` as it is; otherwise `{"sections": [to_json of each]}`, each with
+    its `name`."""
+    reports = list(reports)
+    if len(reports) == 1 and reports[0].name is None:
+        return to_json(reports[0])
+    return {"sections": [to_json(r) for r in reports]}
 
 
 def _finite_positive(values):
@@ -1262,20 +1398,29 @@ def run_command(args):
                 f"No gradmon statistics in the event files of {run_directory(args.logdir)!r}. "
                 "Expected the `log_dir` of a gradmon.GradientMonitor run."
             )
-        report = health_report(run, thresholds, grouping=args.grouping)
+        reports = health_reports(run, thresholds, grouping=args.grouping)
     except ValueError as error:  # NoGradmonLogs or a bad threshold
         print(f"gradmon summary: {error}", file=sys.stderr)
         return EXIT_ERROR
-    for problem in report.read_problems:
+    for problem in reports[0].read_problems:
         print(f"gradmon summary: warning: {problem.message}", file=sys.stderr)
+    for report in reports:
+        for overlap in report.overlaps:
+            print(f"gradmon summary: warning: {overlap.message}", file=sys.stderr)
     if args.json:
-        print(json.dumps(to_json(report), indent=2, allow_nan=False))
+        print(json.dumps(reports_to_json(reports), indent=2, allow_nan=False))
     else:
-        print(format_table(report, max_listed=max_listed))
+        print(format_tables(reports, max_listed=max_listed))
     if args.png:
         try:
-            plot(run, report, args.png)
+            for report in reports:
+                path = args.png
+                if len(reports) > 1:  # one picture per observer: FILE-<name>.png
+                    stem, ext = os.path.splitext(args.png)
+                    path = f"{stem}-{tags.sanitize(report.name or 'unnamed')}{ext or '.png'}"
+                    print(f"gradmon summary: {report.name or 'unnamed'}: {path}", file=sys.stderr)
+                plot(observer_run(run, report.name), report, path)
         except (ImportError, ValueError) as error:
             print(f"gradmon summary: {error}", file=sys.stderr)
             return EXIT_ERROR
-    return EXIT_DAMAGED if report.damaged else EXIT_OK
+    return EXIT_DAMAGED if reports[0].damaged else EXIT_OK

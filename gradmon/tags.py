@@ -36,6 +36,29 @@ def prefixed(prefix, tag):
     return tag if not prefix else f"{sanitize(prefix)}/{tag}"
 
 
+def group_label(path, prefix=None):
+    """The label of a group (a variable or layer path) in the tags of an observer named
+    `prefix`: the path without a leading `prefix/`, so that an observer named like its
+    model writes `critic/gradients/raw/norm/c1`, not `critic/gradients/raw/norm/critic/c1`.
+    (Runs written before this kept the repeated name; `gradmon summary` reads both.)"""
+    if prefix and path.startswith(f"{prefix}/") and len(path) > len(prefix) + 1:
+        return path[len(prefix) + 1:]
+    return path
+
+
+def ordinal(i):
+    """`1st`, `2nd`, `3rd`, `4th`, ..., `11th`, `12th`, `13th`, ..., `21st`."""
+    i = int(i)
+    suffix = "th" if 10 <= i % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(i % 10, "th")
+    return f"{i}{suffix}"
+
+
+def _index_ordinal(tag):
+    """The ordinal of a tag ending in `_<i>` (`hessian/eigenvalue_2` -> `2nd`)."""
+    index = tag.rsplit("_", 1)[1]
+    return ordinal(index) if index.isdigit() else f"{index}-th"
+
+
 _REGISTERED = {}
 
 
@@ -204,7 +227,7 @@ def describe(tag):
     if tag in _FIXED_DESCRIPTIONS:
         return _FIXED_DESCRIPTIONS[tag]
     if tag.startswith(PRECONDITIONED_EIGENVALUE_PREFIX):
-        return (f"{tag.rsplit('_', 1)[1]}-th largest eigenvalue of P^-1 H, P the optimizer's "
+        return (f"{_index_ordinal(tag)} largest eigenvalue of P^-1 H, P the optimizer's "
                 "diagonal preconditioner (its last update's); eigenvalue_1 is the preconditioned "
                 "sharpness that decides an adaptive optimizer's stability (Cohen et al. 2022).")
     if tag.startswith(PRECONDITIONED_RESIDUAL_PREFIX):
@@ -217,7 +240,7 @@ def describe(tag):
         return (f"||H_LL v - lambda v|| of the top eigenpair of layer "
                 f"`{tag[len(LAYER_RESIDUAL_PREFIX):]}`'s Hessian block (unit v).")
     if tag.startswith("hessian/eigenvalue_"):
-        return (f"{tag.rsplit('_', 1)[1]}-th largest (algebraic) eigenvalue of the Hessian "
+        return (f"{_index_ordinal(tag)} largest (algebraic) eigenvalue of the Hessian "
                 "of the loss on the probe data; eigenvalue_1 is the sharpness.")
     if tag.startswith("hessian/residual_"):
         return (f"||Hv - lambda v|| of eigenpair {tag.rsplit('_', 1)[1]} (unit v): bounds the "

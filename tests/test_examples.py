@@ -93,7 +93,9 @@ def test_wgan_gp(tmp_path):
     }
     # the output layer's gradient norm, per layer or per variable as gradmon's grouping defaults
     for prefix, steps in ((critic, critic_steps), (generator, [1, 2, 3, 4])):
-        start = prefix(tags.group_stat(tags.RAW, "norm", prefix("out")))  # critic/.../norm/critic/out
+        # the model is named like its optimizer: the label leaves the name out (critic/.../norm/out;
+        # before issue 16 it repeated it: critic/.../norm/critic/out)
+        start = prefix(tags.group_stat(tags.RAW, "norm", "out"))
         norms = [t for t in events if t.startswith(start)]
         assert norms, sorted(events)
         assert sorted(events[norms[0]]) == steps, norms[0]
