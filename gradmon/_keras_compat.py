@@ -192,3 +192,56 @@ def lazy_cond(pred, true_fn, false_fn):
 
     index = tf.cast(pred, tf.int32)  # 0: false, 1: true
     return cond_v2.indexed_case(index, [false_fn, true_fn], lower_using_switch_merge=False)
+
+
+def serialize_as(plain):
+    """Class decorator: instances of the class (a registered gradmon model class) are saved
+    under `plain`'s name, so that their files open without gradmon.
+
+    Keras 3.15 writes a class's `__module__` and `__name__` into the saved config
+    (`serialization_lib.serialize_with_public_class`) next to its registered name, and
+    `_retrieve_class_or_fn` looks the registered name up first: with gradmon imported it
+    finds `cls`; without, it imports the `keras.*` module named and takes `plain` from it.
+    """
+    def decorate(cls):
+        cls.__module__, cls.__name__, cls.__qualname__ = plain.__module__, plain.__name__, plain.__qualname__
+        return cls
+
+    return decorate
+
+
+def track_for_checkpoint(model, name, trackable):
+    """Makes `trackable` a dependency `name` of `model` for `tf.train.Checkpoint` (Keras 3's
+    TensorFlow layers are `AutoTrackable`s: `_track_trackable` is what attribute assignment
+    does for a `Trackable`)."""
+    model._track_trackable(trackable, name=name, overwrite=True)
+
+
+def cloning_source(max_depth=12):
+    """The model `keras.models.clone_model` is cloning, when called from inside it, else `None`.
+
+    Keras 3.15's `_clone_functional_model(model, ...)` builds the clone with
+    `model.__class__(inputs, outputs, name=model.name)`: no configuration but
+    the graph reaches the new instance. The source is that frame's `model`.
+    """
+    import sys
+
+    from keras.src.models import cloning
+
+    frame = sys._getframe(1)
+    for _ in range(max_depth):
+        if frame is None:
+            return None
+        if frame.f_code.co_name == "_clone_functional_model" and \
+                frame.f_code.co_filename == cloning.__file__:
+            return frame.f_locals.get("model")
+        frame = frame.f_back
+    return None
+
+
+def variable_value(variable):
+    """The current value of a Keras variable (`.value`, a property) or of a plain `tf.Variable`
+    (where `value` is a method), as a tensor."""
+    if isinstance(variable, keras.Variable):
+        return variable.value
+    return variable.read_value() if hasattr(variable, "read_value") else tf.convert_to_tensor(variable)

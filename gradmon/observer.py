@@ -10,9 +10,12 @@ a `Recorder` and hands the update on. The host reads the recorder back
 (`flush`) and writes through a writer.
 """
 
-import tensorflow as tf
-
+import atexit
+import sys
 import warnings
+import weakref
+
+import tensorflow as tf
 
 from gradmon import _distribute, _keras_compat, recorder, spikes, statistics, tags, transforms
 from gradmon._validation import (check_choice, check_log_dir, check_non_negative_int, check_positive,
@@ -23,6 +26,7 @@ GROUPINGS = ("variable", "layer")
 _HOOK = "_gradmon_observer"
 _NEVER = 2 ** 62  # a period no run reaches: "never" without a branch on the device
 _OWN_WRITER = object()  # `flush()`'s default: the observer's own writer
+MAX_BUFFER_STEPS = 65536  # and the ring's bytes at most `recorder.MAX_RING_BYTES`
 
 
 def group_names(variables, grouping, prefix=None):
@@ -90,10 +94,11 @@ class Observer:
             (`gradmon.statistics.DEFAULT_STATS`: norm, update ratio) or `"all"`. Defaults to `None`.
         on_nonfinite: `"warn"`, `"skip"` or `"stop"`. Defaults to `"warn"`.
         name: prefix of every tag (`"critic"` -> `critic/gradients/...`), or `None`.
-        buffer_steps: logged steps held between two reads. Defaults to `16`.
+        buffer_steps: logged steps held between two reads (whatever the schedule; at most
+            `MAX_BUFFER_STEPS`, and a ring of at most 256 MiB). Defaults to `16`.
         on_spike: `None` (spikes not tracked), `"warn"`, `"skip"` or `"stop"`. Defaults to `None`.
-        spike_threshold: z-score above which the raw global norm is a spike.
-            Defaults to `6.0`.
+        spike_threshold: z-score of the log of the raw global norm above which it is a spike
+            (full batches only). Defaults to `5.0`.
     """
 
     def __init__(self, transform=None, grouping="layer", stats=None, on_nonfinite="warn",
@@ -103,6 +108,7 @@ class Observer:
         self.spike_threshold = check_positive("spike_threshold", spike_threshold)
         self.spikes = None  # the SpikeTracker, built with the recorder when on_spike is set
         self.spikes_seen = []  # (step, z) of the spikes read back so far
+        self._batch = None  # this step's batch size for the spike detector (`observe_batch`)
         self._spike_count_read = 0
         self._spikes_written = -1  # the step of the last spike written
         self.grouping = check_choice("grouping", grouping, GROUPINGS)
@@ -111,8 +117,15 @@ class Observer:
             raise invalid("name", "a non-empty string (a tag prefix) or None", name)
         self.name = name
         self.buffer_steps = max(1, check_non_negative_int("buffer_steps", buffer_steps))
+        if self.buffer_steps > MAX_BUFFER_STEPS:
+            raise invalid("buffer_steps", f"at most {MAX_BUFFER_STEPS} logged steps held on the "
+                          "device (call flush() more often instead)", buffer_steps)
         self.extras_source = None  # gradmon's own train step: penalties, noise scale
-        self.recorder = None
+        self.recorder = None  # the recorder of the latest trace
+        self._rings = []  # every recorder `flush` reads (one per variable list traced)
+        self._by_variables = {}  # (variable ids, optimizer id) -> (settings key, recorder)
+        self._pending = []  # snapshots read from a retired recorder, not written yet
+        self._reads = 0  # host reads of the measured steps (`read`)
         self.histograms = False
         self._key = None
         self.every, self.log_at, self.hist_every = 1, -1, 0
@@ -151,11 +164,9 @@ class Observer:
         current = getattr(optimizer, _HOOK, None)
         if current is self:
             return optimizer
-        if current is not None:
-            raise ValueError(
-                f"The optimizer {optimizer.name!r} is already observed by another gradmon observer. "
-                "Expected one observer per optimizer: use one `gradmon.observe` / `gradmon.monitor` "
-                f"/ `GradientMonitor` for it. Received: optimizer={optimizer!r}")
+        if current is not None:  # e.g. a notebook cell run again: this observer replaces it
+            current.release(optimizer)
+            self._adopt(current)
         original = type(optimizer).apply.__get__(optimizer)
 
         def apply(grads, trainable_variables=None):
@@ -168,6 +179,22 @@ class Observer:
         self.optimizer = optimizer
         return optimizer
 
+    def release(self, optimizer):
+        """Hands `optimizer` over to another observer: writes what this one measured (to its own
+        writer, which it then closes) and unhooks it."""
+        if self.writer is not None and self.monitor is None:
+            self.close()
+        self.unhook(optimizer)
+
+    def _adopt(self, old):
+        """Takes over a replaced observer's recorders: traces made before still write into them,
+        so they are read here, and the step axis goes on (their step counter is shared)."""
+        self._rings += [r for r in old._rings if r not in self._rings]
+        self._pending += old._pending
+        old._pending = []
+        if self._restored_step is None and old.recorder is None:
+            self._restored_step = old._restored_step
+
     def unhook(self, optimizer):
         """Undoes `hook`: `optimizer.apply` (and its own all-reduce) are Keras' again."""
         if getattr(optimizer, _HOOK, None) is not self:
@@ -179,14 +206,25 @@ class Observer:
     # -- building (outside any tf.function) ---------------------------------
 
     def ensure_built(self, optimizer, variables):
-        """(Re)creates the recorder for these variables and settings; True if it did."""
+        """Makes `recorder` the recorder of these variables and settings, creating it if needed;
+        True if `recorder` changed.
+
+        One optimizer applied from several traces with different variables (two
+        models sharing it, a subset then all variables) gets one recorder per
+        variable list, all kept and read by `flush`, sharing one step counter and
+        schedule (`recorder.SHARED`): no trace writes into a recorder nobody reads.
+        """
         rows = max(self.min_rows, self.buffer_steps)
         extras = self.extras_source.spec_extras() if self.extras_source else {}
         # the optimizer too: its clipping and loss scaling shape the statistics (a recompile)
-        key = (tuple(id(v) for v in variables), id(optimizer), rows, self.histograms,
-               tuple(sorted(extras.items())))
+        variables_key = (tuple(id(v) for v in variables), id(optimizer))
+        key = variables_key + (rows, self.histograms, tuple(sorted(extras.items())))
         if self._key == key:
             return False
+        held = self._by_variables.get(variables_key)
+        if held is not None and held[0] == key:  # a trace with other variables ran in between
+            self.recorder, self._key = held[1], key
+            return True
         clip = transforms.from_optimizer(_keras_compat.base_optimizer(optimizer))
         observed = self.pipeline.observed_transform(clip)
         groups, ids = group_names(variables, self.grouping, self.name)
@@ -206,15 +244,23 @@ class Observer:
                 self.transform.build(variables)  # e.g. zclip's running statistics
             if self.on_spike is not None and self.spikes is None:
                 self.spikes = spikes.SpikeTracker(self.spike_threshold, rows, loss=self._knows_loss)
-            old = self.recorder
-            self.recorder = recorder.Recorder(spec, stats, rows, self.histograms, self.name, variables)
+            # the step counter and counters: those of this optimizer's other recorders, if any
+            same = [r for r in self._rings if r.optimizer_id == id(optimizer)]
+            shared = same[-1] if same else self.recorder
+            self.recorder = recorder.Recorder(spec, stats, rows, self.histograms, self.name, variables,
+                                              shared=shared)
             self.recorder.spikes = self.spikes
-            if old is not None:
-                self.recorder.step.assign(old.step.numpy())
-                self.recorder.skipped.assign(old.skipped.numpy())
-                self.recorder.overflow.assign(old.overflow.numpy())
-            elif self._restored_step is not None:
+            self.recorder.optimizer_id = id(optimizer)
+            if shared is None and self._restored_step is not None:
                 self.recorder.step.assign(self._restored_step)
+            if held is not None:  # these variables, other settings: its steps are read now
+                self._retire(held[1])
+            self._rings.append(self.recorder)
+            self._by_variables[variables_key] = (key, self.recorder)
+            if getattr(self, "_restored_state", None):  # a loaded model's counters and statistics
+                from gradmon import saving
+
+                saving.apply_restored(self)
             self._push_schedule()
         tags.register_descriptions(self.recorder.descriptions())
         self._key = key
@@ -266,9 +312,10 @@ class Observer:
     @property
     def step(self):
         """Observed updates so far (one device-to-host read)."""
-        if self.recorder is None:
+        rec = self.recorder or (self._rings[-1] if self._rings else None)  # adopted ones too
+        if rec is None:
             return self._restored_step or 0
-        return int(self.recorder.step.numpy())
+        return int(rec.step.numpy())
 
     # -- the hooked apply --------------------------------------------------
 
@@ -282,6 +329,7 @@ class Observer:
         self._warn_missing(variables, grads)
         self.ensure_built(optimizer, variables)
         rec, extras = self.recorder, self._take_extras()
+        batch, self._batch = self._batch, None  # taken with the extras: before any all-reduce
         step = rec.step.assign_add(1, read_value=True)
         clip = transforms.from_optimizer(_keras_compat.base_optimizer(optimizer))
         scale = _keras_compat.loss_scale(optimizer)
@@ -290,14 +338,13 @@ class Observer:
             extras["loss_scale"] = tf.identity(prepared.scale)  # before the update changes it
         spike = None
         if self.spikes is not None:  # every step, measured or not: the statistics are running
-            spike = self.spikes.update(step, spikes.global_norm(prepared.raw), extras.get("loss"))
+            spike = self.spikes.update(step, spikes.global_norm(prepared.raw), extras.get("loss"), batch)
             extras["spike"] = spike
         verdict = self.pipeline.verdict(prepared, rec.spec.loss_scaled,
                                         rec.halted if self.pipeline.stops else None,
                                         None if spike is None else spike.spike)
         update = _Update(optimizer, original_apply, prepared, variables, verdict)
-        if verdict is not None:
-            self._count(verdict, step)
+        self._count(verdict, step, prepared)
         if not self.measuring:
             update.run()
             return
@@ -315,7 +362,7 @@ class Observer:
         if tf.executing_eagerly():
             spiked = spike is not None and bool(spike.spike)
             if self.writer is not None and (self._eager_due(step) or spiked):
-                self.flush()
+                self.flush(report=False)
             elif spiked:
                 self.read_spikes()  # warns, naming the step
 
@@ -351,8 +398,32 @@ class Observer:
             return
         self.extras_source.pending["loss"] = loss
 
-    def _count(self, verdict, step):
+    def observe_batch(self, batch):
+        """Hands this step's batch (or its size) to the spike detector.
+
+        A batch smaller than the largest seen so far (the last, partial batch of
+        an epoch) is then neither judged nor folded into the running statistics:
+        its gradient is noisier by nature, not a spike. In `fit` gradmon does it
+        by itself; in a custom loop call it in the same step (the same
+        `tf.function`) before `apply_gradients`, or every step is judged. Without
+        `on_spike` it does nothing.
+
+        Args:
+            batch: the batch (`x`, `(x, y)`, any nest: the leading dimension of
+                its first tensor is counted) or the number of examples; `None` forgets it.
+        """
+        if self.on_spike is None or batch is None:
+            self._batch = None
+            return
+        self._batch = spikes.batch_size(batch)
+
+    def _count(self, verdict, step, prepared):
         rec = self.recorder
+        if verdict is None:  # "warn", no loss scaling, no refused spikes: only the finiteness
+            rec.count_nonfinite(step, tf.logical_not(self.pipeline.finite_applied(prepared)))
+            return
+        rec.count_nonfinite(step, tf.logical_and(tf.logical_not(verdict.finite),
+                                                 tf.logical_not(verdict.overflow)))
         rec.skipped.assign_add(tf.cast(verdict.skipped, tf.int64))
         rec.overflow.assign_add(tf.cast(verdict.overflow, tf.int64))
         if verdict.halts is not None:
@@ -364,7 +435,7 @@ class Observer:
         return self.is_scheduled(int(step)) or bool(self.on_nonfinite != "warn")
 
     def _warn_missing(self, variables, grads):
-        missing = [v.path for v, g in zip(variables, grads) if g is None]
+        missing = [getattr(v, "path", None) or v.name for v, g in zip(variables, grads) if g is None]
         if missing:
             warn_once(("no-gradient", id(self), tuple(missing)),
                       f"gradmon: no gradient for variables {missing}; they are reported "
@@ -372,26 +443,66 @@ class Observer:
 
     # -- host side -----------------------------------------------------------
 
-    def read(self):
-        """Snapshots of the measured steps not yet read, oldest first (marks them read)."""
-        if self.recorder is None:
-            return []
-        snapshots = self.recorder.read(self.last_written)
+    def read(self, count_lost=True):
+        """Snapshots of the measured steps not yet read, oldest first (marks them read).
+
+        Measured steps overwritten on the device before this read are warned of
+        every time, with their count and steps (two device reads per recorder).
+
+        Args:
+            count_lost: warn of overwritten steps (`False`: only the latest was
+                wanted, e.g. `update_freq="epoch"` over an epoch of unknown length).
+        """
+        snapshots, self._pending = self._pending, []
+        for rec in self._rings:
+            snapshots += self._take(rec, count_lost)
+        self._reads += 1
+        snapshots.sort(key=lambda snapshot: snapshot.step)
         if snapshots:
-            self._check_lost(snapshots[0].step)
-            self.last_written = snapshots[-1].step
+            self.last_written = max(self.last_written, snapshots[-1].step)
         return snapshots
 
-    def _check_lost(self, first_held):
-        """Warns once if scheduled steps were overwritten in the ring before being read."""
-        first_due = self.last_written + 1
-        while first_due < first_held and not self.is_scheduled(first_due):
-            first_due += 1
-        if first_due < first_held and self.last_written >= 0:
-            warn_once(("lost", id(self)),
-                      f"gradmon: measured steps {first_due}..{first_held - 1} were overwritten before "
-                      f"they were written; call flush() more often or raise buffer_steps "
-                      f"(now {self.recorder.rows}).")
+    def _take(self, rec, count_lost=True):
+        snapshots, lost, between = rec.take(self.last_written)
+        if lost and count_lost:
+            self._report_lost(rec, lost, *between)
+        return snapshots
+
+    def _retire(self, rec):
+        """Stops reading `rec` (replaced for the same variables): its measured steps are kept for
+        the next `flush`."""
+        self._pending += self._take(rec)
+        self._rings.remove(rec)
+
+    def _lost_steps(self, lost, first, last):
+        """The steps among `first..last` that were measured and lost, in words."""
+        every = self.every if self.every > 0 else None
+        start = max(first, 1)
+        due = [] if every is None else list(range(-(-start // every) * every, last + 1, every)[:lost + 1])
+        if first <= self.log_at <= last and self.log_at not in due:
+            due = sorted(due + [self.log_at])
+        if len(due) != lost:  # refused steps are measured too: only the range is known
+            return f"among steps {first}..{last}"
+        if lost <= 4:
+            return "step" + ("s " + ", ".join(map(str, due[:-1])) + " and " if lost > 1 else " ") + str(due[-1])
+        return f"steps {due[0]}, {due[1]}, ..., {due[-1]}"
+
+    def _report_lost(self, rec, lost, first, last):
+        """Warns (every time) that `lost` measured steps of `rec` were overwritten before a read."""
+        ring = f"the device holds the last {rec.rows} measured steps (buffer_steps={self.buffer_steps})"
+        if self._reads == 0:
+            cause = (f"flush() was never called before; {ring}. In a tf.function loop call "
+                     "`opt.flush()` at least every that many measured steps; in `model.fit` add "
+                     "`gradmon.GradientMonitor(log_dir)` to the callbacks")
+        else:
+            cause = f"{ring}. Call `opt.flush()` at least every {rec.rows} measured steps"
+            if self.every > 1:
+                cause += f" ({rec.rows * self.every} updates at update_freq={self.every})"
+        warnings.warn(
+            f"gradmon: {lost} measured step{'s' if lost > 1 else ''} "
+            f"({self._lost_steps(lost, first, last)}) {'were' if lost > 1 else 'was'} overwritten "
+            f"on the device before {'they were' if lost > 1 else 'it was'} written: {cause}, or "
+            "raise buffer_steps.", stacklevel=5)
 
     @property
     def stopped(self):
@@ -436,7 +547,7 @@ class Observer:
             report_spikes(self, new)
         return new
 
-    def flush(self, writer=_OWN_WRITER, latest_only=False, histograms=True):
+    def flush(self, writer=_OWN_WRITER, latest_only=False, histograms=True, report=True):
         """Writes the measured steps not yet written (idempotent); returns their snapshots.
 
         Args:
@@ -444,9 +555,13 @@ class Observer:
                 (`None`: read and warn only, e.g. a non-chief worker).
             latest_only: write only the latest of them (`update_freq="epoch"`).
             histograms: also look for new histograms (two device reads).
+            report: with the observer's own writer, also write the health report of the
+                run so far (`gradmon.writer.write_report`) when steps were written.
+                Defaults to `True`.
         """
+        own = writer is _OWN_WRITER
         writer = self.writer if writer is _OWN_WRITER else writer
-        snapshots = self.read()
+        read = snapshots = self.read(count_lost=not latest_only)
         if latest_only:
             snapshots = snapshots[-1:]
         self.read_spikes()
@@ -464,9 +579,26 @@ class Observer:
                 writer.write_scalars(step, {at: z})
             if self.histograms and histograms:
                 self.write_histograms(writer)
-        for snapshot in snapshots:
-            report_nonfinite(self, snapshot)
+            if own and report and snapshots:
+                from gradmon.writer import write_report
+
+                write_report(writer)
+        report_nonfinite(self, self.take_nonfinite(), read)
         return snapshots
+
+    def take_nonfinite(self):
+        """`(count, first, last)` of the steps whose update was non-finite since the last call
+        (counted on the device at every step, measured or not; loss-scale overflows left out),
+        or `None` when there were none. One device read (two when there were some)."""
+        if self.recorder is None:
+            return None
+        count, first, last = self.recorder.read_nonfinite()
+        new = count - getattr(self, "_nonfinite_taken", 0)
+        if new <= 0:
+            return None
+        self.recorder.nonfinite_reported(count, last)
+        self._nonfinite_taken = count
+        return new, (first if first >= 0 else last), last
 
     def config_text(self):
         """The monitoring configuration as JSON (written once per run as `tags.CONFIG`)."""
@@ -482,31 +614,60 @@ class Observer:
 
     def write_header(self, writer):
         """Writes the custom-scalars layout and the configuration once per recorder."""
-        from gradmon.layout import build_layout
+        from gradmon.layout import build_layout, group_runs
 
-        if self.recorder is None or (id(writer), id(self.recorder)) in getattr(self, "_headers", ()):
-            return
-        writer.write_layout(build_layout(self.recorder))
-        writer.write_texts(0, {tags.config(self.name): self.config_text()})
         # remembered per writer (a writer may serve several observers: one entry per observer)
         done = getattr(self, "_headers", set())
-        done.add((id(writer), id(self.recorder)))
+        for rec in self._rings:
+            if (id(writer), id(rec)) in done:
+                continue
+            writer.assign_runs(group_runs(rec))  # each layer a run: its own colour
+            writer.write_layout(build_layout(rec))
+            writer.write_texts(0, {tags.config(self.name): self.config_text()})
+            done.add((id(writer), id(rec)))
         self._headers = done
 
     def close(self):
-        """Writes what is left and releases the event file `observe(log_dir=...)` opened."""
+        """Writes what is left (and the health report) and releases the event file
+        `observe(log_dir=...)` opened."""
         self.flush()
         if self.writer is not None and self.monitor is None:
+            from gradmon.writer import write_report
+
+            write_report(self.writer)  # unchanged since the last one: not written again
             self.writer.close()
             self.writer = None
 
-    def write_histograms(self, writer):
-        """Writes the latest histograms if they were not written yet (two device reads)."""
-        latest = self.recorder.read_histograms() if self.recorder is not None else None
-        if latest is None or latest[0] == getattr(self, "_last_hist", None):
+    def finish(self):
+        """At exit: writes what was measured and not written (`close`), and warns when nothing
+        had read the measured steps before (never raises)."""
+        if self.writer is None or self.monitor is not None:
             return
-        self._last_hist = latest[0]
-        writer.write_histograms(latest[0], histogram_summaries(self.recorder, latest[1]))
+        try:
+            never_read, ran = self._reads == 0, self.recorder is not None
+            written = self.flush()
+            self.close()
+            if never_read and ran:
+                warnings.warn(
+                    f"gradmon: nothing wrote the measured steps of the optimizer "
+                    f"{getattr(self.optimizer, 'name', '')!r} (observe(log_dir=...)) before the "
+                    f"end of the process: {len(written)} were written at exit (up to step "
+                    f"{self.step}). In `model.fit` add `gradmon.GradientMonitor(log_dir)` to the "
+                    "callbacks; in a tf.function loop call `opt.flush()` every at most "
+                    f"{max(self.min_rows, self.buffer_steps)} measured steps (buffer_steps) and "
+                    "`opt.gradmon.close()` at the end.", stacklevel=2)
+        except Exception as error:  # never end the process with a traceback of ours
+            sys.stderr.write(f"gradmon: the measured steps not written yet could not be written at "
+                             f"exit: {type(error).__name__}: {error}\n")
+
+    def write_histograms(self, writer):
+        """Writes the latest histograms if they were not written yet (two device reads per recorder)."""
+        for rec in self._rings:
+            latest = rec.read_histograms()
+            if latest is None or latest[0] == rec.host_histogram:
+                continue
+            rec.host_histogram = latest[0]
+            writer.write_histograms(latest[0], histogram_summaries(rec, latest[1]))
 
 
 def _histograms(spec, prepared):
@@ -534,7 +695,7 @@ class _Update:
 
 
 def _weights(variables):
-    return [tf.identity(v.value) for v in variables]
+    return [tf.identity(_keras_compat.variable_value(v)) for v in variables]
 
 
 def _run_step(rec, step, do_log, update, extras):
@@ -557,6 +718,7 @@ def _run_step(rec, step, do_log, update, extras):
     update.run()
 
     def measure():
+        counters["nonfinite"] = rec.nonfinite.value()[0]  # read after this step counted itself
         before = None if rec.weight_buffers is None else [b.value() for b in rec.weight_buffers]
         after = _weights(update.variables) if any(s.needs_update for s in rec.statistics) else None
         ctx = statistics.StepContext(
@@ -580,31 +742,66 @@ def histogram_summaries(rec, histograms):
     return out
 
 
-def report_nonfinite(observer, snapshot):
-    """Warns (once per kind) about a step with non-finite gradients; never claims an update
-    that did not happen."""
+def _nonfinite_text(observer, count, first, last, snapshots):
+    """`(where, made_by_transform)`: the groups with NaN/inf gradient entries in the measured
+    steps among `first..last` (`stats` with "nonfinite"), and whether those steps' raw
+    gradient was finite (the transform made the NaN)."""
+    rec = observer.recorder
+    inside = [s for s in snapshots if first <= s.step <= last and not s.overflow]
+    raw_total = tags.prefixed(rec.prefix, tags.nonfinite_total(tags.RAW))
+    made = bool(inside) and rec.spec.has_transform and all(s.values.get(raw_total) == 0 for s in inside)
+    bad = {tags.RAW: set(), tags.TRANSFORMED: set()}
+    for snapshot in inside:
+        for statistic, vector in snapshot.by_statistic.items():
+            if isinstance(statistic, statistics.GradientMoment) and statistic.name == "nonfinite":
+                bad[statistic.kind].update(g for g, n in zip(rec.spec.groups, vector) if n > 0)
+    groups = bad[tags.TRANSFORMED] if made else bad[tags.RAW]
+    return [g for g in rec.spec.groups if g in groups], made
+
+
+def report_nonfinite(observer, taken, snapshots=()):
+    """Warns of the steps whose update was non-finite (`Observer.take_nonfinite`), naming their
+    count and range; never claims an update that did not happen.
+
+    Each new run of such steps is warned of; a run that only went on since the last warning
+    (every step since non-finite, e.g. weights that became NaN) is counted in
+    `gradients/nonfinite_steps` without a new warning.
+    """
     rec, policy = observer.recorder, observer.on_nonfinite
-    raw = snapshot.by_statistic
-    nonfinite_tag = tags.prefixed(rec.prefix, tags.nonfinite_total(tags.RAW))
-    if snapshot.overflow or not snapshot.values.get(nonfinite_tag, 0) > 0:
+    if taken is None:
+        raw_total = tags.prefixed(rec.prefix, tags.nonfinite_total(tags.RAW)) if rec else None
+        hidden = [s.step for s in snapshots if not s.overflow and s.values.get(raw_total, 0) > 0]
+        if hidden:  # what was applied was finite: the transform made it so
+            warn_once(("nonfinite-raw", id(observer)),
+                      f"gradmon: non-finite raw gradients at step {hidden[0]}, made finite by the "
+                      f"transform; the update was applied (on_nonfinite={policy!r}).")
         return
-    bad = []
-    for statistic, vector in raw.items():
-        if isinstance(statistic, statistics.GradientMoment) and statistic.name == "nonfinite" \
-                and statistic.kind == tags.RAW:
-            bad = [g for g, n in zip(rec.spec.groups, vector) if n > 0]
-    where = f" in {bad}" if bad else ""
-    message = f"gradmon: non-finite gradients at step {snapshot.step}{where} (on_nonfinite={policy!r})"
+    count, first, last = taken
+    previous = getattr(observer, "_nonfinite_warned", None)
+    observer._nonfinite_warned = (first, last)
+    if previous is not None and first == previous[1] + 1 and count == last - first + 1:
+        return  # the same run of non-finite steps went on
+    groups, made = _nonfinite_text(observer, count, first, last, snapshots)
+    at = f"at step {last}" if count == 1 else f"at {count} steps between step {first} and step {last}"
+    where = f" in {groups}" if groups else ""
+    made = " (the raw gradient was finite: the transform made it non-finite)" if made else ""
+    message = f"gradmon: non-finite gradients {at}{where}{made} (on_nonfinite={policy!r})"
+    one = count == 1
     if policy == "stop":
-        message += ": the update was not applied, and no later update will be."
+        message += (": the update was not applied" if one else ": these updates were not applied") + \
+            ", and no later update will be."
     elif policy == "skip":
-        message += f": such updates are skipped; their number is logged as `{tags.SKIPPED_STEPS}`."
+        message += (": such updates are skipped; their number is logged as "
+                    f"`{tags.SKIPPED_STEPS}`.")
     elif rec.spec.loss_scaled:
         message += (": the LossScaleOptimizer skipped the update (its loss scale is at most 1, so "
                     "this is not a loss-scale overflow).")
     else:
-        message += ": the update was applied. Use on_nonfinite='skip' or 'stop' to protect the weights."
-    warn_once(("nonfinite", policy, id(observer)), message)
+        message += (": the update was applied" if one else ": the updates were applied") + \
+            (f"; the weights may now be NaN/inf, and a run of such steps that goes on is warned of "
+             f"once (all are counted in `{tags.NONFINITE_STEPS}`). Use on_nonfinite='skip' or "
+             "'stop' to protect the weights.")
+    warnings.warn(message, stacklevel=3)
 
 
 def report_spikes(observer, spiked):
@@ -634,7 +831,15 @@ def observe(optimizer, log_dir=None, transform=None, name=None, update_freq=1, h
     with its `apply` / `apply_gradients` routed through gradmon. In an eager
     loop it writes by itself on logged steps; in a `tf.function` (or XLA)
     loop call `opt.flush()` from Python now and then (idempotent): it writes
-    the measured steps not yet written (up to `buffer_steps` of them).
+    the measured steps not yet written (up to `buffer_steps` of them). What
+    is measured and not written when the process ends is written at exit,
+    with a warning (as is every measured step lost to a full buffer).
+
+    Observing an optimizer again (a notebook cell run again) replaces the
+    earlier observer: it writes what it measured and closes its file; the
+    step axis goes on. One optimizer applied from several `tf.function`s
+    (two models sharing it, a subset of the variables then all of them) is
+    measured and written in all of them, on one step axis.
 
     Args:
         optimizer: a `keras.optimizers.Optimizer` (a `LossScaleOptimizer` too).
@@ -654,14 +859,18 @@ def observe(optimizer, log_dir=None, transform=None, name=None, update_freq=1, h
             (`gradmon.statistics.DEFAULT_STATS`: norm, update ratio) or `"all"`. Defaults to `None`.
         on_nonfinite: `"warn"`, `"skip"` or `"stop"` (stop: no later update is
             applied; check `opt.gradmon.stopped`). Defaults to `"warn"`.
-        buffer_steps: logged steps held on the device between two `flush()`. Defaults to `16`.
+        buffer_steps: logged steps held on the device between two `flush()`, whatever
+            `update_freq` is (at most 65536, and a ring of at most 256 MiB); measured steps
+            overwritten before a `flush()` are warned of, with their count. Defaults to `16`.
         on_spike: what a step whose raw global norm is a spike does (z-score
             above `spike_threshold` against the running mean and std of the
             recent norms, `gradmon.spikes`): `"warn"` (apply it), `"skip"`,
             `"stop"`, or `None` (spikes not tracked: no cost). Defaults to `None`.
-        spike_threshold: z-score above which a norm is a spike. Defaults to `6.0`.
+        spike_threshold: z-score of the log-norm above which a norm is a spike. Defaults to `5.0`.
             (The loss's z-score is written too when each step calls
-            `opt.gradmon.observe_loss(loss)` before `apply_gradients`.)
+            `opt.gradmon.observe_loss(loss)` before `apply_gradients`; a step that
+            calls `opt.gradmon.observe_batch(x)` is judged only when its batch is
+            a full one, as in `fit`: a partial last batch is no spike.)
 
     Returns:
         `optimizer`, observed; `optimizer.flush()` writes, `optimizer.gradmon` is the
@@ -677,6 +886,9 @@ def observe(optimizer, log_dir=None, transform=None, name=None, update_freq=1, h
     """
     from gradmon.writer import SummaryWriter
 
+    if isinstance(optimizer, type):
+        raise invalid("optimizer", "a keras.optimizers.Optimizer instance (e.g. "
+                      f"{optimizer.__name__}(learning_rate=1e-3)), not the class", optimizer)
     if not hasattr(optimizer, "apply_gradients") or not hasattr(optimizer, "apply"):
         raise invalid("optimizer", "a keras.optimizers.Optimizer", optimizer)
     from gradmon._validation import check_positive_int
@@ -689,10 +901,23 @@ def observe(optimizer, log_dir=None, transform=None, name=None, update_freq=1, h
     if log_dir is not None:
         log_dir = check_log_dir(log_dir)
         observer.writer = SummaryWriter.shared(log_dir, "train").open()
-    observer.hook(optimizer)
+    observer.hook(optimizer)  # replaces an earlier observer of it (a notebook cell run again)
     object.__setattr__(optimizer, "flush", observer.flush)
     object.__setattr__(optimizer, "gradmon", observer)
+    if observer.writer is not None:
+        _WRITE_AT_EXIT.add(observer)
     return optimizer
+
+
+# observers with an event file of their own: what they measured and nobody wrote is written at
+# exit (a tf.function loop that never called flush(), a fit without GradientMonitor)
+_WRITE_AT_EXIT = weakref.WeakSet()
+
+
+@atexit.register
+def _write_at_exit():
+    for observer in list(_WRITE_AT_EXIT):
+        observer.finish()
 
 
 def observer_of(optimizer):

@@ -16,11 +16,14 @@ or Keras models; `gradmon.observer` runs it at the optimizer's door.
   observer effect).
 - **observe**: what the optimizer will apply, its own `clipnorm` /
   `global_clipnorm` / `clipvalue` included ("transformed").
-- **finiteness**: under a `LossScaleOptimizer`, a non-finite gradient at a
-  loss scale above 1 is a loss-scale overflow, the optimizer's business (it
-  skips the step and lowers its scale); other non-finite gradients are
-  subject to the policy: `"warn"` applies them as Keras would, `"skip"` and
-  `"stop"` refuse the update (`"stop"` refuses every later one too).
+- **finiteness**: judged on what the optimizer would apply (after the
+  transform: a transform can make NaN of a finite gradient, e.g. 0 / ||0||),
+  on every step (`finite_applied`; the observer counts the non-finite ones).
+  Under a `LossScaleOptimizer`, a non-finite gradient at a loss scale above 1
+  is a loss-scale overflow, the optimizer's business (it skips the step and
+  lowers its scale); other non-finite gradients are subject to the policy:
+  `"warn"` applies them as Keras would, `"skip"` and `"stop"` refuse the
+  update (`"stop"` refuses every later one too).
 - **spikes** (opt-in, `on_spike`): a finite raw global norm whose z-score
   against the recent norms exceeds the threshold (`gradmon.spikes`, judged
   by the observer) is refused by `"skip"` and `"stop"` as a non-finite one
@@ -29,7 +32,7 @@ or Keras models; `gradmon.observer` runs it at the optimizer's door.
 
 import tensorflow as tf
 
-from gradmon import _distribute, transforms
+from gradmon import _distribute, _keras_compat, transforms
 from gradmon._validation import check_choice, invalid
 
 NONFINITE_POLICIES = ("warn", "skip", "stop")
@@ -56,11 +59,32 @@ def divided(gradient, divisor):
     return gradient / tf.cast(divisor, gradient.dtype)
 
 
+def _entries(g):
+    return g.values if isinstance(g, tf.IndexedSlices) else g
+
+
+def _exactly_finite(present):
+    return tf.reduce_all(tf.stack([tf.reduce_all(tf.math.is_finite(g)) for g in present]))
+
+
 def all_finite(gradients):
-    """Scalar bool: no NaN/inf entry in any gradient."""
-    checks = [tf.reduce_all(tf.math.is_finite(g.values if isinstance(g, tf.IndexedSlices) else g))
-              for g in gradients if g is not None]
-    return tf.reduce_all(tf.stack(checks)) if checks else tf.constant(True)
+    """Scalar bool: no NaN/inf entry in any gradient.
+
+    In a compiled step, one sum per gradient: a sum is finite only if every
+    entry is (NaN and inf propagate); only when the total is not (a NaN, an
+    inf, or finite entries whose sum overflows) are the entries checked one by
+    one, in a branch not run otherwise. Eagerly the exact check (no
+    device-to-host read for a branch).
+    """
+    present = [_entries(g) for g in gradients if g is not None]
+    if not present:
+        return tf.constant(True)
+    if tf.executing_eagerly():
+        return _exactly_finite(present)
+    sums = [tf.cast(tf.reduce_sum(g), tf.float32) for g in present]
+    total = sums[0] if len(sums) == 1 else tf.add_n(sums)
+    return _keras_compat.lazy_cond(tf.math.is_finite(total), lambda: tf.constant(True),
+                                   lambda: _exactly_finite(present))
 
 
 class Prepared:
@@ -162,10 +186,19 @@ class GradientPipeline:
         if len(transformed) != len(raw):
             raise invalid("transform", f"a transform returning {len(raw)} gradients "
                           f"(one per variable), got {len(transformed)}", self.transform)
+        transforms.check_like(getattr(self.transform, "name", repr(self.transform)), raw, transformed,
+                              variables)
         return transformed, fractions
 
+    @staticmethod
+    def finite_applied(prepared):
+        """Bool scalar: what the optimizer gets (after the transform, scaled as it expects) is
+        finite. One sum per gradient (`all_finite`)."""
+        return all_finite(prepared.to_apply)
+
     def verdict(self, prepared, loss_scaled=False, halted=None, spike=None):
-        """Decides the update from the finiteness of the raw gradient (and its spike verdict).
+        """Decides the update from the finiteness of what would be applied (after the
+        transform) and the raw gradient's spike verdict.
 
         Args:
             prepared: this step's `Prepared`.
@@ -181,7 +214,7 @@ class GradientPipeline:
         refuses_spikes = spike is not None and self.on_spike in ("skip", "stop")
         if self.on_nonfinite == "warn" and not loss_scaled and not refuses_spikes:
             return None  # on_spike="warn" refuses nothing: the tracker counts its spikes
-        finite = all_finite(prepared.raw)
+        finite = self.finite_applied(prepared)
         overflow = tf.constant(False)
         if loss_scaled:
             overflow = tf.logical_and(tf.logical_not(finite), prepared.scale > 1.0)

@@ -6,18 +6,27 @@ from the list of active statistics (`gradmon.statistics`): nothing here knows
 any particular statistic.
 
 A record row is `[step, overflow flag, values of statistic 1..., statistic 2...]`
-in float64, one row per logged step, in a ring of `rows` rows (so the logged
-steps of a multi-step execution, or of a `tf.function` loop between two
-`flush()` calls, are all kept).
+in float64, one row per logged step, in a ring of `rows` rows indexed by the
+count of logged steps (`logged`), not by the step: it holds the last `rows`
+logged steps whatever the schedule (so the logged steps of a multi-step
+execution, or of a `tf.function` loop between two `flush()` calls, are all
+kept). The host counts what it has taken (`take`): logged steps overwritten
+before they were taken are counted, never silently dropped.
 """
 
 import numpy as np
 import tensorflow as tf
 
-from gradmon import _distribute, statistics, tags
+from gradmon import _distribute, _keras_compat, statistics, tags
+from gradmon._validation import invalid
 
 HISTOGRAM_BUCKETS = 30
 _HEADER = 2  # step, overflow flag
+MAX_RING_BYTES = 256 * 2 ** 20  # the record ring's size on the device, at most
+# the step counter, the counters and the schedule: one set per observed optimizer, shared by
+# every recorder of it (one per variable list its updates were traced with)
+SHARED = ("step", "skipped", "overflow", "nonfinite", "halted", "halted_at", "every", "log_at",
+          "hist_every")
 
 
 class Snapshot:
@@ -49,7 +58,7 @@ class Recorder:
     numbers, those of the all-reduced gradient; the host reads the first copy.
     """
 
-    def __init__(self, spec, statistics, rows, histograms, prefix=None, variables=()):
+    def __init__(self, spec, statistics, rows, histograms, prefix=None, variables=(), shared=None):
         variable = _distribute.replica_local_variable
         self.spec, self.prefix = spec, prefix
         self.statistics = [s for s in statistics if s.active(spec)]
@@ -58,6 +67,11 @@ class Recorder:
             labels = list(s.labels(spec))
             self.slices.append((s, labels, slice(offset, offset + len(labels))))
             offset += len(labels)
+        if rows * offset * 8 > MAX_RING_BYTES:
+            raise invalid("buffer_steps", f"at most {MAX_RING_BYTES // (offset * 8)} logged steps "
+                          f"for these {offset - _HEADER} statistics per step (a ring of at most "
+                          f"{MAX_RING_BYTES // 2 ** 20} MiB on the device); call flush() more often "
+                          "instead", rows)
         self.state = {s: s.build(spec) for s in self.statistics}
         # the pre-update weights of a logged step, for statistics that need them (one
         # copy of the trainable weights, filled on logged steps only)
@@ -68,6 +82,9 @@ class Recorder:
         self.step = variable(0, dtype=tf.int64, name="gradmon_step")
         self.skipped = variable(0, dtype=tf.int64, name="gradmon_skipped")
         self.overflow = variable(0, dtype=tf.int64, name="gradmon_overflow")
+        # every step, measured or not: [steps whose update was non-finite (loss-scale overflows
+        # left out), the first of them since the host last reported (-1: none), the latest]
+        self.nonfinite = variable([0, -1, -1], dtype=tf.int64, name="gradmon_nonfinite")
         # set once a step is refused under a "stop" policy: no later step applies
         self.halted = variable(False, dtype=tf.bool, name="gradmon_halted")
         self.halted_at = variable(-1, dtype=tf.int64, name="gradmon_halted_at")  # the step that did
@@ -77,6 +94,15 @@ class Recorder:
         self.hist_every = variable(0, dtype=tf.int64, name="gradmon_hist_every")
         self.records = variable(np.concatenate(
             [-np.ones([rows, 1]), np.zeros([rows, offset - 1])], axis=1), dtype=tf.float64)
+        # logged steps written into the ring so far (the next row is `logged % rows`)
+        self.logged = variable(0, dtype=tf.int64, name="gradmon_logged")
+        self.host_logged = 0  # `logged` when the host last took the ring (`take`)
+        self.host_step = -1  # the latest step the host took from the ring
+        self.host_histogram = None  # the histogram step the host last wrote
+        if shared is not None:  # the same optimizer's updates, traced with other variables
+            for name in SHARED:
+                if hasattr(shared, name):
+                    setattr(self, name, getattr(shared, name))
         self.histograms_wanted = histograms
         if histograms:
             self.hist_step = variable(-1, dtype=tf.int64)
@@ -116,13 +142,22 @@ class Recorder:
         for statistic, labels, _ in self.slices:
             values = tf.reshape(tf.cast(statistic.compute(ctx), tf.float64), [len(labels)])
             parts.append(values)
-        row = tf.reshape(tf.math.floormod(step, self.rows), [1, 1])
+        logged = self.logged.assign_add(1, read_value=True)
+        row = tf.reshape(tf.math.floormod(logged - 1, self.rows), [1, 1])
         self.records.assign(tf.tensor_scatter_nd_update(self.records, row, tf.concat(parts, 0)[None]))
         return tf.constant(True)
 
+    def count_nonfinite(self, step, bad):
+        """Folds one step into `nonfinite` (a few scalar ops, no branch): `bad` is a bool scalar."""
+        held = self.nonfinite.value()
+        # the count + 1; the first if none is pending; the latest: this step
+        seen = held + tf.constant([1, 0, 0], tf.int64)
+        seen = tf.where(tf.logical_or(held < 0, tf.constant([False, False, True])), step, seen)
+        self.nonfinite.assign(tf.where(bad, seen, held))
+
     def keep_weights(self, variables):
         for buffer, v in zip(self.weight_buffers, variables):
-            buffer.assign(v.value)
+            buffer.assign(_keras_compat.variable_value(v))
         return tf.constant(True)
 
     def write_histograms(self, step, rows):
@@ -138,6 +173,29 @@ class Recorder:
         rows = rows[rows[:, 0] > after_step]
         return [self._parse(r) for r in rows[np.argsort(rows[:, 0])]]
 
+    def take(self, after_step=-1):
+        """The logged steps not taken yet (later than `after_step`), and what the ring lost.
+
+        Two device reads. Returns `(snapshots, lost, (first, last))`: the
+        snapshots oldest first; `lost` logged steps were overwritten before
+        this call (the ring holds the last `rows`), all of them among steps
+        `first..last` (`lost == 0`: `None`).
+        """
+        logged = int(self.logged.numpy())
+        rows = self.records.numpy()
+        rows = rows[np.argsort(rows[:, 0])]
+        new = rows[rows[:, 0] > self.host_step]
+        lost = max(0, logged - self.host_logged - self.rows)
+        between = None
+        if lost:
+            last = int(new[0, 0]) - 1 if len(new) else int(rows[-1, 0])
+            between = (self.host_step + 1, last)
+        self.host_logged = logged
+        if len(rows) and rows[-1, 0] >= 0:
+            self.host_step = max(self.host_step, int(rows[-1, 0]))
+        new = new[new[:, 0] > after_step]
+        return [self._parse(r) for r in new], lost, between
+
     def _parse(self, row):
         overflow = bool(row[1])
         if overflow:  # the true gradient of an overflow step is unknown: counters only
@@ -145,7 +203,18 @@ class Recorder:
         else:
             values = dict(zip(self._all_tags, row[_HEADER:].tolist()))
         by_statistic = {statistic: row[where] for statistic, _, where in self.slices}
-        return Snapshot(int(row[0]), overflow, values, by_statistic)
+        snapshot = Snapshot(int(row[0]), overflow, values, by_statistic)
+        snapshot.recorder = self  # whose statistics and groups the values are
+        return snapshot
+
+    def read_nonfinite(self):
+        """`(count, first pending, latest)` of the non-finite steps (one device read)."""
+        count, first, last = (int(x) for x in self.nonfinite.numpy())
+        return count, first, last
+
+    def nonfinite_reported(self, count, last):
+        """Marks the non-finite steps up to now as reported (the next `first` is a new one)."""
+        self.nonfinite.assign([count, -1, last])
 
     def read_histograms(self):
         """`(step, array[2, groups, 2 + buckets])` of the latest histogram step, or `None`."""

@@ -273,6 +273,26 @@ class chain(GradientTransform):
         return cls(*[deserialize(c) for c in config["transforms"]])
 
 
+def check_like(name, grads, new, params):
+    """Raises, naming the transform and the variable, unless each of `new` has the shape and
+    dtype of the gradient it replaces (checked while tracing: before the first step)."""
+    for g, n, p in zip(grads, new, params):
+        if g is None or n is None:
+            continue
+        sparse = isinstance(g, tf.IndexedSlices), isinstance(n, tf.IndexedSlices)
+        a = g.values if sparse[0] else tf.convert_to_tensor(g)
+        b = n.values if sparse[1] else tf.convert_to_tensor(n)
+        # a dense gradient for a sparse one (or back): only the dtype is compared
+        same_shape = sparse[0] != sparse[1] or a.shape.is_compatible_with(b.shape)
+        if b.dtype != a.dtype or not same_shape:
+            path = getattr(p, "path", None) or getattr(p, "name", "?")
+            raise ValueError(
+                f"Invalid value for argument `transform`. Expected a transform returning each "
+                f"gradient with the shape and dtype it was given. Received: transform={name!r}, "
+                f"which returned shape {b.shape} dtype {b.dtype.name} for the gradient of "
+                f"{path!r} (shape {a.shape} dtype {a.dtype.name})")
+
+
 class _FunctionTransform(GradientTransform):
     """A user callable `(grads, params) -> grads`; reports the share of changed elements."""
 
@@ -286,12 +306,21 @@ class _FunctionTransform(GradientTransform):
             raise ValueError(
                 f"Invalid value for argument `transform`. Expected a callable returning one "
                 f"gradient per variable. Received: transform={self.name!r}, which returned None")
+        if isinstance(new, tuple) and len(new) == 2 and len(grads) != 2 and \
+                isinstance(new[0], (list, tuple)) and len(new[0]) == len(grads):
+            raise ValueError(
+                f"Invalid value for argument `transform`. Expected a callable returning only the "
+                f"gradients (one per variable); to report fractions of its own, subclass "
+                f"`gradmon.transforms.GradientTransform`, whose `__call__` returns (gradients, "
+                f"fractions). Received: transform={self.name!r}, which returned a pair "
+                f"(gradients, {type(new[1]).__name__})")
         new = list(new)
         if len(new) != len(grads):
             raise ValueError(
                 f"Transform `{self.name}` must return one gradient per variable. "
                 f"Expected {len(grads)} gradients. Received: {len(new)}"
             )
+        check_like(self.name, grads, new, params)
         changed, total = [], []
         for g, n in zip(grads, new):
             if g is None or n is None:
