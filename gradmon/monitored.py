@@ -95,6 +95,7 @@ def prepare_model(model):
     if getattr(model, "optimizer", None) is None:
         return False
     observer.min_rows = int(getattr(model, "steps_per_execution", 1) or 1)
+    spikes.watch_batches(model)  # on_spike judges only full batches: the step hands its size over
     rebuild = observer_of(model.optimizer) is not observer
     if rebuild:
         observer.hook(model.optimizer)
@@ -238,7 +239,7 @@ class GradientMonitorMixin:
                 step, and end `fit`), or `None` (not tracked: no cost). Where
                 gradmon's own train step runs (no `train_step` of the model's
                 own) the loss's z-score is logged too. Defaults to `None`.
-            spike_threshold: z-score above which a norm is a spike. Defaults to `6.0`.
+            spike_threshold: z-score of the log-norm above which a norm is a spike. Defaults to `5.0`.
 
         Returns:
             The model, for chaining.
@@ -427,8 +428,8 @@ def monitor(model, transform=None, grouping="layer", stats=None, penalties=None,
             `GradientMonitorMixin.configure_gradients`). Defaults to `"warn"`.
         on_spike: `None` (spikes not tracked), `"warn"`, `"skip"` or `"stop"`
             (see `GradientMonitorMixin.configure_gradients`). Defaults to `None`.
-        spike_threshold: z-score above which the raw global norm is a spike.
-            Defaults to `6.0`.
+        spike_threshold: z-score of the log of the raw global norm above which it is a spike
+            (full batches only). Defaults to `5.0`.
 
     Returns:
         The monitored `keras.Model`.

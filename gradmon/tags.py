@@ -360,13 +360,14 @@ _FIXED_DESCRIPTIONS = {
     HESSIAN_MIN_EIGENVALUE: "Smallest (most negative) Hessian eigenvalue on the probe data.",
     HESSIAN_DENSITY: "Spectral density of the Hessian (stochastic Lanczos quadrature), as probability mass per bucket.",
     SPIKE_ZSCORE: (
-        "z-score of the raw global gradient norm against its running mean and std before this step "
-        "(EMA, alpha 0.97, after a 25-step warm-up; NaN during the warm-up)."
+        "z-score of the log of the raw global gradient norm against its running mean and std "
+        "before this step (EMA, alpha 0.97, after a 25-step warm-up; NaN during the warm-up and "
+        "on a batch smaller than the largest seen, e.g. an epoch's partial last batch)."
     ),
     SPIKE_LOSS_ZSCORE: (
         "z-score of the batch loss against its running mean and std before this step (where "
         "gradmon's own train step computes the loss, or a custom loop hands it over with "
-        "observe_loss; NaN during the warm-up)."
+        "observe_loss; NaN during the warm-up and on a partial batch)."
     ),
     SPIKE_COUNT: "Gradient-norm spikes so far (z-score above the on_spike threshold, after the warm-up).",
     SPIKE_AT: "A gradient-norm spike, written at its own step; the value is its z-score.",

@@ -13,17 +13,28 @@ from gradmon import transforms as T
 from gradmon.writer import MemoryWriter
 
 NAN = float("nan")
+THRESHOLD = gradmon.spikes.DEFAULT_SPIKE_THRESHOLD
 
 
 # -- independent references (numpy, lists; no gradmon code) --------------------
 
-def replay_detector(values, threshold, alpha=0.97, warmup=25):
-    """z-scores, spikes [(step, z)] and counts of the on_spike detector: the first `warmup` finite
-    values set mean / population variance, then EMAs; a spike is folded in at mean + thr * std;
-    nothing is judged while the variance is exactly 0."""
+def replay_detector(values, threshold, alpha=0.97, warmup=25, log=True, batches=None):
+    """z-scores, spikes [(step, z)] and counts of the on_spike detector: of the log of each value
+    (`log`: the norm's; the loss's is taken as it is), a zero value having no log; only the steps
+    whose batch is as large as the largest so far (`batches`: sizes, or None: every step); the
+    first `warmup` finite values set mean / population variance, then EMAs; a spike is folded in
+    at mean + thr * std; nothing is judged while the variance is exactly 0."""
     buffer, mean, var, zs, found, counts = [], None, None, [], [], []
+    largest = 0
     for step, x in enumerate(values, 1):
         z = NAN
+        if batches is not None:
+            largest = max(largest, batches[step - 1])
+            if batches[step - 1] < largest:
+                x = NAN  # a partial batch: neither judged nor folded in
+        if log:
+            with np.errstate(divide="ignore", invalid="ignore"):
+                x = np.log(x)
         if np.isfinite(x):
             if mean is None:
                 buffer.append(x)
@@ -129,6 +140,47 @@ def test_custom_loop_zscores_and_spikes_equal_a_numpy_replay(compiled):
     assert all("the update was applied" in m for m in messages)
 
 
+@pytest.mark.parametrize("compiled", [False, True])
+def test_custom_loop_observe_batch_judges_only_full_batches(compiled):
+    """Steps 30, 45 and 60 are partial batches of 3 examples with a 3x norm: with `observe_batch`
+    they are neither judged nor folded in (z NaN, the replay skips them), and the real spike at
+    full step 38 is still caught; without it, the partial batches are judged and flagged."""
+    sizes = [3 if step in (30, 45, 60) else 16 for step in range(1, 61)]
+    norms = norm_sequence(60, spikes=[(30, 3.0), (45, 3.0), (60, 3.0), (38, 8.0)], seed=5)
+    grads = gradients_with_norms(norms, seed=6)
+    measured = [np.linalg.norm(g.astype(np.float64)) for g in grads]
+    results = {}
+    for handed in (True, False):
+        v = keras.Variable(np.zeros(4, np.float32))
+        opt = gradmon.observe(keras.optimizers.SGD(0.01), on_spike="warn", buffer_steps=64)
+
+        def step(x, g):
+            if handed:
+                opt.gradmon.observe_batch(x)  # counts x's leading dimension
+            opt.apply_gradients([(g, v)])
+
+        if compiled:
+            step = tf.function(step, input_signature=[tf.TensorSpec([None, 2]), tf.TensorSpec([4])])
+        writer = MemoryWriter()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for size, g in zip(sizes, grads):
+                step(tf.zeros([size, 2]), tf.constant(g))
+            opt.flush(writer)
+        results[handed] = (series(writer, tags.SPIKE_ZSCORE), [s for s, _ in opt.gradmon.spikes_seen])
+    zs, found, _ = replay_detector(measured, THRESHOLD, batches=sizes)
+    written, spiked = results[True]
+    np.testing.assert_allclose([written[s] for s in range(1, 61)], zs, rtol=1e-5, atol=1e-5, equal_nan=True)
+    assert np.isnan([written[s] for s in (30, 45, 60)]).all() and np.isfinite(written[31])
+    assert spiked == [s for s, _ in found] == [38]
+    # not handed over: every step judged (the previous behaviour), the partial batches flagged
+    unmasked, _, _ = replay_detector(measured, THRESHOLD)
+    written, spiked = results[False]
+    np.testing.assert_allclose([written[s] for s in range(1, 61)], unmasked, rtol=1e-5, atol=1e-5,
+                               equal_nan=True)
+    assert {30, 38, 45, 60} <= set(spiked)
+
+
 def test_custom_loop_loss_zscore_equals_a_numpy_replay_of_its_losses():
     model = linear(seed=1)
     opt = gradmon.observe(keras.optimizers.SGD(0.01), on_spike="warn")
@@ -147,7 +199,7 @@ def test_custom_loop_loss_zscore_equals_a_numpy_replay_of_its_losses():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         opt.flush(writer)
-    replay, _, _ = replay_detector(losses, 6.0)
+    replay, _, _ = replay_detector(losses, THRESHOLD, log=False)  # the loss itself
     written = series(writer, tags.SPIKE_LOSS_ZSCORE)
     assert sorted(written) == list(range(25, 41))  # the ring holds the latest 16 logged steps
     np.testing.assert_allclose([written[s] for s in range(25, 41)], replay[24:], rtol=1e-5, atol=1e-5,
@@ -280,8 +332,8 @@ def test_fit_warn_writes_the_spike_at_its_step_and_trains_as_plain_keras():
         np.testing.assert_array_equal(a.numpy(), b.numpy())  # "warn" applies: plain Keras
     pairs = [numpy_norm_and_loss(k, b, X[i * 4:i * 4 + 4], Y[i * 4:i * 4 + 4])
              for i, (k, b) in enumerate(before.weights)]
-    zs, found, counts = replay_detector([p[0] for p in pairs], 6.0)
-    loss_zs, _, _ = replay_detector([p[1] for p in pairs], 6.0)
+    zs, found, counts = replay_detector([p[0] for p in pairs], THRESHOLD)
+    loss_zs, _, _ = replay_detector([p[1] for p in pairs], THRESHOLD, log=False)
     # the spiked batch, and what its applied update did to the next batches
     assert found[0][0] == SPIKE_BATCH
     at = series(writer, tags.SPIKE_AT)
@@ -451,6 +503,46 @@ def test_a_model_with_its_own_train_step_is_judged_on_the_norm_only(kind):
                for c in caught)
 
 
+@pytest.mark.parametrize("kind", ["monitor", "own_step", "mixin"])
+def test_fit_judges_only_full_batches_whatever_the_train_step(kind):
+    """158 examples in batches of 4: steps 40 and 80 (two epochs) hold 2 examples. gradmon's
+    own step, a model's own `train_step` kept by `monitor` and the mixin's all hand the batch
+    size over: those steps are neither judged nor folded in, against a replay of the norms (and
+    losses) computed by hand from the weights before each batch."""
+    keras.utils.set_random_seed(0)
+    if kind == "monitor":
+        model = gradmon.monitor(linear(), on_spike="warn")
+    elif kind == "mixin":
+        model = MixedOwnStep(gradient_on_spike="warn")
+    else:
+        model = OwnStep()
+        gradmon.monitor(model, on_spike="warn")
+    model.compile(optimizer=keras.optimizers.SGD(0.01), loss="mse")
+    model(X[:1])  # built: the weights before the first batch are read
+    writer, before = MemoryWriter(), WeightsBefore()
+    x, y = X[:158], Y[:158]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.fit(x, y, batch_size=4, epochs=2, shuffle=False, verbose=0,
+                  callbacks=[before, gradmon.GradientMonitor(writer=writer, update_freq=1)])
+    sizes = ([4] * 39 + [2]) * 2
+    batches = [(x[i:i + 4], y[i:i + 4]) for i in range(0, 158, 4)] * 2
+    pairs = [numpy_norm_and_loss(k, b, xb, yb) for (k, b), (xb, yb) in zip(before.weights, batches)]
+    zs, found, _ = replay_detector([p[0] for p in pairs], THRESHOLD, batches=sizes)
+    written = series(writer, tags.SPIKE_ZSCORE)
+    assert sorted(written) == list(range(1, 81))
+    np.testing.assert_allclose([written[s] for s in range(1, 81)], zs, rtol=1e-4, atol=1e-5, equal_nan=True)
+    assert np.isnan(written[40]) and np.isnan(written[80]) and np.isfinite(written[41])
+    observer = gradmon.observer.observer_of(model.optimizer)
+    assert [s for s, _ in observer.spikes_seen] == [s for s, _ in found]
+    assert SPIKE_BATCH in [s for s, _ in found]
+    if kind == "monitor":  # the loss too: the loss itself, full batches only
+        loss_zs, _, _ = replay_detector([p[1] for p in pairs], THRESHOLD, log=False, batches=sizes)
+        loss_written = series(writer, tags.SPIKE_LOSS_ZSCORE)
+        np.testing.assert_allclose([loss_written[s] for s in range(1, 81)], loss_zs, rtol=1e-4,
+                                   atol=1e-5, equal_nan=True)
+
+
 # -- a fit without GradientMonitor: the policies are still heard ------------------
 
 def gradmon_warnings(caught):
@@ -541,19 +633,27 @@ def test_spikes_refused_by_skip_are_not_reported_as_non_finite_updates():
     assert int(model.optimizer.iterations.numpy()) == len(X) // 4 - 1
 
 
-def test_a_warm_up_without_variance_judges_nothing_until_the_norms_vary():
-    """All-zero gradients in the warm-up give var = 0. ZClip's reference would clip every later norm
-    to 0, and the detector would call every later step a spike and fold it in at the mean: for good.
-    Here nothing is judged until the norms vary (replays above: the same rule)."""
-    norms = [0.0] * 25 + [1.5, 1.6, 1.4, 1.5, 1.55, 1.45, 1.5, 30.0, 1.5]
-    zs, found, _ = replay_detector(norms, 6.0)
+@pytest.mark.parametrize("first", [0.0, 1.0])
+def test_a_warm_up_without_variance_judges_nothing_until_the_norms_vary(first):
+    """Equal norms in the warm-up (all-zero gradients, or a constant norm) give var = 0. ZClip's
+    reference would clip every later norm to the mean, and the detector would call every later
+    step a spike and fold it in at the mean: for good. Here nothing is judged until the norms
+    vary (replays above: the same rule). The detector judges the log-norm: a zero norm is no
+    value at all (its warm-up starts with the first non-zero norm)."""
+    norms = [first] * 25 + [1.5, 1.6, 1.4, 1.5, 1.55, 1.45, 1.5, 30.0, 1.5]
+    zs, found, _ = replay_detector(norms, THRESHOLD)
     clipped, _, flags = replay_zclip(norms, 2.5, 0.97, 25)
-    assert np.isnan(zs[25]) and found and found[-1][0] == 33  # the real outlier is still caught
+    assert np.isnan(zs[25])
+    if first:
+        assert found and found[-1][0] == 33  # the real outlier is still caught
+    else:
+        assert found == [] and np.isnan(zs).all()  # 9 non-zero norms: still in the warm-up
     var_ = tf.Variable(np.zeros(4, np.float32))
     opt = gradmon.observe(keras.optimizers.SGD(0.0), transform=T.zclip(), on_spike="warn", stats=["norm"])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        for g in gradients_with_norms(norms):
+        for n in norms:  # along one axis: the norm is exactly n (a constant has no variance)
+            g = np.array([n, 0, 0, 0], np.float32)
             opt.apply_gradients([(tf.constant(g), var_)])
         snapshots = opt.gradmon.flush(MemoryWriter())
     tail = snapshots[-(len(norms) - 25):]  # the ring holds the last 16 steps
