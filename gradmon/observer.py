@@ -580,9 +580,7 @@ class Observer:
             if self.histograms and histograms:
                 self.write_histograms(writer)
             if own and report and snapshots:
-                from gradmon.writer import write_report
-
-                write_report(writer)
+                self._report(writer)
         report_nonfinite(self, self.take_nonfinite(), read)
         return snapshots
 
@@ -627,20 +625,26 @@ class Observer:
             done.add((id(writer), id(rec)))
         self._headers = done
 
+    def _report(self, writer):
+        """The health report of the run so far (Text tab), and the per-layer charts of the layers
+        it finds that matter (`gradmon.layout.write_focus`)."""
+        from gradmon.layout import write_focus
+        from gradmon.writer import write_report
+
+        write_focus(writer, self.recorder, write_report(writer), self.name)
+
     def close(self):
         """Writes what is left (and the health report) and releases the event file
         `observe(log_dir=...)` opened."""
         self.flush()
         if self.writer is not None and self.monitor is None:
-            from gradmon.writer import write_report
-
-            write_report(self.writer)  # unchanged since the last one: not written again
+            self._report(self.writer)  # unchanged since the last one: not written again
             self.writer.close()
             self.writer = None
 
-    def finish(self):
-        """At exit: writes what was measured and not written (`close`), and warns when nothing
-        had read the measured steps before (never raises)."""
+    def finish(self, when="the end of the process"):
+        """At exit (or when dropped): writes what was measured and not written (`close`), and
+        warns when nothing had read the measured steps before (never raises)."""
         if self.writer is None or self.monitor is not None:
             return
         try:
@@ -650,15 +654,25 @@ class Observer:
             if never_read and ran:
                 warnings.warn(
                     f"gradmon: nothing wrote the measured steps of the optimizer "
-                    f"{getattr(self.optimizer, 'name', '')!r} (observe(log_dir=...)) before the "
-                    f"end of the process: {len(written)} were written at exit (up to step "
-                    f"{self.step}). In `model.fit` add `gradmon.GradientMonitor(log_dir)` to the "
+                    f"{getattr(self.optimizer, 'name', '')!r} (observe(log_dir=...)) before "
+                    f"{when}: {len(written)} were written then (up to step {self.step}). In `model.fit` add `gradmon.GradientMonitor(log_dir)` to the "
                     "callbacks; in a tf.function loop call `opt.flush()` every at most "
                     f"{max(self.min_rows, self.buffer_steps)} measured steps (buffer_steps) and "
                     "`opt.gradmon.close()` at the end.", stacklevel=2)
         except Exception as error:  # never end the process with a traceback of ours
             sys.stderr.write(f"gradmon: the measured steps not written yet could not be written at "
-                             f"exit: {type(error).__name__}: {error}\n")
+                             f"{when}: {type(error).__name__}: {error}\n")
+
+    def __del__(self):
+        # an observer dropped before the end of the process (its optimizer and its traces gone)
+        # writes what it measured, as at exit; not while the interpreter shuts down (atexit did)
+        if sys.is_finalizing() or getattr(self, "writer", None) is None or self.monitor is not None:
+            return
+        try:
+            with tf.init_scope():
+                self.finish("its optimizer was dropped")
+        except Exception:  # nothing may escape a finaliser
+            pass
 
     def write_histograms(self, writer):
         """Writes the latest histograms if they were not written yet (two device reads per recorder)."""

@@ -145,8 +145,27 @@ def test_an_observed_optimizer_fitted_without_a_monitor_is_not_silent(exited_wit
     events = read_events(os.path.join(cfg["fit"], "train"))
     assert sorted(events[NORM]) == list(range(33, 49))
     assert "32 measured steps (steps 1, 2, ..., 32) were overwritten" in stderr
-    assert "nothing wrote the measured steps" in stderr
+    assert "nothing wrote the measured steps" in stderr and "before the end of the process" in stderr
     assert "gradmon.GradientMonitor(log_dir)" in stderr
+
+
+def test_an_observer_dropped_before_exit_writes_what_it_measured(tmp_path):
+    import gc
+
+    def run():
+        model = net(seed=11)
+        opt = gradmon.observe(keras.optimizers.SGD(0.05), log_dir=str(tmp_path))
+        step = compiled_step(model, opt)
+        for i in range(5):
+            step(*batch(i))
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run()  # no flush: the optimizer, its observer and the trace are dropped here
+        gc.collect()
+    events = read_events(os.path.join(str(tmp_path), "train"))
+    assert sorted(events[NORM]) == [1, 2, 3, 4, 5]
+    assert any("before its optimizer was dropped: 5 were written then" in str(w.message) for w in caught)
 
 
 def test_an_observed_optimizer_in_fit_with_a_monitor_keeps_its_transform():
