@@ -10,9 +10,9 @@ import warnings
 
 import keras
 
-from gradmon import _distribute, monitored, tags
+from gradmon import _distribute, layout, monitored, tags
 from gradmon._validation import check_log_dir, check_non_negative_int, check_positive_int, invalid
-from gradmon.writer import MetricWriter, SummaryWriter
+from gradmon.writer import MetricWriter, SummaryWriter, write_report
 
 
 def _with_measuring(observer, train_function, measuring):
@@ -191,11 +191,21 @@ class GradientMonitor(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         self._write(latest_only=self.update_freq == "epoch")
+        self._report()
 
     def on_train_end(self, logs=None):
         self._write(latest_only=self.update_freq == "epoch")
+        self._report()
         if self._writes:
             self._writer.close()
+
+    def _report(self):
+        """Writes the health report of the run so far (Text tab) and, for a model of more than
+        `layout.FOCUS_LIMIT` groups, the per-layer charts of the layers it finds that matter."""
+        if not self._writes:
+            return
+        layout.write_focus(self._writer, self._observer.recorder, write_report(self._writer),
+                           self._observer.name)
 
     def _write(self, latest_only=False):
         # histograms only when a histogram step passed since the last look (host schedule)

@@ -356,6 +356,9 @@ def load_run(logdir):
             "gradmon.GradientMonitor run (event files under LOGDIR/train)."
         )
     paths = sorted(glob.glob(os.path.join(glob.escape(directory), "events.out.tfevents.*")))
+    # per-group series live in runs of their own below it (`train/<group>`: a colour per layer)
+    paths += sorted(p for p in glob.glob(os.path.join(glob.escape(directory), "*", "**",
+                                                      "events.out.tfevents.*"), recursive=True))
     if not paths:
         raise NoGradmonLogs(
             f"No event files in {directory!r}. Expected the `log_dir` of a "

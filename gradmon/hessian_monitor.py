@@ -221,8 +221,22 @@ class HessianMonitor(keras.callbacks.Callback):
             self._writer.write_histograms(step, {tags.HESSIAN_DENSITY: density_buckets(dens)})
         layer_hvps = self._probe_layers(scalars) if self.per_layer else 0
         scalars[tags.HESSIAN_HVP_COUNT] = operator.count - first + layer_hvps
+        self._write_layout(scalars)
         self._writer.write_scalars(step, scalars)
         return scalars
+
+    def _write_layout(self, scalars):
+        """The "Curvature" charts of the tags written so far (`layout.curvature_layout`), again
+        when a probe writes a tag the earlier ones did not; each layer's tags into its run."""
+        from gradmon import layout
+
+        written = getattr(self, "_laid_out", {})
+        if set(scalars) <= set(written):
+            return
+        written = {**written, **scalars}
+        self._laid_out = written
+        self._writer.assign_runs(layout.layer_runs(written))
+        self._writer.write_layout(layout.curvature_layout(written))
 
     def _stability(self, operator, spec):
         """The preconditioned spectrum, the edges of stability and the gradient overlap, by tag."""

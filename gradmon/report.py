@@ -1199,6 +1199,108 @@ def format_table(report, max_listed=MAX_LISTED, read_problems=True):
     return "\n".join(out)
 
 
+def _md(text):
+    """Text safe inside Markdown (table cells, emphasis): no pipes, no stray markup."""
+    return str(text).replace("|", "/").replace("*", "\\*").replace("_", "\\_")
+
+
+def _skipped_steps(run):
+    """The logged steps at which `gradients/skipped_steps` rose (updates not applied), or `None`."""
+    if run is None or tags.SKIPPED_STEPS not in run:
+        return None
+    steps, values = run[tags.SKIPPED_STEPS]
+    before = np.concatenate([[0.0], values[:-1]])
+    return [int(s) for s, v, b in zip(steps, values, before) if v > b]
+
+
+def format_markdown(report, max_listed=MAX_LISTED, run=None):
+    """The report as Markdown, for TensorBoard's Text tab (`gradmon.writer.write_report`).
+
+    The same `HealthReport` as `format_table`: a headline, the flags and notes
+    with their explanations, the worst layers (flagged first, then the largest
+    and smallest final norms) as a table, the steps of spikes, non-finite
+    gradients and skipped updates, and the full text report in a code block.
+
+    Args:
+        report: a `HealthReport`.
+        max_listed: at most this many layers named per kind of finding and per
+            ranking. Defaults to `5`.
+        run: the run judged (`{tag: (steps, values)}`), to list the logged
+            steps whose update was not applied. Defaults to `None`.
+    """
+    max_listed = check_positive_int("max_listed", max_listed)
+    s = report.summary
+    who = "" if getattr(report, "name", None) is None else f" of optimizer `{report.name}`"
+    counts = []
+    for title, findings in (("flag", report.flags), ("note", report.notes)):
+        kinds = [k.upper() for k, _ in itertools.groupby(findings, key=lambda f: f.kind)]
+        n = len(findings)
+        counts.append(f"**{n} {title}{'s' if n != 1 else ''}**" + (f": {', '.join(kinds)}" if kinds else ""))
+    out = [f"### gradmon health report{who}: steps {s.first_step}-{s.last_step} ({s.logged_steps} logged)",
+           "", " &middot; ".join(counts), ""]
+    out += [f"WARNING: {_md(p.message)}  " for p in report.read_problems]
+    for title, findings in (("Flags", report.flags), ("Notes", report.notes)):
+        if not findings:
+            continue
+        out += [f"#### {title}", ""]
+        for kind, group in itertools.groupby(findings, key=lambda f: f.kind):
+            group = list(group)
+            for f in group[:max_listed]:
+                detail = f.detail
+                if f.kind == SPIKES and report.spikes is not None:
+                    detail = _spikes_detail(report.spikes, max_listed)
+                if f.layers:
+                    detail += f"; layers: {_listed(f.layers, max_listed)}"
+                out.append(f"- **{f.kind.upper()}** [{_md(f.subject)}] {_md(detail)}<br>"
+                           f"*{_md(f.explanation)}*")
+            if len(group) > max_listed:
+                out.append(f"- ... and {len(group) - max_listed} more {kind.upper()} layers")
+        out.append("")
+    flagged = {}
+    for f in list(report.flags) + list(report.notes):
+        for name in [f.subject] + list(f.layers):
+            flagged.setdefault(name, [])
+            if f.kind.upper() not in flagged[name]:
+                flagged[name].append(f.kind.upper())
+    finite = sorted((l for l in report.layers if math.isfinite(l.final_norm)), key=lambda l: l.final_norm)
+    worst = [l for l in report.layers if l.name in flagged][:max_listed]
+    each = min(max_listed, max(1, len(finite) // 4))  # a few of each end, not every layer twice
+    for layer, why in ([(l, "largest norm") for l in finite[::-1][:each]]
+                       + [(l, "smallest norm") for l in finite[:each]]):
+        if layer not in worst and len(worst) < 2 * max_listed and len(report.layers) > len(worst):
+            worst.append(layer)
+            flagged.setdefault(layer.name, []).append(why)
+    if worst:
+        out += [f"#### Worst layers ({len(worst)} of {len(report.layers)})", "",
+                "| layer | why | final norm | peak norm | peak step | update ratio | zeros |",
+                "|---|---|---:|---:|---:|---:|---:|"]
+        for l in worst:
+            out.append(f"| {_md(l.name)} | {', '.join(flagged.get(l.name, []))} | {_num(l.final_norm)} | "
+                       f"{_num(l.peak_norm)} | {_num(l.peak_step)} | "
+                       f"{_ratio(l.final_update_ratio, l.update_ratio_logged)} | {_pct(l.tail_zero_fraction)} |")
+        out.append("")
+    events = []
+    if report.spikes is not None:
+        events.append(f"- spikes: {_md(_spikes_detail(report.spikes, max_listed))}")
+    if s.nonfinite_steps:
+        events.append(f"- logged steps with a NaN/inf raw gradient: {s.nonfinite_steps}, the first at step "
+                      f"{_num(s.first_nonfinite_step)}")
+    updates = getattr(s, "nonfinite_updates", None)
+    if updates:
+        events.append(f"- updates with a non-finite gradient (every step counted): {updates}")
+    skipped = _skipped_steps(run)
+    if skipped:
+        events.append(f"- updates not applied ({tags.SKIPPED_STEPS}), at logged steps: "
+                      f"{_md(_listed([str(x) for x in skipped], max_listed))}")
+    if s.excluded_steps:
+        events.append(f"- loss-scale overflow steps (left out): "
+                      f"{_listed([str(x) for x in s.excluded_steps], max_listed)}")
+    out += ["#### Spikes and skipped updates", ""] + (events or ["- none"]) + [""]
+    out += ["#### The full report (`gradmon summary`)", "", "```",
+            format_table(report, max_listed=max_listed), "```"]
+    return "\n".join(out)
+
+
 def _jsonable(x):
     if isinstance(x, dict):
         return {k: _jsonable(v) for k, v in x.items()}

@@ -151,6 +151,21 @@ def config(prefix=None):
     return prefixed(prefix, CONFIG)
 
 
+# The `gradmon summary` report of the run so far, as Markdown (TensorBoard's Text tab).
+REPORT = "gradmon/report"
+
+
+def report(prefix=None):
+    return prefixed(prefix, REPORT)
+
+
+def group_run(group):
+    """The TensorBoard run (a subdirectory of the run directory, e.g. `train/<group>`) that holds
+    a group's per-group series: TensorBoard colours lines by run, so each layer gets its colour."""
+    parts = [p if p not in ("", ".", "..") else "_" for p in sanitize(group).split("/")]
+    return "/".join(parts)
+
+
 LOSS_DATA = "loss/data"
 LOSS_TOTAL = "loss/total"
 
@@ -326,6 +341,8 @@ _FIXED_DESCRIPTIONS = {
     LOSS_DATA: "The compiled loss (with Keras regularization losses), without gradmon penalties.",
     LOSS_TOTAL: "The loss optimized: data loss + gradmon penalties.",
     CONFIG: "How gradmon monitored this run (JSON): grouping, statistics, transform, policy.",
+    REPORT: ("The `gradmon summary` health report of the run so far (flags, worst layers, spikes, "
+             "skipped updates), written at each epoch end and at the end of fit / flush."),
     COSINE_UPDATE_GRADIENT: (
         "cos(w_after - w_before, -raw gradient) over all variables: 1 = the step went straight "
         "down the gradient (plain SGD), 0 = orthogonal, < 0 = uphill (momentum, preconditioning, "

@@ -6,6 +6,13 @@ mapping)`, `write_histograms(step, mapping)`, `write_layout(layout)`,
 `MemoryWriter` keeps everything in lists for tests. Nothing here runs inside
 a compiled step: writers take numbers on the host.
 
+Per-group series (one layer's or variable's norms, ratios, curvature) go to a
+run of their own, `<run>/<group>` (`assign_runs`, `tags.group_run`): TensorBoard
+colours lines by run, so in a chart of every layer each layer has its colour
+(the same in every chart) and the run selector shows, hides and filters layers.
+Every writer keeps what it wrote (`written_run`), so the `gradmon summary`
+report of the run so far can be written into the run itself (`write_report`).
+
 `SummaryWriter` never ends training because of the disk. A full disk, a
 removed directory or a file that can no longer be written gives one warning
 (per kind of failure), the events are counted in `dropped`, and writing
@@ -35,7 +42,7 @@ from tensorboard.plugins.text import metadata as text_metadata
 from tensorboard.util import tensor_util
 
 from gradmon import tags
-from gradmon._validation import check_log_dir, check_non_negative, check_non_negative_int, invalid
+from gradmon._validation import check_log_dir, check_non_negative, check_non_negative_int, invalid, warn_once
 
 _logger = logging.getLogger(__name__)
 
@@ -107,12 +114,134 @@ def _check_buckets(tag, buckets):
     return buckets
 
 
+class _History:
+    """The scalars a writer wrote, kept compactly (one float32 row per write, as written)."""
+
+    def __init__(self):
+        self.blocks = {}  # {tag names: ([sequence number], [step], [float32 row])}
+        self.texts = {}  # {tag: latest text}
+        self._sequence = itertools.count()
+
+    def add(self, step, mapping):
+        names = tuple(mapping)
+        block = self.blocks.setdefault(names, ([], [], []))
+        block[0].append(next(self._sequence))
+        block[1].append(int(step))
+        block[2].append(np.fromiter(mapping.values(), dtype="<f4", count=len(names)))
+
+    def run(self, runs=None):
+        """A `gradmon.events.Run` as `events.load_run` would read it: sorted by step, the value
+        written last winning at a step written twice, each observer's configuration; tags in
+        the order the files give them (this run's, then each of `runs`' by name)."""
+        from gradmon import events
+
+        runs = runs or {}
+        parts = {}
+        for names, (sequence, steps, rows) in self.blocks.items():
+            matrix = np.stack(rows).astype(np.float64)
+            for j, tag in enumerate(names):
+                parts.setdefault(tag, []).append((sequence, steps, matrix[:, j]))
+        series = {}
+        first = {tag: min(p[0][0] for p in pieces) for tag, pieces in parts.items()}
+        # as `load_run` reads the files: this run's, then the runs' in the order of their paths
+        for tag in sorted(parts, key=lambda t: (t in runs, runs.get(t, "") + "/events.out", first[t])):
+            pieces = parts[tag]
+            sequence = np.concatenate([np.asarray(p[0], np.int64) for p in pieces])
+            steps = np.concatenate([np.asarray(p[1], np.int64) for p in pieces])
+            values = np.concatenate([p[2] for p in pieces])
+            order = np.lexsort((sequence, steps))
+            steps, values = steps[order], values[order]
+            last = np.append(steps[1:] != steps[:-1], True)
+            series[tag] = (steps[last], values[last])
+        configs = {}
+        for tag, text in self.texts.items():
+            if tag == tags.CONFIG or tag.endswith("/" + tags.CONFIG):
+                config = events._config(text.encode("utf-8"))
+                if config:
+                    configs[tag[:-len(tags.CONFIG)].rstrip("/") or None] = config
+        run = events.Run(series, config=configs.pop(None, None))
+        if configs and hasattr(run, "configs"):
+            run.configs.update(configs)
+        return run
+
+
+def write_report(writer, max_listed=5):
+    """Writes the `gradmon summary` report of what `writer` wrote so far as Markdown (Text tab).
+
+    One text per observer (`tags.report(name)`), at the report's last step, judged by
+    `gradmon.report` as the command line judges the event files. A report that cannot be made
+    is warned of once and never ends training.
+
+    Args:
+        writer: a `MetricWriter`.
+        max_listed: at most this many layers named per kind of finding. Defaults to `5`.
+
+    Returns:
+        The `HealthReport`s written (empty when the writer holds no gradient statistics).
+    """
+    from gradmon import events, report
+
+    try:
+        run = writer.written_run()
+        if not events.is_gradmon_run(run):
+            return []
+        reports = report.health_reports(run) if hasattr(report, "health_reports") \
+            else [report.health_report(run)]
+        texts = {}
+        for one in reports:
+            name = getattr(one, "name", None)
+            tag = tags.report(name)
+            mine = report.observer_run(run, name) if hasattr(report, "observer_run") else run
+            text = report.format_markdown(one, max_listed=max_listed, run=mine)
+            if writer._reported.get(tag) != (one.summary.last_step, text):
+                writer._reported[tag] = (one.summary.last_step, text)
+                texts.setdefault(one.summary.last_step, {})[tag] = text
+        for step, mapping in texts.items():
+            writer.write_texts(step, mapping)
+        return reports
+    except Exception as error:  # noqa: BLE001 - a report must never end a run
+        warn_once(("health-report", id(writer), type(error).__name__),
+                  f"gradmon could not write the health report into TensorBoard ({type(error).__name__}: "
+                  f"{error}); training goes on, `gradmon summary` reads the run afterwards (warned once).")
+        return []
+
+
 class MetricWriter(abc.ABC):
     """What gradmon's callbacks write through (CLU's `MetricWriter`).
 
     `open()` and `close()` pair up around a run; `write_custom_scalar_layout`
-    is the older name of `write_layout`.
+    is the older name of `write_layout`. `assign_runs` sends tags to runs of
+    their own; `written_run` returns what was written, as `events.load_run` reads it.
     """
+
+    @property
+    def _reported(self):  # what `write_report` wrote last, by tag
+        if "_reported_texts" not in self.__dict__:
+            self._reported_texts = {}
+        return self._reported_texts
+
+    def assign_runs(self, mapping):
+        """Writes some tags into runs of their own (subdirectories of this run).
+
+        Args:
+            mapping: `{tag: run}`, `run` a relative path (`tags.group_run`), or
+                `None` for this run.
+        """
+        runs = self.__dict__.setdefault("runs", {})
+        for tag, run in mapping.items():
+            if run:
+                runs[tag] = run
+            else:
+                runs.pop(tag, None)
+
+    def written_run(self):
+        """What was written so far, as a `gradmon.events.Run` (what `load_run` reads)."""
+        return self._history().run(getattr(self, "runs", None))
+
+    def _history(self):
+        if "_written" not in self.__dict__:
+            self._written = _History()
+        return self._written
 
     def open(self):
         """Prepares for writing; returns `self`. Pairs with `close`."""
@@ -176,6 +305,7 @@ class MemoryWriter(MetricWriter):
         layouts: every merged layout written, in order.
         texts: `{tag: [(step, str), ...]}`.
         opened: number of `open` calls not yet closed.
+        runs: `{tag: run}` given to `assign_runs` (tags not in it: this run).
     """
 
     def __init__(self):
@@ -186,6 +316,7 @@ class MemoryWriter(MetricWriter):
         self.layouts = []
         self.texts = {}
         self.opened = 0
+        self.runs = {}
 
     def open(self):
         self.opened += 1
@@ -196,6 +327,8 @@ class MemoryWriter(MetricWriter):
             self.descriptions[tag] = tags.describe(tag)
 
     def write_scalars(self, step, mapping):
+        if mapping:
+            self._history().add(step, mapping)
         for tag, value in mapping.items():
             self._describe(tag)
             self.scalars.setdefault(tag, []).append((int(step), float(value)))
@@ -214,6 +347,7 @@ class MemoryWriter(MetricWriter):
         for tag, text in mapping.items():
             self._describe(tag)
             self.texts.setdefault(tag, []).append((int(step), str(text)))
+            self._history().texts[tag] = str(text)
 
     def close(self):
         self.opened = max(self.opened - 1, 0)
@@ -345,6 +479,10 @@ class SummaryWriter(MetricWriter):
         self._writer = None
         self._users = 0
         self._layout = None
+        self.runs = {}  # {tag: run}: tags written into runs of their own (`assign_runs`)
+        self._children = {}  # {run: SummaryWriter of logdir/run}
+        self._partitions = {}  # {tag names: (own indices, {run: indices})}
+        self._root = None  # the writer of the parent run, for a child
         self._reset_file_state(0)
         self._reset_failures()
 
@@ -449,9 +587,10 @@ class SummaryWriter(MetricWriter):
             pass  # e.g. the directory is gone: nothing is left to repair
 
     def _warn(self, kind, message):
-        if kind in self._warned:
+        warned = (self._root or self)._warned  # a run's per-group runs warn as one
+        if kind in warned:
             return
-        self._warned.add(kind)
+        warned.add(kind)
         # attribute the warning to the code that called the writer (e.g. a callback)
         level, frame = 1, sys._getframe()
         while frame.f_back is not None and frame.f_globals.get("__name__") == __name__:
@@ -545,10 +684,49 @@ class SummaryWriter(MetricWriter):
             summary_value.ClearField("metadata")  # TensorBoard keeps a tag's first metadata
         return summary_value
 
+    def assign_runs(self, mapping):
+        super().assign_runs(mapping)
+        self._partitions = {}
+
+    def _split(self, names):
+        """`(own indices, {run: indices})` of a tuple of tags, or `None` when all are this run's."""
+        by_run, own = {}, []
+        for i, tag in enumerate(names):
+            run = self.runs.get(tag)
+            (by_run.setdefault(run, []) if run else own).append(i)
+        return (own, by_run) if by_run else None
+
+    def _child(self, run):
+        """The writer of the run `logdir/run` (its event file opened on its first write)."""
+        child = self._children.get(run)
+        if child is None:
+            child = SummaryWriter(os.path.join(self.logdir, run), self.retry_seconds,
+                                  self.max_retries, self.check_seconds)
+            child._root = self
+            self._children[run] = child
+        return child
+
     def write_scalars(self, step, mapping):
-        """Writes `{tag: number}` at `step` as one event, numbers as float32; never raises for I/O."""
+        """Writes `{tag: number}` at `step` as one event, numbers as float32; never raises for I/O.
+
+        Tags given to `assign_runs` go to their own runs, one event each."""
         if not mapping:
             return
+        if self._root is None:
+            self._history().add(step, mapping)
+        if self.runs:
+            names = tuple(mapping)
+            if names not in self._partitions:
+                self._partitions[names] = self._split(names)
+            split = self._partitions[names]
+            if split is not None:
+                own, by_run = split
+                values = list(mapping.values())
+                for run, indices in by_run.items():
+                    self._child(run).write_scalars(step, {names[i]: values[i] for i in indices})
+                mapping = {names[i]: values[i] for i in own}
+                if not mapping:
+                    return
         if not self._ready():
             self.dropped += 1
             return
@@ -573,6 +751,8 @@ class SummaryWriter(MetricWriter):
 
     def write_texts(self, step, mapping):
         """Writes `{tag: Markdown text}` at `step` (TensorBoard's Text tab); never raises for I/O."""
+        for tag, text in mapping.items():
+            self._history().texts[tag] = str(text)
         self._write_tensors(step, {tag: tensor_util.make_tensor_proto(str(text))
                                    for tag, text in mapping.items()}, text_metadata)
 
@@ -616,6 +796,8 @@ class SummaryWriter(MetricWriter):
 
     def flush(self):
         """Every write is flushed already; kept for the `MetricWriter` interface."""
+        for child in self._children.values():
+            child.flush()
         if self._writer is None:
             return
         try:
@@ -628,6 +810,10 @@ class SummaryWriter(MetricWriter):
         """Ends one `open`; the file is closed when no user is left."""
         self._users = max(self._users - 1, 0)
         if self._users == 0:
+            for child in self._children.values():
+                if child._writer is not None:
+                    child._release_file(failed=False)
+                child._reset_failures()
             if self._writer is not None:
                 self._release_file(failed=False)
             self._reset_failures()  # the next `open` is a new run, with its own warnings

@@ -109,7 +109,7 @@ def test_layout_charts_select_every_new_tag():
 
     import tensorflow as tf
 
-    from gradmon.layout import build_layout
+    from gradmon.layout import build_layout, curvature_layout
 
     keras.utils.set_random_seed(0)
     net = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, name="d"), keras.layers.Dense(1, name="e")])
@@ -117,8 +117,13 @@ def test_layout_charts_select_every_new_tag():
                           transform=gradmon.transforms.zclip())
     opt.apply_gradients(zip([tf.ones_like(v) for v in net.trainable_variables], net.trainable_variables))
     rec = opt.gradmon.recorder
-    layout = build_layout(rec)
-    charts = {(c.title, ch.title): list(ch.multiline.tag) for c in layout.category for ch in c.chart}
+    hessian = [tags.eigenvalue(1), tags.preconditioned_eigenvalue(1), tags.preconditioned_eigenvalue(2),
+               tags.preconditioned_residual(1), tags.EDGE_OF_STABILITY, tags.GD_EDGE_OF_STABILITY,
+               tags.STABILITY_THRESHOLD, tags.GRADIENT_OVERLAP, tags.layer_eigenvalue("d"),
+               tags.layer_residual("d")]
+    charts = {}
+    for layout in (build_layout(rec), curvature_layout(hessian)):
+        charts.update({(c.title, ch.title): list(ch.multiline.tag) for c in layout.category for ch in c.chart})
 
     def charts_of(tag):
         return [key for key, regexes in charts.items() if any(re.search(r, tag) for r in regexes)]
@@ -129,23 +134,25 @@ def test_layout_charts_select_every_new_tag():
     assert {tags.moment_norm("first_moment", d), tags.moment_norm("second_moment", e),
             tags.COSINE_UPDATE_GRADIENT, tags.COSINE_GRADIENT_FIRST_MOMENT, tags.SPIKE_ZSCORE,
             tags.SPIKE_COUNT, tags.zclip_threshold()} <= set(new)
-    hessian = [tags.preconditioned_eigenvalue(1), tags.preconditioned_eigenvalue(2),
-               tags.preconditioned_residual(1), tags.EDGE_OF_STABILITY, tags.GD_EDGE_OF_STABILITY,
-               tags.STABILITY_THRESHOLD, tags.GRADIENT_OVERLAP, tags.layer_eigenvalue("d"),
-               tags.layer_residual("d")]
     for tag in new + hessian + [tags.SPIKE_AT]:
         assert charts_of(tag), tag
     curvature = {title: regexes for (category, title), regexes in charts.items() if category == "Curvature"}
-    pre = next(r for t, r in curvature.items() if t.startswith("preconditioned"))
+    pre = next(r for t, r in curvature.items() if "P^-1 H" in t)
     assert not any(re.search(r, tags.eigenvalue(1)) for r in pre)  # each chart its own series
-    assert charts_of(tags.preconditioned_eigenvalue(1)) == [
-        ("Curvature", "preconditioned top eigenvalues, of P^-1 H"),
-        ("Curvature", "the optimizer's stability threshold and the sharpness it bounds")]
-    assert charts_of(tags.SPIKE_AT) == charts_of(tags.SPIKE_ZSCORE) == [("Gradients", "spikes: z-scores")]
-    assert charts_of(tags.layer_eigenvalue("d")) == [("Curvature", "per-layer top eigenvalue")]
-    assert charts_of(tags.moment_norm("first_moment", d)) == [("Optimizer", "first moment norms")]
-    # without on_spike, no spike chart
+    # the threshold (1e4) has a chart of its own, not beside the sharpness it bounds (~5)
+    assert len(charts_of(tags.preconditioned_eigenvalue(1))) == 1
+    assert charts_of(tags.STABILITY_THRESHOLD) != charts_of(tags.eigenvalue(1))
+    spike_chart = charts_of(tags.SPIKE_ZSCORE)
+    assert charts_of(tags.SPIKE_AT) == spike_chart and len(spike_chart) == 1
+    assert charts_of(tags.SPIKE_COUNT) != spike_chart  # a count, not a z-score
+    assert [title for _, title in charts_of(tags.layer_eigenvalue("d"))] == [
+        "per-layer top eigenvalue of the Hessian block (curvature units)"]
+    assert [title for _, title in charts_of(tags.moment_norm("first_moment", d))] == [
+        "per-layer first moment norm (L2 of the optimizer's m)"]
+    # without on_spike, no spike chart; without a trace or per-layer curvature, no such chart
     plain = gradmon.observe(keras.optimizers.SGD(0.1), stats=["cosines"])
     plain.apply_gradients(zip([tf.ones_like(v) for v in net.trainable_variables], net.trainable_variables))
     titles = [ch.title for c in build_layout(plain.gradmon.recorder).category for ch in c.chart]
-    assert "spikes: z-scores" not in titles and "cosines: update vs -gradient, gradient vs first moment" in titles
+    assert not any("spike" in t for t in titles) and any(t.startswith("cosines") for t in titles)
+    curvature_titles = [ch.title for c in curvature_layout([tags.eigenvalue(1)]).category for ch in c.chart]
+    assert curvature_titles == ["top Hessian eigenvalues (curvature: loss / weight^2)"]
