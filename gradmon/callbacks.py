@@ -230,13 +230,13 @@ def stop_training(model, observer):
 class PolicyWatch(keras.callbacks.Callback):
     """Makes the non-finite and spike policies heard in a `fit` without a `GradientMonitor`.
 
-    A monitored model adds it to `fit` by itself when its policies need it
-    (`"stop"`, `"skip"`, or `on_spike` set) and no `GradientMonitor` is among
-    the callbacks (which does the same and writes). It reads one flag per
-    execution under a `"stop"` policy, and two counters plus the spike ring
-    at each epoch's end: it ends `fit` when the updates stopped, and warns
-    of spikes (naming their steps) and of updates refused for non-finite
-    gradients.
+    A monitored model adds it to `fit` by itself when no `GradientMonitor` is
+    among the callbacks (which does the same and writes). It reads one flag
+    per execution under a `"stop"` policy, and the non-finite counter plus
+    (with `on_spike`) the spike ring at each epoch's end: it ends `fit` when
+    the updates stopped, and warns of spikes (naming their steps) and of
+    updates with non-finite gradients (their count and steps; applied under
+    `"warn"`, refused under `"skip"`).
     """
 
     def __init__(self):
@@ -245,24 +245,14 @@ class PolicyWatch(keras.callbacks.Callback):
 
     @staticmethod
     def needed(observer):
-        return observer.pipeline.stops or observer.on_nonfinite != "warn" or observer.on_spike is not None
+        # every policy: even "warn" is heard at the epoch end (a non-finite update is counted
+        # on the device at every step; one read per epoch)
+        return True
 
     def on_train_begin(self, logs=None):
         self._observer = monitored.observer_for(self.model)
-        self._refused = self._count_refused()
+        self._observer.take_nonfinite()  # those before this fit are not this fit's epochs'
         self.stopped_at = None
-
-    def _count_refused(self):
-        """Updates refused for non-finite gradients so far (spikes refused by their policy and
-        loss-scale overflows left out: the device counters, not the ring, which may overflow)."""
-        observer = self._observer
-        rec = observer.recorder
-        if rec is None:
-            return 0
-        refused = int(rec.skipped.numpy()) - int(rec.overflow.numpy())
-        if observer.spikes is not None and observer.on_spike in ("skip", "stop"):
-            refused -= int(observer.spikes.count.numpy())
-        return refused
 
     def on_train_batch_end(self, batch, logs=None):
         observer = self._observer
@@ -274,11 +264,15 @@ class PolicyWatch(keras.callbacks.Callback):
         if observer.recorder is None or self.stopped_at is not None:
             return
         observer.read_spikes()  # warns, naming their steps
-        before, self._refused = self._refused, self._count_refused()
-        nonfinite = self._refused - before
-        if nonfinite > 0:
+        taken = observer.take_nonfinite()
+        if taken is not None:
+            count, first, last = taken
+            steps = f"step {last}" if count == 1 else f"steps {first} to {last}"
+            done = "were not applied"
+            if observer.on_nonfinite == "warn" and not observer.recorder.spec.loss_scaled:
+                done = "were applied: the weights may now be NaN/inf"
             warnings.warn(
-                f"gradmon: {nonfinite} update(s) in epoch {epoch + 1} had non-finite gradients and "
-                f"were not applied (on_nonfinite={observer.on_nonfinite!r}); add a "
-                "gradmon.GradientMonitor to the callbacks to see their steps.", stacklevel=2)
+                f"gradmon: {count} update(s) in epoch {epoch + 1} had non-finite gradients "
+                f"({steps}) and {done} (on_nonfinite={observer.on_nonfinite!r}); add a "
+                "gradmon.GradientMonitor to the callbacks to see their layers.", stacklevel=2)
 

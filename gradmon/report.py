@@ -145,6 +145,7 @@ GROUPING_CHOICES = ("auto",) + GROUPINGS
 EXPLODING = "exploding"
 VANISHING = "vanishing"
 DEAD = "dead"
+NONFINITE = "nonfinite"
 CLIPPING = "clipping"
 EDGE_OF_STABILITY = "edge_of_stability"
 INACTIVE = "inactive"
@@ -162,6 +163,11 @@ _EXPLANATIONS = {
                "or scaling).",
     DEAD: "this layer's gradient is (almost) all exact zeros: dead ReLUs, a cut graph "
           "or a zeroed branch; it does not learn.",
+    NONFINITE: "this layer's weights (or gradients) are NaN/inf since a non-finite update was "
+               "applied (on_nonfinite='warn' applies them): nothing it computes since means "
+               "anything, and a zero gradient here is ReLU(NaN) = 0, not dead units. Use "
+               "on_nonfinite='skip' or 'stop', and find where the NaN came from (data, loss, "
+               "learning rate, the transform).",
     CLIPPING: "clipping rewrites most steps: the effective step size is set by the "
               "clip threshold, not the learning rate; raise max_norm or lower the lr.",
     EDGE_OF_STABILITY: "the sharpness is past the stability threshold of the optimizer "
@@ -276,6 +282,10 @@ class GlobalHealth:
     `overflow_steps` counts the steps a LossScaleOptimizer skipped (the final
     `gradients/overflow_steps`, or the logged overflow steps of older runs);
     `excluded_steps` are the logged steps left out as overflows.
+    `nonfinite_updates` counts the steps whose update was non-finite, logged or
+    not (the last `gradients/nonfinite_steps`; `None` for runs before that tag),
+    `nonfinite_updates_since` / `first_nonfinite_update_by` bound the first of
+    them (after the former logged step, at or before the latter).
     """
 
     first_step: int
@@ -293,6 +303,10 @@ class GlobalHealth:
     overflow_steps: int
     excluded_steps: typing.List[int]
     final_loss_scale: typing.Optional[float]
+    nonfinite_updates: typing.Optional[int] = None
+    nonfinite_updates_since: typing.Optional[int] = None
+    first_nonfinite_update_by: typing.Optional[int] = None
+
 
 
 @dataclasses.dataclass
@@ -567,6 +581,37 @@ def _nonfinite_steps(run):
     return counted, counted | by_norm
 
 
+def _nonfinite_updates(run):
+    """`(count, since, by)` from `gradients/nonfinite_steps` (counted at every step, logged or
+    not): the count, and the logged steps between which the first happened (`since` is 0
+    when it came before the first logged step); `(None, None, None)` for runs before that tag."""
+    if tags.NONFINITE_STEPS not in run or not len(run[tags.NONFINITE_STEPS][0]):
+        return None, None, None
+    s, count = run[tags.NONFINITE_STEPS]
+    rose = np.flatnonzero(count > 0)
+    if not len(rose):
+        return 0, None, None
+    first = int(rose[0])
+    return int(np.nanmax(count)), int(s[first - 1]) if first else 0, int(s[first])
+
+
+def _poisoned(lsteps, lnorm, update, g2w, tail_steps):
+    """Why a layer's weights are NaN/inf over its last `tail_steps` logged steps, or `None`:
+    its gradient norm is NaN/inf there, or its update ratio / grad-to-weight ratio is undefined
+    there (a weight norm of NaN/inf; a layer of all-zero weights reads the same, which is why
+    this is asked only of runs with non-finite updates)."""
+    if not len(lsteps):
+        return None
+    tail = slice(-tail_steps, None)
+    if not np.isfinite(lnorm[tail]).any():
+        return "gradient norm NaN/inf"
+    for name, ratio in (("update ratio", update), ("grad/weight", g2w)):
+        if ratio is not None and len(ratio) and np.isnan(ratio[-min(tail_steps, len(ratio)):]).all():
+            zero = " (its zero gradient is ReLU(NaN) = 0, not dead units)" if np.all(lnorm[tail] == 0) else ""
+            return f"{name} undefined, weight norm NaN/inf{zero}"
+    return None
+
+
 def _overflow_steps(run, bad):
     """The steps of `bad` that were loss-scale overflows: `gradients/overflow_steps` rose at
     the step, or `gradients/loss_scale` fell there from a value above 1."""
@@ -752,6 +797,12 @@ def health_report(run, thresholds=None, grouping="auto", name=_ONLY):
         overflow_steps=overflow_count, excluded_steps=sorted(int(s) for s in overflows),
         final_loss_scale=(float(run[tags.LOSS_SCALE][1][-1]) if tags.LOSS_SCALE in run else None),
     )
+    (summary.nonfinite_updates, summary.nonfinite_updates_since,
+     summary.first_nonfinite_update_by) = _nonfinite_updates(run)
+    # a layer may be poisoned by NaN only in a run that had a non-finite step (not an overflow)
+    had_nonfinite = bool(summary.nonfinite_updates or summary.nonfinite_steps
+                         or (suspect - overflows))
+
 
     raw_norms = _per_path(run, _stat_prefix(tags.RAW, "norm"))
     obs_norms = _per_path(run, _stat_prefix(tags.TRANSFORMED, "norm"))
@@ -763,7 +814,7 @@ def health_report(run, thresholds=None, grouping="auto", name=_ONLY):
     per_layer_clip = clipped is not None and bool(raw_norms) and all(p in obs_norms for p in raw_norms)
     clipping_source = "none" if clipped is None else ("layer" if per_layer_clip else "global")
 
-    layers, layer_clipped_tail, dead_norm = [], {}, {}
+    layers, layer_clipped_tail, dead_norm, poisoned = [], {}, {}, {}
     for name, names in _layers(raw_norms, grouping).items():
         lsteps, lnorm = _layer_norm(raw_norms, names)
         if not len(lsteps):  # its variables were never logged at the same step
@@ -794,6 +845,8 @@ def health_report(run, thresholds=None, grouping="auto", name=_ONLY):
             per_step = weights @ rows / weights.sum()
             zeros = float(np.mean(per_step[-_window(len(per_step), thresholds.tail_fraction):]))
         _, g2w, update = _layer_ratios(names, raw_norms, grad_to_weight, update_ratios)
+        if had_nonfinite:
+            poisoned[name] = _poisoned(lsteps, lnorm, update, g2w, ltail)
         tail_update = None
         if update is not None:
             recent = update[-_window(len(update), thresholds.tail_fraction):]
@@ -811,7 +864,7 @@ def health_report(run, thresholds=None, grouping="auto", name=_ONLY):
     spikes = _spikes(run)
     optimizer = _optimizer_health(run, thresholds)
 
-    flags, notes = _judge(summary, layers, thresholds, layer_clipped_tail, dead_norm, run)
+    flags, notes = _judge(summary, layers, thresholds, layer_clipped_tail, dead_norm, run, poisoned)
     flags, notes = _judge_curvature(curvature, run, thresholds, flags, notes)
     if spikes is not None and spikes.count:
         notes.append(Flag(SPIKES, "global", _spikes_detail(spikes, MAX_LISTED)))
@@ -907,8 +960,10 @@ def _why_not_updates(layer, by_update):
     return "update ratios defined for fewer than 2 layers"
 
 
-def _judge(summary, layers, thresholds, layer_clipped_tail, dead_norm, run):
-    """`(flags, notes)`; per-layer findings of one kind come worst first."""
+def _judge(summary, layers, thresholds, layer_clipped_tail, dead_norm, run, poisoned=None):
+    """`(flags, notes)`; per-layer findings of one kind come worst first. A layer poisoned by
+    NaN (`poisoned`: `{layer: why}`) is flagged as such only: not dead, not vanishing."""
+    poisoned = {name: why for name, why in (poisoned or {}).items() if why}
     flags, notes = [], []
     limit = thresholds.explode_factor * summary.early_median_norm
     blown = [label for label, value in (("final", summary.final_norm), ("peak", summary.peak_norm))
@@ -920,6 +975,11 @@ def _judge(summary, layers, thresholds, layer_clipped_tail, dead_norm, run):
                      f"{summary.peak_step}), {_num(summary.final_norm)} final: above "
                      f"{_num(thresholds.explode_factor)} x early median "
                      f"{_num(summary.early_median_norm)}")
+    if summary.nonfinite_updates:
+        since, by = summary.nonfinite_updates_since, summary.first_nonfinite_update_by
+        when = f"at step {by}" if since + 1 == by else f"between steps {since + 1} and {by}"
+        parts.append(f"{summary.nonfinite_updates} update(s) with NaN/inf values "
+                     f"(`{tags.NONFINITE_STEPS}`, counted at every step), the first {when}")
     if summary.nonfinite_steps:
         parts.append(f"{summary.nonfinite_steps} step(s) with NaN/inf gradients, first at "
                      f"step {summary.first_nonfinite_step}")
@@ -951,8 +1011,12 @@ def _judge(summary, layers, thresholds, layer_clipped_tail, dead_norm, run):
         notes.append(Flag(LOSS_SCALE_OVERFLOW, "global", detail))
 
     tail_text = f"over the last {_pct(thresholds.tail_fraction)} of steps"
+    flags += [Flag(NONFINITE, layer.name, f"{poisoned[layer.name]} {tail_text}")
+              for layer in layers if layer.name in poisoned]
     dead, inactive = [], []
     for layer in layers:
+        if layer.name in poisoned:
+            continue
         zeros = layer.tail_zero_fraction if layer.zeros_judged else None
         if dead_norm[layer.name] or (zeros is not None and zeros >= thresholds.dead_zero_fraction):
             why = "norm exactly 0" if dead_norm[layer.name] else f"{zeros:.1%} of gradient entries exactly 0"
@@ -964,7 +1028,7 @@ def _judge(summary, layers, thresholds, layer_clipped_tail, dead_norm, run):
                                           f"{_pct(thresholds.dead_zero_fraction)})")))
     flags += [f for _, f in sorted(dead, key=lambda x: x[0])]
     notes += [f for _, f in sorted(inactive, key=lambda x: x[0])]
-    dead_names = {f.subject for _, f in dead}
+    dead_names = {f.subject for _, f in dead} | set(poisoned)
 
     alive = [l for l in layers if l.name not in dead_names]
     by_update = [l for l in alive if l.tail_update_ratio is not None]

@@ -79,7 +79,8 @@ class StepContext:
         weights_before / weights_after: values around the update, or `None`.
         skipped: bool scalar, the update of this step was not applied.
         extras: numbers from gradmon's own train step (`"penalties"`, `"noise"`).
-        counters: `{name: int64 scalar}` cumulative counters (`"skipped"`, `"overflow"`).
+        counters: `{name: int64 scalar}` cumulative counters (`"skipped"`, `"nonfinite"`,
+            `"overflow"`).
         state: `{statistic: its variables}` from `Statistic.build`.
     """
 
@@ -339,7 +340,7 @@ class NoGradient(Statistic):
 
 
 class Counter(Statistic):
-    """A cumulative step counter kept by the pipeline (`skipped`, `overflow`)."""
+    """A cumulative step counter kept by the pipeline (`skipped`, `nonfinite`, `overflow`)."""
 
     def __init__(self, counter, tag, loss_scaled_only=False):
         self.counter, self._tag, self.loss_scaled_only = counter, tag, loss_scaled_only
@@ -577,7 +578,8 @@ def default_statistics(selected=None):
     selected = STAT_NAMES if selected is None else selected
     out = [GlobalNorm(tags.RAW), NonfiniteTotal(tags.RAW), GlobalNorm(tags.TRANSFORMED),
            NonfiniteTotal(tags.TRANSFORMED), ClipRatio(), ClipFraction(), NoGradient(),
-           Counter("skipped", tags.SKIPPED_STEPS), Counter("overflow", tags.OVERFLOW_STEPS, True),
+           Counter("skipped", tags.SKIPPED_STEPS), Counter("nonfinite", tags.NONFINITE_STEPS),
+           Counter("overflow", tags.OVERFLOW_STEPS, True),
            LossScale(), Losses(), PenaltyValues(), NoiseScale()]
     for kind in tags.KINDS:
         out += [GradientMoment(s, kind) for s in GROUP_STATS if s in selected]

@@ -110,6 +110,9 @@ CLIP_RATIO = "gradients/clip/ratio"
 CLIP_FRACTION = "gradients/clip/fraction"
 NO_GRADIENT = "gradients/no_gradient"
 SKIPPED_STEPS = "gradients/skipped_steps"
+# Steps so far whose update (what the optimizer gets, after the transform) was non-finite,
+# counted on the device at every step, logged or not (loss-scale overflows left out).
+NONFINITE_STEPS = "gradients/nonfinite_steps"
 # Mixed precision: the LossScaleOptimizer's scale, and steps it skipped because
 # the *scaled* gradient overflowed (its routine business, not an explosion).
 LOSS_SCALE = "gradients/loss_scale"
@@ -325,6 +328,11 @@ _FIXED_DESCRIPTIONS = {
         "Steps so far whose update was not applied because the gradient had NaN/inf entries "
         "(LossScaleOptimizer skips, on_nonfinite='skip'/'stop') or was a spike (on_spike="
         "'skip'/'stop'); they count as unclipped."
+    ),
+    NONFINITE_STEPS: (
+        "Steps so far whose update (the gradient the optimizer gets, after the transform) had "
+        "NaN/inf entries, counted at every step, logged or not (loss-scale overflows left out): "
+        "applied under on_nonfinite='warn', refused under 'skip'/'stop'."
     ),
     LOSS_SCALE: "Dynamic loss scale of the LossScaleOptimizer (mixed precision) at this step.",
     OVERFLOW_STEPS: (

@@ -172,6 +172,14 @@ def test_healthy_run_has_no_flags_and_numbers_match_the_event_files(runs):
     assert "flags: none" in text
 
 
+def nan_poisoned_layers(events, paths):
+    """The layers whose raw gradient norm is NaN/inf at every step of the tail (last 20 %)."""
+    tail = math.ceil(0.2 * STEPS)
+    return [layer for layer, names in layers_of(paths).items()
+            if not np.isfinite(sum(series(events, tags.group_stat("raw", "norm", p))[1][-tail:] ** 2
+                                   for p in names)).any()]
+
+
 def test_exploding_run_is_flagged_and_nonfinite_steps_counted(runs):
     logdir, paths = runs["exploding"]
     events = events_of(logdir)
@@ -179,7 +187,9 @@ def test_exploding_run_is_flagged_and_nonfinite_steps_counted(runs):
     bad = steps[counts > 0]
     assert 0 < len(bad) < STEPS  # the run starts finite and blows up
     rep = report.health_report(report.load_run(logdir))
-    assert kinds(rep) == [("exploding", "global")]
+    # and each layer whose weights the NaN reached is named as such (not dead, not vanishing)
+    poisoned = nan_poisoned_layers(events, paths)
+    assert poisoned and kinds(rep) == sorted([("exploding", "global")] + [("nonfinite", l) for l in poisoned])
     assert rep.summary.nonfinite_steps == len(bad)
     assert rep.summary.first_nonfinite_step == bad[0]
     _, norm = series(events, tags.global_norm("raw"))
@@ -193,7 +203,7 @@ def test_exploding_run_is_flagged_and_nonfinite_steps_counted(runs):
     assert "EXPLODING [global]" in text and f"first at step {bad[0]}" in text
     # Non-finite steps alone are enough, whatever the factor.
     strict = report.health_report(report.load_run(logdir), report.Thresholds(explode_factor=1e300))
-    assert kinds(strict) == [("exploding", "global")]
+    assert kinds(strict) == kinds(rep)
 
 
 def test_persistent_clipping_is_flagged_with_the_share_from_the_clip_ratio(runs):
@@ -307,8 +317,9 @@ def test_cli_json_parses_and_png_is_written(runs, tmp_path, capsys):
     png = tmp_path / "exploding.png"
     assert summary([logdir, "--json", "--png", str(png)]) == 0
     out = json.loads(capsys.readouterr().out, parse_constant=lambda c: pytest.fail(f"non-JSON {c}"))
-    assert [f["kind"] for f in out["flags"]] == ["exploding"] and out["flags"][0]["explanation"]
     events = events_of(logdir)
+    assert [f["kind"] for f in out["flags"]] == ["exploding"] + ["nonfinite"] * len(
+        nan_poisoned_layers(events, paths)) and out["flags"][0]["explanation"]
     _, counts = series(events, tags.nonfinite_total("raw"))
     assert out["summary"]["nonfinite_steps"] == np.sum(counts > 0)
     assert out["summary"]["final_norm"] == "nan" and out["summary"]["peak_norm"] == "inf"
