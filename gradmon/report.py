@@ -308,7 +308,6 @@ class GlobalHealth:
     first_nonfinite_update_by: typing.Optional[int] = None
 
 
-
 @dataclasses.dataclass
 class Trend:
     """First, last and largest value of a series, and where the largest is."""
@@ -802,7 +801,6 @@ def health_report(run, thresholds=None, grouping="auto", name=_ONLY):
     # a layer may be poisoned by NaN only in a run that had a non-finite step (not an overflow)
     had_nonfinite = bool(summary.nonfinite_updates or summary.nonfinite_steps
                          or (suspect - overflows))
-
 
     raw_norms = _per_path(run, _stat_prefix(tags.RAW, "norm"))
     obs_norms = _per_path(run, _stat_prefix(tags.TRANSFORMED, "norm"))
