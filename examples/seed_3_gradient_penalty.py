@@ -2,8 +2,9 @@
 
 The recipe this replaces added `lambda * ||dL/dtheta||` to the loss by calling
 `tape.gradient` twice on one non-persistent tape (a RuntimeError), applied
-`tf.abs` to the list of differently shaped gradient tensors (a ValueError),
-and the article never defined its optimizer. Here the penalty is one argument:
+`tf.abs` to the list of differently shaped gradient tensors (an error: they
+cannot be stacked into one tensor), and the article never defined its
+optimizer. Here the penalty is one argument:
 
     gradmon.monitor(model, penalties=[
         gradmon.penalties.GradientNormPenalty(WEIGHT),   # WEIGHT * ||grad of the data loss||_2

@@ -32,10 +32,50 @@ def last(values):
     return values[max(values)]
 
 
+def table_row(text, variable):
+    """The cells of `variable`'s row in the first gradient-check table after `text`."""
+    row = next(line for line in text.splitlines() if line.split()[:1] == [variable])
+    return row.split()
+
+
 def test_seed_1_custom_loss_gradient():
-    if not (EXAMPLES / "seed_1_custom_loss_gradient.py").exists():
-        pytest.skip("examples/seed_1_custom_loss_gradient.py not written yet")
-    run_example("seed_1_custom_loss_gradient.py")  # exits 0 only if its own checks pass
+    """The correct manual gradient passes; the article's (summed over the examples, the 1/n of
+    the mean missing) is flagged for w and b, its errors those numpy computes for the sum."""
+    out = run_example("seed_1_custom_loss_gradient.py")  # exits 0 only if its own checks pass
+    correct, article = out.split("The same check with the article's manual gradient")
+    assert "correct manual gradient: passed" in correct
+    assert [table_row(correct, v)[-1] for v in ("w", "b")] == ["ok", "ok"]
+    assert "Gradients disagree for w, b:" in article and "flagged for w and b" in article
+    # independent: the example's data, the gradient of the mean and the article's sum, by numpy
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((32, 3))
+    w = 0.5 * rng.standard_normal(3)
+    s = 1.0 / (1.0 + np.exp(-(x @ w + 0.1)))
+    mean = {"w": (s[:, None] * x).mean(axis=0), "b": np.array([s.mean()])}
+    summed = {"w": (s[:, None] * x).sum(axis=0), "b": np.array([s.sum()])}
+    for v in ("w", "b"):
+        cells = table_row(article, v)
+        abs_err, rel_err = float(cells[-3]), float(cells[-2])
+        assert cells[-1] == "FAIL"
+        assert abs_err == pytest.approx(np.max(np.abs(summed[v] - mean[v])), rel=5e-3)
+        assert rel_err == pytest.approx(1 - 1 / 32, rel=5e-3)
+
+
+def test_the_seed_recipes_errors_the_docs_name():
+    """examples/README.md and the seed docstrings say why the article's recipes did not run;
+    each named error is what TensorFlow / Keras raise (the article's text is not in the repo)."""
+    with pytest.raises(TypeError, match="abs_tolerance"):  # recipe 1: the argument is `atol`
+        tf.debugging.assert_near(1.0, 1.0, abs_tolerance=1e-6)
+    v = tf.Variable(1.0)
+    with tf.GradientTape() as tape:  # recipe 3: one non-persistent tape, two gradients
+        y = v * v
+    tape.gradient(y, v)
+    with pytest.raises(RuntimeError, match="non-persistent"):
+        tape.gradient(y, v)
+    with pytest.raises((tf.errors.InvalidArgumentError, ValueError)):  # recipe 3: tf.abs of a list
+        tf.abs([tf.ones((2, 3)), tf.ones(3)])
+    with pytest.raises(ValueError, match="same shape"):  # recipe 2: 10 outputs, 2-wide targets
+        keras.losses.CategoricalCrossentropy()(tf.ones((4, 2)), tf.ones((4, 10)) / 10)
 
 
 def test_seed_2_clipping(tmp_path):
@@ -115,6 +155,14 @@ def test_wgan_gp(tmp_path):
         expected_loss = events[critic(tags.penalty("wgan_gp"))][step] - events["critic/wasserstein"][step]
         assert events["critic/loss"][step] == pytest.approx(expected_loss, rel=1e-5, abs=1e-6)
     assert all(v >= 0 for v in events[critic(tags.penalty("wgan_gp"))].values())
+    # `gradmon summary` reads the run: one section per optimizer, its layers as rows
+    from gradmon import report
+    reps = report.health_reports(report.load_run(str(tmp_path)))
+    assert [(r.name, r.summary.logged_steps) for r in reps] == [("critic", 20), ("generator", 4)]
+    for rep in reps:
+        assert [l.name for l in rep.layers] == ["hidden_1", "hidden_2", "out"], rep.name
+        norms = events[tags.prefixed(rep.name, tags.group_stat(tags.RAW, "norm", "out"))]
+        assert rep.layers[-1].final_norm == pytest.approx(norms[max(norms)])
 
 
 def test_edge_of_stability(tmp_path):
