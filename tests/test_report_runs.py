@@ -2,6 +2,7 @@
 resumed in a new file, several writers in one directory, damaged directory entries; tag
 descriptions and group labels."""
 
+import json
 import os
 import shutil
 import warnings
@@ -86,17 +87,20 @@ def test_named_optimizers_get_one_section_each_without_the_name_twice_in_tags(tm
     assert status == 0
     assert "health report of optimizer `critic`" in out and "health report of optimizer `generator`" in out
     status, out, _ = summary([str(tmp_path), "--json"], capsys)
-    import json
     sections = json.loads(out)["sections"]
     assert [s["name"] for s in sections] == ["critic", "generator"]
     assert [l["name"] for l in sections[1]["layers"]] == ["g1", "g2"]
+    pytest.importorskip("matplotlib")
+    status, _, err = summary([str(tmp_path), "--png", str(tmp_path / "out" / "report.png")], capsys)
+    assert status == 0
+    for name in ("critic", "generator"):  # one picture per optimizer
+        assert (tmp_path / "out" / f"report-{name}.png").read_bytes()[:4] == b"\x89PNG", err
 
 
 def write(directory, rows, config=None, name=None):
     """A gradmon event file through gradmon's own writer: `rows = {step: {tag: value}}`; its path."""
     writer = SummaryWriter(str(directory)).open()
     if config is not None:
-        import json
         writer.write_texts(0, {tags.config(name): json.dumps(config)})
     for step, mapping in sorted(rows.items()):
         writer.write_scalars(step, mapping)
@@ -198,6 +202,9 @@ def test_two_writers_in_one_directory_are_warned_with_their_files(tmp_path, caps
     for text in (out, err):
         warning = next(line for line in text.splitlines() if "were written by 2 event files" in line)
         assert first in warning and second in warning and "20 step(s) (1-20)" in warning
+    status, out, _ = summary([str(tmp_path), "--json"], capsys)
+    (overlap,) = json.loads(out)["overlaps"]
+    assert overlap["paths"] == [first, second] and overlap["steps"] == 20
 
 
 def test_a_run_restarted_over_its_last_steps_is_warned_of_those_steps(tmp_path):
