@@ -192,7 +192,7 @@ _EMBEDDING_WEIGHT = "embeddings"  # keras.layers.Embedding's table: sparse gradi
 
 # Exit statuses of `gradmon summary`.
 EXIT_OK = 0
-EXIT_DAMAGED = 1  # the report was printed, but an event file is corrupted
+EXIT_DAMAGED = 1  # the report was printed, but an event file is corrupted (or unreadable)
 EXIT_ERROR = 2  # no report: bad arguments, no gradmon logs, PNG not writable
 
 
@@ -1540,7 +1540,8 @@ def add_arguments(parser):
                            help=f"{text} (default: {getattr(defaults, name):g})")
     parser.epilog = (f"exit status: {EXIT_OK} report printed; {EXIT_DAMAGED} report printed, but an "
                      "event file is corrupted (records lost; each file named on stderr with its "
-                     f"last good step); {EXIT_ERROR} bad arguments or no gradmon logs (no report), "
+                     "last good step) or an entry named like one is no readable file (a directory, "
+                     f"a broken link); {EXIT_ERROR} bad arguments or no gradmon logs (no report), "
                      "or the PNG could not be written")
     return parser
 
@@ -1551,7 +1552,10 @@ def run_command(args):
     Returns:
         The exit status: 0; 1 when the report was printed but an event file is
         corrupted (each damaged file is named on stderr with its last good
-        step); 2 on errors (bad arguments, no gradmon logs, an unwritable PNG).
+        step) or an entry named like one could not be read; 2 on errors (bad
+        arguments, no gradmon logs, an unwritable PNG). Several optimizers
+        (`name=`) give one report each (`health_reports`); steps written by
+        several files are warned of on stderr (`HealthReport.overlaps`).
     """
     try:
         thresholds = Thresholds(**{name: getattr(args, name) for name in _THRESHOLD_OPTIONS})
