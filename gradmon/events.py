@@ -356,9 +356,10 @@ def load_run(logdir):
             "gradmon.GradientMonitor run (event files under LOGDIR/train)."
         )
     paths = sorted(glob.glob(os.path.join(glob.escape(directory), "events.out.tfevents.*")))
-    # per-group series live in runs of their own below it (`train/<group>`: a colour per layer)
-    paths += sorted(p for p in glob.glob(os.path.join(glob.escape(directory), "*", "**",
-                                                      "events.out.tfevents.*"), recursive=True))
+    # per-group series live in runs of their own below it (`train/<group>`: a colour per layer),
+    # read in the order their files were made (time, then gradmon's counter): the model's order
+    paths += sorted(glob.glob(os.path.join(glob.escape(directory), "*", "**", "events.out.tfevents.*"),
+                              recursive=True), key=lambda p: (os.path.basename(p), p))
     if not paths:
         raise NoGradmonLogs(
             f"No event files in {directory!r}. Expected the `log_dir` of a "

@@ -143,8 +143,12 @@ class _History:
                 parts.setdefault(tag, []).append((sequence, steps, matrix[:, j]))
         series = {}
         first = {tag: min(p[0][0] for p in pieces) for tag, pieces in parts.items()}
-        # as `load_run` reads the files: this run's, then the runs' in the order of their paths
-        for tag in sorted(parts, key=lambda t: (t in runs, runs.get(t, "") + "/events.out", first[t])):
+        began = {}  # each run's first write: when its event file was made
+        for tag in parts:
+            if tag in runs:
+                began[runs[tag]] = min(began.get(runs[tag], first[tag]), first[tag])
+        # as `load_run` reads the files: this run's, then the runs' in the order their files were made
+        for tag in sorted(parts, key=lambda t: (t in runs, began.get(runs.get(t), -1), first[t])):
             pieces = parts[tag]
             sequence = np.concatenate([np.asarray(p[0], np.int64) for p in pieces])
             steps = np.concatenate([np.asarray(p[1], np.int64) for p in pieces])

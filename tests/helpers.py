@@ -42,10 +42,18 @@ def global_norm(arrays):
     return np.sqrt(sum(np.sum(np.asarray(a, np.float64) ** 2) for a in arrays if a is not None))
 
 
+def event_files(logdir):
+    """The event files of a run directory, then those of the runs below it (gradmon writes each
+    group's series into `train/<group>`), as `gradmon.events.load_run` reads them."""
+    return sorted(glob.glob(os.path.join(logdir, "events.out.tfevents.*"))) + sorted(
+        glob.glob(os.path.join(logdir, "*", "**", "events.out.tfevents.*"), recursive=True),
+        key=lambda p: (os.path.basename(p), p))
+
+
 def read_events(logdir):
     """{tag: {step: value}} from every event file under `logdir` (scalars as floats, others as arrays)."""
     out = {}
-    for path in sorted(glob.glob(os.path.join(logdir, "events.out.tfevents.*"))):
+    for path in event_files(logdir):
         for event in tf.compat.v1.train.summary_iterator(path):
             for value in event.summary.value:
                 array = tf.make_ndarray(value.tensor) if value.HasField("tensor") else np.array(value.simple_value)
@@ -58,7 +66,7 @@ def read_events(logdir):
 def read_descriptions(logdir):
     """{tag: description} as TensorBoard would read them (first metadata seen)."""
     out = {}
-    for path in sorted(glob.glob(os.path.join(logdir, "events.out.tfevents.*"))):
+    for path in event_files(logdir):
         for event in tf.compat.v1.train.summary_iterator(path):
             for value in event.summary.value:
                 if value.HasField("metadata") and value.tag not in out:

@@ -265,6 +265,11 @@ def test_mirrored_spikes_zclip_and_optimizer_state_equal_single_device(mirrored_
         assert mirrored["values"][tag] == pytest.approx(single["values"][tag], rel=1e-4), tag
 
 
+def _run_dir(files):
+    """The run directory (`train`) of gradmon's event files: the per-layer runs lie below it."""
+    return os.path.dirname(min(files, key=lambda f: f.count(os.sep)))
+
+
 def _events(log_dir):
     files = sorted(glob.glob(os.path.join(str(log_dir), "**", "events.out.tfevents.*gradmon*"),
                              recursive=True))
@@ -278,11 +283,11 @@ def _events(log_dir):
 
 def test_mirrored_summaries_are_written_once(mirrored_runs):
     single, mirrored = (r["none"] for r in mirrored_runs)
-    for run in (mirrored, single):
-        assert len(run["event_files"]) == 1
-    files, counts = _events(os.path.dirname(mirrored["event_files"][0]))
-    _, single_counts = _events(os.path.dirname(single["event_files"][0]))
-    assert len(files) == 1
+    for run in (mirrored, single):  # one file per run: train, and one per layer (its colour)
+        assert len(run["event_files"]) == len({os.path.dirname(f) for f in run["event_files"]}) > 1
+    files, counts = _events(_run_dir(mirrored["event_files"]))
+    _, single_counts = _events(_run_dir(single["event_files"]))
+    assert len(files) == len(mirrored["event_files"])
     assert set(counts) == set(single_counts)
     # step 0 holds only the custom-scalars layout
     assert {step for tag, step in counts if tag.startswith("gradients/")} == set(range(1, STEPS + 1))
@@ -325,7 +330,8 @@ def test_multi_worker_statistics_equal_single_device_and_only_the_chief_writes(
         assert chief[name]["step"] == chief[name]["state_step"] == STEPS
         # every worker holds the same (all-reduced) numbers and weights
         _assert_same_stats(other[name], chief[name])
-        assert len(chief[name]["event_files"]) == 1
+        files = chief[name]["event_files"]
+        assert len(files) == len({os.path.dirname(f) for f in files})  # one per run (train, layers)
         assert other[name]["event_files"] == []
         files, counts = _events(tmp_path / "worker0" / "logs" / name)
         assert set(counts.values()) == {1}
