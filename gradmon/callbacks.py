@@ -3,9 +3,12 @@
 The callback owns the schedule: it tells the model's observer which steps to
 measure (only the steps it writes, `"epoch"` included) and reads the device
 only after an execution that held such a step (the host mirrors the step
-counter), so a step that writes nothing costs no device-to-host copy.
+counter), so a step that writes nothing costs no device-to-host copy. Written
+steps wait in the device's ring while it has room (at most
+`_READ_WITHIN_SECONDS`): one read serves many of them.
 """
 
+import time
 import warnings
 
 import keras
@@ -22,10 +25,76 @@ def _with_measuring(observer, train_function, measuring):
         observer.measuring = measuring
         try:
             return train_function(iterator)
+        except StopIteration:
+            raise  # the end of the data: Keras ends the epoch
+        except BaseException:
+            write_unread(observer)  # e.g. Ctrl-C: `on_train_end` will not come
+            raise
         finally:
             observer.measuring = True
 
     return function
+
+
+def write_unread(observer):
+    """Writes the measured steps that `observer`'s `GradientMonitor` holds unread in the ring,
+    for a `fit` that ends by an exception (no `on_train_end`). Never raises: that exception
+    is what the user must see (a failed write is warned of, with its count)."""
+    monitor = getattr(observer, "monitor", None)
+    unread = getattr(monitor, "_unread", 0)
+    if not unread:
+        return
+    try:
+        monitor._write()
+    except Exception as error:  # noqa: BLE001
+        warnings.warn(f"gradmon: {unread} measured step(s) of an interrupted fit could not be "
+                      f"written ({type(error).__name__}: {error}).", stacklevel=2)
+
+
+_TRAIN_FUNCTIONS = "_gradmon_train_functions"
+
+
+class _TrainFunctions:
+    """A model's two train functions, kept on the model: one measuring, one that only updates
+    (for the executions the host knows hold no written step: no conditional at all).
+
+    Each is traced once, the first time it runs. They belong to the model, its observer and
+    its optimizer, not to a callback: a new `GradientMonitor`, a new `fit` and a new
+    `update_freq` reuse them (the schedule is in variables). They are made again only when
+    what their traces hold changes: the observer, the optimizer, steps per execution, XLA,
+    eager running, histograms, the recorder, or Keras' own train function (a `compile`).
+    """
+
+    def __init__(self, model, observer):
+        self.observer, self.optimizer = observer, model.optimizer
+        self.settings = _trace_settings(model, observer)
+        self.recorder = observer.recorder  # None until the first trace builds it
+        made = []
+        for measuring in (True, False):
+            model.make_train_function(force=True)
+            made.append(_with_measuring(observer, model.train_function, measuring))
+        self.measuring, self.plain = made
+
+    def serve(self, model, observer):
+        """Whether these are still right for `model` (they are its train function, and were
+        traced for this observer, optimizer, recorder and settings)."""
+        if model.train_function is not self.measuring and model.train_function is not self.plain:
+            return False  # Keras dropped them (compile) or something replaced them
+        if self.recorder is None:
+            self.recorder = observer.recorder  # built by their first trace
+        return (self.observer is observer and self.optimizer is model.optimizer
+                and self.recorder is observer.recorder
+                and self.settings == _trace_settings(model, observer))
+
+
+def _trace_settings(model, observer):
+    return (observer.min_rows, observer.histograms, model.steps_per_execution, model.jit_compile,
+            model.run_eagerly)
+
+
+# Written steps wait in the device's ring while it has room for the next execution's, and at
+# most this long: one read (and one sync) for many written steps, yet TensorBoard sees them soon.
+_READ_WITHIN_SECONDS = 2.0
 
 
 def _passed(period, after, upto):
@@ -119,39 +188,40 @@ class GradientMonitor(keras.callbacks.Callback):
             self.model.train_function = None  # the histogram branch is traced or not
 
     def on_train_begin(self, logs=None):
+        write_unread(monitored.observer_for(self.model))  # by the monitor of an interrupted fit
         self._claim()
         self._writes = _distribute.is_chief(self.model.distribute_strategy)
         if self._writes:
             self._writer.open()  # an unwritable log_dir fails before the first step
-        self._make_functions(monitored.prepare_model(self.model))
+        self._take_functions(monitored.prepare_model(self.model))
         self._observer.set_schedule(every=0 if self.update_freq == "epoch" else self.update_freq,
                                     log_at=-1, hist_every=self.histogram_freq)
-        self._observer.last_written = max(self._observer.last_written, self._observer.step)
+        self._begin_step = self._observer.step  # also the first epoch's mirror base
+        self._observer.last_written = max(self._observer.last_written, self._begin_step)
         self.stopped_at = None
+        self._hist_seen = None  # a callback moved from another model saw that model's steps
+        self._unread, self._read_by = 0, float("inf")
+        # refused steps (skip / stop) and spikes take rows or ring slots the host cannot
+        # foresee: read after each execution that held a written step, as they happen
+        self._defers = self._observer.on_nonfinite == "warn" and self._observer.on_spike is None
 
-    def _make_functions(self, rebuild):
-        """Two train functions: one measuring, one that only updates (for the steps the host
-        knows are not written: they cost no conditional at all). Each is traced the first
-        time it runs, and kept across `fit` calls while nothing they depend on changes."""
+    def _take_functions(self, rebuild):
+        """The model's two train functions (`_TrainFunctions`), made only when it has none that
+        fit: a new callback, a new `fit` or a new schedule reuses them, untraced again."""
         model, observer = self.model, self._observer
-        key = (id(observer), id(model.optimizer), observer.min_rows, observer.histograms,
-               id(observer.recorder), model.jit_compile)
-        if not rebuild and getattr(self, "_functions", (None,))[0] == key and \
-                model.train_function in self._functions[1:]:
-            return
-        functions = []
-        for measuring in (True, False):
-            model.make_train_function(force=True)
-            functions.append(_with_measuring(observer, model.train_function, measuring))
-        self._functions = (key, *functions)
-        model.train_function = functions[0]
+        functions = model.__dict__.get(_TRAIN_FUNCTIONS)
+        if rebuild or functions is None or not functions.serve(model, observer):
+            functions = _TrainFunctions(model, observer)
+            object.__setattr__(model, _TRAIN_FUNCTIONS, functions)  # not a tracked attribute
+            model.train_function = functions.measuring
+        self._functions = functions
 
     def on_train_batch_begin(self, batch, logs=None):
         if self._observer.on_nonfinite != "warn":
             return  # refused steps must be measured, to name them: always the measuring one
         # measure when this execution (the next steps_per_execution steps) holds a due step
         measure = self._host_step + self._observer.min_rows >= self._next_due
-        function = self._functions[1] if measure else self._functions[2]
+        function = self._functions.measuring if measure else self._functions.plain
         if self.model.train_function is not function:
             self.model.train_function = function
 
@@ -166,7 +236,9 @@ class GradientMonitor(keras.callbacks.Callback):
         return min(candidates, default=float("inf"))
 
     def on_epoch_begin(self, epoch, logs=None):
-        self._host_step = self._observer.step  # one read per epoch: the mirror's base
+        # one read per epoch (none for the first): the mirror's base
+        self._host_step = self._observer.step if self._begin_step is None else self._begin_step
+        self._begin_step = None
         self._batch_seen = -1
         steps = self.params.get("steps") if self.params else None
         if self.update_freq == "epoch":
@@ -186,14 +258,34 @@ class GradientMonitor(keras.callbacks.Callback):
             self.stopped_at = stop_training(self.model, self._observer)
             self._write()  # the steps measured up to the stop (its spike already named)
             return
-        if self.update_freq != "epoch" and _passed(self._observer.every, previous, self._host_step):
-            self._write()
+        if self.update_freq == "epoch":
+            return
+        every, now = self._observer.every, self._host_step
+        if _passed(every, previous, now):
+            if not self._unread:
+                self._read_by = time.monotonic() + _READ_WITHIN_SECONDS
+            self._unread += now // every - previous // every
+        histogram = _passed(self.histogram_freq, previous, now)
+        if (self._unread or histogram) and (histogram or self._read_due(now)):
+            self._write()  # a histogram is held on the device only until the next one
+
+    def _read_due(self, now):
+        """Whether the written steps held in the ring must be read now: the next execution
+        could overwrite one, it is `_READ_WITHIN_SECONDS` since the first, or reads wait for
+        nothing (`_defers`)."""
+        recorder, every = self._observer.recorder, self._observer.every
+        upcoming = (now + self._observer.min_rows) // every - now // every
+        return (not self._defers or recorder is None or self._unread + upcoming > recorder.rows
+                or time.monotonic() >= self._read_by)
+
 
     def on_epoch_end(self, epoch, logs=None):
         self._write(latest_only=self.update_freq == "epoch")
         self._report()
 
     def on_train_end(self, logs=None):
+        if self.model.train_function is self._functions.plain:
+            self.model.train_function = self._functions.measuring  # e.g. train_on_batch measures
         self._write(latest_only=self.update_freq == "epoch")
         self._report()
         if self._writes:
@@ -208,6 +300,7 @@ class GradientMonitor(keras.callbacks.Callback):
                            self._observer.name)
 
     def _write(self, latest_only=False):
+        self._unread = 0  # everything measured so far is read
         # histograms only when a histogram step passed since the last look (host schedule)
         seen, self._hist_seen = getattr(self, "_hist_seen", None), getattr(self, "_host_step", None)
         histograms = seen is None or self._hist_seen is None or \

@@ -7,6 +7,8 @@ the noise scale; asking for them on a model with its own `train_step` is an
 error before the first step.
 """
 
+import contextlib
+
 import keras
 import numpy as np
 
@@ -133,6 +135,19 @@ def watched_fit_arguments(model, args, kwargs):
     return args, kwargs
 
 
+@contextlib.contextmanager
+def _unread_written_if_interrupted(model):
+    """A `fit` that an exception ends (a callback's, Ctrl-C) gets no `on_train_end`: the
+    measured steps its `GradientMonitor` still holds in the ring are written on the way out."""
+    try:
+        yield
+    except BaseException:
+        from gradmon.callbacks import write_unread
+
+        write_unread(model._gradmon_observer)
+        raise
+
+
 def instrument(model, observer):
     """Observes a model in place (a model with its own `train_step`, or any model
     a `GradientMonitor` meets): its optimizer is hooked whenever a train
@@ -151,7 +166,8 @@ def instrument(model, observer):
 
     def fit(*args, **kwargs):
         args, kwargs = watched_fit_arguments(model, args, kwargs)
-        return original_fit(*args, **kwargs)
+        with _unread_written_if_interrupted(model):
+            return original_fit(*args, **kwargs)
 
     fit.__doc__ = original_fit.__doc__
     object.__setattr__(model, "fit", fit)
@@ -253,7 +269,8 @@ class GradientMonitorMixin:
 
     def fit(self, *args, **kwargs):
         args, kwargs = watched_fit_arguments(self, args, kwargs)
-        return super().fit(*args, **kwargs)
+        with _unread_written_if_interrupted(self):
+            return super().fit(*args, **kwargs)
 
     def make_train_function(self, force=False):
         _check_own_step(self, self._gradmon_config)

@@ -167,7 +167,7 @@ def test_unwritten_steps_run_a_train_function_that_measures_nothing(tmp_path):
     calls = []
     monitor = gradmon.GradientMonitor(str(tmp_path), update_freq=5)
     spy = keras.callbacks.LambdaCallback(on_train_batch_begin=lambda batch, logs: calls.append(
-        m.train_function is monitor._functions[1]))
+        m.train_function is monitor._functions.measuring))
     m.fit(X, Y, batch_size=2, epochs=1, verbose=0, callbacks=[monitor, spy])  # 20 steps, 10 executions
     # executions (1,2) (3,4) (5,6) ...: measuring only for those holding 5, 10, 15, 20
     assert calls == [False, False, True, False, True, False, False, True, False, True]
@@ -224,14 +224,18 @@ def test_numpy_stats_helper_is_not_trivial():
 
 def test_unwritten_steps_cost_no_device_read(tmp_path, monkeypatch):
     """The host knows the schedule: it reads the device only after executions that held a
-    written step (plus once per epoch for the step counter and once at each epoch end)."""
+    written step (plus once per later epoch for the step counter and once at each epoch end),
+    and the ring holds written steps until it could overflow (here: until the epoch ends)."""
+    from gradmon import callbacks as callbacks_module
     from gradmon import observer as observer_module
     from gradmon import recorder as recorder_module
 
+    monkeypatch.setattr(callbacks_module, "_READ_WITHIN_SECONDS", float("inf"))  # no clock
+
     reads = []
-    original_read = recorder_module.Recorder.read
-    monkeypatch.setattr(recorder_module.Recorder, "read",
-                        lambda self, after_step=-1: reads.append("records") or original_read(self, after_step))
+    original_take = recorder_module.Recorder.take
+    monkeypatch.setattr(recorder_module.Recorder, "take",
+                        lambda self, after_step=-1: reads.append("records") or original_take(self, after_step))
     original_step = observer_module.Observer.step.fget
     monkeypatch.setattr(observer_module.Observer, "step",
                         property(lambda self: reads.append("step") or original_step(self)))
@@ -240,9 +244,10 @@ def test_unwritten_steps_cost_no_device_read(tmp_path, monkeypatch):
           callbacks=[gradmon.GradientMonitor(str(tmp_path), update_freq=7)])  # 40 steps
     events = read_events(os.path.join(str(tmp_path), "train"))
     assert sorted(events[tags.global_norm("raw")]) == [7, 14, 21, 28, 35]
-    # records: 5 scheduled reads + 2 epoch ends + 1 train end; step: train begin + 2 epoch begins
-    assert reads.count("records") == 8
-    assert reads.count("step") == 3
+    # records: 2 epoch ends + 1 train end (5 written steps fit in the ring's 16 rows);
+    # step: train begin (the first epoch's base too) and the second epoch's begin
+    assert reads.count("records") == 3
+    assert reads.count("step") == 2
 
 
 def test_epoch_schedule_on_a_dataset_of_unknown_length(tmp_path):

@@ -2,6 +2,7 @@
 save and resume, interruption, bad input."""
 
 import os
+import re
 import warnings
 
 import keras
@@ -111,11 +112,13 @@ def test_nonfinite_policies(policy, tmp_path):
     messages = " ".join(str(w.message) for w in caught)
     events = read_events(os.path.join(str(tmp_path), "train"))
     assert events[tags.nonfinite_total("raw")][3] > 0
-    assert "non-finite gradients at step 3" in messages
+    # under "warn" the weights turn NaN at step 3, so the later steps are non-finite too; the
+    # written steps wait in the ring and are read together: one warning may name the run
+    assert re.search(r"non-finite gradients at (step 3\b|\d+ steps between step 3 )", messages)
     assert model.trainable_variables[0].path.rsplit("/", 1)[0] in messages  # its layer
     if policy == "warn":
         assert all(np.isnan(w).any() for w in snaps.weights[2])
-        assert "the update was applied" in messages
+        assert re.search(r"the updates? (was|were) applied", messages)
         return
     assert "was applied" not in messages
     for a, b in zip(snaps.weights[1], snaps.weights[2]):
