@@ -143,7 +143,8 @@ def injected(kind, seed, threshold):
     x, y = data(kind, seed)
     steps = EPOCHS[kind] * -(-len(x) // BATCH)
     kinds = KINDS[kind]
-    at = {step: kinds[i % len(kinds)] for i, step in enumerate(range(FIRST_INJECTION + 7 * seed, steps, EVERY))}
+    steps_at = range(FIRST_INJECTION + 7 * seed, steps, EVERY)
+    at = {step: kinds[i % len(kinds)] for i, step in enumerate(steps_at)}
     model = compiled(kind, seed, on_spike="skip", spike_threshold=threshold)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

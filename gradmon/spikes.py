@@ -52,8 +52,9 @@ raises no alarm (a user can leave it on `"stop"`):
 - The loss's z-score (written only, never acted upon) is of the loss itself
   (a loss may be negative), on full batches.
 
-`zclip` keeps ZClip's reference rule (the norm itself, every step): it
-clips, it does not refuse, and a partial batch clipped a little is harmless.
+`zclip` keeps ZClip's reference rule (the norm itself, every step, partial
+batches included): it clips (to `mean + z_threshold**2 * std / z`), it does
+not refuse an update.
 
 References:
     Kumar, Owen, Chowdhury, Güra (2025). ZClip: Adaptive Spike Mitigation for
@@ -147,7 +148,8 @@ class SpikeStep:
     """One step's verdict of the tracker (tensors).
 
     Attributes:
-        zscore: z of the raw global norm (NaN during the warm-up or for a non-finite norm).
+        zscore: z of the log of the raw global norm (NaN during the warm-up, for a
+            non-finite or zero norm, and for a partial batch).
         loss_zscore: z of the loss, or `None` where the loss is unknown.
         spike: bool scalar, the norm is a spike.
     """
@@ -160,7 +162,7 @@ class SpikeTracker:
     """Device state of the spike detector of one observed optimizer (created outside tf.function).
 
     Args:
-        threshold: positive float, the z above which a norm is a spike.
+        threshold: positive float, the z (of the log-norm) above which a norm is a spike.
         rows: positive int, spikes held between two reads (a ring of `(step, z)`).
         loss: whether a loss reaches the step (gradmon's own train step), so its
             statistics are kept too. Defaults to `False`.
@@ -260,7 +262,7 @@ def batch_size(batch):
     if not leaves:
         return None
     first = leaves[0]
-    if isinstance(first, (int, float, np.integer, np.floating)) or (tf.is_tensor(first) and first.shape.rank == 0):
+    if tf.TensorShape(getattr(first, "shape", None) or np.shape(first)).rank == 0:
         return tf.cast(first, tf.int64)  # a count handed over as a tensor
     return tf.cast(tf.shape(first)[0], tf.int64)
 
