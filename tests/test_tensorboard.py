@@ -156,3 +156,53 @@ def test_layout_charts_select_every_new_tag():
     assert not any("spike" in t for t in titles) and any(t.startswith("cosines") for t in titles)
     curvature_titles = [ch.title for c in curvature_layout([tags.eigenvalue(1)]).category for ch in c.chart]
     assert curvature_titles == ["top Hessian eigenvalues (curvature: loss / weight^2)"]
+
+
+# -- the health report in the Text tab ---------------------------------------------------------
+
+
+def test_markdown_report_names_flags_worst_layers_spikes_and_skipped_steps():
+    """A constructed run: the global norm explodes at step 40, layer `b` barely moves, spikes
+    at steps 12 and 30, updates refused at steps 20 and 40 (the counter rises there)."""
+    from gradmon import report
+    from gradmon.events import Run
+
+    steps = np.arange(1, 41)
+    norm = np.ones(40)
+    norm[-1] = 1e4  # 10000 x the early median: exploding
+    series = {tags.global_norm("raw"): (steps, norm)}
+    for layer, scale in (("net/a", 1.0), ("net/b", 1e-6)):
+        series[tags.group_stat("raw", "norm", layer + "/kernel")] = (steps, norm * scale)
+    series[tags.SKIPPED_STEPS] = (steps, np.where(steps >= 40, 2.0, np.where(steps >= 20, 1.0, 0.0)))
+    series[tags.SPIKE_COUNT] = (steps, np.where(steps >= 30, 2.0, np.where(steps >= 12, 1.0, 0.0)))
+    series[tags.SPIKE_AT] = (np.array([12, 30]), np.array([7.5, 9.0]))
+    run = Run(series)
+    judged = report.health_report(run)
+    text = report.format_markdown(judged, run=run)
+    assert text.startswith("### gradmon health report: steps 1-40 (40 logged)")
+    assert "**EXPLODING** [global]" in text and "**VANISHING** [net/b]" in text
+    worst = text[text.index("#### Worst layers"):text.index("#### Spikes")]
+    assert "| net/b | VANISHING" in worst
+    spikes = text[text.index("#### Spikes and skipped updates"):text.index("#### The full report")]
+    assert "step 30 (z 9)" in spikes and "12 (z 7.5)" in spikes
+    assert "at logged steps: 20, 40" in spikes
+    assert report.format_table(judged) in text  # the command line's text, whole
+
+
+def test_the_report_is_written_at_each_epoch_end():
+    from gradmon.writer import MemoryWriter
+
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, activation="tanh", name="h"),
+                              keras.layers.Dense(1, name="o")])
+    model.compile(optimizer=keras.optimizers.SGD(0.05), loss="mse")
+    writer = MemoryWriter()
+    model.fit(X, Y, batch_size=8, epochs=2, verbose=0, callbacks=[gradmon.GradientMonitor(writer=writer)])
+    texts = writer.texts[tags.REPORT]
+    assert [step for step, _ in texts] == [5, 10]  # the end of fit writes nothing new
+    assert texts[0][1].startswith("### gradmon health report: steps 1-5 (5 logged)")
+    assert texts[1][1].startswith("### gradmon health report: steps 1-10 (10 logged)")
+    # each layer's series in its run, the same run for every statistic of the layer
+    runs = {tag: run for tag, run in writer.runs.items() if tag.startswith("gradients/raw/norm/")}
+    assert sorted(runs.values()) == sorted(tags.group_run(t[len("gradients/raw/norm/"):]) for t in runs)
+    assert len(set(runs.values())) == 2
