@@ -6,7 +6,8 @@ mean training loss and runs a matrix-free algorithm on it:
 
 - `spectrum`: extreme eigenvalues (thick-restart Lanczos with full
   reorthogonalisation, or power iteration with deflation), with honest
-  residuals.
+  residuals: each value to `tol` relative to itself, and a Lanczos pass on
+  the complement of the converged vectors that finds a skipped eigenvalue.
 - `trace`: Hutchinson's estimator with Rademacher probes.
 - `density`: stochastic Lanczos quadrature (SLQ) spectral density, on the
   same Lanczos routine (`_Lanczos`) as `spectrum`.
@@ -89,10 +90,13 @@ class Spectrum(typing.NamedTuple):
             `||H v - lambda v||_2` of the returned unit vectors, from
             explicit HVPs (Lanczos: one HVP of each returned vector, not the
             recurrence estimate; power: the HVPs of the iterates, combined
-            linearly by the final Rayleigh-Ritz step). Divide by
-            `abs(eigenvalues[0])` for a relative residual.
-        hvp_count: number of HVPs used, verification HVPs included.
-        converged: whether every returned pair met the tolerance.
+            linearly by the final Rayleigh-Ritz step). Each value is within
+            its residual of an eigenvalue of `H`.
+        hvp_count: number of HVPs used, verification HVPs included (the
+            complement check's too).
+        converged: whether every returned pair met the tolerance (see
+            `spectrum`: relative to the eigenvalue itself) and the check for
+            skipped eigenvalues completed; when False, `spectrum` warned.
         min_eigenvalue: smallest algebraic eigenvalue when `smallest=True`,
             else `None`.
         min_eigenvector: its unit eigenvector `[num_params]`, or `None`.
@@ -179,16 +183,53 @@ def _batch_size(x):
     return int(leaves[0].shape[0])
 
 
+# A `tf.data.Dataset` of unknown cardinality (a generator's, possibly
+# endless) is read up to this many examples; the rest is ignored, warned.
+MAX_UNKNOWN_LENGTH_EXAMPLES = 8192
+
+
+def _element_size(batch):
+    leaves = [t for t in tf.nest.flatten(batch) if t is not None]
+    return int(leaves[0].shape[0]) if leaves and leaves[0].shape.rank else 1
+
+
+def _bounded(data):
+    """The batches of a dataset of unknown cardinality, at most
+    `MAX_UNKNOWN_LENGTH_EXAMPLES` examples of them (warned if cut)."""
+    batches, examples = [], 0
+    iterator = iter(data)
+    for batch in iterator:
+        batches.append(batch)
+        examples += _element_size(batch)
+        if examples >= MAX_UNKNOWN_LENGTH_EXAMPLES:
+            if next(iterator, None) is not None:
+                warnings.warn(
+                    "gradmon: argument `data` is a tf.data.Dataset of unknown "
+                    "cardinality (a generator's, possibly endless): the "
+                    f"Hessian probe uses its first {len(batches)} batches "
+                    f"({examples} examples, the cap "
+                    f"{MAX_UNKNOWN_LENGTH_EXAMPLES}) and ignores the rest. "
+                    "Pass `data.take(n)` (known length) to choose the "
+                    "probe yourself.", stacklevel=4,
+                )
+            break
+    return batches
+
+
 def _raw_batches(data):
     """The batches of `data` as a list, a dataset materialised once."""
     if isinstance(data, tf.data.Dataset):
-        if data.cardinality() == tf.data.INFINITE_CARDINALITY:
+        cardinality = int(data.cardinality())
+        if cardinality == tf.data.INFINITE_CARDINALITY:
             raise _invalid_data(
                 "a finite dataset (the Hessian is of the mean loss over all "
-                "of it)", f"data={data} with infinite cardinality",
+                "of it: bound it with `data.take(n)`)",
+                f"data={data} with infinite cardinality",
             )
         # Materialised once so that every HVP sees the same batches, even
         # for a dataset that reshuffles on each iteration.
+        if cardinality == tf.data.UNKNOWN_CARDINALITY:
+            return _bounded(data)
         return list(data)
     if isinstance(data, list):
         return data
@@ -218,15 +259,19 @@ def prepare_data(data):
     Args:
         data: a batch `(x, y)` or `(x, y, sample_weight)`, a list of such
             batches, a finite `tf.data.Dataset` of them, or a `ProbeData`
-            (returned as is).
+            (returned as is). An infinite dataset is refused; one of unknown
+            cardinality (e.g. `from_generator`) is read up to
+            `MAX_UNKNOWN_LENGTH_EXAMPLES` examples, with a warning if more
+            were left (bound it with `data.take(n)` to choose).
 
     Returns:
         A `ProbeData`, accepted as `data` by `make_hvp`, `spectrum`, `trace`
         and `density`.
 
     Raises:
-        ValueError: naming `data`, for an unsupported type, no non-empty
-            batch, a batch without targets `y`, or NaN/inf values.
+        ValueError: naming `data`, for an unsupported type, an infinite
+            dataset, no non-empty batch, a batch without targets `y`, or
+            NaN/inf values.
     """
     if isinstance(data, ProbeData):
         return data
@@ -426,6 +471,125 @@ def _vector_dtype(variables):
     return tf.as_dtype(widest)
 
 
+# A probe batch above this many examples is split into chunks of at most
+# this many (`make_hvp(max_batch_size=)`): one 4,096-image batch peaked at
+# 5.8 GB against 1.15 GB for the same examples in smaller batches.
+DEFAULT_MAX_BATCH_SIZE = 1024
+
+# Reductions under which a batch's loss is the mean of per-example terms
+# (plus terms independent of the batch): the size-weighted mean of its
+# chunks' losses is then the batch's loss, and its HVP the same.
+_MEAN_REDUCTIONS = ("sum_over_batch_size", "mean")
+
+
+def _layout(batch):
+    """Shapes and dtypes of a batch's tensors (one eager check per layout)."""
+    return tuple((None if t is None else (tuple(t.shape), t.dtype.name))
+                 for t in tf.nest.flatten(batch))
+
+
+def _shapes(structure):
+    shapes = [None if t is None else tuple(t.shape)
+              for t in tf.nest.flatten(structure)]
+    return shapes[0] if len(shapes) == 1 else shapes
+
+
+class _naming_data:
+    """Re-raises an error of the model or its loss on a probe batch as an
+    invalid `data` (Keras' wording), with the shapes it received."""
+
+    def __init__(self, batch):
+        self.batch = batch
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, error, traceback):
+        if error is None or not isinstance(error, (
+                ValueError, TypeError, KeyError, IndexError,
+                tf.errors.InvalidArgumentError)):
+            return False
+        if str(error).startswith("Invalid value for argument `data`"):
+            return False
+        x, y, sw = self.batch
+        received = f"a batch with x of shape {_shapes(x)}, y of shape {_shapes(y)}"
+        if sw is not None:
+            received += f", sample_weight of shape {_shapes(sw)}"
+        raise _invalid_data(
+            "batches the model and its compiled loss accept (the shapes "
+            "`fit` takes)", f"{received}, on which the model's loss failed: "
+            f"{type(error).__name__}: {str(error).strip()[:500]}",
+        ) from error
+
+
+def _check_input_shapes(model, batches):
+    """Each batch's `x` against the model's declared input, when it has
+    one (functional and Sequential models built from an `Input`); other
+    mismatches fail the eager loss in `HessianVectorProduct`, as `data`."""
+    try:
+        inputs = list(getattr(model, "inputs", None) or [])
+    except (AttributeError, ValueError, TypeError):  # a subclassed model: none declared
+        inputs = []
+    if len(inputs) != 1:  # several: their order against `x`'s is the model's business
+        return
+    expected = [tuple(t.shape) for t in inputs]
+    for batch in batches:
+        leaves = tf.nest.flatten(batch[0])
+        received = [tuple(t.shape) for t in leaves]
+        ok = len(received) == len(expected) and all(
+            len(r) == len(e) and all(a is None or a == b for a, b in zip(e[1:], r[1:]))
+            for r, e in zip(received, expected))
+        if not ok:
+            raise _invalid_data(
+                f"inputs x of shape {expected[0] if len(expected) == 1 else expected} "
+                "(the model's `inputs`; the leading batch dimension free)",
+                f"a batch with x of shape {received[0] if len(received) == 1 else received}",
+            )
+
+
+def _chunkable(model):
+    """Whether every compiled loss averages over examples (see `_MEAN_REDUCTIONS`)."""
+    compile_loss = getattr(model, "_compile_loss", None)
+    if compile_loss is None:
+        return False  # an own `compute_loss`: nothing says what it reduces
+    user = getattr(compile_loss, "_user_loss", None)
+    try:
+        losses = [loss for loss in tf.nest.flatten(user) if loss is not None]
+    except (TypeError, ValueError):
+        return False
+    return all(getattr(loss, "reduction", "sum_over_batch_size") in _MEAN_REDUCTIONS
+               or (isinstance(loss, str) or callable(loss)) and not hasattr(loss, "reduction")
+               for loss in losses)
+
+
+def _chunked(model, probe, max_batch_size):
+    """`(batches, weights)` with every batch above `max_batch_size` examples
+    split into chunks, each weighted by its share of the examples: the mean
+    loss, and so every HVP, is unchanged for a loss that averages over
+    examples. Others (a `"sum"` reduction, an own `compute_loss`) run whole,
+    warned."""
+    if all(_batch_size(x) <= max_batch_size for x, _, _ in probe.batches):
+        return probe.batches, probe.weights
+    if not _chunkable(model):
+        warnings.warn(
+            f"gradmon: a probe batch in argument `data` has more than "
+            f"{max_batch_size} examples, and is not split (the model's loss "
+            "is not known to be a mean over examples: a `'sum'` reduction or "
+            "an own `compute_loss`); its HVP needs the memory of the whole "
+            "batch. Pass smaller batches.", stacklevel=4,
+        )
+        return probe.batches, probe.weights
+    batches, weights = [], []
+    for batch, weight in zip(probe.batches, probe.weights):
+        size = _batch_size(batch[0])
+        for start in range(0, size, max_batch_size):
+            stop = min(size, start + max_batch_size)
+            batches.append(tf.nest.map_structure(
+                lambda t: None if t is None else t[start:stop], batch))
+            weights.append(weight * (stop - start) / size)
+    return batches, weights
+
+
 class HessianVectorProduct:
     """Hessian-vector product of a model's mean training loss.
 
@@ -444,9 +608,12 @@ class HessianVectorProduct:
         dtype: the `tf.DType` of flat vectors (the variables' widest).
         hvp_mode: `"reverse_over_reverse"` or `"forward_over_reverse"`.
         count: number of HVPs computed so far.
+        batch_sizes: the examples of each batch the HVP runs on, in order
+            (probe batches above `max_batch_size` split into chunks).
     """
 
-    def __init__(self, model, data, hvp_mode=None, variables=None):
+    def __init__(self, model, data, hvp_mode=None, variables=None,
+                 max_batch_size=None):
         _check_model(model)
         hvp_mode = DEFAULT_HVP_MODE if hvp_mode is None else hvp_mode
         if hvp_mode not in HVP_MODES:
@@ -454,10 +621,17 @@ class HessianVectorProduct:
                 f"Invalid value for argument `hvp_mode`. Expected one of "
                 f"{HVP_MODES}. Received: hvp_mode={hvp_mode!r}"
             )
-        self._batches, self._weights = prepare_data(data)
-        x0, y0, sw0 = self._batches[0]
+        max_batch_size = DEFAULT_MAX_BATCH_SIZE if max_batch_size is None \
+            else check_positive_int("max_batch_size", max_batch_size)
+        probe = prepare_data(data)
+        _check_input_shapes(model, probe.batches)
+        x0, y0, sw0 = probe.batches[0]
         if not model.built:
-            model(x0, training=False)  # creates the weights, nothing else
+            with _naming_data(probe.batches[0]):
+                model(x0, training=False)  # creates the weights, nothing else
+        self._batches, self._weights = _chunked(model, probe, max_batch_size)
+        self.batch_sizes = [_batch_size(b[0]) for b in self._batches]
+        x0, y0, sw0 = self._batches[0]
         trainable = list(model.trainable_variables)
         if not trainable:
             raise ValueError(
@@ -467,14 +641,21 @@ class HessianVectorProduct:
         block = _block_indices(variables, trainable)
         self.variables = [trainable[i] for i in block]
         compile_loss = getattr(model, "_compile_loss", None)
-        if compile_loss is not None and not compile_loss.built:
-            # Builds CompileLoss' trackers as `fit`/`evaluate` would; their
-            # (zero) state is created here, outside any tf.function.
-            _batch_loss(
-                model, trainable,
-                [tf.convert_to_tensor(v.value) for v in trainable],
-                x0, y0, sw0, True,
-            )
+        build = compile_loss is not None and not compile_loss.built
+        # One eager loss per batch layout: data the model or its loss cannot
+        # take fails here, naming `data`, not in the first probe. It also
+        # builds CompileLoss' trackers as `fit`/`evaluate` would (their zero
+        # state created here, outside any tf.function).
+        params = [tf.convert_to_tensor(v.value) for v in trainable]
+        seen = set()
+        for batch in self._batches:
+            layout = _layout(batch)
+            if layout in seen:
+                continue
+            seen.add(layout)
+            with _naming_data(batch):
+                _batch_loss(model, trainable, params, *batch, build)
+            build = False
         self.shapes = [tuple(v.shape) for v in self.variables]
         self._sizes = [int(np.prod(s)) for s in self.shapes]
         self.num_params = int(sum(self._sizes))
@@ -583,7 +764,7 @@ def _host_product(op, vector):
     return op.unflatten(result) if as_list else result
 
 
-def make_hvp(model, data, hvp_mode=None, variables=None):
+def make_hvp(model, data, hvp_mode=None, variables=None, max_batch_size=None):
     """Builds the compiled Hessian-vector product of a model's mean loss.
 
     Args:
@@ -601,6 +782,12 @@ def make_hvp(model, data, hvp_mode=None, variables=None):
             at their values), flattened in the model's order, and both
             backward passes stop at the earliest of them (a layer near the
             output costs less than a full HVP). Defaults to `None`: all.
+        max_batch_size: a batch of more examples is split into chunks of at
+            most this many, each HVP summed over them with weights by size
+            (the same operator for a loss that averages over examples,
+            Keras' default; a `"sum"` reduction or an own `compute_loss` is
+            not split, warned), so that its memory is a chunk's. Defaults
+            to `None`: `DEFAULT_MAX_BATCH_SIZE` (1024).
 
     Returns:
         A `HessianVectorProduct`: `hvp.apply(t)` maps a flat device tensor to
@@ -609,6 +796,12 @@ def make_hvp(model, data, hvp_mode=None, variables=None):
         `model` to `spectrum`, `trace` and `density` to share it. The traced
         `tf.function` is cached per model and mode, so building another one
         for new data of the same shapes does not retrace.
+
+    Raises:
+        ValueError: naming `data` (see `prepare_data`), also for batches
+            the model or its loss cannot take: `x` against a model's
+            declared input shape, then one eager loss per batch layout,
+            here rather than in the first product.
 
     Example:
 
@@ -619,7 +812,8 @@ def make_hvp(model, data, hvp_mode=None, variables=None):
     tr = trace(hvp, num_samples=50)
     ```
     """
-    return HessianVectorProduct(model, data, hvp_mode=hvp_mode, variables=variables)
+    return HessianVectorProduct(model, data, hvp_mode=hvp_mode, variables=variables,
+                                max_batch_size=max_batch_size)
 
 
 def _operator(model, data, hvp_mode, preconditioner=None):
@@ -998,6 +1192,12 @@ class _Lanczos:
             tf.constant(coupling, q.dtype),
         )
         self._previous = q
+        if hasattr(self.op, "project"):
+            # A deflated operator's: the recurrence's own terms bring back
+            # the rounding-level components along the locked vectors that
+            # `apply` removed, amplified at each step (measured: 2e-7 to
+            # 4e-4 in 18 steps). The rounding removed leaves `beta` as is.
+            w = self.op.project(w)
         h = h.numpy().astype(np.float64)
         h[m] += float(alpha)
         if m > 0:
@@ -1013,8 +1213,11 @@ class _Lanczos:
             self.basis.append(self._current)
             self.coeffs[self.m, self.m - 1] = beta
             return False
-        if rng is not None and self.m < self.op.num_params:
+        if rng is not None and self.m < getattr(
+                self.op, "dimension", self.op.num_params):
             w = _random_vector(rng, self.op.num_params, self.op.dtype)
+            if hasattr(self.op, "project"):  # a deflated operator's complement
+                w = self.op.project(w)
             w, _, norm = self.basis.project_out(w)
             self._current = w / norm
             self.basis.append(self._current)
@@ -1110,17 +1313,52 @@ def _kept(m, capacity, top_k, smallest):
     return list(range(low)) + list(range(m - (keep - low), m))
 
 
-def _lanczos(op, top_k, smallest, tol, max_steps, capacity, start, rng):
+# A residual below this many machine epsilons of ||H|| is rounding: the
+# floor of `_thresholds` (float32: 1.2e-5 ||H||, above the ~1e-6 ||H|| that
+# float32 HVPs reach).
+ROUNDING_EPSILONS = 100
+
+
+def _epsilon(dtype):
+    """Machine epsilon of a floating `tf.DType` (bfloat16: 2**-8)."""
+    if dtype == tf.bfloat16:
+        return 2.0 ** -8
+    return float(np.finfo(dtype.as_numpy_dtype).eps)
+
+
+def _thresholds(values, norm_est, dtype, tol):
+    """The residual each eigenvalue must reach to be reported converged.
+
+    `tol * |lambda|`: the residual `r` of a unit vector bounds the distance
+    from its Rayleigh quotient to the spectrum, so the value is then within
+    `tol` of an eigenvalue relative to itself. Eigenvalues so small that this
+    is below the operator's rounding level (`ROUNDING_EPSILONS` machine
+    epsilons of `||H||`, `norm_est`) get that absolute floor instead, never
+    more than `tol * ||H||`.
+    """
+    floor = min(tol, ROUNDING_EPSILONS * _epsilon(dtype)) * norm_est
+    return np.maximum(tol * np.abs(np.asarray(values, np.float64)), floor)
+
+
+def _lanczos(op, top_k, smallest, tol, max_steps, capacity, start, rng,
+             norm_est=0.0, slack=None):
     """Thick-restart Lanczos for the extreme eigenpairs.
 
-    Returns `(values, vectors, residuals, converged)` for the wanted Ritz
-    pairs (the `top_k` largest, then the smallest if `smallest`);
-    `vectors` is a list of device tensors.
+    Returns `(values, vectors, residuals, converged, norm_est)` for the
+    wanted Ritz pairs (the `top_k` largest, then the smallest if
+    `smallest`); `vectors` is a list of device tensors, `norm_est` the
+    largest |Ritz value| seen (at least the given one). `slack`, given the
+    wanted Ritz values, returns residuals to accept beyond `_thresholds`
+    (`_complement_check`'s looser test).
     """
-    n = op.num_params
+
+    def thresholds(values):
+        limit = _thresholds(values, norm_est, op.dtype, tol)
+        return limit if slack is None else np.maximum(limit, slack(values))
+
+    n = getattr(op, "dimension", op.num_params)
     lanczos = _Lanczos(op, capacity, start)
     first = op.count
-    norm_est = 0.0
     wanted_count = min(top_k + int(smallest), n)
     while True:
         lanczos.step(0.1 * tol, rng)
@@ -1129,30 +1367,134 @@ def _lanczos(op, top_k, smallest, tol, max_steps, capacity, start, rng):
         wanted = _wanted(lanczos.m, top_k, smallest)
         exhausted = op.count - first >= max_steps or lanczos.m >= n
         if exhausted or (len(wanted) >= wanted_count and np.all(
-                estimates[wanted] <= tol * norm_est)):
+                estimates[wanted] <= thresholds(theta[wanted]))):
             # The check costs no HVP: it combines stored vectors.
             vectors, values, residuals = lanczos.pairs(
                 theta[wanted], s[:, wanted]
             )
-            scale = max(norm_est, np.max(np.abs(values)))
-            ok = bool(np.all(residuals <= tol * scale))
+            norm_est = max(norm_est, np.max(np.abs(values)))
+            ok = bool(np.all(residuals <= thresholds(values)))
             if ok or exhausted:
-                return values, vectors, residuals, ok
+                return values, vectors, residuals, ok, norm_est
         if lanczos.m >= capacity - 1:
             lanczos.restart(
                 s[:, _kept(lanczos.m, capacity, top_k, smallest)]
             )
 
 
+class _Deflated:
+    """`P H P`, `P` the projector on the complement of locked unit vectors.
+
+    The locked vectors are eigenvectors of this operator for the eigenvalue
+    0, and its other eigenpairs are those of `H` on the complement (to the
+    locked pairs' residuals squared). `dimension` is the complement's.
+    """
+
+    def __init__(self, op, locked):
+        self.op = op
+        self.num_params, self.dtype = op.num_params, op.dtype
+        self.dimension = op.num_params - len(locked)
+        # An orthonormal basis of their span: vectors orthogonal only to
+        # rounding (power iteration's, float64 rounded to float32) would
+        # leave `||H||` times their overlaps in every product.
+        basis, _ = tf.linalg.qr(tf.transpose(tf.stack(locked)))
+        self._locked = tf.transpose(basis)
+
+    @property
+    def count(self):
+        return self.op.count
+
+    def project(self, vector):
+        """`P v` for a flat device tensor (twice: rounding stays out)."""
+        for _ in range(2):
+            vector = vector - tf.linalg.matvec(
+                self._locked, tf.linalg.matvec(self._locked, vector),
+                transpose_a=True)
+        return vector
+
+    def apply(self, vector):
+        return self.project(self.op.apply(self.project(vector)))
+
+
+# `_complement_check` resolves a Ritz value below its bound to this share of
+# the distance (a skipped eigenvalue's Ritz value rises above it first).
+_CHECK_SLACK = 0.1
+
+
+def _complement_check(op, top, low, tol, budget, capacity, rng, norm_est):
+    """Locks the converged pairs and looks for a skipped one in their complement.
+
+    `top` is the list of the largest converged pairs `(value, device vector,
+    residual)`, `low` the smallest one or `None`. Lanczos from a random
+    vector orthogonal to all locked vectors runs on `P H P` until its
+    largest (and smallest) Ritz pair is resolved: to `_CHECK_SLACK` of its
+    distance from the bound (the smallest reported value plus its
+    threshold; the reported minimum minus its threshold), or by the full
+    test of `_thresholds` when it is not clear of the bound. A value beyond
+    the bound is an eigenvalue the first run skipped. It is locked in turn
+    (its residual for `H` from one explicit HVP), the reported pairs are
+    chosen again among all locked ones, and a new pass runs, until a pass
+    finds nothing. Returns `(top pairs, minimum pair or None, verified,
+    norm_est)`; `verified` is False if the budget ran out first.
+    """
+    n = op.num_params
+    smallest = low is not None
+    top_k = len(top)
+    top = sorted(top, key=lambda p: -p[0])
+    locked = top + ([low] if smallest else [])
+    first = op.count
+    while len(locked) < n:
+        left = budget - (op.count - first)
+        if left <= 0:
+            return top, low, False, norm_est
+        deflated = _Deflated(op, [p[1] for p in locked])
+        start = deflated.project(_random_vector(rng, n, op.dtype))
+        high = top[-1][0] + _thresholds(top[-1][0], norm_est, op.dtype, tol)
+        bounds = [high] + ([low[0] - _thresholds(
+            low[0], norm_est, op.dtype, tol)] if smallest else [])
+
+        def slack(values):
+            # A pair whose value stands clear of its bound need only be
+            # resolved to a tenth of the distance: enough to tell.
+            return np.array([_CHECK_SLACK * max(0.0, (b - v) * sign)
+                             for v, b, sign in zip(values, bounds, (1, -1))])
+
+        values, vectors, residuals, ok, norm_est = _lanczos(
+            deflated, 1, smallest, tol, left,
+            min(capacity, deflated.dimension + 1), start, rng, norm_est,
+            slack)
+        if not ok:
+            return top, low, False, norm_est
+        found = []
+        if values[0] > high:
+            found.append(0)
+        if smallest and len(values) > 1 and values[-1] < bounds[1]:
+            found.append(len(values) - 1)
+        if not found:
+            return top, low, True, norm_est
+        for i in found:
+            vector = vectors[i]
+            residual = float(_norm(op.apply(vector) - values[i] * vector))
+            pair = (float(values[i]), vector, residual)
+            locked.append(pair)
+            if i == 0:
+                top = sorted(top + [pair], key=lambda p: -p[0])[:top_k]
+            else:
+                low = pair
+    return top, low, True, norm_est
+
+
 def _power(hvp, shift, deflate, start, tol, norm_floor, max_hvps):
     """Power iteration on `P (H - shift I) P`, `P` projecting out `deflate`.
 
     Stops when the residual `||P H v - (v.Hv) v||` of the current unit
-    vector (`v = P v`) falls below `tol * max(norm_floor, |v.Hv|)`. The part
+    vector (`v = P v`) falls below its threshold (`_thresholds`, with
+    `max(norm_floor, |v.Hv|)` as the estimate of `||H||`). The part
     of `H v` inside the deflated space is left to the final Rayleigh-Ritz
     step of `_power_spectrum`.
     Returns `(eigenvalue, vector, H vector, hvps used, converged)`.
     """
+    dtype = hvp.dtype
     v = _orthogonalise(start, deflate)
     v /= np.linalg.norm(v)
     value, hv = 0.0, None
@@ -1161,7 +1503,8 @@ def _power(hvp, shift, deflate, start, tol, norm_floor, max_hvps):
         value = float(v @ hv)
         projected = _orthogonalise(hv, deflate)
         residual = float(np.linalg.norm(projected - value * v))
-        if residual <= tol * max(norm_floor, abs(value)):
+        if residual <= _thresholds(value, max(norm_floor, abs(value)),
+                                   dtype, tol):
             return value, v, hv, used, True
         w = projected - shift * v
         norm = np.linalg.norm(w)
@@ -1180,7 +1523,8 @@ def _rayleigh_ritz(vectors, products):
     return theta, vectors, residuals
 
 
-def _power_spectrum(hvp, top_k, smallest, tol, max_hvps, init, rng):
+def _power_spectrum(hvp, top_k, smallest, tol, max_hvps, init, rng,
+                    check_rng=None):
     """Top-k (and smallest) eigenpairs by deflated, shifted power iteration.
 
     Returns `(values, vectors, residuals, minimum, converged)`; values are
@@ -1237,14 +1581,25 @@ def _power_spectrum(hvp, top_k, smallest, tol, max_hvps, init, rng):
                 hvp, values[0], np.zeros((0, n)), start, tol, norm_floor,
                 max(1, remaining),
             )
+            remaining -= used
             low = (v, hv, ok)
         v, hv, ok = low
         value = float(v @ hv)
         minimum = (value, v, float(np.linalg.norm(hv - value * v)))
         converged &= ok
-    scale = max(np.abs(values).max(), abs(minimum[0]) if minimum else 0.0)
-    converged &= bool(np.all(residuals <= tol * scale))
-    return values, vectors, residuals, minimum, converged
+    norm_est = max(norm_floor, np.abs(values).max(),
+                   abs(minimum[0]) if minimum else 0.0)
+    converged &= bool(np.all(residuals <= _thresholds(
+        values, norm_est, hvp.dtype, tol)))
+    # The same check for skipped eigenvalues as Lanczos', on the device.
+    pairs = [(value, hvp.to_tensor(vector), residual) for value, vector,
+             residual in zip(values, vectors, residuals)]
+    if minimum is not None:
+        pairs.append((minimum[0], hvp.to_tensor(minimum[1]), minimum[2]))
+    wanted = top_k + int(smallest)
+    return _checked(hvp, pairs, top_k, smallest, tol, converged,
+                    max(0, remaining), min(n + 1, max(14, 2 * wanted + 8)),
+                    check_rng or rng, norm_est)
 
 
 def spectrum(
@@ -1267,11 +1622,32 @@ def spectrum(
     largest eigenvalue), not the eigenvalue of largest magnitude.
 
     A pair `(lambda, v)`, `||v|| = 1`, is converged when
-    `||H v - lambda v|| <= tol * ||H||`, with `||H||` estimated as the largest
-    magnitude among the Ritz values/eigenvalues seen. This residual bounds the
-    distance from `lambda` to the spectrum; for an isolated eigenvalue the
-    error is of order residual**2 / gap. Measuring the residual against
-    `||H||` (not `|lambda|`) lets near-zero eigenvalues converge.
+    `||H v - lambda v|| <= max(tol * |lambda|, floor)`: the residual bounds
+    the distance from `lambda` to the spectrum, so a converged value is
+    within `tol` of an eigenvalue *relative to itself* (for an isolated
+    eigenvalue the error is of order residual**2 / gap, far smaller).
+    `floor = min(tol, 100 eps) * ||H||` (`eps` the machine epsilon of the
+    operator's dtype, 1.2e-7 for float32; `||H||` the largest magnitude
+    among the Ritz values seen) is the rounding level of the HVPs: an
+    eigenvalue smaller than `floor / tol` (about `1.2e-5 ||H|| / tol` in
+    float32) is accurate to `floor`, absolutely. The second and later
+    eigenvalues, often 50-500x smaller than the first, are held to their
+    own size, not to `||H||`.
+
+    That the i-th value is the i-th eigenvalue (none was skipped) is then
+    checked: the converged pairs are locked and Lanczos runs from a random
+    vector orthogonal to them, on `P H P` (`P` projecting them out), until
+    its largest Ritz value is resolved (to a tenth of its distance from
+    the smallest reported eigenvalue plus that one's threshold, or to the
+    tolerance above when it is not below). A value above that bound is an
+    eigenvalue the first run skipped (a Ritz value never exceeds the
+    largest eigenvalue): it is locked in turn, the `top_k` largest locked
+    pairs are kept, and another pass runs until one finds nothing (the same
+    for the smallest eigenvalue with `smallest=True`, from below). A random
+    start has a component along every eigenvector, so a skipped eigenvalue
+    rises first in that run; as with any Krylov method this is a
+    check with high probability, not a proof. It costs a few HVPs (often
+    as many as the first run), counted in `hvp_count` and `max_hvps`.
 
     `method="lanczos"` runs Lanczos with full reorthogonalisation (every new
     vector is orthogonalised, twice, against all stored ones) and thick
@@ -1301,8 +1677,10 @@ def spectrum(
         method: `"lanczos"` or `"power"`. Defaults to `"lanczos"`.
         smallest: also compute the smallest algebraic eigenvalue. Defaults
             to `False`.
-        tol: relative residual tolerance (see above), in (0, 1). Defaults
-            to `1e-4`. Float32 HVPs put a floor near `1e-6`.
+        tol: residual tolerance relative to each eigenvalue (see above),
+            in (0, 1). Defaults to `1e-4`. Float32 HVPs put a floor near
+            `1e-6 ||H||` on residuals: below about `1e-5 ||H||`, values are
+            accurate to `1.2e-5 ||H||` absolutely.
         max_hvps: HVP budget. Defaults to `None`:
             `200 + 20 * (top_k + smallest)` for Lanczos, `1000 * (top_k + 1)`
             for power iteration (shared among the eigenvalues).
@@ -1328,8 +1706,9 @@ def spectrum(
             from a preconditioned `Spectrum` only. Defaults to `None`: `H`.
 
     Returns:
-        A `Spectrum`. If the budget ran out first, `converged` is False and
-        a warning is issued; the best pairs found are returned anyway.
+        A `Spectrum`. If the budget ran out first (the check for skipped
+        eigenvalues included), `converged` is False and a warning is
+        issued; the best pairs found are returned anyway.
 
     References:
         C. Lanczos, "An iteration method for the solution of the eigenvalue
@@ -1365,22 +1744,28 @@ def spectrum(
             f"of trainable parameters ({n}). Received: top_k={top_k}"
         )
     rng = np.random.default_rng(seed)
+    # The check for skipped eigenvalues draws from a stream of its own: with
+    # one seed, a cold and a warm start check from the same vector.
+    check_rng = np.random.default_rng(np.random.SeedSequence(seed).spawn(1)[0])
     init = _init_matrix(init_vectors, hvp)
     if method == "lanczos":
         eigenvalues, eigenvectors, residuals, minimum, converged = (
             _lanczos_spectrum(hvp, top_k, smallest, tol, max_hvps,
-                              max_vectors, init, rng)
+                              max_vectors, init, rng, check_rng)
         )
     else:
         budget = max_hvps or 1000 * (top_k + 1)
         eigenvalues, eigenvectors, residuals, minimum, converged = (
-            _power_spectrum(hvp, top_k, smallest, tol, budget, init, rng)
+            _power_spectrum(hvp, top_k, smallest, tol, budget, init, rng,
+                            check_rng)
         )
     if not converged:
         warnings.warn(
-            f"Hessian spectrum ({method}) did not reach tol={tol} within its "
-            f"HVP budget ({hvp.count - first} HVPs); returning the best "
-            "estimates. Pass a larger `max_hvps` or `tol`.",
+            f"Hessian spectrum ({method}) did not reach tol={tol} (relative "
+            "to each eigenvalue), or could not finish checking that no "
+            f"eigenvalue was skipped, within its HVP budget ({hvp.count - first}"
+            " HVPs); returning the best estimates, marked converged=False. "
+            "Pass a larger `max_hvps` or `tol`.",
             stacklevel=2,
         )
     return Spectrum(
@@ -1417,13 +1802,14 @@ def _check_spectrum_args(method, top_k, smallest, tol, max_hvps, max_vectors):
 
 
 def _lanczos_spectrum(hvp, top_k, smallest, tol, max_hvps, max_vectors,
-                      init, rng):
+                      init, rng, check_rng=None):
     """Runs `_lanczos` and sorts its pairs as `Spectrum` wants them.
 
     Returns `(eigenvalues, eigenvectors, residuals, minimum, converged)`,
     eigenvectors as float64 NumPy, `minimum` as in `_power_spectrum`.
     """
     n = hvp.num_params
+    first = hvp.count
     wanted = top_k + int(smallest)
     steps = max_hvps or 200 + 20 * wanted
     capacity = min(n + 1, max_vectors or max(14, 2 * wanted + 8))
@@ -1431,22 +1817,43 @@ def _lanczos_spectrum(hvp, top_k, smallest, tol, max_hvps, max_vectors,
         start = hvp.to_tensor(init.sum(axis=0))
     else:  # cold, or e.g. v and -v: a random start
         start = _random_vector(rng, n, hvp.dtype)
-    values, vectors, residuals, converged = _lanczos(
+    values, vectors, residuals, converged, norm_est = _lanczos(
         hvp, top_k, smallest, tol, steps, capacity, start, rng
     )
-    count = min(top_k, n)
-    top = np.argsort(values[:count])[::-1]
-    minimum = None
-    if smallest:
-        low = int(np.argmin(values))
-        minimum = (values[low], _host(vectors[low]), residuals[low])
+    pairs = list(zip(values, vectors, residuals))
+    return _checked(hvp, pairs, top_k, smallest, tol, converged,
+                    steps - (hvp.count - first), capacity, check_rng or rng,
+                    norm_est)
+
+
+def _checked(hvp, pairs, top_k, smallest, tol, converged, budget, capacity,
+             rng, norm_est):
+    """Runs `_complement_check` on converged pairs (the `top_k` largest
+    then the smallest if `smallest`, vectors on the device) and returns
+    `(eigenvalues, eigenvectors, residuals, minimum, converged)` as
+    `_power_spectrum` does, eigenvectors as float64 NumPy."""
+    n = hvp.num_params
+    count = min(top_k, n, len(pairs))
+    top, low = pairs[:count], None
+    if smallest:  # no pair of its own when the wanted ones cover the basis
+        low = pairs[count] if len(pairs) > count else min(top, key=lambda p: p[0])
+    if converged and len(top) + int(smallest) < n:
+        top, low, converged, norm_est = _complement_check(
+            hvp, top, low, tol, budget, capacity, rng, norm_est)
+    top = sorted(top, key=lambda p: -p[0])
+    minimum = None if low is None else (float(low[0]), _host(low[1]),
+                                        float(low[2]))
     # One vector at a time to the host: no second copy of all of them.
     eigenvectors = np.empty((count, n))
-    for row, i in enumerate(top):
-        eigenvectors[row] = vectors[i].numpy()
-        vectors[i] = None
-    return (values[:count][top], eigenvectors, residuals[:count][top],
-            minimum, converged)
+    for row, pair in enumerate(top):
+        eigenvectors[row] = pair[1].numpy()
+    values = np.array([p[0] for p in top], np.float64)
+    residuals = np.array([p[2] for p in top], np.float64)
+    thresholds = _thresholds(np.append(values, [] if low is None else low[0]),
+                             norm_est, hvp.dtype, tol)
+    converged = converged and bool(np.all(np.append(
+        residuals, [] if low is None else low[2]) <= thresholds))
+    return values, eigenvectors, residuals, minimum, converged
 
 
 def _host(vector):

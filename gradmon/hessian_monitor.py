@@ -4,6 +4,8 @@ The numerics live in `gradmon.hessian`; this callback only schedules probes
 and writes their results.
 """
 
+import warnings
+
 import keras
 import numpy as np
 
@@ -65,8 +67,14 @@ class HessianMonitor(keras.callbacks.Callback):
         trace_samples: Hutchinson probes for the trace. Defaults to `50`.
         density: also estimate the spectral density. Defaults to `False`.
         smallest: also compute the smallest eigenvalue. Defaults to `False`.
-        tol: residual tolerance relative to ||H|| for the eigenpairs, in
-            (0, 1). Defaults to `1e-3`.
+        tol: residual tolerance for the eigenpairs, in (0, 1), relative
+            to each eigenvalue itself (with a floor at float rounding, see
+            `gradmon.hessian.spectrum`), after a check that none was
+            skipped. Defaults to `1e-3`. A probe that does not reach it
+            within `max_hvps` still writes its best estimates and residuals,
+            and is warned once per callback, naming the quantities.
+        max_hvps: HVP budget of each spectrum (`gradmon.hessian.spectrum`'s
+            `max_hvps`), or `None` for its default. Defaults to `None`.
         seed: seed (a non-negative integer, or `None`) for the probes'
             random vectors. Defaults to `0`.
         preconditioned: compute the preconditioned spectrum for adaptive
@@ -88,7 +96,7 @@ class HessianMonitor(keras.callbacks.Callback):
 
     def __init__(self, log_dir, data, every_n_steps=100, top_k=1, trace=False, trace_samples=50,
                  density=False, smallest=False, tol=1e-3, seed=0, preconditioned=True,
-                 gradient_overlap=True, per_layer=False):
+                 gradient_overlap=True, per_layer=False, max_hvps=None):
         super().__init__()
         self.log_dir = check_log_dir(log_dir)
         if data is None:
@@ -102,6 +110,7 @@ class HessianMonitor(keras.callbacks.Callback):
         self.density = check_bool("density", density)
         self.smallest = check_bool("smallest", smallest)
         self.tol = hessian.check_tol(tol)
+        self.max_hvps = None if max_hvps is None else check_positive_int("max_hvps", max_hvps)
         self.seed = hessian.check_seed(seed)
         self.preconditioned = check_bool("preconditioned", preconditioned)
         self.gradient_overlap = check_bool("gradient_overlap", gradient_overlap)
@@ -202,8 +211,8 @@ class HessianMonitor(keras.callbacks.Callback):
     def _probe(self, step):
         operator = self._operator or self._build_operator()
         first = operator.count
-        spec = hessian.spectrum(operator, top_k=self.top_k, smallest=self.smallest, tol=self.tol,
-                                init_vectors=self.last_spectrum, seed=self.seed)
+        spec = self._spectrum(tags.EIGENVALUE_PREFIX + "<i>", operator, top_k=self.top_k, smallest=self.smallest,
+                              init_vectors=self.last_spectrum)
         self.last_spectrum = spec
         scalars = {}
         for i, (value, res) in enumerate(zip(spec.eigenvalues, spec.residuals), start=1):
@@ -238,6 +247,23 @@ class HessianMonitor(keras.callbacks.Callback):
         self._writer.assign_runs(layout.layer_runs(written))
         self._writer.write_layout(layout.curvature_layout(written))
 
+    def _spectrum(self, quantity, operator, **kwargs):
+        """`hessian.spectrum` at the callback's tolerance and budget; not converged: warned once."""
+        with warnings.catch_warnings():  # one warning of the callback's own, below
+            warnings.simplefilter("ignore", UserWarning)
+            spec = hessian.spectrum(operator, tol=self.tol, max_hvps=self.max_hvps, seed=self.seed, **kwargs)
+        if not spec.converged:
+            self._not_converged(quantity, spec)
+        return spec
+
+    def _not_converged(self, quantity, spec):
+        warn_once(("hessian-not-converged", id(self)),
+                  f"gradmon: HessianMonitor's {quantity} did not converge to tol={self.tol} (relative to "
+                  f"each eigenvalue) or its check for skipped eigenvalues did not finish within "
+                  f"{spec.hvp_count} HVPs (residuals {np.array2string(spec.residuals, precision=3)}); its best "
+                  "estimates are written with their residuals (the matching residual tags). Pass a larger "
+                  "`max_hvps` or `tol` to HessianMonitor. This is warned once per callback.")
+
     def _stability(self, operator, spec):
         """The preconditioned spectrum, the edges of stability and the gradient overlap, by tag."""
         optimizer = self.model.optimizer
@@ -246,8 +272,8 @@ class HessianMonitor(keras.callbacks.Callback):
         sharpness = {False: spec.eigenvalues[0]}
         preconditioned = self._preconditioned(operator, optimizer)
         if preconditioned is not None:
-            pre = hessian.spectrum(preconditioned, top_k=self.top_k, tol=self.tol,
-                                   init_vectors=self.last_preconditioned, seed=self.seed)
+            pre = self._spectrum(tags.PRECONDITIONED_EIGENVALUE_PREFIX + "<i>", preconditioned, top_k=self.top_k,
+                                 init_vectors=self.last_preconditioned)
             self.last_preconditioned = pre
             for i, (value, res) in enumerate(zip(pre.eigenvalues, pre.residuals), start=1):
                 scalars[tags.preconditioned_eigenvalue(i)] = value
@@ -294,8 +320,13 @@ class HessianMonitor(keras.callbacks.Callback):
     def _probe_layers(self, scalars):
         """Adds each layer's top block eigenvalue and residual to `scalars`; returns the HVPs spent."""
         operators = self._layer_operators or self._build_layer_operators()
-        spectra = layer_curvature.layer_spectrum(operators, tol=self.tol, init_vectors=self.last_layer_spectra,
-                                                 seed=self.seed)
+        with warnings.catch_warnings():  # one warning of the callback's own, below
+            warnings.simplefilter("ignore", UserWarning)
+            spectra = layer_curvature.layer_spectrum(operators, tol=self.tol, max_hvps=self.max_hvps,
+                                                     init_vectors=self.last_layer_spectra, seed=self.seed)
+        for name, spec in spectra.items():
+            if not spec.converged:
+                self._not_converged(tags.layer_eigenvalue(name), spec)
         self.last_layer_spectra = spectra
         for name, spec in spectra.items():
             scalars[tags.layer_eigenvalue(name)] = spec.eigenvalues[0]

@@ -19,6 +19,15 @@ from gradmon import hessian, layer_curvature, tags
 from gradmon.observer import group_names
 from helpers import bn_dropout_net, explicit_hessian, read_descriptions, read_events
 
+
+def read_runs(logdir, reader=read_events):
+    """`reader` merged over `logdir` and its runs below it (per-layer series have a run each)."""
+    merged = {}
+    for directory, _, _ in sorted(os.walk(logdir)):
+        for tag, value in reader(directory).items():
+            merged.setdefault(tag, value)
+    return merged
+
 RNG = np.random.default_rng(4)
 X = RNG.normal(size=(32, 4)).astype(np.float32)
 Y = RNG.normal(size=(32, 2)).astype(np.float32)
@@ -123,7 +132,7 @@ def test_monitor_writes_per_layer_curvature(tmp_path):
                                 gradient_overlap=False)
     model.fit(X, Y, batch_size=4, epochs=1, shuffle=False, verbose=0, callbacks=[cb])  # 8 steps
     logdir = os.path.join(str(tmp_path), "train")
-    events = read_events(logdir)
+    events = read_runs(logdir)
     expected = explicit_blocks(model, X, Y)  # the probe at step 8 saw the final weights
     names = group_names(model.trainable_variables, "layer")[0]
     for name in names:
@@ -132,7 +141,7 @@ def test_monitor_writes_per_layer_curvature(tmp_path):
         assert written[8] == pytest.approx(expected[name.rsplit("/", 1)[-1]][0], rel=1e-4)
         assert events[tags.layer_residual(name)][8] <= 1e-5 * abs(written[8])
     assert tags.layer_eigenvalue(names[0]) == "hessian/layer/eigenvalue_1/mlp/first"
-    descriptions = read_descriptions(logdir)
+    descriptions = read_runs(logdir, read_descriptions)
     assert "layer `mlp/first`" in descriptions[tags.layer_eigenvalue(names[0])]
     assert descriptions[tags.layer_residual(names[0])]
 
@@ -183,7 +192,7 @@ def test_per_layer_probing_changes_nothing(tmp_path):
     assert len(finals[0]) == len(finals[1])
     for a, b in zip(*finals):
         np.testing.assert_array_equal(a, b)
-    events = read_events(os.path.join(str(tmp_path), "train"))
+    events = read_runs(os.path.join(str(tmp_path), "train"))
     bn = [t for t in events if t.startswith(tags.LAYER_EIGENVALUE_PREFIX) and "batch_normalization" in t]
     assert len(bn) == 1 and len(events[bn[0]]) == 4  # gamma and beta: one block, probed at steps 2..8
 
