@@ -3,7 +3,7 @@
 A smaller version of `benchmarks/spike_alarms.py` (which measures the rates on more
 models and seeds). Before the detector judged only full batches, and the log of the
 norm, the digits MLP below stopped at step 57 (its first, partial batch of 5 examples:
-z 10-12), the LSTM at step 84 (its norms rising 10x from initialisation, with bursts: z 10),
+z 10-12), the CNN there too (z 6.2), the LSTM at step 84 (its norms rising 10x from initialisation, with bursts: z 10),
 and the injected run also flagged its partial batches (steps 57 and 114).
 """
 
@@ -64,6 +64,21 @@ def test_digits_mlp_left_on_stop_trains_every_epoch(seed):
     assert model.gradient_observer.spikes_seen == [] and messages == []
     assert int(model.optimizer.iterations.numpy()) == 4 * 57  # every update applied
     assert not model.gradient_observer.stopped
+
+
+def cnn():
+    layers = keras.layers
+    return keras.Sequential([keras.Input((8, 8, 1)), layers.Conv2D(8, 3, padding="same", activation="relu"),
+                             layers.MaxPooling2D(), layers.Conv2D(16, 3, padding="same", activation="relu"),
+                             layers.GlobalAveragePooling2D(), layers.Dense(10)])
+
+
+def test_digits_cnn_left_on_stop_trains_every_epoch():
+    x, y = digits()
+    model, history, messages = fitted(cnn, 1, x.reshape(-1, 8, 8, 1), y, 4, "stop", shuffle=True)
+    assert len(history.history["loss"]) == 4, messages
+    assert model.gradient_observer.spikes_seen == [] and messages == []
+    assert int(model.optimizer.iterations.numpy()) == 4 * 57
 
 
 def test_lstm_norms_rising_from_initialisation_are_not_spikes():
