@@ -625,12 +625,17 @@ class Observer:
             done.add((id(writer), id(rec)))
         self._headers = done
 
-    def _report(self, writer):
+    def _report(self, writer, every_seconds=0.0):
         """The health report of the run so far (Text tab), and the per-layer charts of the layers
-        it finds that matter (`gradmon.layout.write_focus`)."""
+        it finds that matter (`gradmon.layout.write_focus`); at most once per `every_seconds`
+        (a loop that flushes often does not judge its whole history at every flush)."""
         from gradmon.layout import write_focus
         from gradmon.writer import write_report
 
+        now = time.monotonic()
+        if now - getattr(self, "_reported_at", float("-inf")) < every_seconds:
+            return
+        self._reported_at = now
         write_focus(writer, self.recorder, write_report(writer), self.name)
 
     def close(self):
@@ -796,7 +801,9 @@ def report_nonfinite(observer, taken, snapshots=()):
     if previous is not None and first == previous[1] + 1 and count == last - first + 1:
         return  # the same run of non-finite steps went on
     groups, made = _nonfinite_text(observer, count, first, last, snapshots)
-    at = f"at step {last}" if count == 1 else f"at {count} steps between step {first} and step {last}"
+    at = f"at step {last}"  # the first step first, however many followed before this read
+    if count > 1:
+        at = f"at step {first} and {count - 1} more step{'s' if count > 2 else ''} up to step {last}"
     where = f" in {groups}" if groups else ""
     made = " (the raw gradient was finite: the transform made it non-finite)" if made else ""
     message = f"gradmon: non-finite gradients {at}{where}{made} (on_nonfinite={policy!r})"
