@@ -12,6 +12,7 @@ a `Recorder` and hands the update on. The host reads the recorder back
 
 import atexit
 import sys
+import time
 import warnings
 import weakref
 
@@ -26,6 +27,8 @@ GROUPINGS = ("variable", "layer")
 _HOOK = "_gradmon_observer"
 _NEVER = 2 ** 62  # a period no run reaches: "never" without a branch on the device
 _OWN_WRITER = object()  # `flush()`'s default: the observer's own writer
+# flush() writes the health report at most this often; close() always
+_REPORT_EVERY_SECONDS = 60.0
 MAX_BUFFER_STEPS = 65536  # and the ring's bytes at most `recorder.MAX_RING_BYTES`
 
 
@@ -580,7 +583,7 @@ class Observer:
             if self.histograms and histograms:
                 self.write_histograms(writer)
             if own and report and snapshots:
-                self._report(writer)
+                self._report(writer, every_seconds=_REPORT_EVERY_SECONDS)
         report_nonfinite(self, self.take_nonfinite(), read)
         return snapshots
 
