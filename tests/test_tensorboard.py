@@ -206,3 +206,19 @@ def test_the_report_is_written_at_each_epoch_end():
     runs = {tag: run for tag, run in writer.runs.items() if tag.startswith("gradients/raw/norm/")}
     assert sorted(runs.values()) == sorted(tags.group_run(t[len("gradients/raw/norm/"):]) for t in runs)
     assert len(set(runs.values())) == 2
+
+
+def test_curvature_of_many_layers_shows_the_largest_and_smallest():
+    from gradmon.layout import FOCUS_LIMIT, chart_tags, curvature_layout
+
+    written = {tags.layer_eigenvalue(f"net/l{i}"): float(i) for i in range(FOCUS_LIMIT + 4)}
+    written[tags.eigenvalue(1)] = 20.0
+    layout = curvature_layout(written)
+    charts = chart_tags(layout, list(written))
+    focus = next(sel for (c, t), sel in charts.items() if c == "Curvature" and "layers that matter" in t)
+    largest = [tags.layer_eigenvalue(f"net/l{i}") for i in (FOCUS_LIMIT + 3, FOCUS_LIMIT + 2, FOCUS_LIMIT + 1)]
+    smallest = [tags.layer_eigenvalue(f"net/l{i}") for i in (0, 1)]
+    assert sorted(focus) == sorted(largest + smallest)
+    every = next(sel for (c, t), sel in charts.items() if c == "Curvature: all layers")
+    assert len(every) == FOCUS_LIMIT + 4
+    assert [c.closed for c in layout.category] == [False, True]
