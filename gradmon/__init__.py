@@ -5,6 +5,7 @@ Attributes are imported lazily, so that `import gradmon.report` (and
 """
 
 import importlib
+import sys
 
 __version__ = "0.1.0"
 
@@ -39,3 +40,73 @@ def __getattr__(name):
 
 def __dir__():
     return __all__
+
+
+# -- registering gradmon's saved model classes with Keras -------------------------------
+# A `.keras` file of `gradmon.monitor(model)` names gradmon's registered classes; Keras
+# finds them only if `gradmon.monitored` was imported. That import needs TensorFlow, which
+# `import gradmon` must not pull in (`gradmon summary`): so it happens as soon as Keras and
+# TensorFlow are both imported, now or later (a hook on their first import).
+
+_REGISTRATION_TRIGGERS = ("keras", "tensorflow")
+_registered = False
+
+
+def _imported(name, finished=None):
+    module = sys.modules.get(name)
+    if module is None:
+        return False
+    return name == finished or not getattr(getattr(module, "__spec__", None), "_initializing", False)
+
+
+def _register_models(finished=None):
+    """Imports `gradmon.monitored` (registering its classes) once Keras and TensorFlow are in."""
+    global _registered
+    if _registered or not all(_imported(n, finished) for n in _REGISTRATION_TRIGGERS):
+        return
+    _registered = True
+    for finder in [f for f in sys.meta_path if isinstance(f, _AfterImport)]:
+        sys.meta_path.remove(finder)
+    try:
+        importlib.import_module("gradmon.monitored")
+    except Exception as error:  # never break the user's import of Keras
+        import warnings
+
+        warnings.warn(f"gradmon: could not register its model classes with Keras ({error!r}); "
+                      "`import gradmon.monitored` before loading a monitored model.")
+
+
+class _AfterImport:
+    """A `sys.meta_path` finder that runs `_register_models` after Keras' / TensorFlow's first import."""
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname not in _REGISTRATION_TRIGGERS or _registered:
+            return None
+        for finder in sys.meta_path:
+            if finder is self or not hasattr(finder, "find_spec"):
+                continue
+            spec = finder.find_spec(fullname, path, target)
+            if spec is not None:
+                break
+        else:
+            return None
+        loader = spec.loader
+        if loader is None or not hasattr(loader, "exec_module"):
+            return spec
+        exec_module = loader.exec_module
+
+        def exec_then_register(module):
+            try:
+                exec_module(module)
+            finally:
+                loader.__dict__.pop("exec_module", None)
+            _register_models(finished=fullname)
+
+        loader.exec_module = exec_then_register
+        return spec
+
+
+if all(n in sys.modules for n in _REGISTRATION_TRIGGERS):
+    _register_models()
+if not _registered:
+    sys.meta_path.insert(0, _AfterImport())

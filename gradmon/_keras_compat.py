@@ -204,7 +204,8 @@ def serialize_as(plain):
     finds `cls`; without, it imports the `keras.*` module named and takes `plain` from it.
     """
     def decorate(cls):
-        cls.__module__, cls.__name__, cls.__qualname__ = plain.__module__, plain.__name__, plain.__qualname__
+        # `__qualname__` stays gradmon's: `type(model)` reads e.g. `...functional._MonitoredFunctional`
+        cls.__module__, cls.__name__ = plain.__module__, plain.__name__
         return cls
 
     return decorate
@@ -221,8 +222,10 @@ def cloning_source(max_depth=12):
     """The model `keras.models.clone_model` is cloning, when called from inside it, else `None`.
 
     Keras 3.15's `_clone_functional_model(model, ...)` builds the clone with
-    `model.__class__(inputs, outputs, name=model.name)`: no configuration but
-    the graph reaches the new instance. The source is that frame's `model`.
+    `model.__class__(inputs, outputs, name=model.name)`, and `clone_model(model)`
+    of a custom class goes through `get_config` / `from_config`: the settings gradmon
+    keeps outside the config (a plain-callable transform, custom statistics) do not
+    reach the new instance. The source is the innermost such frame's `model`.
     """
     import sys
 
@@ -232,7 +235,7 @@ def cloning_source(max_depth=12):
     for _ in range(max_depth):
         if frame is None:
             return None
-        if frame.f_code.co_name == "_clone_functional_model" and \
+        if frame.f_code.co_name in ("_clone_functional_model", "clone_model") and \
                 frame.f_code.co_filename == cloning.__file__:
             return frame.f_locals.get("model")
         frame = frame.f_back

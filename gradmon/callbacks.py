@@ -199,6 +199,7 @@ class GradientMonitor(keras.callbacks.Callback):
         self._begin_step = self._observer.step  # also the first epoch's mirror base
         self._observer.last_written = max(self._observer.last_written, self._begin_step)
         self.stopped_at = None
+        self._applied_checked = False
         self._hist_seen = None  # a callback moved from another model saw that model's steps
         self._unread, self._read_by = 0, float("inf")
         # refused steps (skip / stop) and spikes take rows or ring slots the host cannot
@@ -239,6 +240,7 @@ class GradientMonitor(keras.callbacks.Callback):
         # one read per epoch (none for the first): the mirror's base
         self._host_step = self._observer.step if self._begin_step is None else self._begin_step
         self._begin_step = None
+        self._epoch_start_step = self._host_step
         self._batch_seen = -1
         steps = self.params.get("steps") if self.params else None
         if self.update_freq == "epoch":
@@ -282,6 +284,28 @@ class GradientMonitor(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         self._write(latest_only=self.update_freq == "epoch")
         self._report()
+        if not self._applied_checked:
+            self._check_applied()
+
+    def _check_applied(self):
+        """Warns once per fit when the watched optimizer applied nothing in the first epoch that
+        held a step due to be written: the model trains with optimizers of its own (a GAN
+        compiled without one), which this callback does not see. No device read of its own:
+        the epoch's write read nothing measured after the epoch began."""
+        due = self.update_freq == "epoch" or _passed(self._observer.every, self._epoch_start_step,
+                                                     self._host_step)
+        if self._batch_seen < 0 or not due:
+            return
+        self._applied_checked = True
+        if self._observer.last_written > self._epoch_start_step:
+            return
+        optimizer = getattr(self.model, "optimizer", None)
+        warnings.warn(
+            f"gradmon: GradientMonitor watches the optimizer of model {self.model.name!r} "
+            f"({getattr(optimizer, 'name', None)!r}), which applied no update in "
+            f"{self._batch_seen + 1} training steps: the model trains with other optimizers "
+            "(e.g. a GAN's own), and nothing is written. Observe the optimizers the model uses: "
+            "gradmon.observe(opt, log_dir=..., name=...) for each, and flush() them.", stacklevel=2)
 
     def on_train_end(self, logs=None):
         if self.model.train_function is self._functions.plain:

@@ -8,19 +8,21 @@ error before the first step.
 """
 
 import contextlib
+import warnings
+import weakref
 
 import keras
 import numpy as np
 
 from gradmon import _keras_compat as kc
-from gradmon import own_step
+from gradmon import own_step, saving
 from gradmon import penalties as penalties_module
 from gradmon import spikes, statistics, transforms
 from gradmon._validation import check_bool, invalid
 from gradmon.observer import Observer, observer_of
 
 STAT_NAMES = statistics.STAT_NAMES
-_STEP_KEY = "gradmon_step"
+_STEP_KEY = "gradmon_step"  # older files kept the step among the model's own variables
 
 
 class GradientConfig:
@@ -50,9 +52,20 @@ class GradientConfig:
     def needs_own_step(self):
         return bool(self.penalties) or self.noise_scale
 
+    def clone_args(self):
+        """`configure_gradients` keywords for a copy (`keras.models.clone_model`): the same
+        settings, fresh state (a built-in transform is rebuilt from its config; a plain
+        callable is shared)."""
+        args = gradient_config_args(self.get_config())
+        t = self.observer.transform
+        if t is not None and not saving.serializable(t):
+            args["transform"] = t
+        args["stats"] = list(self.observer.selected) + list(self.observer.custom)
+        return args
+
     def get_config(self):
         t, obs = self.observer.transform, self.observer
-        serializable = t is None or type(t).__name__ in transforms._REGISTRY
+        serializable = t is None or saving.serializable(t)
         return {
             "transform": None if t is None or not serializable else transforms.serialize(t),
             "grouping": obs.grouping,
@@ -153,6 +166,7 @@ def instrument(model, observer):
     a `GradientMonitor` meets): its optimizer is hooked whenever a train
     function is made."""
     object.__setattr__(model, "_gradmon_observer", observer)
+    saving.attach(model)  # gradmon's state in the model's files, where plain Keras does not look
     if "_gradmon_make_train_function" in model.__dict__:
         return model  # already routed through prepare_model
     original = model.make_train_function
@@ -218,12 +232,18 @@ class GradientMonitorMixin:
                  gradient_stats=None, gradient_penalties=None, gradient_noise_scale=False,
                  gradient_on_nonfinite="warn", gradient_on_spike=None,
                  gradient_spike_threshold=spikes.DEFAULT_SPIKE_THRESHOLD, **kwargs):
-        config = GradientConfig(gradient_transform, gradient_grouping, gradient_stats,
-                                gradient_penalties, gradient_noise_scale, gradient_on_nonfinite,
-                                gradient_on_spike, gradient_spike_threshold)
+        source = kc.cloning_source()
+        if isinstance(source, GradientMonitorMixin) and type(source) is type(self):
+            # keras.models.clone_model builds the clone from the graph alone: keep the settings
+            config = GradientConfig(**source._gradmon_config.clone_args())
+        else:
+            config = GradientConfig(gradient_transform, gradient_grouping, gradient_stats,
+                                    gradient_penalties, gradient_noise_scale, gradient_on_nonfinite,
+                                    gradient_on_spike, gradient_spike_threshold)
         object.__setattr__(self, "_gradmon_config", config)
         object.__setattr__(self, "_gradmon_observer", config.observer)
         super().__init__(*args, **kwargs)
+        saving.attach(self)
 
     def configure_gradients(self, transform=None, grouping="layer", stats=None, penalties=None,
                             noise_scale=False, on_nonfinite="warn", on_spike=None,
@@ -314,6 +334,8 @@ class GradientMonitorMixin:
     def get_config(self):
         config = super().get_config()
         config["gradient_config"] = self._gradmon_config.get_config()
+        if kc.cloning_source() is not self:  # clone_model keeps what the config cannot hold
+            saving.warn_unsaved(self._gradmon_observer, f"model {self.name!r}'s config")
         return config
 
     @classmethod
@@ -322,17 +344,16 @@ class GradientMonitorMixin:
         gradient_config = config.pop("gradient_config", None)
         model = super().from_config(config, custom_objects=custom_objects)
         if gradient_config is not None:
-            model.configure_gradients(**gradient_config_args(gradient_config))
+            _configure_loaded(model, gradient_config)
         return model
 
-    def save_own_variables(self, store):
-        super().save_own_variables(store)
-        # the summary step axis continues after loading
-        store[_STEP_KEY] = np.asarray(self._gradmon_observer.step)
+    # gradmon's state (the step axis, counters, spike statistics) is saved in the model's
+    # `gradmon_state` slot (gradmon.saving), never among its own variables: the weights load
+    # into the plain model, and the files open without gradmon.
 
     def load_own_variables(self, store):
         keys = list(store.keys())
-        if _STEP_KEY in keys:
+        if _STEP_KEY in keys:  # a file written by an earlier gradmon
             self._gradmon_observer.restore_step(int(np.asarray(store[_STEP_KEY])))
         own = kc.own_variables(self)
         if len([k for k in keys if k != _STEP_KEY]) != len(own):
@@ -371,34 +392,72 @@ def _replace_observer(model, new):
     model.train_function = None
 
 
+# Saved under plain Keras' names (`kc.serialize_as`): with gradmon imported a file loads as the
+# monitored model (settings and state restored); without gradmon, as the plain Functional /
+# Sequential model with the same layers, weights and predictions.
+
+@kc.serialize_as(kc.Functional)
 @keras.saving.register_keras_serializable(package="gradmon", name="MonitoredFunctional")
 class _MonitoredFunctional(GradientMonitorMixin, kc.Functional):
     """A functional model over the layers of an existing one, with the monitored step."""
 
 
+@kc.serialize_as(keras.Sequential)
 @keras.saving.register_keras_serializable(package="gradmon", name="MonitoredWrapper")
 class _MonitoredWrapper(GradientMonitorMixin, keras.Model):
-    """Wraps a model that is not functional (a subclassed or unbuilt Sequential model)."""
+    """Wraps a model that is not functional (a subclassed or unbuilt Sequential model).
 
-    def __init__(self, inner, **kwargs):
+    Saved as a `keras.Sequential` of the wrapped model (of its layers, for a
+    Sequential one): plain Keras loads it as that, the weights at the same paths.
+    """
+
+    def __init__(self, inner=None, layers=None, **kwargs):
+        if inner is None:  # a Sequential config (from_config)
+            inner = layers[0] if layers is not None and len(layers) == 1 else keras.Sequential(layers)
         super().__init__(**kwargs)
         self.inner = inner
+
+    def _obj_type(self):
+        return "Sequential"  # Keras' saving walks `layers` first, as for a Sequential
+
+    @property
+    def layers(self):
+        inner = self.inner
+        return list(inner.layers) if isinstance(inner, keras.Sequential) else [inner]
 
     def call(self, inputs, training=None):
         return self.inner(inputs, training=training)
 
     def get_config(self):
-        return {"name": self.name, "inner": keras.saving.serialize_keras_object(self.inner),
+        if kc.cloning_source() is not self:  # clone_model keeps what the config cannot hold
+            saving.warn_unsaved(self._gradmon_observer, f"model {self.name!r}'s config")
+        return {"name": self.name, "trainable": self.trainable,
+                "layers": [keras.saving.serialize_keras_object(layer) for layer in self.layers],
                 "gradient_config": self._gradmon_config.get_config()}
 
     @classmethod
     def from_config(cls, config, custom_objects=None):
         config = dict(config)
-        inner = keras.saving.deserialize_keras_object(config.pop("inner"), custom_objects=custom_objects)
+        if "inner" in config:  # written by an earlier gradmon
+            layers = [config.pop("inner")]
+        else:
+            layers = config.pop("layers")
+        layers = [keras.saving.deserialize_keras_object(c, custom_objects=custom_objects) for c in layers]
         gradient_config = config.pop("gradient_config")
-        model = cls(inner, **config)
-        model.configure_gradients(**gradient_config_args(gradient_config))
+        config.pop("build_input_shape", None)
+        model = cls(layers=layers, **config)
+        _configure_loaded(model, gradient_config)
         return model
+
+
+def _configure_loaded(model, gradient_config):
+    """Configures a model made by `from_config`: from the saved config, or, inside
+    `keras.models.clone_model`, from the model cloned (its very settings, fresh state)."""
+    source = kc.cloning_source()
+    if isinstance(source, GradientMonitorMixin) and type(source) is type(model):
+        model.configure_gradients(**source._gradmon_config.clone_args())
+    else:
+        model.configure_gradients(**gradient_config_args(gradient_config))
 
 
 def gradient_config_args(config):
@@ -419,7 +478,9 @@ def monitor(model, transform=None, grouping="layer", stats=None, penalties=None,
     `train_step` comes back as a model sharing its layers and weights, with
     gradmon's step (penalties and the noise scale need it); if `model` was
     compiled, the new one is compiled with the same arguments and the same
-    optimizer instance (else compile it as you would `model`). A model with
+    optimizer instance (else compile it as you would `model`). Fit the
+    returned model: fitting `model` itself trains without the transform,
+    penalties and policies (warned once). A model with
     its own `train_step` comes back *itself*, observed at its optimizer: its
     step, its losses and its history keys are kept.
 
@@ -478,4 +539,52 @@ def monitor(model, transform=None, grouping="layer", stats=None, penalties=None,
     compiled_with = kc.compile_arguments(model)
     if compiled_with is not None:  # monitor(compiled model) stays compiled, as a user expects
         monitored.compile(**compiled_with)
+    _guard_original(model, monitored)
     return monitored
+
+
+def _guard_original(original, monitored):
+    """Warns when `original` (the model `monitor` wrapped) is fitted while `monitored` would
+    change its gradients: that fit trains without the transform, penalties or policies.
+
+    `monitor` returns a new model sharing the layers; fitting the original afterwards is an
+    easy slip (a notebook cell) that trains unclipped. The original's `make_train_function`
+    (run by every `fit`) checks, once per pair; nothing is added to its train step.
+    """
+    object.__setattr__(original, "_gradmon_monitored_as", weakref.ref(monitored))
+    if "_gradmon_guarded_make_train_function" in original.__dict__:
+        return
+    make = original.make_train_function
+    object.__setattr__(original, "_gradmon_guarded_make_train_function", make)
+
+    def make_train_function(force=False):
+        _warn_original_fitted(original)
+        return make(force=force)
+
+    object.__setattr__(original, "make_train_function", make_train_function)
+
+
+def _warn_original_fitted(original):
+    monitored = original.__dict__.get("_gradmon_monitored_as", lambda: None)()
+    if monitored is None:
+        return
+    config = monitored._gradmon_config
+    observer = config.observer
+    changes = []
+    if observer.transform is not None:
+        changes.append(f"the gradient transform {saving.describe(observer.transform)}")
+    if config.penalties:
+        changes.append("the penalties")
+    if observer.on_nonfinite != "warn":
+        changes.append(f"on_nonfinite={observer.on_nonfinite!r}")
+    if observer.on_spike in ("skip", "stop"):
+        changes.append(f"on_spike={observer.on_spike!r}")
+    optimizer = getattr(original, "optimizer", None)
+    if not changes or (optimizer is not None and observer_of(optimizer) is observer):
+        return  # nothing would differ, or the shared optimizer applies them anyway
+    from gradmon._validation import warn_once
+
+    warn_once(("original-fitted", id(original), id(monitored)),
+              f"gradmon: fitting {original.name!r}, the model gradmon.monitor() wrapped: this fit "
+              f"trains without {' and '.join(changes)} of the monitored model {monitored.name!r} "
+              "(they share the layers and weights). Fit the model monitor() returned instead.")
