@@ -81,6 +81,14 @@ Flags (thresholds are the fields of `Thresholds`; "early" steps are the first
 - dead (per layer): the layer's zeros share over the tail is at least
   `dead_zero_fraction` (default 0.99), or its norm is exactly 0 at every tail
   step.
+- nonfinite (per layer): in a run with non-finite updates
+  (`gradients/nonfinite_steps` rose, or a logged step had a NaN/inf raw
+  gradient that was not a loss-scale overflow), the layer's raw gradient norm
+  is NaN/inf at every tail step, or its update ratio (else grad/weight) is
+  undefined at every tail step (its weight norm is NaN/inf): a NaN reached its
+  weights. Such a layer is reported as nonfinite only, not dead (its zero
+  gradient is ReLU(NaN) = 0) and not vanishing. The exploding flag also counts
+  the non-finite updates of unlogged steps from `gradients/nonfinite_steps`.
 - clipping (global): clipping changed the gradient in at least `clip_share`
   (default 0.5) of the tail steps (global signal above); the detail names the
   layers clipped that often, most often first.
