@@ -214,7 +214,8 @@ class GradientMonitor(keras.callbacks.Callback):
         if rebuild or functions is None or not functions.serve(model, observer):
             functions = _TrainFunctions(model, observer)
             object.__setattr__(model, _TRAIN_FUNCTIONS, functions)  # not a tracked attribute
-            model.train_function = functions.measuring
+        if model.train_function is not functions.measuring:
+            model.train_function = functions.measuring  # (an interrupted fit left the other)
         self._functions = functions
 
     def on_train_batch_begin(self, batch, logs=None):
@@ -279,7 +280,6 @@ class GradientMonitor(keras.callbacks.Callback):
         upcoming = (now + self._observer.min_rows) // every - now // every
         return (not self._defers or recorder is None or self._unread + upcoming > recorder.rows
                 or time.monotonic() >= self._read_by)
-
 
     def on_epoch_end(self, epoch, logs=None):
         self._write(latest_only=self.update_freq == "epoch")
