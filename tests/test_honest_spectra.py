@@ -176,3 +176,19 @@ def test_hessian_monitor_warns_once_when_not_converged(tmp_path):
     assert sorted(events["hessian/eigenvalue_3"]) == [1, 2, 3, 4]  # still written, with residuals
     assert sorted(events["hessian/residual_3"]) == [1, 2, 3, 4]
     assert all(count <= 4 for count in events["hessian/hvp_count"].values())
+
+
+def test_a_warm_start_checks_from_the_previous_check_vector(cluster):
+    # A Spectrum carries its check's vector (about the next eigenvector): a warm start from the Spectrum
+    # checks from it (plus a random share) and spends fewer HVPs than one from its eigenvectors alone,
+    # with the same check stream (one seed) and the same honest values.
+    first = hessian.spectrum(cluster["model"], cluster["data"], top_k=3, tol=1e-3, seed=0)
+    assert first.check_vector.shape == (cluster["matrix"].shape[0],)
+    from_spectrum = hessian.spectrum(cluster["model"], cluster["data"], top_k=3, tol=1e-3, seed=1,
+                                     init_vectors=first)
+    from_rows = hessian.spectrum(cluster["model"], cluster["data"], top_k=3, tol=1e-3, seed=1,
+                                 init_vectors=first.eigenvectors)
+    for spec in (from_spectrum, from_rows):
+        assert spec.converged
+        assert_honest(spec, cluster["values"], 1e-3, cluster["matrix"])
+    assert from_spectrum.hvp_count < from_rows.hvp_count
