@@ -189,10 +189,12 @@ def instrument(model, observer):
 
 
 def observer_for(model):
-    """The `Observer` of a model, instrumenting it with a default one if it has none."""
+    """The `Observer` of a model, instrumenting it with one if it has none: the observer of its
+    optimizer (`gradmon.observe(opt, transform=...)`: its settings are kept), else a default one."""
     observer = getattr(model, "_gradmon_observer", None)
     if observer is None:
-        observer = instrument(model, Observer())._gradmon_observer
+        observer = observer_of(getattr(model, "optimizer", None)) or Observer()
+        observer = instrument(model, observer)._gradmon_observer
     return observer
 
 

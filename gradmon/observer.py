@@ -821,7 +821,7 @@ def report_nonfinite(observer, taken, snapshots=()):
         message += (": the LossScaleOptimizer skipped the update (its loss scale is at most 1, so "
                     "this is not a loss-scale overflow).")
     else:
-        message += (": the update was applied" if one else ": the updates were applied") + \
+        message += (": the update was applied" if one else ": the update was applied each time") + \
             (f"; the weights may now be NaN/inf, and a run of such steps that goes on is warned of "
              f"once (all are counted in `{tags.NONFINITE_STEPS}`). Use on_nonfinite='skip' or "
              "'stop' to protect the weights.")
