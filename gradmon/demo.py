@@ -26,19 +26,13 @@ def load_digits_split(seed=0):
     return x[:split], y[:split], x[split:], y[split:]
 
 
-def run(log_dir="runs/demo", epochs=8, seed=0):
-    """Trains a monitored MLP on digits; writes TensorBoard logs to `log_dir`.
-
-    Gradient statistics every step (clipped by value then by global norm, an
-    L2 penalty, the gradient noise scale), histograms every 20 steps, and the
-    Hessian's top-3 eigenvalues, trace and density once per epoch.
-    """
+def build_model():
+    """The demo's monitored MLP, compiled: clipped by value then by global norm, an L2 penalty,
+    the gradient noise scale, every statistic per variable (`gradmon.monitor`)."""
     import keras
 
     import gradmon
 
-    keras.utils.set_random_seed(seed)
-    x, y, x_val, y_val = load_digits_split(seed)
     base = keras.Sequential([
         keras.Input((64,)),
         keras.layers.Dense(64, activation="relu", name="hidden1"),
@@ -62,6 +56,23 @@ def run(log_dir="runs/demo", epochs=8, seed=0):
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         metrics=["accuracy"],
     )
+    return model
+
+
+def run(log_dir="runs/demo", epochs=8, seed=0):
+    """Trains a monitored MLP on digits; writes TensorBoard logs to `log_dir`.
+
+    Gradient statistics every step (clipped by value then by global norm, an
+    L2 penalty, the gradient noise scale), histograms every 20 steps, and the
+    Hessian's top-3 eigenvalues, trace and density once per epoch.
+    """
+    import keras
+
+    import gradmon
+
+    keras.utils.set_random_seed(seed)
+    x, y, x_val, y_val = load_digits_split(seed)
+    model = build_model()
     model.fit(
         x, y, batch_size=32, epochs=epochs, validation_data=(x_val, y_val), verbose=2,
         callbacks=[

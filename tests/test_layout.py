@@ -66,19 +66,7 @@ def _demo_run(log_dir):
 
     keras.utils.set_random_seed(0)
     x, y, x_val, y_val = demo.load_digits_split(0)
-    base = keras.Sequential([
-        keras.Input((64,)),
-        keras.layers.Dense(64, activation="relu", name="hidden1"),
-        keras.layers.Dense(32, activation="relu", name="hidden2"),
-        keras.layers.Dense(10, name="logits"),
-    ], name="digits_mlp")
-    model = gradmon.monitor(
-        base, transform=gradmon.transforms.chain(gradmon.transforms.clip_by_value(0.5),
-                                                 gradmon.transforms.clip_by_global_norm(1.0)),
-        penalties=[gradmon.penalties.WeightPenalty(l2=1e-4)], noise_scale=True,
-        grouping="variable", stats="all")
-    model.compile(optimizer=keras.optimizers.Adam(3e-3),
-                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model = demo.build_model()
     model.fit(x[:64], y[:64], batch_size=16, epochs=1, verbose=0, callbacks=[
         gradmon.GradientMonitor(log_dir, histogram_freq=2),
         gradmon.HessianMonitor(log_dir, data=(x_val[:32], y_val[:32]), every_n_steps=2, top_k=3,
