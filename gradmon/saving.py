@@ -2,9 +2,9 @@
 
 What a monitored model saves must open without gradmon, and its weights must
 load into the plain model. So gradmon's state (the step axis, the counters,
-the spike detector's and zclip's running statistics) is never one of the
-model's or the optimizer's variables: it lives in a separate slot,
-`model.gradmon_state`, a `GradmonState` that
+the spike detector's and zclip's running statistics and the largest batch the
+detector has seen) is never one of the model's or the optimizer's variables:
+it lives in a separate slot, `model.gradmon_state`, a `GradmonState` that
 
 - Keras' `.keras` / `.weights.h5` saving walks as an attribute of the model
   (`gradmon_state/vars/state` in the H5 file); a plain model has no such
@@ -45,7 +45,8 @@ def observer_state(observer):
     tracker = observer.spikes
     if tracker is not None:
         state["spikes"] = {"norm": tracker.norm_state.numpy().tolist(),
-                           "count": int(tracker.count.numpy())}
+                           "count": int(tracker.count.numpy()),
+                           "largest_batch": int(tracker.largest_batch.numpy())}
         if tracker.loss_state is not None:
             state["spikes"]["loss"] = tracker.loss_state.numpy().tolist()
     elif "spikes" in pending:
@@ -91,6 +92,8 @@ def apply_restored(observer):
     if tracker is not None and saved:
         tracker.norm_state.assign(np.asarray(saved["norm"], np.float64))
         tracker.count.assign(int(saved.get("count", 0)))
+        # full batches only are judged: a partial first batch after resuming is not one
+        tracker.largest_batch.assign(int(saved.get("largest_batch", 0)))
         if tracker.loss_state is not None and "loss" in saved:
             tracker.loss_state.assign(np.asarray(saved["loss"], np.float64))
     zclips = _zclips(observer)

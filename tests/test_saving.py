@@ -203,6 +203,24 @@ def test_checkpoint_resumes_the_step_axis(tmp_path):
     np.testing.assert_array_equal(fresh.gradient_observer.spikes.norm_state.numpy()[0], saved_norm[0] + 3)
 
 
+def test_checkpoint_resumes_the_spike_detectors_largest_batch(tmp_path):
+    m = fitted(functional(), steps=3, on_spike="warn")  # batches of 16
+    saved = m.gradient_observer.spikes
+    assert int(saved.largest_batch.numpy()) == 16
+    prefix = tf.train.Checkpoint(model=m, optimizer=m.optimizer).save(str(tmp_path / "ckpt"))
+
+    fresh = gradmon.monitor(functional(), on_spike="warn")
+    fresh.compile(keras.optimizers.Adam(1e-2), "mse")
+    fresh.optimizer.build(fresh.trainable_variables)
+    tf.train.Checkpoint(model=fresh, optimizer=fresh.optimizer).restore(prefix)
+    # the first batch after resuming is a partial one (8 < 16): it is neither judged nor folded in
+    fresh.fit(X[:8], Y[:8], batch_size=8, verbose=0)
+    tracker = fresh.gradient_observer.spikes
+    # before: the resumed tracker's largest batch started at 0, so the 8 were judged and folded in
+    assert int(tracker.largest_batch.numpy()) == 16
+    assert tracker.norm_state.numpy()[0] == saved.norm_state.numpy()[0]
+
+
 # -- item 4: clone_model keeps the configuration ------------------------------------------------
 
 def clipped(grads, params):
