@@ -178,7 +178,16 @@ class GradientMonitor(keras.callbacks.Callback):
         self.adopt(observer)
 
     def adopt(self, observer):
-        """Takes over writing for `observer` (also after `configure_gradients` replaced it)."""
+        """Takes over writing for `observer` (also after `configure_gradients` replaced it).
+
+        An observer with an event file of its own (`observe(opt, log_dir=...)`) first writes
+        there what it measured and not yet wrote, and closes that file (`Observer.close`).
+        From then on this callback writes for it: during `fit`, and for a later `opt.flush()`
+        (e.g. a custom loop after the fit), which writes to this callback's run (`flush_writer`),
+        where the fit's steps went, on the same step axis.
+        """
+        if observer.writer is not None and observer.monitor is None:
+            observer.close()  # its steps so far to its own file, which is then closed
         self._observer = observer
         observer.monitor = self
         observer.writer = None  # writing goes through this callback (chief only)
@@ -186,6 +195,12 @@ class GradientMonitor(keras.callbacks.Callback):
         if observer.histograms != wants:
             observer.histograms = wants
             self.model.train_function = None  # the histogram branch is traced or not
+
+    @property
+    def flush_writer(self):
+        """Where `opt.flush()` writes for an observer this callback adopted: this callback's
+        writer, or `None` where it does not write (a non-chief worker)."""
+        return self._writer if self._writes else None
 
     def on_train_begin(self, logs=None):
         write_unread(monitored.observer_for(self.model))  # by the monitor of an interrupted fit

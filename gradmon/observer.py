@@ -554,8 +554,10 @@ class Observer:
         """Writes the measured steps not yet written (idempotent); returns their snapshots.
 
         Args:
-            writer: where to write; defaults to the writer of `observe(log_dir=...)`
-                (`None`: read and warn only, e.g. a non-chief worker).
+            writer: where to write; defaults to the writer of `observe(log_dir=...)`,
+                or, once a `GradientMonitor` has adopted this observer (which closed that
+                writer), to the monitor's (`GradientMonitor.flush_writer`). `None`: read and
+                warn only, e.g. a non-chief worker.
             latest_only: write only the latest of them (`update_freq="epoch"`).
             histograms: also look for new histograms (two device reads).
             report: with the observer's own writer, also write the health report of the
@@ -564,6 +566,8 @@ class Observer:
         """
         own = writer is _OWN_WRITER
         writer = self.writer if writer is _OWN_WRITER else writer
+        if own and writer is None and self.monitor is not None:
+            writer = self.monitor.flush_writer  # adopted by a GradientMonitor: its run
         read = snapshots = self.read(count_lost=not latest_only)
         if latest_only:
             snapshots = snapshots[-1:]

@@ -184,6 +184,39 @@ def test_an_observed_optimizer_in_fit_with_a_monitor_keeps_its_transform():
     assert ratio[1] == pytest.approx(1e-3 / global_norm(first), rel=1e-4)
 
 
+def test_an_observer_with_its_own_log_dir_fitted_with_a_monitor_loses_nothing(tmp_path):
+    """`observe(opt, log_dir=A)`, a loop, then `fit` with `GradientMonitor(B)`, then the loop
+    again: the loop's steps before the fit are in A, whose event file the fit closes; the fit's
+    steps and a later `opt.flush()`'s are in B (before: A's file stayed open, and the flush after
+    the fit wrote nowhere)."""
+    from gradmon.writer import SummaryWriter
+
+    loop_dir, fit_dir = str(tmp_path / "loop"), str(tmp_path / "fit")
+    model = net(seed=12)
+    opt = gradmon.observe(keras.optimizers.SGD(0.05), log_dir=loop_dir)
+    step = compiled_step(model, opt)
+    expected = {}
+    for i in range(2):  # measured, not flushed
+        expected[i + 1] = global_norm(tape_gradients(model, MSE, *batch(i)))
+        step(*batch(i))
+    model.compile(optimizer=opt, loss="mse")
+    model.fit(X[:32], Y[:32], batch_size=8, epochs=1, shuffle=False, verbose=0,
+              callbacks=[gradmon.GradientMonitor(fit_dir)])
+    own = SummaryWriter.shared(loop_dir, "train")
+    assert own.path is None  # its event file is closed
+    expected[7] = global_norm(tape_gradients(model, MSE, *batch(6)))
+    step(*batch(6))
+    written = opt.flush()
+    assert [s.step for s in written] == [7]
+    loop_events = read_events(os.path.join(loop_dir, "train"))
+    fit_events = read_events(os.path.join(fit_dir, "train"))
+    assert sorted(loop_events[NORM]) == [1, 2]
+    assert sorted(fit_events[NORM]) == [3, 4, 5, 6, 7]
+    for s in (1, 2):
+        assert loop_events[NORM][s] == pytest.approx(expected[s], rel=1e-5)
+    assert fit_events[NORM][7] == pytest.approx(expected[7], rel=1e-5)
+
+
 # -- the ring ---------------------------------------------------------------------------
 
 def test_the_ring_holds_buffer_steps_logged_steps_whatever_update_freq():
