@@ -483,6 +483,7 @@ class SummaryWriter(MetricWriter):
         self._writer = None
         self._users = 0
         self._layout = None
+        self._configs = {}  # {config tag: (step, text)}: repeated in every new event file
         self.runs = {}  # {tag: run}: tags written into runs of their own (`assign_runs`)
         self._children = {}  # {run: SummaryWriter of logdir/run}
         self._partitions = {}  # {tag names: (own indices, {run: indices})}
@@ -550,7 +551,8 @@ class SummaryWriter(MetricWriter):
         self._warned = set()
 
     def _start_file(self):
-        """Opens a fresh event file holding the header (and the layout so far); raises on failure."""
+        """Opens a fresh event file holding the header (and the layout and the configuration
+        texts so far); raises on failure."""
         os.makedirs(self.logdir, exist_ok=True)
         # zero-padded counter: TensorBoard reads a run's files in name order
         name = "events.out.tfevents.%010d.%s.%d.%06d.gradmon.v2" % (
@@ -560,6 +562,7 @@ class SummaryWriter(MetricWriter):
         records = [event_pb2.Event(wall_time=time.time(), file_version="brain.Event:2").SerializeToString()]
         if self._layout is not None:  # a new file may be all that is left of the run
             records.append(self._layout_event())
+        records += self._config_events()  # so may its configuration (`gradmon summary`)
         try:
             for data in records:
                 writer.write(data)
@@ -570,6 +573,7 @@ class SummaryWriter(MetricWriter):
             raise
         self._writer, self.path = writer, path
         self._reset_file_state(sum(len(data) + 16 for data in records))
+        self._described.update(self._configs)  # described in this file's config events
 
     def _release_file(self, failed):
         """Closes the event file; after a failure leaves only its whole records."""
@@ -754,9 +758,14 @@ class SummaryWriter(MetricWriter):
                                    for tag, b in checked.items()}, histogram_metadata)
 
     def write_texts(self, step, mapping):
-        """Writes `{tag: Markdown text}` at `step` (TensorBoard's Text tab); never raises for I/O."""
+        """Writes `{tag: Markdown text}` at `step` (TensorBoard's Text tab); never raises for I/O.
+
+        A configuration text (`tags.config(name)`) is also written again at the start of
+        every later event file of this writer (e.g. after the directory was removed)."""
         for tag, text in mapping.items():
             self._history().texts[tag] = str(text)
+            if tag.endswith(tags.CONFIG):
+                self._configs[tag] = (int(step), str(text))
         self._write_tensors(step, {tag: tensor_util.make_tensor_proto(str(text))
                                    for tag, text in mapping.items()}, text_metadata)
 
@@ -776,6 +785,16 @@ class SummaryWriter(MetricWriter):
                     display_name=None, description=description))
             values.append(value)
         self._append(self._event(step, values))
+
+    def _config_events(self):
+        """The configuration texts written so far, one event per step, each tag described."""
+        by_step = {}
+        for tag, (step, text) in self._configs.items():
+            value = summary_pb2.Summary.Value(tag=tag, tensor=tensor_util.make_tensor_proto(text))
+            value.metadata.CopyFrom(text_metadata.create_summary_metadata(
+                display_name=None, description=tags.describe(tag)))
+            by_step.setdefault(step, []).append(value)
+        return [self._event(step, values) for step, values in by_step.items()]
 
     def _layout_event(self):
         # as tensorboard's `custom_scalar.summary.pb`, which builds a TF-flavoured proto

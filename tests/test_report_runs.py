@@ -130,9 +130,10 @@ def test_a_run_written_before_the_name_was_left_out_of_its_labels_is_read(tmp_pa
 
 
 def test_a_file_started_after_its_directory_was_removed_keeps_its_layers(tmp_path):
-    """The log directory removed mid-run: the writer starts a new file, which has no
-    `gradmon/config`; the report infers the per-layer grouping from the tags instead of
-    pooling every layer of `sequential/...` into one row."""
+    """The log directory removed mid-run: the writer starts a new file, which holds
+    `gradmon/config` again; where a run's files hold none (as such a file did before), the
+    report infers the per-layer grouping from the tags instead of pooling every layer of
+    `sequential/...` into one row."""
     keras.utils.set_random_seed(0)
     y = X.sum(axis=1, keepdims=True)
     model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(8, activation="tanh"),
@@ -151,7 +152,8 @@ def test_a_file_started_after_its_directory_was_removed_keeps_its_layers(tmp_pat
         model.fit(X, y, batch_size=8, epochs=3, verbose=0,
                   callbacks=[gradmon.GradientMonitor(writer=writer), Remove()])
     run = report.load_run(logdir)
-    assert run.config == {}  # what the issue saw: the new file holds no configuration
+    assert run.config["grouping"] == "layer"  # the new file holds the configuration again
+    run.configs.clear()  # as what the issue saw: a new file without it
     rep = report.health_report(run)
     layers = [v.path.rsplit("/", 1)[0] for v in model.trainable_variables[::2]]
     assert [l.name for l in rep.layers] == layers  # was one row, `sequential`

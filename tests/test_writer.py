@@ -6,6 +6,7 @@ warning per kind, and every record left on disk is whole.
 """
 
 import glob
+import json
 import os
 import shutil
 import struct
@@ -338,6 +339,24 @@ def test_a_removed_directory_is_recreated(tmp_path, caught):
     (warning,) = failure_warnings(caught)
     assert "was removed" in str(warning.message) and str(logdir) in str(warning.message)
     assert warning.filename == __file__  # points at the writer's caller
+
+
+def test_a_fresh_file_after_the_directory_was_removed_holds_the_configuration(tmp_path, caught):
+    from gradmon import events, tags
+
+    logdir = tmp_path / "logs" / "train"
+    w = SummaryWriter(str(logdir), check_seconds=0).open()
+    config = {"grouping": "layer", "stats": ["norm"], "name": None}
+    critic = {"grouping": "variable", "stats": ["rms"], "name": "critic"}
+    w.write_texts(0, {tags.config(): json.dumps(config), tags.config("critic"): json.dumps(critic)})
+    write_steps(w, range(3))
+    shutil.rmtree(str(tmp_path / "logs"))
+    write_steps(w, range(3, 6))
+    w.close()
+    assert len(event_files(logdir)) == 1  # the new file: all that is left of the run
+    run = events.load_run(str(logdir))
+    # before: the new file held the header and the steps only (configs == {})
+    assert run.configs == {None: config, "critic": critic}
 
 
 class FlakyRecords:
