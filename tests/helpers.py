@@ -1,7 +1,12 @@
 """Independent references for the tests: plain Keras/TF and numpy, no gradmon code."""
 
+import contextlib
 import glob
 import os
+import socket
+import subprocess
+import sys
+import time
 
 import numpy as np
 import tensorflow as tf
@@ -102,3 +107,40 @@ def group_row(snapshot, kind, path):
     from gradmon import tags
 
     return np.array([snapshot[tags.group_stat(kind, s, path)] for s in tags.GROUP_STATS])
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def serve_tensorboard(log_dir, ready, timeout=90):
+    """A real `tensorboard` serving `log_dir` on 127.0.0.1; yields its port once `ready(port)` is
+    true (an `OSError` from it means not yet), fails the test after `timeout` s; always stopped."""
+    import pytest
+
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "tensorboard.main", "--logdir", log_dir, "--host", "127.0.0.1",
+         "--port", str(port), "--reload_interval", "1", "--load_fast", "false"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + timeout
+        while True:
+            try:
+                if ready(port):
+                    break
+            except OSError:
+                pass
+            if time.time() > deadline or server.poll() is not None:
+                pytest.fail(f"tensorboard did not serve the run in {timeout} s")
+            time.sleep(0.5)
+        yield port
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            server.kill()

@@ -13,9 +13,7 @@ import fcntl
 import json
 import os
 import shutil
-import socket
 import subprocess
-import sys
 import tempfile
 import time
 import urllib.request
@@ -26,16 +24,11 @@ import pytest
 
 import gradmon
 from gradmon import tags
+from helpers import serve_tensorboard
 
 CHROMIUM = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome")
                  if shutil.which(n)), None)
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="no Chromium installed (apt-get install chromium)")
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class DevTools:
@@ -162,30 +155,12 @@ def served(tmp_path_factory):
     model.fit(x, y, batch_size=8, epochs=2, verbose=0, callbacks=[
         gradmon.GradientMonitor(log_dir),
         gradmon.HessianMonitor(log_dir, data=(x[:16], y[:16]), every_n_steps=3, per_layer=True)])
-    port = free_port()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "tensorboard.main", "--logdir", log_dir, "--host", "127.0.0.1",
-         "--port", str(port), "--reload_interval", "1", "--load_fast", "false"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.time() + 90
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/data/plugin/text/tags", timeout=5) as r:
-                    if tags.REPORT in json.loads(r.read()).get("train", []):
-                        break
-            except OSError:
-                pass
-            if time.time() > deadline or server.poll() is not None:
-                pytest.fail("tensorboard did not serve the run in 90 s")
-            time.sleep(0.5)
+    def report_served(port):
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/data/plugin/text/tags", timeout=5) as r:
+            return tags.REPORT in json.loads(r.read()).get("train", [])
+
+    with serve_tensorboard(log_dir, report_served) as port:
         yield port
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            server.kill()
 
 
 def _poll(browser, expression, done, timeout=60):

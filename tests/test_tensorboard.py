@@ -2,10 +2,6 @@
 
 import json
 import os
-import socket
-import subprocess
-import sys
-import time
 import urllib.parse
 import urllib.request
 
@@ -15,17 +11,11 @@ import pytest
 
 import gradmon
 from gradmon import tags
-from helpers import read_events
+from helpers import read_events, serve_tensorboard
 
 RNG = np.random.default_rng(51)
 X = RNG.normal(size=(40, 4)).astype(np.float32)
 Y = RNG.normal(size=(40, 1)).astype(np.float32)
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def get(port, path, **params):
@@ -49,29 +39,14 @@ def served_run(tmp_path_factory):
         gradmon.GradientMonitor(logdir, histogram_freq=5),
         gradmon.HessianMonitor(logdir, data=(X, Y), every_n_steps=5, top_k=2),
     ])
-    port = free_port()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "tensorboard.main", "--logdir", logdir, "--host", "127.0.0.1",
-         "--port", str(port), "--reload_interval", "1", "--load_fast", "false"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.time() + 90
-        while True:
-            try:
-                scalar_tags = get(port, "/data/plugin/scalars/tags").get("train", {})
-                served = get(port, "/data/plugin/scalars/scalars", run="train", tag=tags.global_norm("raw")) \
-                    if tags.global_norm("raw") in scalar_tags else []
-                if tags.EDGE_OF_STABILITY in scalar_tags and len(served) == 10:
-                    break
-            except OSError:
-                pass
-            if time.time() > deadline or server.poll() is not None:
-                pytest.fail("tensorboard did not serve the run in 90 s")
-            time.sleep(0.5)
+    def served(port):
+        scalar_tags = get(port, "/data/plugin/scalars/tags").get("train", {})
+        raw = get(port, "/data/plugin/scalars/scalars", run="train", tag=tags.global_norm("raw")) \
+            if tags.global_norm("raw") in scalar_tags else []
+        return tags.EDGE_OF_STABILITY in scalar_tags and len(raw) == 10
+
+    with serve_tensorboard(logdir, served) as port:
         yield port, logdir, model
-    finally:
-        server.terminate()
-        server.wait(timeout=20)
 
 
 def test_scalars_with_descriptions_at_the_right_steps(served_run):
