@@ -36,7 +36,7 @@ import tensorflow as tf  # noqa: E402
 from sklearn.datasets import load_digits  # noqa: E402
 
 import gradmon  # noqa: E402
-from gradmon import preconditioner  # noqa: E402
+from gradmon.hessian import preconditioner  # noqa: E402
 
 
 class Trajectory(keras.callbacks.Callback):

@@ -59,7 +59,7 @@ from sklearn.datasets import load_digits  # noqa: E402
 
 import gradmon  # noqa: E402
 from gradmon import tags  # noqa: E402
-from gradmon.writer import SummaryWriter  # noqa: E402
+from gradmon.publish.writer import SummaryWriter  # noqa: E402
 
 NUM_CLASSES = 10
 RECIPES = ("gradients", "clipping", "penalty")

@@ -56,7 +56,7 @@ import tensorflow as tf  # noqa: E402
 
 import gradmon  # noqa: E402
 from gradmon import tags  # noqa: E402
-from gradmon.writer import SummaryWriter  # noqa: E402
+from gradmon.publish.writer import SummaryWriter  # noqa: E402
 
 RADIUS, MODE_STD, NUM_MODES = 2.0, 0.05, 8
 LATENT_DIM = 2

@@ -13,16 +13,32 @@ _ATTRIBUTES = {
     "GradientCheckReport": "gradmon.gradcheck",
     "assert_gradients_close": "gradmon.gradcheck",
     "check_gradients": "gradmon.gradcheck",
-    "GradientMonitor": "gradmon.callbacks",
-    "HessianMonitor": "gradmon.hessian_monitor",
+    "GradientMonitor": "gradmon.publish.callbacks",
+    "HessianMonitor": "gradmon.hessian.monitor",
     "GradientMonitorMixin": "gradmon.monitored",
     "STAT_NAMES": "gradmon.monitored",
     "monitor": "gradmon.monitored",
-    "observe": "gradmon.observer",
-    "Statistic": "gradmon.statistics",
+    "observe": "gradmon.measure.observer",
+    "Statistic": "gradmon.measure.statistics",
 }
-_SUBMODULES = ("hessian", "layer_curvature", "penalties", "stats", "statistics", "tags", "transforms", "observer",
-               "pipeline", "report", "writer", "layout", "spikes", "preconditioner")
+# Public modules, by their short names (`gradmon.transforms.zclip`, `gradmon.hessian.spectrum`).
+_SUBMODULES = {
+    "hessian": "gradmon.hessian",
+    "layer_curvature": "gradmon.hessian.per_layer",
+    "preconditioner": "gradmon.hessian.preconditioner",
+    "penalties": "gradmon.measure.penalties",
+    "transforms": "gradmon.measure.transforms",
+    "statistics": "gradmon.measure.statistics",
+    "stats": "gradmon.measure.moments",
+    "spikes": "gradmon.measure.spikes",
+    "observer": "gradmon.measure.observer",
+    "pipeline": "gradmon.measure.pipeline",
+    "writer": "gradmon.publish.writer",
+    "layout": "gradmon.publish.layout",
+    "report": "gradmon.summary.report",
+    "summary": "gradmon.summary",
+    "tags": "gradmon.tags",
+}
 
 __all__ = sorted(list(_ATTRIBUTES) + list(_SUBMODULES))
 
@@ -31,7 +47,7 @@ def __getattr__(name):
     if name in _ATTRIBUTES:
         value = getattr(importlib.import_module(_ATTRIBUTES[name]), name)
     elif name in _SUBMODULES:
-        value = importlib.import_module(f"gradmon.{name}")
+        value = importlib.import_module(_SUBMODULES[name])
     else:
         raise AttributeError(f"module 'gradmon' has no attribute {name!r}")
     globals()[name] = value

@@ -17,7 +17,7 @@ def main(argv=None):
     demo.add_argument("--epochs", type=int, default=8, help="training epochs (default: 8)")
     summary = commands.add_parser(
         "summary", help="health report of a gradmon run: per-layer table, curvature, flags")
-    from gradmon import report  # TensorFlow-free
+    from gradmon.summary import report  # TensorFlow-free
 
     report.add_arguments(summary)
     args = parser.parse_args(argv)

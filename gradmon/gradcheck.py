@@ -472,7 +472,7 @@ def _clone_model(model, dtype, data):
 
 
 def _model_loss(model, variables, x, y, sample_weight):
-    from gradmon import _keras_compat
+    from gradmon.backend import keras_compat as _keras_compat
 
     def compute(**kwargs):
         return _keras_compat.compute_loss(model, **kwargs)

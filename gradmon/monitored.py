@@ -14,12 +14,13 @@ import weakref
 import keras
 import numpy as np
 
-from gradmon import _keras_compat as kc
-from gradmon import own_step, saving
-from gradmon import penalties as penalties_module
-from gradmon import spikes, statistics, transforms
+from gradmon.backend import keras_compat as kc
+from gradmon.measure import train_step as own_step
+from gradmon import saving
+from gradmon.measure import penalties as penalties_module
+from gradmon.measure import spikes, statistics, transforms
 from gradmon._validation import check_bool, invalid
-from gradmon.observer import Observer, observer_of
+from gradmon.measure.observer import Observer, observer_of
 
 STAT_NAMES = statistics.STAT_NAMES
 _STEP_KEY = "gradmon_step"  # older files kept the step among the model's own variables
@@ -128,7 +129,7 @@ def watched_fit_arguments(model, args, kwargs):
     """`fit`'s `(args, kwargs)` with a `PolicyWatch` added when the model's policies need one
     (`"stop"`, `"skip"`, `on_spike`) and no `GradientMonitor` is among the callbacks: without
     it, a stopped model would go on fitting without updates, silently."""
-    from gradmon.callbacks import GradientMonitor, PolicyWatch
+    from gradmon.publish.callbacks import GradientMonitor, PolicyWatch
 
     observer = getattr(model, "_gradmon_observer", None)
     if observer is None or not PolicyWatch.needed(observer):
@@ -155,7 +156,7 @@ def _unread_written_if_interrupted(model):
     try:
         yield
     except BaseException:
-        from gradmon.callbacks import write_unread
+        from gradmon.publish.callbacks import write_unread
 
         write_unread(model._gradmon_observer)
         raise

@@ -60,7 +60,7 @@ def observer_state(observer):
 
 
 def _zclips(observer):
-    from gradmon import transforms
+    from gradmon.measure import transforms
 
     transform = observer.transform
     if transform is None:
@@ -170,7 +170,7 @@ class GradmonState(KerasSaveable, _trackable.Trackable):
 
 def attach(model):
     """Gives `model` its `gradmon_state` slot (once): saved by Keras and by `tf.train.Checkpoint`."""
-    from gradmon import _keras_compat
+    from gradmon.backend import keras_compat as _keras_compat
 
     slot = model.__dict__.get(STATE_ATTRIBUTE)
     if not isinstance(slot, GradmonState):
@@ -183,7 +183,7 @@ def attach(model):
 def serializable(transform):
     """Whether `transform` and each of its members is a built-in gradmon transform (a chain of
     them included): only those are written in a model's config."""
-    from gradmon import transforms
+    from gradmon.measure import transforms
 
     members = [transform] + list(transform.members())
     return all(type(m).__name__ in transforms._REGISTRY for m in members)
@@ -191,7 +191,7 @@ def serializable(transform):
 
 def describe(transform):
     """A transform as a user wrote it: a plain callable by its name, a chain by its members."""
-    from gradmon import transforms
+    from gradmon.measure import transforms
 
     if isinstance(transform, transforms.chain):
         return "chain(" + ", ".join(describe(t) for t in transform.transforms) + ")"

@@ -397,3 +397,29 @@ _FIXED_DESCRIPTIONS = {
     SPIKE_COUNT: "Gradient-norm spikes so far (z-score above the on_spike threshold, after the warm-up).",
     SPIKE_AT: "A gradient-norm spike, written at its own step; the value is its z-score.",
 }
+
+
+def group_names(variables, grouping, prefix=None):
+    """Group of each variable and the distinct group names, unique as tags.
+
+    Two paths that sanitise to the same tag (`a>b` and `a_b`) get distinct
+    names (`a_b`, `a_b_2`): no series is silently merged into another. Under
+    an observer named `prefix`, a leading `prefix/` is left out
+    (`group_label`).
+    """
+    names, ids, by_path, taken = [], [], {}, set()
+    for v in variables:
+        path = getattr(v, "path", None) or v.name
+        if grouping == "layer" and "/" in path:
+            path = path.rsplit("/", 1)[0]
+        path = group_label(path, prefix)
+        if path not in by_path:
+            name, n = sanitize(path), 1
+            while name in taken:
+                n += 1
+                name = f"{sanitize(path)}_{n}"
+            taken.add(name)
+            by_path[path] = len(names)
+            names.append(name)
+        ids.append(by_path[path])
+    return names, ids

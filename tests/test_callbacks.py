@@ -8,7 +8,7 @@ import pytest
 
 import gradmon
 from gradmon import tags
-from gradmon import transforms as T
+from gradmon.measure import transforms as T
 from helpers import global_norm, numpy_stats, read_descriptions, read_events, tape_gradients
 
 RNG = np.random.default_rng(5)
@@ -190,7 +190,7 @@ def test_two_monitors_on_one_model_are_refused_before_training(tmp_path):
 
 
 def test_an_injected_memory_writer_gets_what_the_event_file_would(tmp_path):
-    from gradmon.writer import MemoryWriter
+    from gradmon.publish.writer import MemoryWriter
 
     m = model()
     memory = MemoryWriter()
@@ -226,9 +226,9 @@ def test_unwritten_steps_cost_no_device_read(tmp_path, monkeypatch):
     """The host knows the schedule: it reads the device only after executions that held a
     written step (plus once per later epoch for the step counter and once at each epoch end),
     and the ring holds written steps until it could overflow (here: until the epoch ends)."""
-    from gradmon import callbacks as callbacks_module
-    from gradmon import observer as observer_module
-    from gradmon import recorder as recorder_module
+    from gradmon.publish import callbacks as callbacks_module
+    from gradmon.measure import observer as observer_module
+    from gradmon.measure import recorder as recorder_module
 
     monkeypatch.setattr(callbacks_module, "_READ_WITHIN_SECONDS", float("inf"))  # no clock
 

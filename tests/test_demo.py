@@ -21,7 +21,7 @@ def test_demo_writes_gradients_penalties_and_curvature(tmp_path, capsys):
     assert events[tags.eigenvalue(1)][45] >= events[tags.eigenvalue(3)][45]
     assert "epoch_loss" in read_events(os.path.join(str(tmp_path), "validation"))
     # the README's next step: `gradmon summary runs/demo` (a table per layer, the curvature)
-    from gradmon import report
+    from gradmon.summary import report
     rep = report.health_report(report.load_run(str(tmp_path)))
     assert rep.summary.logged_steps == 45 and rep.grouping_source == "recorded"
     assert len(rep.layers) == 3 and rep.curvature is not None

@@ -156,7 +156,7 @@ def test_wgan_gp(tmp_path):
         assert events["critic/loss"][step] == pytest.approx(expected_loss, rel=1e-5, abs=1e-6)
     assert all(v >= 0 for v in events[critic(tags.penalty("wgan_gp"))].values())
     # `gradmon summary` reads the run: one section per optimizer, its layers as rows
-    from gradmon import report
+    from gradmon.summary import report
     reps = report.health_reports(report.load_run(str(tmp_path)))
     assert [(r.name, r.summary.logged_steps) for r in reps] == [("critic", 20), ("generator", 4)]
     for rep in reps:

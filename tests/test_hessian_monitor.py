@@ -152,7 +152,7 @@ def test_too_many_eigenvalues_fail_before_training(tmp_path):
 
 def test_steps_per_execution_probes_at_the_first_due_step(tmp_path, monkeypatch):
     """With 3 steps per call the step counter is read only when a probe may be due."""
-    from gradmon import hessian_monitor
+    from gradmon.hessian import monitor as hessian_monitor
 
     reads = []
     real = hessian_monitor.training_step
@@ -213,7 +213,7 @@ def test_a_preconditioner_that_is_not_positive_skips_only_the_preconditioned_spe
         tmp_path, monkeypatch):
     import warnings
 
-    from gradmon import preconditioner
+    from gradmon.hessian import preconditioner
 
     diagonal = preconditioner.diagonal
     monkeypatch.setattr(preconditioner, "diagonal", lambda opt, variables: [

@@ -17,8 +17,10 @@ import numpy as np
 import pytest
 
 import gradmon
-from gradmon import events, layout, report, tags
-from gradmon.writer import SummaryWriter
+from gradmon.summary import events, report
+from gradmon.publish import layout
+from gradmon import tags
+from gradmon.publish.writer import SummaryWriter
 
 def _layout_and_written(log_dir):
     writer = SummaryWriter.shared(log_dir, "train")

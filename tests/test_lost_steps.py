@@ -20,9 +20,9 @@ import tensorflow as tf
 
 import gradmon
 from gradmon import tags
-from gradmon import transforms as T
-from gradmon.observer import observer_of
-from gradmon.writer import MemoryWriter
+from gradmon.measure import transforms as T
+from gradmon.measure.observer import observer_of
+from gradmon.publish.writer import MemoryWriter
 from helpers import global_norm, read_events, tape_gradients
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -125,7 +125,7 @@ def test_a_compiled_loop_that_never_flushes_is_written_at_exit(exited_without_fl
     for step, expected in enumerate(norms["loop10"], start=1):
         assert events[NORM][step] == pytest.approx(expected, rel=1e-5)
     # gradmon's own reader finds a gradmon run there (the report said "not a gradmon run")
-    from gradmon import events as gradmon_events
+    from gradmon.summary import events as gradmon_events
 
     assert gradmon_events.is_gradmon_run(gradmon_events.load_run(os.path.join(cfg["loop10"], "train")))
 
@@ -189,7 +189,7 @@ def test_an_observer_with_its_own_log_dir_fitted_with_a_monitor_loses_nothing(tm
     again: the loop's steps before the fit are in A, whose event file the fit closes; the fit's
     steps and a later `opt.flush()`'s are in B (before: A's file stayed open, and the flush after
     the fit wrote nowhere)."""
-    from gradmon.writer import SummaryWriter
+    from gradmon.publish.writer import SummaryWriter
 
     loop_dir, fit_dir = str(tmp_path / "loop"), str(tmp_path / "fit")
     model = net(seed=12)

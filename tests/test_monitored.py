@@ -8,7 +8,7 @@ import pytest
 import tensorflow as tf
 
 import gradmon
-from gradmon import transforms as T
+from gradmon.measure import transforms as T
 from gradmon import tags
 from helpers import global_norm, group_row, latest_snapshot, numpy_stats, tape_gradients
 

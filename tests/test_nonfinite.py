@@ -12,9 +12,10 @@ import pytest
 import tensorflow as tf
 
 import gradmon
-from gradmon import observer as observer_module
-from gradmon import recorder as recorder_module
-from gradmon import report, tags
+from gradmon.measure import observer as observer_module
+from gradmon.measure import recorder as recorder_module
+from gradmon.summary import report
+from gradmon import tags
 from helpers import read_events
 
 RNG = np.random.default_rng(16)

@@ -10,7 +10,7 @@ import tensorflow as tf
 
 import gradmon
 from gradmon import tags
-from gradmon import transforms as T
+from gradmon.measure import transforms as T
 from helpers import global_norm, read_descriptions, read_events, tape_gradients
 
 RNG = np.random.default_rng(11)
@@ -215,7 +215,7 @@ class CosineToMomentum(gradmon.statistics.Statistic):
         return "cos(gradient, Adam's first moment) of variable " + label
 
     def compute(self, ctx):
-        from gradmon import _keras_compat
+        from gradmon.backend import keras_compat as _keras_compat
 
         rows = []
         for g, v in zip(ctx.raw, ctx.variables):

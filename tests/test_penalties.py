@@ -8,7 +8,7 @@ import pytest
 import tensorflow as tf
 
 import gradmon
-from gradmon import penalties as P
+from gradmon.measure import penalties as P
 from gradmon import tags
 from helpers import explicit_hessian, latest_snapshot, read_events, tape_gradients
 

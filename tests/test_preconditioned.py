@@ -17,7 +17,8 @@ import pytest
 import tensorflow as tf
 
 import gradmon
-from gradmon import hessian, preconditioner, tags
+from gradmon import hessian, tags
+from gradmon.hessian import preconditioner
 from helpers import explicit_hessian, read_events
 
 RNG = np.random.default_rng(21)

@@ -16,9 +16,10 @@ from tensorboard.compat.proto import event_pb2, summary_pb2, tensor_pb2, tensor_
 from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c
 
 import gradmon
-from gradmon import events, report, tags
-from gradmon import transforms as T
-from gradmon.writer import SummaryWriter
+from gradmon.summary import events, report
+from gradmon import tags
+from gradmon.measure import transforms as T
+from gradmon.publish.writer import SummaryWriter
 from helpers import read_events
 
 RNG = np.random.default_rng(0)

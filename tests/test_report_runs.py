@@ -14,8 +14,9 @@ import tensorflow as tf
 
 import gradmon
 from gradmon import __main__ as cli
-from gradmon import report, tags
-from gradmon.writer import SummaryWriter, WriteFailureWarning
+from gradmon.summary import report
+from gradmon import tags
+from gradmon.publish.writer import SummaryWriter, WriteFailureWarning
 from helpers import read_events
 
 RNG = np.random.default_rng(4)

@@ -11,9 +11,9 @@ import pytest
 import tensorflow as tf
 
 import gradmon
-from gradmon import observer as observer_module
+from gradmon.measure import observer as observer_module
 from gradmon import tags
-from gradmon.writer import MemoryWriter
+from gradmon.publish.writer import MemoryWriter
 from helpers import global_norm, tape_gradients
 
 RNG = np.random.default_rng(18)
@@ -161,7 +161,8 @@ def test_written_steps_are_read_in_batches_the_ring_can_hold(monkeypatch, flushe
     """Every step written; the ring (16 rows) is read when the next step could overwrite an
     unread row, at the epoch's end and at the train end; or after each step when the
     written steps may wait no time at all."""
-    from gradmon import callbacks, monitored
+    from gradmon.publish import callbacks
+    from gradmon import monitored
 
     monkeypatch.setattr(callbacks, "_READ_WITHIN_SECONDS", within)
     m = make()
@@ -198,7 +199,7 @@ def test_written_steps_are_read_in_batches_the_ring_can_hold(monkeypatch, flushe
 
 
 def test_every_histogram_step_is_read_before_the_next_replaces_it(monkeypatch):
-    from gradmon import callbacks
+    from gradmon.publish import callbacks
 
     monkeypatch.setattr(callbacks, "_READ_WITHIN_SECONDS", float("inf"))
     m = make()

@@ -12,7 +12,7 @@ import tensorflow as tf
 
 import gradmon
 from gradmon import tags
-from gradmon import transforms as T
+from gradmon.measure import transforms as T
 from helpers import global_norm, latest_snapshot, read_events, tape_gradients
 
 RNG = np.random.default_rng(41)

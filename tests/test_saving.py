@@ -18,7 +18,7 @@ import pytest
 import tensorflow as tf
 
 import gradmon
-from gradmon.writer import MemoryWriter
+from gradmon.publish.writer import MemoryWriter
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 X = np.random.default_rng(0).normal(size=(48, 4)).astype("float32")

@@ -9,8 +9,8 @@ import tensorflow as tf
 
 import gradmon
 from gradmon import tags
-from gradmon import transforms as T
-from gradmon.writer import MemoryWriter
+from gradmon.measure import transforms as T
+from gradmon.publish.writer import MemoryWriter
 
 NAN = float("nan")
 THRESHOLD = gradmon.spikes.DEFAULT_SPIKE_THRESHOLD

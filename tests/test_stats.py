@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from gradmon import stats
+from gradmon.measure import moments as stats
 
 
 def numpy_row(g):

@@ -84,7 +84,7 @@ def test_layout_charts_select_every_new_tag():
 
     import tensorflow as tf
 
-    from gradmon.layout import build_layout, curvature_layout
+    from gradmon.publish.layout import build_layout, curvature_layout
 
     keras.utils.set_random_seed(0)
     net = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, name="d"), keras.layers.Dense(1, name="e")])
@@ -139,8 +139,8 @@ def test_layout_charts_select_every_new_tag():
 def test_markdown_report_names_flags_worst_layers_spikes_and_skipped_steps():
     """A constructed run: the global norm explodes at step 40, layer `b` barely moves, spikes
     at steps 12 and 30, updates refused at steps 20 and 40 (the counter rises there)."""
-    from gradmon import report
-    from gradmon.events import Run
+    from gradmon.summary import report
+    from gradmon.summary.events import Run
 
     steps = np.arange(1, 41)
     norm = np.ones(40)
@@ -165,7 +165,7 @@ def test_markdown_report_names_flags_worst_layers_spikes_and_skipped_steps():
 
 
 def test_the_report_is_written_at_each_epoch_end():
-    from gradmon.writer import MemoryWriter
+    from gradmon.publish.writer import MemoryWriter
 
     keras.utils.set_random_seed(0)
     model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, activation="tanh", name="h"),
@@ -184,7 +184,7 @@ def test_the_report_is_written_at_each_epoch_end():
 
 
 def test_curvature_of_many_layers_shows_the_largest_and_smallest():
-    from gradmon.layout import FOCUS_LIMIT, chart_tags, curvature_layout
+    from gradmon.publish.layout import FOCUS_LIMIT, chart_tags, curvature_layout
 
     written = {tags.layer_eigenvalue(f"net/l{i}"): float(i) for i in range(FOCUS_LIMIT + 4)}
     written[tags.eigenvalue(1)] = 20.0

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from gradmon import transforms as T
+from gradmon.measure import transforms as T
 
 RNG = np.random.default_rng(0)
 GRADS = [RNG.normal(scale=s, size=shape).astype(np.float32)

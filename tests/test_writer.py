@@ -24,8 +24,8 @@ from tensorboard.plugins.custom_scalar import layout_pb2
 from tensorboard.plugins.custom_scalar import metadata as custom_scalar_metadata
 from tensorboard.util import tensor_util
 
-from gradmon import writer as writer_module
-from gradmon.writer import (MemoryWriter, MetricWriter, SummaryWriter, WriteFailureWarning,
+from gradmon.publish import writer as writer_module
+from gradmon.publish.writer import (MemoryWriter, MetricWriter, SummaryWriter, WriteFailureWarning,
                             histogram_buckets, merge_layouts)
 
 TAGS = [f"gradients/raw/norm/dense_{i}" for i in range(50)]
@@ -342,7 +342,8 @@ def test_a_removed_directory_is_recreated(tmp_path, caught):
 
 
 def test_a_fresh_file_after_the_directory_was_removed_holds_the_configuration(tmp_path, caught):
-    from gradmon import events, tags
+    from gradmon.summary import events
+    from gradmon import tags
 
     logdir = tmp_path / "logs" / "train"
     w = SummaryWriter(str(logdir), check_seconds=0).open()

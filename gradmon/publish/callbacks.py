@@ -13,9 +13,11 @@ import warnings
 
 import keras
 
-from gradmon import _distribute, layout, monitored, tags
+from gradmon.backend import distribute as _distribute
+from gradmon.publish import layout
+from gradmon import monitored, tags
 from gradmon._validation import check_log_dir, check_non_negative_int, check_positive_int, invalid
-from gradmon.writer import MetricWriter, SummaryWriter, write_report
+from gradmon.publish.writer import MetricWriter, SummaryWriter, write_report
 
 
 def _with_measuring(observer, train_function, measuring):

@@ -9,10 +9,13 @@ import warnings
 import keras
 import numpy as np
 
-from gradmon import _distribute, hessian, layer_curvature, preconditioner, tags
-from gradmon._steps import current_learning_rate, host_value, training_step
+from gradmon.backend import distribute as _distribute
+from gradmon.hessian import core as hessian
+from gradmon import tags
+from gradmon.hessian import per_layer as layer_curvature, preconditioner
+from gradmon.backend.host import current_learning_rate, host_value, training_step
 from gradmon._validation import check_bool, check_log_dir, check_positive_int, invalid, warn_once
-from gradmon.writer import SummaryWriter
+from gradmon.publish.writer import SummaryWriter
 
 
 def density_buckets(density, buckets=60):
@@ -237,7 +240,7 @@ class HessianMonitor(keras.callbacks.Callback):
     def _write_layout(self, scalars):
         """The "Curvature" charts of the tags written so far (`layout.curvature_layout`), again
         when a probe writes a tag the earlier ones did not; each layer's tags into its run."""
-        from gradmon import layout
+        from gradmon.publish import layout
 
         written = getattr(self, "_laid_out", {})
         if set(scalars) <= set(written):

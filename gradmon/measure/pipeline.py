@@ -32,7 +32,8 @@ or Keras models; `gradmon.observer` runs it at the optimizer's door.
 
 import tensorflow as tf
 
-from gradmon import _distribute, _keras_compat, transforms
+from gradmon.backend import distribute as _distribute, keras_compat as _keras_compat
+from gradmon.measure import transforms
 from gradmon._validation import check_choice, invalid
 
 NONFINITE_POLICIES = ("warn", "skip", "stop")

@@ -133,7 +133,7 @@ class _History:
         """A `gradmon.events.Run` as `events.load_run` would read it: sorted by step, the value
         written last winning at a step written twice, each observer's configuration; tags in
         the order the files give them (this run's, then each of `runs`' by name)."""
-        from gradmon import events
+        from gradmon.summary import events
 
         runs = runs or {}
         parts = {}
@@ -183,7 +183,7 @@ def write_report(writer, max_listed=5):
     Returns:
         The `HealthReport`s written (empty when the writer holds no gradient statistics).
     """
-    from gradmon import events, report
+    from gradmon.summary import events, report
 
     try:
         run = writer.written_run()

@@ -20,7 +20,7 @@ Example:
 
 import tensorflow as tf
 
-from gradmon import stats
+from gradmon.measure import moments as stats
 from gradmon._validation import check_positive
 
 
@@ -386,7 +386,8 @@ class zclip(GradientTransform):
     def build(self, params):
         if self.state is not None:
             return  # the running statistics carry over (e.g. a recompile)
-        from gradmon import _distribute, spikes
+        from gradmon.backend import distribute as _distribute
+        from gradmon.measure import spikes
 
         with tf.init_scope():
             self.state = _distribute.replica_local_variable(spikes.initial_state(), tf.float64,
@@ -395,7 +396,7 @@ class zclip(GradientTransform):
                                                                 name="gradmon_zclip_threshold")
 
     def __call__(self, grads, params):
-        from gradmon import spikes
+        from gradmon.measure import spikes
 
         self.build(params)
         norm = tf.cast(stats.global_norm(grads), tf.float64)

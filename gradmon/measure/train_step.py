@@ -14,11 +14,11 @@ import contextlib
 import keras
 import tensorflow as tf
 
-from gradmon import _distribute
-from gradmon import _keras_compat as kc
-from gradmon import penalties as penalties_module
-from gradmon import stats
-from gradmon.pipeline import divided, multiplied
+from gradmon.backend import distribute as _distribute
+from gradmon.backend import keras_compat as kc
+from gradmon.measure import penalties as penalties_module
+from gradmon.measure import moments as stats
+from gradmon.measure.pipeline import divided, multiplied
 
 
 class Extras:

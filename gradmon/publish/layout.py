@@ -26,7 +26,8 @@ import re
 
 from tensorboard.plugins.custom_scalar import layout_pb2
 
-from gradmon import spikes, statistics, tags
+from gradmon.measure import spikes, statistics
+from gradmon import tags
 
 # Models with more groups than this show the layers that matter in each per-layer chart.
 FOCUS_LIMIT = 8

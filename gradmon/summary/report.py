@@ -141,7 +141,7 @@ import numpy as np
 
 from gradmon import tags
 # the reader lives in gradmon.events; its names stay importable from here
-from gradmon.events import (  # noqa: F401
+from gradmon.summary.events import (  # noqa: F401
     NoGradmonLogs, Overlap, ReadProblem, Run, is_gradmon_run, load_run, observer_names, run_directory)
 from gradmon._validation import check_choice, check_positive_int, invalid
 

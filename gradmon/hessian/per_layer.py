@@ -5,7 +5,7 @@ the diagonal block of the Hessian of the probe loss (`gradmon.hessian`'s
 loss: compiled loss plus `model.losses`, `training=False`) for `L`'s
 trainable variables, all of them together (kernel and bias span one block),
 with its residual `||H_LL v - lambda v||`. Layers are the groups of the
-observer's `grouping="layer"` (`gradmon.observer.group_names`), so the names
+observer's `grouping="layer"` (`gradmon.tags.group_names`), so the names
 match the per-layer gradient tags.
 
 Each layer has its own HVP operator, `hessian.make_hvp(variables=...)`: only
@@ -20,7 +20,8 @@ By Cauchy's interlacing theorem `lambda_1(H_LL) <= lambda_1(H)`: the layer
 whose block comes closest to the sharpness is where the curvature sits.
 """
 
-from gradmon import hessian, observer
+from gradmon import tags
+from gradmon.hessian import core as hessian
 from gradmon._validation import check_bool, invalid
 
 
@@ -33,10 +34,10 @@ def layer_variables(model):
     Returns:
         A dict `{layer name: [variables]}` in the order of
         `model.trainable_variables`; names are those of the per-layer
-        gradient tags (`gradmon.observer.group_names(..., "layer")`).
+        gradient tags (`gradmon.tags.group_names(..., "layer")`).
     """
     variables = list(model.trainable_variables)
-    names, ids = observer.group_names(variables, "layer")
+    names, ids = tags.group_names(variables, "layer")
     groups = {name: [] for name in names}
     for v, i in zip(variables, ids):
         groups[names[i]].append(v)

@@ -59,8 +59,8 @@ import typing
 import keras
 import numpy as np
 
-from gradmon import _keras_compat
-from gradmon._steps import current_learning_rate, host_value
+from gradmon.backend import keras_compat as _keras_compat
+from gradmon.backend.host import current_learning_rate, host_value
 
 
 class StabilityThreshold(typing.NamedTuple):

@@ -60,7 +60,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from gradmon import _keras_compat
+from gradmon.backend import keras_compat as _keras_compat
 from gradmon._validation import (
     check_bool,
     check_non_negative_int,
@@ -912,7 +912,7 @@ def precondition(hvp, preconditioner):
         raise invalid("preconditioner", "None for an operator that is already preconditioned",
                       type(preconditioner).__name__)
     if isinstance(preconditioner, keras.optimizers.Optimizer):
-        from gradmon import preconditioner as _preconditioner
+        from gradmon.hessian import preconditioner as _preconditioner
 
         diagonal = _preconditioner.diagonal(preconditioner, hvp.variables)
         if diagonal is None:

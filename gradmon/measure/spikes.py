@@ -64,7 +64,9 @@ References:
 import numpy as np
 import tensorflow as tf
 
-from gradmon import _distribute, statistics, tags
+from gradmon.backend import distribute as _distribute
+from gradmon.measure import statistics
+from gradmon import tags
 
 SPIKE_POLICIES = ("warn", "skip", "stop")
 # The detector's EMA (ZClip's defaults): alpha 0.97 (about 33 steps of memory), 25 warm-up steps.
@@ -295,7 +297,7 @@ def watch_batches(model):
 
 def global_norm(gradients):
     """The raw global norm the tracker judges, inside its name scope."""
-    from gradmon import stats
+    from gradmon.measure import moments as stats
 
     with tf.name_scope(_NAME_SCOPE):
         return stats.global_norm(gradients)

@@ -17,7 +17,9 @@ before they were taken are counted, never silently dropped.
 import numpy as np
 import tensorflow as tf
 
-from gradmon import _distribute, _keras_compat, statistics, tags
+from gradmon.backend import distribute as _distribute, keras_compat as _keras_compat
+from gradmon.measure import statistics
+from gradmon import tags
 from gradmon._validation import invalid
 
 HISTOGRAM_BUCKETS = 30

@@ -20,8 +20,8 @@ A statistic is a small object (in the spirit of Cockpit's quantities and
 
 import tensorflow as tf
 
-from gradmon import _keras_compat
-from gradmon import stats as _stats
+from gradmon.backend import keras_compat as _keras_compat
+from gradmon.measure import moments as _stats
 from gradmon import tags
 
 GROUP_STATS = tags.GROUP_STATS
@@ -451,7 +451,7 @@ class NoiseScale(Statistic):
         return self._GLOBAL[label] if label in self._GLOBAL else tags.snr(label)
 
     def build(self, spec):
-        from gradmon import _distribute
+        from gradmon.backend import distribute as _distribute
 
         return _distribute.replica_local_variable(tf.zeros([2], tf.float64))
 

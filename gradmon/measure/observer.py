@@ -18,10 +18,12 @@ import weakref
 
 import tensorflow as tf
 
-from gradmon import _distribute, _keras_compat, recorder, spikes, statistics, tags, transforms
+from gradmon.backend import distribute as _distribute, keras_compat as _keras_compat
+from gradmon.measure import recorder, spikes, statistics, transforms
+from gradmon import tags
 from gradmon._validation import (check_choice, check_log_dir, check_non_negative_int, check_positive,
                                  invalid, warn_once)
-from gradmon.pipeline import GradientPipeline
+from gradmon.measure.pipeline import GradientPipeline
 
 GROUPINGS = ("variable", "layer")
 _HOOK = "_gradmon_observer"
@@ -30,32 +32,6 @@ _OWN_WRITER = object()  # `flush()`'s default: the observer's own writer
 # flush() writes the health report at most this often; close() always
 _REPORT_EVERY_SECONDS = 60.0
 MAX_BUFFER_STEPS = 65536  # and the ring's bytes at most `recorder.MAX_RING_BYTES`
-
-
-def group_names(variables, grouping, prefix=None):
-    """Group of each variable and the distinct group names, unique as tags.
-
-    Two paths that sanitise to the same tag (`a>b` and `a_b`) get distinct
-    names (`a_b`, `a_b_2`): no series is silently merged into another. Under
-    an observer named `prefix`, a leading `prefix/` is left out
-    (`tags.group_label`).
-    """
-    names, ids, by_path, taken = [], [], {}, set()
-    for v in variables:
-        path = getattr(v, "path", None) or v.name
-        if grouping == "layer" and "/" in path:
-            path = path.rsplit("/", 1)[0]
-        path = tags.group_label(path, prefix)
-        if path not in by_path:
-            name, n = tags.sanitize(path), 1
-            while name in taken:
-                n += 1
-                name = f"{tags.sanitize(path)}_{n}"
-            taken.add(name)
-            by_path[path] = len(names)
-            names.append(name)
-        ids.append(by_path[path])
-    return names, ids
 
 
 def histogram_rows(grads, segment_ids, num_groups):
@@ -230,7 +206,7 @@ class Observer:
             return True
         clip = transforms.from_optimizer(_keras_compat.base_optimizer(optimizer))
         observed = self.pipeline.observed_transform(clip)
-        groups, ids = group_names(variables, self.grouping, self.name)
+        groups, ids = tags.group_names(variables, self.grouping, self.name)
         spec = statistics.Spec(
             groups, ids, has_transform=observed is not None,
             fraction_names=observed.fraction_names() if observed else (),
@@ -388,7 +364,7 @@ class Observer:
         if self.on_spike is None:
             return
         if self.extras_source is None:
-            from gradmon.own_step import Extras
+            from gradmon.measure.train_step import Extras
 
             self.extras_source = Extras(loss=True)
         elif not getattr(self.extras_source, "loss", False):
@@ -619,7 +595,7 @@ class Observer:
 
     def write_header(self, writer):
         """Writes the custom-scalars layout and the configuration once per recorder."""
-        from gradmon.layout import build_layout, group_runs
+        from gradmon.publish.layout import build_layout, group_runs
 
         # remembered per writer (a writer may serve several observers: one entry per observer)
         done = getattr(self, "_headers", set())
@@ -636,8 +612,8 @@ class Observer:
         """The health report of the run so far (Text tab), and the per-layer charts of the layers
         it finds that matter (`gradmon.layout.write_focus`); at most once per `every_seconds`
         (a loop that flushes often does not judge its whole history at every flush)."""
-        from gradmon.layout import write_focus
-        from gradmon.writer import write_report
+        from gradmon.publish.layout import write_focus
+        from gradmon.publish.writer import write_report
 
         now = time.monotonic()
         if now - getattr(self, "_reported_at", float("-inf")) < every_seconds:
@@ -757,7 +733,7 @@ def _run_step(rec, step, do_log, update, extras):
 
 def histogram_summaries(rec, histograms):
     """`{tag: buckets}` for `Recorder.read_histograms()`' array."""
-    from gradmon.writer import histogram_buckets
+    from gradmon.publish.writer import histogram_buckets
 
     kinds = [tags.RAW, tags.TRANSFORMED] if rec.spec.has_transform else [tags.RAW]
     out = {}
@@ -912,7 +888,7 @@ def observe(optimizer, log_dir=None, transform=None, name=None, update_freq=1, h
         >>> opt.apply_gradients(zip(tape.gradient(loss, model.trainable_variables),
         ...                         model.trainable_variables))
     """
-    from gradmon.writer import SummaryWriter
+    from gradmon.publish.writer import SummaryWriter
 
     if isinstance(optimizer, type):
         raise invalid("optimizer", "a keras.optimizers.Optimizer instance (e.g. "

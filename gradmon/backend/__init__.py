@@ -1,0 +1,2 @@
+"""What differs between frameworks and Keras versions: distribution, host reads,
+private Keras internals gradmon relies on (`keras_compat`)."""
