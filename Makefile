@@ -22,7 +22,7 @@ define install
 	$(BIN)/python -m pip install --quiet -e ".[$$extras]"
 endef
 
-.PHONY: demo test install benchmark
+.PHONY: demo test install benchmark docs
 demo: $(BIN)/python
 	$(call install,demo)
 	$(BIN)/gradmon demo --log-dir $(LOG_DIR)
@@ -35,3 +35,10 @@ test: install
 
 benchmark: install
 	$(BIN)/python benchmarks/overhead.py
+
+# The documentation site (mkdocs.yml) into build/site. The API reference is read from the
+# source, not imported, so this installs no TensorFlow; --strict fails on a broken link,
+# anchor or reference.
+docs: $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e ".[docs]"
+	$(BIN)/python -m mkdocs build --strict
