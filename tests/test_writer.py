@@ -5,6 +5,7 @@ simulated where root ignores them (permissions): training never ends, one
 warning per kind, and every record left on disk is whole.
 """
 
+import errno
 import glob
 import json
 import os
@@ -16,7 +17,6 @@ import warnings
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
 from tensorboard.backend.event_processing import event_file_loader
 from tensorboard.compat.proto import event_pb2
 from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c
@@ -25,6 +25,7 @@ from tensorboard.plugins.custom_scalar import metadata as custom_scalar_metadata
 from tensorboard.util import tensor_util
 
 from gradmon.publish import writer as writer_module
+from gradmon.publish.record import RecordWriter
 from gradmon.publish.writer import (MemoryWriter, MetricWriter, SummaryWriter, WriteFailureWarning,
                             histogram_buckets, merge_layouts)
 
@@ -361,23 +362,23 @@ def test_a_fresh_file_after_the_directory_was_removed_holds_the_configuration(tm
 
 
 class FlakyRecords:
-    """A real TFRecordWriter that can be made to fail, optionally after writing part of a record."""
+    """A real record writer that can be made to fail, optionally after writing part of a record."""
 
     broken = False
     partial = False
 
     def __init__(self, path):
         self.path = path
-        self.records = tf.io.TFRecordWriter(path)
+        self.records = RecordWriter(path)
 
-    def write(self, data):
+    def write(self, data, crc=None):
         if FlakyRecords.broken:
             if FlakyRecords.partial:
                 self.records.flush()
                 with open(self.path, "ab") as f:
                     f.write(data[:7])  # what a write cut short leaves behind
-            raise tf.errors.PermissionDeniedError(None, None, f"{self.path}; Permission denied")
-        self.records.write(data)
+            raise PermissionError(errno.EACCES, "Permission denied", self.path)
+        self.records.write(data, crc)
 
     def flush(self):
         self.records.flush()

@@ -32,7 +32,6 @@ import time
 import warnings
 
 import numpy as np
-import tensorflow as tf
 from tensorboard.compat.proto import event_pb2, summary_pb2, tensor_pb2, tensor_shape_pb2, types_pb2
 from tensorboard.plugins.custom_scalar import layout_pb2
 from tensorboard.plugins.custom_scalar import metadata as custom_scalar_metadata
@@ -42,6 +41,7 @@ from tensorboard.plugins.text import metadata as text_metadata
 from tensorboard.util import tensor_util
 
 from gradmon import tags
+from gradmon.publish import record
 from gradmon._validation import check_log_dir, check_non_negative, check_non_negative_int, invalid, warn_once
 
 _logger = logging.getLogger(__name__)
@@ -402,33 +402,36 @@ class _ScalarTemplate:
         self._index = (np.asarray(positions)[:, None] + np.arange(4)).ravel()
         self._summary_key = b"\x2a" + _varint(self._bytes.size)  # Event.summary, field 5
         self._count = len(positions)
+        # without a fast CRC32C, the record's checksum from the changed bytes alone
+        self._crc = None if record.FAST else record.PatchedCrc(self._bytes, self._index)
 
     def event(self, step, values):
-        """A serialized `Event`.
+        """A serialized `Event` and its CRC32C.
 
         Args:
             step: the event's step.
             values: the numbers, in the order of the template's tags.
 
         Returns:
-            The `Event`'s bytes, stamped with the current time.
+            `(bytes, crc)`: the `Event`, stamped with the current time, and its
+            unmasked CRC32C (`None`: left to the record writer).
         """
-        floats = np.fromiter(values, dtype="<f4", count=self._count)
-        self._bytes[self._index] = floats.view(np.uint8)
-        return b"".join((b"\x09", _DOUBLE.pack(time.time()), b"\x10", _varint(int(step)),
-                         self._summary_key, self._bytes.tobytes()))
+        floats = np.fromiter(values, dtype="<f4", count=self._count).view(np.uint8)
+        self._bytes[self._index] = floats
+        prefix = b"".join((b"\x09", _DOUBLE.pack(time.time()), b"\x10", _varint(int(step)),
+                           self._summary_key))
+        crc = None if self._crc is None else self._crc.crc(prefix, floats)
+        return prefix + self._bytes.tobytes(), crc
 
 
 def _failure_kind(error):
     """Groups write errors so that each kind is reported once."""
     code = getattr(error, "errno", None)
-    if isinstance(error, tf.errors.ResourceExhaustedError) or code in (errno.ENOSPC, errno.EDQUOT,
-                                                                        errno.EFBIG):
+    if code in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
         return "no space"
-    if isinstance(error, tf.errors.NotFoundError) or code == errno.ENOENT:
+    if code == errno.ENOENT:
         return "missing"
-    if isinstance(error, tf.errors.PermissionDeniedError) or code in (errno.EACCES, errno.EPERM,
-                                                                       errno.EROFS):
+    if code in (errno.EACCES, errno.EPERM, errno.EROFS):
         return "permission"
     return type(error).__name__
 
@@ -468,9 +471,9 @@ class SummaryWriter(MetricWriter):
 
     _shared = {}
     _file_counter = itertools.count()
-    # TF's writer computes the CRCs in C++ (tensorboard's pure-Python CRC32C
-    # costs ~0.8 ms per step). Tests replace it to simulate a failing file.
-    _record_writer = staticmethod(tf.io.TFRecordWriter)
+    # gradmon's own TFRecord writer, on every backend (no TensorFlow). Tests replace
+    # it to simulate a failing file.
+    _record_writer = staticmethod(record.RecordWriter)
 
     def __init__(self, logdir, retry_seconds=10.0, max_retries=None, check_seconds=1.0):
         self.logdir = check_log_dir(logdir)
@@ -529,7 +532,7 @@ class SummaryWriter(MetricWriter):
             self._reset_failures()
             try:
                 self._start_file()
-            except (OSError, tf.errors.OpError) as error:
+            except OSError as error:
                 message = invalid("log_dir", "a writable directory", self.logdir)
                 raise ValueError(f"{message} ({error})") from error
         self._users += 1
@@ -567,7 +570,7 @@ class SummaryWriter(MetricWriter):
             for data in records:
                 writer.write(data)
             writer.flush()
-        except (OSError, tf.errors.OpError):
+        except OSError:
             self._writer, self.path, self._data_records = writer, path, 0
             self._release_file(failed=True)
             raise
@@ -581,7 +584,7 @@ class SummaryWriter(MetricWriter):
         self._writer = self.path = None
         try:
             writer.close()
-        except (OSError, tf.errors.OpError):
+        except OSError:
             failed = True  # every write was flushed, so close loses nothing we counted
         if not failed:
             return
@@ -650,17 +653,21 @@ class SummaryWriter(MetricWriter):
             return False
         try:
             self._start_file()
-        except (OSError, tf.errors.OpError) as error:
+        except OSError as error:
             self._record_failure(error)
             return False
         return True  # the failure is over once an event is written (`_append`)
 
-    def _append(self, data):
-        """Writes one serialized event to the open file; a failure drops it and ends the file."""
+    def _append(self, data, crc=None):
+        """Writes one serialized event (`crc`: its CRC32C when known) to the open file; a
+        failure drops it and ends the file."""
         try:
-            self._writer.write(data)
+            if crc is None:
+                self._writer.write(data)
+            else:
+                self._writer.write(data, crc)
             self._writer.flush()
-        except (OSError, tf.errors.OpError) as error:
+        except OSError as error:
             self.dropped += 1
             self._record_failure(error)
             self._release_file(failed=True)
@@ -741,7 +748,7 @@ class SummaryWriter(MetricWriter):
         tag_names = tuple(mapping)
         template = self._templates.get(tag_names)
         if template:
-            self._append(template.event(step, mapping.values()))
+            self._append(*template.event(step, mapping.values()))
             return
         # first time for these tags in this file: protobuf, with descriptions
         self._append(self._event(step, [self._scalar_value(t, v) for t, v in mapping.items()]))
@@ -825,7 +832,7 @@ class SummaryWriter(MetricWriter):
             return
         try:
             self._writer.flush()
-        except (OSError, tf.errors.OpError) as error:
+        except OSError as error:
             self._record_failure(error)
             self._release_file(failed=True)
 

@@ -8,7 +8,6 @@ and run where TensorFlow is not installed.
 """
 
 import dataclasses
-import functools
 import glob
 import os
 import struct
@@ -17,6 +16,7 @@ import typing
 import numpy as np
 
 from gradmon import tags
+from gradmon.publish import record
 
 
 class NoGradmonLogs(ValueError):
@@ -111,77 +111,12 @@ class Run(dict):
 # -- reading: TFRecord event files, without TensorFlow ------------------------------
 
 
-_CRC32C_POLY = 0x82F63B78  # Castagnoli, reflected
-_CRC_MASK_DELTA = 0xA282EAD8  # TFRecord's masked CRC
-_HEADER = 12  # uint64 length, masked CRC of those 8 bytes
-_FOOTER = 4  # masked CRC of the data
-
-
-@functools.lru_cache(maxsize=1)
-def _crc_table():
-    table = []
-    for byte in range(256):
-        crc = byte
-        for _ in range(8):
-            crc = (crc >> 1) ^ (_CRC32C_POLY if crc & 1 else 0)
-        table.append(crc)
-    return np.array(table, dtype=np.uint32)
-
-
-def _crc32c(data):
-    """CRC32C of one bytes object, in plain Python (short or single inputs)."""
-    table = _crc_table().tolist()
-    crc = 0xFFFFFFFF
-    for byte in data:
-        crc = table[(crc ^ byte) & 0xFF] ^ (crc >> 8)
-    return crc ^ 0xFFFFFFFF
-
-
-def _crc32c_many(chunks):
-    """CRC32C of each bytes object, those of similar length computed together by numpy.
-
-    A reflected CRC started at 0xFFFFFFFF equals one started at 0 over the
-    message with its first 4 bytes complemented, and leading zero bytes keep a
-    zero register at 0: so messages right-aligned in a zero-padded matrix run
-    through the byte table one column at a time, in lockstep.
-    """
-    out = np.zeros(len(chunks), dtype=np.uint32)
-    lengths = np.array([len(c) for c in chunks], dtype=np.int64)
-    for i in np.flatnonzero(lengths < 4):
-        out[i] = _crc32c(chunks[i])
-    order = [i for i in np.argsort(lengths, kind="stable").tolist() if lengths[i] >= 4]
-    start = 0
-    while start < len(order):
-        stop, limit = start, 2 * lengths[order[start]] + 64  # padding at most doubles the work
-        while stop < len(order) and lengths[order[stop]] <= limit:
-            stop += 1
-        group = order[start:stop]
-        width = int(lengths[group[-1]])
-        matrix = np.zeros((len(group), width), dtype=np.uint8)
-        for row, i in enumerate(group):
-            matrix[row, width - len(chunks[i]):] = np.frombuffer(chunks[i], dtype=np.uint8)
-        out[group] = _crc32c_rows(matrix, width - lengths[group])
-        start = stop
-    return out
-
-
-def _crc32c_rows(matrix, first):
-    """CRC32C of each row of a uint8 matrix (changed in place), the message of row i
-    starting at column `first[i]` (zeros before it; at least 4 bytes from it on)."""
-    table = _crc_table()
-    rows = np.arange(len(matrix))
-    for k in range(4):  # the 0xFFFFFFFF start, as complemented leading bytes
-        matrix[rows, first + k] ^= 0xFF
-    crc = np.zeros(len(matrix), dtype=np.uint32)
-    for column in np.ascontiguousarray(matrix.T):
-        crc = table[(crc ^ column) & 0xFF] ^ (crc >> 8)
-    return crc ^ np.uint32(0xFFFFFFFF)
-
-
-def _masked(crc):
-    """TFRecord's masked form of unmasked CRCs (an int or a uint32 array)."""
-    crc = np.asarray(crc, dtype=np.uint64)
-    return (((crc >> 15) | (crc << 17)) + _CRC_MASK_DELTA) & 0xFFFFFFFF
+_HEADER = record.HEADER  # uint64 length, masked CRC of those 8 bytes
+_FOOTER = record.FOOTER  # masked CRC of the data
+_crc32c = record.crc32c
+_crc32c_many = record.crc32c_many
+_crc32c_rows = record.crc32c_rows
+_masked = record.mask
 
 
 def _stored_crc(data, offset):

@@ -1,0 +1,91 @@
+"""Host-side cost of writing one logged step to TensorBoard event files (`SummaryWriter`).
+
+Two shapes of a step, as `GradientMonitor` writes them:
+
+- `flat`: one event of `--tags` scalars into the run (`gradients/raw/norm/<layer>` ...);
+- `per-layer`: `--layers` layers, each layer's two statistics (norm, update ratio) in a
+  run of its own (`train/<layer>`, what `assign_runs` does for per-group series), plus
+  the global numbers in the run itself.
+
+Each configuration writes `--warmup` steps (the first write of a tag set goes through
+protobuf, with descriptions), then `--steps` timed steps; the median of `--repeats`
+repeats of the mean per-step time is printed, in milliseconds, with the CRC32C
+implementation in use (`google-crc32c` or TensorBoard's pure-Python one).
+
+    python benchmarks/writer.py [--tags 214] [--layers 105] [--steps 400] [--repeats 5]
+"""
+
+import argparse
+import shutil
+import statistics
+import tempfile
+import time
+
+from gradmon import tags
+from gradmon.publish.writer import SummaryWriter
+
+try:
+    from gradmon.publish import record
+except ImportError:  # an older gradmon: TensorFlow's record writer
+    record = None
+
+
+def flat_steps(count):
+    names = [tags.group_stat(tags.RAW, "norm", f"layer_{i}") for i in range(count)]
+    return (lambda step: [{name: step + i / 7 for i, name in enumerate(names)}]), {}
+
+
+def per_layer_steps(layers):
+    runs, names = {}, []
+    for i in range(layers):
+        layer = f"layer_{i}"
+        for tag in (tags.group_stat(tags.RAW, "norm", layer), tags.update_ratio(layer)):
+            runs[tag] = tags.group_run(layer)
+            names.append(tag)
+    names += [tags.global_norm(tags.RAW), tags.CLIP_RATIO, tags.NO_GRADIENT]
+    return (lambda step: [{name: step + i / 7 for i, name in enumerate(names)}]), runs
+
+
+def time_writer(make_steps, steps, warmup):
+    directory = tempfile.mkdtemp(prefix="gradmon-writer-bench-")
+    try:
+        step_mappings, runs = make_steps
+        writer = SummaryWriter(directory).open()
+        writer.assign_runs(runs)
+        for step in range(warmup):
+            for mapping in step_mappings(step):
+                writer.write_scalars(step, mapping)
+        start = time.perf_counter()
+        for step in range(warmup, warmup + steps):
+            for mapping in step_mappings(step):
+                writer.write_scalars(step, mapping)
+        elapsed = time.perf_counter() - start
+        writer.close()
+        return elapsed / steps * 1e3
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tags", type=int, default=214, help="scalars per step in the flat run (default 214)")
+    parser.add_argument("--layers", type=int, default=105, help="layers of the per-layer run (default 105)")
+    parser.add_argument("--steps", type=int, default=400, help="timed steps per repeat (default 400)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (default 3)")
+    parser.add_argument("--repeats", type=int, default=5, help="repeats; the median is shown (default 5)")
+    args = parser.parse_args()
+    if record is None:
+        crc = "TensorFlow's TFRecordWriter (C++)"
+    else:
+        crc = "google-crc32c" if record.FAST else "TensorBoard's pure-Python CRC32C"
+    print(f"record writer: {crc}")
+    configs = [(f"flat, {args.tags} scalars", flat_steps(args.tags)),
+               (f"per-layer, {args.layers} layers x 2 + 3 global", per_layer_steps(args.layers))]
+    for label, make in configs:
+        times = [time_writer(make, args.steps, args.warmup) for _ in range(args.repeats)]
+        print(f"{label:<40} {statistics.median(times):8.3f} ms per logged step "
+              f"(min {min(times):.3f}, max {max(times):.3f})")
+
+
+if __name__ == "__main__":
+    main()
