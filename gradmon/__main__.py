@@ -17,12 +17,12 @@ def main(argv=None):
     demo.add_argument("--epochs", type=int, default=8, help="training epochs (default: 8)")
     summary = commands.add_parser(
         "summary", help="health report of a gradmon run: per-layer table, curvature, flags")
-    from gradmon.summary import report  # TensorFlow-free
+    from gradmon.summary import cli  # TensorFlow-free
 
-    report.add_arguments(summary)
+    cli.add_arguments(summary)
     args = parser.parse_args(argv)
     if args.command == "summary":
-        return report.run_command(args)
+        return cli.run_command(args)
     if args.epochs < 1:
         parser.error(f"Invalid value for argument `epochs`. Expected a positive integer. "
                      f"Received: epochs={args.epochs}")

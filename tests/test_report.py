@@ -738,8 +738,9 @@ def test_png_into_a_missing_directory_is_created_and_an_unwritable_path_is_an_er
 
 def test_report_and_summary_do_not_import_tensorflow(tmp_path):
     logdir = run_of(tmp_path, dict(steps_rows(20)))
-    code = ("import sys, gradmon.report\n"
-            "assert 'tensorflow' not in sys.modules, 'import gradmon.report imported tensorflow'\n"
+    code = ("import sys, gradmon, gradmon.summary, gradmon.summary.report\n"
+            "gradmon.report.health_report\n"  # the lazy alias
+            "assert 'tensorflow' not in sys.modules, 'import gradmon.summary.report imported tensorflow'\n"
             "from gradmon.__main__ import main\n"
             f"rc = main(['summary', {logdir!r}])\n"
             "assert 'tensorflow' not in sys.modules, 'gradmon summary imported tensorflow'\n"
