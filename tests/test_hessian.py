@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from gradmon.hessian import core as hessian_core
+from gradmon.hessian import vectors as hessian_vectors
 from gradmon import hessian
 from helpers import explicit_hessian
 
@@ -532,13 +532,13 @@ def test_thick_restarts_bound_the_basis_and_stay_accurate(monkeypatch):
     matrix = explicit_hessian(model, loss, *data)
     expected = np.linalg.eigvalsh(matrix)
     sizes = []
-    append = hessian_core._Basis.append
+    append = hessian_vectors._Basis.append
 
     def recording_append(self, vector):
         append(self, vector)
         sizes.append(len(self))
 
-    monkeypatch.setattr(hessian_core._Basis, "append", recording_append)
+    monkeypatch.setattr(hessian_vectors._Basis, "append", recording_append)
     spec = hessian.spectrum(model, data, top_k=3, smallest=True, tol=1e-5,
                             max_vectors=8, seed=0)
     assert spec.converged

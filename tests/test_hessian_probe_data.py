@@ -12,7 +12,7 @@ import pytest
 import tensorflow as tf
 
 import gradmon
-from gradmon.hessian import core as hessian_core
+from gradmon.hessian import data as hessian_data
 from gradmon import hessian
 from helpers import explicit_hessian
 
@@ -103,18 +103,18 @@ def endless_dataset(limit=20_000):
 
 
 def test_an_endless_generator_is_capped_with_a_warning(monkeypatch, tmp_path):
-    monkeypatch.setattr(hessian_core, "MAX_UNKNOWN_LENGTH_EXAMPLES", 64)
+    monkeypatch.setattr(hessian_data, "MAX_UNKNOWN_LENGTH_EXAMPLES", 64)
     dataset, yielded = endless_dataset()
     with pytest.warns(UserWarning, match=r"argument `data` is a tf.data.Dataset of unknown cardinality.*"
                                          r"first 8 batches \(64 examples"):
         monitor = gradmon.HessianMonitor(str(tmp_path), data=dataset)
-    assert [hessian_core._batch_size(b[0]) for b in monitor._probe_data.batches] == [8] * 8
+    assert [hessian_data._batch_size(b[0]) for b in monitor._probe_data.batches] == [8] * 8
     # the cap, one more to know there was more, and tf.data's autotuned read-ahead (14 seen under load)
     assert len(yielded) <= 32
 
 
 def test_a_short_generator_is_read_whole_without_warning(monkeypatch):
-    monkeypatch.setattr(hessian_core, "MAX_UNKNOWN_LENGTH_EXAMPLES", 64)
+    monkeypatch.setattr(hessian_data, "MAX_UNKNOWN_LENGTH_EXAMPLES", 64)
     dataset, _ = endless_dataset()
     with warnings.catch_warnings():
         warnings.simplefilter("error")

@@ -15,7 +15,7 @@ import pytest
 import tensorflow as tf
 
 import gradmon
-from gradmon.hessian import core as hessian_core
+from gradmon.hessian import vectors as hessian_vectors
 from gradmon import hessian, tags
 from gradmon.hessian import per_layer as layer_curvature
 from gradmon.tags import group_names
@@ -270,13 +270,13 @@ def test_tiny_blocks_are_measured_not_lost_to_underflow():
 
 def test_lanczos_graph_functions_are_shared_by_layers_of_any_size(monkeypatch):
     """The layers' vector lengths differ; the Lanczos step's graph functions are traced once for all."""
-    monkeypatch.setattr(hessian_core, "_LAYOUT_FUNCTIONS", {})  # none traced by earlier tests
+    monkeypatch.setattr(hessian_vectors, "_LAYOUT_FUNCTIONS", {})  # none traced by earlier tests
     model = mlp()
     first, middle, _ = layer_curvature.layer_operators(model, (X, Y)).values()
     assert first.num_params != middle.num_params
     with pytest.warns(UserWarning, match="did not reach"):
         hessian.spectrum(first, tol=1e-9, max_hvps=6, seed=0)
-    traced = len(hessian_core._LAYOUT_FUNCTIONS)
+    traced = len(hessian_vectors._LAYOUT_FUNCTIONS)
     with pytest.warns(UserWarning, match="did not reach"):
         hessian.spectrum(middle, tol=1e-9, max_hvps=6, seed=0)  # the same basis layouts, another length
-    assert len(hessian_core._LAYOUT_FUNCTIONS) == traced
+    assert len(hessian_vectors._LAYOUT_FUNCTIONS) == traced

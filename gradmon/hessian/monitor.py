@@ -10,7 +10,7 @@ import keras
 import numpy as np
 
 from gradmon.backend import distribute as _distribute
-from gradmon.hessian import core as hessian
+from gradmon import hessian
 from gradmon import tags
 from gradmon.hessian import per_layer as layer_curvature, preconditioner
 from gradmon.backend.host import current_learning_rate, host_value, training_step

@@ -21,7 +21,8 @@ whose block comes closest to the sharpness is where the curvature sits.
 """
 
 from gradmon import tags
-from gradmon.hessian import core as hessian
+from gradmon import hessian
+from gradmon.hessian.operator import _check_model
 from gradmon._validation import check_bool, invalid
 
 
@@ -67,7 +68,7 @@ def layer_operators(model, data, layers=None, hvp_mode=None):
 
 def _operators(model, data, layers, hvp_mode, argument):
     """`layer_operators`, a bad layer name reported as `argument`."""
-    hessian._check_model(model)
+    _check_model(model)
     probe = hessian.prepare_data(data)
     if not model.built:
         model(probe.batches[0][0], training=False)  # creates the weights, nothing else
