@@ -270,10 +270,8 @@ def describe(tag):
             return f"Norm of penalty `{parts[1]}`'s own gradient contribution."
         return f"Value of penalty `{parts[1]}` added to the loss in this step."
     if tag.startswith(CLIP_FRACTION + "/"):
-        return (
-            f"Share of units clipped by the `{parts[-1]}` member of the transform "
-            "chain in this step (tensors, elements, units or 1/0, by transform)."
-        )
+        return (f"Share of units clipped by the `{tag[len(CLIP_FRACTION) + 1:]}` member of the "
+                "transform chain in this step.")
     if parts[0] == "gradients" and len(parts) >= 4:
         kind, stat, path = parts[1], parts[2], "/".join(parts[3:])
         if stat in _GROUP_STAT_DESCRIPTIONS:
@@ -284,14 +282,12 @@ def describe(tag):
         return (f"Signal-to-noise of the batch gradient of `{'/'.join(parts[2:])}`: "
                 "B |G|^2 / tr(Sigma), from the two batch halves.")
     if parts[:2] == ["gradients", "grad_to_weight"]:
-        return f"||raw gradient|| / ||weight|| of `{'/'.join(parts[2:])}`."
+        return f"||raw gradient|| / ||weight|| of `{'/'.join(parts[2:])}` (NaN: undefined, zero weights)."
     if parts[0] == "optimizer" and len(parts) >= 4 and parts[1] in MOMENTS and parts[2] == "norm":
         return _MOMENT_NORM_DESCRIPTIONS[parts[1]].format(path="/".join(parts[3:]))
     if parts[:2] == ["gradients", "update_ratio"]:
-        return (
-            f"||w_after - w_before|| / ||w_before|| of `{'/'.join(parts[2:])}` "
-            "over this optimizer step."
-        )
+        return (f"||w_after - w_before|| / ||w_before|| of `{'/'.join(parts[2:])}` over this "
+                "optimizer step (NaN: undefined, zero weights).")
     if len(parts) == 3 and parts[0] == "gradients" and parts[2] == "threshold":
         return (f"ZClip threshold of the `{parts[1]}` transform member: mean + z_threshold * std of "
                 "the recent global norms (EMA); a larger norm is clipped (NaN during the warm-up).")

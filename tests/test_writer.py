@@ -152,6 +152,37 @@ def test_descriptions_are_written_once_per_tag_and_file(tmp_path, monkeypatch):
     assert with_metadata == [[], TAGS[:2], [], [], [TAGS[2]], []]
 
 
+def test_descriptions_travel_with_the_write(tmp_path, monkeypatch):
+    """Given descriptions win over `tags.describe`, in this run, a per-layer run, a
+    histogram, a text, and again in a fresh file (the configuration's at its start)."""
+    monkeypatch.setattr(SummaryWriter, "_record_writer", FlakyRecords)
+    monkeypatch.setattr(writer_module.tags, "describe", lambda tag: f"default `{tag}`")
+    given = {"a": "mine: a", "layer/n": "mine: layer", "h": "mine: h", "gradmon/config": "mine: config"}
+    memory, events = MemoryWriter(), SummaryWriter(str(tmp_path), retry_seconds=0).open()
+    for w in (memory, events):
+        w.assign_runs({"layer/n": "layer"})
+        w.write_texts(0, {"gradmon/config": "{}"}, given)
+        w.write_scalars(1, {"a": 1.0, "b": 2.0, "layer/n": 3.0}, given)
+        w.write_scalars(2, {"a": 1.5, "b": 2.5, "layer/n": 3.5}, {"a": "too late"})
+        w.write_histograms(2, {"h": histogram_buckets(0.0, 1.0, [1, 2])}, given)
+    expected = {"gradmon/config": "mine: config", "a": "mine: a", "b": "default `b`", "layer/n": "mine: layer",
+                "h": "mine: h"}
+    assert memory.descriptions == expected
+    own, _, descriptions, _ = read_dir(tmp_path)
+    layer = read_dir(tmp_path / "layer")[2]
+    assert {**descriptions, **layer} == expected and set(layer) == {"layer/n"}
+    monkeypatch.setattr(FlakyRecords, "broken", True)
+    with pytest.warns(WriteFailureWarning):
+        events.write_scalars(3, {"a": 1.0, "b": 2.0})
+    monkeypatch.setattr(FlakyRecords, "broken", False)
+    events.write_scalars(4, {"a": 1.0, "b": 2.0}, {"a": "mine again: a"})
+    events.close()
+    fresh = read_records(event_files(tmp_path)[1])
+    described = {v.tag: v.metadata.summary_description for e in fresh for v in e.summary.value
+                 if v.HasField("metadata")}
+    assert described == {"gradmon/config": "mine: config", "a": "mine again: a", "b": "default `b`"}
+
+
 def test_an_empty_mapping_writes_nothing(tmp_path):
     w = SummaryWriter(str(tmp_path)).open()
     w.write_scalars(1, {})

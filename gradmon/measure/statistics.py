@@ -7,7 +7,9 @@ A statistic is a small object (in the spirit of Cockpit's quantities and
 - `labels(spec)`: one value per label (`[""]` for a global number, the group
   names for a per-group one, ...); the record layout, the host-side parsing
   and the written tags all follow from these;
-- `tag(label)` / `description(label)` (built with `gradmon.tags`);
+- `tag(label)` (built with `gradmon.tags`) and `description(label)`: Markdown written
+  with the tag's first value; by default `gradmon.tags.describe(tag(label))`, where
+  every built-in tag is described (a user's statistic gives its own);
 - `active(spec)`: whether it applies to this configuration;
 - `compute(ctx)`: a float vector with one entry per label, inside the
   compiled step, on logged steps only;
@@ -170,7 +172,8 @@ class Statistic:
         raise NotImplementedError
 
     def description(self, label):
-        return ""
+        """The tag's description (Markdown), written with its first value."""
+        return tags.describe(self.tag(label))
 
     def build(self, spec):
         """Creates state variables (outside any tf.function); returns them or `None`."""
@@ -189,15 +192,6 @@ class PerGroup(Statistic):
 
 # -- gradient statistics of the raw and the transformed gradient -------------
 
-_MOMENT_DESCRIPTIONS = {
-    "norm": "L2 norm of the {kind} gradient of `{path}`.",
-    "max_abs": "Largest absolute entry of the {kind} gradient of `{path}`.",
-    "rms": "Root mean square of the {kind} gradient of `{path}` (norm / sqrt(size)).",
-    "zero_fraction": "Share of entries of the {kind} gradient of `{path}` that are exactly 0.",
-    "nonfinite": "Number of NaN or infinite entries in the {kind} gradient of `{path}`.",
-}
-
-
 class GradientMoment(PerGroup):
     """`norm`, `max_abs`, `rms`, `zero_fraction` or `nonfinite` of one kind of gradient."""
 
@@ -211,9 +205,6 @@ class GradientMoment(PerGroup):
 
     def tag(self, label):
         return tags.group_stat(self.kind, self.name, label)
-
-    def description(self, label):
-        return _MOMENT_DESCRIPTIONS[self.name].format(kind=self.kind, path=label)
 
     def compute(self, ctx):
         if self.name == "norm":
@@ -230,9 +221,6 @@ class GradToWeight(PerGroup):
     def tag(self, label):
         return tags.grad_to_weight(label)
 
-    def description(self, label):
-        return f"||raw gradient|| / ||weight|| of `{label}` (NaN: undefined, zero weights)."
-
     def compute(self, ctx):
         return undefined_ratio(tf.sqrt(ctx.sumsq(tags.RAW)), ctx.weight_norms())
 
@@ -244,10 +232,6 @@ class UpdateRatio(PerGroup):
 
     def tag(self, label):
         return tags.update_ratio(label)
-
-    def description(self, label):
-        return (f"||w_after - w_before|| / ||w_before|| of `{label}` over this optimizer step "
-                "(NaN: undefined, zero weights).")
 
     def compute(self, ctx):
         return undefined_ratio(tf.sqrt(ctx.delta_sumsq()), ctx.weight_norms())
@@ -319,10 +303,6 @@ class ClipFraction(Statistic):
 
     def tag(self, label):
         return tags.clip_fraction_of(label) if label else tags.CLIP_FRACTION
-
-    def description(self, label):
-        return (f"Share of units clipped by the `{label}` member of the transform chain in this step."
-                if label else "")
 
     def compute(self, ctx):
         values = tf.stack([tf.cast(ctx.fractions[n], tf.float32) for n in ctx.spec.fraction_names])

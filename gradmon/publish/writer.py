@@ -106,6 +106,13 @@ def merge_layouts(current, new):
     return merged
 
 
+def describe(tag, descriptions=None):
+    """A tag's description: the one given with the write (`descriptions`), else
+    `gradmon.tags.describe(tag)`."""
+    text = descriptions.get(tag) if descriptions else None
+    return tags.describe(tag) if text is None else text
+
+
 def _check_buckets(tag, buckets):
     buckets = np.asarray(buckets, dtype=np.float64)
     if buckets.ndim != 2 or buckets.shape[1] != 3:
@@ -252,22 +259,27 @@ class MetricWriter(abc.ABC):
         return self
 
     @abc.abstractmethod
-    def write_scalars(self, step, mapping):
+    def write_scalars(self, step, mapping, descriptions=None):
         """Writes numbers at one step.
 
         Args:
             step: the training step (an integer).
-            mapping: `{tag: number}`; each tag's description
-                (`gradmon.tags.describe`) goes with its first value.
+            mapping: `{tag: number}`.
+            descriptions: `{tag: Markdown}`, the descriptions of (some of) the tags of
+                `mapping`, e.g. a recorder's (`Recorder.descriptions()`, a statistic's
+                own); the others are described by `gradmon.tags.describe`. A tag's
+                description goes with its first value (in each event file). Defaults to
+                `None`.
         """
 
     @abc.abstractmethod
-    def write_histograms(self, step, mapping):
+    def write_histograms(self, step, mapping, descriptions=None):
         """Writes histograms at one step.
 
         Args:
             step: the training step (an integer).
             mapping: `{tag: [k, 3] buckets}` (see `histogram_buckets`).
+            descriptions: as for `write_scalars`.
         """
 
     @abc.abstractmethod
@@ -283,12 +295,13 @@ class MetricWriter(abc.ABC):
         return self.write_layout(layout)
 
     @abc.abstractmethod
-    def write_texts(self, step, mapping):
+    def write_texts(self, step, mapping, descriptions=None):
         """Writes Markdown texts (TensorBoard's Text tab) at one step.
 
         Args:
             step: the training step (an integer).
             mapping: `{tag: str}`.
+            descriptions: as for `write_scalars`.
         """
 
     def flush(self):
@@ -304,7 +317,8 @@ class MemoryWriter(MetricWriter):
     Attributes:
         scalars: `{tag: [(step, float), ...]}` in write order.
         histograms: `{tag: [(step, [k, 3] array), ...]}`.
-        descriptions: `{tag: description}` from `gradmon.tags.describe`, on first write.
+        descriptions: `{tag: description}` as written with each tag's first value (the
+            one given with the write, else `gradmon.tags.describe(tag)`).
         layout: the merged custom-scalars layout, or `None`.
         layouts: every merged layout written, in order.
         texts: `{tag: [(step, str), ...]}`.
@@ -326,30 +340,30 @@ class MemoryWriter(MetricWriter):
         self.opened += 1
         return self
 
-    def _describe(self, tag):
+    def _describe(self, tag, descriptions):
         if tag not in self.descriptions:
-            self.descriptions[tag] = tags.describe(tag)
+            self.descriptions[tag] = describe(tag, descriptions)
 
-    def write_scalars(self, step, mapping):
+    def write_scalars(self, step, mapping, descriptions=None):
         if mapping:
             self._history().add(step, mapping)
         for tag, value in mapping.items():
-            self._describe(tag)
+            self._describe(tag, descriptions)
             self.scalars.setdefault(tag, []).append((int(step), float(value)))
 
-    def write_histograms(self, step, mapping):
+    def write_histograms(self, step, mapping, descriptions=None):
         for tag, buckets in mapping.items():
             buckets = _check_buckets(tag, buckets)
-            self._describe(tag)
+            self._describe(tag, descriptions)
             self.histograms.setdefault(tag, []).append((int(step), buckets.copy()))
 
     def write_layout(self, layout):
         self.layout = merge_layouts(self.layout, layout)
         self.layouts.append(self.layout)
 
-    def write_texts(self, step, mapping):
+    def write_texts(self, step, mapping, descriptions=None):
         for tag, text in mapping.items():
-            self._describe(tag)
+            self._describe(tag, descriptions)
             self.texts.setdefault(tag, []).append((int(step), str(text)))
             self._history().texts[tag] = str(text)
 
@@ -486,7 +500,7 @@ class SummaryWriter(MetricWriter):
         self._writer = None
         self._users = 0
         self._layout = None
-        self._configs = {}  # {config tag: (step, text)}: repeated in every new event file
+        self._configs = {}  # {config tag: (step, text, description)}: repeated in every new event file
         self.runs = {}  # {tag: run}: tags written into runs of their own (`assign_runs`)
         self._children = {}  # {run: SummaryWriter of logdir/run}
         self._partitions = {}  # {tag names: (own indices, {run: indices})}
@@ -685,15 +699,15 @@ class SummaryWriter(MetricWriter):
         return event_pb2.Event(wall_time=time.time(), step=int(step),
                                summary=summary_pb2.Summary(value=values)).SerializeToString()
 
-    def _description(self, tag):
-        """`tags.describe(tag)` on the tag's first write to this file, else `None`."""
+    def _description(self, tag, descriptions):
+        """The tag's description (`describe`) on its first write to this file, else `None`."""
         if tag in self._described:
             return None
         self._described.add(tag)
-        return tags.describe(tag)
+        return describe(tag, descriptions)
 
-    def _scalar_value(self, tag, value):
-        description = self._description(tag)
+    def _scalar_value(self, tag, value, descriptions):
+        description = self._description(tag, descriptions)
         (summary_value,) = scalar_summary.scalar_pb(tag, value, description=description).value
         if description is None:
             summary_value.ClearField("metadata")  # TensorBoard keeps a tag's first metadata
@@ -721,10 +735,12 @@ class SummaryWriter(MetricWriter):
             self._children[run] = child
         return child
 
-    def write_scalars(self, step, mapping):
+    def write_scalars(self, step, mapping, descriptions=None):
         """Writes `{tag: number}` at `step` as one event, numbers as float32; never raises for I/O.
 
-        Tags given to `assign_runs` go to their own runs, one event each."""
+        Tags given to `assign_runs` go to their own runs, one event each. A tag's
+        description (`descriptions`, see `MetricWriter.write_scalars`) goes with its first
+        value in each event file."""
         if not mapping:
             return
         if self._root is None:
@@ -738,7 +754,8 @@ class SummaryWriter(MetricWriter):
                 own, by_run = split
                 values = list(mapping.values())
                 for run, indices in by_run.items():
-                    self._child(run).write_scalars(step, {names[i]: values[i] for i in indices})
+                    self._child(run).write_scalars(step, {names[i]: values[i] for i in indices},
+                                                   descriptions)
                 mapping = {names[i]: values[i] for i in own}
                 if not mapping:
                     return
@@ -751,20 +768,21 @@ class SummaryWriter(MetricWriter):
             self._append(*template.event(step, mapping.values()))
             return
         # first time for these tags in this file: protobuf, with descriptions
-        self._append(self._event(step, [self._scalar_value(t, v) for t, v in mapping.items()]))
+        self._append(self._event(step, [self._scalar_value(t, v, descriptions)
+                                        for t, v in mapping.items()]))
         if template is None:
             try:
                 self._templates[tag_names] = _ScalarTemplate(tag_names)
             except ValueError:
                 self._templates[tag_names] = False  # protobuf serialized unexpectedly: stay on it
 
-    def write_histograms(self, step, mapping):
+    def write_histograms(self, step, mapping, descriptions=None):
         """Writes `{tag: [k, 3] buckets}` at `step` as one event; never raises for I/O."""
         checked = {tag: _check_buckets(tag, buckets) for tag, buckets in mapping.items()}
         self._write_tensors(step, {tag: tensor_util.make_tensor_proto(b, dtype=np.float64)
-                                   for tag, b in checked.items()}, histogram_metadata)
+                                   for tag, b in checked.items()}, histogram_metadata, descriptions)
 
-    def write_texts(self, step, mapping):
+    def write_texts(self, step, mapping, descriptions=None):
         """Writes `{tag: Markdown text}` at `step` (TensorBoard's Text tab); never raises for I/O.
 
         A configuration text (`tags.config(name)`) is also written again at the start of
@@ -772,11 +790,11 @@ class SummaryWriter(MetricWriter):
         for tag, text in mapping.items():
             self._history().texts[tag] = str(text)
             if tag.endswith(tags.CONFIG):
-                self._configs[tag] = (int(step), str(text))
+                self._configs[tag] = (int(step), str(text), describe(tag, descriptions))
         self._write_tensors(step, {tag: tensor_util.make_tensor_proto(str(text))
-                                   for tag, text in mapping.items()}, text_metadata)
+                                   for tag, text in mapping.items()}, text_metadata, descriptions)
 
-    def _write_tensors(self, step, tensors, plugin):
+    def _write_tensors(self, step, tensors, plugin, descriptions):
         """`{tag: TensorProto}` as one event, each tag's `plugin` metadata on its first write."""
         if not tensors:
             return
@@ -786,7 +804,7 @@ class SummaryWriter(MetricWriter):
         values = []
         for tag, tensor in tensors.items():
             value = summary_pb2.Summary.Value(tag=tag, tensor=tensor)
-            description = self._description(tag)
+            description = self._description(tag, descriptions)
             if description is not None:
                 value.metadata.CopyFrom(plugin.create_summary_metadata(
                     display_name=None, description=description))
@@ -796,10 +814,10 @@ class SummaryWriter(MetricWriter):
     def _config_events(self):
         """The configuration texts written so far, one event per step, each tag described."""
         by_step = {}
-        for tag, (step, text) in self._configs.items():
+        for tag, (step, text, description) in self._configs.items():
             value = summary_pb2.Summary.Value(tag=tag, tensor=tensor_util.make_tensor_proto(text))
             value.metadata.CopyFrom(text_metadata.create_summary_metadata(
-                display_name=None, description=tags.describe(tag)))
+                display_name=None, description=description))
             by_step.setdefault(step, []).append(value)
         return [self._event(step, values) for step, values in by_step.items()]
 
