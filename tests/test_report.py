@@ -767,6 +767,33 @@ def test_skipped_nan_steps_of_an_old_run_without_loss_scale_say_what_is_unknown(
     assert rep.summary.nonfinite_steps == 6 and "all of them skipped" not in rep.flags[0].detail
 
 
+def test_the_global_nonfinite_column_counts_the_unlogged_updates_the_flag_counts(tmp_path):
+    """Logged every 5 steps; non-finite updates at the unlogged steps 2, 4 and 7 (the device
+    counter `gradients/nonfinite_steps`, cumulative, written with each logged step) made the
+    first layer's weights NaN: its ratios are NaN from then on and its gradient is ReLU(NaN) = 0,
+    while every logged gradient is finite. The (global) row's non-finite cell counts those 3
+    updates, as the exploding flag does; a layer's cell counts its logged steps (0)."""
+    nan_updates = [2, 4, 7]
+    steps = np.arange(5, 45, 5)
+    n = len(steps)
+    variables = {"dense/kernel": (np.zeros(n), np.full(n, np.nan), np.zeros(n), 40),
+                 "dense/bias": (np.zeros(n), np.full(n, np.nan), np.zeros(n), 8),
+                 "dense_1/kernel": (np.full(n, 1.0), np.full(n, 2.0), np.full(n, 1e-3), 8),
+                 "dense_1/bias": (np.full(n, 0.1), np.full(n, 0.5), np.full(n, 1e-3), 1)}
+    rows = variable_rows(steps, variables)
+    for step, row in rows.items():
+        row[tags.NONFINITE_STEPS] = float(sum(s <= step for s in nan_updates))
+    rep = report.health_report(report.load_run(run_of(tmp_path, rows)))
+    assert kinds(rep) == [("exploding", "global"), ("nonfinite", "dense")]
+    assert rep.summary.nonfinite_steps == 0 and rep.summary.nonfinite_updates == len(nan_updates)
+    text = report.format_table(rep)
+    cells = table_rows(text)
+    assert cells["(global)"][4] == str(len(nan_updates))  # read 0 before
+    assert cells["dense"][4] == cells["dense_1"][4] == "0"
+    assert f"{len(nan_updates)} update(s) with NaN/inf values" in text
+    assert f"`{tags.NONFINITE_STEPS}`: {len(nan_updates)} update(s), 0 at logged steps" in text
+
+
 def test_zeros_written_into_a_record_are_one_damaged_region(tmp_path):
     """A crash can leave a block of zeros inside a file: the record it splits and the zeros
     are one region, reading resumes at the next record."""

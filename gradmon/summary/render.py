@@ -127,8 +127,15 @@ def _layer_table(report):
              _ratio(l.final_update_ratio, l.update_ratio_logged),
              fmt_pct(l.tail_zero_fraction)] for l in report.layers]
     rows.append(["(global)", fmt_num(s.final_norm), fmt_num(s.peak_norm), fmt_num(s.peak_step),
-                 fmt_pct(s.clipped_share), str(s.nonfinite_steps), "", "", ""])
+                 fmt_pct(s.clipped_share), str(_global_nonfinite(s)), "", "", ""])
     return _rows_text(header, rows)
+
+
+def _global_nonfinite(summary):
+    """The (global) row's non-finite steps: the updates with NaN/inf values counted at every
+    step (`gradients/nonfinite_steps`, as the exploding flag counts them) when the run wrote
+    that counter, or the logged steps with a NaN/inf raw gradient when they are more."""
+    return max(summary.nonfinite_steps, summary.nonfinite_updates or 0)
 
 
 def _table_legend(report):
@@ -140,6 +147,10 @@ def _table_legend(report):
     out = ["", f"norms: raw gradient L2; early median {fmt_num(s.early_median_norm)} (finite "
                f"values); clipped: {source}; zeros: mean over the last "
                f"{fmt_pct(report.thresholds.tail_fraction)} of steps"]
+    if _global_nonfinite(s) != s.nonfinite_steps:
+        out.append(f"non-finite: per layer, logged steps with a NaN/inf raw gradient; (global): every "
+                   f"step counted (`{tags.NONFINITE_STEPS}`: {s.nonfinite_updates} update(s), "
+                   f"{s.nonfinite_steps} at logged steps)")
     if s.excluded_steps:
         out.append(f"left out: {len(s.excluded_steps)} loss-scale overflow step(s)")
     if report.grouping_source == "inferred":

@@ -55,7 +55,12 @@ Per-layer columns:
   `gradients/clip/ratio` < 1 - 1e-6. "-" when the run logged no transform.
 - non-finite: number of logged steps in which the layer's raw gradient had a
   NaN or inf entry (its per-variable `nonfinite` counts when logged, else the
-  global `gradients/raw/nonfinite` count).
+  global `gradients/raw/nonfinite` count). The (global) row counts every step
+  when the run wrote `gradients/nonfinite_steps` (updates with NaN/inf values,
+  logged or not, loss-scale overflows left out; the logged count when that is
+  larger), as the exploding flag does; a layer's count stays that of its
+  logged steps (which layer was non-finite at an unlogged step is not
+  recorded), so a layer poisoned by NaN between logged steps can read 0.
 - grad/weight and update ratio: ||g|| / ||w|| and ||w_after - w_before|| /
   ||w_before|| of the whole layer at the last step. Weight norms are recovered
   as norm / grad_to_weight. A ratio whose weight norm is 0 (a zero-initialised
