@@ -8,7 +8,6 @@ error before the first step.
 """
 
 import contextlib
-import warnings
 import weakref
 
 import keras
@@ -19,29 +18,31 @@ from gradmon.measure import train_step as own_step
 from gradmon import saving
 from gradmon.measure import penalties as penalties_module
 from gradmon.measure import spikes, statistics, transforms
-from gradmon._validation import check_bool, invalid
+from gradmon._validation import invalid
 from gradmon.measure.observer import Observer, observer_of
+from gradmon.measure.settings import GradientSettings
+from gradmon.publish import policy
 
 STAT_NAMES = statistics.STAT_NAMES
 _STEP_KEY = "gradmon_step"  # older files kept the step among the model's own variables
 
 
 class GradientConfig:
-    """What a monitored model does with its gradients: transform, penalties, statistics, policy."""
+    """What a monitored model does with its gradients: its `GradientSettings`, its observer
+    and what gradmon's own train step hands over (penalties, noise scale, the loss)."""
 
-    def __init__(self, transform=None, grouping="layer", stats=None, penalties=None,
-                 noise_scale=False, on_nonfinite="warn", on_spike=None,
-                 spike_threshold=spikes.DEFAULT_SPIKE_THRESHOLD):
-        self.observer = Observer(transform, grouping, stats, on_nonfinite, on_spike=on_spike,
-                                 spike_threshold=spike_threshold)
-        self.noise_scale = check_bool("noise_scale", noise_scale)
-        self.penalties = penalties_module.check_penalties(penalties)
+    def __init__(self, settings=None):
+        self.settings = settings = GradientSettings() if settings is None else settings
+        self.observer = Observer(settings)
         # with on_spike, gradmon's own step (where the model has no train_step of its own)
         # hands the batch loss over for its z-score
-        self.extras = own_step.Extras([p.name for p in self.penalties], self.noise_scale,
-                                      loss=on_spike is not None)
+        self.extras = own_step.Extras([p.name for p in settings.penalties], settings.noise_scale,
+                                      loss=settings.on_spike is not None)
         if self.penalties or self.noise_scale or self.extras.loss:
             self.observer.extras_source = self.extras
+
+    penalties = property(lambda self: self.settings.penalties)
+    noise_scale = property(lambda self: self.settings.noise_scale)
 
     def without_loss(self):
         """A model with its own `train_step`: no loss reaches the observer (only the norm's z-score)."""
@@ -53,30 +54,23 @@ class GradientConfig:
     def needs_own_step(self):
         return bool(self.penalties) or self.noise_scale
 
-    def clone_args(self):
-        """`configure_gradients` keywords for a copy (`keras.models.clone_model`): the same
-        settings, fresh state (a built-in transform is rebuilt from its config; a plain
-        callable is shared)."""
-        args = gradient_config_args(self.get_config())
-        t = self.observer.transform
-        if t is not None and not saving.serializable(t):
-            args["transform"] = t
-        args["stats"] = list(self.observer.selected) + list(self.observer.custom)
-        return args
+    def fresh_settings(self):
+        """The same settings with fresh state, for a copy (`keras.models.clone_model`): a
+        built-in transform and the penalties rebuilt from their configs (a plain callable and
+        custom statistics are shared)."""
+        t = self.settings.transform
+        if t is not None and saving.serializable(t):
+            t = transforms.deserialize(transforms.serialize(t))
+        return self.settings.replace(transform=t, penalties=[
+            penalties_module.deserialize(penalties_module.serialize(p)) for p in self.penalties])
 
     def get_config(self):
-        t, obs = self.observer.transform, self.observer
-        serializable = t is None or saving.serializable(t)
-        return {
-            "transform": None if t is None or not serializable else transforms.serialize(t),
-            "grouping": obs.grouping,
-            "stats": list(obs.selected),
-            "penalties": [penalties_module.serialize(p) for p in self.penalties],
-            "noise_scale": self.noise_scale,
-            "on_nonfinite": obs.on_nonfinite,
-            "on_spike": obs.on_spike,
-            "spike_threshold": obs.spike_threshold,
-        }
+        settings, t = self.settings, self.settings.transform
+        config = settings.keywords("model")
+        config["transform"] = None if t is None or not saving.serializable(t) else transforms.serialize(t)
+        config["stats"] = list(settings.selected)
+        config["penalties"] = [penalties_module.serialize(p) for p in self.penalties]
+        return config
 
 
 def _check_own_step(model, config):
@@ -129,19 +123,17 @@ def watched_fit_arguments(model, args, kwargs):
     """`fit`'s `(args, kwargs)` with a `PolicyWatch` added when the model's policies need one
     (`"stop"`, `"skip"`, `on_spike`) and no `GradientMonitor` is among the callbacks: without
     it, a stopped model would go on fitting without updates, silently."""
-    from gradmon.publish.callbacks import GradientMonitor, PolicyWatch
-
     observer = getattr(model, "_gradmon_observer", None)
-    if observer is None or not PolicyWatch.needed(observer):
+    if observer is None or not policy.PolicyWatch.needed(observer):
         return args, kwargs
     positional = len(args) > _FIT_CALLBACKS_POSITION
     given = args[_FIT_CALLBACKS_POSITION] if positional else kwargs.get("callbacks")
     if isinstance(given, keras.callbacks.CallbackList):
         return args, kwargs  # the user's own list: used as it is
     given = list(given or [])
-    if any(isinstance(c, (GradientMonitor, PolicyWatch)) for c in given):
+    if any(policy.hears_policies(c) for c in given):
         return args, kwargs
-    given.append(PolicyWatch())
+    given.append(policy.PolicyWatch())
     if positional:
         args = args[:_FIT_CALLBACKS_POSITION] + (given,) + args[_FIT_CALLBACKS_POSITION + 1:]
     else:
@@ -156,9 +148,7 @@ def _unread_written_if_interrupted(model):
     try:
         yield
     except BaseException:
-        from gradmon.publish.callbacks import write_unread
-
-        write_unread(model._gradmon_observer)
+        policy.write_unread(model._gradmon_observer)
         raise
 
 
@@ -238,11 +228,9 @@ class GradientMonitorMixin:
         source = kc.cloning_source()
         if isinstance(source, GradientMonitorMixin) and type(source) is type(self):
             # keras.models.clone_model builds the clone from the graph alone: keep the settings
-            config = GradientConfig(**source._gradmon_config.clone_args())
+            config = GradientConfig(source._gradmon_config.fresh_settings())
         else:
-            config = GradientConfig(gradient_transform, gradient_grouping, gradient_stats,
-                                    gradient_penalties, gradient_noise_scale, gradient_on_nonfinite,
-                                    gradient_on_spike, gradient_spike_threshold)
+            config = GradientConfig(GradientSettings.from_arguments(locals(), "model", "gradient_"))
         object.__setattr__(self, "_gradmon_config", config)
         object.__setattr__(self, "_gradmon_observer", config.observer)
         super().__init__(*args, **kwargs)
@@ -283,8 +271,7 @@ class GradientMonitorMixin:
         Returns:
             The model, for chaining.
         """
-        config = GradientConfig(transform, grouping, stats, penalties, noise_scale, on_nonfinite,
-                                on_spike, spike_threshold)
+        config = GradientConfig(GradientSettings.from_arguments(locals(), "model"))
         _check_own_step(self, config)
         object.__setattr__(self, "_gradmon_config", config)
         _replace_observer(self, config.observer)
@@ -382,7 +369,7 @@ def _replace_observer(model, new):
     old = getattr(model, "_gradmon_observer", None)
     if old is not None:
         new.restore_step(old.step)
-        new.monitor, new.writer = old.monitor, old.writer
+        new.host.monitor, new.host.writer = old.host.monitor, old.host.writer
         optimizer = getattr(model, "optimizer", None)
         if optimizer is not None and observer_of(optimizer) is old:
             old.unhook(optimizer)
@@ -390,8 +377,8 @@ def _replace_observer(model, new):
         object.__setattr__(model, "_gradmon_observer", new)
     else:
         instrument(model, new)
-    if old is not None and old.monitor is not None:
-        old.monitor.adopt(new)
+    if old is not None and old.host.monitor is not None:
+        old.host.monitor.adopt(new)
     model.train_function = None
 
 
@@ -458,7 +445,7 @@ def _configure_loaded(model, gradient_config):
     `keras.models.clone_model`, from the model cloned (its very settings, fresh state)."""
     source = kc.cloning_source()
     if isinstance(source, GradientMonitorMixin) and type(source) is type(model):
-        model.configure_gradients(**source._gradmon_config.clone_args())
+        model.configure_gradients(**source._gradmon_config.fresh_settings().keywords("model"))
     else:
         model.configure_gradients(**gradient_config_args(gradient_config))
 
@@ -520,20 +507,17 @@ def monitor(model, transform=None, grouping="layer", stats=None, penalties=None,
         >>> m.compile(optimizer="adam", loss="mse")
         >>> m.fit(x, y, callbacks=[gradmon.GradientMonitor("runs/exp1")])
     """
-    args = (transform, grouping, stats, penalties, noise_scale, on_nonfinite, on_spike, spike_threshold)
+    options = GradientSettings.pick(locals(), "model")
     if isinstance(model, GradientMonitorMixin):
-        return model.configure_gradients(*args)
+        return model.configure_gradients(**options)
     if not isinstance(model, keras.Model):
         raise invalid("model", "a keras.Model", model)
-    config = GradientConfig(*args)
+    config = GradientConfig(GradientSettings(**options))
     if not kc.model_train_step_is_keras(model):
         _check_own_step(model, config)
         _replace_observer(model, config.observer)
         return model
-    kwargs = dict(gradient_transform=transform, gradient_grouping=grouping, gradient_stats=stats,
-                  gradient_penalties=penalties, gradient_noise_scale=noise_scale,
-                  gradient_on_nonfinite=on_nonfinite, gradient_on_spike=on_spike,
-                  gradient_spike_threshold=spike_threshold, name=f"{model.name}_monitored")
+    kwargs = dict(config.settings.keywords("model", "gradient_"), name=f"{model.name}_monitored")
     inputs, outputs = kc.functional_structure(model)
     if inputs is not None:
         monitored = _MonitoredFunctional(inputs=inputs, outputs=outputs, **kwargs)

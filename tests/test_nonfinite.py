@@ -12,7 +12,7 @@ import pytest
 import tensorflow as tf
 
 import gradmon
-from gradmon.measure import observer as observer_module
+from gradmon.publish.publisher import Publisher
 from gradmon.measure import recorder as recorder_module
 from gradmon.summary import report
 from gradmon import tags
@@ -160,8 +160,8 @@ def test_flush_warns_of_the_nonfinite_steps_of_a_custom_loop():
 def test_the_counter_is_read_only_where_the_records_are(tmp_path, monkeypatch):
     """The counter costs no device-to-host read of its own on a step that writes nothing."""
     reads = []
-    original_records = observer_module.Observer.read
-    monkeypatch.setattr(observer_module.Observer, "read", lambda self, *args, **kwargs: reads.append(
+    original_records = Publisher.read
+    monkeypatch.setattr(Publisher, "read", lambda self, *args, **kwargs: reads.append(
         "records") or original_records(self, *args, **kwargs))
     original_counter = recorder_module.Recorder.read_nonfinite
     monkeypatch.setattr(recorder_module.Recorder, "read_nonfinite",

@@ -21,6 +21,7 @@ from gradmon.backend import distribute as _distribute, keras_compat as _keras_co
 from gradmon.measure import statistics
 from gradmon import tags
 from gradmon._validation import invalid
+from gradmon.publish import schedule  # the schedule's rule: the host sets it, the step applies it
 
 HISTOGRAM_BUCKETS = 30
 _HEADER = 2  # step, overflow flag
@@ -126,17 +127,15 @@ class Recorder:
 
     # -- inside the step ---------------------------------------------------
 
-    def scheduled(self, step, every, log_at):
-        # `every` is never 0 on the device: "never" is stored as a period no run reaches
-        return tf.logical_or(tf.equal(tf.math.floormod(step, every), 0), tf.equal(step, log_at))
-
     def should_log(self, step):
-        return self.scheduled(step, self.every, self.log_at)
+        """Whether `step` is due (the host's schedule, held in `every` / `log_at`): a bool tensor."""
+        # `every` is never 0 on the device: "never" is stored as a period no run reaches
+        return schedule.is_due(step, self.every, self.log_at)
 
     def should_histogram(self, step):
         if not self.histograms_wanted:
             return tf.constant(False)
-        return tf.equal(tf.math.floormod(step, self.hist_every), 0)
+        return schedule.is_histogram_due(step, self.hist_every)
 
     def write(self, step, ctx, overflow):
         """Stores one logged step's statistics (an overflow step keeps only the counters)."""

@@ -14,9 +14,10 @@ import warnings
 import keras
 
 from gradmon.backend import distribute as _distribute
-from gradmon.publish import layout
-from gradmon import monitored, tags
+from gradmon.publish import layout, schedule
+from gradmon import monitored
 from gradmon._validation import check_log_dir, check_non_negative_int, check_positive_int, invalid
+from gradmon.publish.policy import PolicyWatch, stop_training, write_unread  # noqa: F401 (public here)
 from gradmon.publish.writer import MetricWriter, SummaryWriter, write_report
 
 
@@ -36,21 +37,6 @@ def _with_measuring(observer, train_function, measuring):
             observer.measuring = True
 
     return function
-
-
-def write_unread(observer):
-    """Writes the measured steps that `observer`'s `GradientMonitor` holds unread in the ring,
-    for a `fit` that ends by an exception (no `on_train_end`). Never raises: that exception
-    is what the user must see (a failed write is warned of, with its count)."""
-    monitor = getattr(observer, "monitor", None)
-    unread = getattr(monitor, "_unread", 0)
-    if not unread:
-        return
-    try:
-        monitor._write()
-    except Exception as error:  # noqa: BLE001
-        warnings.warn(f"gradmon: {unread} measured step(s) of an interrupted fit could not be "
-                      f"written ({type(error).__name__}: {error}).", stacklevel=2)
 
 
 _TRAIN_FUNCTIONS = "_gradmon_train_functions"
@@ -99,11 +85,6 @@ def _trace_settings(model, observer):
 _READ_WITHIN_SECONDS = 2.0
 
 
-def _passed(period, after, upto):
-    """Whether a multiple of `period` (> 0) lies in `(after, upto]`."""
-    return period > 0 and upto // period > after // period
-
-
 def _check_update_freq(update_freq):
     if update_freq == "epoch":
         return update_freq
@@ -150,6 +131,8 @@ class GradientMonitor(keras.callbacks.Callback):
         >>> model.fit(x, y, callbacks=[gradmon.GradientMonitor("runs/exp1", update_freq=10)])
     """
 
+    hears_policies = True  # ends fit at a "stop" and warns: no PolicyWatch beside it
+
     def __init__(self, log_dir=None, update_freq=1, histogram_freq=0, writer=None):
         super().__init__()
         if writer is not None and not isinstance(writer, MetricWriter):
@@ -170,7 +153,7 @@ class GradientMonitor(keras.callbacks.Callback):
         """Takes the model's observer; two GradientMonitors in one `fit` are an error (a later
         `fit` with a new GradientMonitor takes over: `params` is shared by one fit's callbacks)."""
         observer = monitored.observer_for(self.model)
-        other = observer.monitor
+        other = observer.host.monitor
         if other is not None and other is not self and other.params is self.params:
             raise ValueError(
                 f"The model {self.model.name!r} already has a GradientMonitor in this fit (log_dir="
@@ -188,11 +171,12 @@ class GradientMonitor(keras.callbacks.Callback):
         (e.g. a custom loop after the fit), which writes to this callback's run (`flush_writer`),
         where the fit's steps went, on the same step axis.
         """
-        if observer.writer is not None and observer.monitor is None:
+        host = observer.host
+        if host.writer is not None and host.monitor is None:
             observer.close()  # its steps so far to its own file, which is then closed
-        self._observer = observer
-        observer.monitor = self
-        observer.writer = None  # writing goes through this callback (chief only)
+        self._observer, self._schedule = observer, host.schedule
+        host.monitor = self
+        host.writer = None  # writing goes through this callback (chief only)
         wants = self.histogram_freq > 0
         if observer.histograms != wants:
             observer.histograms = wants
@@ -211,10 +195,11 @@ class GradientMonitor(keras.callbacks.Callback):
         if self._writes:
             self._writer.open()  # an unwritable log_dir fails before the first step
         self._take_functions(monitored.prepare_model(self.model))
-        self._observer.set_schedule(every=0 if self.update_freq == "epoch" else self.update_freq,
-                                    log_at=-1, hist_every=self.histogram_freq)
+        host = self._observer.host
+        host.set_schedule(every=0 if self.update_freq == "epoch" else self.update_freq,
+                          log_at=-1, hist_every=self.histogram_freq)
         self._begin_step = self._observer.step  # also the first epoch's mirror base
-        self._observer.last_written = max(self._observer.last_written, self._begin_step)
+        host.last_written = max(host.last_written, self._begin_step)
         self.stopped_at = None
         self._applied_checked = False
         self._hist_seen = None  # a callback moved from another model saw that model's steps
@@ -244,16 +229,6 @@ class GradientMonitor(keras.callbacks.Callback):
         if self.model.train_function is not function:
             self.model.train_function = function
 
-    def _next_due_after(self, step):
-        """The first step after `step` that is written or takes histograms (host schedule)."""
-        observer, candidates = self._observer, []
-        for period in (observer.every, self.histogram_freq):
-            if period > 0:
-                candidates.append((step // period + 1) * period)
-        if observer.log_at > step:
-            candidates.append(observer.log_at)
-        return min(candidates, default=float("inf"))
-
     def on_epoch_begin(self, epoch, logs=None):
         # one read per epoch (none for the first): the mirror's base
         self._host_step = self._observer.step if self._begin_step is None else self._begin_step
@@ -263,9 +238,9 @@ class GradientMonitor(keras.callbacks.Callback):
         steps = self.params.get("steps") if self.params else None
         if self.update_freq == "epoch":
             # the last step of the epoch; unknown length: measure every step, write the last
-            self._observer.set_schedule(every=0 if steps else 1,
-                                        log_at=self._host_step + steps if steps else -1)
-        self._next_due = self._next_due_after(self._host_step)
+            self._observer.host.set_schedule(every=0 if steps else 1,
+                                             log_at=self._host_step + steps if steps else -1)
+        self._next_due = self._schedule.next_due_after(self._host_step)
 
     def on_train_batch_end(self, batch, logs=None):
         # `batch` is the last step of the execution (steps_per_execution)
@@ -273,19 +248,19 @@ class GradientMonitor(keras.callbacks.Callback):
         self._host_step += batch - self._batch_seen
         self._batch_seen = batch
         if self._host_step >= self._next_due:
-            self._next_due = self._next_due_after(self._host_step)
+            self._next_due = self._schedule.next_due_after(self._host_step)
         if self._observer.pipeline.stops and self.stopped_at is None and self._observer.stopped:
             self.stopped_at = stop_training(self.model, self._observer)
             self._write()  # the steps measured up to the stop (its spike already named)
             return
         if self.update_freq == "epoch":
             return
-        every, now = self._observer.every, self._host_step
-        if _passed(every, previous, now):
+        every, now = self._schedule.every, self._host_step
+        if schedule.passed(every, previous, now):
             if not self._unread:
                 self._read_by = time.monotonic() + _READ_WITHIN_SECONDS
-            self._unread += now // every - previous // every
-        histogram = _passed(self.histogram_freq, previous, now)
+            self._unread += schedule.multiples(every, previous, now)
+        histogram = schedule.passed(self._schedule.hist_every, previous, now)
         if (self._unread or histogram) and (histogram or self._read_due(now)):
             self._write()  # a histogram is held on the device only until the next one
 
@@ -293,8 +268,8 @@ class GradientMonitor(keras.callbacks.Callback):
         """Whether the written steps held in the ring must be read now: the next execution
         could overwrite one, it is `_READ_WITHIN_SECONDS` since the first, or reads wait for
         nothing (`_defers`)."""
-        recorder, every = self._observer.recorder, self._observer.every
-        upcoming = (now + self._observer.min_rows) // every - now // every
+        recorder, every = self._observer.recorder, self._schedule.every
+        upcoming = schedule.multiples(every, now, now + self._observer.min_rows)
         return (not self._defers or recorder is None or self._unread + upcoming > recorder.rows
                 or time.monotonic() >= self._read_by)
 
@@ -309,12 +284,12 @@ class GradientMonitor(keras.callbacks.Callback):
         held a step due to be written: the model trains with optimizers of its own (a GAN
         compiled without one), which this callback does not see. No device read of its own:
         the epoch's write read nothing measured after the epoch began."""
-        due = self.update_freq == "epoch" or _passed(self._observer.every, self._epoch_start_step,
-                                                     self._host_step)
+        due = self.update_freq == "epoch" or schedule.passed(self._schedule.every,
+                                                             self._epoch_start_step, self._host_step)
         if self._batch_seen < 0 or not due:
             return
         self._applied_checked = True
-        if self._observer.last_written > self._epoch_start_step:
+        if self._observer.host.last_written > self._epoch_start_step:
             return
         optimizer = getattr(self.model, "optimizer", None)
         warnings.warn(
@@ -340,73 +315,23 @@ class GradientMonitor(keras.callbacks.Callback):
         layout.write_focus(self._writer, self._observer.recorder, write_report(self._writer),
                            self._observer.name)
 
+    def write_unread(self):
+        """Writes the measured steps held unread in the ring, for a `fit` that ends by an
+        exception (no `on_train_end`). Never raises: that exception is what the user must
+        see (a failed write is warned of, with its count)."""
+        unread = getattr(self, "_unread", 0)
+        if not unread:
+            return
+        try:
+            self._write()
+        except Exception as error:  # noqa: BLE001
+            warnings.warn(f"gradmon: {unread} measured step(s) of an interrupted fit could not be "
+                          f"written ({type(error).__name__}: {error}).", stacklevel=3)
+
     def _write(self, latest_only=False):
         self._unread = 0  # everything measured so far is read
         # histograms only when a histogram step passed since the last look (host schedule)
         seen, self._hist_seen = getattr(self, "_hist_seen", None), getattr(self, "_host_step", None)
         histograms = seen is None or self._hist_seen is None or \
-            _passed(self.histogram_freq, seen, self._hist_seen)
+            schedule.passed(self._schedule.hist_every, seen, self._hist_seen)
         return self._observer.flush(self._writer if self._writes else None, latest_only, histograms)
-
-
-
-def stop_training(model, observer):
-    """Ends `fit` after a `"stop"` policy halted the updates; warns and prints why. Returns the step."""
-    step, cause, policy = observer.stop_cause()
-    model.stop_training = True
-    message = (f"gradmon: {cause} at step {step} ({policy}='stop'): that "
-               "update and every later one were not applied; training stops.")
-    warnings.warn(message, stacklevel=3)
-    print(message)
-    return step
-
-
-class PolicyWatch(keras.callbacks.Callback):
-    """Makes the non-finite and spike policies heard in a `fit` without a `GradientMonitor`.
-
-    A monitored model adds it to `fit` by itself when no `GradientMonitor` is
-    among the callbacks (which does the same and writes). It reads one flag
-    per execution under a `"stop"` policy, and the non-finite counter plus
-    (with `on_spike`) the spike ring at each epoch's end: it ends `fit` when
-    the updates stopped, and warns of spikes (naming their steps) and of
-    updates with non-finite gradients (their count and steps; applied under
-    `"warn"`, refused under `"skip"`).
-    """
-
-    def __init__(self):
-        super().__init__()
-        self.stopped_at = None
-
-    @staticmethod
-    def needed(observer):
-        # every policy: even "warn" is heard at the epoch end (a non-finite update is counted
-        # on the device at every step; one read per epoch)
-        return True
-
-    def on_train_begin(self, logs=None):
-        self._observer = monitored.observer_for(self.model)
-        self._observer.take_nonfinite()  # those before this fit are not this fit's epochs'
-        self.stopped_at = None
-
-    def on_train_batch_end(self, batch, logs=None):
-        observer = self._observer
-        if observer.pipeline.stops and self.stopped_at is None and observer.stopped:
-            self.stopped_at = stop_training(self.model, observer)
-
-    def on_epoch_end(self, epoch, logs=None):
-        observer = self._observer
-        if observer.recorder is None or self.stopped_at is not None:
-            return
-        observer.read_spikes()  # warns, naming their steps
-        taken = observer.take_nonfinite()
-        if taken is not None:
-            count, first, last = taken
-            steps = f"step {last}" if count == 1 else f"steps {first} to {last}"
-            done = "were not applied"
-            if observer.on_nonfinite == "warn" and not observer.recorder.spec.loss_scaled:
-                done = "were applied: the weights may now be NaN/inf"
-            warnings.warn(
-                f"gradmon: {count} update(s) in epoch {epoch + 1} had non-finite gradients "
-                f"({steps}) and {done} (on_nonfinite={observer.on_nonfinite!r}); add a "
-                "gradmon.GradientMonitor to the callbacks to see their layers.", stacklevel=2)
-
