@@ -1,5 +1,7 @@
 """The publishing side: what runs on the host between steps.
 
-Keras callbacks (`callbacks`), event-file writers (`writer`) and the TensorBoard
-layout (`layout`).
+Each observer's host side (`publisher`: its one `Schedule` from `schedule`, reading the
+device back, the warnings of `alerts`, writing), Keras callbacks (`callbacks`:
+`GradientMonitor`; `policy`: `PolicyWatch`), event-file writers (`writer`) and the
+TensorBoard layout (`layout`).
 """
