@@ -7,7 +7,6 @@ module, not seven. Read from keras 3.15.
 """
 
 import keras
-import tensorflow as tf
 from keras.src.losses import loss as _loss_module
 from keras.src.models.functional import Functional  # noqa: F401  (re-exported)
 
@@ -83,6 +82,8 @@ def compute_loss(model, x, y, y_pred, sample_weight, training=True):
 
 def track_loss(model, loss, x):
     """Updates the model's loss tracker as Keras' `train_step` does (unscaled per replica)."""
+    import tensorflow as tf  # imported where used: the Hessian side imports this module on JAX / PyTorch
+
     batch = next(i for i in tree.flatten(x) if i is not None)
     model._loss_tracker.update_state(unscale_loss_for_distribution(loss),
                                      sample_weight=tf.shape(batch)[0])
@@ -247,4 +248,6 @@ def variable_value(variable):
     (where `value` is a method), as a tensor."""
     if isinstance(variable, keras.Variable):
         return variable.value
+    import tensorflow as tf
+
     return variable.read_value() if hasattr(variable, "read_value") else tf.convert_to_tensor(variable)
