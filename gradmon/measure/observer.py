@@ -6,8 +6,13 @@ loop. Keras' `LossScaleOptimizer` wraps an optimizer at that door; gradmon
 hooks it (the optimizer object stays the same: saving, learning-rate
 schedules and callbacks that touch it are unchanged). The hooked `apply`
 runs the `GradientPipeline`, measures the statistics on scheduled steps into
-a `Recorder` and hands the update on. The host reads the recorder back
-(`flush`) and writes through a writer.
+a `Recorder` and hands the update on.
+
+This is the measuring side. The host side of each observer is its
+`observer.host`, a `gradmon.publish.publisher.Publisher`: it owns the
+schedule (which steps the device measures), reads the recorder back and
+writes; the `Observer` is the handle users hold (`opt.gradmon`), so its
+`flush`, `close` and `read_spikes` hand over to it.
 """
 
 import atexit
@@ -21,7 +26,7 @@ from gradmon.measure import recorder, spikes, statistics, transforms
 from gradmon import tags
 from gradmon._validation import check_log_dir, check_non_negative_int, invalid, warn_once
 from gradmon.measure.pipeline import GradientPipeline
-from gradmon.measure.settings import GROUPINGS, MAX_BUFFER_STEPS, GradientSettings  # noqa: F401
+from gradmon.measure.settings import GradientSettings
 from gradmon.publish.publisher import OWN_WRITER, Publisher
 
 _HOOK = "_gradmon_observer"

@@ -1,11 +1,15 @@
 """`GradientMonitor`: schedules gradmon's measurements in `fit` and writes them. It computes nothing.
 
-The callback owns the schedule: it tells the model's observer which steps to
-measure (only the steps it writes, `"epoch"` included) and reads the device
-only after an execution that held such a step (the host mirrors the step
-counter), so a step that writes nothing costs no device-to-host copy. Written
-steps wait in the device's ring while it has room (at most
-`_READ_WITHIN_SECONDS`): one read serves many of them.
+The callback sets the observer's one `Schedule` (`gradmon.publish.schedule`,
+held by the observer's `Publisher`): which steps to measure (only the steps it
+writes, `"epoch"` included). It reads the device only after an execution
+that held such a step (the host mirrors the step counter, and asks the same
+schedule which step is due next), so a step that writes nothing costs no
+device-to-host copy. Written steps wait in the device's ring while it has
+room (at most `_READ_WITHIN_SECONDS`): one read serves many of them.
+
+`PolicyWatch` (a `fit` without a `GradientMonitor`) is in `gradmon.publish.policy`,
+importable from here as before.
 """
 
 import time
