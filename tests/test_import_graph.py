@@ -92,3 +92,18 @@ def test_the_cycle_finder_finds_a_cycle():
     graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
     assert _cycle(graph) == ["a", "b", "c", "a"]
     assert _cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_the_measuring_side_knows_of_publishing_only_the_schedule_and_its_host():
+    """The device side (`gradmon.measure`) imports of the publishing side only the schedule's
+    rule (the recorder applies it), the observer's host side (`Publisher`, behind the handle
+    users hold) and, in `observe(log_dir=...)`, the writer it opens: never the callbacks,
+    the policy watch or the layout."""
+    modules = _modules()
+    used = set()
+    for name, path in modules.items():
+        if name.startswith("gradmon.measure"):
+            used |= {m for m in _imports(name, path, modules) if m.startswith("gradmon.publish.")}
+    assert used == {"gradmon.publish.schedule", "gradmon.publish.publisher", "gradmon.publish.writer"}
+    # and the schedule itself imports nothing of gradmon
+    assert _imports("gradmon.publish.schedule", modules["gradmon.publish.schedule"], modules) == set()
