@@ -16,6 +16,7 @@ implementation in use (`google-crc32c` or TensorBoard's pure-Python one).
 """
 
 import argparse
+import inspect
 import shutil
 import statistics
 import tempfile
@@ -46,11 +47,12 @@ def per_layer_steps(layers):
     return (lambda step: [{name: step + i / 7 for i, name in enumerate(names)}]), runs
 
 
-def time_writer(make_steps, steps, warmup):
+def time_writer(make_steps, steps, warmup, flush_seconds=None):
     directory = tempfile.mkdtemp(prefix="gradmon-writer-bench-")
     try:
         step_mappings, runs = make_steps
-        writer = SummaryWriter(directory).open()
+        options = {} if flush_seconds is None else {"flush_seconds": flush_seconds}
+        writer = SummaryWriter(directory, **options).open()
         writer.assign_runs(runs)
         for step in range(warmup):
             for mapping in step_mappings(step):
@@ -79,10 +81,12 @@ def main():
     else:
         crc = "google-crc32c" if record.FAST else "TensorBoard's pure-Python CRC32C"
     print(f"record writer: {crc}")
-    configs = [(f"flat, {args.tags} scalars", flat_steps(args.tags)),
-               (f"per-layer, {args.layers} layers x 2 + 3 global", per_layer_steps(args.layers))]
-    for label, make in configs:
-        times = [time_writer(make, args.steps, args.warmup) for _ in range(args.repeats)]
+    configs = [(f"flat, {args.tags} scalars", flat_steps(args.tags), None),
+               (f"per-layer, {args.layers} layers x 2 + 3 global", per_layer_steps(args.layers), None)]
+    if "flush_seconds" in inspect.signature(SummaryWriter).parameters:
+        configs += [(f"per-layer, flush_seconds={s:g}", per_layer_steps(args.layers), s) for s in (0, 1)]
+    for label, make, flush_seconds in configs:
+        times = [time_writer(make, args.steps, args.warmup, flush_seconds) for _ in range(args.repeats)]
         print(f"{label:<40} {statistics.median(times):8.3f} ms per logged step "
               f"(min {min(times):.3f}, max {max(times):.3f})")
 

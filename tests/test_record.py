@@ -148,9 +148,10 @@ def test_patched_checksums_equal_the_whole_records(crc_path):
     """A body changing only at some bytes (a step of scalars patched into its template)."""
     rng = np.random.default_rng(5)
     body = bytes(rng.integers(0, 256, size=700, dtype=np.uint8))
-    positions = np.concatenate([np.arange(60 * i + 50, 60 * i + 54) for i in range(11)] + [[699]])
-    patched = record.PatchedCrc(body, positions)
-    for prefix_length in (0, 1, 11, 19):
+    many = np.concatenate([np.arange(60 * i + 50, 60 * i + 54) for i in range(11)] + [[699]])
+    few = np.array([3, 4, 5, 6, 300, 301, 302, 303])  # below record._FEW: summed in Python
+    for positions, prefix_length in [(p, n) for p in (many, few) for n in (0, 1, 11, 19)]:
+        patched = record.PatchedCrc(body, positions)
         prefix = bytes(rng.integers(0, 256, size=prefix_length, dtype=np.uint8))
         changed = rng.integers(0, 256, size=len(positions), dtype=np.uint8)
         whole = np.frombuffer(body, dtype=np.uint8).copy()

@@ -12,6 +12,7 @@ import os
 import shutil
 import struct
 import subprocess
+import sys
 import warnings
 
 import keras
@@ -197,6 +198,64 @@ def test_histograms_must_be_buckets(tmp_path):
             w.write_histograms(0, {"h": np.zeros((4, 2))})
 
 
+class CountedRecords(RecordWriter):
+    """A real record writer counting its writes to the operating system."""
+
+    writes = 0
+
+    def _write_bytes(self, view):
+        CountedRecords.writes += 1
+        return super()._write_bytes(view)
+
+
+@pytest.mark.parametrize("flush_seconds", [0, 3600])
+def test_a_run_and_its_per_layer_runs_are_flushed_together(tmp_path, monkeypatch, flush_seconds):
+    """One write to the OS per file and flush: at every step with `flush_seconds=0`; with a long
+    `flush_seconds` at the first step, then nothing until `flush()`, which flushes every file."""
+    monkeypatch.setattr(SummaryWriter, "_record_writer", CountedRecords)
+    monkeypatch.setattr(CountedRecords, "writes", 0)
+    layers = [f"layer_{i}" for i in range(5)]
+    w = SummaryWriter(str(tmp_path), flush_seconds=flush_seconds).open()
+    w.assign_runs({f"norm/{layer}": layer for layer in layers})
+    step_tags = ["global"] + [f"norm/{layer}" for layer in layers]
+    write_steps(w, [0], step_tags)
+    headers = 1 + len(layers)  # each file's header is flushed when the file is made
+    assert CountedRecords.writes == headers + 6
+    write_steps(w, range(1, 4), step_tags)
+    on_disk = [scalar_steps(tmp_path, "global")] + [scalar_steps(tmp_path / layer, f"norm/{layer}")
+                                                   for layer in layers]
+    if flush_seconds:
+        assert CountedRecords.writes == headers + 6 and on_disk == [[0]] * 6
+    else:
+        assert CountedRecords.writes == headers + 6 * 4 and on_disk == [[0, 1, 2, 3]] * 6
+    w.flush()
+    assert CountedRecords.writes == headers + 6 * (2 if flush_seconds else 4)
+    assert scalar_steps(tmp_path, "global") == [0, 1, 2, 3]
+    assert all(scalar_steps(tmp_path / layer, f"norm/{layer}") == [0, 1, 2, 3] for layer in layers)
+    write_steps(w, [4], step_tags)
+    w.close()  # flushes what is left
+    assert all(scalar_steps(tmp_path / layer, f"norm/{layer}") == [0, 1, 2, 3, 4] for layer in layers)
+    assert w.dropped == 0
+
+
+@pytest.mark.parametrize("ending", ["return", "raise"])
+def test_nothing_written_is_lost_at_exit(tmp_path, ending):
+    """A process that never closes its writer (or dies of an exception) leaves every step on disk."""
+    script = (
+        "from gradmon.publish.writer import SummaryWriter\n"
+        f"w = SummaryWriter({str(tmp_path)!r}, flush_seconds=3600).open()\n"
+        "w.assign_runs({'norm/a': 'a'})\n"
+        "for step in range(6):\n"
+        "    w.write_scalars(step, {'global': step, 'norm/a': -step})\n"
+        + ("raise RuntimeError('training failed')\n" if ending == "raise" else ""))
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "PYTHONPATH": root})
+    assert (result.returncode != 0) == (ending == "raise"), result.stderr
+    assert scalar_steps(tmp_path, "global") == list(range(6))
+    assert read_dir(tmp_path / "a")[0]["norm/a"] == [(s, -float(s)) for s in range(6)]
+
+
 # ---------------------------------------------------------------- layouts
 
 
@@ -322,6 +381,21 @@ def test_a_full_disk_warns_once_and_keeps_whole_records(small_fs, long_descripti
     assert w.dropped == 63 - len(written) and len(failure_warnings(caught)) == 1
 
 
+def test_a_full_disk_under_batched_flushes_keeps_every_whole_record_that_fit(small_fs, long_descriptions,
+                                                                             caught):
+    filler = small_fs / "filler"
+    filler.write_bytes(b"x" * 24576)
+    w = SummaryWriter(str(small_fs / "train"), retry_seconds=3600, flush_seconds=3600).open()
+    write_steps(w, range(60))  # all held until close: one write of ~130 KB into ~40 KB of room
+    assert failure_warnings(caught) == []
+    w.close()
+    written = scalar_steps(small_fs / "train")  # every record read is whole (read_records)
+    assert 5 < len(written) < 60 and written == list(range(len(written)))
+    assert w.dropped == 60 - len(written)
+    (warning,) = failure_warnings(caught)
+    assert "No space left on device" in str(warning.message)
+
+
 def test_open_on_a_full_disk_raises_before_training(small_fs):
     with open(str(small_fs / "filler"), "wb", buffering=0) as f, pytest.raises(OSError):
         while True:
@@ -392,30 +466,18 @@ def test_a_fresh_file_after_the_directory_was_removed_holds_the_configuration(tm
     assert run.configs == {None: config, "critic": critic}
 
 
-class FlakyRecords:
+class FlakyRecords(RecordWriter):
     """A real record writer that can be made to fail, optionally after writing part of a record."""
 
     broken = False
     partial = False
 
-    def __init__(self, path):
-        self.path = path
-        self.records = RecordWriter(path)
-
-    def write(self, data, crc=None):
+    def _write_bytes(self, view):
         if FlakyRecords.broken:
             if FlakyRecords.partial:
-                self.records.flush()
-                with open(self.path, "ab") as f:
-                    f.write(data[:7])  # what a write cut short leaves behind
+                os.write(self._fd, view[:7])  # what a write cut short leaves behind
             raise PermissionError(errno.EACCES, "Permission denied", self.path)
-        self.records.write(data, crc)
-
-    def flush(self):
-        self.records.flush()
-
-    def close(self):
-        self.records.close()
+        return super()._write_bytes(view)
 
 
 @pytest.mark.parametrize("partial", [False, True])

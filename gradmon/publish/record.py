@@ -10,6 +10,7 @@ records with the same functions (`crc32c`, `mask`, `crc32c_many`, `crc32c_rows`)
 """
 
 import functools
+import os
 import struct
 
 import numpy as np
@@ -139,6 +140,16 @@ def _register(register, data):
     return pywrap_tensorflow.crc_update(register ^ _ALL_ONES, data) ^ _ALL_ONES
 
 
+_FEW = 16
+
+
+@functools.lru_cache(maxsize=256)
+def _prefix_register(prefix):
+    """The register after an event's prefix (time, step, summary length): the same for every
+    per-layer run's event of a step of the same length, so computed once."""
+    return _register(_ALL_ONES, prefix)
+
+
 class _ZeroBytes:
     """`Z_n`, the effect of `n` zero bytes on a CRC32C register (linear over GF(2)), as four
     256-entry tables, one per byte of the register; built from `Z_1`, `Z_2`, `Z_4`, ..."""
@@ -214,15 +225,20 @@ class PatchedCrc:
         self._tables = np.stack([recorded[k] for k in after.tolist()]) if len(after) else \
             np.zeros((0, 256), np.uint32)
         self._rows = np.arange(len(positions))
+        # a few changing bytes (a per-layer run's two scalars): Python lists beat a numpy gather
+        self._lists = self._tables.tolist() if len(positions) <= _FEW else None
         self._lanes = [lane.tolist() for lane in zeros.lanes(size)]
 
     def crc(self, prefix, changed):
         """The unmasked CRC32C of `prefix + body`, `changed` (uint8) the bytes at the positions."""
-        s = _register(_ALL_ONES, prefix)
+        s = _prefix_register(prefix)
         lanes = self._lanes
         register = lanes[0][s & 0xFF] ^ lanes[1][(s >> 8) & 0xFF] ^ lanes[2][(s >> 16) & 0xFF] \
             ^ lanes[3][s >> 24] ^ self._base
-        if len(self._rows):
+        if self._lists is not None:
+            for row, byte in zip(self._lists, changed.tolist()):
+                register ^= row[byte]
+        elif len(self._rows):
             register ^= int(np.bitwise_xor.reduce(self._tables[self._rows, changed]))
         return register ^ _ALL_ONES
 
@@ -230,25 +246,59 @@ class PatchedCrc:
 class RecordWriter:
     """Appends TFRecords to a new file (what `tf.io.TFRecordWriter` does, without TensorFlow).
 
-    `write` buffers a record; `flush` hands everything written to the operating
-    system (it survives the process ending; no `fsync`, as TensorFlow's writer);
-    `close` flushes and closes. Failures raise `OSError` (e.g. `ENOSPC`,
-    `ENOENT`, `EACCES`), from the open, a write or a flush.
+    `write` keeps a record in memory; `flush` hands every kept record to the
+    operating system in one write (it survives the process ending; no `fsync`,
+    as TensorFlow's writer); `close` flushes and closes. Failures raise `OSError`
+    (e.g. `ENOSPC`, `ENOENT`, `EACCES`) from the open or a flush; records not
+    flushed whole are then forgotten, and `size` / `records` say what is on disk
+    whole: a writer that goes on cuts the file back to `size` first.
 
     Args:
         path: the file, created (or truncated) now.
+
+    Attributes:
+        size: bytes of the whole records flushed so far.
+        records: number of whole records flushed so far.
     """
 
     def __init__(self, path):
         self.path = path
-        self._file = open(path, "wb")  # noqa: SIM115 - closed by `close`
+        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+        self._buffer = []
+        self.size = 0
+        self.records = 0
 
     def write(self, data, crc=None):
-        """Appends `data` (bytes) as one record; `crc`: its CRC32C when known (see `frame`)."""
-        self._file.write(frame(data, crc))
+        """Keeps `data` (bytes) as one record until the next `flush`; `crc`: its CRC32C
+        when known (see `frame`)."""
+        self._buffer.append(frame(data, crc))
+
+    def _write_bytes(self, view):
+        """One `os.write`; returns the number of bytes written (tests make it fail)."""
+        return os.write(self._fd, view)
 
     def flush(self):
-        self._file.flush()
+        """Writes the kept records; on failure counts the whole ones that made it."""
+        if not self._buffer:
+            return
+        buffer, self._buffer = self._buffer, []
+        data = buffer[0] if len(buffer) == 1 else b"".join(buffer)
+        view, written = memoryview(data), 0
+        try:
+            while written < len(data):
+                written += self._write_bytes(view[written:])
+        finally:
+            whole = 0
+            for framed in buffer:
+                if whole + len(framed) > written:
+                    break
+                whole += len(framed)
+                self.records += 1
+            self.size += whole
 
     def close(self):
-        self._file.close()
+        """Flushes and closes the file (closed even when the flush fails)."""
+        try:
+            self.flush()
+        finally:
+            os.close(self._fd)

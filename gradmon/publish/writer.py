@@ -21,6 +21,7 @@ step, raises for a directory that cannot be written.
 """
 
 import abc
+import atexit
 import errno
 import itertools
 import logging
@@ -30,6 +31,7 @@ import struct
 import sys
 import time
 import warnings
+import weakref
 
 import numpy as np
 from tensorboard.compat.proto import event_pb2, summary_pb2, tensor_pb2, tensor_shape_pb2, types_pb2
@@ -419,12 +421,13 @@ class _ScalarTemplate:
         # without a fast CRC32C, the record's checksum from the changed bytes alone
         self._crc = None if record.FAST else record.PatchedCrc(self._bytes, self._index)
 
-    def event(self, step, values):
+    def event(self, step, values, wall_time=None):
         """A serialized `Event` and its CRC32C.
 
         Args:
             step: the event's step.
             values: the numbers, in the order of the template's tags.
+            wall_time: the event's time stamp (seconds); `None`: now.
 
         Returns:
             `(bytes, crc)`: the `Event`, stamped with the current time, and its
@@ -432,7 +435,8 @@ class _ScalarTemplate:
         """
         floats = np.fromiter(values, dtype="<f4", count=self._count).view(np.uint8)
         self._bytes[self._index] = floats
-        prefix = b"".join((b"\x09", _DOUBLE.pack(time.time()), b"\x10", _varint(int(step)),
+        stamp = time.time() if wall_time is None else wall_time
+        prefix = b"".join((b"\x09", _DOUBLE.pack(stamp), b"\x10", _varint(int(step)),
                            self._summary_key))
         crc = None if self._crc is None else self._crc.crc(prefix, floats)
         return prefix + self._bytes.tobytes(), crc
@@ -450,12 +454,29 @@ def _failure_kind(error):
     return type(error).__name__
 
 
+_open_runs = weakref.WeakSet()  # writers with an event file open: flushed at exit
+_exiting = False
+
+
+@atexit.register
+def _flush_at_exit():
+    """Hands what every open writer holds to the operating system; later writes flush at once."""
+    global _exiting
+    _exiting = True
+    for writer in list(_open_runs):
+        writer.flush()
+
+
 class SummaryWriter(MetricWriter):
     """TensorBoard event files for one run directory.
 
-    Every write is flushed to the file at once (a few microseconds): an
-    exception or a KeyboardInterrupt inside `fit` leaves an event file holding
-    everything written until then. Callbacks share one writer per directory
+    Writes are handed to the operating system together, every event file of the
+    run (its per-layer runs included) at once: by default at the end of every
+    write; with `flush_seconds` after a write when that long has passed since the
+    last flush, and always at `flush()`, `close()` and interpreter exit. An
+    exception or a KeyboardInterrupt inside `fit` leaves event files holding
+    everything written until then; only a process killed outright loses the
+    writes of its last `flush_seconds`. Callbacks share one writer per directory
     (`SummaryWriter.shared`): TensorBoard follows only the newest event file
     of a run while it is being written (unless started with
     `--reload_multifile=true`), so gradmon keeps its summaries in one file.
@@ -475,6 +496,11 @@ class SummaryWriter(MetricWriter):
             Defaults to `None`.
         check_seconds: how often the event file is looked for on disk: a file
             removed while open takes writes without any error. Defaults to `1.0`.
+        flush_seconds: the longest a write waits for the next flush while
+            writing goes on: one flush per file costs a system call (105
+            per-layer runs flushed at every logged step: ~0.4 ms, see
+            `benchmarks/writer.py`); a reader in another process sees the
+            writes that late. Defaults to `0.0`: every write is flushed at once.
 
     Attributes:
         dropped: events not written since this writer was made. Events written
@@ -489,8 +515,11 @@ class SummaryWriter(MetricWriter):
     # it to simulate a failing file.
     _record_writer = staticmethod(record.RecordWriter)
 
-    def __init__(self, logdir, retry_seconds=10.0, max_retries=None, check_seconds=1.0):
+    def __init__(self, logdir, retry_seconds=10.0, max_retries=None, check_seconds=1.0,
+                 flush_seconds=0.0):
         self.logdir = check_log_dir(logdir)
+        self.flush_seconds = check_non_negative("flush_seconds", flush_seconds)
+        self._flushed_at = float("-inf")
         self.retry_seconds = check_non_negative("retry_seconds", retry_seconds)
         self.max_retries = None if max_retries is None else check_non_negative_int(
             "max_retries", max_retries)
@@ -552,9 +581,9 @@ class SummaryWriter(MetricWriter):
         self._users += 1
         return self
 
-    def _reset_file_state(self, size):
-        self._size = size  # bytes of whole, flushed records: a failure cuts the file back to it
-        self._data_records = 0
+    def _reset_file_state(self, header_records):
+        self._header_records = header_records  # the file's first records: header, layout, configs
+        self._pending = 0  # events written, not yet flushed
         self._unseen = 0  # records written since the file was last seen on disk
         self._next_check = time.monotonic() + self.check_seconds
         self._described = set()
@@ -585,29 +614,35 @@ class SummaryWriter(MetricWriter):
                 writer.write(data)
             writer.flush()
         except OSError:
-            self._writer, self.path, self._data_records = writer, path, 0
+            self._writer, self.path = writer, path
+            self._reset_file_state(len(records))
             self._release_file(failed=True)
             raise
         self._writer, self.path = writer, path
-        self._reset_file_state(sum(len(data) + 16 for data in records))
+        _open_runs.add(self._root or self)
+        self._reset_file_state(len(records))
         self._described.update(self._configs)  # described in this file's config events
 
     def _release_file(self, failed):
-        """Closes the event file; after a failure leaves only its whole records."""
+        """Closes the event file (flushing it); after a failure leaves only its whole,
+        flushed records, the unflushed ones counted in `dropped`."""
         writer, path = self._writer, self.path
         self._writer = self.path = None
+        before = writer.records
         try:
             writer.close()
         except OSError:
-            failed = True  # every write was flushed, so close loses nothing we counted
+            failed = True
+        self.dropped += self._pending - (writer.records - before)  # those not flushed whole
+        self._pending = 0
         if not failed:
             return
         try:
-            if self._data_records == 0:
+            if writer.records <= self._header_records:
                 os.remove(path)  # only a header: not worth a file per retry
             else:
                 # appending after a partial record would make the rest unreadable
-                os.truncate(path, self._size)
+                os.truncate(path, writer.size)
         except OSError:
             pass  # e.g. the directory is gone: nothing is left to repair
 
@@ -673,30 +708,48 @@ class SummaryWriter(MetricWriter):
         return True  # the failure is over once an event is written (`_append`)
 
     def _append(self, data, crc=None):
-        """Writes one serialized event (`crc`: its CRC32C when known) to the open file; a
-        failure drops it and ends the file."""
+        """Writes one serialized event (`crc`: its CRC32C when known) to the open file,
+        flushed later (`_wrote`); a failure drops it (and the unflushed ones) and ends the file."""
         try:
             if crc is None:
                 self._writer.write(data)
             else:
                 self._writer.write(data, crc)
-            self._writer.flush()
         except OSError as error:
             self.dropped += 1
             self._record_failure(error)
             self._release_file(failed=True)
             return
-        self._size += len(data) + 16  # TFRecord framing: length, its CRC, data, its CRC
-        self._data_records += 1
+        self._pending += 1
         self._unseen += 1
+
+    def _flush_file(self):
+        """Flushes this run's event file; a failure drops its unflushed events and ends it."""
+        if self._writer is None or not self._pending:
+            return
+        before = self._writer.records
+        try:
+            self._writer.flush()
+        except OSError as error:
+            self.dropped += self._pending - (self._writer.records - before)  # those not flushed whole
+            self._pending = 0
+            self._record_failure(error)
+            self._release_file(failed=True)
+            return
+        self._pending = 0
         if self._failing:
             _logger.info("gradmon writes TensorBoard summaries again, to %s (%d events dropped so far)",
                          self.path, self.dropped)
             self._failing = False
             self._retries = 0
 
-    def _event(self, step, values):
-        return event_pb2.Event(wall_time=time.time(), step=int(step),
+    def _wrote(self):
+        """After a write to the run: flushes every file of it if `flush_seconds` have passed."""
+        if self._root is None and (_exiting or time.monotonic() - self._flushed_at >= self.flush_seconds):
+            self.flush()
+
+    def _event(self, step, values, wall_time=None):
+        return event_pb2.Event(wall_time=time.time() if wall_time is None else wall_time, step=int(step),
                                summary=summary_pb2.Summary(value=values)).SerializeToString()
 
     def _description(self, tag, descriptions):
@@ -741,8 +794,14 @@ class SummaryWriter(MetricWriter):
         Tags given to `assign_runs` go to their own runs, one event each. A tag's
         description (`descriptions`, see `MetricWriter.write_scalars`) goes with its first
         value in each event file."""
+        self._write_scalars(step, mapping, descriptions)
+        self._wrote()
+
+    def _write_scalars(self, step, mapping, descriptions, wall_time=None):
         if not mapping:
             return
+        if wall_time is None:
+            wall_time = time.time()  # one time stamp for the step's events in every run
         if self._root is None:
             self._history().add(step, mapping)
         if self.runs:
@@ -754,8 +813,8 @@ class SummaryWriter(MetricWriter):
                 own, by_run = split
                 values = list(mapping.values())
                 for run, indices in by_run.items():
-                    self._child(run).write_scalars(step, {names[i]: values[i] for i in indices},
-                                                   descriptions)
+                    self._child(run)._write_scalars(step, {names[i]: values[i] for i in indices},
+                                                    descriptions, wall_time)
                 mapping = {names[i]: values[i] for i in own}
                 if not mapping:
                     return
@@ -765,11 +824,11 @@ class SummaryWriter(MetricWriter):
         tag_names = tuple(mapping)
         template = self._templates.get(tag_names)
         if template:
-            self._append(*template.event(step, mapping.values()))
+            self._append(*template.event(step, mapping.values(), wall_time))
             return
         # first time for these tags in this file: protobuf, with descriptions
         self._append(self._event(step, [self._scalar_value(t, v, descriptions)
-                                        for t, v in mapping.items()]))
+                                        for t, v in mapping.items()], wall_time))
         if template is None:
             try:
                 self._templates[tag_names] = _ScalarTemplate(tag_names)
@@ -781,6 +840,7 @@ class SummaryWriter(MetricWriter):
         checked = {tag: _check_buckets(tag, buckets) for tag, buckets in mapping.items()}
         self._write_tensors(step, {tag: tensor_util.make_tensor_proto(b, dtype=np.float64)
                                    for tag, b in checked.items()}, histogram_metadata, descriptions)
+        self._wrote()
 
     def write_texts(self, step, mapping, descriptions=None):
         """Writes `{tag: Markdown text}` at `step` (TensorBoard's Text tab); never raises for I/O.
@@ -793,6 +853,7 @@ class SummaryWriter(MetricWriter):
                 self._configs[tag] = (int(step), str(text), describe(tag, descriptions))
         self._write_tensors(step, {tag: tensor_util.make_tensor_proto(str(text))
                                    for tag, text in mapping.items()}, text_metadata, descriptions)
+        self._wrote()
 
     def _write_tensors(self, step, tensors, plugin, descriptions):
         """`{tag: TensorProto}` as one event, each tag's `plugin` metadata on its first write."""
@@ -841,23 +902,21 @@ class SummaryWriter(MetricWriter):
             self.dropped += 1
             return
         self._append(self._layout_event())
+        self._wrote()
 
     def flush(self):
-        """Every write is flushed already; kept for the `MetricWriter` interface."""
+        """Hands everything written so far to the operating system, every event file of the
+        run (its per-layer runs included) at once; never raises for I/O."""
         for child in self._children.values():
-            child.flush()
-        if self._writer is None:
-            return
-        try:
-            self._writer.flush()
-        except OSError as error:
-            self._record_failure(error)
-            self._release_file(failed=True)
+            child._flush_file()
+        self._flush_file()
+        self._flushed_at = time.monotonic()
 
     def close(self):
         """Ends one `open`; the file is closed when no user is left."""
         self._users = max(self._users - 1, 0)
         if self._users == 0:
+            self.flush()  # a failure is warned of, and what was lost counted, as for any write
             for child in self._children.values():
                 if child._writer is not None:
                     child._release_file(failed=False)
