@@ -162,14 +162,14 @@ CRITIC_TAGS = {
     "critic_loss": "critic/loss",
 }
 GENERATOR_TAGS = {"generator_loss": "generator/loss"}
-tags.register_descriptions({
+DESCRIPTIONS = {  # written with each tag's first value
     CRITIC_TAGS["wasserstein"]: "mean critic(real) - mean critic(fake): the critic's estimate of "
                                 "the Wasserstein-1 distance (last critic update of the step).",
     CRITIC_TAGS["gp"]: tags.describe(tags.penalty("wgan_gp"))
     + " lambda * mean((||grad_x critic(x_hat)|| - 1)^2) on interpolates x_hat.",
     CRITIC_TAGS["critic_loss"]: "-wasserstein + gradient penalty.",
     GENERATOR_TAGS["generator_loss"]: "-mean critic(fake).",
-})
+}
 
 
 class FlushObserved(keras.callbacks.Callback):
@@ -200,9 +200,9 @@ class FlushObserved(keras.callbacks.Callback):
         generator_opt.flush()
         if logs:
             self._writer.write_scalars(critic_opt.gradmon.step, {
-                tag: float(logs[key]) for key, tag in CRITIC_TAGS.items()})
+                tag: float(logs[key]) for key, tag in CRITIC_TAGS.items()}, DESCRIPTIONS)
             self._writer.write_scalars(self._generator_step, {
-                tag: float(logs[key]) for key, tag in GENERATOR_TAGS.items()})
+                tag: float(logs[key]) for key, tag in GENERATOR_TAGS.items()}, DESCRIPTIONS)
 
 
 def mode_coverage(points):

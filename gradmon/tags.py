@@ -59,14 +59,6 @@ def _index_ordinal(tag):
     return ordinal(index) if index.isdigit() else f"{index}-th"
 
 
-_REGISTERED = {}
-
-
-def register_descriptions(mapping):
-    """Adds `{tag: description}` (from statistics, incl. users') for `describe`."""
-    _REGISTERED.update(mapping)
-
-
 def global_norm(kind):
     return f"gradients/{kind}/global_norm"
 
@@ -238,9 +230,11 @@ def layer_residual(layer):
 
 
 def describe(tag):
-    """One-line Markdown description of a gradmon tag."""
-    if tag in _REGISTERED:
-        return _REGISTERED[tag]
+    """One-line Markdown description of a gradmon tag ("" for a tag gradmon does not know).
+
+    The one place built-in tags are described: statistics describe theirs through it
+    (`Statistic.description`), and writers send the description with a tag's first value
+    (`MetricWriter.write_scalars(..., descriptions=...)` for other texts)."""
     parts = tag.split("/")
     if tag in _FIXED_DESCRIPTIONS:
         return _FIXED_DESCRIPTIONS[tag]

@@ -53,3 +53,37 @@ def test_a_users_statistic_keeps_its_own_description():
     plain = type("Plain", (statistics.Statistic,), {"tag": lambda self, label: "gradients/plain"})()
     assert described(Mine()) == {"gradients/mine": "my own words"}
     assert described(plain) == {"gradients/plain": ""}  # a tag gradmon does not know
+
+
+def test_no_global_registry_and_a_named_observers_tags_are_described(tmp_path):
+    """A named observer's tags (`critic/gradients/...`, which `tags.describe` does not know) get
+    their statistics' descriptions in the file: sent with the write, not kept in `gradmon.tags`."""
+    import os
+
+    import keras
+    import numpy as np
+
+    import gradmon
+    from helpers import read_descriptions
+
+    assert not hasattr(tags, "register_descriptions") and not hasattr(tags, "_REGISTERED")
+    keras.utils.set_random_seed(2)
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2, name="d")])
+    opt = gradmon.observe(keras.optimizers.SGD(0.1), log_dir=str(tmp_path), name="critic",
+                          stats=["norm", "grad_to_weight"])
+    x = np.ones((4, 3), np.float32)
+    for _ in range(2):
+        with __import__("tensorflow").GradientTape() as tape:
+            loss = keras.ops.mean(model(x) ** 2)
+        opt.apply_gradients(zip(tape.gradient(loss, model.trainable_variables), model.trainable_variables))
+    opt.gradmon.close()
+    descriptions = {}
+    for root, _, files in os.walk(str(tmp_path)):
+        if any(f.startswith("events.out.tfevents") for f in files):
+            descriptions.update(read_descriptions(root))
+    global_norm = tags.prefixed("critic", tags.global_norm(tags.RAW))
+    assert descriptions[global_norm] == tags.describe(tags.global_norm(tags.RAW))
+    assert tags.describe(global_norm) == ""  # known only through the write
+    layer = model.trainable_variables[0].path.rsplit("/", 1)[0]
+    ratio = tags.prefixed("critic", tags.grad_to_weight(layer))
+    assert descriptions[ratio] == tags.describe(tags.grad_to_weight(layer))  # in its per-layer run too

@@ -217,7 +217,6 @@ class Observer:
 
                 saving.apply_restored(self)
             self.host.push()
-        tags.register_descriptions(self.recorder.descriptions())
         self._key = key
         return True
 

@@ -224,13 +224,16 @@ class Recorder:
         return int(self.hist_step.numpy()), self.histograms.numpy()
 
     def descriptions(self):
-        """`{tag: description}` of every tag this recorder writes."""
+        """`{tag: description}` of every tag this recorder writes (made once)."""
+        if "_descriptions" in self.__dict__:
+            return self._descriptions
         out = {}
         for statistic, labels, _ in self.slices:
             for label, tag in zip(labels, self.tags[statistic]):
                 text = statistic.description(label) or tags.describe(statistic.tag(label))
                 if text:
                     out[tag] = text
+        self._descriptions = out
         return out
 
 

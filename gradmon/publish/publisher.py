@@ -194,7 +194,8 @@ class Publisher:
         for snapshot in snapshots:
             while spiked and spiked[0][0] <= snapshot.step:  # in step order
                 writer.write_scalars(spiked[0][0], {at: spiked.pop(0)[1]})
-            writer.write_scalars(snapshot.step, snapshot.values)
+            # each tag's description (its statistic's) travels with the write
+            writer.write_scalars(snapshot.step, snapshot.values, snapshot.recorder.descriptions())
         for step, z in spiked:
             writer.write_scalars(step, {at: z})
         if histograms:
