@@ -7,6 +7,10 @@ Two shapes of a step, as `GradientMonitor` writes them:
   run of its own (`train/<layer>`, what `assign_runs` does for per-group series), plus
   the global numbers in the run itself.
 
+With this version's writer also: the per-layer steps written in batches of
+`--batch` (`SummaryWriter.batch()`, as a monitor writes the steps its ring held:
+each file flushed once per batch) and with `flush_seconds=1`.
+
 Each configuration writes `--warmup` steps (the first write of a tag set goes through
 protobuf, with descriptions), then `--steps` timed steps; the median of `--repeats`
 repeats of the mean per-step time is printed, in milliseconds, with the CRC32C
@@ -16,7 +20,7 @@ implementation in use (`google-crc32c` or TensorBoard's pure-Python one).
 """
 
 import argparse
-import inspect
+import contextlib
 import shutil
 import statistics
 import tempfile
@@ -47,7 +51,7 @@ def per_layer_steps(layers):
     return (lambda step: [{name: step + i / 7 for i, name in enumerate(names)}]), runs
 
 
-def time_writer(make_steps, steps, warmup, flush_seconds=None):
+def time_writer(make_steps, steps, warmup, flush_seconds=None, batch=1):
     directory = tempfile.mkdtemp(prefix="gradmon-writer-bench-")
     try:
         step_mappings, runs = make_steps
@@ -58,9 +62,11 @@ def time_writer(make_steps, steps, warmup, flush_seconds=None):
             for mapping in step_mappings(step):
                 writer.write_scalars(step, mapping)
         start = time.perf_counter()
-        for step in range(warmup, warmup + steps):
-            for mapping in step_mappings(step):
-                writer.write_scalars(step, mapping)
+        for first in range(warmup, warmup + steps, batch):
+            with writer.batch() if batch > 1 else contextlib.nullcontext():
+                for step in range(first, min(first + batch, warmup + steps)):
+                    for mapping in step_mappings(step):
+                        writer.write_scalars(step, mapping)
         elapsed = time.perf_counter() - start
         writer.close()
         return elapsed / steps * 1e3
@@ -75,6 +81,9 @@ def main():
     parser.add_argument("--steps", type=int, default=400, help="timed steps per repeat (default 400)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (default 3)")
     parser.add_argument("--repeats", type=int, default=5, help="repeats; the median is shown (default 5)")
+    parser.add_argument("--batch", type=int, default=16,
+                        help="logged steps per batch (`SummaryWriter.batch`), as an observer's ring "
+                             "read back at once (default 16)")
     args = parser.parse_args()
     if record is None:
         crc = "TensorFlow's TFRecordWriter (C++)"
@@ -83,10 +92,12 @@ def main():
     print(f"record writer: {crc}")
     configs = [(f"flat, {args.tags} scalars", flat_steps(args.tags), None),
                (f"per-layer, {args.layers} layers x 2 + 3 global", per_layer_steps(args.layers), None)]
-    if "flush_seconds" in inspect.signature(SummaryWriter).parameters:
-        configs += [(f"per-layer, flush_seconds={s:g}", per_layer_steps(args.layers), s) for s in (0, 1)]
-    for label, make, flush_seconds in configs:
-        times = [time_writer(make, args.steps, args.warmup, flush_seconds) for _ in range(args.repeats)]
+    configs = [(label, make, None, 1) for label, make, _ in configs]
+    if hasattr(SummaryWriter, "batch"):
+        configs += [(f"per-layer, batches of {args.batch} steps", per_layer_steps(args.layers), None, args.batch),
+                    ("per-layer, flush_seconds=1", per_layer_steps(args.layers), 1.0, 1)]
+    for label, make, flush_seconds, batch in configs:
+        times = [time_writer(make, args.steps, args.warmup, flush_seconds, batch) for _ in range(args.repeats)]
         print(f"{label:<40} {statistics.median(times):8.3f} ms per logged step "
               f"(min {min(times):.3f}, max {max(times):.3f})")
 

@@ -238,6 +238,54 @@ def test_a_run_and_its_per_layer_runs_are_flushed_together(tmp_path, monkeypatch
     assert w.dropped == 0
 
 
+def test_a_batch_of_steps_is_flushed_once_per_file_at_its_end(tmp_path, monkeypatch):
+    monkeypatch.setattr(SummaryWriter, "_record_writer", CountedRecords)
+    monkeypatch.setattr(CountedRecords, "writes", 0)
+    layers = [f"layer_{i}" for i in range(5)]
+    w = SummaryWriter(str(tmp_path)).open()  # flush_seconds=0: outside a batch, every write
+    w.assign_runs({f"norm/{layer}": layer for layer in layers})
+    step_tags = ["global"] + [f"norm/{layer}" for layer in layers]
+    headers = 1 + len(layers)
+    with pytest.raises(KeyboardInterrupt), w.batch() as same:
+        assert same is w
+        with w.batch():  # nested: flushed with the outer one
+            write_steps(w, range(3), step_tags)
+        write_steps(w, [3], step_tags)
+        assert CountedRecords.writes == headers and scalar_steps(tmp_path, "global") == []
+        raise KeyboardInterrupt  # an interrupted batch is flushed all the same
+    assert CountedRecords.writes == headers + 6
+    assert all(scalar_steps(tmp_path / layer, f"norm/{layer}") == [0, 1, 2, 3] for layer in layers)
+    write_steps(w, [4], step_tags)  # outside a batch: flushed at once
+    assert CountedRecords.writes == headers + 12 and scalar_steps(tmp_path, "global") == [0, 1, 2, 3, 4]
+    with MemoryWriter().batch() as memory:  # every writer has batches
+        memory.write_scalars(0, {"a": 1.0})
+    assert memory.scalars == {"a": [(0, 1.0)]}
+    w.close()
+
+
+def test_gradient_monitor_flushes_each_file_once_per_batch_of_steps(tmp_path, monkeypatch):
+    """Every step logged, per-layer runs: each event file is flushed once per batch of steps the
+    monitor reads back (its ring), not once per step; every step is in the files after `fit`."""
+    import gradmon
+
+    monkeypatch.setattr(SummaryWriter, "_record_writer", CountedRecords)
+    monkeypatch.setattr(CountedRecords, "writes", 0)
+    keras.utils.set_random_seed(6)
+    x = np.random.default_rng(6).normal(size=(128, 4)).astype(np.float32)
+    model = gradmon.monitor(keras.Sequential([keras.Input((4,)), keras.layers.Dense(4, activation="tanh"),
+                                              keras.layers.Dense(1)]))
+    model.compile(optimizer=keras.optimizers.SGD(0.01), loss="mse", steps_per_execution=16)
+    model.fit(x, x[:, :1], batch_size=4, epochs=1, verbose=0,
+              callbacks=[gradmon.GradientMonitor(str(tmp_path), update_freq=1)])
+    runs = sorted(os.path.dirname(p) for p in glob.glob(str(tmp_path / "train" / "**" / "events.out.*"),
+                                                         recursive=True))
+    assert len(runs) == 3  # the run and its two layers'
+    for run in runs:
+        tag = "gradients/raw/global_norm" if run.endswith("train") else next(iter(read_dir(run)[0]))
+        assert scalar_steps(run, tag) == list(range(1, 33))
+    assert CountedRecords.writes < 3 * 32 / 2  # a flush per file and step would be 96 and more
+
+
 @pytest.mark.parametrize("ending", ["return", "raise"])
 def test_nothing_written_is_lost_at_exit(tmp_path, ending):
     """A process that never closes its writer (or dies of an exception) leaves every step on disk."""

@@ -178,7 +178,8 @@ class Publisher:
         self.read_spikes()
         observer = self.observer
         if writer is not None and observer.recorder is not None:
-            self._write(writer, snapshots, histograms and observer.histograms)
+            with writer.batch():  # the batch's steps: each event file flushed once, at its end
+                self._write(writer, snapshots, histograms and observer.histograms)
             if own and report and snapshots:
                 self.report(writer, every_seconds=REPORT_EVERY_SECONDS)
         alerts.report_nonfinite(observer, self.take_nonfinite(), read, stacklevel=4)

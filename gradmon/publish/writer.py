@@ -22,6 +22,7 @@ step, raises for a directory that cannot be written.
 
 import abc
 import atexit
+import contextlib
 import errno
 import itertools
 import logging
@@ -306,6 +307,12 @@ class MetricWriter(abc.ABC):
             descriptions: as for `write_scalars`.
         """
 
+    @contextlib.contextmanager
+    def batch(self):
+        """Writes inside are flushed together when it ends (exception or not): one flush per
+        event file for a batch of logged steps. Nests; yields the writer."""
+        yield self
+
     def flush(self):
         """Makes everything written so far durable (a no-op where nothing is buffered)."""
 
@@ -472,8 +479,9 @@ class SummaryWriter(MetricWriter):
 
     Writes are handed to the operating system together, every event file of the
     run (its per-layer runs included) at once: by default at the end of every
-    write; with `flush_seconds` after a write when that long has passed since the
-    last flush, and always at `flush()`, `close()` and interpreter exit. An
+    write, inside a `batch()` (a batch of logged steps) when it ends; with
+    `flush_seconds` after a write when that long has passed since the last flush;
+    and always at `flush()`, `close()` and interpreter exit. An
     exception or a KeyboardInterrupt inside `fit` leaves event files holding
     everything written until then; only a process killed outright loses the
     writes of its last `flush_seconds`. Callbacks share one writer per directory
@@ -520,6 +528,7 @@ class SummaryWriter(MetricWriter):
         self.logdir = check_log_dir(logdir)
         self.flush_seconds = check_non_negative("flush_seconds", flush_seconds)
         self._flushed_at = float("-inf")
+        self._batches = 0  # open `batch()` blocks
         self.retry_seconds = check_non_negative("retry_seconds", retry_seconds)
         self.max_retries = None if max_retries is None else check_non_negative_int(
             "max_retries", max_retries)
@@ -744,9 +753,23 @@ class SummaryWriter(MetricWriter):
             self._retries = 0
 
     def _wrote(self):
-        """After a write to the run: flushes every file of it if `flush_seconds` have passed."""
-        if self._root is None and (_exiting or time.monotonic() - self._flushed_at >= self.flush_seconds):
+        """After a write to the run: flushes every file of it if `flush_seconds` have passed
+        (inside a `batch`: when it ends)."""
+        if self._root is None and (_exiting or not self._batches and
+                                   time.monotonic() - self._flushed_at >= self.flush_seconds):
             self.flush()
+
+    @contextlib.contextmanager
+    def batch(self):
+        """Writes inside are flushed together when it ends (exception or not), every file of
+        the run (per-layer runs included) once, whatever `flush_seconds`. Nests."""
+        self._batches += 1
+        try:
+            yield self
+        finally:
+            self._batches -= 1
+            if not self._batches:
+                self.flush()
 
     def _event(self, step, values, wall_time=None):
         return event_pb2.Event(wall_time=time.time() if wall_time is None else wall_time, step=int(step),
