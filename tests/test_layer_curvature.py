@@ -21,6 +21,8 @@ from gradmon.hessian import per_layer as layer_curvature
 from gradmon.tags import group_names
 from helpers import bn_dropout_net, explicit_hessian, read_descriptions, read_events
 
+pytestmark = pytest.mark.tensorflow_only  # needs TensorFlow: skipped whole under JAX/PyTorch (conftest.py)
+
 
 def read_runs(logdir, reader=read_events):
     """`reader` merged over `logdir` and its runs below it (per-layer series have a run each)."""
@@ -117,7 +119,7 @@ def test_block_hvp_is_a_smaller_graph_than_the_full_hvp():
     matmuls = {}  # the products are the cost of an MLP's HVP
     for name, op in [("full", full)] + list(operators.items()):
         op(np.ones(op.num_params))
-        graph = op._concrete[0].graph
+        graph = op._products[0].graph
         matmuls[name] = sum(o.type == "MatMul" for o in graph.get_operations())
     first, middle, last = (matmuls[n] for n in operators)
     assert last < middle < first < matmuls["full"]

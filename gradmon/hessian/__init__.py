@@ -39,14 +39,23 @@ generators untouched; the optimizer is never called; all randomness comes
 from generators seeded by `seed`.
 
 Vectors over the parameters stay where the model is: the Lanczos basis is
-one `tf.Variable` of a fixed number of rows (thick restarts bound it), in
-the variables' dtype, and probes are drawn by stateless TensorFlow ops.
-Only the small projected matrices and their Ritz algebra are float64 NumPy
-(and power iteration, which keeps a few float64 host vectors). A flat
-vector concatenates `model.trainable_variables` in order, each in C order;
-`HessianVectorProduct.unflatten` turns one back into per-variable arrays.
-One operator (`make_hvp`) can serve `spectrum`, `trace` and `density`: its
-HVP is traced once per model and it reads the current weights at each call.
+a bounded number of device vectors (thick restarts bound it), in the
+variables' dtype. Only the small projected matrices and their Ritz algebra
+are float64 NumPy (and power iteration, which keeps a few float64 host
+vectors). A flat vector concatenates `model.trainable_variables` in order,
+each in C order; `HessianVectorProduct.unflatten` turns one back into
+per-variable arrays. One operator (`make_hvp`) can serve `spectrum`, `trace`
+and `density`: its HVP is compiled once per model and it reads the current
+weights at each call.
+
+Every Keras backend with second-order autodiff runs it: TensorFlow (tapes in
+a `tf.function`, probes drawn by stateless ops on the device), JAX (`jax.jvp`
+/ `jax.grad` over the stateless loss under `jax.jit`) and PyTorch (double
+backward or `torch.func`, eager); what differs is in
+`gradmon.backend.hvp`, and `import gradmon.hessian` imports no TensorFlow on
+JAX or PyTorch. The same model and weights give the same eigenvalues on all
+three to float32 precision (`tests/test_hessian_backends.py`).
+`HessianMonitor` runs on TensorFlow only, yet.
 
 Modules: `data` (probe data), `operator` (`make_hvp`, `precondition`),
 `vectors` (device vector algebra of the Lanczos basis), `lanczos` and `power`

@@ -11,7 +11,9 @@ import typing
 import warnings
 
 import keras
-import tensorflow as tf
+from keras import ops, tree
+
+from gradmon.backend import hvp as _backend
 
 
 class ProbeData(typing.NamedTuple):
@@ -34,8 +36,8 @@ def _invalid_data(expected, received):
 
 
 def _batch_size(x):
-    leaves = tf.nest.flatten(x)
-    if not leaves or leaves[0].shape.rank == 0:
+    leaves = tree.flatten(x)
+    if not leaves or len(leaves[0].shape) == 0:
         raise _invalid_data(
             "batches whose inputs have a leading batch dimension",
             f"an input of shape {leaves[0].shape if leaves else None}",
@@ -49,8 +51,8 @@ MAX_UNKNOWN_LENGTH_EXAMPLES = 8192
 
 
 def _element_size(batch):
-    leaves = [t for t in tf.nest.flatten(batch) if t is not None]
-    return int(leaves[0].shape[0]) if leaves and leaves[0].shape.rank else 1
+    leaves = [t for t in tree.flatten(batch) if t is not None]
+    return int(leaves[0].shape[0]) if leaves and len(leaves[0].shape) else 1
 
 
 def _bounded(data):
@@ -78,18 +80,18 @@ def _bounded(data):
 
 def _raw_batches(data):
     """The batches of `data` as a list, a dataset materialised once."""
-    if isinstance(data, tf.data.Dataset):
-        cardinality = int(data.cardinality())
-        if cardinality == tf.data.INFINITE_CARDINALITY:
-            raise _invalid_data(
-                "a finite dataset (the Hessian is of the mean loss over all "
-                "of it: bound it with `data.take(n)`)",
-                f"data={data} with infinite cardinality",
-            )
-        # Materialised once so that every HVP sees the same batches, even
-        # for a dataset that reshuffles on each iteration.
-        if cardinality == tf.data.UNKNOWN_CARDINALITY:
-            return _bounded(data)
+    kind = _backend.current().dataset_kind(data)
+    if kind == "infinite":
+        raise _invalid_data(
+            "a finite dataset (the Hessian is of the mean loss over all "
+            "of it: bound it with `data.take(n)`)",
+            f"data={data} with infinite cardinality",
+        )
+    # Materialised once so that every HVP sees the same batches, even
+    # for a dataset that reshuffles on each iteration.
+    if kind == "unknown":
+        return _bounded(data)
+    if kind == "finite":
         return list(data)
     if isinstance(data, list):
         return data
@@ -102,9 +104,9 @@ def _raw_batches(data):
 
 
 def _check_finite(structure):
-    for leaf in tf.nest.flatten(structure):
-        if leaf is not None and leaf.dtype.is_floating and not bool(
-            tf.reduce_all(tf.math.is_finite(leaf))
+    for leaf in tree.flatten(structure):
+        if leaf is not None and keras.backend.is_float_dtype(leaf.dtype) and not bool(
+            ops.all(ops.isfinite(leaf))
         ):
             # A NaN in the probe would make every HVP NaN, silently.
             raise _invalid_data(
@@ -151,8 +153,8 @@ def prepare_data(data):
                 "batches `(x, y)` with targets (the compiled loss needs them)",
                 "a batch without `y`",
             )
-        x, y, sample_weight = tf.nest.map_structure(
-            lambda t: None if t is None else tf.convert_to_tensor(t),
+        x, y, sample_weight = tree.map_structure(
+            lambda t: None if t is None else ops.convert_to_tensor(t),
             (x, y, sample_weight),
         )
         _check_finite((x, y, sample_weight))
@@ -183,13 +185,13 @@ _MEAN_REDUCTIONS = ("sum_over_batch_size", "mean")
 
 def _layout(batch):
     """Shapes and dtypes of a batch's tensors (one eager check per layout)."""
-    return tuple((None if t is None else (tuple(t.shape), t.dtype.name))
-                 for t in tf.nest.flatten(batch))
+    return tuple((None if t is None else (tuple(t.shape), _backend.dtype_name(t.dtype)))
+                 for t in tree.flatten(batch))
 
 
 def _shapes(structure):
     shapes = [None if t is None else tuple(t.shape)
-              for t in tf.nest.flatten(structure)]
+              for t in tree.flatten(structure)]
     return shapes[0] if len(shapes) == 1 else shapes
 
 
@@ -206,7 +208,7 @@ class _naming_data:
     def __exit__(self, kind, error, traceback):
         if error is None or not isinstance(error, (
                 ValueError, TypeError, KeyError, IndexError,
-                tf.errors.InvalidArgumentError)):
+                *_backend.current().data_errors())):
             return False
         if str(error).startswith("Invalid value for argument `data`"):
             return False
@@ -233,7 +235,7 @@ def _check_input_shapes(model, batches):
         return
     expected = [tuple(t.shape) for t in inputs]
     for batch in batches:
-        leaves = tf.nest.flatten(batch[0])
+        leaves = tree.flatten(batch[0])
         received = [tuple(t.shape) for t in leaves]
         ok = len(received) == len(expected) and all(
             len(r) == len(e) and all(a is None or a == b for a, b in zip(e[1:], r[1:]))
@@ -253,7 +255,7 @@ def _chunkable(model):
         return False  # an own `compute_loss`: nothing says what it reduces
     user = getattr(compile_loss, "_user_loss", None)
     try:
-        losses = [loss for loss in tf.nest.flatten(user) if loss is not None]
+        losses = [loss for loss in tree.flatten(user) if loss is not None]
     except (TypeError, ValueError):
         return False
     return all(getattr(loss, "reduction", "sum_over_batch_size") in _MEAN_REDUCTIONS
@@ -283,7 +285,7 @@ def _chunked(model, probe, max_batch_size):
         size = _batch_size(batch[0])
         for start in range(0, size, max_batch_size):
             stop = min(size, start + max_batch_size)
-            batches.append(tf.nest.map_structure(
+            batches.append(tree.map_structure(
                 lambda t: None if t is None else t[start:stop], batch))
             weights.append(weight * (stop - start) / size)
     return batches, weights

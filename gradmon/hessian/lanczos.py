@@ -9,8 +9,9 @@ residual each eigenvalue must reach. The basis lives on the device
 """
 
 import numpy as np
-import tensorflow as tf
+from keras import ops
 
+from gradmon.backend import hvp as _backend
 from gradmon.hessian.vectors import (
     _Basis,
     _for_layout,
@@ -28,10 +29,11 @@ ROUNDING_EPSILONS = 100
 
 
 def _epsilon(dtype):
-    """Machine epsilon of a floating `tf.DType` (bfloat16: 2**-8)."""
-    if dtype == tf.bfloat16:
+    """Machine epsilon of a floating dtype (bfloat16: 2**-8)."""
+    name = _backend.dtype_name(dtype)
+    if name == "bfloat16":
         return 2.0 ** -8
-    return float(np.finfo(dtype.as_numpy_dtype).eps)
+    return float(np.finfo(name).eps)
 
 
 def _thresholds(values, norm_est, dtype, tol):
@@ -67,7 +69,7 @@ class _Lanczos:
         self.op = op
         self.capacity = capacity
         self.basis = _Basis()
-        self.basis.append(start / tf.norm(start))
+        self.basis.append(start / ops.norm(start))
         self.coeffs = np.zeros((capacity, capacity))
         self.m = 0  # basis[m], when it exists, is the next direction
         # basis[m] and basis[m - 1] held apart: no slicing of blocks per step
@@ -87,7 +89,7 @@ class _Lanczos:
             _lanczos_update, self.basis.blocks, self.basis.pending,
             self.op.apply(q), q,
             q if self._previous is None else self._previous,
-            tf.constant(coupling, q.dtype),
+            _backend.current().to_tensor(coupling, q.dtype),
         )
         self._previous = q
         if hasattr(self.op, "project"):
@@ -96,7 +98,7 @@ class _Lanczos:
             # `apply` removed, amplified at each step (measured: 2e-7 to
             # 4e-4 in 18 steps). The rounding removed leaves `beta` as is.
             w = self.op.project(w)
-        h = h.numpy().astype(np.float64)
+        h = _backend.to_host(h)
         h[m] += float(alpha)
         if m > 0:
             h[m - 1] += coupling
@@ -142,14 +144,14 @@ class _Lanczos:
             tensors, and float64 NumPy numbers.
         """
         m, rows = self.m, len(self.basis)
-        dtype = self.op.dtype
+        dtype, to_tensor = self.op.dtype, _backend.current().to_tensor
         vector_coeffs = np.zeros((s.shape[1], rows))
         vector_coeffs[:, :m] = s.T
         product_coeffs = (self.coeffs[:rows, :m] @ s).T
         vectors, values, residuals = [], [], []
         for i in range(s.shape[1]):  # one pair at a time: temporaries of one vector
-            y = self.basis.combine(tf.constant(vector_coeffs[i:i + 1], dtype))
-            hy = self.basis.combine(tf.constant(product_coeffs[i:i + 1], dtype))
+            y = self.basis.combine(to_tensor(vector_coeffs[i:i + 1], dtype))
+            hy = self.basis.combine(to_tensor(product_coeffs[i:i + 1], dtype))
             vector, value, residual = _ritz_pair(y[0], hy[0], theta[i])
             vectors.append(vector)
             values.append(float(value))
@@ -162,7 +164,7 @@ class _Lanczos:
         combine = np.zeros((keep + 1, len(self.basis)))
         combine[:keep, :m] = s_keep.T
         combine[keep, m] = 1.0  # the pending next vector moves to row keep
-        self.basis = self.basis.rebuilt(tf.constant(combine, self.op.dtype))
+        self.basis = self.basis.rebuilt(_backend.current().to_tensor(combine, self.op.dtype))
         self._current, self._previous = self.basis[keep], self.basis[keep - 1]
         coeffs = np.zeros_like(self.coeffs)
         coeffs[:keep, :keep] = s_keep.T @ self.coeffs[:m, :m] @ s_keep
@@ -250,8 +252,8 @@ class _Deflated:
         # An orthonormal basis of their span: vectors orthogonal only to
         # rounding (power iteration's, float64 rounded to float32) would
         # leave `||H||` times their overlaps in every product.
-        basis, _ = tf.linalg.qr(tf.transpose(tf.stack(locked)))
-        self._locked = tf.transpose(basis)
+        basis, _ = ops.qr(ops.transpose(ops.stack(locked)))
+        self._locked = ops.transpose(basis)
 
     @property
     def count(self):
@@ -259,10 +261,10 @@ class _Deflated:
 
     def project(self, vector):
         """`P v` for a flat device tensor (twice: rounding stays out)."""
+        matvec = _backend.current().matvec
         for _ in range(2):
-            vector = vector - tf.linalg.matvec(
-                self._locked, tf.linalg.matvec(self._locked, vector),
-                transpose_a=True)
+            vector = vector - matvec(
+                self._locked, matvec(self._locked, vector), transpose=True)
         return vector
 
     def apply(self, vector):
@@ -309,7 +311,7 @@ def _complement_check(op, top, low, tol, budget, capacity, rng, norm_est,
         deflated = _Deflated(op, [p[1] for p in locked])
         start = _random_vector(rng, n, op.dtype)
         if hint is not None:
-            start = start / tf.norm(start) + hint / tf.norm(hint)
+            start = start / ops.norm(start) + hint / ops.norm(hint)
             hint = None
         start = deflated.project(start)
         high = top[-1][0] + _thresholds(top[-1][0], norm_est, op.dtype, tol)
@@ -397,7 +399,7 @@ def _checked(hvp, pairs, top_k, smallest, tol, converged, budget, capacity,
     # One vector at a time to the host: no second copy of all of them.
     eigenvectors = np.empty((count, n))
     for row, pair in enumerate(top):
-        eigenvectors[row] = pair[1].numpy()
+        eigenvectors[row] = _backend.to_host(pair[1])
     values = np.array([p[0] for p in top], np.float64)
     residuals = np.array([p[2] for p in top], np.float64)
     thresholds = _thresholds(np.append(values, [] if low is None else low[0]),
@@ -409,4 +411,4 @@ def _checked(hvp, pairs, top_k, smallest, tol, converged, budget, capacity,
 
 
 def _host(vector):
-    return vector.numpy().astype(np.float64)
+    return _backend.to_host(vector)

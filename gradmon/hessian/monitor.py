@@ -9,7 +9,6 @@ import warnings
 import keras
 import numpy as np
 
-from gradmon.backend import distribute as _distribute
 from gradmon import hessian
 from gradmon import tags
 from gradmon.hessian import per_layer as layer_curvature, preconditioner
@@ -101,6 +100,14 @@ class HessianMonitor(keras.callbacks.Callback):
                  density=False, smallest=False, tol=1e-3, seed=0, preconditioned=True,
                  gradient_overlap=True, per_layer=False, max_hvps=None):
         super().__init__()
+        if keras.backend.backend() != "tensorflow":
+            # The curvature layout (`gradmon.publish.layout`) and the chief
+            # check (`gradmon.backend.distribute`) need TensorFlow yet.
+            raise NotImplementedError(
+                "gradmon.HessianMonitor runs when Keras runs on TensorFlow. Received: the Keras "
+                f"backend {keras.backend.backend()!r}. On JAX and PyTorch call "
+                "`gradmon.hessian.spectrum`, `trace` or `density` on the model (they run there)."
+            )
         self.log_dir = check_log_dir(log_dir)
         if data is None:
             raise invalid("data", "a batch, a list of batches or a tf.data.Dataset", data)
@@ -129,6 +136,8 @@ class HessianMonitor(keras.callbacks.Callback):
         self._active = True
 
     def on_train_begin(self, logs=None):
+        from gradmon.backend import distribute as _distribute  # TensorFlow's strategies
+
         # under multi-worker training only the chief probes and writes
         self._active = _distribute.is_chief(self.model.distribute_strategy)
         if not self._active:

@@ -12,8 +12,8 @@ import weakref
 
 import keras
 import numpy as np
-import tensorflow as tf
 
+from gradmon.backend import hvp as _backend
 from gradmon.backend import keras_compat as _keras_compat
 from gradmon._validation import check_positive_int, invalid
 from gradmon.hessian.data import (
@@ -45,11 +45,12 @@ def _check_model(model):
         )
 
 
-def _batch_loss(model, variables, params, x, y, sample_weight, initialize):
-    # The stateless scope makes `params` the trainable values and swallows
+def _batch_loss(model, variables, params, x, y, sample_weight, initialize, others=()):
+    # The stateless scope makes `params` the trainable values (and `others`,
+    # `(variable, value)` pairs, the values of those variables) and swallows
     # every variable assignment made while computing the loss.
     with keras.StatelessScope(
-        state_mapping=list(zip(variables, params)),
+        state_mapping=list(zip(variables, params)) + list(others),
         collect_losses=True,
         initialize_variables=initialize,
     ):
@@ -60,99 +61,29 @@ def _batch_loss(model, variables, params, x, y, sample_weight, initialize):
             "Invalid value for argument `model`. Expected `compute_loss` to "
             "return a scalar loss. Received: None"
         )
-    return tf.cast(loss, params[0].dtype)
+    return keras.ops.cast(loss, params[0].dtype)
 
 
-def _dense(g, like):
-    if g is None:
-        return tf.zeros_like(like)
-    return tf.convert_to_tensor(g)
-
-
-def _dot(a, b):
-    return tf.add_n(
-        [tf.reduce_sum(tf.cast(x, b_.dtype) * b_) for x, b_ in zip(a, b)]
-    )
-
-
-def _build_functions(model, variables, hvp_mode, dtype, block):
-    # `block`: indices of the variables differentiated (all of them, or a
-    # diagonal block of the Hessian); the others enter the loss as constants.
-    model_ref = weakref.ref(model)  # the cache must not keep models alive
-    wrt = [variables[i] for i in block]
-    shapes = [tuple(v.shape) for v in wrt]
-    sizes = [int(np.prod(s)) for s in shapes]
-
-    def read_params():
-        return [tf.convert_to_tensor(v.value) for v in variables]
-
-    def watched(params):
-        return [params[i] for i in block]
-
-    def loss_and_gradient(params, x, y, sample_weight):
-        # Recorded by any enclosing tape or accumulator: the HVPs differentiate it again.
-        # Only the block is watched, so the backward pass stops where it ends.
-        with tf.GradientTape() as tape:
-            tape.watch(watched(params))
-            loss = _batch_loss(
-                model_ref(), variables, params, x, y, sample_weight, False
-            )
-        grads = tape.gradient(loss, watched(params))
-        return loss, [_dense(g, p) for g, p in zip(grads, watched(params))]
-
-    def gradient(x, y, sample_weight):
-        return loss_and_gradient(read_params(), x, y, sample_weight)
-
-    def hvp_reverse(x, y, sample_weight, vector):
-        params = read_params()
-        with tf.GradientTape() as outer:
-            outer.watch(watched(params))
-            _, grads = loss_and_gradient(params, x, y, sample_weight)
-            grad_dot_v = _dot(grads, vector)
-        hv = outer.gradient(grad_dot_v, watched(params))
-        return [_dense(h, p) for h, p in zip(hv, watched(params))]
-
-    def hvp_forward(x, y, sample_weight, vector):
-        params = read_params()
-        with tf.autodiff.ForwardAccumulator(watched(params), vector) as acc:
-            _, grads = loss_and_gradient(params, x, y, sample_weight)
-        hv = acc.jvp(grads, unconnected_gradients=tf.UnconnectedGradients.ZERO)
-        return list(hv)
-
-    hvp = hvp_reverse if hvp_mode == "reverse_over_reverse" else hvp_forward
-
-    def flat_hvp(x, y, sample_weight, vector):
-        # Flat in, flat out: the caller's vectors stay one device tensor each,
-        # with no per-variable host conversion.
-        parts = tf.split(vector, sizes)
-        tangents = [
-            tf.cast(tf.reshape(p, s), v.dtype)
-            for p, s, v in zip(parts, shapes, wrt)
-        ]
-        hv = hvp(x, y, sample_weight, tangents)
-        return tf.concat(
-            [tf.cast(tf.reshape(h, [-1]), dtype) for h in hv], axis=0
-        )
-
-    return (
-        tf.function(flat_hvp, reduce_retracing=True),
-        tf.function(gradient, reduce_retracing=True),
-    )
-
-
-# model -> {(hvp_mode, variable ids): (hvp_fn, grad_fn)}; reusing the traced
-# functions makes a periodic refresh (e.g. from a callback) cost no retrace.
+# model -> {(hvp_mode, dtype, variable ids, block): the backend's `Derivatives`};
+# reusing the traced functions makes a periodic refresh (e.g. from a
+# callback) cost no retrace.
 _FUNCTION_CACHE = weakref.WeakKeyDictionary()
 
 
-def _functions(model, variables, hvp_mode, dtype, block):
-    key = (hvp_mode, dtype.name, tuple(id(v) for v in variables), block)
+def _derivatives(model, variables, hvp_mode, dtype, block):
+    """The backend's compiled HVP and gradient for this model, mode and block, cached."""
+    key = (hvp_mode, _backend.dtype_name(dtype), tuple(id(v) for v in variables), block)
+
+    def build():
+        return _backend.current().Derivatives(
+            model, variables, block, hvp_mode, dtype, _batch_loss)
+
     try:
         per_model = _FUNCTION_CACHE.setdefault(model, {})
     except TypeError:  # not weak-referenceable: no caching
-        return _build_functions(model, variables, hvp_mode, dtype, block)
+        return build()
     if key not in per_model:
-        per_model[key] = _build_functions(model, variables, hvp_mode, dtype, block)
+        per_model[key] = build()
     return per_model[key]
 
 
@@ -175,7 +106,37 @@ def _block_indices(variables, trainable):
 def _vector_dtype(variables):
     """The widest floating dtype among the variables (float32 usually)."""
     widest = np.result_type(*[np.dtype(v.dtype) for v in variables])
-    return tf.as_dtype(widest)
+    return _backend.current().vector_dtype(widest)
+
+
+def _probe_batches(model, data, max_batch_size):
+    """`(batches, weights)` of the probe data: checked against the model's
+    input, the model built on it if it was not, large batches chunked."""
+    probe = prepare_data(data)
+    _check_input_shapes(model, probe.batches)
+    if not model.built:
+        with _naming_data(probe.batches[0]):
+            model(probe.batches[0][0], training=False)  # creates the weights, nothing else
+    return _chunked(model, probe, max_batch_size)
+
+
+def _check_losses(model, trainable, batches):
+    """One eager loss per batch layout: data the model or its loss cannot
+    take fails here, naming `data`, not in the first probe. It also builds
+    CompileLoss' trackers as `fit`/`evaluate` would (their zero state
+    created here, outside any compiled function)."""
+    compile_loss = getattr(model, "_compile_loss", None)
+    build = compile_loss is not None and not compile_loss.built
+    params = _backend.current().read_values(trainable)
+    seen = set()
+    for batch in batches:
+        layout = _layout(batch)
+        if layout in seen:
+            continue
+        seen.add(layout)
+        with _naming_data(batch):
+            _batch_loss(model, trainable, params, *batch, build)
+        build = False
 
 
 class HessianVectorProduct:
@@ -193,7 +154,9 @@ class HessianVectorProduct:
             model's, or the block given to `make_hvp`), in flattening order.
         shapes: their shapes.
         num_params: total number of trainable parameters.
-        dtype: the `tf.DType` of flat vectors (the variables' widest).
+        dtype: the dtype of flat vectors (the variables' widest): a
+            `tf.DType` on TensorFlow, Keras' name (`"float32"`) on JAX and
+            PyTorch.
         hvp_mode: `"reverse_over_reverse"` or `"forward_over_reverse"`.
         count: number of HVPs computed so far.
         batch_sizes: the examples of each batch the HVP runs on, in order
@@ -211,15 +174,8 @@ class HessianVectorProduct:
             )
         max_batch_size = DEFAULT_MAX_BATCH_SIZE if max_batch_size is None \
             else check_positive_int("max_batch_size", max_batch_size)
-        probe = prepare_data(data)
-        _check_input_shapes(model, probe.batches)
-        x0, y0, sw0 = probe.batches[0]
-        if not model.built:
-            with _naming_data(probe.batches[0]):
-                model(x0, training=False)  # creates the weights, nothing else
-        self._batches, self._weights = _chunked(model, probe, max_batch_size)
+        self._batches, self._weights = _probe_batches(model, data, max_batch_size)
         self.batch_sizes = [_batch_size(b[0]) for b in self._batches]
-        x0, y0, sw0 = self._batches[0]
         trainable = list(model.trainable_variables)
         if not trainable:
             raise ValueError(
@@ -228,37 +184,21 @@ class HessianVectorProduct:
             )
         block = _block_indices(variables, trainable)
         self.variables = [trainable[i] for i in block]
-        compile_loss = getattr(model, "_compile_loss", None)
-        build = compile_loss is not None and not compile_loss.built
-        # One eager loss per batch layout: data the model or its loss cannot
-        # take fails here, naming `data`, not in the first probe. It also
-        # builds CompileLoss' trackers as `fit`/`evaluate` would (their zero
-        # state created here, outside any tf.function).
-        params = [tf.convert_to_tensor(v.value) for v in trainable]
-        seen = set()
-        for batch in self._batches:
-            layout = _layout(batch)
-            if layout in seen:
-                continue
-            seen.add(layout)
-            with _naming_data(batch):
-                _batch_loss(model, trainable, params, *batch, build)
-            build = False
+        _check_losses(model, trainable, self._batches)
         self.shapes = [tuple(v.shape) for v in self.variables]
         self._sizes = [int(np.prod(s)) for s in self.shapes]
         self.num_params = int(sum(self._sizes))
         self.dtype = _vector_dtype(self.variables)
         self.hvp_mode = hvp_mode
         self.count = 0
-        self._hvp_fn, self._grad_fn = _functions(
-            model, trainable, hvp_mode, self.dtype, block
-        )
-        self._concrete = {}  # batch index -> concrete HVP function
+        self._derivatives = _derivatives(model, trainable, hvp_mode, self.dtype, block)
+        self._products = {}  # batch index -> the backend's product function for it
 
     @property
     def trace_count(self):
-        """How many times the HVP `tf.function` has been traced (per model)."""
-        return self._hvp_fn.experimental_get_tracing_count()
+        """How many times the compiled HVP has been traced (per model; 0 on
+        PyTorch, which runs it eagerly)."""
+        return self._derivatives.trace_count
 
     def flatten(self, arrays):
         """Concatenates per-variable arrays into a flat float64 vector."""
@@ -279,36 +219,36 @@ class HessianVectorProduct:
 
     def to_tensor(self, flat):
         """A flat host vector as a flat tensor in `dtype`."""
-        return tf.constant(np.asarray(flat).reshape(-1), dtype=self.dtype)
+        return _backend.current().to_tensor(np.asarray(flat).reshape(-1), self.dtype)
 
     def apply(self, vector):
         """Returns `H v` for a flat tensor `v` of `num_params` entries.
 
         Args:
-            vector: a flat `tf.Tensor` in `dtype`.
+            vector: a flat tensor in `dtype` (a `tf.Tensor`, a JAX array,
+                a `torch.Tensor`: Keras' backend's).
 
         Returns:
-            `H v` as a flat `tf.Tensor` in `dtype`, where `v` lives.
+            `H v` as a flat tensor in `dtype`, where `v` lives.
         """
         result = None
         for index, ((x, y, sw), weight) in enumerate(
                 zip(self._batches, self._weights)):
             hv = self._product(index, x, y, sw, vector)
             if len(self._batches) > 1:
-                hv = hv * tf.constant(weight, self.dtype)
+                hv = hv * weight
             result = hv if result is None else result + hv
         self.count += 1
         return result
 
     def _product(self, index, x, y, sw, vector):
-        # The concrete function of each batch, called directly: a fifth
-        # less call overhead than the `tf.function` (0.64 vs 0.81 ms an HVP
-        # on the digits MLP), the same single trace.
-        if index not in self._concrete:
-            self._concrete[index] = self._hvp_fn.get_concrete_function(
-                x, y, sw, vector
-            )
-        return self._concrete[index](x, y, sw, vector)
+        # One function per batch (on TensorFlow its concrete function,
+        # called directly: a fifth less call overhead than the `tf.function`,
+        # 0.64 vs 0.81 ms an HVP on the digits MLP, the same single trace).
+        if index not in self._products:
+            self._products[index] = self._derivatives.product_function(
+                x, y, sw, vector)
+        return self._products[index](x, y, sw, vector)
 
     def __call__(self, vector):
         """Returns `H v` through the host.
@@ -327,10 +267,10 @@ class HessianVectorProduct:
         """Returns `(loss, flat float64 gradient)` of the mean loss."""
         loss, grad = 0.0, np.zeros(self.num_params)
         for (x, y, sw), weight in zip(self._batches, self._weights):
-            value, g = self._grad_fn(x, y, sw)
+            value, g = self._derivatives.gradient(x, y, sw)
             loss += weight * float(value)
             grad += weight * np.concatenate(
-                [t.numpy().astype(np.float64).reshape(-1) for t in g]
+                [_backend.to_host(t).reshape(-1) for t in g]
             )
         return loss, grad
 
@@ -348,7 +288,7 @@ def _host_product(op, vector):
                 "Invalid value for argument `vector`. Expected "
                 f"{op.num_params} entries. Received: {flat.size}"
             )
-    result = op.apply(op.to_tensor(flat)).numpy().astype(np.float64)
+    result = _backend.to_host(op.apply(op.to_tensor(flat)))
     return op.unflatten(result) if as_list else result
 
 
@@ -362,9 +302,11 @@ def make_hvp(model, data, hvp_mode=None, variables=None, max_batch_size=None):
             batches, a finite `tf.data.Dataset` of them (materialised in
             memory once), or a `ProbeData` from `prepare_data`. `x`/`y` may
             be nested (dicts, lists).
-        hvp_mode: `"reverse_over_reverse"` (nested `tf.GradientTape`) or
+        hvp_mode: `"reverse_over_reverse"` (nested `tf.GradientTape`s; on
+            JAX `jax.grad` of `<jax.grad, v>`; on PyTorch double backward) or
             `"forward_over_reverse"` (`tf.autodiff.ForwardAccumulator` over
-            a tape). Defaults to `None`, meaning `DEFAULT_HVP_MODE`.
+            a tape; `jax.jvp` of `jax.grad`; `torch.func.jvp` of
+            `torch.func.grad`). Defaults to `None`, meaning `DEFAULT_HVP_MODE`.
         variables: a subset of `model.trainable_variables`: the operator is
             then the diagonal block of the Hessian for them (the others held
             at their values), flattened in the model's order, and both
@@ -381,9 +323,10 @@ def make_hvp(model, data, hvp_mode=None, variables=None, max_batch_size=None):
         A `HessianVectorProduct`: `hvp.apply(t)` maps a flat device tensor to
         `H t`, `hvp(v)` does the same for host vectors (flat in, flat out;
         list in, list out), and `hvp.count` counts products. Pass it as
-        `model` to `spectrum`, `trace` and `density` to share it. The traced
-        `tf.function` is cached per model and mode, so building another one
-        for new data of the same shapes does not retrace.
+        `model` to `spectrum`, `trace` and `density` to share it. The
+        compiled function (a `tf.function`, a `jax.jit`) is cached per model
+        and mode, so building another one for new data of the same shapes
+        does not retrace.
 
     Raises:
         ValueError: naming `data` (see `prepare_data`), also for batches

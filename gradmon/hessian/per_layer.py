@@ -12,7 +12,7 @@ Each layer has its own HVP operator, `hessian.make_hvp(variables=...)`: only
 that layer's variables are watched, so both backward passes stop at the
 layer: cheaper than a full HVP, the more so the nearer the layer is to the
 output (on MobileNetV2 0.34x a full HVP's time for the last layer, 0.78x
-for the first; no full HVP is masked). Its `tf.function` is traced once per model and layer, and
+for the first; no full HVP is masked). Its compiled HVP is traced once per model and layer, and
 cached like the full operator's. The eigenvalues come from
 `hessian.spectrum` (thick-restart Lanczos) on that operator.
 

@@ -2,29 +2,35 @@
 
 `_Basis` holds orthonormal vectors as immutable device tensors in blocks;
 projections, norms without underflow and the Lanczos update run as graph code,
-one traced function per basis layout (`_for_layout`); random probes are drawn
-by stateless ops seeded from a NumPy generator, so no vector passes through
-the host.
+one compiled function per basis layout (`_for_layout`); random probes are
+seeded from a NumPy generator. Written in `keras.ops`, with the few products
+whose form matters for speed or precision (`matvec`, `vdot`, `matmul`,
+`add_n`), the compiling and the random draws from the backend's module
+(`gradmon.backend.hvp`).
 """
 
-import functools
 import math
 
 import numpy as np
-import tensorflow as tf
+from keras import ops
+
+from gradmon.backend import hvp as _backend
 
 
 def _random_vector(rng, n, dtype, rademacher=False):
-    """A device vector drawn by a stateless op seeded from `rng`.
+    """A device vector seeded from `rng` (standard normal, or Rademacher).
 
-    Stateless ops touch neither TensorFlow's global generator nor Keras'
-    seed generators, and the vector never passes through the host.
+    On TensorFlow a stateless op draws it on the device (it touches neither
+    TensorFlow's global generator nor Keras' seed generators); on JAX and
+    PyTorch it is drawn on the host and sent once.
     """
-    seed = tf.constant(rng.integers(0, 2**31 - 1, size=2), tf.int64)
-    if rademacher:
-        bits = tf.random.stateless_uniform([n], seed, maxval=2, dtype=tf.int32)
-        return tf.cast(2 * bits - 1, dtype)
-    return tf.random.stateless_normal([n], seed, dtype=dtype)
+    return _backend.current().random_vector(rng, n, dtype, rademacher)
+
+
+def _dot64(a, b):
+    """`a.b` accumulated in float64 (a float32 sum over millions of terms
+    loses digits), as a Python float."""
+    return _backend.current().dot64(a, b)
 
 
 class _Basis:
@@ -55,17 +61,18 @@ class _Basis:
     def append(self, vector):
         self.pending.append(vector)
         if len(self.pending) == self.block:
-            self.blocks.append(tf.stack(self.pending))
+            self.blocks.append(ops.stack(self.pending))
             self.pending = []
 
     def combine(self, coefficients):
         """`coefficients @ basis` for a `[k, len(self)]` tensor, `[k, n]`."""
         parts = self.blocks + [p[None] for p in self.pending]
         starts = np.cumsum([0] + [int(b.shape[0]) for b in parts])
-        terms = (tf.matmul(coefficients[:, a:z], b)
+        matmul = _backend.current().matmul
+        terms = (matmul(coefficients[:, a:z], b)
                  for a, z, b in zip(starts[:-1], starts[1:], parts))
         if coefficients.shape[0] == 1:
-            return tf.add_n(list(terms))  # one pass over narrow terms
+            return _backend.current().add_n(terms)  # one pass over narrow terms
         out = next(terms)
         for term in terms:  # wide terms one at a time: bounded memory
             out = out + term
@@ -77,8 +84,8 @@ class _Basis:
         new = _Basis(self.block)
         for start in range(0, int(coefficients.shape[0]), self.block):
             rows = self.combine(coefficients[start:start + self.block])
-            for row in tf.unstack(rows):
-                new.append(row)
+            for i in range(int(rows.shape[0])):
+                new.append(rows[i])
         return new
 
     def project_out(self, w):
@@ -87,61 +94,49 @@ class _Basis:
         Returns `(w, coefficients, ||w||)`, `coefficients` float64 NumPy.
         """
         w, h, norm = _for_layout(_two_passes, self.blocks, self.pending, w)
-        return w, h.numpy().astype(np.float64), float(norm)
+        return w, _backend.to_host(h), float(norm)
 
 
 def _project(blocks, pending, w):
     """One classical Gram-Schmidt pass (graph code): `(w - Q^T h, h = Q w)`."""
-    h = tf.concat([tf.linalg.matvec(b, w) for b in blocks]
-                  + [_vdot(p, w) for p in pending], 0)
+    backend = _backend.current()
+    h = ops.concatenate([backend.matvec(b, w) for b in blocks]
+                        + [_vdot(p, w) for p in pending], 0)
     terms, start = [], 0
     for b in blocks:
         size = int(b.shape[0])
-        terms.append(tf.linalg.matvec(b, h[start:start + size], transpose_a=True))
+        terms.append(backend.matvec(b, h[start:start + size], transpose=True))
         start += size
     terms += [h[start + i] * p for i, p in enumerate(pending)]
-    return w - tf.add_n(terms), h
+    return w - backend.add_n(terms), h
 
 
 def _vdot(a, b):
-    # `[a.b]` as a matrix product: tf.tensordot of two long vectors is
-    # single-threaded here (6.4 ms vs 1.5 ms at 6.3 M entries).
-    return tf.matmul(a[None], b[None], transpose_b=True)[0]
+    """`[a.b]`, a vector of one entry (on TensorFlow a matrix product:
+    tf.tensordot of two long vectors is single-threaded there)."""
+    return _backend.current().vdot(a, b)
 
 
-# One tf.function per basis layout (number and sizes of blocks, pending
-# vectors): each is traced once, for any vector length (the per-layer
-# operators of a model have as many lengths as layers: per-length traces
-# cost as much as their HVPs' own), where one function would retrace at
-# every new layout and warn of frequent retracing.
+# One compiled function per basis layout (number and sizes of blocks, pending
+# vectors): on TensorFlow each is traced once, for any vector length (the
+# per-layer operators of a model have as many lengths as layers: per-length
+# traces cost as much as their HVPs' own), where one function would retrace
+# at every new layout and warn of frequent retracing.
 _LAYOUT_FUNCTIONS = {}
 
 
-def _any_length(t):
-    """`t`'s `TensorSpec` with the vector length (last dimension) unknown."""
-    shape = list(t.shape)
-    if shape:
-        shape[-1] = None
-    return tf.TensorSpec(shape, t.dtype)
-
-
 def _for_layout(fn, blocks, pending, w, *args):
-    """Runs the graph of `fn` for this basis layout.
+    """Runs the compiled `fn` of this basis layout.
 
-    Each layout gets a `tf.function` of its own, traced once, and its
-    concrete function is called directly (a fifth less call overhead: it
-    matters for small models).
+    Each layout gets a function of its own, compiled once (on TensorFlow a
+    concrete function for any vector length, called directly: a fifth less
+    call overhead, which matters for small models).
     """
     key = (fn.__name__, tuple(int(b.shape[0]) for b in blocks), len(pending),
-           w.dtype.name)
+           _backend.dtype_name(w.dtype))
     if key not in _LAYOUT_FUNCTIONS:
-        # A partial of its own: TensorFlow counts retraces per code object
-        # (closures share one), a partial is counted by itself.
-        _LAYOUT_FUNCTIONS[key] = tf.function(
-            functools.partial(fn)
-        ).get_concrete_function(
-            *tf.nest.map_structure(_any_length, (blocks, pending, w, *args))
-        )
+        _LAYOUT_FUNCTIONS[key] = _backend.current().compile_layout(
+            fn, (blocks, pending, w, *args))
     return _LAYOUT_FUNCTIONS[key](blocks, pending, w, *args)
 
 
@@ -152,19 +147,20 @@ def _norm(w):
     subnormal): a tiny operator (a deep layer's Hessian block at
     initialisation, ~1e-20) then gave non-unit Lanczos vectors, a wrong
     eigenvalue and a residual of 0. Below the threshold the norm is
-    recomputed on `w / max|w|`; above it a single `tf.norm`.
+    recomputed on `w / max|w|`; above it a single norm.
     """
-    norm = tf.norm(w)
+    norm = ops.norm(w)
+    dtype = _backend.dtype_name(w.dtype)
     # bfloat16 (no np.finfo) has float32's exponent range
-    info = np.finfo({tf.float16: np.float16, tf.float64: np.float64}.get(w.dtype, np.float32))
-    threshold = tf.constant(math.sqrt(info.tiny) / info.eps, w.dtype)
+    info = np.finfo({"float16": np.float16, "float64": np.float64}.get(dtype, np.float32))
+    threshold = ops.convert_to_tensor(math.sqrt(info.tiny) / info.eps, dtype=dtype)
 
     def rescaled():
-        scale = tf.reduce_max(tf.abs(w))
-        safe = tf.where(scale > 0, scale, tf.ones_like(scale))
-        return safe * tf.norm(w / safe)
+        scale = ops.max(ops.abs(w))
+        safe = ops.where(scale > 0, scale, ops.ones_like(scale))
+        return safe * ops.norm(w / safe)
 
-    return tf.cond(norm < threshold, rescaled, lambda: norm)
+    return _backend.current().cond(norm < threshold, rescaled, lambda: norm)
 
 
 def _two_passes(blocks, pending, w):
@@ -198,7 +194,7 @@ def _lanczos_update(blocks, pending, w, q, previous, coupling):
 
     # ||w before the pass||^2 = norm^2 + ||h||^2 for an orthonormal basis, so
     # norm < ||w before|| / sqrt(2) is norm < ||h|| (no squares to underflow).
-    w, h, norm = tf.cond(norm < _norm(h), again, lambda: (w, h, norm))
+    w, h, norm = _backend.current().cond(norm < _norm(h), again, lambda: (w, h, norm))
     return w, h, alpha, norm
 
 
@@ -209,14 +205,10 @@ def _ritz_pair(y, hy, theta):
     stored vectors); `theta` is its Ritz value, so the quotient is computed
     as a small correction to it.
     """
-    yy = tf.reduce_sum(y * y)
-    theta = tf.constant(theta, y.dtype)
-    quotient = theta + tf.reduce_sum(y * (hy - theta * y)) / yy
-    residual = _norm(hy - quotient * y) / tf.sqrt(yy)
-    return y / tf.sqrt(yy), quotient, residual
+    yy = ops.sum(y * y)
+    theta = ops.convert_to_tensor(theta, dtype=_backend.dtype_name(y.dtype))
+    quotient = theta + ops.sum(y * (hy - theta * y)) / yy
+    residual = _norm(hy - quotient * y) / ops.sqrt(yy)
+    return y / ops.sqrt(yy), quotient, residual
 
 
-@tf.function(reduce_retracing=True)
-def _dot64(a, b):
-    # float64 accumulation: a float32 sum over millions of terms loses digits.
-    return tf.reduce_sum(tf.cast(a, tf.float64) * tf.cast(b, tf.float64))

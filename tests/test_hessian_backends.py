@@ -1,0 +1,113 @@
+"""gradmon.hessian on every Keras backend, against an explicit Hessian and across backends.
+
+`hessian_backend_check.run()` builds the same tiny model with the same NumPy weights and
+data, and returns gradmon's HVP matrix (both modes), spectrum (Lanczos with the smallest
+eigenvalue, power iteration, preconditioned), Hutchinson trace and SLQ nodes beside the
+Hessian the backend's own autodiff computes from the loss written out by hand. It runs
+here, on the suite's backend, and in the TensorFlow-free JAX and PyTorch interpreters
+(`GRADMON_JAX_PYTHON` / `GRADMON_TORCH_PYTHON`, defaulting to /work/venv-jax and
+/work/venv-torch; skipped when absent), whose eigenvalues must equal this backend's.
+"""
+
+import json
+import os
+import subprocess
+
+import numpy as np
+import pytest
+
+import hessian_backend_check
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+INTERPRETERS = {
+    "jax": ("GRADMON_JAX_PYTHON", "/work/venv-jax/bin/python"),
+    "torch": ("GRADMON_TORCH_PYTHON", "/work/venv-torch/bin/python"),
+}
+RTOL = 2e-5  # float32 HVPs of a Hessian of norm ~3: rounding ~1e-7 relative, spectrum tol 1e-6
+
+
+@pytest.fixture(scope="module")
+def here():
+    """The check on this interpreter's backend."""
+    return hessian_backend_check.run()
+
+
+@pytest.fixture(scope="module", params=sorted(INTERPRETERS))
+def other(request):
+    """The check in a TensorFlow-free interpreter whose Keras runs on JAX or PyTorch (one at
+    a time: on a shared 2-core machine overlapping them took longer)."""
+    import keras
+
+    backend = request.param
+    variable, default = INTERPRETERS[backend]
+    path = os.environ.get(variable) or default
+    if keras.backend.backend() == backend:
+        pytest.skip(f"the suite runs on {backend} itself")
+    if not os.path.exists(path):
+        pytest.skip(f"no {backend} interpreter: {path} does not exist (set {variable} to a Python "
+                    f"with Keras 3 and {backend})")
+    done = subprocess.run([path, os.path.join(HERE, "hessian_backend_check.py")],
+                          capture_output=True, text=True, timeout=180, cwd=ROOT,
+                          env=dict(os.environ, KERAS_BACKEND=backend, PYTHONPATH=ROOT))
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _assert_matches_explicit(result):
+    explicit = np.array(result["explicit"])
+    scale = np.abs(np.linalg.eigvalsh(explicit)).max()
+    exact = np.linalg.eigvalsh(explicit)[::-1]
+    for mode in ("reverse_over_reverse", "forward_over_reverse"):
+        np.testing.assert_allclose(np.array(result[f"{mode}/matrix"]), explicit, atol=RTOL * scale)
+    np.testing.assert_allclose(result["eigenvalues"], exact[:3], rtol=RTOL)
+    assert result["min_eigenvalue"] == pytest.approx(exact[-1], rel=RTOL, abs=RTOL * scale)
+    assert result["converged"]
+    np.testing.assert_allclose(result["power"], exact[:2], rtol=RTOL)
+    root = 1.0 / np.sqrt(np.array(result["diagonal"]))
+    preconditioned = np.linalg.eigvalsh(root[:, None] * explicit * root[None, :])[::-1]
+    np.testing.assert_allclose(result["preconditioned"], preconditioned[:2], rtol=RTOL)
+    value, stderr = result["trace"]
+    assert abs(value - np.trace(explicit)) < 4 * stderr  # Hutchinson: unbiased, 64 probes
+    nodes = np.array(result["density_nodes"])  # Ritz values: inside the spectrum, the largest near its top
+    assert exact[-1] - RTOL * scale <= nodes.min() and nodes.max() <= exact[0] + RTOL * scale
+    assert nodes.max() == pytest.approx(exact[0], rel=1e-3)
+    assert result["density_weight"] == pytest.approx(1.0, abs=1e-9)
+
+
+def test_this_backend_matches_the_explicit_hessian(here):
+    _assert_matches_explicit(here)
+
+
+def test_other_backend_matches_its_explicit_hessian_without_tensorflow(other):
+    assert not other["tensorflow_imported"]
+    _assert_matches_explicit(other)
+    # JAX: one trace (per batch shape), reused by every later product; PyTorch runs eagerly
+    assert other["trace_count"] == (1 if other["backend"] == "jax" else 0)
+    if other["backend"] == "jax":  # BatchNormalization's moving statistics read at each product
+        before, after, traces = other["live_state_errors"]
+        assert before < 1e-5 and after < 1e-5 and traces == 1
+
+
+def test_hessian_monitor_on_another_backend_names_it(here, other):
+    assert here["monitor_error"] is None
+    assert f"Keras backend {other['backend']!r}" in other["monitor_error"]
+
+
+def test_the_same_model_gives_the_same_spectrum_on_every_backend(here, other):
+    assert other["backend"] != here["backend"]
+    for key in ("eigenvalues", "power", "preconditioned"):
+        np.testing.assert_allclose(other[key], here[key], rtol=RTOL)
+    assert other["min_eigenvalue"] == pytest.approx(here["min_eigenvalue"], rel=RTOL, abs=1e-6)
+    assert other["loss"] == pytest.approx(here["loss"], rel=1e-6)
+    np.testing.assert_allclose(other["explicit"], here["explicit"], atol=1e-5)
+
+
+def test_an_unsupported_backend_is_named(monkeypatch):
+    import keras
+
+    from gradmon.backend import hvp
+
+    monkeypatch.setattr(keras.backend, "backend", lambda: "numpy")
+    with pytest.raises(NotImplementedError, match="Keras backend 'numpy'"):
+        hvp.current()
