@@ -55,7 +55,9 @@ the check falls back to the model itself in its own dtype, with that dtype's
 default tolerances, warns, and records why in `GradientCheckReport.notes`.
 """
 
+import contextlib
 import dataclasses
+import importlib
 import math
 import numbers
 import typing
@@ -63,7 +65,6 @@ import warnings
 
 import keras
 import numpy as np
-import tensorflow as tf
 
 from gradmon._validation import check_positive_int, invalid
 
@@ -209,11 +210,26 @@ def _format_optional(value):
 # Argument checks.
 
 
+_BACKEND_MODULES = {
+    "tensorflow": "gradmon.backend.gradcheck_tensorflow",
+    "jax": "gradmon.backend.gradcheck_jax",
+    "torch": "gradmon.backend.gradcheck_torch",
+}
+
+
+def _framework():
+    """The module doing tensors and autodiff for Keras' backend (imported on first use)."""
+    name = keras.backend.backend()
+    if name not in _BACKEND_MODULES:
+        raise NotImplementedError(
+            f"gradmon.check_gradients needs automatic differentiation: it runs with "
+            f"Keras' TensorFlow, JAX and PyTorch backends. Received: backend {name!r}"
+        )
+    return importlib.import_module(_BACKEND_MODULES[name])
+
+
 def _check_dtype(dtype):
-    try:
-        name = tf.as_dtype(dtype).name
-    except TypeError:
-        name = None
+    name = _framework().dtype_name(dtype)
     if name not in DTYPES:
         raise invalid("dtype", f"one of {list(DTYPES)}", dtype)
     return name
@@ -255,41 +271,34 @@ class _Problem(typing.NamedTuple):
     notes: list
 
 
-def _to_dtype(value, dtype):
-    if isinstance(value, (tf.Tensor, tf.Variable)) or hasattr(value, "__tf_tensor__"):
-        return tf.cast(tf.convert_to_tensor(value), dtype)
-    return tf.constant(np.asarray(value, dtype=dtype))
+_FRAMEWORK_NAMES = {"tensorflow": "TensorFlow", "jax": "JAX", "torch": "PyTorch"}
 
 
 def _cast_floats(structure, dtype):
     """Casts the floating-point tensors / arrays in `structure` to `dtype`."""
+    framework = _framework()
 
     def cast(value):
-        if value is None:
-            return None
-        if tf.is_tensor(value) or isinstance(value, tf.Variable) or hasattr(value, "__tf_tensor__"):
-            tensor = tf.convert_to_tensor(value)
-            return tf.cast(tensor, dtype) if tensor.dtype.is_floating else tensor
-        array = np.asarray(value)
-        return tf.constant(array.astype(dtype) if array.dtype.kind == "f" else array)
+        return None if value is None else framework.cast_float(value, dtype)
 
     return keras.tree.map_structure(cast, structure)
 
 
 def _scalar(value, argument):
-    if not tf.is_tensor(value):
+    framework = _framework()
+    if not framework.is_tensor(value):
         raise ValueError(
             f"Invalid value for argument `{argument}`. Expected a function "
-            "returning a scalar tensor computed with TensorFlow or Keras ops. "
-            f"Received: a function returning {type(value).__name__}"
+            f"returning a scalar tensor computed with {_FRAMEWORK_NAMES[framework.NAME]} "
+            f"or Keras ops. Received: a function returning {type(value).__name__}"
         )
-    if value.shape.num_elements() != 1:
+    if framework.num_elements(value) != 1:
         raise ValueError(
             f"Invalid value for argument `{argument}`. Expected a function "
             "returning a scalar. Received: a function returning a tensor of "
             f"shape {tuple(value.shape)}"
         )
-    return tf.reshape(value, [])
+    return keras.ops.reshape(value, ())
 
 
 def _manual_list(result, names, shapes, argument="manual"):
@@ -313,7 +322,7 @@ def _manual_list(result, names, shapes, argument="manual"):
         )
     arrays = []
     for name, shape, g in zip(names, shapes, result):
-        g = np.zeros(tuple(shape)) if g is None else np.asarray(tf.convert_to_tensor(g), dtype=np.float64)
+        g = np.zeros(tuple(shape)) if g is None else _framework().to_numpy(g).astype(np.float64)
         if g.shape != tuple(shape):
             raise ValueError(
                 f"Invalid value for argument `{argument}`. Expected the gradient "
@@ -347,7 +356,7 @@ def _function_problem(fn, inputs, manual, dtype):
     if not raw:
         raise invalid("inputs", "a tensor or a non-empty list/tuple/dict of tensors", inputs)
     try:
-        tensors = [_to_dtype(v, dtype) for v in raw]
+        tensors = [_framework().to_tensor(v, dtype) for v in raw]
     except (TypeError, ValueError) as error:
         raise invalid("inputs", f"tensors convertible to {dtype}", inputs) from error
 
@@ -359,7 +368,8 @@ def _function_problem(fn, inputs, manual, dtype):
         def manual_fn():
             return _manual_list(call(manual, tensors), names, [t.shape for t in tensors])
 
-    return _Problem(names, [t.numpy() for t in tensors], loss, manual_fn, dtype, [])
+    values = [_framework().to_numpy(t) for t in tensors]
+    return _Problem(names, values, loss, manual_fn, dtype, [])
 
 
 # --------------------------------------------------------------------------
@@ -542,7 +552,7 @@ def _model_problem(model, inputs, manual, dtype):
                 f"({reason}); checking it in its own dtype {model_dtype} with "
                 f"{model_dtype} default tolerances."
             )
-            warnings.warn(message, stacklevel=3)
+            warnings.warn(message, stacklevel=4)
             notes.append(message)
     work_variables = list(work.trainable_variables)
     x, y, sample_weight = (_cast_floats(d, work_dtype) for d in (x, y, sample_weight))
@@ -554,8 +564,13 @@ def _model_problem(model, inputs, manual, dtype):
         def manual_fn():
             return _manual_list(manual(*args), names, [tuple(v.shape) for v in variables])
 
-    values = [tf.convert_to_tensor(v.value).numpy() for v in work_variables]
+    values = [_framework().to_numpy(v.value) for v in work_variables]
     return _Problem(names, values, loss, manual_fn, work_dtype, notes)
+
+
+def _float(value):
+    """A scalar tensor's value (detached from any autodiff graph) as a Python float."""
+    return float(_framework().to_numpy(value))
 
 
 def _clone_converted(model, variables, dtype, inputs):
@@ -564,7 +579,7 @@ def _clone_converted(model, variables, dtype, inputs):
     # The model's own loss first, so that nothing of it is built in `dtype`.
     model_dtype = variables[0].dtype
     data = [_cast_floats(d, model_dtype) for d in (x, y, sample_weight)]
-    reference = float(_model_loss(model, variables, *data)([v.value for v in variables]))
+    reference = _float(_model_loss(model, variables, *data)([v.value for v in variables]))
     data = [_cast_floats(d, dtype) for d in (x, y, sample_weight)]
     clone = _clone_model(model, dtype, data)
     clone_variables = list(clone.trainable_variables)
@@ -575,27 +590,19 @@ def _clone_converted(model, variables, dtype, inputs):
     clone.set_weights(model.get_weights())
     # The copy must compute the same loss as the model (to the model's precision).
     value = _model_loss(clone, clone_variables, *data)([v.value for v in clone_variables])
-    if value.dtype != dtype:
-        raise TypeError(f"the copy's loss is {value.dtype.name}")
+    value_dtype = keras.backend.standardize_dtype(value.dtype)
+    if value_dtype != dtype:
+        raise TypeError(f"the copy's loss is {value_dtype}")
     rtol = _CLONE_LOSS_RTOL.get(model_dtype, 1e-6)
-    if not abs(float(value) - reference) <= rtol * max(abs(reference), 1e-2):
+    if not abs(_float(value) - reference) <= rtol * max(abs(reference), 1e-2):
         raise TypeError(
-            f"the copy's loss {float(value):.8g} differs from the model's {reference:.8g}"
+            f"the copy's loss {_float(value):.8g} differs from the model's {reference:.8g}"
         )
     return clone
 
 
 # --------------------------------------------------------------------------
 # The comparisons.
-
-
-def _autodiff(loss, values):
-    params = [tf.constant(v) for v in values]
-    with tf.GradientTape() as tape:
-        tape.watch(params)
-        value = loss(params)
-    grads = tape.gradient(value, params, unconnected_gradients=tf.UnconnectedGradients.ZERO)
-    return float(value), [np.asarray(tf.convert_to_tensor(g), dtype=np.float64) for g in grads]
 
 
 def _errors(a, b):
@@ -611,45 +618,143 @@ def _max(array):
     return float(np.max(array)) if array.size else 0.0
 
 
-def _finite_differences(loss, values, index, grad, eps, max_elementwise, directions, rng, machine_eps):
+def _finite_differences(loss, values, index, grad, settings, rng, machine_eps):
     """(autodiff, fd, floor) arrays for one variable, and the method used."""
     theta = values[index]
-    dtype = theta.dtype
-    params = [tf.constant(v) for v in values]
+    constant = _framework().constant
+    params = [constant(v) for v in values]
 
     def evaluate(perturbed):
-        params[index] = tf.constant(perturbed.reshape(theta.shape))
+        params[index] = constant(perturbed.reshape(theta.shape))
         return float(loss(params))
 
     flat = theta.ravel()
-    autodiff, fd, floor = [], [], []
-    if flat.size <= max_elementwise:
+    if flat.size <= settings.max_elementwise:
+        pairs = _elementwise_pairs(flat, grad.ravel(), settings.eps)
         method = "elementwise"
-        steps = (eps * np.maximum(1.0, np.abs(flat.astype(np.float64)))).astype(dtype)
-        for j in range(flat.size):
-            plus, minus = flat.copy(), flat.copy()
-            plus[j] += steps[j]
-            minus[j] -= steps[j]
-            step = float(plus[j]) - float(minus[j])  # the step after rounding
-            f_plus, f_minus = evaluate(plus), evaluate(minus)
-            autodiff.append(grad.ravel()[j])
-            fd.append((f_plus - f_minus) / step)
-            floor.append(_FLOOR_ULPS * machine_eps * max(abs(f_plus), abs(f_minus)) / step)
     else:
+        pairs = _directional_pairs(flat, grad.ravel(), settings, rng)
         method = "directional"
-        h = eps * max(1.0, float(np.max(np.abs(flat))))
-        for _ in range(directions):
-            u = rng.standard_normal(flat.size)
-            u /= np.linalg.norm(u)
-            plus = (flat + h * u).astype(dtype)
-            minus = (flat - h * u).astype(dtype)
-            step = plus.astype(np.float64) - minus.astype(np.float64)  # after rounding
-            length = float(np.linalg.norm(step))
-            f_plus, f_minus = evaluate(plus), evaluate(minus)
-            autodiff.append(float(np.dot(grad.ravel(), step)) / length)
-            fd.append((f_plus - f_minus) / length)
-            floor.append(_FLOOR_ULPS * machine_eps * max(abs(f_plus), abs(f_minus)) / length)
+    autodiff, fd, floor = [], [], []
+    for plus, minus, step, derivative in pairs:
+        f_plus, f_minus = evaluate(plus), evaluate(minus)
+        autodiff.append(derivative)
+        fd.append((f_plus - f_minus) / step)
+        floor.append(_FLOOR_ULPS * machine_eps * max(abs(f_plus), abs(f_minus)) / step)
     return method, np.array(autodiff, np.float64), np.array(fd), np.array(floor)
+
+
+def _elementwise_pairs(flat, grad, eps):
+    """(theta+, theta-, step after rounding, autodiff derivative) per element."""
+    steps = (eps * np.maximum(1.0, np.abs(flat.astype(np.float64)))).astype(flat.dtype)
+    for j in range(flat.size):
+        plus, minus = flat.copy(), flat.copy()
+        plus[j] += steps[j]
+        minus[j] -= steps[j]
+        yield plus, minus, float(plus[j]) - float(minus[j]), grad[j]
+
+
+def _directional_pairs(flat, grad, settings, rng):
+    """(theta+, theta-, step length after rounding, autodiff derivative) per direction."""
+    h = settings.eps * max(1.0, float(np.max(np.abs(flat))))
+    for _ in range(settings.directions):
+        u = rng.standard_normal(flat.size)
+        u /= np.linalg.norm(u)
+        plus = (flat + h * u).astype(flat.dtype)
+        minus = (flat - h * u).astype(flat.dtype)
+        step = plus.astype(np.float64) - minus.astype(np.float64)  # after rounding
+        length = float(np.linalg.norm(step))
+        yield plus, minus, length, float(np.dot(grad, step)) / length
+
+
+def _check_variable(problem, index, grad, manual_grad, settings, rng, machine_eps):
+    """The `VariableCheck` of variable `index`."""
+    method, ad, fd, floor = _finite_differences(
+        problem.loss, problem.values, index, grad, settings, rng, machine_eps
+    )
+    abs_error, rel_error = _errors(ad, fd)
+    fields = dict(
+        name=problem.names[index],
+        shape=tuple(grad.shape),
+        method=method,
+        num_checks=int(ad.size),
+        fd_max_abs_error=_max(abs_error),
+        fd_max_rel_error=_max(rel_error),
+        fd_passed=bool(np.all(abs_error <= settings.atol + settings.rtol * np.abs(fd) + floor)),
+    )
+    if manual_grad is not None:
+        abs_error, rel_error = _errors(grad, manual_grad)
+        fields.update(
+            manual_max_abs_error=_max(abs_error),
+            manual_max_rel_error=_max(rel_error),
+            manual_passed=bool(
+                np.all(abs_error <= settings.atol + settings.rtol * np.abs(manual_grad))
+            ),
+        )
+    return VariableCheck(**fields)
+
+
+class _Settings(typing.NamedTuple):
+    directions: int
+    max_elementwise: int
+    eps: typing.Optional[float]
+    rtol: typing.Optional[float]
+    atol: typing.Optional[float]
+
+
+def _with_defaults(settings, dtype, machine_eps):
+    """`settings` with the working dtype's defaults for what was not given."""
+    # A model left in float16 / bfloat16 gets float32's (already loose) defaults.
+    default_rtol, default_atol = DEFAULT_TOLERANCES.get(dtype, DEFAULT_TOLERANCES["float32"])
+    return settings._replace(
+        rtol=default_rtol if settings.rtol is None else settings.rtol,
+        atol=default_atol if settings.atol is None else settings.atol,
+        eps=machine_eps ** (1.0 / 3.0) if settings.eps is None else settings.eps,
+    )
+
+
+@contextlib.contextmanager
+def _precision(framework, dtype):
+    """Enters the framework's scope for `dtype`; yields `(dtype, notes)`.
+
+    Where the framework cannot compute in float64 (see `gradmon.backend.
+    gradcheck_jax` / `gradcheck_torch`), warns naming the backend and the fix
+    and yields `"float32"`.
+    """
+    with contextlib.ExitStack() as stack:
+        try:
+            notes = stack.enter_context(framework.precision(dtype))
+        except framework.Float64Unavailable as error:
+            message = (
+                f"check_gradients cannot compute in float64 on Keras' {framework.NAME} "
+                f"backend: {error}. Checking in float32 with float32 tolerances "
+                f"instead; for a float64 check, {framework.FIX}."
+            )
+            warnings.warn(message, stacklevel=5)
+            dtype, notes = "float32", [message]
+        yield dtype, notes
+
+
+def _run_check(fn_or_model, inputs, manual, dtype, settings, seed):
+    framework = _framework()
+    with _precision(framework, dtype) as (dtype, precision_notes):
+        if isinstance(fn_or_model, keras.Model):
+            problem = _model_problem(fn_or_model, inputs, manual, dtype)
+        else:
+            problem = _function_problem(fn_or_model, inputs, manual, dtype)
+        machine_eps = float(np.finfo(problem.values[0].dtype).eps)
+        settings = _with_defaults(settings, problem.dtype, machine_eps)
+        _, grads = framework.value_and_grad(problem.loss, problem.values)
+        manual_grads = problem.manual() if problem.manual is not None else [None] * len(grads)
+        rng = np.random.default_rng(seed)
+        checks = [
+            _check_variable(problem, index, grad, manual_grads[index], settings, rng, machine_eps)
+            for index, grad in enumerate(grads)
+        ]
+    return GradientCheckReport(
+        variables=checks, dtype=problem.dtype, eps=settings.eps, rtol=settings.rtol,
+        atol=settings.atol, notes=precision_notes + problem.notes,
+    )
 
 
 def check_gradients(
@@ -743,54 +848,15 @@ def check_gradients(
     directions = check_positive_int("directions", directions)
     max_elementwise = check_positive_int("max_elementwise", max_elementwise)
     dtype = _check_dtype(dtype)
-    eps = _check_optional_float("eps", eps, "a positive finite float or None", True)
-    rtol = _check_optional_float("rtol", rtol, "a non-negative finite float or None", False)
-    atol = _check_optional_float("atol", atol, "a non-negative finite float or None", False)
-    seed = _check_seed(seed)
-
-    if isinstance(fn_or_model, keras.Model):
-        problem = _model_problem(fn_or_model, inputs, manual, dtype)
-    else:
-        problem = _function_problem(fn_or_model, inputs, manual, dtype)
-
-    machine_eps = float(np.finfo(problem.values[0].dtype).eps)
-    # A model left in float16 / bfloat16 gets float32's (already loose) defaults.
-    default_rtol, default_atol = DEFAULT_TOLERANCES.get(problem.dtype, DEFAULT_TOLERANCES["float32"])
-    rtol = default_rtol if rtol is None else rtol
-    atol = default_atol if atol is None else atol
-    eps = machine_eps ** (1.0 / 3.0) if eps is None else eps
-
-    _, grads = _autodiff(problem.loss, problem.values)
-    manual_grads = problem.manual() if problem.manual is not None else None
-    rng = np.random.default_rng(seed)
-    checks = []
-    for index, (name, grad) in enumerate(zip(problem.names, grads)):
-        method, ad, fd, floor = _finite_differences(
-            problem.loss, problem.values, index, grad, eps, max_elementwise,
-            directions, rng, machine_eps,
-        )
-        abs_error, rel_error = _errors(ad, fd)
-        fields = dict(
-            name=name,
-            shape=tuple(grad.shape),
-            method=method,
-            num_checks=int(ad.size),
-            fd_max_abs_error=_max(abs_error),
-            fd_max_rel_error=_max(rel_error),
-            fd_passed=bool(np.all(abs_error <= atol + rtol * np.abs(fd) + floor)),
-        )
-        if manual_grads is not None:
-            reference = manual_grads[index]
-            abs_error, rel_error = _errors(grad, reference)
-            fields.update(
-                manual_max_abs_error=_max(abs_error),
-                manual_max_rel_error=_max(rel_error),
-                manual_passed=bool(np.all(abs_error <= atol + rtol * np.abs(reference))),
-            )
-        checks.append(VariableCheck(**fields))
-    return GradientCheckReport(
-        variables=checks, dtype=problem.dtype, eps=eps, rtol=rtol, atol=atol, notes=problem.notes
+    settings = _Settings(
+        directions=directions,
+        max_elementwise=max_elementwise,
+        eps=_check_optional_float("eps", eps, "a positive finite float or None", True),
+        rtol=_check_optional_float("rtol", rtol, "a non-negative finite float or None", False),
+        atol=_check_optional_float("atol", atol, "a non-negative finite float or None", False),
     )
+    seed = _check_seed(seed)
+    return _run_check(fn_or_model, inputs, manual, dtype, settings, seed)
 
 
 def assert_gradients_close(fn_or_model, inputs, manual=None, **kwargs):

@@ -1,0 +1,67 @@
+"""`gradmon.gradcheck` on JAX: `jax.value_and_grad`, float64 through `jax_enable_x64`.
+
+JAX stores float64 as float32 unless `jax_enable_x64` is on, and Keras
+demotes float64 results besides (see `gradcheck_common`). A float64 check
+therefore runs with x64 switched on (`jax.enable_x64`, a context local to the
+calling thread) and Keras' demotion lifted, for its duration only; tensors it
+makes are plain `jax.Array`s. Other conversions: `gradcheck_common`.
+"""
+
+import contextlib
+
+import jax
+import numpy as np
+
+from gradmon.backend.gradcheck_common import (  # noqa: F401  (the interface)
+    Float64Unavailable,
+    cast_float,
+    constant,
+    demotion_note,
+    dtype_name,
+    is_tensor,
+    num_elements,
+    to_numpy,
+    to_tensor,
+    undemoted_float64,
+)
+
+NAME = "jax"
+FIX = (
+    "call `jax.config.update('jax_enable_x64', True)` at start-up (or set "
+    "JAX_ENABLE_X64=1), or check with KERAS_BACKEND=tensorflow"
+)
+
+
+@contextlib.contextmanager
+def precision(dtype):
+    """The scope a check in `dtype` runs in; yields notes on what it changed.
+
+    Raises:
+        Float64Unavailable: for float64, when x64 or Keras' float64 cannot be had.
+    """
+    if dtype != "float64":
+        yield []
+        return
+    notes = []
+    enable_x64 = getattr(jax, "enable_x64", None)
+    if not jax.config.jax_enable_x64:
+        if enable_x64 is None:
+            raise Float64Unavailable(
+                f"jax {jax.__version__} has `jax_enable_x64` off and no `jax.enable_x64` scope"
+            )
+        notes.append(
+            "jax: `jax_enable_x64` is off; it was switched on for this check only "
+            "(jax.enable_x64), so JAX kept float64 values"
+        )
+    scope = enable_x64(True) if enable_x64 is not None else contextlib.nullcontext()
+    with scope, undemoted_float64(NAME) as changed:
+        if changed:
+            notes.append(demotion_note(NAME))
+        yield notes
+
+
+def value_and_grad(loss, arrays):
+    """(loss value, float64 gradients) at `arrays` by `jax.value_and_grad`."""
+    params = [constant(a) for a in arrays]
+    value, grads = jax.value_and_grad(lambda p: loss(list(p)))(params)
+    return float(value), [np.asarray(g, dtype=np.float64) for g in grads]
