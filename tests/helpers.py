@@ -1,4 +1,8 @@
-"""Independent references for the tests: plain Keras/TF and numpy, no gradmon code."""
+"""Independent references for the tests: plain Keras/TF and numpy, no gradmon code.
+
+TensorFlow is imported where it is used, so backend-neutral tests import this module in
+a TensorFlow-free environment (KERAS_BACKEND=jax or torch); there the event files are read
+by TensorBoard's own TensorFlow-free record reader."""
 
 import contextlib
 import glob
@@ -9,11 +13,12 @@ import sys
 import time
 
 import numpy as np
-import tensorflow as tf
 
 
 def tape_gradients(model, loss_fn, x, y, sample_weight=None):
     """Gradients of `loss_fn` (+ regularization) at `model`'s current weights, by a plain tape."""
+    import tensorflow as tf
+
     with tf.GradientTape() as tape:
         pred = model(x, training=True)
         loss = loss_fn(y, pred, sample_weight=sample_weight)
@@ -55,13 +60,34 @@ def event_files(logdir):
         key=lambda p: (os.path.basename(p), p))
 
 
+def _summary_iterator(path):
+    """The events of one file: TensorFlow's reader, or TensorBoard's where TensorFlow is absent."""
+    try:
+        import tensorflow as tf
+    except ModuleNotFoundError:
+        from tensorboard.backend.event_processing.event_file_loader import LegacyEventFileLoader
+
+        return LegacyEventFileLoader(path).Load()
+    return tf.compat.v1.train.summary_iterator(path)
+
+
+def _make_ndarray(tensor_proto):
+    try:
+        import tensorflow as tf
+    except ModuleNotFoundError:
+        from tensorboard.util import tensor_util
+
+        return tensor_util.make_ndarray(tensor_proto)
+    return tf.make_ndarray(tensor_proto)
+
+
 def read_events(logdir):
     """{tag: {step: value}} from every event file under `logdir` (scalars as floats, others as arrays)."""
     out = {}
     for path in event_files(logdir):
-        for event in tf.compat.v1.train.summary_iterator(path):
+        for event in _summary_iterator(path):
             for value in event.summary.value:
-                array = tf.make_ndarray(value.tensor) if value.HasField("tensor") else np.array(value.simple_value)
+                array = _make_ndarray(value.tensor) if value.HasField("tensor") else np.array(value.simple_value)
                 if array.dtype.kind not in "biuf":
                     continue  # e.g. the custom-scalars layout
                 out.setdefault(value.tag, {})[event.step] = float(array) if array.shape == () else array
@@ -72,7 +98,7 @@ def read_descriptions(logdir):
     """{tag: description} as TensorBoard would read them (first metadata seen)."""
     out = {}
     for path in event_files(logdir):
-        for event in tf.compat.v1.train.summary_iterator(path):
+        for event in _summary_iterator(path):
             for value in event.summary.value:
                 if value.HasField("metadata") and value.tag not in out:
                     out[value.tag] = value.metadata.summary_description
@@ -81,6 +107,8 @@ def read_descriptions(logdir):
 
 def explicit_hessian(model, loss_fn, x, y):
     """Dense float64 Hessian of `loss_fn(model, x, y)` wrt trainable vars."""
+    import tensorflow as tf
+
     variables = [v.value for v in model.trainable_variables]
     with tf.GradientTape() as outer:
         with tf.GradientTape() as inner:
