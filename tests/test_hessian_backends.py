@@ -20,8 +20,9 @@ import hessian_backend_check
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-INTERPRETERS = {
+INTERPRETERS = {  # backend: (variable naming its interpreter, default)
     "jax": ("GRADMON_JAX_PYTHON", "/work/venv-jax/bin/python"),
+    "tensorflow": ("GRADMON_TENSORFLOW_PYTHON", os.path.join(ROOT, ".venv", "bin", "python")),
     "torch": ("GRADMON_TORCH_PYTHON", "/work/venv-torch/bin/python"),
 }
 RTOL = 2e-5  # float32 HVPs of a Hessian of norm ~3: rounding ~1e-7 relative, spectrum tol 1e-6
@@ -35,8 +36,8 @@ def here():
 
 @pytest.fixture(scope="module", params=sorted(INTERPRETERS))
 def other(request):
-    """The check in a TensorFlow-free interpreter whose Keras runs on JAX or PyTorch (one at
-    a time: on a shared 2-core machine overlapping them took longer)."""
+    """The check in the interpreter of another backend (JAX and PyTorch ones TensorFlow-free;
+    one at a time: on a shared 2-core machine overlapping them took longer)."""
     import keras
 
     backend = request.param
@@ -79,19 +80,22 @@ def test_this_backend_matches_the_explicit_hessian(here):
     _assert_matches_explicit(here)
 
 
-def test_other_backend_matches_its_explicit_hessian_without_tensorflow(other):
-    assert not other["tensorflow_imported"]
+def test_other_backend_matches_its_explicit_hessian(other):
+    assert other["tensorflow_imported"] == (other["backend"] == "tensorflow")
     _assert_matches_explicit(other)
-    # JAX: one trace (per batch shape), reused by every later product; PyTorch runs eagerly
-    assert other["trace_count"] == (1 if other["backend"] == "jax" else 0)
+    # one trace, reused by every later product (JAX: per batch shape); PyTorch runs eagerly
+    assert other["trace_count"] == (0 if other["backend"] == "torch" else 1)
     if other["backend"] == "jax":  # BatchNormalization's moving statistics read at each product
         before, after, traces = other["live_state_errors"]
         assert before < 1e-5 and after < 1e-5 and traces == 1
 
 
-def test_hessian_monitor_on_another_backend_names_it(here, other):
-    assert here["monitor_error"] is None
-    assert f"Keras backend {other['backend']!r}" in other["monitor_error"]
+def test_hessian_monitor_off_tensorflow_names_the_backend(here, other):
+    for result in (here, other):
+        if result["backend"] == "tensorflow":
+            assert result["monitor_error"] is None
+        else:
+            assert f"Keras backend {result['backend']!r}" in result["monitor_error"]
 
 
 def test_the_same_model_gives_the_same_spectrum_on_every_backend(here, other):
