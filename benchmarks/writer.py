@@ -13,7 +13,8 @@ each file flushed once per batch) and with `flush_seconds=1`.
 
 Each configuration writes `--warmup` steps (the first write of a tag set goes through
 protobuf, with descriptions), then `--steps` timed steps; the median of `--repeats`
-repeats of the mean per-step time is printed, in milliseconds, with the CRC32C
+repeats of the mean per-step CPU time (user + system: a shared machine's load
+does not count) is printed, in milliseconds, with the CRC32C
 implementation in use (`google-crc32c` or TensorBoard's pure-Python one).
 
     python benchmarks/writer.py [--tags 214] [--layers 105] [--steps 400] [--repeats 5]
@@ -61,13 +62,13 @@ def time_writer(make_steps, steps, warmup, flush_seconds=None, batch=1):
         for step in range(warmup):
             for mapping in step_mappings(step):
                 writer.write_scalars(step, mapping)
-        start = time.perf_counter()
+        start = time.process_time()
         for first in range(warmup, warmup + steps, batch):
             with writer.batch() if batch > 1 else contextlib.nullcontext():
                 for step in range(first, min(first + batch, warmup + steps)):
                     for mapping in step_mappings(step):
                         writer.write_scalars(step, mapping)
-        elapsed = time.perf_counter() - start
+        elapsed = time.process_time() - start
         writer.close()
         return elapsed / steps * 1e3
     finally:
@@ -98,7 +99,7 @@ def main():
                     ("per-layer, flush_seconds=1", per_layer_steps(args.layers), 1.0, 1)]
     for label, make, flush_seconds, batch in configs:
         times = [time_writer(make, args.steps, args.warmup, flush_seconds, batch) for _ in range(args.repeats)]
-        print(f"{label:<40} {statistics.median(times):8.3f} ms per logged step "
+        print(f"{label:<40} {statistics.median(times):8.3f} ms CPU per logged step "
               f"(min {min(times):.3f}, max {max(times):.3f})")
 
 

@@ -9,6 +9,7 @@ TensorBoard's own pure-Python implementation otherwise (a few ms per 10 KB).
 records with the same functions (`crc32c`, `mask`, `crc32c_many`, `crc32c_rows`).
 """
 
+import array
 import functools
 import os
 import struct
@@ -192,6 +193,20 @@ class _ZeroBytes:
         return registers if n == 0 else self._map(self.lanes(n), registers)
 
 
+def _words(values):
+    """A flat `array.array` of uint32 (indexing gives Python ints without a numpy call)."""
+    code = "I" if array.array("I").itemsize == 4 else "L"
+    return array.array(code, np.asarray(values, dtype=np.uint32).astype(
+        np.dtype(code).newbyteorder("=")).tobytes())
+
+
+@functools.lru_cache(maxsize=64)
+def _zero_lanes(size):
+    """`Z_size`'s four byte-lane tables, flat (lane j at 256 j): shared by the templates of
+    one body length (a model's per-layer runs)."""
+    return _words(np.concatenate(_ZeroBytes().lanes(size)))
+
+
 class PatchedCrc:
     """The CRC32C of `prefix + body` where `body` changes only at some byte positions,
     in microseconds without a fast CRC (a step of 200 scalars: ~15 KB).
@@ -225,19 +240,22 @@ class PatchedCrc:
         self._tables = np.stack([recorded[k] for k in after.tolist()]) if len(after) else \
             np.zeros((0, 256), np.uint32)
         self._rows = np.arange(len(positions))
-        # a few changing bytes (a per-layer run's two scalars): Python lists beat a numpy gather
-        self._lists = self._tables.tolist() if len(positions) <= _FEW else None
-        self._lanes = [lane.tolist() for lane in zeros.lanes(size)]
+        # a few changing bytes (a per-layer run's two scalars): Python indexing beats a numpy
+        # gather; flat uint32 arrays (not lists of ints) keep a hundred templates in cache
+        self._flat = _words(self._tables.ravel()) if len(positions) <= _FEW else None
+        self._offsets = list(range(0, 256 * len(positions), 256))
+        self._lanes = _zero_lanes(size)
 
     def crc(self, prefix, changed):
         """The unmasked CRC32C of `prefix + body`, `changed` (uint8) the bytes at the positions."""
         s = _prefix_register(prefix)
         lanes = self._lanes
-        register = lanes[0][s & 0xFF] ^ lanes[1][(s >> 8) & 0xFF] ^ lanes[2][(s >> 16) & 0xFF] \
-            ^ lanes[3][s >> 24] ^ self._base
-        if self._lists is not None:
-            for row, byte in zip(self._lists, changed.tolist()):
-                register ^= row[byte]
+        register = lanes[s & 0xFF] ^ lanes[256 + ((s >> 8) & 0xFF)] ^ lanes[512 + ((s >> 16) & 0xFF)] \
+            ^ lanes[768 + (s >> 24)] ^ self._base
+        if self._flat is not None:
+            flat = self._flat
+            for offset, byte in zip(self._offsets, changed.tolist()):
+                register ^= flat[offset + byte]
         elif len(self._rows):
             register ^= int(np.bitwise_xor.reduce(self._tables[self._rows, changed]))
         return register ^ _ALL_ONES
