@@ -3,8 +3,10 @@
 `check_gradients` differentiates a scalar function (a Python callable of
 tensors, or a compiled Keras model's loss) three ways and compares them:
 
-- autodiff: `tf.GradientTape`, i.e. whatever gradient TensorFlow would use in
-  training, custom gradients (`@tf.custom_gradient`) included;
+- autodiff: the gradient Keras' backend would use in training, custom
+  gradients included: `tf.GradientTape` (`@tf.custom_gradient`) on TensorFlow,
+  `jax.value_and_grad` (`jax.custom_vjp`) on JAX, `torch.autograd.grad`
+  (`torch.autograd.Function`) on PyTorch;
 - finite differences (FD): central differences of the function's values;
 - manual (optional): a gradient you derived by hand.
 
@@ -53,6 +55,18 @@ subclassed model without `get_config`, a layer whose config does not
 round-trip, an overridden `compute_loss` on a Sequential/Functional subclass),
 the check falls back to the model itself in its own dtype, with that dtype's
 default tolerances, warns, and records why in `GradientCheckReport.notes`.
+
+Backends. The framework is Keras' (`keras.backend.backend()`); its tensors and
+autodiff live in `gradmon.backend.gradcheck_{tensorflow,jax,torch}`, imported
+on first use (`import gradmon.gradcheck` imports no TensorFlow on JAX or
+PyTorch). Off TensorFlow, Keras demotes float64 results to float32
+(`keras.backend.result_type`: a float64 Dense layer is exact to 1e-8..1e-7, not
+1e-16), and JAX keeps float64 as float32 unless `jax_enable_x64` is on. A
+float64 check therefore lifts Keras' demotion and, on JAX, switches x64 on
+(`jax.enable_x64`, local to the thread) for its own duration, and says so in
+`notes`; on JAX the function is evaluated under `jax.jit` when it can be traced.
+Where float64 cannot be had, it warns naming the backend and the fix and checks
+in float32 with float32 tolerances.
 """
 
 import contextlib
@@ -621,12 +635,13 @@ def _max(array):
 def _finite_differences(loss, values, index, grad, settings, rng, machine_eps):
     """(autodiff, fd, floor) arrays for one variable, and the method used."""
     theta = values[index]
-    constant = _framework().constant
-    params = [constant(v) for v in values]
+    framework = _framework()
+    params = [framework.constant(v) for v in values]
+    compiled = framework.compile_loss(loss)
 
     def evaluate(perturbed):
-        params[index] = constant(perturbed.reshape(theta.shape))
-        return float(loss(params))
+        params[index] = framework.constant(perturbed.reshape(theta.shape))
+        return float(compiled(params))
 
     flat = theta.ravel()
     if flat.size <= settings.max_elementwise:

@@ -60,8 +60,44 @@ def precision(dtype):
         yield notes
 
 
+# What `jax.jit` raises for a function that needs concrete values but that
+# `jax.grad` runs (boolean masks: `z[z > 0]`, NumPy on traced arrays); such a
+# function runs op by op.
+_NOT_TRACEABLE = (
+    jax.errors.NonConcreteBooleanIndexError,
+    jax.errors.ConcretizationTypeError,
+    jax.errors.TracerArrayConversionError,
+    jax.errors.TracerIntegerConversionError,
+)
+
+
+def _jit_or_eager(function):
+    """`function` under `jax.jit`, or op by op once jit could not trace it.
+
+    Compiled once per shape, a check's ~2 evaluations per element cost far less
+    than dispatching (and on first use compiling) each operation of a Keras loss.
+    """
+    jitted = jax.jit(function)
+    eager = []
+
+    def run(*args):
+        if not eager:
+            try:
+                return jitted(*args)
+            except _NOT_TRACEABLE:
+                eager.append(True)
+        return function(*args)
+
+    return run
+
+
+def compile_loss(loss):
+    """`loss` (list of tensors -> scalar) for the finite-difference evaluations."""
+    return _jit_or_eager(lambda params: loss(list(params)))
+
+
 def value_and_grad(loss, arrays):
     """(loss value, float64 gradients) at `arrays` by `jax.value_and_grad`."""
     params = [constant(a) for a in arrays]
-    value, grads = jax.value_and_grad(lambda p: loss(list(p)))(params)
+    value, grads = _jit_or_eager(jax.value_and_grad(lambda p: loss(list(p))))(params)
     return float(value), [np.asarray(g, dtype=np.float64) for g in grads]
