@@ -28,7 +28,8 @@ from helpers import serve_tensorboard
 
 CHROMIUM = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome")
                  if shutil.which(n)), None)
-pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="no Chromium installed (apt-get install chromium)")
+pytestmark = [pytest.mark.tensorflow_only,  # needs TensorFlow: skipped whole under JAX/PyTorch (conftest.py)
+              pytest.mark.skipif(CHROMIUM is None, reason="no Chromium installed (apt-get install chromium)")]
 
 
 class DevTools:

@@ -11,6 +11,8 @@ from gradmon import tags
 from gradmon.measure import transforms as T
 from helpers import global_norm, numpy_stats, read_descriptions, read_events, tape_gradients
 
+pytestmark = pytest.mark.tensorflow_only  # needs TensorFlow: skipped whole under JAX/PyTorch (conftest.py)
+
 RNG = np.random.default_rng(5)
 X = RNG.normal(size=(40, 5)).astype(np.float32)
 Y = RNG.normal(size=(40, 2)).astype(np.float32)

@@ -7,6 +7,8 @@ import pytest
 from gradmon import demo, tags
 from helpers import read_events
 
+pytestmark = pytest.mark.tensorflow_only  # needs TensorFlow: skipped whole under JAX/PyTorch (conftest.py)
+
 
 def test_demo_writes_gradients_penalties_and_curvature(tmp_path, capsys):
     demo.run(log_dir=str(tmp_path), epochs=1)

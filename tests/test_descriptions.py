@@ -4,6 +4,9 @@ every built-in statistic describes its tags through it, with the wording TensorB
 import gradmon.monitored  # noqa: F401 - first (importing statistics first trips the class registration)
 from gradmon import tags
 from gradmon.measure import statistics
+import pytest
+
+pytestmark = pytest.mark.tensorflow_only  # needs TensorFlow: skipped whole under JAX/PyTorch (conftest.py)
 
 GROUPS = ["dense", "dense_1"]
 SPEC = statistics.Spec(GROUPS, [0, 1], has_transform=True, fraction_names=["clip_by_norm", "zclip"],

@@ -15,6 +15,8 @@ from helpers import global_norm, read_events
 
 from gradmon import tags
 
+pytestmark = pytest.mark.tensorflow_only  # needs TensorFlow: skipped whole under JAX/PyTorch (conftest.py)
+
 EXAMPLES = pathlib.Path(__file__).resolve().parent.parent / "examples"
 
 

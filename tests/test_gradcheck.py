@@ -20,8 +20,6 @@ from gradmon.gradcheck import (
     check_gradients,
 )
 
-pytestmark = pytest.mark.tensorflow_only  # needs TensorFlow: skipped whole under JAX/PyTorch (conftest.py)
-
 pytestmark = pytest.mark.tensorflow_only  # tf.custom_gradient; other backends: test_gradcheck_backends
 
 WRONG_FACTOR = 0.9  # a custom gradient scaled by this has relative error 0.1

@@ -15,6 +15,8 @@ from gradmon.hessian import vectors as hessian_vectors
 from gradmon import hessian
 from helpers import explicit_hessian
 
+pytestmark = pytest.mark.tensorflow_only  # needs TensorFlow: skipped whole under JAX/PyTorch (conftest.py)
+
 RTOL = 1e-3
 
 

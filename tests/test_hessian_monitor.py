@@ -11,6 +11,8 @@ import gradmon
 from gradmon import hessian, tags
 from helpers import bn_dropout_net, explicit_hessian, read_events
 
+pytestmark = pytest.mark.tensorflow_only  # needs TensorFlow: skipped whole under JAX/PyTorch (conftest.py)
+
 RNG = np.random.default_rng(11)
 X = RNG.normal(size=(48, 4)).astype(np.float32)
 Y = RNG.normal(size=(48, 1)).astype(np.float32)

@@ -16,6 +16,8 @@ from gradmon.hessian import data as hessian_data
 from gradmon import hessian
 from helpers import explicit_hessian
 
+pytestmark = pytest.mark.tensorflow_only  # needs TensorFlow: skipped whole under JAX/PyTorch (conftest.py)
+
 
 def classifier(loss=None):
     keras.utils.set_random_seed(3)

@@ -20,6 +20,8 @@ import gradmon
 from gradmon import hessian
 from helpers import explicit_hessian, read_events
 
+pytestmark = pytest.mark.tensorflow_only  # needs TensorFlow: skipped whole under JAX/PyTorch (conftest.py)
+
 CLUSTER = np.concatenate([[500.0, 9.14, 6.78], np.random.default_rng(1).uniform(0.0, 6.0, 57)])
 
 

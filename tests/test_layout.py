@@ -22,6 +22,8 @@ from gradmon.publish import layout
 from gradmon import tags
 from gradmon.publish.writer import SummaryWriter
 
+pytestmark = pytest.mark.tensorflow_only  # needs TensorFlow: skipped whole under JAX/PyTorch (conftest.py)
+
 def _layout_and_written(log_dir):
     writer = SummaryWriter.shared(log_dir, "train")
     written = writer.written_run()

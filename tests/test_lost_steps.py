@@ -25,6 +25,8 @@ from gradmon.measure.observer import observer_of
 from gradmon.publish.writer import MemoryWriter
 from helpers import global_norm, read_events, tape_gradients
 
+pytestmark = pytest.mark.tensorflow_only  # needs TensorFlow: skipped whole under JAX/PyTorch (conftest.py)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RNG = np.random.default_rng(16)
 X = RNG.normal(size=(64, 4)).astype(np.float32)

@@ -12,6 +12,8 @@ from gradmon.measure import transforms as T
 from gradmon import tags
 from helpers import global_norm, group_row, latest_snapshot, numpy_stats, tape_gradients
 
+pytestmark = pytest.mark.tensorflow_only  # needs TensorFlow: skipped whole under JAX/PyTorch (conftest.py)
+
 RNG = np.random.default_rng(0)
 X = RNG.normal(size=(32, 6)).astype(np.float32)
 Y = RNG.integers(0, 3, size=32)

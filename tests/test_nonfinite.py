@@ -18,6 +18,8 @@ from gradmon.summary import report
 from gradmon import tags
 from helpers import read_events
 
+pytestmark = pytest.mark.tensorflow_only  # needs TensorFlow: skipped whole under JAX/PyTorch (conftest.py)
+
 RNG = np.random.default_rng(16)
 BATCH = 16
 X = RNG.normal(size=(10 * BATCH, 8)).astype(np.float32)

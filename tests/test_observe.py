@@ -13,6 +13,8 @@ from gradmon import tags
 from gradmon.measure import transforms as T
 from helpers import global_norm, read_descriptions, read_events, tape_gradients
 
+pytestmark = pytest.mark.tensorflow_only  # needs TensorFlow: skipped whole under JAX/PyTorch (conftest.py)
+
 RNG = np.random.default_rng(11)
 X = RNG.normal(size=(32, 4)).astype(np.float32)
 Y = RNG.normal(size=(32, 2)).astype(np.float32)

@@ -9,6 +9,8 @@ import tensorflow as tf
 import gradmon
 from gradmon import tags
 
+pytestmark = pytest.mark.tensorflow_only  # needs TensorFlow: skipped whole under JAX/PyTorch (conftest.py)
+
 RNG = np.random.default_rng(12)
 
 

@@ -12,6 +12,8 @@ from gradmon.measure import penalties as P
 from gradmon import tags
 from helpers import explicit_hessian, latest_snapshot, read_events, tape_gradients
 
+pytestmark = pytest.mark.tensorflow_only  # needs TensorFlow: skipped whole under JAX/PyTorch (conftest.py)
+
 RNG = np.random.default_rng(21)
 X = RNG.normal(size=(16, 3)).astype(np.float32)
 Y = RNG.normal(size=(16, 2)).astype(np.float32)

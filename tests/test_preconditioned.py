@@ -21,6 +21,8 @@ from gradmon import hessian, tags
 from gradmon.hessian import preconditioner
 from helpers import explicit_hessian, read_events
 
+pytestmark = pytest.mark.tensorflow_only  # needs TensorFlow: skipped whole under JAX/PyTorch (conftest.py)
+
 RNG = np.random.default_rng(21)
 X = RNG.normal(size=(48, 4)).astype(np.float32)
 Y = RNG.normal(size=(48, 1)).astype(np.float32)

@@ -22,6 +22,8 @@ from gradmon.measure import transforms as T
 from gradmon.publish.writer import SummaryWriter
 from helpers import read_events
 
+pytestmark = pytest.mark.tensorflow_only  # needs TensorFlow: skipped whole under JAX/PyTorch (conftest.py)
+
 RNG = np.random.default_rng(0)
 X = RNG.normal(size=(64, 5)).astype(np.float32)
 W = RNG.normal(size=(5, 1)).astype(np.float32)

@@ -19,6 +19,8 @@ from gradmon import tags
 from gradmon.publish.writer import SummaryWriter, WriteFailureWarning
 from helpers import read_events
 
+pytestmark = pytest.mark.tensorflow_only  # needs TensorFlow: skipped whole under JAX/PyTorch (conftest.py)
+
 RNG = np.random.default_rng(4)
 X = RNG.normal(size=(32, 4)).astype(np.float32)
 

@@ -16,6 +16,8 @@ from gradmon import tags
 from gradmon.publish.writer import MemoryWriter
 from helpers import global_norm, tape_gradients
 
+pytestmark = pytest.mark.tensorflow_only  # needs TensorFlow: skipped whole under JAX/PyTorch (conftest.py)
+
 RNG = np.random.default_rng(18)
 X = RNG.normal(size=(40, 5)).astype(np.float32)
 Y = RNG.normal(size=(40, 2)).astype(np.float32)

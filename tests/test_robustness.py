@@ -15,6 +15,8 @@ from gradmon import tags
 from gradmon.measure import transforms as T
 from helpers import global_norm, latest_snapshot, read_events, tape_gradients
 
+pytestmark = pytest.mark.tensorflow_only  # needs TensorFlow: skipped whole under JAX/PyTorch (conftest.py)
+
 RNG = np.random.default_rng(41)
 X = RNG.normal(size=(48, 5)).astype(np.float32)
 Y = RNG.normal(size=(48, 2)).astype(np.float32)

@@ -20,6 +20,8 @@ import tensorflow as tf
 import gradmon
 from gradmon.publish.writer import MemoryWriter
 
+pytestmark = pytest.mark.tensorflow_only  # needs TensorFlow: skipped whole under JAX/PyTorch (conftest.py)
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 X = np.random.default_rng(0).normal(size=(48, 4)).astype("float32")
 Y = np.random.default_rng(1).normal(size=(48, 2)).astype("float32")

@@ -5,6 +5,8 @@ import tensorflow as tf
 
 from gradmon.publish.schedule import NEVER, Schedule, is_due
 
+pytestmark = pytest.mark.tensorflow_only  # needs TensorFlow: skipped whole under JAX/PyTorch (conftest.py)
+
 
 def _expected(step, every, log_at):
     # written out independently: a multiple of a positive `every`, or the one step `log_at`

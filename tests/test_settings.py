@@ -10,6 +10,8 @@ import gradmon
 from gradmon.measure.settings import GradientSettings
 from gradmon.monitored import GradientMonitorMixin
 
+pytestmark = pytest.mark.tensorflow_only  # needs TensorFlow: skipped whole under JAX/PyTorch (conftest.py)
+
 
 def _keywords(function, prefix=""):
     """`{option: default}` of `function`'s parameters named `prefix + option`."""

@@ -15,6 +15,8 @@ import pytest
 
 import gradmon
 
+pytestmark = pytest.mark.tensorflow_only  # needs TensorFlow: skipped whole under JAX/PyTorch (conftest.py)
+
 
 def digits():
     from sklearn.datasets import load_digits

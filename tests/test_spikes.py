@@ -12,6 +12,8 @@ from gradmon import tags
 from gradmon.measure import transforms as T
 from gradmon.publish.writer import MemoryWriter
 
+pytestmark = pytest.mark.tensorflow_only  # needs TensorFlow: skipped whole under JAX/PyTorch (conftest.py)
+
 NAN = float("nan")
 THRESHOLD = gradmon.spikes.DEFAULT_SPIKE_THRESHOLD
 

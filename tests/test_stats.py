@@ -6,6 +6,8 @@ import tensorflow as tf
 
 from gradmon.measure import moments as stats
 
+pytestmark = pytest.mark.tensorflow_only  # needs TensorFlow: skipped whole under JAX/PyTorch (conftest.py)
+
 
 def numpy_row(g):
     g = np.asarray(g, dtype=np.float64)

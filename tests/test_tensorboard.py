@@ -13,6 +13,8 @@ import gradmon
 from gradmon import tags
 from helpers import read_events, serve_tensorboard
 
+pytestmark = pytest.mark.tensorflow_only  # needs TensorFlow: skipped whole under JAX/PyTorch (conftest.py)
+
 RNG = np.random.default_rng(51)
 X = RNG.normal(size=(40, 4)).astype(np.float32)
 Y = RNG.normal(size=(40, 1)).astype(np.float32)

@@ -6,6 +6,8 @@ import tensorflow as tf
 
 from gradmon.measure import transforms as T
 
+pytestmark = pytest.mark.tensorflow_only  # needs TensorFlow: skipped whole under JAX/PyTorch (conftest.py)
+
 RNG = np.random.default_rng(0)
 GRADS = [RNG.normal(scale=s, size=shape).astype(np.float32)
          for s, shape in [(2.0, (5, 4)), (0.1, (4,)), (3.0, (3, 3, 2, 6)), (0.5, (6,))]]
