@@ -39,8 +39,12 @@ TENSORFLOW_ONLY_TESTS = {
 
 
 def _backend():
-    import keras
-
+    try:
+        import keras
+    except ModuleNotFoundError as error:  # e.g. the default backend, TensorFlow, not installed
+        raise pytest.UsageError(
+            f"Keras could not load its backend ({error}). Set KERAS_BACKEND to one installed here: "
+            f"tensorflow, jax or torch. Received: KERAS_BACKEND={os.environ.get('KERAS_BACKEND')!r}") from error
     return keras.backend.backend()
 
 
