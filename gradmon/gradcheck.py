@@ -519,6 +519,22 @@ def _model_loss(model, variables, x, y, sample_weight):
     return loss
 
 
+def _compiled_loss_dtypes(model):
+    """The dtypes the model's compiled loss computes in, once built; else empty.
+
+    Keras builds the loss objects of `compile(loss="mse")` on first use, in the
+    `floatx()` of that moment, so a float64 model can still compute its loss in
+    float32. Read from Keras internals (`_compile_loss`), defensively.
+    """
+    compile_loss = getattr(model, "_compile_loss", None)
+    entries = getattr(compile_loss, "_flat_losses", None)
+    if not entries:
+        return set()
+    dtypes = {getattr(compile_loss, "dtype", None)}
+    dtypes.update(getattr(getattr(entry, "loss", None), "dtype", None) for entry in entries)
+    return dtypes
+
+
 def _model_data(inputs):
     if not isinstance(inputs, (list, tuple)) or len(inputs) not in (2, 3):
         raise invalid(
@@ -552,6 +568,7 @@ def _model_problem(model, inputs, manual, dtype):
     same_dtype = (
         all(v.dtype == dtype for v in variables)
         and model.dtype_policy.compute_dtype == dtype
+        and _compiled_loss_dtypes(model) == {dtype}
     )
     if not same_dtype:
         try:
@@ -578,7 +595,8 @@ def _model_problem(model, inputs, manual, dtype):
         def manual_fn():
             return _manual_list(manual(*args), names, [tuple(v.shape) for v in variables])
 
-    values = [_framework().to_numpy(v.value) for v in work_variables]
+    # In the variable's declared dtype: JAX without x64 holds float64 variables as float32.
+    values = [_framework().to_numpy(v.value).astype(v.dtype) for v in work_variables]
     return _Problem(names, values, loss, manual_fn, work_dtype, notes)
 
 

@@ -224,6 +224,31 @@ def test_linear_model_matches_closed_form_in_float64():
     assert all(v.dtype == "float32" for v in model.weights)
 
 
+@pytest.mark.parametrize("loss_built_in_float64", [False, True])
+def test_float64_model_is_checked_in_float64(loss_built_in_float64):
+    # Keras builds `loss="mse"` on first use in the floatx of that moment: a float64 model
+    # whose loss was never used would compute it in float32 (FD errors ~1e-2 here).
+    x, y = regression_data()
+    floatx, policy = keras.config.floatx(), keras.config.dtype_policy()
+    keras.config.set_floatx("float64")
+    keras.config.set_dtype_policy("float64")
+    try:
+        keras.utils.set_random_seed(4)
+        model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2, activation="tanh"),
+                                  keras.layers.Dense(1)])
+        model.compile(optimizer="sgd", loss="mse")
+        if loss_built_in_float64:
+            model.compute_loss(x, y, model(x))
+    finally:
+        keras.config.set_floatx(floatx)
+        keras.config.set_dtype_policy(policy)
+    report = assert_gradients_close(model, (x, y))
+    assert report.dtype == "float64" and report.eps == pytest.approx(np.finfo("float64").eps ** (1 / 3))
+    assert max(v.fd_max_abs_error for v in report.variables) < 1e-8, str(report)
+    # The model itself when its loss is float64 already, else a float64 copy.
+    assert any("copy" in note for note in report.notes) is not loss_built_in_float64
+
+
 def test_model_with_wrong_custom_gradient_names_the_variable():
     keras.utils.set_random_seed(3)
     model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2, activation="tanh"),
@@ -300,5 +325,5 @@ def test_backend_in_subprocess(subprocess_runs, backend):
     output, _ = subprocess_runs[backend].communicate(timeout=180)
     assert subprocess_runs[backend].returncode == 0, output[-5000:]
     # Everything but the two subprocess tests, which only the TensorFlow suite runs.
-    expected = {"jax": "8 passed, 2 skipped", "torch": "7 passed, 3 skipped"}[backend]
+    expected = {"jax": "10 passed, 2 skipped", "torch": "9 passed, 3 skipped"}[backend]
     assert expected in output.strip().splitlines()[-1], output[-2000:]
