@@ -760,8 +760,8 @@ def _precision(framework, dtype):
         except framework.Float64Unavailable as error:
             message = (
                 f"check_gradients cannot compute in float64 on Keras' {framework.NAME} "
-                f"backend: {error}. Checking in float32 with float32 tolerances "
-                f"instead; for a float64 check, {framework.FIX}."
+                f"backend: {error.reason}. Checking in float32 with float32 tolerances "
+                f"instead; for a float64 check, {error.fix}."
             )
             warnings.warn(message, stacklevel=5)
             dtype, notes = "float32", [message]

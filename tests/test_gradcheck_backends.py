@@ -281,6 +281,20 @@ def test_without_float64_the_check_warns_and_runs_in_float32(monkeypatch):
     assert report.notes[0] == message
 
 
+@pytest.mark.skipif(BACKEND != "jax", reason="JAX's x64 switch")
+def test_jax_without_x64_scope_warns_with_the_fix(monkeypatch):
+    import jax
+
+    if jax.config.jax_enable_x64:
+        pytest.skip("x64 is on for the whole process")
+    monkeypatch.delattr(jax, "enable_x64")  # an older jax
+    with pytest.warns(UserWarning, match=r"float64 check, call `jax\.config\.update\('jax_enable_x64', True\)`"):
+        report = check_gradients(lambda z: ops.sum(z ** 3), np.array([0.5, -1.0], "float32"),
+                                 manual=lambda z: 3 * numpy_of(z) ** 2)
+    assert report.dtype == "float32" and report.passed, str(report)
+    assert report.eps == pytest.approx(np.finfo("float32").eps ** (1 / 3))
+
+
 @pytest.mark.skipif(BACKEND == "tensorflow", reason="TensorFlow is the backend")
 def test_checks_import_no_tensorflow():
     # Every test above has run `check_gradients` on this backend by now.
@@ -325,5 +339,5 @@ def test_backend_in_subprocess(subprocess_runs, backend):
     output, _ = subprocess_runs[backend].communicate(timeout=180)
     assert subprocess_runs[backend].returncode == 0, output[-5000:]
     # Everything but the two subprocess tests, which only the TensorFlow suite runs.
-    expected = {"jax": "10 passed, 2 skipped", "torch": "9 passed, 3 skipped"}[backend]
+    expected = {"jax": "11 passed, 2 skipped", "torch": "9 passed, 4 skipped"}[backend]
     assert expected in output.strip().splitlines()[-1], output[-2000:]

@@ -19,7 +19,16 @@ import numpy as np
 
 
 class Float64Unavailable(Exception):
-    """Raised by a backend's `precision` when it cannot compute in float64."""
+    """Raised by a backend's `precision` when it cannot compute in float64.
+
+    Args:
+        reason: why, naming the backend.
+        fix: what the user can do, as "for a float64 check, <fix>".
+    """
+
+    def __init__(self, reason, fix):
+        super().__init__(reason)
+        self.reason, self.fix = reason, fix
 
 
 def dtype_name(dtype):
@@ -85,7 +94,8 @@ def undemoted_float64(backend):
     except (ImportError, AttributeError, KeyError) as error:
         raise Float64Unavailable(
             f"Keras {keras.version()} on {backend} demotes float64 results to float32 "
-            f"and gradmon found no way to turn that off ({type(error).__name__})"
+            f"and gradmon found no way to turn that off ({type(error).__name__})",
+            "run it with KERAS_BACKEND=tensorflow",
         ) from error
     table["float64"] = "float64"
     try:

@@ -26,10 +26,6 @@ from gradmon.backend.gradcheck_common import (  # noqa: F401  (the interface)
 )
 
 NAME = "jax"
-FIX = (
-    "call `jax.config.update('jax_enable_x64', True)` at start-up (or set "
-    "JAX_ENABLE_X64=1), or check with KERAS_BACKEND=tensorflow"
-)
 
 
 @contextlib.contextmanager
@@ -47,7 +43,9 @@ def precision(dtype):
     if not jax.config.jax_enable_x64:
         if enable_x64 is None:
             raise Float64Unavailable(
-                f"jax {jax.__version__} has `jax_enable_x64` off and no `jax.enable_x64` scope"
+                f"jax {jax.__version__} has `jax_enable_x64` off and no `jax.enable_x64` scope",
+                "call `jax.config.update('jax_enable_x64', True)` at start-up (or set "
+                "JAX_ENABLE_X64=1)",
             )
         notes.append(
             "jax: `jax_enable_x64` is off; it was switched on for this check only "

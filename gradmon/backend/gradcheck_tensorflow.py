@@ -4,7 +4,8 @@ The interface the check needs from a framework (`gradcheck_jax` and
 `gradcheck_torch` provide the same names): `precision(dtype)` (the scope a
 check runs in, yielding notes), `value_and_grad(loss, arrays)`,
 `dtype_name`, `is_tensor`, `to_tensor`, `cast_float`, `constant`, `to_numpy`,
-`num_elements`, and `NAME` / `FIX` for messages.
+`num_elements`, `compile_loss(loss)` (the loss as finite differences evaluate
+it), `Float64Unavailable` and `NAME` for messages.
 """
 
 import contextlib
@@ -15,7 +16,6 @@ import tensorflow as tf
 from gradmon.backend.gradcheck_common import Float64Unavailable  # noqa: F401
 
 NAME = "tensorflow"
-FIX = ""
 
 
 @contextlib.contextmanager

@@ -25,7 +25,6 @@ from gradmon.backend.gradcheck_common import (  # noqa: F401  (the interface)
 )
 
 NAME = "torch"
-FIX = "check with KERAS_BACKEND=tensorflow, or pass dtype='float32'"
 
 
 @contextlib.contextmanager
