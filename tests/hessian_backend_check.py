@@ -32,11 +32,12 @@ def weights_and_data():
 def build_model(weights):
     import keras
 
-    model = keras.Sequential([
+    model = keras.Sequential([  # named: the per-layer tags are the same in every process
         keras.Input((3,)),
-        keras.layers.Dense(4, activation="tanh", kernel_regularizer=keras.regularizers.L2(L2)),
-        keras.layers.Dense(2),
-    ])
+        keras.layers.Dense(4, activation="tanh", kernel_regularizer=keras.regularizers.L2(L2),
+                           name="hidden"),
+        keras.layers.Dense(2, name="out"),
+    ], name="net")
     model.set_weights(weights)
     model.compile(loss="mse")
     return model
@@ -115,7 +116,7 @@ def run():
         "density_nodes": dens.nodes.tolist(), "density_weight": float(dens.weights.sum()),
         "loss": hvp.gradient()[0], "trace_count": hvp.trace_count,
         "explicit": explicit_hessian(weights, x, y).tolist(),
-        "monitor_error": _monitor_error(data),
+        "monitor": _monitor_run(),
         "live_state_errors": _live_state_errors() if out["backend"] == "jax" else None,
         "tensorflow_imported": "tensorflow" in sys.modules,
     })
@@ -161,21 +162,33 @@ def _live_state_errors():
     return errors + [hvp.trace_count]
 
 
-def _monitor_error(data):
-    """What `gradmon.HessianMonitor` raises on this backend (`None`: nothing)."""
+def _monitor_run():
+    """`HessianMonitor` in a 4-step Adam `fit` (probes at steps 2 and 4, per layer too):
+    `{tag: value at step 4}` of what it wrote, read back by `gradmon.summary` (no
+    TensorFlow), and the explicit Hessian's eigenvalues at the final weights."""
     import shutil
     import tempfile
 
-    import gradmon
+    import keras
 
+    import gradmon
+    from gradmon.summary import load_run
+
+    weights, x, y = weights_and_data()
+    model = build_model(weights)
+    model.compile(optimizer=keras.optimizers.Adam(0.01), loss="mse")
     log_dir = tempfile.mkdtemp()
     try:
-        gradmon.HessianMonitor(log_dir, data=data)
-    except NotImplementedError as error:
-        return str(error)
+        monitor = gradmon.HessianMonitor(log_dir, data=(x, y), every_n_steps=2, top_k=2,
+                                         smallest=True, tol=1e-6, per_layer=True)
+        model.fit(x, y, batch_size=4, epochs=1, shuffle=False, verbose=0, callbacks=[monitor])
+        run = load_run(log_dir)
+        written = {tag: [run[tag][0].tolist(), float(run[tag][1][-1])]
+                   for tag in run if tag.startswith("hessian/")}
     finally:
         shutil.rmtree(log_dir, ignore_errors=True)
-    return None
+    final = explicit_hessian(model.get_weights(), x, y)
+    return {"written": written, "exact": np.linalg.eigvalsh(final)[::-1].tolist()}
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ NumPy on the host. Per framework (`hvp_tensorflow`, `hvp_jax`, `hvp_torch`):
   device-to-host read), `vector_dtype(numpy_dtype)`, `read_values(variables)`;
 - the products whose form matters for speed or precision: `matvec(matrix,
   vector, transpose)`, `matmul(a, b)`, `vdot(a, b)` (`[a.b]`), `add_n(tensors)`;
+- `is_chief(model)`: whether this process probes and writes (`HessianMonitor`);
 - `data_errors()` (the framework's errors a model raises on bad data) and
   `dataset_kind(data)` (`"finite"`, `"infinite"` or `"unknown"` for a
   `tf.data.Dataset`, else `None`).

@@ -91,6 +91,11 @@ class Derivatives:
         return jnp.concatenate([h.reshape(-1).astype(self._dtype) for h in hv])
 
 
+def is_chief(model):
+    """Whether this process probes and writes: JAX's process 0."""
+    return jax.process_index() == 0
+
+
 def compile_layout(fn, example_args):
     """`fn` itself, run op by op (see `gradmon.backend.hvp`)."""
     return fn

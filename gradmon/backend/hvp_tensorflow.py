@@ -110,6 +110,13 @@ def _any_length(t):
     return tf.TensorSpec(shape, t.dtype)
 
 
+def is_chief(model):
+    """Whether this process probes and writes: the chief of the model's strategy."""
+    from gradmon.backend import distribute
+
+    return distribute.is_chief(model.distribute_strategy)
+
+
 def compile_layout(fn, example_args):
     """The concrete function of `fn` for arguments shaped like `example_args`,
     any vector length (called directly: a fifth less call overhead, which

@@ -91,6 +91,12 @@ class Derivatives:
         return torch.func.jvp(grad, (block_params,), (tangents,))[1]
 
 
+def is_chief(model):
+    """Whether this process probes and writes: rank 0 under `torch.distributed`, else the one."""
+    distributed = torch.distributed
+    return not (distributed.is_available() and distributed.is_initialized()) or distributed.get_rank() == 0
+
+
 def compile_layout(fn, example_args):
     """`fn` itself: eager PyTorch runs it as it is."""
     return fn

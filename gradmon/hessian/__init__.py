@@ -54,8 +54,8 @@ a `tf.function`, probes drawn by stateless ops on the device), JAX (`jax.jvp`
 backward or `torch.func`, eager); what differs is in
 `gradmon.backend.hvp`, and `import gradmon.hessian` imports no TensorFlow on
 JAX or PyTorch. The same model and weights give the same eigenvalues on all
-three to float32 precision (`tests/test_hessian_backends.py`).
-`HessianMonitor` runs on TensorFlow only, yet.
+three to float32 precision, and `HessianMonitor` writes the same numbers in
+the same `fit` (`tests/test_hessian_backends.py`).
 
 Modules: `data` (probe data), `operator` (`make_hvp`, `precondition`),
 `vectors` (device vector algebra of the Lanczos basis), `lanczos` and `power`

@@ -10,6 +10,7 @@ import keras
 import numpy as np
 
 from gradmon import hessian
+from gradmon.backend import hvp as _backend
 from gradmon import tags
 from gradmon.hessian import per_layer as layer_curvature, preconditioner
 from gradmon.backend.host import current_learning_rate, host_value, training_step
@@ -100,14 +101,6 @@ class HessianMonitor(keras.callbacks.Callback):
                  density=False, smallest=False, tol=1e-3, seed=0, preconditioned=True,
                  gradient_overlap=True, per_layer=False, max_hvps=None):
         super().__init__()
-        if keras.backend.backend() != "tensorflow":
-            # The curvature layout (`gradmon.publish.layout`) and the chief
-            # check (`gradmon.backend.distribute`) need TensorFlow yet.
-            raise NotImplementedError(
-                "gradmon.HessianMonitor runs when Keras runs on TensorFlow. Received: the Keras "
-                f"backend {keras.backend.backend()!r}. On JAX and PyTorch call "
-                "`gradmon.hessian.spectrum`, `trace` or `density` on the model (they run there)."
-            )
         self.log_dir = check_log_dir(log_dir)
         if data is None:
             raise invalid("data", "a batch, a list of batches or a tf.data.Dataset", data)
@@ -136,10 +129,8 @@ class HessianMonitor(keras.callbacks.Callback):
         self._active = True
 
     def on_train_begin(self, logs=None):
-        from gradmon.backend import distribute as _distribute  # TensorFlow's strategies
-
         # under multi-worker training only the chief probes and writes
-        self._active = _distribute.is_chief(self.model.distribute_strategy)
+        self._active = _backend.current().is_chief(self.model)
         if not self._active:
             return
         operator = self._build_operator()  # no compiled loss or too many eigenvalues: fail now
@@ -247,17 +238,17 @@ class HessianMonitor(keras.callbacks.Callback):
         return scalars
 
     def _write_layout(self, scalars):
-        """The "Curvature" charts of the tags written so far (`layout.curvature_layout`), again
+        """The "Curvature" charts of the tags written so far (`charts.curvature_layout`), again
         when a probe writes a tag the earlier ones did not; each layer's tags into its run."""
-        from gradmon.publish import layout
+        from gradmon.publish import charts
 
         written = getattr(self, "_laid_out", {})
         if set(scalars) <= set(written):
             return
         written = {**written, **scalars}
         self._laid_out = written
-        self._writer.assign_runs(layout.layer_runs(written))
-        self._writer.write_layout(layout.curvature_layout(written))
+        self._writer.assign_runs(charts.layer_runs(written))
+        self._writer.write_layout(charts.curvature_layout(written))
 
     def _spectrum(self, quantity, operator, **kwargs):
         """`hessian.spectrum` at the callback's tolerance and budget; not converged: warned once."""
