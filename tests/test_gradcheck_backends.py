@@ -12,6 +12,7 @@ TensorFlow-free interpreters `GRADMON_JAX_PYTHON` / `GRADMON_TORCH_PYTHON` (defa
 /work/venv-jax/bin/python, /work/venv-torch/bin/python), skipped when absent.
 """
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -224,29 +225,58 @@ def test_linear_model_matches_closed_form_in_float64():
     assert all(v.dtype == "float32" for v in model.weights)
 
 
-@pytest.mark.parametrize("loss_built_in_float64", [False, True])
-def test_float64_model_is_checked_in_float64(loss_built_in_float64):
-    # Keras builds `loss="mse"` on first use in the floatx of that moment: a float64 model
-    # whose loss was never used would compute it in float32 (FD errors ~1e-2 here).
-    x, y = regression_data()
+@contextlib.contextmanager
+def global_float(dtype):
+    """Keras' floatx and global dtype policy set to `dtype`, restored on exit."""
     floatx, policy = keras.config.floatx(), keras.config.dtype_policy()
-    keras.config.set_floatx("float64")
-    keras.config.set_dtype_policy("float64")
+    keras.config.set_floatx(dtype)
+    keras.config.set_dtype_policy(dtype)
     try:
-        keras.utils.set_random_seed(4)
-        model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2, activation="tanh"),
-                                  keras.layers.Dense(1)])
-        model.compile(optimizer="sgd", loss="mse")
-        if loss_built_in_float64:
-            model.compute_loss(x, y, model(x))
+        yield
     finally:
         keras.config.set_floatx(floatx)
         keras.config.set_dtype_policy(policy)
-    report = assert_gradients_close(model, (x, y))
-    assert report.dtype == "float64" and report.eps == pytest.approx(np.finfo("float64").eps ** (1 / 3))
-    assert max(v.fd_max_abs_error for v in report.variables) < 1e-8, str(report)
-    # The model itself when its loss is float64 already, else a float64 copy.
-    assert any("copy" in note for note in report.notes) is not loss_built_in_float64
+
+
+def test_float64_model_is_checked_in_float64():
+    # Keras builds `loss="mse"` on first use in the floatx of that moment: a float64 model
+    # whose loss was never used would compute it in float32 (FD errors ~1e-2 here).
+    x, y = regression_data()
+    for loss_built_in_float64 in (False, True):
+        with global_float("float64"):
+            keras.utils.set_random_seed(4)
+            model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2, activation="tanh"),
+                                      keras.layers.Dense(1)])
+            model.compile(optimizer="sgd", loss="mse")
+            if loss_built_in_float64:
+                model.compute_loss(x, y, model(x))
+        report = assert_gradients_close(model, (x, y))
+        assert report.dtype == "float64"
+        assert report.eps == pytest.approx(np.finfo("float64").eps ** (1 / 3))
+        assert max(v.fd_max_abs_error for v in report.variables) < 1e-8, str(report)
+        # A float64 copy while the loss is unbuilt, the model itself once it is float64.
+        assert any("copy" in note for note in report.notes) is not loss_built_in_float64
+
+
+class ForgetfulDense(keras.layers.Dense):
+    """A Dense whose config cannot be turned back into a layer: no float64 copy."""
+
+    def get_config(self):
+        config = super().get_config()
+        del config["units"]
+        return config
+
+
+def test_model_without_float64_copy_is_checked_in_its_dtype():
+    keras.utils.set_random_seed(5)
+    model = keras.Sequential([keras.Input((3,)), ForgetfulDense(1, name="out")])
+    model.compile(optimizer="sgd", loss="mse")
+    x, y = regression_data()
+    with pytest.warns(UserWarning, match="No float64 copy"):
+        report = check_gradients(model, (x, y))
+    assert report.dtype == "float32" and report.passed, str(report)
+    assert report.eps == pytest.approx(np.finfo("float32").eps ** (1 / 3))
+    assert len(report.notes) == 1 and "float32 default tolerances" in report.notes[0]
 
 
 def test_model_with_wrong_custom_gradient_names_the_variable():
