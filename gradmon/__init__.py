@@ -75,11 +75,23 @@ def _imported(name, finished=None):
     return name == finished or not getattr(getattr(module, "__spec__", None), "_initializing", False)
 
 
+def _gradmon_initializing(finished=None):
+    """Whether a gradmon module is half imported (importing `gradmon.monitored` now would cycle)."""
+    return any(name.startswith("gradmon.") and not _imported(name, finished)
+               for name in list(sys.modules))
+
+
 def _register_models(finished=None):
-    """Imports `gradmon.monitored` (registering its classes) once Keras and TensorFlow are in."""
+    """Imports `gradmon.monitored` (registering its classes) once Keras and TensorFlow are in.
+
+    When Keras' import comes from a gradmon module still being imported (`import
+    gradmon.measure.statistics` first), registering waits until that module is done.
+    """
     global _registered
     if _registered or not all(_imported(n, finished) for n in _REGISTRATION_TRIGGERS):
         return
+    if _gradmon_initializing(finished):
+        return  # retried when the gradmon module being imported finishes (`_AfterImport`)
     _registered = True
     for finder in [f for f in sys.meta_path if isinstance(f, _AfterImport)]:
         sys.meta_path.remove(finder)
@@ -96,7 +108,7 @@ class _AfterImport:
     """A `sys.meta_path` finder that runs `_register_models` after Keras' / TensorFlow's first import."""
 
     def find_spec(self, fullname, path=None, target=None):
-        if fullname not in _REGISTRATION_TRIGGERS or _registered:
+        if _registered or not (fullname in _REGISTRATION_TRIGGERS or fullname.startswith("gradmon.")):
             return None
         for finder in sys.meta_path:
             if finder is self or not hasattr(finder, "find_spec"):
