@@ -105,6 +105,7 @@ def prepare_model(model):
     if getattr(model, "optimizer", None) is None:
         return False
     observer.min_rows = int(getattr(model, "steps_per_execution", 1) or 1)
+    observer.watch_model(model)  # JAX: the host reads the state its trainer holds
     spikes.watch_batches(model)  # on_spike judges only full batches: the step hands its size over
     rebuild = observer_of(model.optimizer) is not observer
     if rebuild:
@@ -286,10 +287,15 @@ class GradientMonitorMixin:
         _check_own_step(self, self._gradmon_config)
         return super().make_train_function(force=prepare_model(self) or force)
 
-    def train_step(self, data):
+    def train_step(self, *args):  # (data); on JAX (state, data)
         config = self._gradmon_config
         if not (config.needs_own_step or config.extras.loss):
-            return super().train_step(data)
+            return super().train_step(*args)
+        if not kc.is_tensorflow_backend():
+            from gradmon.backend import door
+
+            raise door.unsupported("gradmon's own train step (penalties, noise scale, on_spike's loss)")
+        (data,) = args
         x, y, sample_weight = kc.unpack_x_y_sample_weight(data)
         if not self.trainable_weights:
             return super().train_step(data)

@@ -22,9 +22,18 @@ import warnings
 import weakref
 
 import numpy as np
-import tensorflow as tf
+
 from keras.src.saving.keras_saveable import KerasSaveable
-from tensorflow.python.trackable import base as _trackable
+
+from gradmon.backend import lazy_tf as _lazy_tf
+
+tf = _lazy_tf.tensorflow()
+if _lazy_tf.is_tensorflow():
+    from tensorflow.python.trackable import base as _trackable
+
+    _Trackable = _trackable.Trackable
+else:  # JAX / PyTorch: no tf.train.Checkpoint (and no gradmon state in saved files yet)
+    _Trackable = object
 
 STATE_ATTRIBUTE = "gradmon_state"  # the model's attribute: the H5 path and the checkpoint name
 _KEY = "state"
@@ -115,7 +124,7 @@ def _decode(text):
     return json.loads(text)
 
 
-class GradmonState(KerasSaveable, _trackable.Trackable):
+class GradmonState(KerasSaveable, _Trackable):
     """The slot holding a monitored model's gradmon state in its saved files.
 
     Keras' saving walks it as the model's `gradmon_state` attribute
@@ -172,6 +181,8 @@ def attach(model):
     """Gives `model` its `gradmon_state` slot (once): saved by Keras and by `tf.train.Checkpoint`."""
     from gradmon.backend import keras_compat as _keras_compat
 
+    if not _lazy_tf.is_tensorflow():
+        return None  # JAX / PyTorch: gradmon's state is not saved with the model yet
     slot = model.__dict__.get(STATE_ATTRIBUTE)
     if not isinstance(slot, GradmonState):
         slot = GradmonState(model)

@@ -14,7 +14,9 @@ Outside a strategy every function here is the identity / a no-op.
 
 import contextlib
 
-import tensorflow as tf
+from gradmon.backend import lazy_tf as _lazy_tf
+
+tf = _lazy_tf.tensorflow()
 
 
 def replica_local_variable(initial_value, dtype=None, name=None):
@@ -27,7 +29,13 @@ def replica_local_variable(initial_value, dtype=None, name=None):
     gradmon writes the same numbers on every replica (they are computed from
     all-reduced gradients), so that copy stands for all. Host-side
     assignments set every copy. Outside a strategy it is a plain variable.
+
+    On JAX and PyTorch: the door's state variable (`gradmon.backend.door`).
     """
+    if not _lazy_tf.is_tensorflow():
+        from gradmon.backend import door
+
+        return door.current().state_variable(initial_value, dtype, name)
     return tf.Variable(initial_value, dtype=dtype, name=name, trainable=False,
                        synchronization=tf.VariableSynchronization.ON_READ,
                        aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
@@ -35,7 +43,7 @@ def replica_local_variable(initial_value, dtype=None, name=None):
 
 def strategy_scope(strategy):
     """`strategy.scope()`, or a null context when `strategy` is `None` or a scope is already entered."""
-    if strategy is None or tf.distribute.has_strategy():
+    if strategy is None or not _lazy_tf.is_tensorflow() or tf.distribute.has_strategy():
         return contextlib.nullcontext()
     return strategy.scope()
 
@@ -46,7 +54,10 @@ def in_replicas():
 
 
 def num_replicas():
-    """Replicas summing their gradients in this step (1 outside a strategy)."""
+    """Replicas summing their gradients in this step (1 outside a strategy; on JAX and PyTorch
+    the framework reduced them already, before the door)."""
+    if not _lazy_tf.is_tensorflow():
+        return 1
     context = tf.distribute.get_replica_context()
     if context is None:  # cross-replica context: not inside a train step
         return 1

@@ -56,11 +56,18 @@ def loss_scale(optimizer):
     return getattr(optimizer, "loss_scale_factor", None)
 
 
-def is_keras_train_step(function):
-    """Whether `function` is Keras' own TensorFlow `train_step`."""
-    from keras.src.backend.tensorflow.trainer import TensorFlowTrainer
+def is_tensorflow_backend():
+    return keras.backend.backend() == "tensorflow"
 
-    return function is TensorFlowTrainer.train_step
+
+def is_keras_train_step(function):
+    """Whether `function` is Keras' own `train_step` (its backend's trainer's)."""
+    import importlib
+
+    name = keras.backend.backend()
+    trainer = {"tensorflow": "TensorFlowTrainer", "jax": "JAXTrainer", "torch": "TorchTrainer"}.get(name)
+    module = importlib.import_module(f"keras.src.backend.{name}.trainer")
+    return trainer is not None and function is getattr(module, trainer).train_step
 
 
 def model_train_step_is_keras(model):

@@ -9,7 +9,14 @@ groups, and `finalize` turns them into the reported numbers.
 repeated indices are summed first, so norms equal those of the dense gradient.
 """
 
-import tensorflow as tf
+import keras
+
+from gradmon.backend import lazy_tf as _lazy_tf
+
+tf = _lazy_tf.tensorflow()
+# JAX / PyTorch: dense gradients, `keras.ops` (the functions the door's statistics use)
+_OPS = not _lazy_tf.is_tensorflow()
+
 
 # Sufficient statistics of one tensor, in this column order.
 SUMSQ, MAX_ABS, SIZE, ZEROS, NONFINITE = range(5)
@@ -76,6 +83,8 @@ def moments(gradient):
 
 def squared_norm(tensor):
     """Sum of squares of a tensor or `tf.IndexedSlices`, in float32."""
+    if _OPS:
+        return keras.ops.sum(keras.ops.square(keras.ops.cast(tensor, "float32")))
     if isinstance(tensor, tf.IndexedSlices):
         tensor, _ = dedupe_slices(tensor)
     return 2.0 * tf.nn.l2_loss(tf.cast(tensor, tf.float32))
@@ -84,6 +93,8 @@ def squared_norm(tensor):
 def global_norm(tensors):
     """L2 norm of a list of tensors taken as one vector; `None` entries are skipped."""
     squares = [squared_norm(t) for t in tensors if t is not None]
+    if _OPS:
+        return keras.ops.sqrt(sum(squares)) if squares else keras.ops.zeros([])
     if not squares:
         return tf.constant(0.0)
     return tf.sqrt(tf.add_n(squares))
@@ -146,6 +157,12 @@ def grouped_moments(tensors, group_ids, num_groups):
 def grouped_squared_norms(tensors, group_ids, num_groups):
     """Per-group sum of squares of `tensors` (weights, gradients); `None` entries count as 0."""
     present = [(t, gid) for t, gid in zip(tensors, group_ids) if t is not None]
+    if _OPS:
+        if not present:
+            return keras.ops.zeros([num_groups])
+        squares = keras.ops.stack([squared_norm(t) for t, _ in present])
+        ids = keras.ops.convert_to_tensor([gid for _, gid in present], "int32")
+        return keras.ops.segment_sum(squares, ids, num_segments=num_groups)
     if not present:
         return tf.zeros([num_groups])
     squares = tf.stack([squared_norm(t) for t, _ in present])
@@ -157,6 +174,10 @@ def count_nonfinite(tensors, sumsq_total):
     """Number of NaN/inf entries, counted only when `sumsq_total` (their sum of squares) is
     not finite: nothing to count on a healthy step."""
     present = [t for t in tensors if t is not None]
+    if _OPS:  # counted on logged steps only, no branch
+        counts = [keras.ops.sum(keras.ops.cast(keras.ops.logical_not(keras.ops.isfinite(t)), "float32"))
+                  for t in present]
+        return sum(counts) if counts else keras.ops.zeros([])
     if not present:
         return tf.constant(0.0)
 

@@ -16,18 +16,22 @@ writes; the `Observer` is the handle users hold (`opt.gradmon`), so its
 """
 
 import atexit
+import contextlib
 import sys
 import weakref
 
-import tensorflow as tf
+import keras
 
-from gradmon.backend import distribute as _distribute, keras_compat as _keras_compat
+from gradmon.backend import lazy_tf as _lazy_tf
+from gradmon.backend import distribute as _distribute, door as _door, keras_compat as _keras_compat
 from gradmon.measure import recorder, spikes, statistics, transforms
 from gradmon import tags
 from gradmon._validation import check_log_dir, check_non_negative_int, invalid, warn_once
 from gradmon.measure.pipeline import GradientPipeline
 from gradmon.measure.settings import GradientSettings
 from gradmon.publish.publisher import OWN_WRITER, Publisher
+
+tf = _lazy_tf.tensorflow()
 
 _HOOK = "_gradmon_observer"
 
@@ -86,6 +90,12 @@ class Observer:
         # read while tracing: False traces an update that measures nothing (steps the host
         # knows are not written run such a trace; see GradientMonitor)
         self.measuring = True
+        self.trainer = None  # weakref to the model whose `fit` runs the steps (JAX: its state)
+
+    def watch_model(self, model):
+        """Notes the model whose `fit` runs the observed steps: on JAX the host reads the
+        state its trainer holds between steps (`gradmon.backend.door_jax`)."""
+        self.trainer = weakref.ref(model)
 
     grouping = property(lambda self: self.settings.grouping)
     selected = property(lambda self: self.settings.selected)
@@ -99,7 +109,7 @@ class Observer:
         self._restored_step = int(step)
         self.host.last_written = max(self.host.last_written, int(step))
         if self.recorder is not None:
-            self.recorder.step.assign(int(step))
+            self.recorder.host_assign(self.recorder.step, int(step))
 
     @property
     def transform(self):
@@ -192,7 +202,11 @@ class Observer:
             **extras)
         stats = statistics.default_statistics(self.selected) + self._spike_statistics(observed) + self.custom
         strategy = getattr(optimizer, "_distribution_strategy", None)
-        with tf.init_scope(), _distribute.strategy_scope(strategy):
+        door = _door.current()
+        if door is not None:
+            _door.check_supported(self, clip, spec.loss_scaled)
+        scope = tf.init_scope() if door is None else _door.state_owner(optimizer)
+        with scope, _distribute.strategy_scope(strategy):
             if not optimizer.built and variables:
                 optimizer.build(variables)  # slots cannot be created inside tf.cond
             if self.transform is not None:
@@ -205,9 +219,10 @@ class Observer:
             self.recorder = recorder.Recorder(spec, stats, rows, self.histograms, self.name, variables,
                                               shared=shared)
             self.recorder.spikes = self.spikes
+            self.recorder.door, self.recorder.observer = door, self
             self.recorder.optimizer_id = id(optimizer)
             if shared is None and self._restored_step is not None:
-                self.recorder.step.assign(self._restored_step)
+                self.recorder.host_assign(self.recorder.step, self._restored_step)
             if held is not None:  # these variables, other settings: its steps are read now
                 self.host.retire(held[1])
             self.rings.append(self.recorder)
@@ -246,7 +261,7 @@ class Observer:
         rec = self.recorder or (self.rings[-1] if self.rings else None)  # adopted ones too
         if rec is None:
             return self._restored_step or 0
-        return int(rec.step.numpy())
+        return int(rec.host_read(rec.step))
 
     # -- the hooked apply --------------------------------------------------
 
@@ -257,6 +272,8 @@ class Observer:
             return original_apply(grads, trainable_variables)
         variables = list(trainable_variables) if trainable_variables is not None \
             else _keras_compat.optimizer_variables(optimizer)
+        if not _lazy_tf.is_tensorflow():
+            return self._apply_at_door(optimizer, original_apply, grads, variables)
         self._warn_missing(variables, grads)
         self.ensure_built(optimizer, variables)
         rec, extras = self.recorder, self._take_extras()
@@ -296,6 +313,38 @@ class Observer:
                 self.flush(report=False)
             elif spiked:
                 self.read_spikes()  # warns, naming the step
+
+    def _apply_at_door(self, optimizer, original_apply, grads, variables):
+        """The hooked `apply` on JAX and PyTorch (`gradmon.backend.door`): the same pipeline
+        and statistics in `keras.ops`; the row of a due step is computed in a
+        value-returning branch and stored outside it (JAX: pure `lax.cond` branches;
+        PyTorch: a host branch)."""
+        door = _door.current()
+        self._warn_missing(variables, grads)
+        self.ensure_built(optimizer, variables)
+        rec = self.recorder
+        step = rec.step.value + 1
+        rec.step.assign(step)
+        clip = transforms.from_optimizer(_keras_compat.base_optimizer(optimizer))
+        prepared = self.pipeline.prepare(grads, variables, None, clip)
+        rec.count_nonfinite(step, keras.ops.logical_not(self.pipeline.finite_applied(prepared)))
+        # `measuring` is not read: JAX shares one trace between `fit`'s two train functions (one
+        # jit cache for the same step function), so every trace measures the due steps itself
+        do_log = rec.should_log(step)
+        weights = any(s.needs_weights or s.needs_update for s in rec.statistics)
+        before = door.weights(variables, do_log) if weights else None
+        original_apply(prepared.to_apply, variables)
+
+        def measure():
+            counters = {"skipped": rec.skipped.value, "overflow": rec.overflow.value,
+                        "nonfinite": rec.nonfinite.value[0]}
+            after = [v.value for v in variables] if weights else None
+            ctx = statistics.StepContext(
+                rec.spec, prepared.raw, prepared.observed, prepared.fractions, variables, optimizer,
+                keras.ops.convert_to_tensor(False), before, after, {}, counters, rec.state)
+            return rec.row(ctx)
+
+        rec.store(step, door.cond(do_log, measure, int(rec.records.shape[1])), do_log)
 
     def _take_extras(self):
         extras = {}
@@ -378,7 +427,7 @@ class Observer:
     def stopped(self):
         """Whether a non-finite step (`on_nonfinite="stop"`) or a spike (`on_spike="stop"`)
         stopped the updates."""
-        return self.recorder is not None and bool(self.recorder.halted.numpy())
+        return self.recorder is not None and bool(self.recorder.host_read(self.recorder.halted))
 
     @property
     def spikes_seen(self):
@@ -412,7 +461,7 @@ class Observer:
         if sys.is_finalizing() or host is None or host.writer is None or host.monitor is not None:
             return
         try:
-            with tf.init_scope():
+            with tf.init_scope() if _lazy_tf.is_tensorflow() else contextlib.nullcontext():
                 host.finish("its optimizer was dropped")
         except Exception:  # nothing may escape a finaliser
             pass
@@ -548,6 +597,8 @@ def observe(optimizer, log_dir=None, transform=None, name=None, update_freq=1, h
         raise invalid("optimizer", "a keras.optimizers.Optimizer", optimizer)
     from gradmon._validation import check_positive_int
 
+    if not _lazy_tf.is_tensorflow():  # the user's loop owns the state (JAX): not designed yet
+        raise _door.unsupported("gradmon.observe() (custom training loops)")
     observer = Observer(GradientSettings.from_arguments(locals(), "observe"))
     observer.set_schedule(every=check_positive_int("update_freq", update_freq),
                           hist_every=check_non_negative_int("histogram_freq", histogram_freq))

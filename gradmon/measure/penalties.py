@@ -15,9 +15,11 @@ import dataclasses
 import typing
 
 import keras
-import tensorflow as tf
 
+from gradmon.backend import lazy_tf as _lazy_tf
 from gradmon._validation import check_choice, check_non_negative, invalid
+
+tf = _lazy_tf.tensorflow()
 
 
 @dataclasses.dataclass

@@ -30,11 +30,14 @@ or Keras models; `gradmon.observer` runs it at the optimizer's door.
   is; `"warn"` applies it.
 """
 
-import tensorflow as tf
+import keras
 
+from gradmon.backend import lazy_tf as _lazy_tf
 from gradmon.backend import distribute as _distribute, keras_compat as _keras_compat
 from gradmon.measure import transforms
 from gradmon._validation import check_choice, invalid
+
+tf = _lazy_tf.tensorflow()
 
 NONFINITE_POLICIES = ("warn", "skip", "stop")
 SPIKE_POLICIES = (None, "warn", "skip", "stop")
@@ -77,6 +80,11 @@ def all_finite(gradients):
     one, in a branch not run otherwise. Eagerly the exact check (no
     device-to-host read for a branch).
     """
+    if not _lazy_tf.is_tensorflow():  # JAX / PyTorch: exact, dense
+        present = [g for g in gradients if g is not None]
+        if not present:
+            return keras.ops.convert_to_tensor(True)
+        return keras.ops.all(keras.ops.stack([keras.ops.all(keras.ops.isfinite(g)) for g in present]))
     present = [_entries(g) for g in gradients if g is not None]
     if not present:
         return tf.constant(True)

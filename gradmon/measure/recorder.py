@@ -15,13 +15,19 @@ before they were taken are counted, never silently dropped.
 """
 
 import numpy as np
-import tensorflow as tf
+import keras
 
+from gradmon.backend import lazy_tf as _lazy_tf
 from gradmon.backend import distribute as _distribute, keras_compat as _keras_compat
 from gradmon.measure import statistics
 from gradmon import tags
 from gradmon._validation import invalid
 from gradmon.publish import schedule  # the schedule's rule: the host sets it, the step applies it
+
+tf = _lazy_tf.tensorflow()
+# JAX / PyTorch (`gradmon.backend.door`): 32-bit state (JAX stores 64-bit variables in 32 bits
+# without x64), the steps of the ring in an int32 column of their own, `keras.ops`
+_OPS = not _lazy_tf.is_tensorflow()
 
 HISTOGRAM_BUCKETS = 30
 _HEADER = 2  # step, overflow flag
@@ -76,29 +82,35 @@ class Recorder:
                           f"{MAX_RING_BYTES // 2 ** 20} MiB on the device); call flush() more often "
                           "instead", rows)
         self.state = {s: s.build(spec) for s in self.statistics}
+        int64, float64, boolean = ("int32", "float32", "bool") if _OPS else (tf.int64, tf.float64, tf.bool)
+        self.door = None  # JAX / PyTorch: the backend's door module (host reads and writes)
+        self.observer = None  # whose trainer holds the state (JAX)
         # the pre-update weights of a logged step, for statistics that need them (one
         # copy of the trainable weights, filled on logged steps only)
         self.weight_buffers = None
-        if any(s.needs_weights for s in self.statistics):
+        if any(s.needs_weights for s in self.statistics) and not _OPS:  # the door keeps them
             self.weight_buffers = [variable(tf.zeros(v.shape, v.dtype)) for v in variables]
         self.spikes = None  # the observer's SpikeTracker (`on_spike`), if any
-        self.step = variable(0, dtype=tf.int64, name="gradmon_step")
-        self.skipped = variable(0, dtype=tf.int64, name="gradmon_skipped")
-        self.overflow = variable(0, dtype=tf.int64, name="gradmon_overflow")
+        self.step = variable(0, dtype=int64, name="gradmon_step")
+        self.skipped = variable(0, dtype=int64, name="gradmon_skipped")
+        self.overflow = variable(0, dtype=int64, name="gradmon_overflow")
         # every step, measured or not: [steps whose update was non-finite (loss-scale overflows
         # left out), the first of them since the host last reported (-1: none), the latest]
-        self.nonfinite = variable([0, -1, -1], dtype=tf.int64, name="gradmon_nonfinite")
+        self.nonfinite = variable([0, -1, -1], dtype=int64, name="gradmon_nonfinite")
         # set once a step is refused under a "stop" policy: no later step applies
-        self.halted = variable(False, dtype=tf.bool, name="gradmon_halted")
-        self.halted_at = variable(-1, dtype=tf.int64, name="gradmon_halted_at")  # the step that did
+        self.halted = variable(False, dtype=boolean, name="gradmon_halted")
+        self.halted_at = variable(-1, dtype=int64, name="gradmon_halted_at")  # the step that did
         # the schedule (owned by the host): every `every` steps, and at step `log_at`
-        self.every = variable(1, dtype=tf.int64, name="gradmon_every")
-        self.log_at = variable(-1, dtype=tf.int64, name="gradmon_log_at")
-        self.hist_every = variable(0, dtype=tf.int64, name="gradmon_hist_every")
+        self.every = variable(1, dtype=int64, name="gradmon_every")
+        self.log_at = variable(-1, dtype=int64, name="gradmon_log_at")
+        self.hist_every = variable(0, dtype=int64, name="gradmon_hist_every")
         self.records = variable(np.concatenate(
-            [-np.ones([rows, 1]), np.zeros([rows, offset - 1])], axis=1), dtype=tf.float64)
+            [-np.ones([rows, 1]), np.zeros([rows, offset - 1])], axis=1), dtype=float64)
+        if _OPS:  # the step of each row, exact (a float32 column would stop at 2^24)
+            self.record_steps = variable(-np.ones([rows], np.int32), dtype="int32",
+                                         name="gradmon_record_steps")
         # logged steps written into the ring so far (the next row is `logged % rows`)
-        self.logged = variable(0, dtype=tf.int64, name="gradmon_logged")
+        self.logged = variable(0, dtype=int64, name="gradmon_logged")
         self.host_logged = 0  # `logged` when the host last took the ring (`take`)
         self.host_step = -1  # the latest step the host took from the ring
         self.host_histogram = None  # the histogram step the host last wrote
@@ -108,7 +120,7 @@ class Recorder:
                     setattr(self, name, getattr(shared, name))
         self.histograms_wanted = histograms
         if histograms:
-            self.hist_step = variable(-1, dtype=tf.int64)
+            self.hist_step = variable(-1, dtype=int64)
             # [raw (, transformed), group, (min, max, counts...)]
             kinds = 2 if spec.has_transform else 1
             self.histograms = variable(tf.zeros([kinds, spec.num_groups, HISTOGRAM_BUCKETS + 2]))
@@ -148,8 +160,39 @@ class Recorder:
         self.records.assign(tf.tensor_scatter_nd_update(self.records, row, tf.concat(parts, 0)[None]))
         return tf.constant(True)
 
+    def row(self, ctx):
+        """One logged step's statistics as a float32 row (JAX / PyTorch; the step is stored
+        apart, in `record_steps`)."""
+        parts = [keras.ops.zeros([_HEADER], "float32")]
+        for statistic, labels, _ in self.slices:
+            values = keras.ops.cast(statistic.compute(ctx), "float32")
+            parts.append(keras.ops.reshape(values, [len(labels)]))
+        return keras.ops.concatenate(parts, 0)
+
+    def store(self, step, row, do_log):
+        """Writes `row` into the ring when `do_log` holds (JAX / PyTorch); `row` `None`: nothing
+        was measured (a host branch not taken)."""
+        if row is None:
+            return
+        taken = keras.ops.cast(do_log, "int32")
+        logged = self.logged.value + taken
+        index = keras.ops.reshape(keras.ops.mod(logged - 1, self.rows), [1, 1])
+        records = keras.ops.scatter_update(self.records.value, index, row[None])
+        steps = keras.ops.scatter_update(self.record_steps.value, index,
+                                         keras.ops.reshape(keras.ops.cast(step, "int32"), [1]))
+        self.records.assign(keras.ops.where(do_log, records, self.records.value))
+        self.record_steps.assign(keras.ops.where(do_log, steps, self.record_steps.value))
+        self.logged.assign(logged)
+
     def count_nonfinite(self, step, bad):
         """Folds one step into `nonfinite` (a few scalar ops, no branch): `bad` is a bool scalar."""
+        if _OPS:
+            held = self.nonfinite.value
+            seen = held + keras.ops.convert_to_tensor([1, 0, 0], "int32")
+            first_or_last = keras.ops.logical_or(held < 0, keras.ops.convert_to_tensor([False, False, True]))
+            seen = keras.ops.where(first_or_last, keras.ops.cast(step, "int32"), seen)
+            self.nonfinite.assign(keras.ops.where(bad, seen, held))
+            return
         held = self.nonfinite.value()
         # the count + 1; the first if none is pending; the latest: this step
         seen = held + tf.constant([1, 0, 0], tf.int64)
@@ -168,9 +211,31 @@ class Recorder:
 
     # -- on the host -------------------------------------------------------
 
+    def host_read(self, variable):
+        """A state variable's value on the host (JAX: the trainer's current state)."""
+        if self.door is None:
+            return variable.numpy()
+        return self.door.read(variable, self.observer)
+
+    def host_assign(self, variable, value):
+        """Sets a state variable from the host (JAX: the next step starts from it)."""
+        if self.door is None:
+            variable.assign(value)
+            return
+        if keras.backend.standardize_dtype(variable.dtype) == "int32":  # e.g. the schedule's
+            value = np.clip(value, -2 ** 31, 2 ** 31 - 1)  # "never" period: no int32 step reaches it
+        self.door.assign(variable, np.asarray(value, variable.dtype), self.observer)
+
+    def _host_rows(self):
+        rows = self.host_read(self.records)
+        if self.door is not None:
+            rows = rows.astype(np.float64)
+            rows[:, 0] = self.host_read(self.record_steps)
+        return rows
+
     def read(self, after_step=-1):
         """Snapshots of the held logged steps later than `after_step`, oldest first."""
-        rows = self.records.numpy()
+        rows = self._host_rows()
         rows = rows[rows[:, 0] > after_step]
         return [self._parse(r) for r in rows[np.argsort(rows[:, 0])]]
 
@@ -182,8 +247,8 @@ class Recorder:
         this call (the ring holds the last `rows`), all of them among steps
         `first..last` (`lost == 0`: `None`).
         """
-        logged = int(self.logged.numpy())
-        rows = self.records.numpy()
+        logged = int(self.host_read(self.logged))
+        rows = self._host_rows()
         rows = rows[np.argsort(rows[:, 0])]
         new = rows[rows[:, 0] > self.host_step]
         lost = max(0, logged - self.host_logged - self.rows)
@@ -210,12 +275,12 @@ class Recorder:
 
     def read_nonfinite(self):
         """`(count, first pending, latest)` of the non-finite steps (one device read)."""
-        count, first, last = (int(x) for x in self.nonfinite.numpy())
+        count, first, last = (int(x) for x in self.host_read(self.nonfinite))
         return count, first, last
 
     def nonfinite_reported(self, count, last):
         """Marks the non-finite steps up to now as reported (the next `first` is a new one)."""
-        self.nonfinite.assign([count, -1, last])
+        self.host_assign(self.nonfinite, [count, -1, last])
 
     def read_histograms(self):
         """`(step, array[2, groups, 2 + buckets])` of the latest histogram step, or `None`."""

@@ -62,11 +62,13 @@ References:
 """
 
 import numpy as np
-import tensorflow as tf
 
+from gradmon.backend import lazy_tf as _lazy_tf
 from gradmon.backend import distribute as _distribute
 from gradmon.measure import statistics
 from gradmon import tags
+
+tf = _lazy_tf.tensorflow()
 
 SPIKE_POLICIES = ("warn", "skip", "stop")
 # The detector's EMA (ZClip's defaults): alpha 0.97 (about 33 steps of memory), 25 warm-up steps.
@@ -281,13 +283,13 @@ def watch_batches(model):
         return
     original = model.train_step
 
-    def train_step(data):
+    def train_step(*args):  # (data); on JAX (state, data)
         observer = getattr(model, "_gradmon_observer", None)
         if observer is None or observer.on_spike is None:
-            return original(data)
-        observer.observe_batch(data)
+            return original(*args)
+        observer.observe_batch(args[-1])
         try:
-            return original(data)
+            return original(*args)
         finally:
             observer.observe_batch(None)  # never left to a later trace
 

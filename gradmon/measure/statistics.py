@@ -20,11 +20,16 @@ A statistic is a small object (in the spirit of Cockpit's quantities and
 `default_statistics()` lists the built-ins; users pass their own in `stats=`.
 """
 
-import tensorflow as tf
+import keras
 
+from gradmon.backend import lazy_tf as _lazy_tf
 from gradmon.backend import keras_compat as _keras_compat
 from gradmon.measure import moments as _stats
 from gradmon import tags
+
+tf = _lazy_tf.tensorflow()
+# JAX / PyTorch (`gradmon.backend.door`): the statistics it supports compute in `keras.ops`
+_OPS = not _lazy_tf.is_tensorflow()
 
 GROUP_STATS = tags.GROUP_STATS
 # Names `stats=` selects among (per group); global numbers are always written.
@@ -120,17 +125,20 @@ class StepContext:
         return self._moments[key]
 
     def global_norm(self, kind):
+        if _OPS:
+            return keras.ops.sqrt(keras.ops.sum(self.sumsq(kind)))
         return tf.sqrt(tf.reduce_sum(self.sumsq(kind)))
 
     def nonfinite_total(self, kind):
         if self.spec.full_moments:
             return tf.reduce_sum(self.moments(kind)[:, _stats.NONFINITE])
-        return _stats.count_nonfinite(self.gradients(kind), tf.reduce_sum(self.sumsq(kind)))
+        total = (keras.ops.sum if _OPS else tf.reduce_sum)(self.sumsq(kind))
+        return _stats.count_nonfinite(self.gradients(kind), total)
 
     def weight_norms(self):
         """Per-group ||w|| before the update (computed once)."""
         if "weights" not in self._moments:
-            self._moments["weights"] = tf.sqrt(_stats.grouped_squared_norms(
+            self._moments["weights"] = (keras.ops.sqrt if _OPS else tf.sqrt)(_stats.grouped_squared_norms(
                 self.weights_before, self.spec.segment_ids, self.spec.num_groups))
         return self._moments["weights"]
 
@@ -150,6 +158,9 @@ class StepContext:
 
 def undefined_ratio(numerator, denominator):
     """`numerator / denominator`, NaN where the denominator is 0 (undefined, not 0)."""
+    if _OPS:
+        return keras.ops.where(denominator > 0, keras.ops.divide_no_nan(numerator, denominator),
+                               float("nan"))
     nan = tf.fill(tf.shape(numerator), float("nan"))
     return tf.where(denominator > 0, tf.math.divide_no_nan(numerator, denominator), nan)
 
@@ -208,7 +219,7 @@ class GradientMoment(PerGroup):
 
     def compute(self, ctx):
         if self.name == "norm":
-            return tf.sqrt(ctx.sumsq(self.kind))
+            return (keras.ops.sqrt if _OPS else tf.sqrt)(ctx.sumsq(self.kind))
         column = GROUP_STATS.index(self.name)
         return _stats.finalize(ctx.moments(self.kind))[:, column]
 
@@ -222,7 +233,8 @@ class GradToWeight(PerGroup):
         return tags.grad_to_weight(label)
 
     def compute(self, ctx):
-        return undefined_ratio(tf.sqrt(ctx.sumsq(tags.RAW)), ctx.weight_norms())
+        return undefined_ratio((keras.ops.sqrt if _OPS else tf.sqrt)(ctx.sumsq(tags.RAW)),
+                               ctx.weight_norms())
 
 
 class UpdateRatio(PerGroup):
@@ -234,7 +246,8 @@ class UpdateRatio(PerGroup):
         return tags.update_ratio(label)
 
     def compute(self, ctx):
-        return undefined_ratio(tf.sqrt(ctx.delta_sumsq()), ctx.weight_norms())
+        return undefined_ratio((keras.ops.sqrt if _OPS else tf.sqrt)(ctx.delta_sumsq()),
+                               ctx.weight_norms())
 
 
 # -- global numbers -----------------------------------------------------------
@@ -257,7 +270,8 @@ class GlobalNorm(_OfKind):
         return tags.global_norm(self.kind)
 
     def compute(self, ctx):
-        return ctx.global_norm(self.kind)[None]
+        return keras.ops.reshape(ctx.global_norm(self.kind), [1]) if _OPS else \
+            ctx.global_norm(self.kind)[None]
 
 
 class NonfiniteTotal(_OfKind):
@@ -270,7 +284,8 @@ class NonfiniteTotal(_OfKind):
         return tags.nonfinite_total(self.kind)
 
     def compute(self, ctx):
-        return ctx.nonfinite_total(self.kind)[None]
+        return keras.ops.reshape(ctx.nonfinite_total(self.kind), [1]) if _OPS else \
+            ctx.nonfinite_total(self.kind)[None]
 
 
 class ClipRatio(Statistic):
@@ -284,6 +299,9 @@ class ClipRatio(Statistic):
 
     def compute(self, ctx):
         raw, out = ctx.global_norm(tags.RAW), ctx.global_norm(tags.TRANSFORMED)
+        if _OPS:
+            ratio = keras.ops.where(raw > 0, keras.ops.divide_no_nan(out, raw), 1.0)
+            return keras.ops.reshape(keras.ops.where(ctx.skipped, 1.0, ratio), [1])
         ratio = tf.where(raw > 0, tf.math.divide_no_nan(out, raw), 1.0)
         # a skipped step was not clipped: nothing was applied
         return tf.where(ctx.skipped, 1.0, ratio)[None]
@@ -305,6 +323,12 @@ class ClipFraction(Statistic):
         return tags.clip_fraction_of(label) if label else tags.CLIP_FRACTION
 
     def compute(self, ctx):
+        if _OPS:
+            values = keras.ops.stack([keras.ops.cast(ctx.fractions[n], "float32")
+                                      for n in ctx.spec.fraction_names])
+            values = keras.ops.where(ctx.skipped, keras.ops.zeros_like(values), values)
+            members = [values] if len(ctx.spec.fraction_names) > 1 else []
+            return keras.ops.concatenate([keras.ops.reshape(keras.ops.max(values), [1])] + members, 0)
         values = tf.stack([tf.cast(ctx.fractions[n], tf.float32) for n in ctx.spec.fraction_names])
         values = tf.where(ctx.skipped, tf.zeros_like(values), values)
         members = [values] if len(ctx.spec.fraction_names) > 1 else []
@@ -316,6 +340,8 @@ class NoGradient(Statistic):
         return tags.NO_GRADIENT
 
     def compute(self, ctx):
+        if _OPS:
+            return keras.ops.convert_to_tensor([float(sum(g is None for g in ctx.raw))], "float32")
         return tf.constant([float(sum(g is None for g in ctx.raw))])
 
 
@@ -333,6 +359,8 @@ class Counter(Statistic):
         return self._tag
 
     def compute(self, ctx):
+        if _OPS:
+            return keras.ops.reshape(keras.ops.cast(ctx.counters[self.counter], "float32"), [1])
         return tf.cast(ctx.counters[self.counter], tf.float32)[None]
 
 

@@ -12,13 +12,15 @@ statistics through `Extras`.
 import contextlib
 
 import keras
-import tensorflow as tf
 
+from gradmon.backend import lazy_tf as _lazy_tf
 from gradmon.backend import distribute as _distribute
 from gradmon.backend import keras_compat as kc
 from gradmon.measure import penalties as penalties_module
 from gradmon.measure import moments as stats
 from gradmon.measure.pipeline import divided, multiplied
+
+tf = _lazy_tf.tensorflow()
 
 
 class Extras:

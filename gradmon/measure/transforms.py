@@ -18,17 +18,26 @@ Example:
     >>> new_grads, fractions = t(grads, model.trainable_variables)
 """
 
-import tensorflow as tf
+import keras
 
+from gradmon.backend import lazy_tf as _lazy_tf
 from gradmon.measure import moments as stats
 from gradmon._validation import check_positive
 
+tf = _lazy_tf.tensorflow()
+# JAX / PyTorch (`gradmon.backend.door`): dense gradients; the transforms it supports in `keras.ops`
+_OPS = not _lazy_tf.is_tensorflow()
+
 
 def _values(gradient):
+    if _OPS:
+        return gradient
     return gradient.values if isinstance(gradient, tf.IndexedSlices) else gradient
 
 
 def _with_values(gradient, values):
+    if _OPS:
+        return values
     if isinstance(gradient, tf.IndexedSlices):
         return tf.IndexedSlices(values, gradient.indices, gradient.dense_shape)
     return values
@@ -42,6 +51,8 @@ class GradientTransform:
     """Base class: a named, serialisable gradient transform."""
 
     name = "transform"
+    # written in `keras.ops` (and so run on JAX and PyTorch too, `gradmon.backend.door`)
+    keras_ops = False
 
     def __call__(self, grads, params):
         raise NotImplementedError
@@ -144,12 +155,17 @@ class clip_by_global_norm(GradientTransform):
     """
 
     name = "clip_by_global_norm"
+    keras_ops = True
 
     def __init__(self, max_norm):
         self.max_norm = check_positive("max_norm", max_norm)
 
     def __call__(self, grads, params):
         norm = stats.global_norm(grads)
+        if _OPS:
+            scale = self.max_norm / keras.ops.maximum(norm, self.max_norm)
+            out = [None if g is None else g * keras.ops.cast(scale, g.dtype) for g in grads]
+            return out, {self.name: keras.ops.cast(norm > self.max_norm, "float32")}
         scale = self.max_norm / tf.maximum(norm, self.max_norm)
         out = [
             None if g is None else _with_values(g, _values(g) * tf.cast(scale, _values(g).dtype))
@@ -279,6 +295,9 @@ def check_like(name, grads, new, params):
     for g, n, p in zip(grads, new, params):
         if g is None or n is None:
             continue
+        if _OPS:
+            _check_dense_like(name, g, n, p)
+            continue
         sparse = isinstance(g, tf.IndexedSlices), isinstance(n, tf.IndexedSlices)
         a = g.values if sparse[0] else tf.convert_to_tensor(g)
         b = n.values if sparse[1] else tf.convert_to_tensor(n)
@@ -291,6 +310,19 @@ def check_like(name, grads, new, params):
                 f"gradient with the shape and dtype it was given. Received: transform={name!r}, "
                 f"which returned shape {b.shape} dtype {b.dtype.name} for the gradient of "
                 f"{path!r} (shape {a.shape} dtype {a.dtype.name})")
+
+
+def _check_dense_like(name, g, n, p):
+    a, b = keras.ops.convert_to_tensor(g), keras.ops.convert_to_tensor(n)
+    if tuple(b.shape) != tuple(a.shape) or keras.backend.standardize_dtype(b.dtype) != \
+            keras.backend.standardize_dtype(a.dtype):
+        path = getattr(p, "path", None) or getattr(p, "name", "?")
+        raise ValueError(
+            f"Invalid value for argument `transform`. Expected a transform returning each "
+            f"gradient with the shape and dtype it was given. Received: transform={name!r}, "
+            f"which returned shape {tuple(b.shape)} dtype {keras.backend.standardize_dtype(b.dtype)} "
+            f"for the gradient of {path!r} (shape {tuple(a.shape)} dtype "
+            f"{keras.backend.standardize_dtype(a.dtype)})")
 
 
 class _FunctionTransform(GradientTransform):

@@ -28,10 +28,10 @@ from gradmon.publish.writer import MetricWriter, SummaryWriter, write_report
 def _with_measuring(observer, train_function, measuring):
     """`train_function` with `observer.measuring` set while it runs (and so while it traces)."""
 
-    def function(iterator):
+    def function(*args):  # (iterator); on JAX (state, iterator)
         observer.measuring = measuring
         try:
-            return train_function(iterator)
+            return train_function(*args)
         except StopIteration:
             raise  # the end of the data: Keras ends the epoch
         except BaseException:
@@ -195,7 +195,7 @@ class GradientMonitor(keras.callbacks.Callback):
     def on_train_begin(self, logs=None):
         write_unread(monitored.observer_for(self.model))  # by the monitor of an interrupted fit
         self._claim()
-        self._writes = _distribute.is_chief(self.model.distribute_strategy)
+        self._writes = _distribute.is_chief(getattr(self.model, "distribute_strategy", None))
         if self._writes:
             self._writer.open()  # an unwritable log_dir fails before the first step
         self._take_functions(monitored.prepare_model(self.model))

@@ -56,9 +56,9 @@ class Publisher:
         rec = self.observer.recorder
         if rec is not None:
             every, log_at, hist_every = self.schedule.device_values()
-            rec.every.assign(every)
-            rec.log_at.assign(log_at)
-            rec.hist_every.assign(hist_every)
+            rec.host_assign(rec.every, every)  # (JAX: the trainer's state too)
+            rec.host_assign(rec.log_at, log_at)
+            rec.host_assign(rec.hist_every, hist_every)
 
     # -- reading ------------------------------------------------------------
 
@@ -145,7 +145,7 @@ class Publisher:
         spike is named with its z-score.
         """
         observer = self.observer
-        step = int(observer.recorder.halted_at.numpy())
+        step = int(observer.recorder.host_read(observer.recorder.halted_at))
         spiked = dict(self.spikes_seen + self.read_spikes(report=False))  # the stop names it
         if observer.on_spike == "stop" and (step in spiked or observer.on_nonfinite != "stop"):
             z = f" (z = {spiked[step]:.1f})" if step in spiked else ""  # unless the ring lost it

@@ -1,0 +1,103 @@
+"""The optimizer's door on JAX and PyTorch: what gradmon's step needs from the framework.
+
+On Keras' TensorFlow backend the observer runs as before (`tf.function`,
+replica-local variables, `tf.cond`). On JAX and PyTorch the hooked
+`optimizer.apply` (JAX: called by `stateless_apply` inside the jitted train
+step; PyTorch: after `backward()`, under `no_grad`) runs the same pipeline
+and statistics in `keras.ops`, and takes from the backend module
+(`door_jax`, `door_torch`) only:
+
+- `state_variable(initial, dtype, name)`: the recorder's state (JAX: made with
+  the optimizer's `add_variable`, so it rides in the optimizer state that the
+  jitted step carries, and is left out of the optimizer's saved variables);
+- `weights(variables, pred)`: the pre-update weights a logged step needs;
+- `cond(pred, true_fn, width)`: a value-returning conditional (JAX: `lax.cond`
+  with pure branches, the assignment outside; PyTorch: a host branch);
+- `read(variable)` / `assign(variable, value)`: host reads and writes
+  (JAX: through the trainer's current state, see `door_jax`).
+
+What does not work there yet raises `NotImplementedError` naming the
+backend and the feature (`check_supported`).
+"""
+
+import contextlib
+import importlib
+
+import keras
+
+from gradmon.backend import lazy_tf
+
+# per-group statistics the JAX / PyTorch door computes (the global numbers, clip ratio and
+# fraction, counters and `no_gradient` come with them)
+SUPPORTED_STATS = ("norm", "grad_to_weight", "update_ratio")
+
+
+def backend_name():
+    return keras.backend.backend()
+
+
+def current():
+    """The door module of Keras' backend (`door_jax`, `door_torch`), `None` on TensorFlow."""
+    name = backend_name()
+    if name == "tensorflow":
+        return None
+    if name not in ("jax", "torch"):
+        raise unsupported("observing gradients")
+    return importlib.import_module(f"gradmon.backend.door_{name}")
+
+
+def unsupported(feature):
+    """The error for a gradmon feature that does not run on this backend yet."""
+    return NotImplementedError(
+        f"gradmon: {feature} is not supported on the {backend_name()!r} backend yet "
+        f"(KERAS_BACKEND={backend_name()}); it works on the 'tensorflow' backend. "
+        "On JAX and PyTorch gradmon observes `fit` with `gradmon.monitor(model)` or "
+        "`gradmon.GradientMonitor(log_dir)`: the statistics "
+        f"{list(SUPPORTED_STATS)} and `transform=gradmon.transforms.clip_by_global_norm(...)`.")
+
+
+def check_supported(observer, optimizer_clip=None, loss_scaled=False):
+    """Raises `NotImplementedError` for what the JAX / PyTorch door does not do yet.
+
+    Args:
+        observer: the `gradmon.measure.observer.Observer`.
+        optimizer_clip: the transform equal to the optimizer's own clipping, or `None`.
+        loss_scaled: the optimizer is a `LossScaleOptimizer`.
+    """
+    settings = observer.settings
+    if loss_scaled:
+        raise unsupported("observing a LossScaleOptimizer (mixed precision)")
+    if settings.on_nonfinite != "warn":
+        raise unsupported(f"on_nonfinite={settings.on_nonfinite!r}")
+    if settings.on_spike is not None:
+        raise unsupported(f"on_spike={settings.on_spike!r}")
+    if observer.histograms:
+        raise unsupported("histogram_freq > 0 (gradient histograms)")
+    if observer.extras_source is not None:
+        raise unsupported("gradmon's own train step (penalties, noise scale, observe_loss)")
+    other = [s for s in settings.selected if s not in SUPPORTED_STATS]
+    if other:
+        raise unsupported(f"stats={other}")
+    if settings.custom:
+        raise unsupported("custom statistics (gradmon.statistics.Statistic)")
+    for transform in (observer.transform, optimizer_clip):
+        if transform is not None and not getattr(transform, "keras_ops", False):
+            raise unsupported(f"the gradient transform {transform!r} (the optimizer's "
+                              "clipnorm / clipvalue included)")
+    if keras.distribution.distribution() is not None:
+        raise unsupported("keras.distribution (data or model parallel training)")
+
+
+@contextlib.contextmanager
+def state_owner(optimizer):
+    """Within it, `state_variable` makes the state of `optimizer`'s observer."""
+    door = current()
+    if door is None or not hasattr(door, "owner"):
+        yield
+        return
+    with door.owner(optimizer):
+        yield
+
+
+def is_tensorflow():
+    return lazy_tf.is_tensorflow()

@@ -1,0 +1,115 @@
+"""The optimizer's door on JAX (see `gradmon.backend.door`).
+
+Keras' JAX `fit` is stateless: its jitted step calls
+`optimizer.stateless_apply`, which runs the hooked `apply` in a
+`StatelessScope` over the optimizer's variables and returns their new values.
+The recorder's state is therefore made with the optimizer's `add_variable`:
+it rides in the optimizer state the trainer threads through every step
+(`steps_per_execution` included), and is left out of what the optimizer saves
+and loads (a plain optimizer can load the files). Branches are `lax.cond`
+with pure branches returning the row; the assignment is outside.
+
+Between two steps the trainer holds the current state (its private
+`_jax_state`) while the variables are stale (their buffers are purged):
+host reads take the one array from there; a host write first syncs the
+state back into the variables (`jax_state_sync`), so that the next step
+starts from them.
+"""
+
+import contextlib
+
+import keras
+import numpy as np
+
+_OWNERS = []
+_STATE_IDS = "_gradmon_state_ids"
+
+
+@contextlib.contextmanager
+def owner(optimizer):
+    _OWNERS.append(optimizer)
+    try:
+        yield
+    finally:
+        _OWNERS.pop()
+
+
+def state_variable(initial, dtype=None, name=None):
+    """A variable of the optimizer's state (`add_variable`), out of its saved variables."""
+    from keras.src.backend.common.stateless_scope import in_stateless_scope
+
+    from gradmon.backend.door import unsupported
+
+    if not _OWNERS:
+        raise RuntimeError("gradmon: a JAX state variable needs its optimizer (door.state_owner).")
+    if in_stateless_scope():
+        raise unsupported("a model first built inside `fit` (build it before: call it once on a "
+                          "batch, or give it an `Input`)")
+    optimizer = _OWNERS[-1]
+    value = np.asarray(initial)
+    variable = optimizer.add_variable(value.shape, initializer=lambda shape, dtype: value,
+                                      dtype=dtype, name=name or "gradmon_state")
+    _keep_out_of_saving(optimizer).add(id(variable))
+    return variable
+
+
+def _keep_out_of_saving(optimizer):
+    ids = optimizer.__dict__.get(_STATE_IDS)
+    if ids is not None:
+        return ids
+    ids = set()
+    object.__setattr__(optimizer, _STATE_IDS, ids)
+    for method in ("save_own_variables", "load_own_variables"):
+        object.__setattr__(optimizer, method, _without_state(optimizer, getattr(optimizer, method)))
+    return ids
+
+
+def _without_state(optimizer, original):
+    def call(store):
+        held = optimizer._variables[:]
+        optimizer._variables[:] = [v for v in held if id(v) not in optimizer.__dict__[_STATE_IDS]]
+        try:
+            return original(store)
+        finally:
+            optimizer._variables[:] = held
+
+    return call
+
+
+def weights(variables, pred):
+    """The weights before the update (the scope's values: nothing is copied)."""
+    return [v.value for v in variables]
+
+
+def cond(pred, true_fn, width):
+    import jax
+
+    return jax.lax.cond(pred, true_fn, lambda: keras.ops.zeros([width], "float32"))
+
+
+def _unsynced_state(observer):
+    """`(model, state)` while the trainer of the observer's model (`Observer.watch_model`) holds
+    state newer than the variables, else `(None, None)`."""
+    ref = getattr(observer, "trainer", None)
+    model = ref() if ref is not None else None
+    state = getattr(model, "_jax_state", None) if model is not None else None
+    if not state or getattr(model, "_jax_state_synced", True):
+        return None, None
+    return model, state
+
+
+def read(variable, observer=None):
+    model, state = _unsynced_state(observer)
+    if state is not None:
+        for i, v in enumerate(model.optimizer.variables):
+            if v is variable:
+                return np.asarray(state["optimizer_variables"][i])
+    return np.asarray(keras.ops.convert_to_numpy(variable.value))
+
+
+def assign(variable, value, observer=None):
+    model, state = _unsynced_state(observer)
+    if state is not None:
+        model.jax_state_sync()  # the next step starts from the variables again
+    variable.assign(value)
+

@@ -1,0 +1,235 @@
+"""gradmon observing `fit` on the suite's Keras backend, and on JAX and PyTorch from TensorFlow.
+
+Run on any backend (`KERAS_BACKEND=jax|torch python -m pytest tests/test_backends_gradients.py`).
+The reference is independent of every framework: a two-layer tanh MLP with an MSE loss whose
+gradients are written out by hand in NumPy (float64) and replayed step by step with SGD, from the
+same weights (set from NumPy) and batches (`shuffle=False`). The logged raw and transformed global
+norms, per-layer norms, update ratios and clip ratio equal the replay's to float32 precision, and
+a `fit` without a transform ends on the weights of a plain `fit`. On JAX and PyTorch what gradmon
+does not do there yet raises `NotImplementedError` naming the backend and the feature.
+Under TensorFlow, `test_backend_in_subprocess` runs this module under JAX and PyTorch in the
+TensorFlow-free interpreters `GRADMON_JAX_PYTHON` / `GRADMON_TORCH_PYTHON` (defaults
+/work/venv-jax/bin/python, /work/venv-torch/bin/python), skipped when absent.
+"""
+
+import os
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+
+import gradmon
+from helpers import read_events
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+BACKEND = keras.backend.backend()
+INTERPRETERS = {
+    "jax": ("GRADMON_JAX_PYTHON", "/work/venv-jax/bin/python"),
+    "torch": ("GRADMON_TORCH_PYTHON", "/work/venv-torch/bin/python"),
+}
+LR, BATCH, STEPS, HIDDEN = 0.1, 8, 4, 8
+LAYERS = ("dense", "dense_1")
+
+
+def _data():
+    rng = np.random.default_rng(7)
+    x = rng.normal(size=(BATCH * STEPS, 4)).astype("float32")
+    y = rng.normal(size=(BATCH * STEPS, 1)).astype("float32")
+    weights = [rng.normal(size=(4, HIDDEN)).astype("float32"), 0.1 * rng.normal(size=HIDDEN).astype("float32"),
+               rng.normal(size=(HIDDEN, 1)).astype("float32"), 0.1 * rng.normal(size=1).astype("float32")]
+    return x, y, weights
+
+
+def _model(weights, **compile_args):
+    inputs = keras.Input((4,))
+    hidden = keras.layers.Dense(HIDDEN, activation="tanh", name="dense")(inputs)
+    model = keras.Model(inputs, keras.layers.Dense(1, name="dense_1")(hidden))
+    model.set_weights(weights)
+    model.compile(optimizer=keras.optimizers.SGD(LR), loss="mse", **compile_args)
+    return model
+
+
+def _numpy_gradients(w, x, y):
+    """d mean((tanh(x W1 + b1) W2 + b2 - y)^2) / d(W1, b1, W2, b2), by hand."""
+    w1, b1, w2, b2 = w
+    h = np.tanh(x @ w1 + b1)
+    d = 2.0 * (h @ w2 + b2 - y) / y.size
+    dh = (d @ w2.T) * (1.0 - h ** 2)
+    return [x.T @ dh, dh.sum(0), h.T @ d, d.sum(0)]
+
+
+def _replay(weights, x, y, clip=None):
+    """Per step: the numbers gradmon logs, from the hand-written gradient; and the final weights."""
+    w = [np.asarray(v, np.float64) for v in weights]
+    logged = []
+    for step in range(STEPS):
+        rows = slice(step * BATCH, (step + 1) * BATCH)
+        g = _numpy_gradients(w, x[rows].astype(np.float64), y[rows].astype(np.float64))
+        norm = np.sqrt(sum(np.sum(a ** 2) for a in g))
+        scale = 1.0 if clip is None else clip / max(norm, clip)
+        applied = [scale * a for a in g]
+        new = [v - LR * a for v, a in zip(w, applied)]
+        layer = lambda arrays, i: np.sqrt(np.sum(arrays[2 * i] ** 2) + np.sum(arrays[2 * i + 1] ** 2))  # noqa: E731
+        deltas = [a - b for a, b in zip(new, w)]
+        logged.append({
+            "gradients/raw/global_norm": norm,
+            "gradients/transformed/global_norm": scale * norm,
+            "gradients/clip/ratio": scale,
+            **{f"gradients/raw/norm/{LAYERS[i]}": layer(g, i) for i in range(2)},
+            **{f"gradients/transformed/norm/{LAYERS[i]}": layer(applied, i) for i in range(2)},
+            **{f"gradients/update_ratio/{LAYERS[i]}": layer(deltas, i) / layer(w, i) for i in range(2)},
+        })
+        w = new
+    return logged, w
+
+
+def _fit(tmp_path, transform=None, monitor=True, **compile_args):
+    x, y, weights = _data()
+    model = _model(weights, **compile_args)
+    callbacks = []
+    if monitor:  # a plain model with the callback alone; `gradmon.monitor` for a transform
+        model = model if transform is None else gradmon.monitor(model, transform=transform)
+        callbacks = [gradmon.GradientMonitor(str(tmp_path))]
+    model.fit(x, y, batch_size=BATCH, epochs=1, shuffle=False, verbose=0, callbacks=callbacks)
+    return model, (read_events(str(tmp_path)) if monitor else None)
+
+
+def _logged(events, tag):
+    """The values of `tag` by step; per-layer tags may name the layer with its model's prefix."""
+    found = [t for t in events if t == tag or t.replace(t.split("/")[-2] + "/", "", 1) == tag]
+    assert len(found) == 1, (tag, sorted(events))
+    return events[found[0]]
+
+
+@pytest.mark.parametrize("clip", [None, 0.5])
+def test_fit_logs_the_numbers_of_a_numpy_replay(tmp_path, clip):
+    transform = None if clip is None else gradmon.transforms.clip_by_global_norm(clip)
+    model, events = _fit(tmp_path, transform)
+    x, y, weights = _data()
+    expected, final = _replay(weights, x, y, clip)
+    tags = [t for t in expected[0] if clip is not None or "transformed" not in t and "clip" not in t]
+    for tag in tags:
+        values = _logged(events, tag)
+        assert sorted(values) == list(range(1, STEPS + 1)), (tag, values)
+        got = np.array([values[s] for s in range(1, STEPS + 1)])
+        want = np.array([row[tag] for row in expected])
+        np.testing.assert_allclose(got, want, rtol=2e-5, err_msg=tag)
+    if clip is not None:  # the transform acted: most steps clipped, the weights followed it
+        assert min(row["gradients/clip/ratio"] for row in expected) < 0.9
+    for got, want in zip(model.get_weights(), final):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_fit_without_a_transform_ends_on_the_weights_of_a_plain_fit(tmp_path):
+    observed, _ = _fit(tmp_path / "observed")
+    plain, _ = _fit(tmp_path / "plain", monitor=False)
+    for a, b in zip(observed.get_weights(), plain.get_weights()):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_steps_per_execution_and_update_freq(tmp_path):
+    x, y, weights = _data()
+    # Keras on PyTorch runs one step per execution
+    model = gradmon.monitor(_model(weights, steps_per_execution=1 if BACKEND == "torch" else 2))
+    model.fit(x, y, batch_size=BATCH, epochs=2, shuffle=False, verbose=0,
+              callbacks=[gradmon.GradientMonitor(str(tmp_path), update_freq=3)])
+    values = _logged(read_events(str(tmp_path)), "gradients/raw/global_norm")
+    assert sorted(values) == [3, 6], values
+    first, _ = _replay(weights, x, y)
+    np.testing.assert_allclose(values[3], first[2]["gradients/raw/global_norm"], rtol=2e-5)
+
+
+def test_nonfinite_steps_are_counted_and_warned_of(tmp_path):
+    x, y, weights = _data()
+    x[2 * BATCH, 0] = np.nan  # step 3's gradient is NaN, and so are the weights after it
+    model = gradmon.monitor(_model(weights))
+    with pytest.warns(UserWarning, match="non-finite"):
+        model.fit(x, y, batch_size=BATCH, epochs=1, shuffle=False, verbose=0,
+                  callbacks=[gradmon.GradientMonitor(str(tmp_path))])
+    events = read_events(str(tmp_path))
+    assert _logged(events, "gradients/nonfinite_steps") == {1: 0.0, 2: 0.0, 3: 1.0, 4: 2.0}
+    sizes = sum(w.size for w in weights)
+    assert _logged(events, "gradients/raw/nonfinite") == {1: 0.0, 2: 0.0, 3: sizes, 4: sizes}
+
+
+@pytest.mark.skipif(BACKEND == "tensorflow", reason="JAX / PyTorch only")
+def test_optimizer_saves_without_gradmon_state(tmp_path):
+    model, _ = _fit(tmp_path)
+    store = {}
+    model.optimizer.save_own_variables(store)
+    plain, _ = _fit(tmp_path / "plain", monitor=False)
+    assert len(store) == len(plain.optimizer.variables)
+    fresh = _model(_data()[2])
+    fresh.optimizer.build(fresh.trainable_variables)
+    fresh.optimizer.load_own_variables(store)  # no "Skipping variable loading" mismatch
+    assert int(fresh.optimizer.iterations.numpy()) == STEPS
+
+
+@pytest.mark.skipif(BACKEND == "tensorflow", reason="JAX / PyTorch only")
+@pytest.mark.parametrize("case", ["on_nonfinite", "stats", "histograms", "transform", "observe"])
+def test_what_is_not_supported_yet_names_the_backend_and_the_feature(tmp_path, case):
+    x, y, weights = _data()
+    model = _model(weights)
+    callbacks = [gradmon.GradientMonitor(str(tmp_path))]
+    feature = {"on_nonfinite": "on_nonfinite='skip'", "stats": "stats=", "histograms": "histogram_freq",
+               "transform": "gradient transform", "observe": "gradmon.observe()"}[case]
+    with pytest.raises(NotImplementedError, match=rf"{BACKEND}.*") as raised:
+        if case == "observe":
+            gradmon.observe(keras.optimizers.SGD(LR))
+        if case == "on_nonfinite":
+            model = gradmon.monitor(model, on_nonfinite="skip")
+        if case == "stats":
+            model = gradmon.monitor(model, stats="all")
+        if case == "histograms":
+            callbacks = [gradmon.GradientMonitor(str(tmp_path), histogram_freq=1)]
+        if case == "transform":
+            model = gradmon.monitor(model, transform=gradmon.transforms.clip_by_value(0.1))
+        model.fit(x, y, batch_size=BATCH, epochs=1, shuffle=False, verbose=0, callbacks=callbacks)
+    assert feature in str(raised.value) and f"'{BACKEND}' backend" in str(raised.value)
+
+
+@pytest.mark.skipif(BACKEND == "tensorflow", reason="TensorFlow is the backend")
+def test_observing_imports_no_tensorflow():
+    assert "tensorflow" not in sys.modules
+
+
+def _interpreter(backend):
+    variable, default = INTERPRETERS[backend]
+    path = os.environ.get(variable) or default
+    return path if os.path.exists(path) else None
+
+
+@pytest.fixture(scope="module")
+def subprocess_runs():
+    """This module under JAX and under PyTorch, started together (their imports dominate)."""
+    if BACKEND != "tensorflow":
+        pytest.skip("run from the TensorFlow suite")
+    runs = {}
+    for backend in sorted(INTERPRETERS):
+        interpreter = _interpreter(backend)
+        if interpreter is None:
+            continue
+        env = {**os.environ, "KERAS_BACKEND": backend, "PYTHONPATH": ROOT}
+        runs[backend] = subprocess.Popen(
+            [interpreter, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "not subprocess",
+             os.path.join(HERE, "test_backends_gradients.py")],
+            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    yield runs
+    for run in runs.values():
+        if run.poll() is None:
+            run.kill()
+            run.wait()
+
+
+@pytest.mark.parametrize("backend", sorted(INTERPRETERS))
+def test_backend_in_subprocess(subprocess_runs, backend):
+    if backend not in subprocess_runs:
+        variable, default = INTERPRETERS[backend]
+        pytest.skip(f"no {backend} interpreter: {os.environ.get(variable) or default} does not "
+                    f"exist (set {variable} to a Python with Keras 3 and {backend})")
+    output, _ = subprocess_runs[backend].communicate(timeout=180)
+    assert subprocess_runs[backend].returncode == 0, output[-5000:]
+    assert "12 passed" in output.strip().splitlines()[-1], output[-2000:]
