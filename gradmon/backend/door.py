@@ -29,7 +29,7 @@ from gradmon.backend import lazy_tf
 
 # per-group statistics the JAX / PyTorch door computes (the global numbers, clip ratio and
 # fraction, counters and `no_gradient` come with them)
-SUPPORTED_STATS = ("norm", "grad_to_weight", "update_ratio")
+SUPPORTED_STATS = ("norm", "max_abs", "rms", "zero_fraction", "nonfinite", "grad_to_weight", "update_ratio")
 
 
 def backend_name():
@@ -53,7 +53,8 @@ def unsupported(feature):
         f"(KERAS_BACKEND={backend_name()}); it works on the 'tensorflow' backend. "
         "On JAX and PyTorch gradmon observes `fit` with `gradmon.monitor(model)` or "
         "`gradmon.GradientMonitor(log_dir)`: the statistics "
-        f"{list(SUPPORTED_STATS)} and `transform=gradmon.transforms.clip_by_global_norm(...)`.")
+        f"{list(SUPPORTED_STATS)} and the transforms clip_by_global_norm, clip_by_norm, "
+        "clip_by_value and their chains (the optimizer's own clipping included).")
 
 
 def check_supported(observer, optimizer_clip=None, loss_scaled=False):
@@ -82,8 +83,7 @@ def check_supported(observer, optimizer_clip=None, loss_scaled=False):
         raise unsupported("custom statistics (gradmon.statistics.Statistic)")
     for transform in (observer.transform, optimizer_clip):
         if transform is not None and not getattr(transform, "keras_ops", False):
-            raise unsupported(f"the gradient transform {transform!r} (the optimizer's "
-                              "clipnorm / clipvalue included)")
+            raise unsupported(f"the gradient transform {transform!r}")
     if keras.distribution.distribution() is not None:
         raise unsupported("keras.distribution (data or model parallel training)")
 

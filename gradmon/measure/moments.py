@@ -137,6 +137,8 @@ def grouped_moments(tensors, group_ids, num_groups):
         `[num_groups, NUM_MOMENTS]` float32.
     """
     present = [(t, gid) for t, gid in zip(tensors, group_ids) if t is not None]
+    if _OPS:
+        return _grouped_moments_in_keras_ops(present, num_groups)
     if not present:
         return tf.zeros([num_groups, NUM_MOMENTS])
     prepared = [_values_and_size(t) for t, _ in present]
@@ -152,6 +154,29 @@ def grouped_moments(tensors, group_ids, num_groups):
     rows = tf.stack([sumsq, tf.stack([p[1] for p in partial]), tf.stack([s for _, s in prepared]),
                      tf.stack([p[2] for p in partial]), nonfinite], axis=1)
     return group_moments(rows, [gid for _, gid in present], num_groups)
+
+
+def _grouped_moments_in_keras_ops(present, num_groups):
+    """`grouped_moments` of dense tensors in `keras.ops` (JAX / PyTorch), on logged steps only:
+    the non-finite entries are counted without a branch."""
+    if not present:
+        return keras.ops.zeros([num_groups, NUM_MOMENTS])
+    rows = []
+    for t, _ in present:
+        v = keras.ops.reshape(keras.ops.cast(t, "float32"), [-1])
+        size = float(v.shape[0])
+        max_abs = keras.ops.max(keras.ops.abs(v)) if size else keras.ops.zeros([])
+        rows.append(keras.ops.stack([
+            keras.ops.sum(keras.ops.square(v)), keras.ops.maximum(max_abs, 0.0),
+            keras.ops.convert_to_tensor(size, "float32"),
+            size - keras.ops.cast(keras.ops.count_nonzero(v), "float32"),
+            keras.ops.sum(keras.ops.cast(keras.ops.logical_not(keras.ops.isfinite(v)), "float32"))]))
+    rows = keras.ops.stack(rows)
+    ids = keras.ops.convert_to_tensor([gid for _, gid in present], "int32")
+    summed = keras.ops.segment_sum(rows, ids, num_segments=num_groups)
+    # an absent group's max |g| is 0 (an empty segment's max is the lowest float)
+    maxed = keras.ops.maximum(keras.ops.segment_max(rows[:, MAX_ABS], ids, num_segments=num_groups), 0.0)
+    return keras.ops.concatenate([summed[:, :MAX_ABS], maxed[:, None], summed[:, MAX_ABS + 1:]], axis=1)
 
 
 def grouped_squared_norms(tensors, group_ids, num_groups):
@@ -193,6 +218,10 @@ def finalize(grouped):
     The order matches `gradmon.tags.GROUP_STATS`.
     """
     sumsq = grouped[:, SUMSQ]
+    if _OPS:
+        size = keras.ops.maximum(grouped[:, SIZE], 1.0)
+        return keras.ops.stack([keras.ops.sqrt(sumsq), grouped[:, MAX_ABS], keras.ops.sqrt(sumsq / size),
+                                grouped[:, ZEROS] / size, grouped[:, NONFINITE]], axis=1)
     size = tf.maximum(grouped[:, SIZE], 1.0)
     return tf.stack(
         [

@@ -131,7 +131,7 @@ class StepContext:
 
     def nonfinite_total(self, kind):
         if self.spec.full_moments:
-            return tf.reduce_sum(self.moments(kind)[:, _stats.NONFINITE])
+            return (keras.ops.sum if _OPS else tf.reduce_sum)(self.moments(kind)[:, _stats.NONFINITE])
         total = (keras.ops.sum if _OPS else tf.reduce_sum)(self.sumsq(kind))
         return _stats.count_nonfinite(self.gradients(kind), total)
 

@@ -19,6 +19,7 @@ Example:
 """
 
 import keras
+import numpy as np
 
 from gradmon.backend import lazy_tf as _lazy_tf
 from gradmon.measure import moments as stats
@@ -44,6 +45,8 @@ def _with_values(gradient, values):
 
 
 def _fraction(clipped, total):
+    if _OPS:
+        return keras.ops.divide_no_nan(keras.ops.cast(clipped, "float32"), keras.ops.cast(total, "float32"))
     return stats.safe_ratio(tf.cast(clipped, tf.float32), tf.cast(total, tf.float32))
 
 
@@ -90,11 +93,14 @@ class clip_by_value(GradientTransform):
     """
 
     name = "clip_by_value"
+    keras_ops = True
 
     def __init__(self, limit):
         self.limit = check_positive("limit", limit)
 
     def __call__(self, grads, params):
+        if _OPS:
+            return self._in_keras_ops(grads)
         out, clipped, total = [], [], []
         for g in grads:
             if g is None:
@@ -109,6 +115,13 @@ class clip_by_value(GradientTransform):
     def get_config(self):
         return {"limit": self.limit}
 
+    def _in_keras_ops(self, grads):
+        present = [g for g in grads if g is not None]
+        clipped = sum(keras.ops.sum(keras.ops.cast(keras.ops.abs(g) > self.limit, "float32")) for g in present)
+        total = float(sum(int(np.prod(g.shape)) for g in present))
+        out = [None if g is None else keras.ops.clip(g, -self.limit, self.limit) for g in grads]
+        return out, {self.name: _fraction(clipped, total)}
+
 
 class clip_by_norm(GradientTransform):
     """Rescales each gradient tensor whose L2 norm exceeds `max_norm` to `max_norm`.
@@ -122,11 +135,14 @@ class clip_by_norm(GradientTransform):
     """
 
     name = "clip_by_norm"
+    keras_ops = True
 
     def __init__(self, max_norm):
         self.max_norm = check_positive("max_norm", max_norm)
 
     def __call__(self, grads, params):
+        if _OPS:
+            return self._in_keras_ops(grads)
         out, clipped = [], []
         for g in grads:
             if g is None:
@@ -141,6 +157,17 @@ class clip_by_norm(GradientTransform):
 
     def get_config(self):
         return {"max_norm": self.max_norm}
+
+    def _in_keras_ops(self, grads):
+        out, clipped = [], []
+        for g in grads:
+            if g is None:
+                out.append(None)
+                continue
+            norm = keras.ops.sqrt(stats.squared_norm(g))
+            clipped.append(keras.ops.cast(norm > self.max_norm, "float32"))
+            out.append(g * keras.ops.cast(self.max_norm / keras.ops.maximum(norm, self.max_norm), g.dtype))
+        return out, {self.name: _fraction(sum(clipped) if clipped else 0.0, len(clipped))}
 
 
 class clip_by_global_norm(GradientTransform):
@@ -280,6 +307,10 @@ class chain(GradientTransform):
 
     def members(self):
         return [m for t in self.transforms for m in t.members()]
+
+    @property
+    def keras_ops(self):
+        return all(getattr(m, "keras_ops", False) for m in self.members())
 
     def get_config(self):
         return {"transforms": [serialize(t) for t in self.transforms]}
