@@ -168,6 +168,33 @@ def test_fit_logs_the_numbers_of_a_numpy_replay(tmp_path, case):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
+class _Net(gradmon.GradientMonitorMixin, keras.Model):
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.hidden = keras.layers.Dense(HIDDEN, activation="tanh", name="dense")
+        self.out = keras.layers.Dense(1, name="dense_1")
+
+    def call(self, x):
+        return self.out(self.hidden(x))
+
+
+def test_the_mixin_logs_the_numbers_of_a_numpy_replay(tmp_path):
+    x, y, weights = _data()
+    model = _Net(gradient_transform=gradmon.transforms.clip_by_global_norm(0.5))
+    model(x[:1])
+    model.set_weights(weights)
+    model.compile(optimizer=keras.optimizers.SGD(LR), loss="mse")
+    model.fit(x, y, batch_size=BATCH, epochs=1, shuffle=False, verbose=0,
+              callbacks=[gradmon.GradientMonitor(str(tmp_path))])
+    events = read_events(str(tmp_path))
+    expected, final = _replay(weights, x, y, lambda g: _clip_global(g, 0.5))
+    for tag in expected[0]:
+        got = [_logged(events, tag)[step] for step in range(1, STEPS + 1)]
+        np.testing.assert_allclose(got, [row[tag] for row in expected], rtol=2e-5, atol=1e-7, err_msg=tag)
+    for got, want in zip(model.get_weights(), final):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
 def test_every_per_layer_statistic_of_a_numpy_replay(tmp_path):
     x, y, weights = _data()
     model = gradmon.monitor(_model(weights), stats=PER_LAYER)
@@ -302,4 +329,4 @@ def test_backend_in_subprocess(subprocess_runs, backend):
                     f"exist (set {variable} to a Python with Keras 3 and {backend})")
     output, _ = subprocess_runs[backend].communicate(timeout=180)
     assert subprocess_runs[backend].returncode == 0, output[-5000:]
-    assert "18 passed" in output.strip().splitlines()[-1], output[-2000:]
+    assert "19 passed" in output.strip().splitlines()[-1], output[-2000:]
