@@ -168,7 +168,7 @@ def test_fit_logs_the_numbers_of_a_numpy_replay(tmp_path, case):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
-class _Net(gradmon.GradientMonitorMixin, keras.Model):
+class Net(gradmon.GradientMonitorMixin, keras.Model):
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
         self.hidden = keras.layers.Dense(HIDDEN, activation="tanh", name="dense")
@@ -180,7 +180,7 @@ class _Net(gradmon.GradientMonitorMixin, keras.Model):
 
 def test_the_mixin_logs_the_numbers_of_a_numpy_replay(tmp_path):
     x, y, weights = _data()
-    model = _Net(gradient_transform=gradmon.transforms.clip_by_global_norm(0.5))
+    model = Net(gradient_transform=gradmon.transforms.clip_by_global_norm(0.5))
     model(x[:1])
     model.set_weights(weights)
     model.compile(optimizer=keras.optimizers.SGD(LR), loss="mse")
