@@ -15,8 +15,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOCS = ["README.md", "examples/README.md"] + sorted(
-    os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "docs", "**", "*.md"), recursive=True)
-    if not p.endswith("ARCHITECTURE.md"))  # being redrawn for the new folders (issue 17)
+    os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "docs", "**", "*.md"), recursive=True))
 
 FILE = re.compile(r"\b((?:tests|examples|benchmarks|docs|gradmon)/[\w/.-]*\.(?:py|md|png))")
 NAME = re.compile(r"`(gradmon(?:\.[A-Za-z_]\w*)+)")
@@ -78,3 +77,72 @@ def test_the_readme_quick_start_commands_are_make_targets():
     for command in re.findall(r"^make (\w+)", readme, re.MULTILINE) + ["docs"]:
         assert command in targets, (command, sorted(targets))
     assert "make docs" in read(".ci/run")
+
+
+def statistic_example():
+    """The code blocks of docs/ARCHITECTURE.md's "How to add a statistic" section."""
+    text = read("docs/ARCHITECTURE.md")
+    section = text[text.index("## How to add a statistic"):]
+    return re.findall(r"```python\n(.*?)```", section, re.DOTALL)
+
+
+def test_the_statistic_example_uses_public_names_only():
+    import ast
+
+    import gradmon
+
+    definition = statistic_example()[0]
+    for node in ast.walk(ast.parse(definition)):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                assert alias.name in ("keras", "numpy", "gradmon") or alias.name == "keras.ops", alias.name
+        elif isinstance(node, ast.ImportFrom):
+            assert node.module in ("keras", "gradmon"), node.module
+            assert all(a.name in gradmon.__all__ or node.module == "keras" for a in node.names)
+    used = set(re.findall(r"\bgradmon\.(\w+)", definition))
+    assert used and used <= set(gradmon.__all__), used - set(gradmon.__all__)
+
+
+@pytest.mark.tensorflow_only
+def test_the_statistic_example_writes_what_numpy_computes(tmp_path):
+    """The documented custom statistic, run as the section shows it (an instance in `stats=`),
+    against a numpy replay of the same Adam steps; its description reaches TensorBoard; and a
+    custom statistic's name is refused by `stats=`, as the section says."""
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    import gradmon
+    from helpers import read_descriptions, read_events
+
+    namespace = {}
+    exec(statistic_example()[0], namespace)
+    statistic = namespace["UpdateCosine"]()
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, activation="tanh", name="a"),
+                              keras.layers.Dense(1, name="b")])
+    opt = gradmon.observe(keras.optimizers.Adam(0.01), log_dir=str(tmp_path), stats=["norm", statistic])
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(8, 4)).astype("float32"), rng.normal(size=(8, 1)).astype("float32")
+    expected = {}
+    for step in (1, 2, 3):
+        before = [v.numpy().copy() for v in model.trainable_variables]
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_mean((model(x) - y) ** 2)
+        grads = tape.gradient(loss, model.trainable_variables)
+        opt.apply_gradients(zip(grads, model.trainable_variables))
+        for layer in ("a", "b"):
+            index = [i for i, v in enumerate(model.trainable_variables) if v.path.split("/")[-2] == layer]
+            g = np.concatenate([grads[i].numpy().ravel() for i in index])
+            d = np.concatenate([(model.trainable_variables[i].numpy() - before[i]).ravel() for i in index])
+            expected[(layer, step)] = float(-g @ d / (np.linalg.norm(g) * np.linalg.norm(d)))
+    opt.flush()
+    events = read_events(str(tmp_path / "train"))
+    descriptions = read_descriptions(str(tmp_path / "train"))
+    for layer in ("a", "b"):
+        tag = statistic.tag(f"{model.name}/{layer}")
+        assert tag in events, sorted(events)
+        for step in (1, 2, 3):
+            assert events[tag][step] == pytest.approx(expected[(layer, step)], rel=1e-4)
+        assert descriptions[tag] == statistic.description(f"{model.name}/{layer}")
+    with pytest.raises(ValueError, match="stats"):
+        gradmon.observe(keras.optimizers.Adam(), stats=["norm", statistic.name])
