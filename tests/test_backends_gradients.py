@@ -265,6 +265,33 @@ def test_optimizer_saves_without_gradmon_state(tmp_path):
     assert int(fresh.optimizer.iterations.numpy()) == STEPS
 
 
+@pytest.mark.skipif(BACKEND != "torch", reason="PyTorch: an eager custom loop")
+def test_observe_in_a_torch_custom_loop_logs_the_numbers_of_a_numpy_replay(tmp_path):
+    import torch
+
+    x, y, weights = _data()
+    model = _model(weights)
+    opt = gradmon.observe(keras.optimizers.SGD(LR), log_dir=str(tmp_path), update_freq=2,
+                          transform=gradmon.transforms.clip_by_global_norm(0.5))
+    for step in range(STEPS):
+        rows = slice(step * BATCH, (step + 1) * BATCH)
+        loss = keras.ops.mean(keras.ops.square(model(x[rows]) - torch.from_numpy(y[rows])))
+        model.zero_grad()
+        loss.backward()
+        with torch.no_grad():
+            opt.apply([v.value.grad for v in model.trainable_variables], model.trainable_variables)
+    events = read_events(str(tmp_path))  # written as it went, before close()
+    expected, final = _replay(weights, x, y, lambda g: _clip_global(g, 0.5))
+    for tag in expected[0]:
+        values = _logged(events, tag)
+        assert sorted(values) == [2, 4], (tag, values)
+        np.testing.assert_allclose([values[2], values[4]], [expected[1][tag], expected[3][tag]],
+                                   rtol=2e-5, atol=1e-7, err_msg=tag)
+    for got, want in zip(model.get_weights(), final):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    opt.gradmon.close()
+
+
 @pytest.mark.skipif(BACKEND == "tensorflow", reason="JAX / PyTorch only")
 @pytest.mark.parametrize("case", ["on_nonfinite", "stats", "histograms", "transform", "observe"])
 def test_what_is_not_supported_yet_names_the_backend_and_the_feature(tmp_path, case):
@@ -273,6 +300,8 @@ def test_what_is_not_supported_yet_names_the_backend_and_the_feature(tmp_path, c
     callbacks = [gradmon.GradientMonitor(str(tmp_path))]
     feature = {"on_nonfinite": "on_nonfinite='skip'", "stats": "stats=", "histograms": "histogram_freq",
                "transform": "gradient transform", "observe": "gradmon.observe()"}[case]
+    if case == "observe" and BACKEND == "torch":
+        pytest.skip("observe() works on PyTorch (test_observe_in_a_torch_custom_loop_...)")
     with pytest.raises(NotImplementedError, match=rf"{BACKEND}.*") as raised:
         if case == "observe":
             gradmon.observe(keras.optimizers.SGD(LR))

@@ -21,6 +21,7 @@ import contextlib
 import keras
 import numpy as np
 
+EAGER = False  # the hooked apply runs inside the jitted step: the host reads between steps
 _OWNERS = []
 _STATE_IDS = "_gradmon_state_ids"
 

@@ -12,6 +12,8 @@ the suite does not run it.
 import keras
 import numpy as np
 
+EAGER = True  # the hooked apply runs on the host: an observed custom loop writes as it goes
+
 
 def state_variable(initial, dtype=None, name=None):
     return keras.Variable(np.asarray(initial), dtype=dtype, trainable=False, name=name)

@@ -345,6 +345,8 @@ class Observer:
             return rec.row(ctx)
 
         rec.store(step, door.cond(do_log, measure, int(rec.records.shape[1])), do_log)
+        if door.EAGER and self.host.writer is not None and self._eager_due(int(step)):
+            self.flush(report=False)  # a custom loop of observe(log_dir=...): written as it goes
 
     def _take_extras(self):
         extras = {}
@@ -597,8 +599,8 @@ def observe(optimizer, log_dir=None, transform=None, name=None, update_freq=1, h
         raise invalid("optimizer", "a keras.optimizers.Optimizer", optimizer)
     from gradmon._validation import check_positive_int
 
-    if not _lazy_tf.is_tensorflow():  # the user's loop owns the state (JAX): not designed yet
-        raise _door.unsupported("gradmon.observe() (custom training loops)")
+    if _door.current() is not None and not _door.current().EAGER:  # JAX: the user's loop owns
+        raise _door.unsupported("gradmon.observe() (custom training loops)")  # the state
     observer = Observer(GradientSettings.from_arguments(locals(), "observe"))
     observer.set_schedule(every=check_positive_int("update_freq", update_freq),
                           hist_every=check_non_negative_int("histogram_freq", histogram_freq))
