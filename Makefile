@@ -33,6 +33,10 @@ NO_TF = python -c "import importlib.util, sys; sys.exit('TensorFlow was installe
 OTHER_PYTHONS = GRADMON_TENSORFLOW_PYTHON=$(abspath $(BIN))/python GRADMON_JAX_PYTHON=$(abspath $(VENV_JAX))/bin/python \
 	GRADMON_TORCH_PYTHON=$(abspath $(VENV_TORCH))/bin/python
 
+# With all three suites, the TensorFlow one does not re-run whole modules under JAX / PyTorch
+# (tests/helpers.py start_module_on_backends): their own suites run them next.
+EVERY_BACKEND = $(if $(filter all,$(BACKEND)),GRADMON_EVERY_BACKEND=1)
+
 ifeq ($(BACKEND),all)
 TEST_BACKENDS = tensorflow jax torch
 else ifneq ($(filter $(BACKEND),tensorflow jax torch),)
@@ -81,7 +85,7 @@ test: $(addprefix test-,$(TEST_BACKENDS))
 # With BACKEND=all the other two environments are installed first, so the TensorFlow
 # suite's cross-backend checks run in them (alone, those checks skip when they are missing).
 test-tensorflow: install $(if $(filter all,$(BACKEND)),install-jax install-torch)
-	KERAS_BACKEND=tensorflow $(OTHER_PYTHONS) $(BIN)/python -m pytest -q
+	KERAS_BACKEND=tensorflow $(OTHER_PYTHONS) $(EVERY_BACKEND) $(BIN)/python -m pytest -q
 
 test-jax: install-jax
 	KERAS_BACKEND=jax $(OTHER_PYTHONS) $(VENV_JAX)/bin/python -m pytest -q

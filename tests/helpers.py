@@ -172,3 +172,70 @@ def serve_tensorboard(log_dir, ready, timeout=90):
             server.wait(timeout=20)
         except subprocess.TimeoutExpired:
             server.kill()
+
+
+# -- other Keras backends, from this suite ----------------------------------------------------
+# `make test` points GRADMON_{TENSORFLOW,JAX,TORCH}_PYTHON at .venv, .venv-jax and .venv-torch.
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BACKEND_PYTHONS = {
+    "jax": ("GRADMON_JAX_PYTHON", os.path.join(ROOT, ".venv-jax", "bin", "python")),
+    "tensorflow": ("GRADMON_TENSORFLOW_PYTHON", os.path.join(ROOT, ".venv", "bin", "python")),
+    "torch": ("GRADMON_TORCH_PYTHON", os.path.join(ROOT, ".venv-torch", "bin", "python")),
+}
+
+
+def backend_python(backend):
+    """The interpreter of `backend` (its variable, else the venv `make test` creates), or a skip."""
+    import pytest
+
+    variable, default = BACKEND_PYTHONS[backend]
+    path = os.environ.get(variable) or default
+    if not os.path.exists(path):
+        pytest.skip(f"no {backend} interpreter: {path} does not exist (set {variable} to a Python "
+                    f"with Keras 3 and {backend})")
+    return path
+
+
+def backend_env(backend):
+    return dict(os.environ, KERAS_BACKEND=backend, PYTHONPATH=ROOT)
+
+
+def start_module_on_backends(module, backends, pytest_args=()):
+    """`module`'s tests run under each of `backends`, started together: `{backend: Popen}`.
+
+    A backend without an interpreter is left out (`finish_module_run` skips it). Under `make
+    test`, which runs every backend's suite itself (GRADMON_EVERY_BACKEND=1), none is started.
+    """
+    if os.environ.get("GRADMON_EVERY_BACKEND") == "1":
+        return {}
+    runs = {}
+    for backend in backends:
+        variable, default = BACKEND_PYTHONS[backend]
+        path = os.environ.get(variable) or default
+        if os.path.exists(path):
+            runs[backend] = subprocess.Popen(
+                [path, "-m", "pytest", "-q", "-p", "no:cacheprovider", *pytest_args, module],
+                cwd=ROOT, env=backend_env(backend), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                text=True)
+    return runs
+
+
+def finish_module_run(runs, backend, timeout=180):
+    """The output of `runs[backend]` once it passed; a skip when it was not started."""
+    import pytest
+
+    if backend not in runs:
+        if os.environ.get("GRADMON_EVERY_BACKEND") == "1":
+            pytest.skip(f"make test runs this module on {backend} in its own suite")
+        backend_python(backend)  # skips, naming the missing interpreter
+    output, _ = runs[backend].communicate(timeout=timeout)
+    assert runs[backend].returncode == 0, output[-5000:]
+    return output
+
+
+def stop_module_runs(runs):
+    for run in runs.values():
+        if run.poll() is None:
+            run.kill()
+            run.wait()

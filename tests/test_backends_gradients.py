@@ -9,12 +9,11 @@ optimizer's own clipping) equal the replay's to float32 precision, and
 a `fit` without a transform ends on the weights of a plain `fit`. On JAX and PyTorch what gradmon
 does not do there yet raises `NotImplementedError` naming the backend and the feature.
 Under TensorFlow, `test_backend_in_subprocess` runs this module under JAX and PyTorch in the
-TensorFlow-free interpreters `GRADMON_JAX_PYTHON` / `GRADMON_TORCH_PYTHON` (defaults
-/work/venv-jax/bin/python, /work/venv-torch/bin/python), skipped when absent.
+TensorFlow-free interpreters of `helpers.backend_python` (skipped when absent, and under `make
+test`, which runs every backend's suite itself).
 """
 
 import os
-import subprocess
 import sys
 
 import keras
@@ -22,15 +21,11 @@ import numpy as np
 import pytest
 
 import gradmon
-from helpers import read_events
+from helpers import finish_module_run, read_events, start_module_on_backends, stop_module_runs
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 BACKEND = keras.backend.backend()
-INTERPRETERS = {
-    "jax": ("GRADMON_JAX_PYTHON", "/work/venv-jax/bin/python"),
-    "torch": ("GRADMON_TORCH_PYTHON", "/work/venv-torch/bin/python"),
-}
 LR, BATCH, STEPS, HIDDEN = 0.1, 8, 4, 8
 LAYERS = ("dense", "dense_1")
 PER_LAYER = ["norm", "max_abs", "rms", "zero_fraction", "nonfinite", "grad_to_weight", "update_ratio"]
@@ -322,40 +317,17 @@ def test_observing_imports_no_tensorflow():
     assert "tensorflow" not in sys.modules
 
 
-def _interpreter(backend):
-    variable, default = INTERPRETERS[backend]
-    path = os.environ.get(variable) or default
-    return path if os.path.exists(path) else None
-
-
 @pytest.fixture(scope="module")
 def subprocess_runs():
     """This module under JAX and under PyTorch, started together (their imports dominate)."""
     if BACKEND != "tensorflow":
         pytest.skip("run from the TensorFlow suite")
-    runs = {}
-    for backend in sorted(INTERPRETERS):
-        interpreter = _interpreter(backend)
-        if interpreter is None:
-            continue
-        env = {**os.environ, "KERAS_BACKEND": backend, "PYTHONPATH": ROOT}
-        runs[backend] = subprocess.Popen(
-            [interpreter, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "not subprocess",
-             os.path.join(HERE, "test_backends_gradients.py")],
-            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    runs = start_module_on_backends(os.path.abspath(__file__), ("jax", "torch"), ["-k", "not subprocess"])
     yield runs
-    for run in runs.values():
-        if run.poll() is None:
-            run.kill()
-            run.wait()
+    stop_module_runs(runs)
 
 
-@pytest.mark.parametrize("backend", sorted(INTERPRETERS))
+@pytest.mark.parametrize("backend", ["jax", "torch"])
 def test_backend_in_subprocess(subprocess_runs, backend):
-    if backend not in subprocess_runs:
-        variable, default = INTERPRETERS[backend]
-        pytest.skip(f"no {backend} interpreter: {os.environ.get(variable) or default} does not "
-                    f"exist (set {variable} to a Python with Keras 3 and {backend})")
-    output, _ = subprocess_runs[backend].communicate(timeout=180)
-    assert subprocess_runs[backend].returncode == 0, output[-5000:]
+    output = finish_module_run(subprocess_runs, backend)
     assert "19 passed" in output.strip().splitlines()[-1], output[-2000:]

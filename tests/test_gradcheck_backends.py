@@ -8,13 +8,12 @@ leaves errors of 1e-8 to 1e-7); a manual gradient with a sign error, and an auto
 made wrong by a known factor with the backend's own custom-gradient mechanism
 (`tf.custom_gradient`, `jax.custom_vjp`, `torch.autograd.Function`), each caught and named.
 Under TensorFlow, `test_backend_in_subprocess` runs this module under JAX and PyTorch in the
-TensorFlow-free interpreters `GRADMON_JAX_PYTHON` / `GRADMON_TORCH_PYTHON` (defaults
-/work/venv-jax/bin/python, /work/venv-torch/bin/python), skipped when absent.
+TensorFlow-free interpreters of `helpers.backend_python` (skipped when absent, and under `make
+test`, which runs every backend's suite itself).
 """
 
 import contextlib
 import os
-import subprocess
 import sys
 
 import keras
@@ -23,14 +22,11 @@ import pytest
 from keras import ops
 
 from gradmon.gradcheck import assert_gradients_close, check_gradients
+from helpers import finish_module_run, start_module_on_backends, stop_module_runs
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 BACKEND = keras.backend.backend()
-INTERPRETERS = {
-    "jax": ("GRADMON_JAX_PYTHON", "/work/venv-jax/bin/python"),
-    "torch": ("GRADMON_TORCH_PYTHON", "/work/venv-torch/bin/python"),
-}
 WRONG_FACTOR = 0.9  # a gradient scaled by this has relative error 1 - 0.9 = 0.1
 
 
@@ -331,43 +327,20 @@ def test_checks_import_no_tensorflow():
     assert "tensorflow" not in sys.modules
 
 
-def _interpreter(backend):
-    """The TensorFlow-free interpreter for `backend`, or `None` when there is none."""
-    variable, default = INTERPRETERS[backend]
-    path = os.environ.get(variable) or default
-    return path if os.path.exists(path) else None
-
-
 @pytest.fixture(scope="module")
 def subprocess_runs():
     """This module under JAX and under PyTorch, started together (their imports dominate)."""
     if BACKEND != "tensorflow":
         pytest.skip("run from the TensorFlow suite")
-    runs = {}
-    for backend in sorted(INTERPRETERS):
-        interpreter = _interpreter(backend)
-        if interpreter is None:
-            continue
-        command = [interpreter, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                   "-W", "ignore::DeprecationWarning", os.path.abspath(__file__)]
-        env = dict(os.environ, KERAS_BACKEND=backend, PYTHONPATH=ROOT)
-        runs[backend] = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                         text=True, env=env, cwd=ROOT)
+    runs = start_module_on_backends(os.path.abspath(__file__), ("jax", "torch"),
+                                    ["-W", "ignore::DeprecationWarning"])
     yield runs
-    for run in runs.values():
-        if run.poll() is None:
-            run.kill()
-            run.wait()
+    stop_module_runs(runs)
 
 
-@pytest.mark.parametrize("backend", sorted(INTERPRETERS))
+@pytest.mark.parametrize("backend", ["jax", "torch"])
 def test_backend_in_subprocess(subprocess_runs, backend):
-    if backend not in subprocess_runs:
-        variable, default = INTERPRETERS[backend]
-        pytest.skip(f"no {backend} interpreter: {os.environ.get(variable) or default} does not "
-                    f"exist (set {variable} to a Python with Keras 3 and {backend})")
-    output, _ = subprocess_runs[backend].communicate(timeout=180)
-    assert subprocess_runs[backend].returncode == 0, output[-5000:]
+    output = finish_module_run(subprocess_runs, backend)
     # Everything but the two subprocess tests, which only the TensorFlow suite runs.
     expected = {"jax": "11 passed, 2 skipped", "torch": "9 passed, 4 skipped"}[backend]
     assert expected in output.strip().splitlines()[-1], output[-2000:]

@@ -5,8 +5,8 @@ data, and returns gradmon's HVP matrix (both modes), spectrum (Lanczos with the 
 eigenvalue, power iteration, preconditioned), Hutchinson trace and SLQ nodes beside the
 Hessian the backend's own autodiff computes from the loss written out by hand. It runs
 here, on the suite's backend, and in the TensorFlow-free JAX and PyTorch interpreters
-(`GRADMON_JAX_PYTHON` / `GRADMON_TORCH_PYTHON`, defaulting to /work/venv-jax and
-/work/venv-torch; skipped when absent), whose eigenvalues must equal this backend's.
+(`helpers.backend_python`: GRADMON_JAX_PYTHON / GRADMON_TORCH_PYTHON, else .venv-jax and
+.venv-torch; skipped when absent), whose eigenvalues must equal this backend's.
 """
 
 import json
@@ -17,15 +17,11 @@ import numpy as np
 import pytest
 
 import hessian_backend_check
+from helpers import backend_env, backend_python
 from gradmon import tags
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-INTERPRETERS = {  # backend: (variable naming its interpreter, default)
-    "jax": ("GRADMON_JAX_PYTHON", "/work/venv-jax/bin/python"),
-    "tensorflow": ("GRADMON_TENSORFLOW_PYTHON", os.path.join(ROOT, ".venv", "bin", "python")),
-    "torch": ("GRADMON_TORCH_PYTHON", "/work/venv-torch/bin/python"),
-}
 RTOL = 2e-5  # float32 HVPs of a Hessian of norm ~3: rounding ~1e-7 relative, spectrum tol 1e-6
 
 
@@ -35,23 +31,17 @@ def here():
     return hessian_backend_check.run()
 
 
-@pytest.fixture(scope="module", params=sorted(INTERPRETERS))
+@pytest.fixture(scope="module", params=["jax", "tensorflow", "torch"])
 def other(request):
     """The check in the interpreter of another backend (JAX and PyTorch ones TensorFlow-free;
     one at a time: on a shared 2-core machine overlapping them took longer)."""
     import keras
 
     backend = request.param
-    variable, default = INTERPRETERS[backend]
-    path = os.environ.get(variable) or default
     if keras.backend.backend() == backend:
         pytest.skip(f"the suite runs on {backend} itself")
-    if not os.path.exists(path):
-        pytest.skip(f"no {backend} interpreter: {path} does not exist (set {variable} to a Python "
-                    f"with Keras 3 and {backend})")
-    done = subprocess.run([path, os.path.join(HERE, "hessian_backend_check.py")],
-                          capture_output=True, text=True, timeout=180, cwd=ROOT,
-                          env=dict(os.environ, KERAS_BACKEND=backend, PYTHONPATH=ROOT))
+    done = subprocess.run([backend_python(backend), os.path.join(HERE, "hessian_backend_check.py")],
+                          capture_output=True, text=True, timeout=180, cwd=ROOT, env=backend_env(backend))
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
 
