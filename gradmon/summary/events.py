@@ -282,9 +282,40 @@ def load_run(logdir):
     Raises:
         NoGradmonLogs: when the directory holds no readable event files.
     """
-    from tensorboard.compat.proto import event_pb2, types_pb2
-
     directory = run_directory(logdir)
+    values, problems, configs = {}, [], {}
+    written = {}  # {name: [(path, steps of its global raw norm)]}: for overlapping writers
+    read_any = False
+    for path in _event_paths(directory):
+        data, reason = _read_file(path)
+        if data is None:
+            problems.append(ReadProblem(path=path, kind="unreadable", offset=0, skipped_bytes=0,
+                                        last_good_step=None, resumed_step=None, reason=reason))
+            continue
+        read_any = True
+        read, damage, norms = _read_events(data, values, configs)
+        for name, steps in norms.items():
+            written.setdefault(name, []).append((path, steps))
+        problems += _damage_problems(path, damage, read)
+    if not read_any:
+        raise NoGradmonLogs(
+            f"No readable event files in {directory!r}: "
+            + "; ".join(p.message for p in problems)
+            + ". Expected the `log_dir` of a gradmon.GradientMonitor run (event files under LOGDIR/train)."
+        )
+    out = Run(problems=problems, configs=configs, overlaps=_overlaps(written))
+    for tag, by_step in values.items():
+        steps = np.array(sorted(by_step), dtype=np.int64)
+        out[tag] = (steps, np.array([by_step[s] for s in steps], dtype=np.float64))
+    return out
+
+
+def _event_paths(directory):
+    """The event files of a run directory: its own (name order), then its per-group runs'.
+
+    Raises:
+        NoGradmonLogs: when `directory` is not a directory or holds no event files.
+    """
     if not os.path.isdir(directory):
         raise NoGradmonLogs(
             f"{directory!r} is not a directory. Expected the `log_dir` of a "
@@ -300,67 +331,65 @@ def load_run(logdir):
             f"No event files in {directory!r}. Expected the `log_dir` of a "
             "gradmon.GradientMonitor run (event files under LOGDIR/train)."
         )
-    values, problems, float32, configs = {}, [], types_pb2.DT_FLOAT, {}
-    written = {}  # {name: [(path, steps of its global raw norm)]}: for overlapping writers
-    read_any = False
-    for path in paths:
-        data, reason = _read_file(path)
-        if data is None:
-            problems.append(ReadProblem(path=path, kind="unreadable", offset=0, skipped_bytes=0,
-                                        last_good_step=None, resumed_step=None, reason=reason))
+    return paths
+
+
+def _read_events(data, values, configs):
+    """Reads one event file's bytes into `values` (`{tag: {step: number}}`) and `configs`.
+
+    Returns:
+        `(read, damage, norms)`: the `(offset, step)` of every event read, the damaged
+        regions (`_scan_records`' tuples, corrupt events added) and `{name: steps}` of the
+        global raw norm in this file.
+    """
+    from tensorboard.compat.proto import event_pb2, types_pb2
+
+    float32 = types_pb2.DT_FLOAT
+    records, damage = _scan_records(data)
+    read = []  # (offset, step) of the events read
+    norms = {}  # {name: steps} of the global raw norm in this file
+    for offset, payload in records:
+        try:
+            event = event_pb2.Event.FromString(payload)
+        except Exception:  # pragma: no cover - a checksummed record that is not an Event
+            damage.append(("corrupt", offset, len(payload), None))
             continue
-        read_any = True
-        records, damage = _scan_records(data)
-        read = []  # (offset, step) of the events read
-        norms = {}  # {name: steps} of the global raw norm in this file
-        for offset, payload in records:
-            try:
-                event = event_pb2.Event.FromString(payload)
-            except Exception:  # pragma: no cover - a checksummed record that is not an Event
-                damage.append(("corrupt", offset, len(payload), None))
-                continue
-            read.append((offset, int(event.step)))
-            if not event.HasField("summary"):
-                continue
-            step = int(event.step)
-            for value in event.summary.value:
-                tensor = value.tensor
-                floats = tensor.float_val
-                if len(floats) == 1 and tensor.dtype == float32 and not tensor.tensor_shape.dim:
-                    number = floats[0]  # the common case, inline: a float32 scalar
-                else:
-                    number = _scalar(value, types_pb2)
-                if number is not None:
-                    values.setdefault(value.tag, {})[step] = number
-                    if value.tag.endswith(_GLOBAL_NORM):
-                        name = _name_of(value.tag, _GLOBAL_NORM)
-                        if name is not False:
-                            norms.setdefault(name, set()).add(step)
-                elif tensor.string_val and value.tag.endswith(tags.CONFIG):
-                    name = _name_of(value.tag, tags.CONFIG)
-                    config = _config(tensor.string_val[0]) if name is not False else {}
-                    if config:  # any file of the run that recorded it
-                        configs[name] = config
-        for name, steps in norms.items():
-            written.setdefault(name, []).append((path, steps))
-        for kind, offset, skipped, resume in sorted(damage, key=lambda d: d[1]):
-            before = [step for o, step in read if o < offset]
-            after = [step for o, step in read if resume is not None and o >= resume]
-            problems.append(ReadProblem(
-                path=path, kind=kind, offset=offset, skipped_bytes=skipped,
-                last_good_step=before[-1] if before else None,
-                resumed_step=after[0] if after else None))
-    if not read_any:
-        raise NoGradmonLogs(
-            f"No readable event files in {directory!r}: "
-            + "; ".join(p.message for p in problems)
-            + ". Expected the `log_dir` of a gradmon.GradientMonitor run (event files under LOGDIR/train)."
-        )
-    out = Run(problems=problems, configs=configs, overlaps=_overlaps(written))
-    for tag, by_step in values.items():
-        steps = np.array(sorted(by_step), dtype=np.int64)
-        out[tag] = (steps, np.array([by_step[s] for s in steps], dtype=np.float64))
-    return out
+        read.append((offset, int(event.step)))
+        if not event.HasField("summary"):
+            continue
+        step = int(event.step)
+        for value in event.summary.value:
+            tensor = value.tensor
+            floats = tensor.float_val
+            if len(floats) == 1 and tensor.dtype == float32 and not tensor.tensor_shape.dim:
+                number = floats[0]  # the common case, inline: a float32 scalar
+            else:
+                number = _scalar(value, types_pb2)
+            if number is not None:
+                values.setdefault(value.tag, {})[step] = number
+                if value.tag.endswith(_GLOBAL_NORM):
+                    name = _name_of(value.tag, _GLOBAL_NORM)
+                    if name is not False:
+                        norms.setdefault(name, set()).add(step)
+            elif tensor.string_val and value.tag.endswith(tags.CONFIG):
+                name = _name_of(value.tag, tags.CONFIG)
+                config = _config(tensor.string_val[0]) if name is not False else {}
+                if config:  # any file of the run that recorded it
+                    configs[name] = config
+    return read, damage, norms
+
+
+def _damage_problems(path, damage, read):
+    """A `ReadProblem` per damaged region of a file, with the steps read around it."""
+    problems = []
+    for kind, offset, skipped, resume in sorted(damage, key=lambda d: d[1]):
+        before = [step for o, step in read if o < offset]
+        after = [step for o, step in read if resume is not None and o >= resume]
+        problems.append(ReadProblem(
+            path=path, kind=kind, offset=offset, skipped_bytes=skipped,
+            last_good_step=before[-1] if before else None,
+            resumed_step=after[0] if after else None))
+    return problems
 
 
 _GLOBAL_NORM = tags.global_norm(tags.RAW)
