@@ -288,7 +288,7 @@ def bn_model(seed=1):
 
 
 def test_observer_effect_under_xla_is_as_documented(tmp_path):
-    """The README's scoped claim: without XLA bit for bit; under XLA, where the extra reads of
+    """The scoped claim of docs/guide/penalties.md: without XLA bit for bit; under XLA, where the extra reads of
     the gradient can change how XLA fuses the step (seen with BatchNorm), the first step is
     identical and later ones differ by float32 rounding that training amplifies."""
     results = {}

@@ -48,7 +48,7 @@ def layer_norms_numpy(model, grads):
 
 
 def test_named_optimizers_get_one_section_each_without_the_name_twice_in_tags(tmp_path, capsys):
-    """The README's GAN: two optimizers observed with `name=` in one run. Each gets its own
+    """The GAN of docs/guide/usage.md: two optimizers observed with `name=` in one run. Each gets its own
     section, with its layers as rows (its recorded grouping) and the last step's norms of
     the gradients the loop applied (numpy); the tags do not repeat the model's name."""
     critic, generator = net("critic", 4, [8, 1], seed=1), net("generator", 2, [8, 4], seed=2)
