@@ -182,17 +182,11 @@ def _grouped_moments_in_keras_ops(present, num_groups):
 def grouped_squared_norms(tensors, group_ids, num_groups):
     """Per-group sum of squares of `tensors` (weights, gradients); `None` entries count as 0."""
     present = [(t, gid) for t, gid in zip(tensors, group_ids) if t is not None]
-    if _OPS:
-        if not present:
-            return keras.ops.zeros([num_groups])
-        squares = keras.ops.stack([squared_norm(t) for t, _ in present])
-        ids = keras.ops.convert_to_tensor([gid for _, gid in present], "int32")
-        return keras.ops.segment_sum(squares, ids, num_segments=num_groups)
     if not present:
-        return tf.zeros([num_groups])
-    squares = tf.stack([squared_norm(t) for t, _ in present])
-    ids = tf.constant([gid for _, gid in present], tf.int32)
-    return tf.math.unsorted_segment_sum(squares, ids, num_groups)
+        return keras.ops.zeros([num_groups])
+    squares = keras.ops.stack([squared_norm(t) for t, _ in present])
+    ids = keras.ops.convert_to_tensor([gid for _, gid in present], "int32")
+    return keras.ops.segment_sum(squares, ids, num_segments=num_groups)
 
 
 def count_nonfinite(tensors, sumsq_total):
@@ -218,21 +212,9 @@ def finalize(grouped):
     The order matches `gradmon.tags.GROUP_STATS`.
     """
     sumsq = grouped[:, SUMSQ]
-    if _OPS:
-        size = keras.ops.maximum(grouped[:, SIZE], 1.0)
-        return keras.ops.stack([keras.ops.sqrt(sumsq), grouped[:, MAX_ABS], keras.ops.sqrt(sumsq / size),
-                                grouped[:, ZEROS] / size, grouped[:, NONFINITE]], axis=1)
-    size = tf.maximum(grouped[:, SIZE], 1.0)
-    return tf.stack(
-        [
-            tf.sqrt(sumsq),
-            grouped[:, MAX_ABS],
-            tf.sqrt(sumsq / size),
-            grouped[:, ZEROS] / size,
-            grouped[:, NONFINITE],
-        ],
-        axis=1,
-    )
+    size = keras.ops.maximum(grouped[:, SIZE], 1.0)
+    return keras.ops.stack([keras.ops.sqrt(sumsq), grouped[:, MAX_ABS], keras.ops.sqrt(sumsq / size),
+                            grouped[:, ZEROS] / size, grouped[:, NONFINITE]], axis=1)
 
 
 def safe_ratio(numerator, denominator):

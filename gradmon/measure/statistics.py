@@ -138,7 +138,7 @@ class StepContext:
     def weight_norms(self):
         """Per-group ||w|| before the update (computed once)."""
         if "weights" not in self._moments:
-            self._moments["weights"] = (keras.ops.sqrt if _OPS else tf.sqrt)(_stats.grouped_squared_norms(
+            self._moments["weights"] = keras.ops.sqrt(_stats.grouped_squared_norms(
                 self.weights_before, self.spec.segment_ids, self.spec.num_groups))
         return self._moments["weights"]
 
@@ -219,7 +219,7 @@ class GradientMoment(PerGroup):
 
     def compute(self, ctx):
         if self.name == "norm":
-            return (keras.ops.sqrt if _OPS else tf.sqrt)(ctx.sumsq(self.kind))
+            return keras.ops.sqrt(ctx.sumsq(self.kind))
         column = GROUP_STATS.index(self.name)
         return _stats.finalize(ctx.moments(self.kind))[:, column]
 
@@ -233,7 +233,7 @@ class GradToWeight(PerGroup):
         return tags.grad_to_weight(label)
 
     def compute(self, ctx):
-        return undefined_ratio((keras.ops.sqrt if _OPS else tf.sqrt)(ctx.sumsq(tags.RAW)),
+        return undefined_ratio(keras.ops.sqrt(ctx.sumsq(tags.RAW)),
                                ctx.weight_norms())
 
 
@@ -246,7 +246,7 @@ class UpdateRatio(PerGroup):
         return tags.update_ratio(label)
 
     def compute(self, ctx):
-        return undefined_ratio((keras.ops.sqrt if _OPS else tf.sqrt)(ctx.delta_sumsq()),
+        return undefined_ratio(keras.ops.sqrt(ctx.delta_sumsq()),
                                ctx.weight_norms())
 
 
