@@ -14,7 +14,7 @@ import typing
 import numpy as np
 
 from gradmon import tags
-from gradmon.summary import series
+import gradmon.summary.series as series
 from gradmon.summary.events import Run, observer_names
 from gradmon.summary.health import (
     GD_EDGE, GROUPINGS, OPTIMIZER_EDGE, Curvature, GlobalHealth, LayerHealth, OptimizerHealth, Spikes, Trend)

@@ -10,7 +10,8 @@ import math
 import numpy as np
 
 from gradmon import tags
-from gradmon.summary import analysis, series
+import gradmon.summary.analysis as analysis
+import gradmon.summary.series as series
 from gradmon.summary.events import NoGradmonLogs, observer_names
 from gradmon.summary.health import (
     AT_EDGE_OF_STABILITY, CLIPPING, DEAD, EDGE_OF_STABILITY, EXPLODING, GD_EDGE, GROUPING_CHOICES,

@@ -6,7 +6,7 @@ import os
 import numpy as np
 
 from gradmon import tags
-from gradmon.summary import series
+import gradmon.summary.series as series
 from gradmon.summary.health import GD_EDGE
 from gradmon._validation import invalid
 
