@@ -292,9 +292,7 @@ class GradientMonitorMixin:
         if not (config.needs_own_step or config.extras.loss):
             return super().train_step(*args)
         if not kc.is_tensorflow_backend():
-            from gradmon.backend import door
-
-            raise door.unsupported("gradmon's own train step (penalties, noise scale, on_spike's loss)")
+            return self._gradmon_step_at_door(*args)
         (data,) = args
         x, y, sample_weight = kc.unpack_x_y_sample_weight(data)
         if not self.trainable_weights:
@@ -313,6 +311,26 @@ class GradientMonitorMixin:
         config.extras.pending = pending
         self.optimizer.apply_gradients(zip(grads, self.trainable_weights))
         return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+
+    def _gradmon_step_at_door(self, *args):
+        """gradmon's own train step on JAX (`(state, data)`) and PyTorch (`(data)`)."""
+        config = self._gradmon_config
+        if config.noise_scale:
+            from gradmon.backend import door
+
+            raise door.unsupported("noise_scale=True (the gradient noise scale)")
+        if not self.trainable_weights:
+            return super().train_step(*args)
+        backend = keras.backend.backend()
+        if backend == "jax":
+            state, data = args
+            return own_step.jax_train_step(self, state, data, config.penalties, config.extras)
+        (data,) = args
+        if backend != "torch":
+            from gradmon.backend import door
+
+            raise door.unsupported("gradmon's own train step (penalties, noise scale)")
+        return own_step.torch_train_step(self, data, config.penalties, config.extras)
 
     def _gradmon_noise(self, batch):
         import tensorflow as tf

@@ -1,24 +1,33 @@
-"""Penalties: values and gradients against closed forms and an explicit Hessian."""
+"""Penalties: values, logged numbers and the updates they make, on every Keras backend.
+
+Run on any backend (`KERAS_BACKEND=jax|torch python -m pytest tests/test_penalties.py`): gradmon's
+own train step is TensorFlow's `GradientTape` step, a `jax.vjp` step replacing the JAX trainer's
+stateless `train_step`, or a `torch.autograd.grad` step. The reference is independent of every
+framework: closed forms in NumPy float64 of the data loss's gradient (a linear model and a 3-4-2
+tanh MLP with MSE), of each penalty and of its gradient -- for the gradient-norm penalty the
+double-backward term `w H g / ||g||` (p=2), with the exact Hessian `H` of linear least squares.
+One SGD step of a monitored `fit` must move the weights by `-lr * (data gradient + penalty
+gradient)`, and gradmon must log the penalty's value, share, own gradient norm and the losses.
+"""
 
 import os
 
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
 
 import gradmon
 from gradmon.measure import penalties as P
 from gradmon import tags
-from helpers import explicit_hessian, latest_snapshot, read_events, tape_gradients
-
-pytestmark = pytest.mark.tensorflow_only  # needs TensorFlow: skipped whole under JAX/PyTorch (conftest.py)
+from helpers import latest_snapshot, read_events
 
 RNG = np.random.default_rng(21)
 X = RNG.normal(size=(16, 3)).astype(np.float32)
 Y = RNG.normal(size=(16, 2)).astype(np.float32)
+X64, Y64 = X.astype(np.float64), Y.astype(np.float64)
 LR = 0.1
-MSE = keras.losses.MeanSquaredError()
+# rtol for float32 training against float64 closed forms
+RTOL = 2e-5
 
 
 def linear(seed=0, hidden=False):
@@ -30,61 +39,134 @@ def linear(seed=0, hidden=False):
     return keras.Sequential(layers)
 
 
+def weights_of(model):
+    return [np.asarray(keras.ops.convert_to_numpy(v.value), dtype=np.float64) for v in model.trainable_variables]
+
+
+def data_gradients(w):
+    """d mean((f(X) - Y)^2) / d w for a linear model [W, b] or a tanh MLP [W1, b1, W2, b2], by hand."""
+    if len(w) == 2:
+        d = 2.0 * (X64 @ w[0] + w[1] - Y64) / Y64.size
+        return [X64.T @ d, d.sum(0)]
+    w1, b1, w2, b2 = w
+    h = np.tanh(X64 @ w1 + b1)
+    d = 2.0 * (h @ w2 + b2 - Y64) / Y64.size
+    dh = (d @ w2.T) * (1.0 - h ** 2)
+    return [X64.T @ dh, dh.sum(0), h.T @ d, d.sum(0)]
+
+
+def data_loss(w):
+    if len(w) == 2:
+        out = X64 @ w[0] + w[1]
+    else:
+        out = np.tanh(X64 @ w[0] + w[1]) @ w[2] + w[3]
+    return float(np.mean((out - Y64) ** 2))
+
+
 def one_step(model, penalties, tmp_path=None):
-    w0 = [v.numpy().astype(np.float64) for v in model.trainable_variables]
-    g0 = tape_gradients(model, MSE, X, Y)
+    """One SGD step (one batch of 16) of a monitored fit; `(model, w0, w1, snapshot)`."""
+    w0 = weights_of(model)
     m = gradmon.monitor(model, penalties=penalties)
     m.compile(optimizer=keras.optimizers.SGD(LR), loss="mse")
     callbacks = [gradmon.GradientMonitor(str(tmp_path))] if tmp_path else []
-    m.fit(X, Y, batch_size=16, epochs=1, shuffle=False, verbose=0, callbacks=callbacks)
-    w1 = [v.numpy().astype(np.float64) for v in model.trainable_variables]
-    return m, w0, g0, w1, latest_snapshot(m)
+    history = m.fit(X, Y, batch_size=16, epochs=1, shuffle=False, verbose=0, callbacks=callbacks)
+    m.history_loss = history.history["loss"][0]
+    return m, w0, weights_of(model), latest_snapshot(m)
+
+
+def check_step(w0, w1, penalty_gradients):
+    for a, g, pg, b in zip(w0, data_gradients(w0), penalty_gradients, w1):
+        np.testing.assert_allclose(b, a - LR * (g + pg), rtol=RTOL, atol=1e-6)
+
+
+def norm(arrays):
+    return float(np.sqrt(sum((a ** 2).sum() for a in arrays)))
 
 
 def test_weight_penalty_value_gradient_and_logs(tmp_path):
-    model = linear()
-    m, w0, g0, w1, snap = one_step(model, [P.WeightPenalty(l1=0.01, l2=0.05)], tmp_path)
-    value = sum(0.01 * np.abs(w).sum() + 0.05 * (w**2).sum() for w in w0)
-    data = float(np.mean((X.astype(np.float64) @ w0[0] + w0[1] - Y) ** 2))
-    assert snap[tags.penalty("weight")] == pytest.approx(value, rel=1e-5)
-    assert snap[tags.LOSS_DATA] == pytest.approx(data, rel=1e-5)
-    assert snap[tags.LOSS_TOTAL] == pytest.approx(data + value, rel=1e-5)
-    assert snap[tags.penalty_share("weight")] == pytest.approx(value / (data + value), rel=1e-5)
+    model = linear(hidden=True)
+    m, w0, w1, snap = one_step(model, [P.WeightPenalty(l1=0.01, l2=0.05)], tmp_path)
+    value = sum(0.01 * np.abs(w).sum() + 0.05 * (w ** 2).sum() for w in w0)
+    data = data_loss(w0)
+    assert snap[tags.penalty("weight")] == pytest.approx(value, rel=RTOL)
+    assert snap[tags.LOSS_DATA] == pytest.approx(data, rel=RTOL)
+    assert snap[tags.LOSS_TOTAL] == pytest.approx(data + value, rel=RTOL)
+    assert m.history_loss == pytest.approx(data + value, rel=RTOL)  # the loss tracker gets the total
+    assert snap[tags.penalty_share("weight")] == pytest.approx(value / (data + value), rel=RTOL)
     pen_grads = [0.01 * np.sign(w) + 0.1 * w for w in w0]
-    assert snap[tags.penalty_grad_norm("weight")] == pytest.approx(
-        np.sqrt(sum((g**2).sum() for g in pen_grads)), rel=1e-5)
-    for a, g, pg, b in zip(w0, g0, pen_grads, w1):
-        np.testing.assert_allclose(b, a - LR * (g + pg), rtol=1e-5, atol=1e-7)
+    assert snap[tags.penalty_grad_norm("weight")] == pytest.approx(norm(pen_grads), rel=RTOL)
+    check_step(w0, w1, pen_grads)
     # the raw gradient statistics are those of the total gradient
-    total = [g + pg for g, pg in zip(g0, pen_grads)]
-    assert snap[tags.global_norm("raw")] == pytest.approx(np.sqrt(sum((t**2).sum() for t in total)), rel=1e-5)
+    total = [g + pg for g, pg in zip(data_gradients(w0), pen_grads)]
+    assert snap[tags.global_norm("raw")] == pytest.approx(norm(total), rel=RTOL)
     events = read_events(os.path.join(str(tmp_path), "train"))
     for tag in (tags.penalty("weight"), tags.penalty_share("weight"), tags.penalty_grad_norm("weight"),
                 tags.LOSS_DATA, tags.LOSS_TOTAL):
         assert sorted(events[tag]) == [1]
-    assert events[tags.LOSS_TOTAL][1] == pytest.approx(data + value, rel=1e-5)
+    assert events[tags.LOSS_TOTAL][1] == pytest.approx(data + value, rel=RTOL)
 
 
-def mse_of(model, x, y):
-    return tf.reduce_mean(tf.square(model(x, training=False) - y))
-
-
-def test_gradient_norm_penalty_is_double_backprop():
-    """d/dθ (w ||∇L||) = w H ∇L / ||∇L||, with H the explicit Hessian."""
+def test_weight_penalty_include_chooses_the_weights():
     model = linear(hidden=True)
-    H = explicit_hessian(model, mse_of, X, Y)
+    m, w0, w1, snap = one_step(model, [P.WeightPenalty(l2=0.2, include=lambda v: "kernel" in v.path)])
+    kernels = (0, 2)
+    assert snap[tags.penalty("weight")] == pytest.approx(sum(0.2 * (w0[i] ** 2).sum() for i in kernels), rel=RTOL)
+    check_step(w0, w1, [0.4 * w if i in kernels else 0 * w for i, w in enumerate(w0)])
+
+
+@pytest.mark.parametrize("p", [2, 1, "inf"])
+def test_gradient_norm_penalty_is_double_backprop(p):
+    """Linear least squares, θ = [W; b] (4x2), Z = [X, 1]: g = 2/n Zᵀ(Zθ - Y) and its Hessian is
+    2/n ZᵀZ per output, so d/dθ w||g||_p = w 2/n ZᵀZ s, s = g/||g|| (p=2), sign(g) (p=1), or
+    sign(g) at the largest |g| (p=inf)."""
+    model = linear(seed=3)
     weight = 0.3
-    m, w0, g0, w1, snap = one_step(model, [P.GradientNormPenalty(weight)])
-    g = np.concatenate([x.ravel() for x in g0])
-    assert snap[tags.penalty("grad_norm")] == pytest.approx(weight * np.linalg.norm(g), rel=1e-5)
-    pen = weight * H @ g / np.linalg.norm(g)
+    m, w0, w1, snap = one_step(model, [P.GradientNormPenalty(weight, p=p)])
+    z = np.concatenate([X64, np.ones((len(X64), 1))], axis=1)
+    g = np.concatenate([data_gradients(w0)[0], data_gradients(w0)[1][None]], axis=0)
+    if p == 2:
+        size, s = np.linalg.norm(g), g / np.linalg.norm(g)
+    elif p == 1:
+        size, s = np.abs(g).sum(), np.sign(g)
+    else:
+        size, s = np.abs(g).max(), np.zeros_like(g)
+        at = np.unravel_index(np.argmax(np.abs(g)), g.shape)
+        s[at] = np.sign(g[at])
+    assert snap[tags.penalty("grad_norm")] == pytest.approx(weight * size, rel=RTOL)
+    pen = weight * 2.0 / Y64.size * z.T @ z @ s
     assert snap[tags.penalty_grad_norm("grad_norm")] == pytest.approx(np.linalg.norm(pen), rel=1e-4)
-    step = np.concatenate([(a - b).ravel() for a, b in zip(w0, w1)]) / LR
-    np.testing.assert_allclose(step, g + pen, rtol=1e-4, atol=1e-6)
+    check_step(w0, w1, [pen[:3], pen[3]])
+
+
+def test_gradient_norm_penalty_on_a_tanh_net_against_numerical_differences():
+    """The double-backward gradient on a tanh MLP against central differences of the
+    closed-form penalty w ||∇L(θ)|| (float64, step 1e-5)."""
+    model = linear(seed=5, hidden=True)
+    weight = 0.5
+    m, w0, w1, snap = one_step(model, [P.GradientNormPenalty(weight)])
+
+    def penalty(w):
+        return weight * norm(data_gradients(w))
+
+    assert snap[tags.penalty("grad_norm")] == pytest.approx(penalty(w0), rel=RTOL)
+    numeric = []
+    for i, w in enumerate(w0):
+        grad = np.zeros_like(w)
+        for at in np.ndindex(w.shape):
+            plus = [v.copy() for v in w0]
+            minus = [v.copy() for v in w0]
+            plus[i][at] += 1e-5
+            minus[i][at] -= 1e-5
+            grad[at] = (penalty(plus) - penalty(minus)) / 2e-5
+        numeric.append(grad)
+    assert snap[tags.penalty_grad_norm("grad_norm")] == pytest.approx(norm(numeric), rel=1e-4)
+    for a, g, pg, b in zip(w0, data_gradients(w0), numeric, w1):
+        np.testing.assert_allclose(b, a - LR * (g + pg), rtol=1e-4, atol=1e-6)
 
 
 def test_r1_and_wgan_gp_on_a_linear_critic():
-    """Linear model f(x) = xW + b: ∇x sum(f) = W·1 for every example (closed form)."""
+    """Linear model f(x) = xW + b: ∇x sum(f) = W·1 for every example (closed form), whatever
+    the interpolates."""
     for penalty, closed_form in [
         (P.InputGradientPenalty(0.7, kind="r1"),
          lambda W: (0.7 / 2 * np.sum(W.sum(1) ** 2), 0.7 * np.outer(W.sum(1), np.ones(2)))),
@@ -94,11 +176,52 @@ def test_r1_and_wgan_gp_on_a_linear_critic():
                              np.ones(2)))),
     ]:
         model = linear(seed=4)
-        m, w0, g0, w1, snap = one_step(model, [penalty])
+        m, w0, w1, snap = one_step(model, [penalty])
         value, grad_w = closed_form(w0[0])
-        assert snap[tags.penalty(penalty.name)] == pytest.approx(value, rel=1e-5)
-        np.testing.assert_allclose(w1[0], w0[0] - LR * (g0[0] + grad_w), rtol=1e-5, atol=1e-6)
-        np.testing.assert_allclose(w1[1], w0[1] - LR * g0[1], rtol=1e-5, atol=1e-7)
+        assert snap[tags.penalty(penalty.name)] == pytest.approx(value, rel=RTOL)
+        assert snap[tags.penalty_grad_norm(penalty.name)] == pytest.approx(np.linalg.norm(grad_w), rel=RTOL)
+        check_step(w0, w1, [grad_w, np.zeros(2)])
+
+
+def test_r1_on_a_tanh_critic():
+    """f(x) = sum(tanh(x W1 + b1) W2 + b2): ∇x f = W1 ((1 - h²) ⊙ (W2·1)) per example; the
+    penalty γ/2 mean ||∇x f||² and its weight gradient against central differences."""
+    model = linear(seed=9, hidden=True)
+    gamma = 0.8
+    m, w0, w1, snap = one_step(model, [P.InputGradientPenalty(gamma, kind="r1")])
+
+    def penalty(w):
+        h = np.tanh(X64 @ w[0] + w[1])
+        grads = ((1 - h ** 2) * w[2].sum(1)) @ w[0].T
+        return gamma / 2 * np.mean((grads ** 2).sum(1))
+
+    assert snap[tags.penalty("r1")] == pytest.approx(penalty(w0), rel=RTOL)
+    numeric = []
+    for i, w in enumerate(w0):
+        grad = np.zeros_like(w)
+        for at in np.ndindex(w.shape):
+            plus, minus = [v.copy() for v in w0], [v.copy() for v in w0]
+            plus[i][at] += 1e-6
+            minus[i][at] -= 1e-6
+            grad[at] = (penalty(plus) - penalty(minus)) / 2e-6
+        numeric.append(grad)
+    for a, g, pg, b in zip(w0, data_gradients(w0), numeric, w1):
+        np.testing.assert_allclose(b, a - LR * (g + pg), rtol=1e-4, atol=1e-6)
+
+
+def test_wgan_gp_draws_new_interpolates_every_step():
+    """On a tanh critic the input gradient depends on the interpolates: two steps at learning
+    rate 0 give two different penalty values (a key per step on JAX, not one frozen draw)."""
+    model = gradmon.monitor(linear(seed=2, hidden=True), penalties=[P.InputGradientPenalty(1.0)])
+    model.compile(optimizer=keras.optimizers.SGD(0.0), loss="mse")
+    values = []
+
+    class Collect(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            values.append(latest_snapshot(model)[tags.penalty("wgan_gp")])
+
+    model.fit(X, Y, batch_size=16, epochs=3, shuffle=False, verbose=0, callbacks=[Collect()])
+    assert len(values) == 3 and len(set(values)) == 3, values
 
 
 def test_penalties_of_weight_zero_change_nothing():
@@ -109,17 +232,67 @@ def test_penalties_of_weight_zero_change_nothing():
         keras.utils.set_random_seed(1)
         model.compile(optimizer=keras.optimizers.Adam(0.01), loss="mse")
         model.fit(X, Y, batch_size=4, epochs=2, verbose=0)
-        finals.append([v.numpy() for v in model.weights])
+        finals.append([keras.ops.convert_to_numpy(v.value) for v in model.weights])
     for a, b in zip(*finals):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
 
 
+def test_the_mixin_with_gradient_penalties():
+    class Net(gradmon.GradientMonitorMixin, keras.Model):
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            self.dense = keras.layers.Dense(2)
+
+        def call(self, x):
+            return self.dense(x)
+
+    keras.utils.set_random_seed(0)
+    net = Net(gradient_penalties=[P.WeightPenalty(l2=0.25)])
+    net(X[:1])
+    w0 = weights_of(net)
+    net.compile(optimizer=keras.optimizers.SGD(LR), loss="mse")
+    net.fit(X, Y, batch_size=16, epochs=1, shuffle=False, verbose=0)
+    assert latest_snapshot(net)[tags.penalty("weight")] == pytest.approx(
+        sum(0.25 * (w ** 2).sum() for w in w0), rel=RTOL)
+    check_step(w0, weights_of(net), [0.5 * w for w in w0])
+
+
 def test_input_gradient_penalty_value_helper_matches_closed_form():
     critic = linear(seed=8)
-    W = critic.trainable_variables[0].numpy().astype(np.float64)
+    W = weights_of(critic)[0]
     real, fake = X, RNG.normal(size=X.shape).astype(np.float32)
     pen = P.InputGradientPenalty(2.0, kind="wgan-gp", target=0.5).value(critic, real, fake)
-    assert float(pen) == pytest.approx(2.0 * (np.linalg.norm(W.sum(1)) - 0.5) ** 2, rel=1e-5)
+    assert float(keras.ops.convert_to_numpy(pen)) == pytest.approx(
+        2.0 * (np.linalg.norm(W.sum(1)) - 0.5) ** 2, rel=RTOL)
+
+
+def test_input_gradient_penalty_refuses_integer_inputs():
+    inputs = keras.Input((3,), dtype="int32")
+    critic = keras.Model(inputs, keras.layers.Dense(1)(keras.ops.cast(inputs, "float32")))
+    with pytest.raises(ValueError, match="floating-point inputs"):
+        P.InputGradientPenalty(1.0, kind="r1").value(critic, X.astype(np.int32))
+
+
+@pytest.mark.tensorflow_only
+def test_gradient_norm_penalty_matches_an_explicit_tensorflow_hessian():
+    """d/dθ (w ||∇L||) = w H ∇L / ||∇L||, with H TensorFlow's explicit Hessian of a tanh net."""
+    import tensorflow as tf
+
+    from helpers import explicit_hessian
+
+    def mse_of(model, x, y):
+        return tf.reduce_mean(tf.square(model(x, training=False) - y))
+
+    model = linear(hidden=True)
+    H = explicit_hessian(model, mse_of, X, Y)
+    weight = 0.3
+    m, w0, w1, snap = one_step(model, [P.GradientNormPenalty(weight)])
+    g = np.concatenate([x.ravel() for x in data_gradients(w0)])
+    assert snap[tags.penalty("grad_norm")] == pytest.approx(weight * np.linalg.norm(g), rel=1e-5)
+    pen = weight * H @ g / np.linalg.norm(g)
+    assert snap[tags.penalty_grad_norm("grad_norm")] == pytest.approx(np.linalg.norm(pen), rel=1e-4)
+    step = np.concatenate([(a - b).ravel() for a, b in zip(w0, w1)]) / LR
+    np.testing.assert_allclose(step, g + pen, rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("factory,argument", [

@@ -328,6 +328,8 @@ class Observer:
         clip = transforms.from_optimizer(_keras_compat.base_optimizer(optimizer))
         prepared = self.pipeline.prepare(grads, variables, None, clip)
         rec.count_nonfinite(step, keras.ops.logical_not(self.pipeline.finite_applied(prepared)))
+        # gradmon's own train step's numbers (penalties, noise scale, the loss), set in this step
+        extras = self._take_extras()
         # `measuring` is not read: JAX shares one trace between `fit`'s two train functions (one
         # jit cache for the same step function), so every trace measures the due steps itself
         do_log = rec.should_log(step)
@@ -341,7 +343,7 @@ class Observer:
             after = [v.value for v in variables] if weights else None
             ctx = statistics.StepContext(
                 rec.spec, prepared.raw, prepared.observed, prepared.fractions, variables, optimizer,
-                keras.ops.convert_to_tensor(False), before, after, {}, counters, rec.state)
+                keras.ops.convert_to_tensor(False), before, after, extras, counters, rec.state)
             return rec.row(ctx)
 
         rec.store(step, door.cond(do_log, measure, int(rec.records.shape[1])), do_log)

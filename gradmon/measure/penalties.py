@@ -1,7 +1,9 @@
 """Penalties added to the training loss, each with exact gradients.
 
-A penalty is called with a `PenaltyContext` inside the train step's gradient
-tape and returns a scalar added to the loss. The monitored step logs, per
+A penalty is called with a `PenaltyContext` inside gradmon's train step (under its
+gradient tape on TensorFlow, inside the differentiated function on JAX, on the
+autograd graph on PyTorch) and returns a scalar added to the loss. The built-in
+penalties compute in `keras.ops` and run on every Keras backend. The monitored step logs, per
 penalty, its value, its share of the total loss and the norm of its own
 gradient contribution (`gradmon.tags.penalty`).
 
@@ -32,8 +34,12 @@ class PenaltyContext:
         y_pred: the model's output on `x` (training=True).
         variables: the trainable variables.
         data_gradients: gradients of the data loss with respect to
-            `variables`, differentiable (computed on a nested tape), or
-            `None` unless a penalty asked for them (`needs_gradients`).
+            `variables`, differentiable (a nested tape on TensorFlow, `jax.grad`
+            inside the differentiated function on JAX, `create_graph=True` on
+            PyTorch), or `None` unless a penalty asked for them (`needs_gradients`).
+        seed: on JAX, this step's random key (`jax.random.fold_in` of the
+            optimizer's iteration count: the jitted step has no random state of
+            its own); `None` on TensorFlow and PyTorch (their stateful RNG).
     """
 
     model: typing.Any
@@ -43,6 +49,7 @@ class PenaltyContext:
     y_pred: typing.Any
     variables: list
     data_gradients: typing.Optional[list] = None
+    seed: typing.Any = None
 
 
 class Penalty:
@@ -83,13 +90,13 @@ class WeightPenalty(Penalty):
 
     def __call__(self, context):
         chosen = [v for v in context.variables if self.include is None or self.include(v)]
-        total = tf.constant(0.0)
+        total = keras.ops.convert_to_tensor(0.0)
         for v in chosen:
-            w = tf.cast(v.value, tf.float32)
+            w = keras.ops.cast(v.value, "float32")
             if self.l1:
-                total += self.l1 * tf.reduce_sum(tf.abs(w))
+                total += self.l1 * keras.ops.sum(_abs(w))
             if self.l2:
-                total += self.l2 * tf.reduce_sum(tf.square(w))
+                total += self.l2 * keras.ops.sum(keras.ops.square(w))
         return total
 
     def get_config(self):
@@ -120,18 +127,59 @@ class GradientNormPenalty(Penalty):
         self.name = name
 
     def __call__(self, context):
-        grads = [tf.cast(tf.convert_to_tensor(g), tf.float32)
+        grads = [keras.ops.cast(keras.ops.convert_to_tensor(g), "float32")
                  for g in context.data_gradients if g is not None]
         if self.p == 2:
-            norm = tf.sqrt(tf.add_n([tf.reduce_sum(tf.square(g)) for g in grads]))
+            norm = keras.ops.sqrt(_add_n([keras.ops.sum(keras.ops.square(g)) for g in grads]))
         elif self.p == 1:
-            norm = tf.add_n([tf.reduce_sum(tf.abs(g)) for g in grads])
+            norm = _add_n([keras.ops.sum(_abs(g)) for g in grads])
         else:
-            norm = tf.reduce_max(tf.stack([tf.reduce_max(tf.abs(g)) for g in grads]))
+            norm = keras.ops.max(keras.ops.stack([keras.ops.max(keras.ops.abs(g)) for g in grads]))
         return self.weight * norm
 
     def get_config(self):
         return {"weight": self.weight, "p": self.p, "name": self.name}
+
+
+def _abs(x):
+    """`|x|` whose gradient is `sign(x)`, 0 at 0, on every backend (JAX's `abs` has gradient 1
+    at 0; TensorFlow's and PyTorch's 0): `x * sign(x)`, equal to `|x|` bit for bit."""
+    return x * keras.ops.sign(x)
+
+
+def _add_n(tensors):
+    total = tensors[0]
+    for t in tensors[1:]:
+        total = total + t
+    return total
+
+
+def _input_gradients(model, total_of, flat):
+    """Gradients of the scalar `total_of(flat)` with respect to each tensor of `flat`,
+    themselves differentiable with respect to the model's weights (double backward)."""
+    backend = keras.backend.backend()
+    if backend == "jax":
+        import jax
+
+        # the scope's values (this step's weights) by value: a forward pass inside `jax.grad`
+        # must not leave its own assignments (BatchNorm statistics, seeds) in the outer scope
+        mapping = [(v, v.value) for v in model.variables]
+
+        def total(inputs):
+            with keras.StatelessScope(state_mapping=mapping):
+                return total_of(inputs)
+
+        return list(jax.grad(total)(list(flat))), flat
+    if backend == "torch":
+        import torch
+
+        flat = [t if t.requires_grad else t.detach().requires_grad_(True) for t in flat]
+        total = total_of(flat)
+        return list(torch.autograd.grad(total, flat, create_graph=True, allow_unused=True)), flat
+    with tf.GradientTape() as tape:
+        tape.watch(flat)
+        total = total_of(flat)
+    return tape.gradient(total, flat), flat
 
 
 def input_gradient_norms(model, inputs, training=True):
@@ -139,33 +187,55 @@ def input_gradient_norms(model, inputs, training=True):
 
     Each example's output depends only on its own input (no BatchNorm in
     training mode across the batch), so the gradient of the summed output
-    with respect to the batch holds each example's input gradient.
+    with respect to the batch holds each example's input gradient. On JAX the
+    forward pass changes no state (its assignments are dropped).
     """
-    flat = [tf.convert_to_tensor(t) for t in keras.tree.flatten(inputs)]
-    with tf.GradientTape() as tape:
-        tape.watch(flat)
-        outputs = model(keras.tree.pack_sequence_as(inputs, flat), training=training)
-        total = tf.add_n([tf.reduce_sum(tf.cast(o, tf.float32)) for o in keras.tree.flatten(outputs)])
-    grads = tape.gradient(total, flat)
-    if any(g is None for g in grads):
+    flat = [keras.ops.convert_to_tensor(t) for t in keras.tree.flatten(inputs)]
+    dtypes = [keras.backend.standardize_dtype(t.dtype) for t in flat]
+
+    def total_of(tensors):
+        outputs = model(keras.tree.pack_sequence_as(inputs, tensors), training=training)
+        return _add_n([keras.ops.sum(keras.ops.cast(o, "float32")) for o in keras.tree.flatten(outputs)])
+
+    grads = None
+    if all("float" in d for d in dtypes):
+        grads, flat = _input_gradients(model, total_of, flat)
+    if grads is None or any(g is None for g in grads):
         raise ValueError(
             "InputGradientPenalty needs inputs the model's output depends on "
             "differentiably. Expected floating-point inputs that reach the output. "
-            f"Received: inputs of dtypes {[t.dtype.name for t in flat]}")
-    squares = [tf.reduce_sum(tf.reshape(tf.square(tf.cast(g, tf.float32)), [tf.shape(g)[0], -1]), axis=1)
+            f"Received: inputs of dtypes {dtypes}")
+    squares = [keras.ops.sum(keras.ops.reshape(keras.ops.square(keras.ops.cast(g, "float32")),
+                                               [keras.ops.shape(g)[0], -1]), axis=1)
                for g in grads]
-    return tf.sqrt(tf.add_n(squares))
+    return keras.ops.sqrt(_add_n(squares))
+
+
+def _step_key(seed, which):
+    """A JAX key for one random draw of this step (`PenaltyContext.seed`)."""
+    import jax
+
+    return jax.random.fold_in(seed, which)
 
 
 def interpolate(real, fake, seed=None):
-    """`eps * real + (1 - eps) * fake` with one `eps ~ U(0, 1)` per example (WGAN-GP)."""
+    """`eps * real + (1 - eps) * fake` with one `eps ~ U(0, 1)` per example (WGAN-GP).
+
+    `seed`: an int or `None` (TensorFlow, PyTorch), or on JAX a key (inside a jitted
+    step, where Keras' global seed generator cannot be used).
+    """
     flat_real, flat_fake = keras.tree.flatten(real), keras.tree.flatten(fake)
-    batch = tf.shape(flat_real[0])[0]
-    eps = tf.random.uniform([batch], seed=seed)
+    if keras.backend.backend() == "tensorflow":
+        batch = tf.shape(flat_real[0])[0]
+        eps = tf.random.uniform([batch], seed=seed)
+    else:
+        batch = keras.ops.shape(flat_real[0])[0]
+        eps = keras.random.uniform([batch], seed=seed)
     mixed = []
     for r, f in zip(flat_real, flat_fake):
-        e = tf.reshape(tf.cast(eps, r.dtype), tf.concat([[batch], tf.ones([tf.rank(r) - 1], tf.int32)], 0))
-        mixed.append(e * r + (1 - e) * tf.cast(f, r.dtype))
+        r = keras.ops.convert_to_tensor(r)
+        e = keras.ops.reshape(keras.ops.cast(eps, r.dtype), [-1] + [1] * (len(r.shape) - 1))
+        mixed.append(e * r + (1 - e) * keras.ops.cast(f, r.dtype))
     return keras.tree.pack_sequence_as(real, mixed)
 
 
@@ -201,23 +271,32 @@ class InputGradientPenalty(Penalty):
         self.target = check_non_negative("target", target)
         self.name = name or self.kind.replace("-", "_")
 
-    def value(self, model, real, fake=None):
-        """The penalty for a critic `model` on `real` (and `fake` for WGAN-GP)."""
+    def value(self, model, real, fake=None, seed=None):
+        """The penalty for a critic `model` on `real` (and `fake` for WGAN-GP; `seed`: see
+        `interpolate`)."""
         if self.kind == "r1":
             norms = input_gradient_norms(model, real)
-            return self.weight / 2.0 * tf.reduce_mean(tf.square(norms))
+            return self.weight / 2.0 * keras.ops.mean(keras.ops.square(norms))
         if fake is None:
             raise invalid("fake", "generated samples for kind='wgan-gp'", fake)
-        norms = input_gradient_norms(model, interpolate(real, fake))
-        return self.weight * tf.reduce_mean(tf.square(norms - self.target))
+        norms = input_gradient_norms(model, interpolate(real, fake, seed))
+        return self.weight * keras.ops.mean(keras.ops.square(norms - self.target))
 
     def __call__(self, context):
-        fake = None
+        fake, seed = None, context.seed
         if self.kind == "wgan-gp":
             flat = keras.tree.flatten(context.x)
-            order = tf.random.shuffle(tf.range(tf.shape(flat[0])[0]))
-            fake = keras.tree.pack_sequence_as(context.x, [tf.gather(t, order) for t in flat])
-        return self.value(context.model, context.x, fake)
+            if keras.backend.backend() == "tensorflow":
+                order = tf.random.shuffle(tf.range(tf.shape(flat[0])[0]))
+                fake = keras.tree.pack_sequence_as(context.x, [tf.gather(t, order) for t in flat])
+            else:
+                first = keras.ops.convert_to_tensor(flat[0])
+                order = keras.random.shuffle(keras.ops.arange(keras.ops.shape(first)[0]),
+                                             seed=None if seed is None else _step_key(seed, 0))
+                fake = keras.tree.pack_sequence_as(
+                    context.x, [keras.ops.take(keras.ops.convert_to_tensor(t), order, axis=0) for t in flat])
+                seed = None if seed is None else _step_key(seed, 1)
+        return self.value(context.model, context.x, fake, seed)
 
     def get_config(self):
         return {"weight": self.weight, "kind": self.kind, "target": self.target, "name": self.name}

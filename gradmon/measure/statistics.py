@@ -396,9 +396,9 @@ class Losses(Statistic):
     def compute(self, ctx):
         numbers = ctx.extras.get("penalties")
         if numbers is None:  # an update that did not come from gradmon's own step
-            return tf.fill([2], float("nan"))
-        return tf.stack([tf.cast(numbers["data_loss"], tf.float32),
-                         tf.cast(numbers["total_loss"], tf.float32)])
+            return keras.ops.full([2], float("nan"))
+        return keras.ops.stack([keras.ops.cast(numbers["data_loss"], "float32"),
+                                keras.ops.cast(numbers["total_loss"], "float32")])
 
 
 class PenaltyValues(Statistic):
@@ -420,13 +420,13 @@ class PenaltyValues(Statistic):
     def compute(self, ctx):
         numbers = ctx.extras.get("penalties")
         if numbers is None:
-            return tf.fill([3 * len(ctx.spec.penalty_names)], float("nan"))
-        total = tf.cast(numbers["total_loss"], tf.float32)
+            return keras.ops.full([3 * len(ctx.spec.penalty_names)], float("nan"))
+        total = keras.ops.cast(numbers["total_loss"], "float32")
         rows = []
         for value, grad_norm in zip(numbers["values"], numbers["grad_norms"]):
-            value = tf.cast(value, tf.float32)
-            rows += [value, _stats.safe_ratio(value, total), tf.cast(grad_norm, tf.float32)]
-        return tf.stack(rows)
+            value = keras.ops.cast(value, "float32")  # keras.ops on every backend (gradmon's own step)
+            rows += [value, keras.ops.divide_no_nan(value, total), keras.ops.cast(grad_norm, "float32")]
+        return keras.ops.stack(rows)
 
 
 # Decay of the exponential moving averages of tr(Sigma) and |G|^2 behind

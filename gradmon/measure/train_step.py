@@ -1,12 +1,24 @@
 """gradmon's own train step: the features that need the loss (penalties, noise scale).
 
 Everything else is observed at the optimizer (`gradmon.observer`), whatever
-computes the gradients. This step keeps the semantics of Keras' TensorFlow
-`train_step` (training argument, loss scaling, loss tracker, sample weights,
-regularization losses, metrics) and adds, before `apply_gradients`:
-penalties differentiated on their own tapes, and the half-batch gradients of
-the noise scale on logged steps. Their numbers reach the observer's
-statistics through `Extras`.
+computes the gradients. This step keeps the semantics of Keras' `train_step`
+(training argument, loss scaling, loss tracker, sample weights,
+regularization losses, metrics) and adds, before the optimizer's update:
+penalties differentiated on their own (each part's gradient taken apart), and
+the half-batch gradients of the noise scale on logged steps. Their numbers
+reach the observer's statistics through `Extras`, taken by the hooked apply of
+the same step.
+
+- TensorFlow: `penalized_step` / `plain_step` (`tf.GradientTape`, a nested tape
+  for the data gradient a penalty differentiates).
+- JAX: `jax_train_step(model, state, data, ...)` replaces the stateless
+  `train_step(state, data)` of Keras' JAX trainer: `jax.vjp` of the vector
+  `[data loss, penalty 1, ...]` over `compute_loss_and_updates` (one forward
+  pass, one backward pass per part), `jax.value_and_grad` inside it for the
+  data gradient a penalty differentiates (double backward); then
+  `optimizer.stateless_apply`.
+- PyTorch: `torch_train_step(model, data, ...)`: `torch.autograd.grad` per part,
+  `create_graph=True` for the data gradient a penalty differentiates.
 """
 
 import contextlib
@@ -160,3 +172,161 @@ def half_batch_moments(model, batch, segment_ids, num_groups):
             rows.append(tf.stack([tf.reduce_sum(a * a), tf.reduce_sum(b * b), tf.reduce_sum(a * b)]))
     moments = tf.math.unsorted_segment_sum(tf.stack(rows), tf.constant(segment_ids, tf.int32), num_groups)
     return moments
+
+
+# -- JAX and PyTorch --------------------------------------------------------------------
+
+def _penalty_numbers(data_loss, values, penalty_grads):
+    """The `numbers` of `penalized_step` (one replica: no distribution on JAX / PyTorch here)."""
+    total = data_loss
+    for v in values:
+        total = total + v
+    return total, {"data_loss": data_loss, "total_loss": total, "values": values,
+                   "grad_norms": [stats.global_norm(part) for part in penalty_grads]}
+
+
+def _iteration_key(model, optimizer_variables):
+    """On JAX, a random key for this step: `fold_in` of a base seed (once per model: the seed
+    of `keras.utils.set_random_seed` if one was set, else the system's randomness -- no global
+    RNG is drawn from, so the data's shuffling stays as without penalties) and the optimizer's
+    iteration count (in the state the jitted step carries)."""
+    import random
+
+    import jax
+    from keras.src.utils import rng_utils
+
+    base = model.__dict__.get("_gradmon_penalty_seed")
+    if base is None:
+        base = rng_utils.get_random_seed()
+        if base is None:
+            base = random.SystemRandom().randrange(2**31 - 1)
+        object.__setattr__(model, "_gradmon_penalty_seed", int(base) % (2**31 - 1))
+        base = model.__dict__["_gradmon_penalty_seed"]
+    iterations = model.optimizer.iterations
+    value = next(v for ref, v in zip(model.optimizer.variables, optimizer_variables) if ref is iterations)
+    return jax.random.fold_in(jax.random.PRNGKey(base), value)
+
+
+def jax_train_step(model, state, data, penalty_list, extras, noise=None):
+    """Keras' JAX `train_step(state, data)` with gradmon's penalties added to the loss.
+
+    Returns `(logs, state)` as Keras' does. Sets `extras.pending` for the hooked apply
+    that `optimizer.stateless_apply` runs in this trace: `"penalties"` (`numbers` of
+    `penalized_step`), `"loss"` (the batch loss the loss tracker gets) and, with
+    `noise(trainable, non_trainable)`, `"noise"`.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    trainable, non_trainable, optimizer_variables, metrics_variables = state
+    x, y, sample_weight = kc.unpack_x_y_sample_weight(data)
+    need_gradients = any(p.needs_gradients for p in penalty_list)
+    seed = _iteration_key(model, optimizer_variables) if penalty_list else None
+
+    def data_part(weights):
+        return model.compute_loss_and_updates(
+            weights, non_trainable, metrics_variables, x, y, sample_weight,
+            training=True, optimizer_variables=optimizer_variables)
+
+    def parts(weights):
+        if need_gradients:
+            (scaled, aux), data_gradients = jax.value_and_grad(data_part, has_aux=True)(weights)
+        else:
+            (scaled, aux), data_gradients = data_part(weights), None
+        unscaled, y_pred, new_non_trainable, _ = aux
+        mapping = (list(zip(model.trainable_variables, weights))
+                   + list(zip(model.non_trainable_variables, new_non_trainable)))
+        # the penalties read this step's weights; what their forward passes assign is dropped
+        with keras.StatelessScope(state_mapping=mapping):
+            context = penalties_module.PenaltyContext(
+                model, x, y, sample_weight, y_pred, list(model.trainable_variables),
+                data_gradients, seed)
+            values = [keras.ops.cast(p(context), unscaled.dtype) for p in penalty_list]
+        return jnp.stack([scaled] + values), (aux, values)
+
+    if penalty_list:
+        vector, pullback, (aux, values) = jax.vjp(parts, trainable, has_aux=True)
+        count = 1 + len(penalty_list)
+        per_part = [pullback(jnp.eye(count, dtype=vector.dtype)[k])[0] for k in range(count)]
+        grads = [_sum_present(per_variable) for per_variable in zip(*per_part)]
+    else:
+        (_, aux), grads = jax.value_and_grad(data_part, has_aux=True)(trainable)
+        values, per_part = [], [grads]
+    unscaled, y_pred, non_trainable, metrics_variables = aux
+    pending = {}
+    loss = unscaled
+    if penalty_list:
+        loss, pending["penalties"] = _penalty_numbers(unscaled, values, per_part[1:])
+    if extras.loss:
+        pending["loss"] = loss
+    if noise is not None:
+        pending["noise"] = noise(trainable, non_trainable)
+    extras.pending = pending
+    trainable, optimizer_variables = model.optimizer.stateless_apply(
+        optimizer_variables, grads, trainable)
+    logs, metrics_variables = model._update_metrics_variables(
+        metrics_variables, loss, x, y, y_pred, sample_weight)
+    return logs, (trainable, non_trainable, optimizer_variables, metrics_variables)
+
+
+def _sum_present(tensors):
+    present = [t for t in tensors if t is not None]
+    if not present:
+        return None
+    total = present[0]
+    for t in present[1:]:
+        total = total + t
+    return total
+
+
+def torch_train_step(model, data, penalty_list, extras, noise=None):
+    """Keras' PyTorch `train_step(data)` with gradmon's penalties added to the loss.
+
+    Each part's gradient by `torch.autograd.grad`; the data gradient a penalty
+    differentiates with `create_graph=True` (double backward). Sets `extras.pending`
+    as `jax_train_step` does, then applies under `torch.no_grad()`.
+    """
+    import torch
+
+    x, y, sample_weight = kc.unpack_x_y_sample_weight(data)
+    weights = model.trainable_weights[:]
+    params = [v.value for v in weights]
+    need_gradients = any(p.needs_gradients for p in penalty_list)
+    y_pred = kc.call_with_training(model, x)
+    model.zero_grad()
+    data_loss = kc.compute_loss(model, x, y, y_pred, sample_weight)
+
+    def scaled(loss):
+        return model.optimizer.scale_loss(loss) if model.optimizer is not None else loss
+
+    def gradients(loss, **kwargs):
+        if not loss.requires_grad:  # e.g. a penalty of weight 0 on no weight
+            return [None] * len(params)
+        return list(torch.autograd.grad(scaled(loss), params, allow_unused=True, **kwargs))
+
+    data_gradients = None
+    if need_gradients:
+        data_gradients = gradients(data_loss, create_graph=True)
+    context = penalties_module.PenaltyContext(model, x, y, sample_weight, y_pred, weights, data_gradients)
+    values = [keras.ops.cast(p(context), data_loss.dtype) for p in penalty_list]
+    per_part = [data_gradients if need_gradients else None]
+    per_part += [gradients(v, retain_graph=True) for v in values]
+    if per_part[0] is None:
+        per_part[0] = gradients(data_loss)
+    per_part = [[None if g is None else g.detach() for g in part] for part in per_part]
+    pending = {}
+    loss = data_loss
+    if penalty_list:
+        loss, pending["penalties"] = _penalty_numbers(data_loss.detach(), [v.detach() for v in values],
+                                                      per_part[1:])
+    model._loss_tracker.update_state(
+        loss.detach(), sample_weight=next(i for i in kc.tree.flatten(x) if i is not None).shape[0])
+    if extras.loss:
+        pending["loss"] = loss.detach()
+    if noise is not None:
+        pending["noise"] = noise()
+    extras.pending = pending
+    grads = [_sum_present(per_variable) for per_variable in zip(*per_part)]
+    with torch.no_grad():
+        model.optimizer.apply(grads, weights)
+    return model.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
