@@ -16,12 +16,13 @@ and statistics in `keras.ops`, and takes from the backend module
 - `read(variable)` / `assign(variable, value)`: host reads and writes
   (JAX: through the trainer's current state, see `door_jax`).
 - `EAGER`: whether the hooked apply runs on the host (PyTorch: an observed
-  custom loop writes as it goes; JAX: `observe()` is not supported yet).
+  custom loop writes as it goes; JAX: inside jit, except for an eager loop's
+  `optimizer.apply`, told apart by `door_jax.on_host`).
 
 Not yet (they raise): `on_nonfinite="skip"/"stop"`, `on_spike`, histograms,
 `moment_norm`/`cosines` and custom statistics, zclip/adaptive_clip/callable
 transforms, `LossScaleOptimizer`, `keras.distribution`, gradmon's noise
-scale (`noise_scale=True`), `observe()` on JAX. gradmon's state is not
+scale (`noise_scale=True`). gradmon's state is not
 saved with the model there (`gradmon.saving.attach` does nothing).
 
 What does not work there yet raises `NotImplementedError` naming the
@@ -60,7 +61,7 @@ def unsupported(feature):
         f"gradmon: {feature} is not supported on the {backend_name()!r} backend yet "
         f"(KERAS_BACKEND={backend_name()}); it works on the 'tensorflow' backend. "
         "On JAX and PyTorch gradmon observes `fit` (`gradmon.monitor(model)`, the mixin, "
-        "`gradmon.GradientMonitor(log_dir)`; on PyTorch also `gradmon.observe` loops): the statistics "
+        "`gradmon.GradientMonitor(log_dir)`) and `gradmon.observe` custom loops: the statistics "
         f"{list(SUPPORTED_STATS)} and the transforms clip_by_global_norm, clip_by_norm, "
         "clip_by_value and their chains (the optimizer's own clipping included), "
         "and gradmon's penalties (`penalties=`, gradmon's own train step).")

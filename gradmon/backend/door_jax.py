@@ -14,6 +14,15 @@ Between two steps the trainer holds the current state (its private
 host reads take the one array from there; a host write first syncs the
 state back into the variables (`jax_state_sync`), so that the next step
 starts from them.
+
+In a custom loop (`gradmon.observe`) the user's jitted step calls
+`stateless_apply` itself and keeps the optimizer variables it returns:
+`observe` builds gradmon's state with the optimizer (`optimizer.build`), so
+the `optimizer.variables` the loop takes after building hold it, and
+`opt.flush(optimizer_variables=...)` reads it from the loop's list
+(`Observer.carried`), writing the host's few writes (which non-finite steps
+were reported) back into that list. An eager loop (`optimizer.apply` outside
+jit, `on_host`) keeps the state in the variables and writes as it goes.
 """
 
 import contextlib
@@ -21,7 +30,7 @@ import contextlib
 import keras
 import numpy as np
 
-EAGER = False  # the hooked apply runs inside the jitted step: the host reads between steps
+EAGER = False  # the hooked apply runs inside the jitted step (`on_host`: or outside jit)
 _OWNERS = []
 _STATE_IDS = "_gradmon_state_ids"
 
@@ -99,7 +108,22 @@ def _unsynced_state(observer):
     return model, state
 
 
+def on_host(value):
+    """Whether the hooked apply runs outside `jax.jit` (`value` is concrete, not a tracer):
+    an eager loop calling `optimizer.apply`, whose state is in the variables themselves."""
+    import jax
+
+    return not isinstance(value, jax.core.Tracer)
+
+
+def _index(optimizer, variable):
+    return next(i for i, v in enumerate(optimizer.variables) if v is variable)
+
+
 def read(variable, observer=None):
+    carried = getattr(observer, "carried", None)
+    if carried is not None:  # a functional loop's optimizer variables (`Observer.flush`)
+        return np.asarray(carried[_index(observer.optimizer, variable)])
     model, state = _unsynced_state(observer)
     if state is not None:
         for i, v in enumerate(model.optimizer.variables):
@@ -109,6 +133,9 @@ def read(variable, observer=None):
 
 
 def assign(variable, value, observer=None):
+    carried = getattr(observer, "carried", None)
+    if isinstance(carried, list):  # the loop's next step carries the write (a tuple cannot)
+        carried[_index(observer.optimizer, variable)] = keras.ops.convert_to_tensor(value, variable.dtype)
     model, state = _unsynced_state(observer)
     if state is not None:
         model.jax_state_sync()  # the next step starts from the variables again

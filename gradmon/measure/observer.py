@@ -91,6 +91,7 @@ class Observer:
         # knows are not written run such a trace; see GradientMonitor)
         self.measuring = True
         self.trainer = None  # weakref to the model whose `fit` runs the steps (JAX: its state)
+        self.carried = None  # a functional JAX loop's optimizer variables, while `flush` reads them
 
     def watch_model(self, model):
         """Notes the model whose `fit` runs the observed steps: on JAX the host reads the
@@ -164,7 +165,7 @@ class Observer:
         """Undoes `hook`: `optimizer.apply` (and its own all-reduce) are Keras' again."""
         if getattr(optimizer, _HOOK, None) is not self:
             return
-        for name in ("apply", _HOOK, "flush", "gradmon"):
+        for name in ("apply", "build", _HOOK, "flush", "gradmon"):
             optimizer.__dict__.pop(name, None)
         _keras_compat.restore_optimizer_all_reduce(optimizer)
 
@@ -208,7 +209,9 @@ class Observer:
         scope = tf.init_scope() if door is None else _door.state_owner(optimizer)
         with scope, _distribute.strategy_scope(strategy):
             if not optimizer.built and variables:
-                optimizer.build(variables)  # slots cannot be created inside tf.cond
+                # slots cannot be created inside tf.cond (not observe()'s hooked build on JAX:
+                # this call builds gradmon's state itself)
+                type(optimizer).build(optimizer, variables)
             if self.transform is not None:
                 self.transform.build(variables)  # e.g. zclip's running statistics
             if self.on_spike is not None and self.spikes is None:
@@ -347,8 +350,10 @@ class Observer:
             return rec.row(ctx)
 
         rec.store(step, door.cond(do_log, measure, int(rec.records.shape[1])), do_log)
-        if door.EAGER and self.host.writer is not None and self._eager_due(int(step)):
-            self.flush(report=False)  # a custom loop of observe(log_dir=...): written as it goes
+        # on the host (PyTorch; JAX's `apply` outside jit): observe(log_dir=...) writes as it goes
+        if (door.EAGER or door.on_host(step)) and self.host.writer is not None \
+                and self._eager_due(int(step)):
+            self.flush(report=False)
 
     def _take_extras(self):
         extras = {}
@@ -443,20 +448,58 @@ class Observer:
         histograms every `hist_every` steps (0: never) (`Publisher.set_schedule`)."""
         self.host.set_schedule(every, log_at, hist_every)
 
-    def flush(self, writer=OWN_WRITER, latest_only=False, histograms=True, report=True):
+    def flush(self, writer=OWN_WRITER, latest_only=False, histograms=True, report=True,
+              optimizer_variables=None):
         """Writes the measured steps not yet written (idempotent); returns their snapshots
-        (`Publisher.flush`)."""
-        return self.host.flush(writer, latest_only, histograms, report)
+        (`Publisher.flush`).
+
+        Args:
+            optimizer_variables: on JAX, in a loop that calls `optimizer.stateless_apply`
+                (inside `jax.jit`), the optimizer variables that loop carries: the list the
+                latest `stateless_apply` returned, in the order of `optimizer.variables`.
+                gradmon's state is among them; it is read from there, and what the host
+                writes into it (which non-finite steps were reported) is written back into
+                that list, which the loop's next step then carries. `None`: the state is in
+                the optimizer's variables (eager loops, `fit`, TensorFlow, PyTorch; or a JAX
+                loop that assigned its values back first). Defaults to `None`.
+        """
+        with self.reading(optimizer_variables):
+            return self.host.flush(writer, latest_only, histograms, report)
+
+    @contextlib.contextmanager
+    def reading(self, optimizer_variables=None):
+        """Within it, host reads and writes of gradmon's state use `optimizer_variables` (the
+        values a functional JAX loop carries, see `flush`); `None`: the variables themselves."""
+        if optimizer_variables is None:
+            yield
+            return
+        optimizer = getattr(self, "optimizer", None)
+        expected = len(optimizer.variables) if optimizer is not None else None
+        if not isinstance(optimizer_variables, (list, tuple)) or len(optimizer_variables) != expected:
+            raise invalid("optimizer_variables", f"a list of the {expected} values of "
+                          "`optimizer.variables`, in order, as `optimizer.stateless_apply` returns them",
+                          _shape_of(optimizer_variables))
+        held, self.carried = self.carried, optimizer_variables
+        try:
+            yield
+        finally:
+            self.carried = held
 
     def read_spikes(self, report=True):
         """The spikes not read yet, `[(step, z), ...]`; warns naming their steps
         (`Publisher.read_spikes`)."""
         return self.host.read_spikes(report)
 
-    def close(self):
+    def close(self, optimizer_variables=None):
         """Writes what is left (and the health report) and releases the event file
-        `observe(log_dir=...)` opened (`Publisher.close`)."""
-        self.host.close()
+        `observe(log_dir=...)` opened (`Publisher.close`).
+
+        Args:
+            optimizer_variables: as for `flush`: a functional JAX loop's optimizer
+                variables, where gradmon's state is. Defaults to `None`.
+        """
+        with self.reading(optimizer_variables):
+            self.host.close()
 
     def __del__(self):
         # an observer dropped before the end of the process (its optimizer and its traces gone)
@@ -469,6 +512,18 @@ class Observer:
                 host.finish("its optimizer was dropped")
         except Exception:  # nothing may escape a finaliser
             pass
+
+
+class _Shown(str):
+    def __repr__(self):
+        return str(self)
+
+
+def _shape_of(values):
+    """How an `optimizer_variables` argument looks, for its error (not every array printed)."""
+    if isinstance(values, (list, tuple)):
+        return _Shown(f"<{type(values).__name__} of {len(values)} values>")
+    return values
 
 
 def _histograms(spec, prepared):
@@ -601,8 +656,6 @@ def observe(optimizer, log_dir=None, transform=None, name=None, update_freq=1, h
         raise invalid("optimizer", "a keras.optimizers.Optimizer", optimizer)
     from gradmon._validation import check_positive_int
 
-    if _door.current() is not None and not _door.current().EAGER:  # JAX: the user's loop owns
-        raise _door.unsupported("gradmon.observe() (custom training loops)")  # the state
     observer = Observer(GradientSettings.from_arguments(locals(), "observe"))
     observer.set_schedule(every=check_positive_int("update_freq", update_freq),
                           hist_every=check_non_negative_int("histogram_freq", histogram_freq))
@@ -613,9 +666,27 @@ def observe(optimizer, log_dir=None, transform=None, name=None, update_freq=1, h
     observer.hook(optimizer)  # replaces an earlier observer of it (a notebook cell run again)
     object.__setattr__(optimizer, "flush", observer.flush)
     object.__setattr__(optimizer, "gradmon", observer)
+    door = _door.current()
+    if door is not None and not door.EAGER:
+        _build_with_state(observer, optimizer)
     if observer.host.writer is not None:
         _WRITE_AT_EXIT.add(observer)
     return optimizer
+
+
+def _build_with_state(observer, optimizer):
+    """JAX: gradmon's state is made with the optimizer's variables, so that a loop that takes
+    `optimizer.variables` after `optimizer.build(...)` (and passes them to `stateless_apply`
+    inside `jax.jit`) carries it: now if the optimizer is built, else when it is built."""
+    original = type(optimizer).build.__get__(optimizer)
+
+    def build(variables):
+        original(variables)
+        observer.ensure_built(optimizer, list(variables))
+
+    object.__setattr__(optimizer, "build", build)
+    if optimizer.built:
+        build(_keras_compat.optimizer_variables(optimizer))
 
 
 # observers with an event file of their own: what they measured and nobody wrote is written at
