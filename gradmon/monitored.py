@@ -314,23 +314,30 @@ class GradientMonitorMixin:
 
     def _gradmon_step_at_door(self, *args):
         """gradmon's own train step on JAX (`(state, data)`) and PyTorch (`(data)`)."""
-        config = self._gradmon_config
-        if config.noise_scale:
-            from gradmon.backend import door
-
-            raise door.unsupported("noise_scale=True (the gradient noise scale)")
+        config, observer = self._gradmon_config, self._gradmon_observer
         if not self.trainable_weights:
             return super().train_step(*args)
         backend = keras.backend.backend()
-        if backend == "jax":
-            state, data = args
-            return own_step.jax_train_step(self, state, data, config.penalties, config.extras)
-        (data,) = args
-        if backend != "torch":
+        if backend not in ("jax", "torch"):
             from gradmon.backend import door
 
             raise door.unsupported("gradmon's own train step (penalties, noise scale)")
-        return own_step.torch_train_step(self, data, config.penalties, config.extras)
+        data = args[-1]
+        noise = None
+        if config.noise_scale:
+            observer.ensure_built(self.optimizer, self.trainable_weights)
+            batch = kc.unpack_x_y_sample_weight(data)
+            if backend == "jax":  # every trace measures the due steps (see Observer._apply_at_door)
+                def noise(trainable, non_trainable, optimizer_variables):
+                    return own_step.half_batch_moments_at_door(
+                        self, batch, observer, trainable, non_trainable, optimizer_variables)
+            elif observer.measuring:
+                def noise():
+                    return own_step.half_batch_moments_at_door(self, batch, observer)
+        if backend == "jax":
+            state, data = args
+            return own_step.jax_train_step(self, state, data, config.penalties, config.extras, noise)
+        return own_step.torch_train_step(self, data, config.penalties, config.extras, noise)
 
     def _gradmon_noise(self, batch):
         import tensorflow as tf

@@ -8,7 +8,7 @@ import gradmon
 from gradmon import tags
 from helpers import latest_snapshot
 
-pytestmark = pytest.mark.tensorflow_only  # needs TensorFlow: skipped whole under JAX/PyTorch (conftest.py)
+
 
 RNG = np.random.default_rng(31)
 N, D, B = 2048, 3, 16

@@ -21,8 +21,7 @@ and statistics in `keras.ops`, and takes from the backend module
 
 Not yet (they raise): `on_nonfinite="skip"/"stop"`, `on_spike`, histograms,
 `moment_norm`/`cosines` and custom statistics, zclip/adaptive_clip/callable
-transforms, `LossScaleOptimizer`, `keras.distribution`, gradmon's noise
-scale (`noise_scale=True`). gradmon's state is not
+transforms, `LossScaleOptimizer`, `keras.distribution`. gradmon's state is not
 saved with the model there (`gradmon.saving.attach` does nothing).
 
 What does not work there yet raises `NotImplementedError` naming the
@@ -64,7 +63,7 @@ def unsupported(feature):
         "`gradmon.GradientMonitor(log_dir)`) and `gradmon.observe` custom loops: the statistics "
         f"{list(SUPPORTED_STATS)} and the transforms clip_by_global_norm, clip_by_norm, "
         "clip_by_value and their chains (the optimizer's own clipping included), "
-        "and gradmon's penalties (`penalties=`, gradmon's own train step).")
+        "and gradmon's penalties and noise scale (gradmon's own train step).")
 
 
 def check_supported(observer, optimizer_clip=None, loss_scaled=False):
@@ -84,8 +83,6 @@ def check_supported(observer, optimizer_clip=None, loss_scaled=False):
         raise unsupported(f"on_spike={settings.on_spike!r}")
     if observer.histograms:
         raise unsupported("histogram_freq > 0 (gradient histograms)")
-    if getattr(observer.extras_source, "noise_scale", False):
-        raise unsupported("noise_scale=True (the gradient noise scale)")
     other = [s for s in settings.selected if s not in SUPPORTED_STATS]
     if other:
         raise unsupported(f"stats={other}")

@@ -336,6 +336,7 @@ class Observer:
         # `measuring` is not read: JAX shares one trace between `fit`'s two train functions (one
         # jit cache for the same step function), so every trace measures the due steps itself
         do_log = rec.should_log(step)
+        self._noise_ema_at_door(rec, extras, do_log)
         weights = any(s.needs_weights or s.needs_update for s in rec.statistics)
         before = door.weights(variables, do_log) if weights else None
         original_apply(prepared.to_apply, variables)
@@ -354,6 +355,18 @@ class Observer:
         if (door.EAGER or door.on_host(step)) and self.host.writer is not None \
                 and self._eager_due(int(step)):
             self.flush(report=False)
+
+    @staticmethod
+    def _noise_ema_at_door(rec, extras, do_log):
+        """JAX / PyTorch: the noise scale's EMAs advance here, on due steps, outside the pure
+        branch that computes the row; the row reads the new values (`extras["noise"]["ema"]`)."""
+        noise = extras.get("noise")
+        for statistic in rec.statistics:
+            if noise is not None and isinstance(statistic, statistics.NoiseScale):
+                ema = rec.state[statistic]
+                new = statistic.next_ema(ema.value, noise)
+                ema.assign(keras.ops.where(do_log, new, ema.value))
+                extras["noise"] = dict(noise, ema=new)
 
     def _take_extras(self):
         extras = {}

@@ -461,12 +461,44 @@ class NoiseScale(Statistic):
     def build(self, spec):
         from gradmon.backend import distribute as _distribute
 
+        if _OPS:  # the door's state (float32: JAX keeps no float64 without x64)
+            return _distribute.replica_local_variable([0.0, 0.0], dtype="float32", name="gradmon_noise_ema")
         return _distribute.replica_local_variable(tf.zeros([2], tf.float64))
+
+    @staticmethod
+    def _estimates(noise):
+        """Per group `(|G|^2, tr(Sigma))` and their totals, in keras.ops float32 (JAX / PyTorch)."""
+        ops = keras.ops
+        m, b = ops.cast(noise["moments"], "float32"), float(noise["half_batch"])
+        small = (m[:, 0] + m[:, 1]) / 2
+        big = (m[:, 0] + m[:, 1] + 2 * m[:, 2]) / 4
+        grad_sq, trace_cov = 2 * big - small, 2 * b * (small - big)
+        return grad_sq, trace_cov, ops.sum(grad_sq), ops.sum(trace_cov)
+
+    def next_ema(self, ema, noise):
+        """The EMAs `[tr(Sigma), |G|^2]` after this step (JAX / PyTorch: assigned by the
+        observer outside the pure branch that computes the row)."""
+        _, _, total_grad_sq, total_trace = self._estimates(noise)
+        decay = NOISE_SCALE_EMA_DECAY
+        return decay * ema + (1 - decay) * keras.ops.stack([total_trace, total_grad_sq])
+
+    def _compute_at_door(self, ctx, noise):
+        ops = keras.ops
+        grad_sq, trace_cov, total_grad_sq, total_trace = self._estimates(noise)
+        new_ema = noise["ema"]
+        snr = ops.divide_no_nan(2 * float(noise["half_batch"]) * grad_sq, trace_cov)
+        return ops.concatenate([ops.stack([
+            ops.divide_no_nan(total_trace, total_grad_sq), ops.divide_no_nan(new_ema[0], new_ema[1]),
+            total_grad_sq, total_trace]), snr], 0)
 
     def compute(self, ctx):
         noise = ctx.extras.get("noise")
         if noise is None:
+            if _OPS:
+                return keras.ops.full([4 + ctx.spec.num_groups], float("nan"))
             return tf.fill([4 + ctx.spec.num_groups], float("nan"))
+        if _OPS:
+            return self._compute_at_door(ctx, noise)
         m, b = tf.cast(noise["moments"], tf.float64), tf.cast(noise["half_batch"], tf.float64)
         small = (m[:, 0] + m[:, 1]) / 2
         big = (m[:, 0] + m[:, 1] + 2 * m[:, 2]) / 4

@@ -213,7 +213,8 @@ def jax_train_step(model, state, data, penalty_list, extras, noise=None):
     Returns `(logs, state)` as Keras' does. Sets `extras.pending` for the hooked apply
     that `optimizer.stateless_apply` runs in this trace: `"penalties"` (`numbers` of
     `penalized_step`), `"loss"` (the batch loss the loss tracker gets) and, with
-    `noise(trainable, non_trainable)`, `"noise"`.
+    `noise(trainable, non_trainable, optimizer_variables)` (the step's values before the
+    update), `"noise"`.
     """
     import jax
     import jax.numpy as jnp
@@ -260,7 +261,7 @@ def jax_train_step(model, state, data, penalty_list, extras, noise=None):
     if extras.loss:
         pending["loss"] = loss
     if noise is not None:
-        pending["noise"] = noise(trainable, non_trainable)
+        pending["noise"] = noise(trainable, non_trainable, optimizer_variables)
     extras.pending = pending
     trainable, optimizer_variables = model.optimizer.stateless_apply(
         optimizer_variables, grads, trainable)
@@ -324,9 +325,81 @@ def torch_train_step(model, data, penalty_list, extras, noise=None):
     if extras.loss:
         pending["loss"] = loss.detach()
     if noise is not None:
-        pending["noise"] = noise()
+        measured = noise()
+        if measured is not None:
+            pending["noise"] = measured
     extras.pending = pending
     grads = [_sum_present(per_variable) for per_variable in zip(*per_part)]
     with torch.no_grad():
         model.optimizer.apply(grads, weights)
     return model.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+
+
+def half_batch_moments_at_door(model, batch, observer, trainable=None, non_trainable=None,
+                               optimizer_variables=None):
+    """The noise scale's extras on JAX and PyTorch: `{"moments", "half_batch"}` as
+    `half_batch_moments` gives them on TensorFlow, computed on due steps only.
+
+    JAX: in the jitted step, from the step's `trainable` / `non_trainable` values (the
+    recorder's step read from `optimizer_variables`), under `lax.cond`; PyTorch: on the
+    host, `None` on a step that is not due. The extra forward passes change no state
+    (a `StatelessScope`: what they assign is dropped).
+    """
+    from gradmon.backend import door as _door
+
+    door = _door.current()
+    rec = observer.recorder
+    groups = rec.spec.num_groups
+    x, y, sample_weight = batch
+    half = int(keras.ops.shape(kc.tree.flatten(x)[0])[0]) // 2
+    jax_step = trainable is not None
+    if jax_step:
+        mapping = list(zip(model.optimizer.variables, optimizer_variables))
+        with keras.StatelessScope(state_mapping=mapping):
+            due = rec.should_log(rec.step.value + 1)
+    else:
+        due = rec.should_log(rec.step.value + 1)
+
+    def part(start):
+        def take(t):
+            return None if t is None else t[start:start + half]
+
+        xs, ys, ws = (kc.tree.map_structure(take, t) if t is not None else None
+                      for t in (x, y, sample_weight))
+        if jax_step:
+            import jax
+
+            def loss_of(weights):
+                mapping = (list(zip(model.trainable_variables, weights))
+                           + list(zip(model.non_trainable_variables, non_trainable)))
+                with keras.StatelessScope(state_mapping=mapping, collect_losses=True):
+                    pred = kc.call_with_training(model, xs)
+                    return kc.compute_loss(model, xs, ys, pred, ws)
+
+            return jax.grad(loss_of)(trainable)
+        import torch
+
+        params = [v.value for v in model.trainable_variables]
+        mapping = [(v, v.value.detach()) for v in model.non_trainable_variables]
+        # unseeded dropout draws from torch's global generator: given back as it was
+        with torch.random.fork_rng(), keras.StatelessScope(state_mapping=mapping, collect_losses=True):
+            pred = kc.call_with_training(model, xs)
+            loss = kc.compute_loss(model, xs, ys, pred, ws)
+        return torch.autograd.grad(loss, params, allow_unused=True)
+
+    def moments():
+        rows = []
+        for a, b in zip(part(0), part(half)):
+            if a is None or b is None:
+                rows.append(keras.ops.zeros([3]))
+                continue
+            a, b = keras.ops.cast(a, "float32"), keras.ops.cast(b, "float32")
+            rows.append(keras.ops.stack([keras.ops.sum(a * a), keras.ops.sum(b * b), keras.ops.sum(a * b)]))
+        ids = keras.ops.convert_to_tensor(rec.spec.segment_ids, "int32")
+        summed = keras.ops.segment_sum(keras.ops.stack(rows), ids, num_segments=groups)
+        return keras.ops.reshape(summed, [-1])
+
+    taken = door.cond(due, moments, 3 * groups)
+    if taken is None:  # PyTorch, a step not due: nothing measured
+        return None
+    return {"moments": keras.ops.reshape(taken, [groups, 3]), "half_batch": half}
