@@ -16,12 +16,12 @@ and statistics in `keras.ops`, and takes from the backend module
 - `read(variable)` / `assign(variable, value)`: host reads and writes
   (JAX: through the trainer's current state, see `door_jax`).
 - `EAGER`: whether the hooked apply runs on the host (PyTorch: an observed
-  custom loop writes as it goes; JAX: inside jit, except for an eager loop's
-  `optimizer.apply`, told apart by `door_jax.on_host`).
+  custom loop writes as it goes; JAX: `observe()` is not supported yet).
 
 Not yet (they raise): `on_nonfinite="skip"/"stop"`, `on_spike`, histograms,
-`moment_norm`/`cosines` and custom statistics, zclip/adaptive_clip/callable
-transforms, `LossScaleOptimizer`, `keras.distribution`. gradmon's state is not
+`moment_norm`/`cosines` and custom statistics, `GradientTransform` subclasses
+not marked `keras_ops`, `LossScaleOptimizer`, `keras.distribution`, gradmon's own train
+step (penalties, noise scale), `observe()` on JAX. gradmon's state is not
 saved with the model there (`gradmon.saving.attach` does nothing).
 
 What does not work there yet raises `NotImplementedError` naming the
@@ -60,10 +60,11 @@ def unsupported(feature):
         f"gradmon: {feature} is not supported on the {backend_name()!r} backend yet "
         f"(KERAS_BACKEND={backend_name()}); it works on the 'tensorflow' backend. "
         "On JAX and PyTorch gradmon observes `fit` (`gradmon.monitor(model)`, the mixin, "
-        "`gradmon.GradientMonitor(log_dir)`) and `gradmon.observe` custom loops: the statistics "
+        "`gradmon.GradientMonitor(log_dir)`; on PyTorch also `gradmon.observe` loops): the statistics "
         f"{list(SUPPORTED_STATS)} and the transforms clip_by_global_norm, clip_by_norm, "
-        "clip_by_value and their chains (the optimizer's own clipping included), "
-        "and gradmon's penalties and noise scale (gradmon's own train step).")
+        "clip_by_value, adaptive_clip, zclip, callables written in keras.ops, subclasses of "
+        "GradientTransform marked `keras_ops = True`, and their chains (the optimizer's own "
+        "clipping included).")
 
 
 def check_supported(observer, optimizer_clip=None, loss_scaled=False):
@@ -83,6 +84,8 @@ def check_supported(observer, optimizer_clip=None, loss_scaled=False):
         raise unsupported(f"on_spike={settings.on_spike!r}")
     if observer.histograms:
         raise unsupported("histogram_freq > 0 (gradient histograms)")
+    if observer.extras_source is not None:
+        raise unsupported("gradmon's own train step (penalties, noise scale, observe_loss)")
     other = [s for s in settings.selected if s not in SUPPORTED_STATS]
     if other:
         raise unsupported(f"stats={other}")
@@ -90,7 +93,8 @@ def check_supported(observer, optimizer_clip=None, loss_scaled=False):
         raise unsupported("custom statistics (gradmon.statistics.Statistic)")
     for transform in (observer.transform, optimizer_clip):
         if transform is not None and not getattr(transform, "keras_ops", False):
-            raise unsupported(f"the gradient transform {transform!r}")
+            raise unsupported(f"the gradient transform {transform!r} (a GradientTransform subclass "
+                              "not marked `keras_ops = True`: written for TensorFlow)")
     if keras.distribution.distribution() is not None:
         raise unsupported("keras.distribution (data or model parallel training)")
 

@@ -61,6 +61,7 @@ References:
     LLM Pre-Training. arXiv:2504.02507.
 """
 
+import keras
 import numpy as np
 
 from gradmon.backend import lazy_tf as _lazy_tf
@@ -349,4 +350,6 @@ class ZClipThreshold(statistics.Statistic):
         return tags.zclip_threshold(self._label)
 
     def compute(self, ctx):
-        return tf.cast(self.member.threshold.read_value(), tf.float32)[None]
+        # the variable read as the step sees it (JAX: its value in the step's state)
+        threshold = keras.ops.convert_to_tensor(self.member.threshold)
+        return keras.ops.reshape(keras.ops.cast(threshold, "float32"), [1])

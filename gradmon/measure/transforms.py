@@ -18,6 +18,8 @@ Example:
     >>> new_grads, fractions = t(grads, model.trainable_variables)
 """
 
+import contextlib
+
 import keras
 import numpy as np
 
@@ -44,10 +46,15 @@ def _with_values(gradient, values):
     return values
 
 
-def _fraction(clipped, total):
+def _dense(tensor):
+    """A tensor of a gradient, variable or array (a `tf.IndexedSlices` made dense)."""
     if _OPS:
-        return keras.ops.divide_no_nan(keras.ops.cast(clipped, "float32"), keras.ops.cast(total, "float32"))
-    return stats.safe_ratio(tf.cast(clipped, tf.float32), tf.cast(total, tf.float32))
+        return keras.ops.convert_to_tensor(tensor)
+    return tf.convert_to_tensor(tensor)
+
+
+def _fraction(clipped, total):
+    return keras.ops.divide_no_nan(keras.ops.cast(clipped, "float32"), keras.ops.cast(total, "float32"))
 
 
 class GradientTransform:
@@ -211,10 +218,10 @@ def unitwise_norm(x):
     (norm over axis 0); a convolution kernel `[..., in, out]` has `out` units
     (norm over all axes but the last). As in Brock et al. (2021).
     """
-    rank = x.shape.rank
-    if rank is None or rank <= 1:
-        return tf.norm(x)
-    return tf.sqrt(tf.reduce_sum(tf.square(x), axis=list(range(rank - 1)), keepdims=True))
+    rank = len(x.shape)
+    if rank <= 1:
+        return keras.ops.sqrt(keras.ops.sum(keras.ops.square(x)))
+    return keras.ops.sqrt(keras.ops.sum(keras.ops.square(x), axis=tuple(range(rank - 1)), keepdims=True))
 
 
 class adaptive_clip(GradientTransform):
@@ -236,6 +243,7 @@ class adaptive_clip(GradientTransform):
     """
 
     name = "adaptive_clip"
+    keras_ops = True
 
     def __init__(self, clip_factor, eps=1e-3):
         self.clip_factor = check_positive("clip_factor", clip_factor)
@@ -252,17 +260,18 @@ class adaptive_clip(GradientTransform):
             if g is None:
                 out.append(None)
                 continue
-            g = tf.convert_to_tensor(g)
-            w = tf.cast(tf.convert_to_tensor(p), tf.float32)
-            g32 = tf.cast(g, tf.float32)
-            max_norm = self.clip_factor * tf.maximum(unitwise_norm(w), self.eps)
+            g = _dense(g)
+            w = keras.ops.cast(_dense(p), "float32")
+            g32 = keras.ops.cast(g, "float32")
+            max_norm = self.clip_factor * keras.ops.maximum(unitwise_norm(w), self.eps)
             g_norm = unitwise_norm(g32)
             trigger = g_norm > max_norm
-            scale = tf.where(trigger, max_norm / tf.maximum(g_norm, 1e-6), tf.ones_like(g_norm))
-            out.append(tf.cast(g32 * scale, g.dtype))
-            clipped.append(tf.reduce_sum(tf.cast(trigger, tf.float32)))
-            total.append(tf.cast(tf.size(g_norm), tf.float32))
-        return out, {self.name: _fraction(tf.add_n(clipped or [0.0]), tf.add_n(total or [0.0]))}
+            scale = keras.ops.where(trigger, max_norm / keras.ops.maximum(g_norm, 1e-6),
+                                    keras.ops.ones_like(g_norm))
+            out.append(keras.ops.cast(g32 * scale, g.dtype))
+            clipped.append(keras.ops.sum(keras.ops.cast(trigger, "float32")))
+            total.append(keras.ops.cast(keras.ops.size(g_norm), "float32"))
+        return out, {self.name: _fraction(sum(clipped) if clipped else 0.0, sum(total) if total else 0.0)}
 
     def get_config(self):
         return {"clip_factor": self.clip_factor, "eps": self.eps}
@@ -357,7 +366,13 @@ def _check_dense_like(name, g, n, p):
 
 
 class _FunctionTransform(GradientTransform):
-    """A user callable `(grads, params) -> grads`; reports the share of changed elements."""
+    """A user callable `(grads, params) -> grads`; reports the share of changed elements.
+
+    On JAX and PyTorch the callable runs inside the step as it is: written in
+    `keras.ops` it runs on every backend (`gradmon.backend.door`).
+    """
+
+    keras_ops = True
 
     def __init__(self, fn):
         self.fn = fn
@@ -388,10 +403,10 @@ class _FunctionTransform(GradientTransform):
         for g, n in zip(grads, new):
             if g is None or n is None:
                 continue
-            a, b = tf.convert_to_tensor(g), tf.convert_to_tensor(n)
-            changed.append(tf.reduce_sum(tf.cast(tf.not_equal(a, b), tf.float32)))
-            total.append(tf.cast(tf.size(a), tf.float32))
-        return new, {self.name: _fraction(tf.add_n(changed or [0.0]), tf.add_n(total or [0.0]))}
+            a, b = _dense(g), _dense(n)
+            changed.append(keras.ops.sum(keras.ops.cast(keras.ops.not_equal(a, b), "float32")))
+            total.append(keras.ops.cast(keras.ops.size(a), "float32"))
+        return new, {self.name: _fraction(sum(changed) if changed else 0.0, sum(total) if total else 0.0)}
 
 
 class zclip(GradientTransform):
@@ -433,6 +448,7 @@ class zclip(GradientTransform):
     """
 
     name = "zclip"
+    keras_ops = True
 
     def __init__(self, z_threshold=2.5, alpha=0.97, warmup_steps=25, eps=1e-6):
         from gradmon._validation import check_non_negative, check_positive_int, invalid
@@ -452,16 +468,21 @@ class zclip(GradientTransform):
         from gradmon.backend import distribute as _distribute
         from gradmon.measure import spikes
 
-        with tf.init_scope():
-            self.state = _distribute.replica_local_variable(spikes.initial_state(), tf.float64,
+        # JAX / PyTorch: the door's state variables (JAX: in the optimizer's state, made under
+        # `door.state_owner`), in float32 (JAX keeps 64-bit variables in 32 bits without x64)
+        dtype = "float32" if _OPS else tf.float64
+        with contextlib.nullcontext() if _OPS else tf.init_scope():
+            self.state = _distribute.replica_local_variable(spikes.initial_state(), dtype,
                                                             name="gradmon_zclip_state")
-            self.threshold = _distribute.replica_local_variable(float("nan"), tf.float64,
+            self.threshold = _distribute.replica_local_variable(float("nan"), dtype,
                                                                 name="gradmon_zclip_threshold")
 
     def __call__(self, grads, params):
         from gradmon.measure import spikes
 
         self.build(params)
+        if _OPS:
+            return self._in_keras_ops(grads)
         norm = tf.cast(stats.global_norm(grads), tf.float64)
         state = spikes.read_state(self.state)
         z, clip = spikes.judged(state, norm, self.z_threshold, self.warmup_steps, self.eps)
@@ -475,6 +496,40 @@ class zclip(GradientTransform):
         out = [None if g is None else _with_values(g, _values(g) * tf.cast(scale, _values(g).dtype))
                for g in grads]
         return out, {self.name: tf.cast(clip, tf.float32)}
+
+    def _in_keras_ops(self, grads):
+        """The same rule in `keras.ops` (JAX, PyTorch), in float32, without a branch: the new
+        statistics are assigned whatever happened (unchanged where nothing is folded in)."""
+        ops, nan = keras.ops, float("nan")
+        norm = stats.global_norm(grads)
+        state = ops.convert_to_tensor(self.state)
+        seen, mean, var = state[0], state[1], state[2]
+        std = ops.sqrt(var)
+        # judged from the warm-up on, once the norms vary (`gradmon.spikes.warmed_up`)
+        warm = ops.logical_and(seen >= self.warmup_steps, var > 0)
+        judge = ops.logical_and(warm, ops.isfinite(norm))
+        z = ops.where(judge, (norm - mean) / (std + self.eps), nan)
+        clip = ops.logical_and(judge, z > self.z_threshold)
+        target = mean + ops.divide_no_nan(self.z_threshold ** 2 * std, z)
+        scale = ops.where(clip, ops.divide_no_nan(target, norm), 1.0)
+        self.threshold.assign(ops.where(warm, mean + self.z_threshold * std, nan))
+        self.state.assign(self._folded(state, ops.where(clip, target, norm)))
+        out = [None if g is None else g * ops.cast(scale, g.dtype) for g in grads]
+        return out, {self.name: ops.cast(clip, "float32")}
+
+    def _folded(self, state, x):
+        """`[seen, mean, var]` after folding in `x` (`gradmon.spikes.folded`: Welford during the
+        warm-up, then the moving averages; a non-finite `x` leaves it unchanged)."""
+        ops = keras.ops
+        seen, mean, var = state[0], state[1], state[2]
+        n = seen + 1.0
+        warm_mean = mean + (x - mean) / n
+        warm_var = (var * seen + (x - mean) * (x - warm_mean)) / n
+        ema_mean = self.alpha * mean + (1.0 - self.alpha) * x
+        ema_var = self.alpha * var + (1.0 - self.alpha) * ops.square(x - ema_mean)
+        averaging = seen >= self.warmup_steps
+        new = ops.stack([n, ops.where(averaging, ema_mean, warm_mean), ops.where(averaging, ema_var, warm_var)])
+        return ops.where(ops.isfinite(x), new, state)
 
     def get_config(self):
         return {"z_threshold": self.z_threshold, "alpha": self.alpha,
