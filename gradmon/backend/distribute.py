@@ -10,6 +10,13 @@ optimizer (which it tells not to all-reduce again), measures that global
 gradient and transforms it (see `gradmon.pipeline`).
 
 Outside a strategy every function here is the identity / a no-op.
+
+On JAX, `keras.distribution` (`DataParallel`, `ModelParallel`) shards the
+jitted step instead: the gradient reaching the door is the global one (its
+all-reduce, for data parallelism, happens inside `jax.grad`), so gradmon adds
+no all-reduce there, and XLA inserts what the norms of sharded tensors need.
+Only process 0 writes (`is_chief`). Keras' PyTorch backend has no
+`keras.distribution` (`gradmon.backend.door.check_supported` refuses it).
 """
 
 import contextlib
@@ -113,7 +120,29 @@ def cond_apply(pred, apply_fn, args):
 
 
 def is_chief(strategy):
-    """Whether this process writes summaries: always, except on a non-chief multi-worker task."""
+    """Whether this process writes summaries: always, except on a non-chief multi-worker task
+    (TensorFlow: the strategy's chief; JAX and PyTorch: process 0, see `process_index`)."""
+    if not _lazy_tf.is_tensorflow():
+        return process_index() == 0
     if strategy is None:
         return True
     return bool(getattr(strategy.extended, "should_checkpoint", True))
+
+
+def process_index():
+    """This process's index among those training together: JAX's `jax.process_index()` (every
+    process of a multi-process `keras.distribution` sees the same reduced statistics, process 0
+    writes them), PyTorch's rank in an initialised `torch.distributed` group; 0 otherwise."""
+    import keras
+
+    backend = keras.backend.backend()
+    if backend == "jax":
+        import jax
+
+        return jax.process_index()
+    if backend == "torch":
+        import torch.distributed
+
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            return torch.distributed.get_rank()
+    return 0

@@ -20,7 +20,8 @@ and statistics in `keras.ops`, and takes from the backend module
 
 Not yet (they raise): `on_nonfinite="skip"/"stop"`, `on_spike`, histograms,
 `moment_norm`/`cosines` and custom statistics, `GradientTransform` subclasses
-not marked `keras_ops`, `LossScaleOptimizer`, `keras.distribution`, gradmon's own train
+not marked `keras_ops`, `LossScaleOptimizer`, `keras.distribution` on PyTorch (Keras implements it
+for JAX only), gradmon's own train
 step (penalties, noise scale), `observe()` on JAX. gradmon's state is not
 saved with the model there (`gradmon.saving.attach` does nothing).
 
@@ -95,8 +96,16 @@ def check_supported(observer, optimizer_clip=None, loss_scaled=False):
         if transform is not None and not getattr(transform, "keras_ops", False):
             raise unsupported(f"the gradient transform {transform!r} (a GradientTransform subclass "
                               "not marked `keras_ops = True`: written for TensorFlow)")
-    if keras.distribution.distribution() is not None:
-        raise unsupported("keras.distribution (data or model parallel training)")
+    distribution = keras.distribution.distribution()
+    if distribution is not None and backend_name() != "jax":
+        # Keras implements keras.distribution for JAX only: its PyTorch `fit` runs on one device
+        raise NotImplementedError(
+            f"gradmon: keras.distribution is not supported on the {backend_name()!r} backend: Keras' "
+            f"{backend_name()!r} backend does not implement it (its `fit` trains on one device, "
+            "ignoring the distribution). Expected no distribution on this backend "
+            "(`keras.distribution.set_distribution(None)`); use KERAS_BACKEND=jax for "
+            "`keras.distribution.DataParallel` / `ModelParallel`, or a `tf.distribute` strategy "
+            f"on 'tensorflow'. Received: keras.distribution.distribution()={distribution!r}")
 
 
 @contextlib.contextmanager
