@@ -18,7 +18,9 @@ Two host CPU devices need `XLA_FLAGS=--xla_force_host_platform_device_count=2` b
 (`helpers.backend_python`) with that flag, from every suite (the JAX suite's own process has one
 device; from TensorFlow and PyTorch not under `make test`, which runs the JAX suite itself).
 On PyTorch, where Keras has no `keras.distribution`, an observed `fit` with one set raises
-`NotImplementedError` saying so.
+`NotImplementedError` saying so; a custom loop of two gloo processes with the Keras model in
+`torch.nn.parallel.DistributedDataParallel` and a `gradmon.observe`d optimizer (log_dir on rank 0)
+logs the replay's numbers and ends on its weights on both ranks.
 """
 
 import os
