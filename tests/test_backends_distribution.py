@@ -4,7 +4,7 @@ On JAX, `keras.distribution` shards the jitted train step: the gradient reaching
 door (where gradmon measures) is the global one. The reference is a NumPy replay (float64, the
 gradient of a two-layer tanh MLP written out by hand, SGD) of the same weights and batches:
 
-- `DataParallel` over 2 devices: the logged raw and transformed norms, every per-layer statistic,
+- `DataParallel` over 2 devices (`steps_per_execution=2`): the logged raw and transformed norms, every per-layer statistic,
   update ratios and clip numbers equal the replay's to float32 precision, and the weights end on
   the replay's; the compiled step holds the same all-reduces (instruction by instruction, shapes
   included) with and without gradmon: gradmon adds no collective.
@@ -69,12 +69,12 @@ def _data():
     return x, y, weights
 
 
-def _model(weights, observed=True):
+def _model(weights, observed=True, steps_per_execution=1):
     inputs = keras.Input((4,))
     hidden = keras.layers.Dense(HIDDEN, activation="tanh", name="dense")(inputs)
     model = keras.Model(inputs, keras.layers.Dense(1, name="dense_1")(hidden))
     model.set_weights(weights)
-    model.compile(optimizer=keras.optimizers.SGD(LR), loss="mse")
+    model.compile(optimizer=keras.optimizers.SGD(LR), loss="mse", steps_per_execution=steps_per_execution)
     if observed:
         model = gradmon.monitor(model, transform=gradmon.transforms.clip_by_global_norm(CLIP), stats=STATS)
     return model
@@ -169,7 +169,7 @@ def test_data_parallel_logs_the_numbers_of_a_numpy_replay_and_adds_no_collective
 
     distribution = distributed(keras.distribution.DataParallel(devices=jax.devices()[:2]))
     x, y, weights = _data()
-    model = _model(weights)
+    model = _model(weights, steps_per_execution=2)  # each step of an execution logged
     kernel = model.trainable_variables[0].value
     assert len(kernel.sharding.device_set) == 2  # the weights live on both devices
     _fit(model, x, y, str(tmp_path))
