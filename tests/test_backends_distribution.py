@@ -6,8 +6,9 @@ gradient of a two-layer tanh MLP written out by hand, SGD) of the same weights a
 
 - `DataParallel` over 2 devices (`steps_per_execution=2`): the logged raw and transformed norms,
   every per-layer statistic, update ratios and clip numbers equal the replay's to float32
-  precision, and the weights end on the replay's; the compiled step holds the same all-reduces (instruction by instruction, shapes
-  included) with and without gradmon: gradmon adds no collective.
+  precision, and the weights end on the replay's; the compiled step holds the same all-reduces
+  (instruction by instruction, shapes included) with and without gradmon: gradmon adds no
+  collective.
 - `ModelParallel` with both Dense kernels (and the first bias) split over the 2 devices: the norms,
   max_abs, rms and zero fractions of the sharded tensors equal the replay's.
 - Two JAX processes (`keras.distribution.initialize`, CPU collectives over gloo), one device each,
