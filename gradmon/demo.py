@@ -59,12 +59,47 @@ def build_model():
     return model
 
 
+class EpochScalars:
+    """Off TensorFlow, the epoch scalars Keras' TensorBoard callback writes (`epoch_loss`,
+    `epoch_accuracy`, ... in `<log_dir>/train`, their `val_` twins in `<log_dir>/validation`),
+    written by gradmon's own TensorFlow-free writer: that callback needs TensorFlow."""
+
+    @staticmethod
+    def callback(log_dir):
+        import keras
+
+        from gradmon.publish.writer import SummaryWriter
+
+        class _EpochScalars(keras.callbacks.Callback):
+            def on_train_begin(self, logs=None):
+                self.writers = {run: SummaryWriter.shared(log_dir, run).open()
+                                for run in ("train", "validation")}
+
+            def on_epoch_end(self, epoch, logs=None):
+                runs = {"train": {}, "validation": {}}
+                for key, value in (logs or {}).items():
+                    run, name = ("validation", key[4:]) if key.startswith("val_") else ("train", key)
+                    runs[run][f"epoch_{name}"] = float(value)
+                for run, mapping in runs.items():
+                    if mapping:
+                        self.writers[run].write_scalars(epoch, mapping)
+
+            def on_train_end(self, logs=None):
+                for writer in self.writers.values():
+                    writer.close()
+
+        return _EpochScalars()
+
+
 def run(log_dir="runs/demo", epochs=8, seed=0):
     """Trains a monitored MLP on digits; writes TensorBoard logs to `log_dir`.
 
     Gradient statistics every step (clipped by value then by global norm, an
     L2 penalty, the gradient noise scale), histograms every 20 steps, and the
-    Hessian's top-3 eigenvalues, trace and density once per epoch.
+    Hessian's top-3 eigenvalues, trace and density once per epoch. On JAX and
+    PyTorch (no TensorFlow needed) the epoch scalars of Keras' TensorBoard
+    callback, which needs TensorFlow, are written by gradmon's writer
+    (`EpochScalars`); the rest is the same.
     """
     import keras
 
@@ -73,13 +108,20 @@ def run(log_dir="runs/demo", epochs=8, seed=0):
     keras.utils.set_random_seed(seed)
     x, y, x_val, y_val = load_digits_split(seed)
     model = build_model()
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        scalars = keras.callbacks.TensorBoard(log_dir)
+    else:
+        scalars = EpochScalars.callback(log_dir)
+        print(f"Keras backend {backend!r}: the epoch loss and accuracy are written by gradmon's "
+              "TensorFlow-free writer (Keras' TensorBoard callback needs TensorFlow).")
     model.fit(
         x, y, batch_size=32, epochs=epochs, validation_data=(x_val, y_val), verbose=2,
         callbacks=[
             gradmon.GradientMonitor(log_dir, histogram_freq=20),
             gradmon.HessianMonitor(log_dir, data=(x_val[:256], y_val[:256]), every_n_steps=45,
                                    top_k=3, trace=True, density=True),
-            keras.callbacks.TensorBoard(log_dir),
+            scalars,
         ],
     )
     loss, accuracy = model.evaluate(x_val, y_val, verbose=0)
