@@ -20,8 +20,8 @@ Two host CPU devices need `XLA_FLAGS=--xla_force_host_platform_device_count=2` b
 device; from TensorFlow and PyTorch not under `make test`, which runs the JAX suite itself).
 On PyTorch, where Keras has no `keras.distribution`, an observed `fit` with one set raises
 `NotImplementedError` saying so; a custom loop of two gloo processes with the Keras model in
-`torch.nn.parallel.DistributedDataParallel` and a `gradmon.observe`d optimizer (log_dir on rank 0)
-logs the replay's numbers and ends on its weights on both ranks.
+`torch.nn.parallel.DistributedDataParallel` and a `gradmon.observe`d optimizer logs the replay's
+numbers (rank 0 only: rank 1 writes nothing) and ends on its weights on both ranks.
 """
 
 import os
@@ -258,7 +258,7 @@ def _torch_process(rank, port, log_dir):
         x, y, weights = _data()
         model = _model(weights, observed=False)
         ddp = torch.nn.parallel.DistributedDataParallel(model)
-        opt = gradmon.observe(keras.optimizers.SGD(LR), log_dir=log_dir if rank == 0 else None,
+        opt = gradmon.observe(keras.optimizers.SGD(LR), log_dir=os.path.join(log_dir, str(rank)),
                               transform=gradmon.transforms.clip_by_global_norm(CLIP), stats=STATS)
         half = BATCH // 2  # each rank trains on its half of every batch
         for step in range(STEPS):
@@ -300,7 +300,8 @@ def test_torch_ddp_custom_loop_logs_the_numbers_of_a_numpy_replay(tmp_path):
     for i, output in enumerate(outputs):
         assert f"rank {i} of 2: done" in output, output[-4000:]
     x, y, weights = _data()
-    _assert_replayed(read_events(str(tmp_path)), _replay(weights, x, y)[0])
+    _assert_replayed(read_events(str(tmp_path / "0" / "train")), _replay(weights, x, y)[0])
+    assert not os.path.exists(tmp_path / "1") or not event_files(str(tmp_path / "1" / "train"))
 
 
 @pytest.mark.skipif(BACKEND != "torch", reason="Keras implements keras.distribution for JAX only")

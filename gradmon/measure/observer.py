@@ -675,7 +675,8 @@ def observe(optimizer, log_dir=None, transform=None, name=None, update_freq=1, h
     observer.histograms = observer.host.schedule.hist_every > 0
     if log_dir is not None:
         log_dir = check_log_dir(log_dir)
-        observer.host.writer = SummaryWriter.shared(log_dir, "train").open()
+        if _distribute.is_chief(None):  # JAX processes, torch.distributed ranks: process 0 writes
+            observer.host.writer = SummaryWriter.shared(log_dir, "train").open()
     observer.hook(optimizer)  # replaces an earlier observer of it (a notebook cell run again)
     object.__setattr__(optimizer, "flush", observer.flush)
     object.__setattr__(optimizer, "gradmon", observer)
