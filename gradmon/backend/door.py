@@ -21,8 +21,7 @@ and statistics in `keras.ops`, and takes from the backend module
 Not yet (they raise): `on_nonfinite="skip"/"stop"`, `on_spike`, histograms,
 `moment_norm`/`cosines` and custom statistics, `GradientTransform` subclasses
 not marked `keras_ops`, `LossScaleOptimizer`, `keras.distribution` on PyTorch (Keras implements it
-for JAX only), gradmon's own train
-step (penalties, noise scale), `observe()` on JAX. gradmon's state is not
+for JAX only), `observe()` on JAX. gradmon's state is not
 saved with the model there (`gradmon.saving.attach` does nothing).
 
 What does not work there yet raises `NotImplementedError` naming the
@@ -65,7 +64,7 @@ def unsupported(feature):
         f"{list(SUPPORTED_STATS)} and the transforms clip_by_global_norm, clip_by_norm, "
         "clip_by_value, adaptive_clip, zclip, callables written in keras.ops, subclasses of "
         "GradientTransform marked `keras_ops = True`, and their chains (the optimizer's own "
-        "clipping included).")
+        "clipping included); gradmon's penalties and noise scale (gradmon's own train step).")
 
 
 def check_supported(observer, optimizer_clip=None, loss_scaled=False):
@@ -85,8 +84,6 @@ def check_supported(observer, optimizer_clip=None, loss_scaled=False):
         raise unsupported(f"on_spike={settings.on_spike!r}")
     if observer.histograms:
         raise unsupported("histogram_freq > 0 (gradient histograms)")
-    if observer.extras_source is not None:
-        raise unsupported("gradmon's own train step (penalties, noise scale, observe_loss)")
     other = [s for s in settings.selected if s not in SUPPORTED_STATS]
     if other:
         raise unsupported(f"stats={other}")
