@@ -1,4 +1,5 @@
-# The README's two quick-start commands: `make demo` and `make test`.
+# The README's two quick-start commands: `make demo` and `make test` (`make demo BACKEND=jax`
+# or `torch`: the demo without TensorFlow).
 # Each creates .venv (if missing) and installs what it needs into it.
 #
 # TensorFlow: an environment that already has one (tensorflow, tensorflow-cpu, a GPU
@@ -64,10 +65,24 @@ define install
 	$(BIN)/python -m pip install --quiet -e ".[$$extras]"
 endef
 
-.PHONY: demo test install install-jax install-torch test-tensorflow test-jax test-torch benchmark docs
-demo: $(BIN)/python
+.PHONY: demo demo-tensorflow demo-jax demo-torch test install install-jax install-torch test-tensorflow test-jax test-torch benchmark docs
+# `make demo` runs on TensorFlow in .venv; `make demo BACKEND=jax` (or torch) runs it in that
+# backend's TensorFlow-free environment (.venv-jax / .venv-torch, made on demand).
+demo: demo-$(if $(filter jax torch,$(BACKEND)),$(BACKEND),tensorflow)
+
+demo-tensorflow: $(BIN)/python
 	$(call install,demo)
 	$(BIN)/gradmon demo --log-dir $(LOG_DIR)
+
+demo-jax: $(VENV_JAX)/bin/python
+	$(VENV_JAX)/bin/python -m pip install --quiet "$(KERAS_PIN)" jax jaxlib -e ".[jax,demo]"
+	$(VENV_JAX)/bin/$(NO_TF)
+	KERAS_BACKEND=jax $(VENV_JAX)/bin/gradmon demo --log-dir $(LOG_DIR)
+
+demo-torch: $(VENV_TORCH)/bin/python
+	$(VENV_TORCH)/bin/python -m pip install --quiet "$(KERAS_PIN)" "$(TORCH_PIN)" -e ".[torch,demo]"
+	$(VENV_TORCH)/bin/$(NO_TF)
+	KERAS_BACKEND=torch $(VENV_TORCH)/bin/gradmon demo --log-dir $(LOG_DIR)
 
 install: $(BIN)/python
 	$(call install,test)
