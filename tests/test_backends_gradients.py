@@ -288,20 +288,17 @@ def test_observe_in_a_torch_custom_loop_logs_the_numbers_of_a_numpy_replay(tmp_p
 
 
 @pytest.mark.skipif(BACKEND == "tensorflow", reason="JAX / PyTorch only")
-@pytest.mark.parametrize("case", ["on_nonfinite", "transform", "observe"])
+@pytest.mark.parametrize("case", ["transform", "observe"])
 def test_what_is_not_supported_yet_names_the_backend_and_the_feature(tmp_path, case):
     x, y, weights = _data()
     model = _model(weights)
     callbacks = [gradmon.GradientMonitor(str(tmp_path))]
-    feature = {"on_nonfinite": "on_nonfinite='skip'",
-               "transform": "gradient transform", "observe": "gradmon.observe()"}[case]
+    feature = {"transform": "gradient transform", "observe": "gradmon.observe()"}[case]
     if case == "observe" and BACKEND == "torch":
         pytest.skip("observe() works on PyTorch (test_observe_in_a_torch_custom_loop_...)")
     with pytest.raises(NotImplementedError, match=rf"{BACKEND}.*") as raised:
         if case == "observe":
             gradmon.observe(keras.optimizers.SGD(LR))
-        if case == "on_nonfinite":
-            model = gradmon.monitor(model, on_nonfinite="skip")
         if case == "transform":
             class Written(gradmon.transforms.GradientTransform):  # for TensorFlow: not `keras_ops`
                 def __call__(self, grads, params):

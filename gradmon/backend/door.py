@@ -18,7 +18,7 @@ and statistics in `keras.ops`, and takes from the backend module
 - `EAGER`: whether the hooked apply runs on the host (PyTorch: an observed
   custom loop writes as it goes; JAX: `observe()` is not supported yet).
 
-Not yet (they raise): `on_nonfinite="skip"/"stop"`, `on_spike`, histograms,
+Not yet (they raise): histograms,
 `moment_norm`/`cosines` and custom statistics, `GradientTransform` subclasses
 not marked `keras_ops`, `LossScaleOptimizer`, `keras.distribution` on PyTorch (Keras implements it
 for JAX only), `observe()` on JAX. gradmon's state is not
@@ -64,7 +64,8 @@ def unsupported(feature):
         f"{list(SUPPORTED_STATS)} and the transforms clip_by_global_norm, clip_by_norm, "
         "clip_by_value, adaptive_clip, zclip, callables written in keras.ops, subclasses of "
         "GradientTransform marked `keras_ops = True`, and their chains (the optimizer's own "
-        "clipping included); gradmon's penalties and noise scale (gradmon's own train step).")
+        "clipping included); gradmon's penalties and noise scale (gradmon's own train step); "
+        "the policies on_nonfinite='skip'/'stop' and on_spike.")
 
 
 def check_supported(observer, optimizer_clip=None, loss_scaled=False):
@@ -78,10 +79,6 @@ def check_supported(observer, optimizer_clip=None, loss_scaled=False):
     settings = observer.settings
     if loss_scaled:
         raise unsupported("observing a LossScaleOptimizer (mixed precision)")
-    if settings.on_nonfinite != "warn":
-        raise unsupported(f"on_nonfinite={settings.on_nonfinite!r}")
-    if settings.on_spike is not None:
-        raise unsupported(f"on_spike={settings.on_spike!r}")
     if observer.histograms:
         raise unsupported("histogram_freq > 0 (gradient histograms)")
     other = [s for s in settings.selected if s not in SUPPORTED_STATS]

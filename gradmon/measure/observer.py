@@ -27,7 +27,7 @@ from gradmon.backend import distribute as _distribute, door as _door, keras_comp
 from gradmon.measure import recorder, spikes, statistics, transforms
 from gradmon import tags
 from gradmon._validation import check_log_dir, check_non_negative_int, invalid, warn_once
-from gradmon.measure.pipeline import GradientPipeline
+from gradmon.measure.pipeline import GradientPipeline, apply_unless_refused
 from gradmon.measure.settings import GradientSettings
 from gradmon.publish.publisher import OWN_WRITER, Publisher
 
@@ -330,24 +330,26 @@ class Observer:
         rec.step.assign(step)
         clip = transforms.from_optimizer(_keras_compat.base_optimizer(optimizer))
         prepared = self.pipeline.prepare(grads, variables, None, clip)
-        rec.count_nonfinite(step, keras.ops.logical_not(self.pipeline.finite_applied(prepared)))
-        # gradmon's own train step's numbers (penalties, noise scale, the loss), set in this step
-        extras = self._take_extras()
+        verdict, extras = self._policies_at_door(rec, step, prepared)
         # `measuring` is not read: JAX shares one trace between `fit`'s two train functions (one
         # jit cache for the same step function), so every trace measures the due steps itself
-        do_log = rec.should_log(step)
+        do_log = self._logs_refused(rec.should_log(step), verdict)
         self._noise_ema_at_door(rec, extras, do_log)
         weights = any(s.needs_weights or s.needs_update for s in rec.statistics)
         before = door.weights(variables, do_log) if weights else None
-        original_apply(prepared.to_apply, variables)
+        apply_unless_refused(verdict, lambda: original_apply(prepared.to_apply, variables),
+                             list(variables) + list(optimizer.variables), door)
+        skipped = keras.ops.convert_to_tensor(False) if verdict is None else verdict.skipped
 
         def measure():
             counters = {"skipped": rec.skipped.value, "overflow": rec.overflow.value,
                         "nonfinite": rec.nonfinite.value[0]}
+            if self.spikes is not None:
+                counters["spikes"] = self.spikes.count.value
             after = [v.value for v in variables] if weights else None
             ctx = statistics.StepContext(
                 rec.spec, prepared.raw, prepared.observed, prepared.fractions, variables, optimizer,
-                keras.ops.convert_to_tensor(False), before, after, extras, counters, rec.state)
+                skipped, before, after, extras, counters, rec.state)
             return rec.row(ctx)
 
         rec.store(step, door.cond(do_log, measure, int(rec.records.shape[1])), do_log)
@@ -367,6 +369,31 @@ class Observer:
                 new = statistic.next_ema(ema.value, noise)
                 ema.assign(keras.ops.where(do_log, new, ema.value))
                 extras["noise"] = dict(noise, ema=new)
+
+    def _policies_at_door(self, rec, step, prepared):
+        """The spike detector and the policies on JAX / PyTorch: judges the raw norm
+        (`on_spike`), decides the update and counts. Every assignment is unconditional (on
+        JAX pure values decide what is written). Returns `(verdict, extras)`."""
+        batch, self._batch = self._batch, None  # `fit` hands the batch size over (watch_batches)
+        # gradmon's own train step's numbers (penalties, noise scale, the loss), set in this step
+        extras, spike = self._take_extras(), None
+        if self.spikes is not None:  # every step, measured or not: the statistics are running
+            self.spikes.observer = self  # JAX: the host reads the trainer's state
+            spike = self.spikes.update(step, spikes.global_norm(prepared.raw), extras.get("loss"), batch)
+            extras["spike"] = spike
+        verdict = self.pipeline.verdict(prepared, False, rec.halted.value if self.pipeline.stops else None,
+                                        None if spike is None else spike.spike)
+        self._count(verdict, step, prepared)
+        return verdict, extras
+
+    def _logs_refused(self, do_log, verdict):
+        """`do_log`, or a non-finite step refused by the policy: the host must see it, to stop
+        or to name the variables."""
+        if verdict is None or self.on_nonfinite == "warn":
+            return do_log
+        ops = keras.ops
+        return ops.logical_or(do_log, ops.logical_and(ops.logical_not(verdict.finite),
+                                                      ops.logical_not(verdict.overflow)))
 
     def _take_extras(self):
         extras = {}
@@ -421,6 +448,9 @@ class Observer:
 
     def _count(self, verdict, step, prepared):
         rec = self.recorder
+        if not _lazy_tf.is_tensorflow():
+            self._count_at_door(rec, verdict, step, prepared)
+            return
         if verdict is None:  # "warn", no loss scaling, no refused spikes: only the finiteness
             rec.count_nonfinite(step, tf.logical_not(self.pipeline.finite_applied(prepared)))
             return
@@ -432,6 +462,21 @@ class Observer:
             first = tf.logical_and(verdict.halts, tf.logical_not(rec.halted))
             rec.halted_at.assign(tf.where(first, step, rec.halted_at))
             rec.halted.assign(tf.logical_or(rec.halted, verdict.halts))
+
+    def _count_at_door(self, rec, verdict, step, prepared):
+        """`_count` in `keras.ops` (JAX / PyTorch: 32-bit counters)."""
+        ops = keras.ops
+        if verdict is None:
+            rec.count_nonfinite(step, ops.logical_not(self.pipeline.finite_applied(prepared)))
+            return
+        rec.count_nonfinite(step, ops.logical_and(ops.logical_not(verdict.finite),
+                                                  ops.logical_not(verdict.overflow)))
+        rec.skipped.assign(rec.skipped.value + ops.cast(verdict.skipped, "int32"))
+        rec.overflow.assign(rec.overflow.value + ops.cast(verdict.overflow, "int32"))
+        if verdict.halts is not None:
+            first = ops.logical_and(verdict.halts, ops.logical_not(rec.halted.value))
+            rec.halted_at.assign(ops.where(first, ops.cast(step, "int32"), rec.halted_at.value))
+            rec.halted.assign(ops.logical_or(rec.halted.value, verdict.halts))
 
     def _eager_due(self, step):
         return self.host.schedule.due(step) or bool(self.on_nonfinite != "warn")

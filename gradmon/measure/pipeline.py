@@ -124,8 +124,8 @@ class Verdict:
 
     def __init__(self, finite, overflow, refused, may_refuse, spike=None, halts=None, loss_scaled=False):
         self.finite, self.overflow, self.refused = finite, overflow, refused
-        self.apply = tf.logical_not(refused)
-        self.skipped = tf.logical_or(refused, tf.logical_not(finite)) if loss_scaled else refused
+        self.apply = keras.ops.logical_not(refused)
+        self.skipped = keras.ops.logical_or(refused, keras.ops.logical_not(finite)) if loss_scaled else refused
         # False: the update always reaches the optimizer (which may skip it itself)
         self.may_refuse = may_refuse
         self.spike, self.halts = spike, halts
@@ -223,20 +223,50 @@ class GradientPipeline:
         refuses_spikes = spike is not None and self.on_spike in ("skip", "stop")
         if self.on_nonfinite == "warn" and not loss_scaled and not refuses_spikes:
             return None  # on_spike="warn" refuses nothing: the tracker counts its spikes
+        ops = keras.ops
         finite = self.finite_applied(prepared)
-        overflow = tf.constant(False)
+        overflow = ops.convert_to_tensor(False)
         if loss_scaled:
-            overflow = tf.logical_and(tf.logical_not(finite), prepared.scale > 1.0)
-        refused, halts = tf.constant(False), None
+            overflow = ops.logical_and(ops.logical_not(finite), prepared.scale > 1.0)
+        refused, halts = ops.convert_to_tensor(False), None
         if self.on_nonfinite != "warn":
-            refused = tf.logical_and(tf.logical_not(finite), tf.logical_not(overflow))
+            refused = ops.logical_and(ops.logical_not(finite), ops.logical_not(overflow))
             if self.on_nonfinite == "stop":
                 halts = refused
         if refuses_spikes:
-            refused = tf.logical_or(refused, spike)
+            refused = ops.logical_or(refused, spike)
             if self.on_spike == "stop":
-                halts = spike if halts is None else tf.logical_or(halts, spike)
+                halts = spike if halts is None else ops.logical_or(halts, spike)
         if halted is not None:
-            refused = tf.logical_or(refused, halted)
+            refused = ops.logical_or(refused, halted)
         return Verdict(finite, overflow, refused, self.on_nonfinite != "warn" or refuses_spikes,
                        spike, halts, loss_scaled)
+
+
+def apply_unless_refused(verdict, apply, variables, door):
+    """Runs the optimizer update `apply()` on JAX / PyTorch as `verdict` says.
+
+    PyTorch (`door.EAGER`): a host branch, the update runs or not. JAX (inside
+    the jitted step, no branch around an update): the update runs, then each
+    variable it changed (the weights, the optimizer's slots and iteration count)
+    gets `where(apply, new, old)`: a refused step leaves every one as it was.
+
+    Args:
+        verdict: this step's `Verdict`, or `None` (nothing to decide: the update runs).
+        apply: the update, `() -> None`.
+        variables: every variable the update may change (the weights and the optimizer's).
+        door: the backend's door module (`gradmon.backend.door`).
+    """
+    if verdict is None or not verdict.may_refuse:
+        apply()
+        return
+    if door.EAGER:
+        if bool(verdict.apply):
+            apply()
+        return
+    before = [(v, v.value) for v in variables]
+    apply()
+    for v, old in before:
+        new = v.value
+        if new is not old:  # the scope returns the same array for a variable left alone
+            v.assign(keras.ops.where(verdict.apply, new, old))

@@ -61,6 +61,8 @@ References:
     LLM Pre-Training. arXiv:2504.02507.
 """
 
+import contextlib
+
 import keras
 import numpy as np
 
@@ -70,6 +72,11 @@ from gradmon.measure import statistics
 from gradmon import tags
 
 tf = _lazy_tf.tensorflow()
+# JAX / PyTorch (`gradmon.backend.door`): the state in float32 and int32 (JAX keeps float64
+# variables in 32 bits without x64); the arithmetic is `keras.ops` on every backend
+_OPS = not _lazy_tf.is_tensorflow()
+STATE_DTYPE = "float32" if _OPS else "float64"
+_COUNT_DTYPE = "int32" if _OPS else "int64"
 
 SPIKE_POLICIES = ("warn", "skip", "stop")
 # The detector's EMA (ZClip's defaults): alpha 0.97 (about 33 steps of memory), 25 warm-up steps.
@@ -86,12 +93,27 @@ _NAME_SCOPE = "gradmon_spikes"  # every op of the tracker: a test finds them by 
 
 def initial_state():
     """`[seen, mean, var]` before the first value."""
-    return np.zeros([3], np.float64)
+    return np.zeros([3], STATE_DTYPE)
+
+
+def _value(variable):
+    """A state variable's value inside the step (a `tf.Variable` on TensorFlow, else Keras')."""
+    return variable.value if _OPS else variable.read_value()
+
+
+def _scope():
+    """The tracker's name scope (TensorFlow: a test finds its ops by it)."""
+    return contextlib.nullcontext() if _OPS else tf.name_scope(_NAME_SCOPE)
 
 
 def read_state(variable):
-    """`(seen, mean, var)` float64 scalars of a state variable (one read, one unstack)."""
-    return tuple(tf.unstack(variable.read_value()))
+    """`(seen, mean, var)` scalars of a state variable (one read, one unstack)."""
+    return tuple(keras.ops.unstack(_value(variable)))
+
+
+def _like(state, x):
+    """`x` in the state's float dtype (float64 on TensorFlow, float32 on JAX / PyTorch)."""
+    return keras.ops.cast(x, keras.backend.standardize_dtype(state[1].dtype))
 
 
 def warmed_up(state, warmup):
@@ -102,51 +124,52 @@ def warmed_up(state, warmup):
     at the mean, and the variance would stay 0 for good. Such a value is
     folded in as it is, and judging starts once the values vary.
     """
-    return tf.logical_and(state[0] >= warmup, state[2] > 0)
+    return keras.ops.logical_and(state[0] >= warmup, state[2] > 0)
 
 
 def zscore(state, x, eps=_EPS):
-    """`(x - mean) / (std + eps)` against `state` `(seen, mean, var)` (float64)."""
-    return (tf.cast(x, tf.float64) - state[1]) / (tf.sqrt(state[2]) + eps)
+    """`(x - mean) / (std + eps)` against `state` `(seen, mean, var)`."""
+    return (_like(state, x) - state[1]) / (keras.ops.sqrt(state[2]) + eps)
 
 
 def judged(state, x, threshold, warmup, eps=_EPS):
     """`(z, over)` of `x` against `state`: z is NaN where nothing is judged (the warm-up, no
-    variance yet, a non-finite `x`); `over` whether it exceeds `threshold` (float64, bool)."""
-    x = tf.cast(x, tf.float64)
-    judge = tf.logical_and(warmed_up(state, warmup), tf.math.is_finite(x))
-    z = tf.where(judge, zscore(state, x, eps), tf.constant(np.nan, tf.float64))
-    return z, tf.logical_and(judge, z > threshold)
+    variance yet, a non-finite `x`); `over` whether it exceeds `threshold` (the state's float, bool)."""
+    x = _like(state, x)
+    judge = keras.ops.logical_and(warmed_up(state, warmup), keras.ops.isfinite(x))
+    z = keras.ops.where(judge, zscore(state, x, eps), _like(state, np.nan))
+    return z, keras.ops.logical_and(judge, z > threshold)
 
 
 def upper_bound(state, threshold):
     """`mean + threshold * std`: the largest value that is not a spike."""
-    return state[1] + threshold * tf.sqrt(state[2])
+    return state[1] + threshold * keras.ops.sqrt(state[2])
 
 
 def folded(state, x, warmup, alpha):
-    """The state after folding in `x` (float64 scalar); a non-finite `x` leaves it unchanged.
+    """The state after folding in `x` (a scalar); a non-finite `x` leaves it unchanged.
 
     Args:
-        state: float64 `(seen, mean, var)`.
+        state: `(seen, mean, var)` (float64 on TensorFlow, float32 on JAX / PyTorch).
         x: the value folded in (a spike already winsorised by the caller).
         warmup: values collected before the moving averages start (positive int).
         alpha: EMA decay in [0, 1).
 
     Returns:
-        The new float64 vector `[seen, mean, var]`.
+        The new vector `[seen, mean, var]`.
     """
-    x = tf.cast(x, tf.float64)
+    x = _like(state, x)
     seen, mean, var = state
     # warm-up: the running (Welford) mean and population variance of the values so far
     n = seen + 1.0
     warm_mean = mean + (x - mean) / n
     warm_var = (var * seen + (x - mean) * (x - warm_mean)) / n
     ema_mean = alpha * mean + (1.0 - alpha) * x
-    ema_var = alpha * var + (1.0 - alpha) * tf.square(x - ema_mean)
+    ema_var = alpha * var + (1.0 - alpha) * keras.ops.square(x - ema_mean)
     warm = seen >= warmup
-    new = tf.stack([n, tf.where(warm, ema_mean, warm_mean), tf.where(warm, ema_var, warm_var)])
-    return tf.where(tf.math.is_finite(x), new, tf.stack(state))
+    new = keras.ops.stack([n, keras.ops.where(warm, ema_mean, warm_mean),
+                           keras.ops.where(warm, ema_var, warm_var)])
+    return keras.ops.where(keras.ops.isfinite(x), new, keras.ops.stack(state))
 
 
 class SpikeStep:
@@ -183,15 +206,19 @@ class SpikeTracker:
     def __init__(self, threshold, rows, loss=False, alpha=SPIKE_ALPHA, warmup=SPIKE_WARMUP):
         variable = _distribute.replica_local_variable
         self.threshold, self.alpha, self.warmup = float(threshold), float(alpha), int(warmup)
-        self.norm_state = variable(initial_state(), dtype=tf.float64, name="gradmon_spike_norm")
-        self.loss_state = variable(initial_state(), dtype=tf.float64,
+        self.norm_state = variable(initial_state(), dtype=STATE_DTYPE, name="gradmon_spike_norm")
+        self.loss_state = variable(initial_state(), dtype=STATE_DTYPE,
                                    name="gradmon_spike_loss") if loss else None
-        self.count = variable(0, dtype=tf.int64, name="gradmon_spike_count")
+        self.count = variable(0, dtype=_COUNT_DTYPE, name="gradmon_spike_count")
         # the largest batch seen (examples; 0 until a batch size is handed over)
-        self.largest_batch = variable(0, dtype=tf.int64, name="gradmon_spike_largest_batch")
+        self.largest_batch = variable(0, dtype=_COUNT_DTYPE, name="gradmon_spike_largest_batch")
         # the latest spikes, row `count % rows`: (step, z); step -1 where none yet
         self.ring = variable(np.concatenate([-np.ones([rows, 1]), np.zeros([rows, 1])], axis=1),
-                             dtype=tf.float64, name="gradmon_spike_ring")
+                             dtype=STATE_DTYPE, name="gradmon_spike_ring")
+        if _OPS:  # the step of each spike, exact (a float32 column would stop at 2^24)
+            self.ring_steps = variable(-np.ones([rows], np.int32), dtype="int32",
+                                       name="gradmon_spike_ring_steps")
+        self.observer = None  # JAX: whose trainer holds the state between steps (host reads)
 
     @property
     def rows(self):
@@ -201,9 +228,9 @@ class SpikeTracker:
         """`(z, spike)` of `x` against `variable`'s state, which then folds `x` in (winsorised);
         where not `counted` (a partial batch) nothing is judged or folded."""
         state = read_state(variable)
-        x = tf.where(counted, tf.cast(x, tf.float64), tf.constant(np.nan, tf.float64))
+        x = keras.ops.where(counted, _like(state, x), _like(state, np.nan))
         z, spike = judged(state, x, self.threshold, self.warmup)
-        kept = tf.where(spike, upper_bound(state, self.threshold), x)
+        kept = keras.ops.where(spike, upper_bound(state, self.threshold), x)
         variable.assign(folded(state, kept, self.warmup, self.alpha))
         return z, spike
 
@@ -214,19 +241,22 @@ class SpikeTracker:
         judges the global batch alike).
         """
         if batch_size is None:
-            return tf.constant(True)
-        size = tf.cast(batch_size, tf.int64)
+            return keras.ops.convert_to_tensor(True)
+        size = keras.ops.cast(batch_size, _COUNT_DTYPE)
         if _distribute.num_replicas() > 1:  # in float32 (exact below 2**24 examples)
             size = tf.cast(_distribute.all_reduce_sum([tf.cast(size, tf.float32)])[0], tf.int64)
-        largest = tf.maximum(self.largest_batch.read_value(), size)
+        largest = keras.ops.maximum(_value(self.largest_batch), size)
         self.largest_batch.assign(largest)
         return size >= largest
 
     def update(self, step, norm, loss=None, batch_size=None):
         """Judges this step's raw global norm (and loss) and folds them in (inside the step).
 
+        Every assignment is unconditional (a pure value decides what is written), so
+        it runs as it is inside a jitted JAX step.
+
         Args:
-            step: int64 scalar, the observer's step of this update.
+            step: int scalar, the observer's step of this update.
             norm: the raw global norm.
             loss: the batch loss, or `None` where it is unknown. Defaults to `None`.
             batch_size: the number of examples in this step's batch, or `None`
@@ -237,22 +267,39 @@ class SpikeTracker:
         Returns:
             A `SpikeStep`.
         """
-        with tf.name_scope(_NAME_SCOPE):
+        with _scope():
             counted = self._full_batch(batch_size)
             # the log of the norm: a zero norm (-inf) is no value, as a non-finite one
-            z, spike = self._judge(self.norm_state, tf.math.log(tf.cast(norm, tf.float64)), counted)
+            z, spike = self._judge(self.norm_state, keras.ops.log(keras.ops.cast(norm, STATE_DTYPE)),
+                                   counted)
             loss_z = None
             if self.loss_state is not None and loss is not None:
                 loss_z, _ = self._judge(self.loss_state, loss, counted)
-            index = tf.math.floormod(self.count, self.rows)
-            row = tf.where(spike, tf.stack([tf.cast(step, tf.float64), z]), self.ring[index])
-            self.ring.assign(tf.tensor_scatter_nd_update(self.ring, [[index]], row[None]))
-            self.count.assign_add(tf.cast(spike, tf.int64))
+            count = _value(self.count)
+            index = keras.ops.mod(count, self.rows)
+            at = keras.ops.reshape(index, [1, 1])
+            ring = _value(self.ring)
+            row = keras.ops.where(spike, keras.ops.stack([keras.ops.cast(step, STATE_DTYPE), z]), ring[index])
+            self.ring.assign(keras.ops.scatter_update(ring, at, row[None]))
+            if _OPS:
+                steps = _value(self.ring_steps)
+                kept = keras.ops.where(spike, keras.ops.cast(step, "int32"), steps[index])
+                self.ring_steps.assign(keras.ops.scatter_update(steps, at, kept[None]))
+            self.count.assign(count + keras.ops.cast(spike, _COUNT_DTYPE))
             return SpikeStep(z, loss_z, spike)
+
+    def _host(self, variable):
+        if not _OPS:
+            return variable.numpy()
+        from gradmon.backend import door
+
+        return door.current().read(variable, self.observer)
 
     def read(self):
         """`(count, [(step, z), ...] oldest first)` of the spikes held (host side)."""
-        count, ring = int(self.count.numpy()), self.ring.numpy()
+        count, ring = int(self._host(self.count)), np.array(self._host(self.ring), np.float64)
+        if _OPS:
+            ring[:, 0] = self._host(self.ring_steps)
         held = ring[ring[:, 0] >= 0]
         held = held[np.argsort(held[:, 0])]
         return count, [(int(s), float(z)) for s, z in held]
@@ -261,6 +308,14 @@ class SpikeTracker:
 def batch_size(batch):
     """The number of examples in `batch`: an int, or the leading dimension of its first tensor
     (`(x, y, sample_weight)`, `x`, any nest), as Keras' loss tracker counts them."""
+    if _OPS:  # the leading dimension is static on JAX and PyTorch
+        if isinstance(batch, (int, np.integer)):
+            return keras.ops.convert_to_tensor(int(batch), "int32")
+        leaves = [t for t in keras.tree.flatten(batch) if t is not None]
+        if not leaves:
+            return None
+        shape = keras.ops.shape(leaves[0])
+        return keras.ops.cast(leaves[0] if len(shape) == 0 else shape[0], "int32")
     if isinstance(batch, (int, np.integer)):
         return tf.constant(int(batch), tf.int64)
     leaves = [t for t in tf.nest.flatten(batch) if t is not None]
@@ -302,7 +357,7 @@ def global_norm(gradients):
     """The raw global norm the tracker judges, inside its name scope."""
     from gradmon.measure import moments as stats
 
-    with tf.name_scope(_NAME_SCOPE):
+    with _scope():
         return stats.global_norm(gradients)
 
 
@@ -326,9 +381,9 @@ class SpikeScores(statistics.Statistic):
         step = ctx.extras["spike"]
         loss_z = step.loss_zscore
         if loss_z is None:  # a step without its loss (observe_loss not called in it)
-            loss_z = tf.constant(np.nan, tf.float64)
-        values = [step.zscore] + ([loss_z] if self.loss else [])
-        return tf.cast(tf.stack(values), tf.float32)
+            loss_z = keras.ops.cast(np.nan, STATE_DTYPE)
+        values = [keras.ops.cast(step.zscore, STATE_DTYPE)] + ([loss_z] if self.loss else [])
+        return keras.ops.cast(keras.ops.stack(values), "float32")
 
 
 def spike_count():
