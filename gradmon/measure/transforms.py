@@ -11,6 +11,12 @@ spirit of optax. A transform with state (`zclip`) creates its variables in
 `build(params)`, which the observer calls outside any `tf.function` (a
 chain builds its members); the others' `build` does nothing.
 
+On JAX and PyTorch (`gradmon.backend.door`) every built-in transform runs in
+`keras.ops` inside the step, and so does a plain callable (write it in
+`keras.ops`); a subclass says it is written so with `keras_ops = True`.
+`zclip`'s state there is the door's (JAX: variables of the optimizer state,
+updated without a branch), in float32.
+
 Example:
     >>> t = gradmon.transforms.chain(
     ...     gradmon.transforms.clip_by_value(5.0),
@@ -106,28 +112,19 @@ class clip_by_value(GradientTransform):
         self.limit = check_positive("limit", limit)
 
     def __call__(self, grads, params):
-        if _OPS:
-            return self._in_keras_ops(grads)
         out, clipped, total = [], [], []
         for g in grads:
             if g is None:
                 out.append(None)
                 continue
-            v = _values(g)
-            clipped.append(tf.reduce_sum(tf.cast(tf.abs(v) > self.limit, tf.float32)))
-            total.append(tf.cast(tf.size(v), tf.float32))
-            out.append(_with_values(g, tf.clip_by_value(v, -self.limit, self.limit)))
-        return out, {self.name: _fraction(tf.add_n(clipped or [0.0]), tf.add_n(total or [0.0]))}
+            v = _values(g)  # a `tf.IndexedSlices`' rows: clipped without densifying
+            clipped.append(keras.ops.sum(keras.ops.cast(keras.ops.abs(v) > self.limit, "float32")))
+            total.append(keras.ops.cast(keras.ops.size(v), "float32"))
+            out.append(_with_values(g, keras.ops.clip(v, -self.limit, self.limit)))
+        return out, {self.name: _fraction(sum(clipped) if clipped else 0.0, sum(total) if total else 0.0)}
 
     def get_config(self):
         return {"limit": self.limit}
-
-    def _in_keras_ops(self, grads):
-        present = [g for g in grads if g is not None]
-        clipped = sum(keras.ops.sum(keras.ops.cast(keras.ops.abs(g) > self.limit, "float32")) for g in present)
-        total = float(sum(int(np.prod(g.shape)) for g in present))
-        out = [None if g is None else keras.ops.clip(g, -self.limit, self.limit) for g in grads]
-        return out, {self.name: _fraction(clipped, total)}
 
 
 class clip_by_norm(GradientTransform):
@@ -148,24 +145,6 @@ class clip_by_norm(GradientTransform):
         self.max_norm = check_positive("max_norm", max_norm)
 
     def __call__(self, grads, params):
-        if _OPS:
-            return self._in_keras_ops(grads)
-        out, clipped = [], []
-        for g in grads:
-            if g is None:
-                out.append(None)
-                continue
-            norm = tf.sqrt(stats.squared_norm(g))
-            clipped.append(tf.cast(norm > self.max_norm, tf.float32))
-            scale = self.max_norm / tf.maximum(norm, self.max_norm)
-            v = _values(g)
-            out.append(_with_values(g, v * tf.cast(scale, v.dtype)))
-        return out, {self.name: _fraction(tf.add_n(clipped or [0.0]), len(clipped))}
-
-    def get_config(self):
-        return {"max_norm": self.max_norm}
-
-    def _in_keras_ops(self, grads):
         out, clipped = [], []
         for g in grads:
             if g is None:
@@ -173,8 +152,13 @@ class clip_by_norm(GradientTransform):
                 continue
             norm = keras.ops.sqrt(stats.squared_norm(g))
             clipped.append(keras.ops.cast(norm > self.max_norm, "float32"))
-            out.append(g * keras.ops.cast(self.max_norm / keras.ops.maximum(norm, self.max_norm), g.dtype))
+            v = _values(g)
+            scale = self.max_norm / keras.ops.maximum(norm, self.max_norm)
+            out.append(_with_values(g, v * keras.ops.cast(scale, v.dtype)))
         return out, {self.name: _fraction(sum(clipped) if clipped else 0.0, len(clipped))}
+
+    def get_config(self):
+        return {"max_norm": self.max_norm}
 
 
 class clip_by_global_norm(GradientTransform):
@@ -196,16 +180,10 @@ class clip_by_global_norm(GradientTransform):
 
     def __call__(self, grads, params):
         norm = stats.global_norm(grads)
-        if _OPS:
-            scale = self.max_norm / keras.ops.maximum(norm, self.max_norm)
-            out = [None if g is None else g * keras.ops.cast(scale, g.dtype) for g in grads]
-            return out, {self.name: keras.ops.cast(norm > self.max_norm, "float32")}
-        scale = self.max_norm / tf.maximum(norm, self.max_norm)
-        out = [
-            None if g is None else _with_values(g, _values(g) * tf.cast(scale, _values(g).dtype))
-            for g in grads
-        ]
-        return out, {self.name: tf.cast(norm > self.max_norm, tf.float32)}
+        scale = self.max_norm / keras.ops.maximum(norm, self.max_norm)
+        out = [None if g is None else _with_values(g, _values(g) * keras.ops.cast(scale, _values(g).dtype))
+               for g in grads]
+        return out, {self.name: keras.ops.cast(norm > self.max_norm, "float32")}
 
     def get_config(self):
         return {"max_norm": self.max_norm}
