@@ -11,6 +11,7 @@ gradient)`, and gradmon must log the penalty's value, share, own gradient norm a
 """
 
 import os
+import warnings
 
 import keras
 import numpy as np
@@ -314,3 +315,64 @@ def test_numpy_scalars_are_accepted_like_python_numbers():
     assert P.GradientNormPenalty(np.float64(0.1)).weight == pytest.approx(0.1)
     with pytest.raises(ValueError, match=r"`weight`.*Received: weight=np.float64\(-1.0\)"):
         P.GradientNormPenalty(np.float64(-1.0))
+
+
+def replay_loss_zscores(values, threshold, alpha=0.97, warmup=25):
+    """z-scores of the on_spike detector for the loss (taken as it is, no log): the first
+    `warmup` values set mean / population variance, then EMAs, a spike folded in at
+    mean + threshold * std (the rule of tests/test_spikes.py's `replay_detector`)."""
+    buffer, mean, var, zs = [], None, None, []
+    for x in values:
+        z = float("nan")
+        if mean is None:
+            buffer.append(x)
+            if len(buffer) == warmup:
+                mean, var = np.mean(buffer), np.var(buffer)
+        else:
+            std = np.sqrt(var)
+            if var > 0:
+                z = (x - mean) / (std + 1e-12)
+            if z > threshold:
+                x = mean + threshold * std
+            mean = alpha * mean + (1 - alpha) * x
+            var = alpha * var + (1 - alpha) * (x - mean) ** 2
+        zs.append(z)
+    return np.array(zs)
+
+
+def test_own_step_hands_the_penalized_loss_to_the_spike_detector():
+    """on_spike with a penalty: gradmon's own step hands the total loss (data + penalty, as the
+    loss tracker gets it) to the spike detector; its loss z-scores equal a NumPy replay of the
+    losses computed from the weights before each batch."""
+    from gradmon.publish.writer import MemoryWriter
+
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(160, 3)).astype(np.float32)
+    y = (x @ np.array([[1.0], [-2.0], [0.5]]) + rng.normal(scale=0.3, size=(160, 1))).astype(np.float32)
+    x[120:124] *= 30.0  # one batch far off: a loss spike
+    keras.utils.set_random_seed(0)
+    model = gradmon.monitor(keras.Sequential([keras.Input((3,)), keras.layers.Dense(1)]),
+                            penalties=[P.WeightPenalty(l2=0.05)], on_spike="warn")
+    model.compile(optimizer=keras.optimizers.SGD(0.01), loss="mse")
+    before = []
+
+    class WeightsBefore(keras.callbacks.Callback):
+        def on_train_batch_begin(self, batch, logs=None):
+            before.append(weights_of(self.model))  # JAX: `self.model` syncs the state
+
+    writer = MemoryWriter()
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("always")
+        model.fit(x, y, batch_size=4, shuffle=False, verbose=0,
+                  callbacks=[WeightsBefore(), gradmon.GradientMonitor(writer=writer, update_freq=7)])
+    losses = []
+    for i, (kernel, bias) in enumerate(before):
+        xb, yb = x[4 * i:4 * i + 4].astype(np.float64), y[4 * i:4 * i + 4].astype(np.float64)
+        losses.append(np.mean((xb @ kernel + bias - yb) ** 2) + 0.05 * ((kernel ** 2).sum() + (bias ** 2).sum()))
+    zs = replay_loss_zscores(losses, gradmon.spikes.DEFAULT_SPIKE_THRESHOLD)
+    written = {s: float(v) for s, v in writer.scalars[tags.SPIKE_LOSS_ZSCORE]}
+    steps = sorted(written)
+    assert steps == list(range(7, 41, 7))
+    np.testing.assert_allclose([written[s] for s in steps], zs[np.array(steps) - 1], rtol=1e-4, atol=1e-5,
+                               equal_nan=True)
+    assert np.isfinite(written[35]) and zs[30] > gradmon.spikes.DEFAULT_SPIKE_THRESHOLD
