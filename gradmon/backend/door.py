@@ -18,8 +18,8 @@ and statistics in `keras.ops`, and takes from the backend module
 - `EAGER`: whether the hooked apply runs on the host (PyTorch: an observed
   custom loop writes as it goes; JAX: `observe()` is not supported yet).
 
-Not yet (they raise): histograms,
-`moment_norm`/`cosines` and custom statistics, `GradientTransform` subclasses
+Not yet (they raise): custom statistics with state variables on JAX (their
+`build`), `GradientTransform` subclasses
 not marked `keras_ops`, `LossScaleOptimizer`, `keras.distribution` on PyTorch (Keras implements it
 for JAX only), `observe()` on JAX. gradmon's state is not
 saved with the model there (`gradmon.saving.attach` does nothing).
@@ -36,8 +36,9 @@ import keras
 from gradmon.backend import lazy_tf
 
 # per-group statistics the JAX / PyTorch door computes (the global numbers, clip ratio and
-# fraction, counters and `no_gradient` come with them)
-SUPPORTED_STATS = ("norm", "max_abs", "rms", "zero_fraction", "nonfinite", "grad_to_weight", "update_ratio")
+# fraction, counters and `no_gradient` come with them): every name `stats=` takes
+SUPPORTED_STATS = ("norm", "max_abs", "rms", "zero_fraction", "nonfinite", "grad_to_weight", "update_ratio",
+                   "moment_norm", "cosines")
 
 
 def backend_name():
@@ -61,7 +62,8 @@ def unsupported(feature):
         f"(KERAS_BACKEND={backend_name()}); it works on the 'tensorflow' backend. "
         "On JAX and PyTorch gradmon observes `fit` (`gradmon.monitor(model)`, the mixin, "
         "`gradmon.GradientMonitor(log_dir)`; on PyTorch also `gradmon.observe` loops): the statistics "
-        f"{list(SUPPORTED_STATS)} and the transforms clip_by_global_norm, clip_by_norm, "
+        f"{list(SUPPORTED_STATS)}, custom statistics, histograms and the transforms "
+        "clip_by_global_norm, clip_by_norm, "
         "clip_by_value, adaptive_clip, zclip, callables written in keras.ops, subclasses of "
         "GradientTransform marked `keras_ops = True`, and their chains (the optimizer's own "
         "clipping included); gradmon's penalties and noise scale (gradmon's own train step); "
@@ -79,13 +81,9 @@ def check_supported(observer, optimizer_clip=None, loss_scaled=False):
     settings = observer.settings
     if loss_scaled:
         raise unsupported("observing a LossScaleOptimizer (mixed precision)")
-    if observer.histograms:
-        raise unsupported("histogram_freq > 0 (gradient histograms)")
-    other = [s for s in settings.selected if s not in SUPPORTED_STATS]
-    if other:
-        raise unsupported(f"stats={other}")
-    if settings.custom:
-        raise unsupported("custom statistics (gradmon.statistics.Statistic)")
+    stateful = [s for s in settings.custom if _has_state(s)]
+    if stateful and backend_name() == "jax":
+        raise unsupported(f"custom statistics with state variables (`build`) on JAX: {stateful}")
     for transform in (observer.transform, optimizer_clip):
         if transform is not None and not getattr(transform, "keras_ops", False):
             raise unsupported(f"the gradient transform {transform!r} (a GradientTransform subclass "
@@ -100,6 +98,17 @@ def check_supported(observer, optimizer_clip=None, loss_scaled=False):
             "(`keras.distribution.set_distribution(None)`); use KERAS_BACKEND=jax for "
             "`keras.distribution.DataParallel` / `ModelParallel`, or a `tf.distribute` strategy "
             f"on 'tensorflow'. Received: keras.distribution.distribution()={distribution!r}")
+
+
+def _has_state(statistic):
+    """Whether a custom statistic makes state variables (its own `build`): on JAX its `compute`
+    runs in a pure `lax.cond` branch, where assigning them is not possible."""
+    for cls in type(statistic).__mro__:
+        if cls.__module__ == "gradmon.measure.statistics":  # gradmon's base classes: no state
+            return False
+        if "build" in vars(cls):
+            return True
+    return False
 
 
 @contextlib.contextmanager

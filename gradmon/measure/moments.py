@@ -9,6 +9,8 @@ groups, and `finalize` turns them into the reported numbers.
 repeated indices are summed first, so norms equal those of the dense gradient.
 """
 
+import math
+
 import keras
 
 from gradmon.backend import lazy_tf as _lazy_tf
@@ -225,7 +227,67 @@ def safe_ratio(numerator, denominator):
 def dot(tensor, dense):
     """Sum of `tensor * dense` in float32; a `tf.IndexedSlices` `tensor` reads only its rows
     of `dense` (repeated indices add up, as in the dense sum)."""
+    if _OPS:
+        return keras.ops.sum(keras.ops.cast(tensor, "float32") * keras.ops.cast(dense, "float32"))
     if isinstance(tensor, tf.IndexedSlices):
         rows = tf.gather(dense, tensor.indices)
         return tf.reduce_sum(tf.cast(tensor.values, tf.float32) * tf.cast(rows, tf.float32))
     return tf.reduce_sum(tf.cast(tensor, tf.float32) * tf.cast(dense, tf.float32))
+
+
+def histogram_rows(tensors, group_ids, num_groups, buckets):
+    """Per group, `[min, max, counts...]` of the finite entries of its tensors, in `keras.ops`.
+
+    TensorBoard's bucketing: `buckets` equal-width buckets over `[min, max]`,
+    entry `v` in bucket `floor((v - min) / width)` (the maximum in the last);
+    when all finite entries are equal, all in the last bucket. Non-finite
+    entries are not counted; a group without a finite entry (or without a
+    gradient) is all zeros, over `[0, 0]`.
+
+    Args:
+        tensors: list of tensors (dense) or `None`.
+        group_ids: the group of each entry of `tensors`.
+        num_groups: number of groups.
+        buckets: number of buckets.
+
+    Returns:
+        `[num_groups, 2 + buckets]` float32.
+    """
+    ops = keras.ops
+    per_group = [[] for _ in range(num_groups)]
+    for t, gid in zip(tensors, group_ids):
+        if t is not None and _size(t) != 0:  # (an empty tensor has no min)
+            per_group[gid].append(ops.reshape(ops.cast(_dense(t), "float32"), [-1]))
+    rows = []
+    for values in per_group:
+        if not values:
+            rows.append(ops.zeros([buckets + 2], "float32"))
+            continue
+        v = ops.concatenate(values, axis=0) if len(values) > 1 else values[0]
+        finite = ops.isfinite(v)
+        any_finite = ops.any(finite)
+        lo = ops.where(any_finite, ops.min(ops.where(finite, v, _FLOAT32_MAX)), 0.0)
+        hi = ops.where(any_finite, ops.max(ops.where(finite, v, -_FLOAT32_MAX)), 0.0)
+        width = (hi - lo) / buckets
+        index = ops.where(width > 0, ops.floor(ops.divide_no_nan(v - lo, width)), float(buckets - 1))
+        # a non-finite entry counts nowhere (its weight is 0): any bucket index will do
+        index = ops.cast(ops.clip(ops.where(finite, index, 0.0), 0, buckets - 1), "int32")
+        counts = ops.segment_sum(ops.cast(finite, "float32"), index, num_segments=buckets)
+        rows.append(ops.concatenate([ops.stack([lo, hi]), counts], axis=0))
+    return ops.stack(rows)
+
+
+_FLOAT32_MAX = 3.4028234663852886e38
+
+
+def _size(tensor):
+    """The static number of entries, `None` where a dimension is unknown."""
+    shape = tuple(tensor.shape)
+    return None if None in shape else math.prod(shape)
+
+
+def _dense(tensor):
+    """A dense tensor (TensorFlow's `IndexedSlices` densified: a histogram counts every entry)."""
+    if not _OPS and isinstance(tensor, tf.IndexedSlices):
+        return tf.convert_to_tensor(tensor)
+    return tensor

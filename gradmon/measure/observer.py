@@ -24,7 +24,7 @@ import keras
 
 from gradmon.backend import lazy_tf as _lazy_tf
 from gradmon.backend import distribute as _distribute, door as _door, keras_compat as _keras_compat
-from gradmon.measure import recorder, spikes, statistics, transforms
+from gradmon.measure import moments, recorder, spikes, statistics, transforms
 from gradmon import tags
 from gradmon._validation import check_log_dir, check_non_negative_int, invalid, warn_once
 from gradmon.measure.pipeline import GradientPipeline, apply_unless_refused
@@ -34,33 +34,6 @@ from gradmon.publish.publisher import OWN_WRITER, Publisher
 tf = _lazy_tf.tensorflow()
 
 _HOOK = "_gradmon_observer"
-
-
-def histogram_rows(grads, segment_ids, num_groups):
-    """Per-group `[min, max, counts...]` over the finite entries, TensorBoard's bucketing."""
-    buckets = recorder.HISTOGRAM_BUCKETS
-    per_group = [[] for _ in range(num_groups)]
-    for g, gid in zip(grads, segment_ids):
-        if g is not None:
-            per_group[gid].append(tf.reshape(tf.cast(tf.convert_to_tensor(g), tf.float32), [-1]))
-    rows = []
-    for values in per_group:
-        if not values:
-            rows.append(tf.zeros([buckets + 2]))
-            continue
-        v = tf.concat(values, axis=0)
-        finite = tf.math.is_finite(v)
-        big, any_finite = tf.float32.max, tf.reduce_any(finite)
-        # with no finite entry at all the histogram is empty, over [0, 0]
-        lo = tf.where(any_finite, tf.reduce_min(tf.where(finite, v, big)), 0.0)
-        hi = tf.where(any_finite, tf.reduce_max(tf.where(finite, v, -big)), 0.0)
-        width = (hi - lo) / buckets
-        index = tf.where(width > 0, tf.floor(tf.math.divide_no_nan(v - lo, width)),
-                         tf.fill(tf.shape(v), float(buckets - 1)))
-        index = tf.cast(tf.clip_by_value(index, 0, buckets - 1), tf.int32)
-        counts = tf.math.unsorted_segment_sum(tf.cast(finite, tf.float32), index, buckets)
-        rows.append(tf.concat([[lo, hi], counts], axis=0))
-    return tf.stack(rows)
 
 
 class Observer:
@@ -335,6 +308,11 @@ class Observer:
         # jit cache for the same step function), so every trace measures the due steps itself
         do_log = self._logs_refused(rec.should_log(step), verdict)
         self._noise_ema_at_door(rec, extras, do_log)
+        if rec.histograms_wanted:  # of the gradients, before the update (as on TensorFlow)
+            due = rec.should_histogram(step)
+            taken = door.cond(due, lambda: keras.ops.reshape(_histograms(rec.spec, prepared), [-1]),
+                              rec.histogram_size)
+            rec.store_histograms(step, taken, due)
         weights = any(s.needs_weights or s.needs_update for s in rec.statistics)
         before = door.weights(variables, do_log) if weights else None
         apply_unless_refused(verdict, lambda: original_apply(prepared.to_apply, variables),
@@ -587,7 +565,8 @@ def _shape_of(values):
 def _histograms(spec, prepared):
     """`[kinds, groups, 2 + buckets]`: raw, and transformed only when something transforms."""
     kinds = [prepared.raw] + ([prepared.observed] if spec.has_transform else [])
-    return tf.stack([histogram_rows(g, spec.segment_ids, spec.num_groups) for g in kinds])
+    return keras.ops.stack([moments.histogram_rows(g, spec.segment_ids, spec.num_groups,
+                                                   recorder.HISTOGRAM_BUCKETS) for g in kinds])
 
 
 class _Update:

@@ -123,7 +123,8 @@ class Recorder:
             self.hist_step = variable(-1, dtype=int64)
             # [raw (, transformed), group, (min, max, counts...)]
             kinds = 2 if spec.has_transform else 1
-            self.histograms = variable(tf.zeros([kinds, spec.num_groups, HISTOGRAM_BUCKETS + 2]))
+            self.histograms = variable(np.zeros([kinds, spec.num_groups, HISTOGRAM_BUCKETS + 2], np.float32),
+                                       dtype="float32")
         self.tags = {s: [self._tag(s, label) for label in labels] for s, labels, _ in self.slices}
         # parsing a row is one zip over these (host cost per logged step matters)
         self._all_tags = [t for s, _, _ in self.slices for t in self.tags[s]]
@@ -209,6 +210,20 @@ class Recorder:
         self.hist_step.assign(step)
         return tf.constant(True)
 
+    @property
+    def histogram_size(self):
+        """The number of entries of `histograms`, flat (what a JAX branch returns)."""
+        return int(np.prod(self.histograms.shape))
+
+    def store_histograms(self, step, values, due):
+        """Writes flat `values` into `histograms` when `due` holds (JAX / PyTorch); `values`
+        `None`: none were taken (a host branch not taken)."""
+        if values is None:
+            return
+        rows = keras.ops.reshape(values, self.histograms.shape)
+        self.histograms.assign(keras.ops.where(due, rows, self.histograms.value))
+        self.hist_step.assign(keras.ops.where(due, keras.ops.cast(step, "int32"), self.hist_step.value))
+
     # -- on the host -------------------------------------------------------
 
     def host_read(self, variable):
@@ -284,9 +299,10 @@ class Recorder:
 
     def read_histograms(self):
         """`(step, array[2, groups, 2 + buckets])` of the latest histogram step, or `None`."""
-        if not self.histograms_wanted or int(self.hist_step.numpy()) < 0:
+        if not self.histograms_wanted:
             return None
-        return int(self.hist_step.numpy()), self.histograms.numpy()
+        step = int(self.host_read(self.hist_step))
+        return None if step < 0 else (step, self.host_read(self.histograms))
 
     def descriptions(self):
         """`{tag: description}` of every tag this recorder writes (made once)."""

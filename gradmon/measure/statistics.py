@@ -524,10 +524,16 @@ def _slots(ctx, moment):
     key = ("slots", moment)
     if key not in ctx._moments:
         slot, _ = ctx.spec.moment_slots[moment]
-        ctx._moments[key] = [
-            tf.cast(tf.convert_to_tensor(_keras_compat.optimizer_slot(ctx.optimizer, slot, v)), tf.float32)
-            for v in ctx.variables]
+        ctx._moments[key] = [_float32(_keras_compat.optimizer_slot(ctx.optimizer, slot, v))
+                             for v in ctx.variables]
     return ctx._moments[key]
+
+
+def _float32(variable):
+    """A variable's value in float32 (JAX: the step's own value, in its `StatelessScope`)."""
+    if _OPS:
+        return keras.ops.cast(variable.value, "float32")
+    return tf.cast(tf.convert_to_tensor(variable), tf.float32)
 
 
 def _slot_squares(ctx, moment):
@@ -536,7 +542,11 @@ def _slot_squares(ctx, moment):
     key = ("slot_squares", moment)
     if key not in ctx._moments:
         slots = _slots(ctx, moment)
-        if moment == tags.SECOND_MOMENT and ctx.spec.moment_slots[moment][1]:
+        if _OPS:
+            squared = moment == tags.SECOND_MOMENT and ctx.spec.moment_slots[moment][1]
+            ctx._moments[key] = keras.ops.stack([keras.ops.sum(s) if squared else _stats.squared_norm(s)
+                                                 for s in slots])
+        elif moment == tags.SECOND_MOMENT and ctx.spec.moment_slots[moment][1]:
             ctx._moments[key] = tf.stack([tf.reduce_sum(s) for s in slots])
         else:  # one multiplication, not one per variable
             ctx._moments[key] = 2.0 * tf.stack([tf.nn.l2_loss(s) for s in slots])
@@ -565,6 +575,10 @@ class MomentNorm(PerGroup):
         return tags.moment_norm(self.moment, label)
 
     def compute(self, ctx):
+        if _OPS:
+            ids = keras.ops.convert_to_tensor(ctx.spec.segment_ids, "int32")
+            return keras.ops.sqrt(keras.ops.segment_sum(_slot_squares(ctx, self.moment), ids,
+                                                        num_segments=ctx.spec.num_groups))
         ids = tf.constant(ctx.spec.segment_ids, tf.int32)
         return tf.sqrt(tf.math.unsorted_segment_sum(_slot_squares(ctx, self.moment), ids,
                                                     ctx.spec.num_groups))
@@ -598,6 +612,8 @@ class Cosines(Statistic):
                 "gradient_first_moment": tags.COSINE_GRADIENT_FIRST_MOMENT}[label]
 
     def compute(self, ctx):
+        if _OPS:
+            return self._compute_in_keras_ops(ctx)
         grad_norm = ctx.global_norm(tags.RAW)
         along = [_stats.dot(g, d) for g, d in zip(ctx.raw, ctx.deltas()) if g is not None]
         step_norm = tf.sqrt(tf.reduce_sum(ctx.delta_sumsq()))
@@ -611,6 +627,22 @@ class Cosines(Statistic):
                                        moment_norm * grad_norm))
         values = tf.stack(out)
         return tf.where(ctx.skipped, tf.fill(tf.shape(values), float("nan")), values)
+
+    def _compute_in_keras_ops(self, ctx):
+        ops = keras.ops
+        grad_norm = ctx.global_norm(tags.RAW)
+        along = [_stats.dot(g, d) for g, d in zip(ctx.raw, ctx.deltas()) if g is not None]
+        step_norm = ops.sqrt(ops.sum(ctx.delta_sumsq()))
+        out = [undefined_ratio(-sum(along) if along else ops.zeros([]), step_norm * grad_norm)]
+        if tags.FIRST_MOMENT in ctx.spec.moment_slots:
+            sign = ctx.spec.moment_slots[tags.FIRST_MOMENT][1]
+            dots = [_stats.dot(g, m) for g, m in zip(ctx.raw, _slots(ctx, tags.FIRST_MOMENT))
+                    if g is not None]
+            moment_norm = ops.sqrt(ops.sum(_slot_squares(ctx, tags.FIRST_MOMENT)))
+            out.append(undefined_ratio(sign * (sum(dots) if dots else ops.zeros([])),
+                                       moment_norm * grad_norm))
+        values = ops.stack(out)
+        return ops.where(ctx.skipped, float("nan"), values)
 
 
 def default_statistics(selected=None):
