@@ -30,9 +30,23 @@ small MLP over scikit-learn's bundled digits (8x8 images, no download):
 The loop's own scalars (losses, the penalty) go into the same event file
 through `gradmon.writer.SummaryWriter.shared(log_dir, "train")`.
 
+The same three recipes run on JAX and PyTorch (`KERAS_BACKEND=jax|torch`, no
+TensorFlow needed), each loop written the backend's way and writing the same
+tags (docs/guide/custom-loops.md):
+
+  - JAX: run `eager` takes `jax.grad` over `model.stateless_call` and calls
+    `opt.apply` outside jit (written as it goes); run `jit` (and `clipping`,
+    `penalty`) is a `jax.jit` step calling `opt.stateless_apply` and carrying
+    the optimizer variables, handed to `opt.flush(optimizer_variables=...)`;
+    the penalty's inner gradient is a `jax.grad` inside the differentiated loss;
+  - PyTorch: `backward()` then `opt.apply` under `no_grad`, written as it goes
+    (run `eager`; `clipping` and `penalty` likewise); the penalty's inner
+    gradient is `torch.autograd.grad(..., create_graph=True)`.
+
 Run from the repository root (about 12 s on 2 CPUs):
 
     python examples/custom_loop.py                     # writes runs/custom_loop/<run>/train
+    KERAS_BACKEND=jax python examples/custom_loop.py   # the same on JAX (or torch)
     tensorboard --logdir runs/custom_loop
 
 In TensorBoard, Scalars (run = eager, tf_function, clipping, penalty):
@@ -54,14 +68,20 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
 from sklearn.datasets import load_digits  # noqa: E402
 
 import gradmon  # noqa: E402
 from gradmon import tags  # noqa: E402
 from gradmon.publish.writer import SummaryWriter  # noqa: E402
 
+BACKEND = keras.backend.backend()
+if BACKEND == "tensorflow":
+    import tensorflow as tf
+
 NUM_CLASSES = 10
+# recipe 1's runs (name, compiled): PyTorch's loop is eager only
+RUNS = {"tensorflow": (("eager", False), ("tf_function", True)), "jax": (("eager", False), ("jit", True)),
+        "torch": (("eager", False),)}
 RECIPES = ("gradients", "clipping", "penalty")
 LOSS = keras.losses.CategoricalCrossentropy(from_logits=True)
 PENALTY = "grad_norm"
@@ -108,7 +128,10 @@ def batches(x, y, batch_size, steps, seed):
         if len(order) < batch_size:
             order = np.concatenate([order, rng.permutation(len(x))])
         index, order = order[:batch_size], order[batch_size:]
-        yield tf.constant(x[index]), tf.constant(y[index])
+        if BACKEND == "tensorflow":
+            yield tf.constant(x[index]), tf.constant(y[index])
+        else:
+            yield x[index], y[index]
 
 
 def build_model(seed):
@@ -160,27 +183,135 @@ def penalized_step(model, optimizer, weight):
     return step
 
 
+# -- the same steps on JAX and PyTorch ----------------------------------------
+
+
+def gradient_norm(grads):
+    return keras.ops.sqrt(sum(keras.ops.sum(keras.ops.square(g)) for g in grads))
+
+
+class JaxStep:
+    """The JAX steps: `jax.grad` over `model.stateless_call`; with `weight`, the loss adds
+    `weight * ||grad of the data loss||_2`, its inner gradient a `jax.grad` inside the
+    differentiated function (so the outer one differentiates through it).
+
+    compiled: a functional `jax.jit` step calling `optimizer.stateless_apply` and carrying the
+    values of the model's and the optimizer's variables (gradmon's state among the latter:
+    `flush_arguments` hands them to `optimizer.flush`); else `optimizer.apply` outside jit.
+    """
+
+    def __init__(self, model, optimizer, compiled, weight=None):
+        import jax
+
+        self.jax, self.model, self.optimizer, self.weight = jax, model, optimizer, weight
+        self.compiled = compiled
+        optimizer.build(model.trainable_variables)  # gradmon's state is built with the optimizer's
+        self.trainable = [v.value for v in model.trainable_variables]
+        self.non_trainable = [v.value for v in model.non_trainable_variables]
+        self.optimizer_variables = [v.value for v in optimizer.variables]
+        self._jitted = jax.jit(self._functional_step)
+
+    def _loss(self, trainable, non_trainable, x, y):
+        def data_loss(trainable):
+            y_pred, _ = self.model.stateless_call(trainable, non_trainable, x, training=True)
+            return LOSS(y, y_pred)
+
+        loss = data_loss(trainable)
+        if self.weight is None:
+            return loss, {tags.LOSS_DATA: loss}
+        penalty = self.weight * gradient_norm(self.jax.grad(data_loss)(trainable))
+        total = loss + penalty
+        return total, {tags.LOSS_DATA: loss, tags.penalty(PENALTY): penalty,
+                       tags.penalty_share(PENALTY): penalty / total, tags.LOSS_TOTAL: total}
+
+    def _functional_step(self, trainable, non_trainable, optimizer_variables, x, y):
+        (_, logs), grads = self.jax.value_and_grad(self._loss, has_aux=True)(trainable, non_trainable, x, y)
+        trainable, optimizer_variables = self.optimizer.stateless_apply(optimizer_variables, grads, trainable)
+        return trainable, optimizer_variables, logs
+
+    def __call__(self, x, y):
+        if self.compiled:
+            self.trainable, self.optimizer_variables, logs = self._jitted(
+                self.trainable, self.non_trainable, self.optimizer_variables, x, y)
+            return logs
+        variables = self.model.trainable_variables
+        (_, logs), grads = self.jax.value_and_grad(self._loss, has_aux=True)(
+            [v.value for v in variables], self.non_trainable, x, y)
+        self.optimizer.apply(grads, variables)  # outside jit: the variables hold the state
+        return logs
+
+    def flush_arguments(self):
+        return {"optimizer_variables": self.optimizer_variables} if self.compiled else {}
+
+    def finish(self):
+        """The loop's values back into the model's and the optimizer's variables."""
+        if self.compiled:
+            for v, value in zip(self.model.trainable_variables, self.trainable):
+                v.assign(value)
+            for v, value in zip(self.optimizer.variables, self.optimizer_variables):
+                v.assign(value)
+
+
+def torch_step(model, optimizer, weight=None):
+    """The PyTorch step: autograd on the host, then `optimizer.apply` under `no_grad`; with
+    `weight`, the penalty's inner gradient is taken with `create_graph=True`, so the outer
+    gradient differentiates through it."""
+    import torch
+
+    variables = model.trainable_variables
+
+    def step(x, y):
+        data_loss = LOSS(torch.from_numpy(y), model(torch.from_numpy(x), training=True))
+        params = [v.value for v in variables]
+        logs, total = {tags.LOSS_DATA: data_loss}, data_loss
+        if weight is not None:
+            penalty = weight * gradient_norm(torch.autograd.grad(data_loss, params, create_graph=True))
+            total = data_loss + penalty
+            logs.update({tags.penalty(PENALTY): penalty, tags.penalty_share(PENALTY): penalty / total,
+                         tags.LOSS_TOTAL: total})
+        grads = torch.autograd.grad(total, params)
+        with torch.no_grad():
+            optimizer.apply(list(grads), variables)
+        return {tag: value.detach() for tag, value in logs.items()}
+
+    return step
+
+
+def make_step(model, optimizer, compiled, jit_compile=False, weight=None):
+    """The backend's step: the article's (TensorFlow: a `tf.function` when compiled), or
+    `JaxStep` / `torch_step` (PyTorch: eager, whatever `compiled` says)."""
+    if BACKEND == "jax":
+        return JaxStep(model, optimizer, compiled, weight)
+    if BACKEND == "torch":
+        return torch_step(model, optimizer, weight)
+    step = plain_step(model, optimizer) if weight is None else penalized_step(model, optimizer, weight)
+    return tf.function(step, jit_compile=jit_compile) if compiled else step
+
+
 # -- the loop ----------------------------------------------------------------
 
 
-def train(step, optimizer, data, log_dir, flush_every, compiled, jit_compile=False):
+def train(step, optimizer, data, log_dir, flush_every):
     """Runs `step` over `data`; returns the measured snapshots and the last written logs.
 
     Eager: the observed optimizer writes each measured step itself.
-    tf.function: measurements wait on the device until `optimizer.flush()`.
-    The loop's own scalars are written (at the flush points) into the same file.
+    tf.function, JAX's jit: measurements wait on the device until `optimizer.flush()` (on JAX
+    given the optimizer variables the loop carries). The loop's own scalars are written (at
+    the flush points) into the same file.
     """
-    if compiled:
-        step = tf.function(step, jit_compile=jit_compile)
     writer = SummaryWriter.shared(log_dir, "train").open()
+    carried = getattr(step, "flush_arguments", dict)
     snapshots, written = [], {}
     for i, (x, y) in enumerate(data, start=1):
         logs = step(x, y)
         if i % flush_every == 0 or i == len(data):
-            snapshots += optimizer.flush()  # idempotent; eager: written already, returns []
+            # idempotent; eager: written already, returns []
+            snapshots += optimizer.flush(**carried())
             written = {tag: float(value) for tag, value in logs.items()}
             writer.write_scalars(i, written)
     writer.close()
+    if hasattr(step, "finish"):
+        step.finish()
     if not snapshots:  # eager: read the latest measured steps back from the observer
         snapshots = optimizer.gradmon.recorder.read()
     return snapshots, written
@@ -194,15 +325,15 @@ def print_gradients(name, snapshot, model):
 
 
 def run_gradients(args, x, y):
-    """Recipe 1: compute and log the gradients of a custom loop, eager and in a tf.function."""
-    for name, compiled in (("eager", False), ("tf_function", True)):
+    """Recipe 1: compute and log the gradients of a custom loop, eager and compiled."""
+    for name, compiled in RUNS[BACKEND]:
         log_dir = os.path.join(args.log_dir, name)
         model = build_model(args.seed)
         # grouping="variable": one row per variable, tagged by its path (`v.path`)
         opt = gradmon.observe(keras.optimizers.Adam(1e-3), log_dir=log_dir, grouping="variable")
         data = list(batches(x, y, args.batch_size, args.steps, args.seed))
-        snapshots, logs = train(plain_step(model, opt), opt, data, log_dir, args.flush_every, compiled,
-                                args.jit_compile)
+        step = make_step(model, opt, compiled, args.jit_compile)
+        snapshots, logs = train(step, opt, data, log_dir, args.flush_every)
         print_gradients(name, snapshots[-1], model)
         print(f"    {tags.LOSS_DATA} {logs[tags.LOSS_DATA]:.5f}")
 
@@ -219,8 +350,8 @@ def run_clipping(args, x, y):
     if model.output_shape[1:] != y.shape[1:]:  # the seed's bug, caught before training
         raise SystemExit(f"output shape {model.output_shape} does not match targets {y.shape}")
     data = list(batches(x, y, args.batch_size, args.steps, args.seed))
-    snapshots, logs = train(plain_step(model, opt), opt, data, log_dir, args.flush_every, True,
-                            args.jit_compile)
+    snapshots, logs = train(make_step(model, opt, True, args.jit_compile), opt, data, log_dir,
+                            args.flush_every)
     s = snapshots[-1]
     print(f"\n[clipping] step {s.step}: raw global norm {s[tags.global_norm(tags.RAW)]:.4f}, "
           f"clipped {s[tags.global_norm(tags.TRANSFORMED)]:.4f}, clip ratio {s[tags.CLIP_RATIO]:.4f}")
@@ -238,8 +369,8 @@ def run_penalty(args, x, y):
     model = build_model(args.seed)
     opt = gradmon.observe(keras.optimizers.Adam(3e-3), log_dir=log_dir)
     data = list(batches(x, y, args.batch_size, args.steps, args.seed))
-    step = penalized_step(model, opt, args.penalty_weight)
-    snapshots, logs = train(step, opt, data, log_dir, args.flush_every, True, args.jit_compile)
+    step = make_step(model, opt, True, args.jit_compile, weight=args.penalty_weight)
+    snapshots, logs = train(step, opt, data, log_dir, args.flush_every)
     s = snapshots[-1]
     print(f"\n[penalty] step {s.step}: raw global norm (data loss + penalty) "
           f"{s[tags.global_norm(tags.RAW)]:.5f}")

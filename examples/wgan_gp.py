@@ -23,9 +23,19 @@ device: a small callback calls `opt.flush()` on both optimizers every
 `--update-freq` generator steps and writes the step's own numbers
 (Wasserstein estimate, penalty, losses) into the same event file.
 
+On JAX and PyTorch (`KERAS_BACKEND=jax|torch`, no TensorFlow needed) the same
+training runs as a custom loop written the backend's way, with the same
+observers, tags and descriptions (docs/guide/custom-loops.md): JAX, two
+`jax.jit` steps calling `stateless_apply` and carrying each optimizer's
+variables (handed to `opt.flush(optimizer_variables=...)`); PyTorch,
+autograd then `opt.apply` under `no_grad`. The gradient penalty is written
+here: its input gradient is a `jax.grad` inside the differentiated loss, or
+`torch.autograd.grad(..., create_graph=True)`.
+
 Run from the repository root (about 25 s on 2 CPUs):
 
     python examples/wgan_gp.py                         # writes runs/wgan_gp
+    KERAS_BACKEND=jax python examples/wgan_gp.py       # the same on JAX (or torch)
     tensorboard --logdir runs/wgan_gp
 
 In TensorBoard, Scalars (run `train`). Each model's tags count that model's
@@ -52,11 +62,14 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
 
 import gradmon  # noqa: E402
 from gradmon import tags  # noqa: E402
 from gradmon.publish.writer import SummaryWriter  # noqa: E402
+
+BACKEND = keras.backend.backend()
+if BACKEND == "tensorflow":
+    import tensorflow as tf
 
 RADIUS, MODE_STD, NUM_MODES = 2.0, 0.05, 8
 LATENT_DIM = 2
@@ -214,11 +227,201 @@ def mode_coverage(points):
     return good.mean(), int((counts >= 0.02 * len(points)).sum())
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    keras.utils.set_random_seed(args.seed)
-    rng = np.random.default_rng(args.seed)
-    real_pool = sample_ring(20_000, rng)
+# -- JAX and PyTorch: the same training as a custom loop ------------------------
+
+
+def penalty_of(gradients, weight):
+    """The WGAN-GP penalty from the critic's input gradients at the interpolates:
+    weight * mean((||grad_x critic(x_hat)|| - 1)^2)."""
+    norms = keras.ops.sqrt(keras.ops.sum(keras.ops.square(gradients), axis=1))
+    return weight * keras.ops.mean(keras.ops.square(norms - 1.0))
+
+
+class JaxWGAN:
+    """Two `jax.jit` steps over `stateless_call`, each optimizer's variables carried (gradmon's
+    state among them); the penalty's input gradient is a `jax.grad` inside the critic's loss."""
+
+    def __init__(self, generator, critic, critic_opt, generator_opt, gp_weight, seed):
+        import jax
+
+        self.jax, self.gp_weight = jax, gp_weight
+        self.generator, self.critic = generator, critic
+        self.opts = {"critic": critic_opt, "generator": generator_opt}
+        self.models = {"critic": critic, "generator": generator}
+        self.values, self.carried = {}, {}
+        for name, model in self.models.items():
+            self.opts[name].build(model.trainable_variables)  # gradmon's state with it
+            self.values[name] = [v.value for v in model.trainable_variables]
+            self.carried[name] = [v.value for v in self.opts[name].variables]
+        self.key = jax.random.PRNGKey(seed)
+        self._critic_step = jax.jit(self._critic_update)
+        self._generator_step = jax.jit(self._generator_update, static_argnums=4)  # n: a shape
+
+    def _call(self, name, values, x):
+        return self.models[name].stateless_call(values, [], x, training=True)[0]
+
+    def critic_losses(self, critic_values, real, fake, key):
+        """(critic loss, (Wasserstein estimate, penalty))."""
+        jax = self.jax
+        wasserstein = (keras.ops.mean(self._call("critic", critic_values, real))
+                       - keras.ops.mean(self._call("critic", critic_values, fake)))
+        eps = jax.random.uniform(key, (real.shape[0], 1))
+        x_hat = eps * real + (1.0 - eps) * fake
+        # each output depends on its own row only: the gradient of the sum is per example
+        grad_x = jax.grad(lambda x: keras.ops.sum(self._call("critic", critic_values, x)))(x_hat)
+        penalty = penalty_of(grad_x, self.gp_weight)
+        return -wasserstein + penalty, (wasserstein, penalty)
+
+    def _critic_update(self, critic_values, carried, generator_values, real, key):
+        z_key, eps_key = self.jax.random.split(key)
+        fake = self._call("generator", generator_values, self.jax.random.normal(z_key, (real.shape[0], LATENT_DIM)))
+        (loss, (wasserstein, penalty)), grads = self.jax.value_and_grad(self.critic_losses, has_aux=True)(
+            critic_values, real, fake, eps_key)
+        critic_values, carried = self.opts["critic"].stateless_apply(carried, grads, critic_values)
+        return critic_values, carried, {"critic_loss": loss, "wasserstein": wasserstein, "gp": penalty}
+
+    def _generator_update(self, generator_values, carried, critic_values, key, n):
+        def loss(values):
+            fake = self._call("generator", values, self.jax.random.normal(key, (n, LATENT_DIM)))
+            return -keras.ops.mean(self._call("critic", critic_values, fake))
+
+        value, grads = self.jax.value_and_grad(loss)(generator_values)
+        generator_values, carried = self.opts["generator"].stateless_apply(carried, grads, generator_values)
+        return generator_values, carried, {"generator_loss": value}
+
+    def _key(self):
+        self.key, key = self.jax.random.split(self.key)
+        return key
+
+    def train_step(self, real_slices):
+        for real in real_slices:
+            self.values["critic"], self.carried["critic"], logs = self._critic_step(
+                self.values["critic"], self.carried["critic"], self.values["generator"], real, self._key())
+        self.values["generator"], self.carried["generator"], generator_logs = self._generator_step(
+            self.values["generator"], self.carried["generator"], self.values["critic"], self._key(),
+            len(real_slices[-1]))
+        return {**logs, **generator_logs}
+
+    def flush(self, name):
+        self.opts[name].flush(optimizer_variables=self.carried[name])
+
+    def finish(self):
+        """The loop's values back into the models' and optimizers' variables."""
+        for name, model in self.models.items():
+            for v, value in zip(model.trainable_variables, self.values[name]):
+                v.assign(value)
+            for v, value in zip(self.opts[name].variables, self.carried[name]):
+                v.assign(value)
+
+    def final_check(self, real, n):
+        fake = self._call("generator", self.values["generator"], self.jax.random.normal(self._key(), (n, LATENT_DIM)))
+        _, (wasserstein, penalty) = self.critic_losses(self.values["critic"], real, fake, self._key())
+        return float(wasserstein), float(penalty), np.asarray(fake)
+
+
+class TorchWGAN:
+    """Autograd on the host, then `opt.apply` under `no_grad`; the penalty's input gradient is
+    taken with `create_graph=True`, so the critic's gradient goes through it."""
+
+    def __init__(self, generator, critic, critic_opt, generator_opt, gp_weight, seed):
+        import torch
+
+        self.torch, self.gp_weight = torch, gp_weight
+        self.generator, self.critic = generator, critic
+        self.opts = {"critic": critic_opt, "generator": generator_opt}
+        torch.manual_seed(seed)
+
+    def critic_losses(self, real, fake):
+        torch = self.torch
+        wasserstein = keras.ops.mean(self.critic(real)) - keras.ops.mean(self.critic(fake))
+        eps = torch.rand(real.shape[0], 1)
+        x_hat = (eps * real + (1.0 - eps) * fake).requires_grad_(True)
+        (grad_x,) = torch.autograd.grad(keras.ops.sum(self.critic(x_hat)), x_hat, create_graph=True)
+        penalty = penalty_of(grad_x, self.gp_weight)
+        return -wasserstein + penalty, wasserstein, penalty
+
+    def _apply(self, name, loss, model):
+        variables = model.trainable_variables
+        grads = self.torch.autograd.grad(loss, [v.value for v in variables])
+        with self.torch.no_grad():
+            self.opts[name].apply(list(grads), variables)  # observed
+
+    def _sample(self, n):
+        return self.generator(self.torch.randn(n, LATENT_DIM))
+
+    def train_step(self, real_slices):
+        for real in real_slices:
+            real = self.torch.from_numpy(real)
+            with self.torch.no_grad():  # the generator is fixed here
+                fake = self._sample(real.shape[0])
+            critic_loss, wasserstein, penalty = self.critic_losses(real, fake)
+            self._apply("critic", critic_loss, self.critic)
+        generator_loss = -keras.ops.mean(self.critic(self._sample(real.shape[0])))
+        self._apply("generator", generator_loss, self.generator)
+        return {"critic_loss": critic_loss.detach(), "wasserstein": wasserstein.detach(),
+                "gp": penalty.detach(), "generator_loss": generator_loss.detach()}
+
+    def flush(self, name):
+        self.opts[name].flush()  # eager: written as it goes already
+
+    def finish(self):
+        pass
+
+    def final_check(self, real, n):
+        real = self.torch.from_numpy(real)
+        with self.torch.no_grad():
+            fake = self._sample(n)
+        _, wasserstein, penalty = self.critic_losses(real, fake)
+        return float(wasserstein.detach()), float(penalty.detach()), fake.detach().numpy()
+
+
+def train_loop(args, gan, real_pool, rng):
+    """`--epochs` x `--steps` generator steps of `gan` (`JaxWGAN` / `TorchWGAN`), writing as
+    `FlushObserved` does in `fit`: both observers and the step's own numbers every
+    `--update-freq` generator steps (the critic's at the critic's step)."""
+    writer = SummaryWriter.shared(args.log_dir, "train").open()
+    per_step = args.critic_steps * args.batch_size
+    order, generator_step = np.empty(0, np.int64), 0
+    for epoch in range(args.epochs):
+        for _ in range(args.steps):
+            if len(order) < per_step:
+                order = np.concatenate([order, rng.permutation(len(real_pool))])
+            batch, order = real_pool[order[:per_step]], order[per_step:]
+            logs = gan.train_step(np.split(batch, args.critic_steps))
+            generator_step += 1
+            if generator_step % args.update_freq == 0 or generator_step == args.epochs * args.steps:
+                gan.flush("critic")
+                gan.flush("generator")
+                critic_step = generator_step * args.critic_steps
+                writer.write_scalars(critic_step, {
+                    tag: float(logs[key]) for key, tag in CRITIC_TAGS.items()}, DESCRIPTIONS)
+                writer.write_scalars(generator_step, {
+                    tag: float(logs[key]) for key, tag in GENERATOR_TAGS.items()}, DESCRIPTIONS)
+        print(f"epoch {epoch + 1}/{args.epochs}: " + ", ".join(f"{k} {float(v):.4f}" for k, v in logs.items()))
+    writer.close()
+    gan.finish()
+    for opt in gan.opts.values():
+        opt.gradmon.close()
+    return generator_step
+
+
+def observed_optimizers(args):
+    """Both optimizers observed into one run, their tags prefixed by `name`. The critic makes
+    `critic_steps` measured updates per generator step at most: the buffer holds them
+    until the next flush."""
+    critic_opt = gradmon.observe(
+        keras.optimizers.Adam(1e-3, beta_1=0.5, beta_2=0.9), log_dir=args.log_dir, name="critic",
+        update_freq=args.update_freq, buffer_steps=max(16, 2 * args.critic_steps))
+    generator_opt = gradmon.observe(
+        keras.optimizers.Adam(1e-3, beta_1=0.5, beta_2=0.9), log_dir=args.log_dir, name="generator",
+        update_freq=args.update_freq,
+        transform=(gradmon.transforms.clip_by_global_norm(args.generator_clip)
+                   if args.generator_clip > 0 else None))
+    return critic_opt, generator_opt
+
+
+def fit_tensorflow(args, real_pool, rng):
+    """TensorFlow: `WGANGP.fit` with `FlushObserved`; the final check's numbers."""
     dataset = (tf.data.Dataset.from_tensor_slices(real_pool)
                .shuffle(len(real_pool), seed=args.seed).repeat()
                .batch(args.critic_steps * args.batch_size, drop_remainder=True))
@@ -229,17 +432,7 @@ def main(argv=None):
         critic_steps=args.critic_steps,
         gp_weight=args.gp_weight,
     )
-    # Both optimizers observed into one run, their tags prefixed by `name`. The critic makes
-    # `critic_steps` measured updates per generator step at most: the buffer holds them
-    # until the next flush.
-    critic_opt = gradmon.observe(
-        keras.optimizers.Adam(1e-3, beta_1=0.5, beta_2=0.9), log_dir=args.log_dir, name="critic",
-        update_freq=args.update_freq, buffer_steps=max(16, 2 * args.critic_steps))
-    generator_opt = gradmon.observe(
-        keras.optimizers.Adam(1e-3, beta_1=0.5, beta_2=0.9), log_dir=args.log_dir, name="generator",
-        update_freq=args.update_freq,
-        transform=(gradmon.transforms.clip_by_global_norm(args.generator_clip)
-                   if args.generator_clip > 0 else None))
+    critic_opt, generator_opt = observed_optimizers(args)
     gan.compile(critic_optimizer=critic_opt, generator_optimizer=generator_opt)
     gan.fit(dataset, epochs=args.epochs, steps_per_epoch=args.steps, verbose=2,
             callbacks=[FlushObserved(args.log_dir, args.update_freq)])
@@ -248,11 +441,28 @@ def main(argv=None):
     real = tf.constant(sample_ring(2048, rng))
     fake = gan.sample(2048)
     _, wasserstein, penalty = gan.critic_losses(real, fake)
-    wasserstein, penalty = float(wasserstein), float(penalty)
-    near, modes = mode_coverage(fake.numpy())
+    return (int(gan.generator_optimizer.iterations.numpy()), float(wasserstein), float(penalty),
+            fake.numpy())
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    keras.utils.set_random_seed(args.seed)
+    rng = np.random.default_rng(args.seed)
+    real_pool = sample_ring(20_000, rng)
+    if BACKEND == "tensorflow":
+        steps, wasserstein, penalty, fake = fit_tensorflow(args, real_pool, rng)
+    else:
+        generator, critic = mlp("generator", LATENT_DIM, 2), mlp("critic", 2, 1)
+        critic_opt, generator_opt = observed_optimizers(args)
+        loop = JaxWGAN if BACKEND == "jax" else TorchWGAN
+        gan = loop(generator, critic, critic_opt, generator_opt, args.gp_weight, args.seed)
+        train_loop(args, gan, real_pool, rng)
+        steps = int(keras.ops.convert_to_numpy(generator_opt.iterations))
+        wasserstein, penalty, fake = gan.final_check(sample_ring(2048, rng), 2048)
+    near, modes = mode_coverage(fake)
     finite = math.isfinite(wasserstein) and math.isfinite(penalty)
-    print(f"\nafter {int(gan.generator_optimizer.iterations.numpy())} generator steps, "
-          "on 2048 fresh real and generated points:")
+    print(f"\nafter {steps} generator steps, on 2048 fresh real and generated points:")
     print(f"  critic's Wasserstein estimate  {wasserstein:.4f}")
     print(f"  gradient penalty (wgan-gp)     {penalty:.4f}")
     print(f"  generated points near a mode   {near:.1%}; modes covered {modes}/{NUM_MODES}")

@@ -1,4 +1,10 @@
-"""Smoke tests of examples/: each runs tiny in a subprocess, exits 0 and writes gradmon's tags."""
+"""Smoke tests of examples/: each runs tiny in a subprocess, exits 0 and writes gradmon's tags.
+
+`examples/custom_loop.py` and `examples/wgan_gp.py` also run under JAX and PyTorch, in the
+TensorFlow-free interpreters of `helpers.backend_python` (skipped where absent): they write the
+tags TensorFlow writes, and custom_loop's first logged step equals a NumPy computation of the
+gradient from the backend's own initial weights (the penalty's double-backprop term included).
+"""
 
 import importlib.util
 import math
@@ -11,7 +17,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from helpers import global_norm, read_events
+from helpers import backend_env, backend_python, global_norm, read_events
 
 from gradmon import tags
 
@@ -20,10 +26,13 @@ pytestmark = pytest.mark.tensorflow_only  # needs TensorFlow: skipped whole unde
 EXAMPLES = pathlib.Path(__file__).resolve().parent.parent / "examples"
 
 
-def run_example(name, *args):
+def run_example(name, *args, backend=None):
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    python = sys.executable
+    if backend is not None:  # the backend's TensorFlow-free interpreter
+        python, env = backend_python(backend), dict(backend_env(backend), TF_CPP_MIN_LOG_LEVEL="3")
     result = subprocess.run(
-        [sys.executable, str(EXAMPLES / name), *args], cwd=EXAMPLES.parent, env=env,
+        [python, str(EXAMPLES / name), *args], cwd=EXAMPLES.parent, env=env,
         capture_output=True, text=True, timeout=180,
     )
     assert result.returncode == 0, f"{name} exited {result.returncode}:\n{result.stdout}\n{result.stderr}"
@@ -114,9 +123,12 @@ def test_seed_3_gradient_penalty(tmp_path):
     assert last(events[tags.penalty_grad_norm("grad_norm")]) > 0
 
 
-def test_wgan_gp(tmp_path):
+@pytest.mark.parametrize("backend", [None, "jax", "torch"])
+def test_wgan_gp(tmp_path, backend):
+    """TensorFlow's `fit` with a custom train_step; JAX's jitted and PyTorch's eager loops write
+    the same tags at the same steps, with the same relations between them."""
     out = run_example("wgan_gp.py", "--log-dir", str(tmp_path), "--epochs", "1", "--steps", "4",
-                      "--update-freq", "1")
+                      "--update-freq", "1", backend=backend)
     assert "finite: True" in out
     events = read_events(tmp_path / "train")  # both optimizers in one run, tags prefixed
     critic, generator = (lambda t: tags.prefixed("critic", t)), (lambda t: tags.prefixed("generator", t))
@@ -276,3 +288,100 @@ def test_custom_loop(tmp_path):
         total = penalty[tags.LOSS_DATA][step] + penalty[tags.penalty("grad_norm")][step]
         assert penalty[tags.LOSS_TOTAL][step] == pytest.approx(total, rel=1e-5)
         assert 0 < penalty[tags.penalty_share("grad_norm")][step] < 1
+
+
+# -- custom_loop.py on JAX and PyTorch ---------------------------------------------------------
+
+CUSTOM_LOOP_RUNS = {"jax": ("eager", "jit", "clipping", "penalty"), "torch": ("eager", "clipping", "penalty")}
+
+
+def numpy_gradients(w, x, y):
+    """d mean(cross-entropy(softmax(tanh(x W1 + b1) W2 + b2), y)) / d(W1, b1, W2, b2), by hand."""
+    w1, b1, w2, b2 = w
+    h = np.tanh(x @ w1 + b1)
+    z = h @ w2 + b2
+    p = np.exp(z - z.max(axis=1, keepdims=True))
+    p /= p.sum(axis=1, keepdims=True)
+    dz = (p - y) / len(x)
+    dh = (dz @ w2.T) * (1.0 - h ** 2)
+    return [x.T @ dh, dh.sum(0), h.T @ dz, dz.sum(0)]
+
+
+def numpy_penalized_gradients(w, x, y, weight, eps=1e-4):
+    """The gradient of loss + weight * ||grad loss||: g + weight * H g / ||g||, the Hessian-vector
+    product by central differences of the hand-written gradient (float64)."""
+    g = numpy_gradients(w, x, y)
+    u = [a / global_norm(g) for a in g]
+    plus = numpy_gradients([a + eps * b for a, b in zip(w, u)], x, y)
+    minus = numpy_gradients([a - eps * b for a, b in zip(w, u)], x, y)
+    return [a + weight * (p - m) / (2 * eps) for a, p, m in zip(g, plus, minus)]
+
+
+def start_initial_weights(backend, tmp_path):
+    """Starts writing custom_loop's seeded initial weights as that backend makes them (its own
+    RNG); `initial_weights` waits for them."""
+    path = str(tmp_path / "weights.npz")
+    code = ("import sys, numpy as np; sys.path.insert(0, 'examples'); import custom_loop; "
+            "np.savez(sys.argv[1], *custom_loop.build_model(0).get_weights())")
+    return path, subprocess.Popen([backend_python(backend), "-c", code, path], cwd=EXAMPLES.parent,
+                                  env=backend_env(backend), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+def initial_weights(started):
+    path, process = started
+    output, _ = process.communicate(timeout=180)
+    assert process.returncode == 0, output[-3000:]
+    held = np.load(path)
+    return [held[f"arr_{i}"].astype(np.float64) for i in range(len(held.files))]
+
+
+@pytest.mark.parametrize("backend", ["jax", "torch"])
+def test_custom_loop_on_jax_and_torch(tmp_path, backend):
+    steps, flush_every, batch_size = 10, 5, 64
+    weights = start_initial_weights(backend, tmp_path)  # beside the example: interpreters start slowly
+    out = run_example("custom_loop.py", "--log-dir", str(tmp_path / "runs"), "--steps", str(steps),
+                      "--flush-every", str(flush_every), backend=backend)
+    assert "clip_by_global_norm" in out
+    runs = {name: read_events(tmp_path / "runs" / name / "train") for name in CUSTOM_LOOP_RUNS[backend]}
+    raw_norm = tags.global_norm(tags.RAW)
+    every_step = list(range(1, steps + 1))
+    for name, events in runs.items():
+        assert sorted(events[raw_norm]) == every_step, name
+        assert sorted(events[tags.LOSS_DATA]) == [5, 10], name
+
+    # step 1 against NumPy, from the backend's own initial weights and the example's first batch
+    example = load_example("custom_loop")
+    x, y = example.load_data()
+    xb, yb = (np.asarray(a, np.float64) for a in next(example.batches(x, y, batch_size, 1, 0)))
+    w = initial_weights(weights)
+    grads = numpy_gradients(w, xb, yb)
+    paths = ["digits_mlp/hidden/kernel", "digits_mlp/hidden/bias", "digits_mlp/logits/kernel",
+             "digits_mlp/logits/bias"]
+    for name in ("eager", "jit", "clipping"):
+        if name in runs:
+            assert runs[name][raw_norm][1] == pytest.approx(global_norm(grads), rel=1e-5), name
+    for path, g in zip(paths, grads):
+        assert runs["eager"][tags.group_stat(tags.RAW, "norm", path)][1] == pytest.approx(
+            np.linalg.norm(g), rel=1e-5), path
+    if "jit" in runs:  # the functional loop measures what the stateful one does
+        for step in every_step:
+            assert runs["jit"][raw_norm][step] == pytest.approx(runs["eager"][raw_norm][step], rel=1e-4)
+
+    clipping = runs["clipping"]
+    for tag in (tags.CLIP_RATIO, tags.CLIP_FRACTION, tags.global_norm(tags.TRANSFORMED),
+                tags.clip_fraction_of("clip_by_value"), tags.clip_fraction_of("clip_by_global_norm")):
+        assert sorted(clipping[tag]) == every_step, tag
+    for step in every_step:
+        raw, clipped = clipping[raw_norm][step], clipping[tags.global_norm(tags.TRANSFORMED)][step]
+        assert clipped <= 0.5 * (1 + 1e-5)
+        assert clipping[tags.CLIP_RATIO][step] == pytest.approx(clipped / raw, rel=1e-5)
+    hist = [t for t in clipping if t.startswith(tags.histogram(tags.RAW, "digits_mlp/hidden"))]
+    assert hist and sorted(clipping[hist[0]]) == [10], sorted(clipping)
+
+    penalty = runs["penalty"]
+    penalized = numpy_penalized_gradients(w, xb, yb, 0.05)
+    assert penalty[raw_norm][1] == pytest.approx(global_norm(penalized), rel=1e-4)
+    assert global_norm(penalized) != pytest.approx(global_norm(grads), rel=1e-3)
+    for step in (5, 10):
+        total = penalty[tags.LOSS_DATA][step] + penalty[tags.penalty("grad_norm")][step]
+        assert penalty[tags.LOSS_TOTAL][step] == pytest.approx(total, rel=1e-5)
