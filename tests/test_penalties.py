@@ -376,3 +376,24 @@ def test_own_step_hands_the_penalized_loss_to_the_spike_detector():
     np.testing.assert_allclose([written[s] for s in steps], zs[np.array(steps) - 1], rtol=1e-4, atol=1e-5,
                                equal_nan=True)
     assert np.isfinite(written[35]) and zs[30] > gradmon.spikes.DEFAULT_SPIKE_THRESHOLD
+
+
+@pytest.mark.skipif(keras.backend.backend() == "torch",
+                    reason="Keras' PyTorch trainer refuses steps_per_execution > 1")
+def test_steps_per_execution_logs_the_same_penalties_and_noise_scale():
+    """Several steps per execution (JAX: several train steps in one jitted function): each step's
+    penalty numbers and half-batch moments reach its own apply, as with one step at a time."""
+    from gradmon.publish.writer import MemoryWriter
+
+    logged = []
+    for steps_per_execution in (1, 4):
+        model = gradmon.monitor(linear(seed=7, hidden=True), noise_scale=True,
+                                penalties=[P.WeightPenalty(l2=0.1), P.GradientNormPenalty(0.2)])
+        model.compile(optimizer=keras.optimizers.SGD(LR), loss="mse", steps_per_execution=steps_per_execution)
+        writer = MemoryWriter()
+        model.fit(X, Y, batch_size=4, shuffle=False, verbose=0, callbacks=[gradmon.GradientMonitor(writer=writer)])
+        logged.append({tag: dict(writer.scalars[tag]) for tag in (
+            tags.penalty("grad_norm"), tags.penalty_grad_norm("weight"), tags.LOSS_TOTAL, tags.NOISE_SCALE)})
+    for tag, one in logged[0].items():
+        assert sorted(one) == [1, 2, 3, 4], tag
+        np.testing.assert_allclose([logged[1][tag][s] for s in one], list(one.values()), rtol=1e-6, err_msg=tag)
