@@ -26,12 +26,21 @@ from gradmon.publish.writer import MetricWriter, SummaryWriter, write_report
 
 
 def _with_measuring(observer, train_function, measuring):
-    """`train_function` with `observer.measuring` set while it runs (and so while it traces)."""
+    """`train_function` with `observer.measuring` set while it runs (and so while it traces).
+
+    On JAX and PyTorch the `GradientMonitor` of a running `fit` does its host work for the
+    execution right after it, here (`GradientMonitor.after_train_function`), not in
+    `on_train_batch_end`: overriding that makes Keras wait for every step's logs.
+    """
 
     def function(*args):  # (iterator); on JAX (state, iterator)
         observer.measuring = measuring
         try:
-            return train_function(*args)
+            result = train_function(*args)
+            monitor = observer.host.monitor
+            if monitor is not None and monitor.fitting_async:
+                monitor.after_train_function(result)
+            return result
         except StopIteration:
             raise  # the end of the data: Keras ends the epoch
         except BaseException:
@@ -41,6 +50,15 @@ def _with_measuring(observer, train_function, measuring):
             observer.measuring = True
 
     return function
+
+
+def _hold_jax_state(model, result):
+    """Hands the state a JAX train function returned (`(logs, state)`) to the model as its
+    trainer does right after (its `_jax_state`), for host reads (`gradmon.backend.door_jax`)
+    made before Keras gets it back."""
+    trainable, non_trainable, optimizer_variables, metrics = result[1]
+    model._jax_state = {"trainable_variables": trainable, "non_trainable_variables": non_trainable,
+                        "optimizer_variables": optimizer_variables, "metrics_variables": metrics}
 
 
 _TRAIN_FUNCTIONS = "_gradmon_train_functions"
@@ -148,6 +166,14 @@ class GradientMonitor(keras.callbacks.Callback):
         self._observer = None
         self._writes = True
         self.stopped_at = None
+        # Keras dispatches batch ends asynchronously on JAX and PyTorch, unless a callback
+        # overrides `on_train_batch_end` (then every execution waits for its logs on the host):
+        # there the train function runs this callback's host work (`after_train_function`)
+        self._async = keras.backend.backend() != "tensorflow"
+        if self._async:
+            self.on_train_batch_end = super().on_train_batch_end  # Keras' default: nothing waits
+        self.fitting_async = False  # in a fit, on JAX / PyTorch
+        self._begin = 0  # the first step (of the epoch) of the running execution
 
     def set_model(self, model):
         super().set_model(model)
@@ -211,6 +237,7 @@ class GradientMonitor(keras.callbacks.Callback):
         # refused steps (skip / stop) and spikes take rows or ring slots the host cannot
         # foresee: read after each execution that held a written step, as they happen
         self._defers = self._observer.on_nonfinite == "warn" and self._observer.on_spike is None
+        self.fitting_async = self._async
 
     def _take_functions(self, rebuild):
         """The model's two train functions (`_TrainFunctions`), made only when it has none that
@@ -225,6 +252,11 @@ class GradientMonitor(keras.callbacks.Callback):
         self._functions = functions
 
     def on_train_batch_begin(self, batch, logs=None):
+        if self._async:
+            # JAX / PyTorch: one trace measures the due steps itself (`Observer._apply_at_door`),
+            # no pick; and no `self.model`, which on JAX syncs all the state back
+            self._begin = batch
+            return
         if self._observer.on_nonfinite != "warn":
             return  # refused steps must be measured, to name them: always the measuring one
         # measure when this execution (the next steps_per_execution steps) holds a due step
@@ -232,6 +264,24 @@ class GradientMonitor(keras.callbacks.Callback):
         function = self._functions.measuring if measure else self._functions.plain
         if self.model.train_function is not function:
             self.model.train_function = function
+
+    def after_train_function(self, result):
+        """`on_train_batch_end`'s work, on JAX and PyTorch, run by the train function right after
+        its execution (`_with_measuring`): in the main thread, before Keras looks at
+        `stop_training`, as on TensorFlow, while Keras hands the logs to the callbacks
+        asynchronously. The execution's last step is its first plus steps per execution, within
+        the epoch's steps where Keras knows them."""
+        if keras.backend.backend() == "jax":
+            _hold_jax_state(self._model, result)  # the host reads what this execution returned
+        end = self._begin + self._observer.min_rows - 1
+        steps = self.params.get("steps") if self.params else None
+        if steps:
+            end = min(end, steps - 1)
+        self._after_execution(end)
+
+    def on_train_batch_end(self, batch, logs=None):
+        # TensorFlow (JAX / PyTorch: `after_train_function`, see `__init__`)
+        self._after_execution(batch)
 
     def on_epoch_begin(self, epoch, logs=None):
         # one read per epoch (none for the first): the mirror's base
@@ -246,7 +296,7 @@ class GradientMonitor(keras.callbacks.Callback):
                                              log_at=self._host_step + steps if steps else -1)
         self._next_due = self._schedule.next_due_after(self._host_step)
 
-    def on_train_batch_end(self, batch, logs=None):
+    def _after_execution(self, batch):
         # `batch` is the last step of the execution (steps_per_execution)
         previous = self._host_step
         self._host_step += batch - self._batch_seen
@@ -304,6 +354,7 @@ class GradientMonitor(keras.callbacks.Callback):
             "gradmon.observe(opt, log_dir=..., name=...) for each, and flush() them.", stacklevel=2)
 
     def on_train_end(self, logs=None):
+        self.fitting_async = False
         if self.model.train_function is self._functions.plain:
             self.model.train_function = self._functions.measuring  # e.g. train_on_batch measures
         self._write(latest_only=self.update_freq == "epoch")
@@ -323,6 +374,7 @@ class GradientMonitor(keras.callbacks.Callback):
         """Writes the measured steps held unread in the ring, for a `fit` that ends by an
         exception (no `on_train_end`). Never raises: that exception is what the user must
         see (a failed write is warned of, with its count)."""
+        self.fitting_async = False  # no `on_train_end` will come
         unread = getattr(self, "_unread", 0)
         if not unread:
             return
