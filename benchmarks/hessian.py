@@ -19,6 +19,15 @@ Run as `python benchmarks/hessian.py [--quick] [--scale]`. Prints one table:
   `HessianMonitor(every_n_steps=100, top_k=1)` on a 512-example probe over
   the same fit without it (median of paired repeats).
 
+- First probe: in fresh processes (nothing traced), the CPU time of a
+  `HessianMonitor`'s first probe over its third (warm, after a few training
+  steps), and a second monitor's first probe on the same model over that
+  warm probe: median and range of the per-process ratios (CPU time, so
+  that other load on the machine counts less). A one-block Transformer
+  (12k parameters, `top_k=2`, Adam: the preconditioned spectrum too) by
+  default; `--first-probe mobilenet` adds MobileNetV2 with `per_layer=True`
+  (minutes). `--first-probe [models]` prints only these rows.
+
 - With `--scale` (a few minutes more, ~3 GB of memory): top-3 by
   `spectrum` on a 1024-2048-2048-10 tanh MLP (6.3 M parameters, 256
   examples) in a fresh process: wall time (operator build and trace
@@ -364,21 +373,126 @@ def scale_rows():
     ]
 
 
+def _transformer_probe_setup():
+    """A one-block Transformer encoder (12k parameters), trained one epoch with Adam, and its probe."""
+    layers = keras.layers
+    keras.utils.set_random_seed(0)
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 30, (512, 20)).astype("int32")
+    y = rng.integers(0, 4, 512).astype("int32")
+    inputs = keras.Input((20,), dtype="int32")
+    h = layers.Embedding(30, 32)(inputs)
+    h = layers.LayerNormalization()(h + layers.MultiHeadAttention(2, 16)(h, h))
+    h = layers.LayerNormalization()(h + layers.Dense(32)(layers.Dense(96, activation="relu")(h)))
+    model = keras.Model(inputs, layers.Dense(4)(layers.GlobalAveragePooling1D()(h)))
+    model.compile(optimizer=keras.optimizers.Adam(1e-3),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.fit(x, y, batch_size=32, epochs=1, verbose=0)
+    return "Transformer (12k params), HessianMonitor(top_k=2)", model, (x[:256], y[:256]), \
+        (x, y), {"top_k": 2}
+
+
+def _mobilenet_probe_setup():
+    """MobileNetV2 (alpha 0.35, 32x32, weights=None, 105 layers), one Adam step, a 16-example probe."""
+    keras.utils.set_random_seed(0)
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(64, 32, 32, 3)).astype("float32")
+    y = rng.integers(0, 4, 64).astype("int32")
+    model = keras.applications.MobileNetV2(input_shape=(32, 32, 3), alpha=0.35, weights=None, classes=4)
+    model.compile(optimizer=keras.optimizers.Adam(1e-3),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=False))
+    model.fit(x[:16], y[:16], batch_size=16, epochs=1, verbose=0)
+    return "MobileNetV2 0.35 32x32, HessianMonitor(per_layer=True, top_k=1)", model, (x[:16], y[:16]), \
+        (x[:16], y[:16]), {"top_k": 1, "per_layer": True, "preconditioned": False,
+                           "gradient_overlap": False}
+
+
+FIRST_PROBE_SETUPS = {"transformer": _transformer_probe_setup, "mobilenet": _mobilenet_probe_setup}
+
+
+def first_probe_child(kind):
+    """Probe times of two `HessianMonitor`s on one model (fresh process: nothing traced before);
+    prints one JSON line: CPU and wall seconds of each probe, the second monitor's too."""
+    import json
+    import tempfile
+
+    import gradmon
+
+    tf.config.threading.set_intra_op_parallelism_threads(1)  # CPU time ~ the work, under load too
+    tf.config.threading.set_inter_op_parallelism_threads(1)
+    name, model, probe, full, kwargs = FIRST_PROBE_SETUPS[kind]()
+    out = {"name": name, "monitors": []}
+    with tempfile.TemporaryDirectory() as logdir, warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        for probes in (3, 2):
+            monitor = gradmon.HessianMonitor(logdir, data=probe, **kwargs)
+            monitor.set_model(model)
+            monitor.on_train_begin()
+            times = []
+            for step in range(probes):
+                cpu, wall = time.process_time(), time.perf_counter()
+                scalars = monitor.probe(100 * (step + 1))
+                times.append((time.process_time() - cpu, time.perf_counter() - wall,
+                              int(scalars["hessian/hvp_count"])))
+                model.fit(full[0][:32], full[1][:32], batch_size=16, epochs=1, verbose=0)  # weights move
+            monitor.on_train_end()
+            out["monitors"].append(times)
+    print(json.dumps(out))
+
+
+def first_probe_rows(kinds=("transformer",), repeats=3):
+    """First probe over a warm probe (the same monitor's last), CPU time, from `repeats` fresh
+    processes: median and range; the second monitor's first probe too."""
+    import json
+    import subprocess
+
+    rows = []
+    for kind in kinds:
+        runs = []
+        for _ in range(repeats):
+            out = subprocess.run([sys.executable, os.path.abspath(__file__), "--first-probe-child", kind],
+                                 check=True, capture_output=True, text=True).stdout
+            runs.append(json.loads(out.strip().splitlines()[-1]))
+        name = runs[0]["name"]
+        first = [r["monitors"][0][0] for r in runs]
+        warm = [r["monitors"][0][-1] for r in runs]
+        second = [r["monitors"][1][0] for r in runs]
+        for label, probes in (("first probe", first), ("a new monitor's first probe", second)):
+            ratios = [p[0] / w[0] for p, w in zip(probes, warm)]
+            rows.append((name, f"{label} / warm probe (CPU time)", f"{np.median(ratios):.2f}x",
+                         f"range {min(ratios):.2f}-{max(ratios):.2f}x over {repeats} processes; "
+                         f"{np.median([p[0] for p in probes]):.2f} s vs {np.median([w[0] for w in warm]):.2f} s "
+                         f"CPU, wall {np.median([p[1] for p in probes]):.1f} s vs "
+                         f"{np.median([w[1] for w in warm]):.1f} s",
+                         f"{probes[0][2]} vs {warm[0][2]}"))
+    return rows
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true",
                         help="digits model only")
     parser.add_argument("--scale", action="store_true",
                         help="also the 6.3 M-parameter MLP (minutes, ~3 GB)")
+    parser.add_argument("--first-probe", nargs="*", choices=sorted(FIRST_PROBE_SETUPS),
+                        help="only the first-probe rows (fresh processes) of these models "
+                             "(default: transformer; mobilenet takes minutes)")
     parser.add_argument("--scale-child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--first-probe-child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.scale_child:
         return scale_child()
+    if args.first_probe_child:
+        return first_probe_child(args.first_probe_child)
     builders = [digits_mlp] if args.quick else [digits_mlp, random_mlp]
     rows = []
+    if args.first_probe is not None:
+        builders = []
     for builder in builders:
         rows.extend(run(builder))
-    rows.extend(monitor_overhead())
+    if args.first_probe is None:
+        rows.extend(monitor_overhead())
+    rows.extend(first_probe_rows(tuple(args.first_probe or ("transformer",))))
     if args.scale:
         rows.extend(scale_rows())
     header = ("model", "quantity", "value", "rel. err / note", "HVPs")

@@ -230,3 +230,41 @@ def test_a_preconditioner_that_is_not_positive_skips_only_the_preconditioned_spe
     events = read_events(os.path.join(str(tmp_path), "train"))
     assert sorted(events[tags.eigenvalue(1)]) == [4, 8] and tags.GD_EDGE_OF_STABILITY in events
     assert tags.preconditioned_eigenvalue(1) not in events and tags.EDGE_OF_STABILITY not in events
+
+
+def _traced_functions(model):
+    """`(HVP traces, gradient traces, Lanczos basis functions)` of the process for `model`."""
+    from gradmon.hessian import operator as hessian_operator, vectors as hessian_vectors
+
+    derivatives = list(hessian_operator._FUNCTION_CACHE[model].values())
+    return (sum(d.trace_count for d in derivatives),
+            sum(d._grad_fn.experimental_get_tracing_count() for d in derivatives),
+            len(hessian_vectors._LAYOUT_FUNCTIONS))
+
+
+def test_a_new_monitor_traces_nothing_new(tmp_path, monkeypatch):
+    """A new HessianMonitor per fit (as in notebooks) reuses every traced function of the first:
+    the HVP, the gradient and the Lanczos basis algebra, itself at most two functions for any
+    basis size (the first probe's tracing was 9 basis layouts on a Transformer)."""
+    from gradmon.hessian import vectors as hessian_vectors
+
+    monkeypatch.setattr(hessian_vectors, "_LAYOUT_FUNCTIONS", {})  # none traced by earlier tests
+    model = small_model(monitored=False)
+    model.compile(optimizer=keras.optimizers.Adam(0.01), loss="mse")  # the preconditioned spectrum too
+    model.fit(X, Y, batch_size=16, epochs=1, verbose=0)
+    written = []
+    for run in range(2):
+        cb = gradmon.HessianMonitor(str(tmp_path / str(run)), data=(X, Y), top_k=2, smallest=True, tol=1e-6)
+        cb.set_model(model)
+        cb.on_train_begin()
+        written.append(cb.probe(1))
+        cb.on_train_end()
+        if run == 0:
+            traced = _traced_functions(model)
+    assert _traced_functions(model) == traced
+    assert traced[0] == traced[1] == 1 and 1 <= traced[2] <= 2
+    exact = np.linalg.eigvalsh(explicit_hessian(model, mse, X, Y))
+    for scalars in written:
+        assert scalars[tags.eigenvalue(1)] == pytest.approx(exact[-1], rel=1e-5)
+        assert scalars[tags.eigenvalue(2)] == pytest.approx(exact[-2], rel=1e-5)
+        assert tags.preconditioned_eigenvalue(2) in scalars

@@ -17,7 +17,11 @@ NumPy on the host. Per framework (`hvp_tensorflow`, `hvp_jax`, `hvp_torch`):
   `tf.function`'s concrete function; on JAX and PyTorch `fn` itself, run op
   by op (a layout is used for a few steps only: jitting each of them cost
   more than it saved, 21 s of XLA compiles for a first 29-HVP spectrum), with
-  `cond(pred, true_fn, false_fn)` a host branch there, `tf.cond` in a graph;
+  `cond(pred, true_fn, false_fn)` and `switch(index, branches)` host branches
+  there, `tf.cond` / `tf.switch_case` in a graph; `PADDED_LAYOUTS` (whether
+  the basis parts are padded to a few sizes, so that few layouts are
+  compiled: TensorFlow) and `layout_count(count)` (the number of filled parts
+  as the compiled function takes it);
 - `random_vector(rng, n, dtype, rademacher)`, `dot64(a, b)` (float64
   accumulation), `to_tensor(array, dtype)`, `host_array(tensor)` (the one
   device-to-host read), `vector_dtype(numpy_dtype)`, `read_values(variables)`;
@@ -93,6 +97,11 @@ def host_random_vector(rng, n, rademacher):
 def host_cond(pred, true_fn, false_fn):
     """The branch `pred` selects, run eagerly (`pred` read on the host)."""
     return true_fn() if bool(pred) else false_fn()
+
+
+def host_switch(index, branches):
+    """`branches[index]()`, run eagerly (`index` a Python int)."""
+    return branches[int(index)]()
 
 
 def add_in_turn(tensors):

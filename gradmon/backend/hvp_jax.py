@@ -16,7 +16,13 @@ import numpy as np
 from gradmon.backend.hvp import add_in_turn as add_n  # noqa: F401
 from gradmon.backend.hvp import data_errors, dataset_kind  # noqa: F401
 from gradmon.backend.hvp import host_cond as cond  # noqa: F401
+from gradmon.backend.hvp import host_switch as switch  # noqa: F401
 from gradmon.backend.hvp import dtype_name, host_random_vector
+
+
+# The HVP is compiled (traced once per block): per-layer operators share a few
+# (`gradmon.hessian.per_layer.LAYER_SEGMENTS`).
+COMPILED = True
 
 
 class Derivatives:
@@ -94,6 +100,14 @@ class Derivatives:
 def is_chief(model):
     """Whether this process probes and writes: JAX's process 0."""
     return jax.process_index() == 0
+
+
+# Eager: the basis parts are passed as they are, no padding.
+PADDED_LAYOUTS = False
+
+
+def layout_count(count):
+    return count
 
 
 def compile_layout(fn, example_args):

@@ -22,6 +22,11 @@ def _dot(a, b):
     )
 
 
+# The HVP is compiled (traced once per block): per-layer operators share a few
+# (`gradmon.hessian.per_layer.LAYER_SEGMENTS`).
+COMPILED = True
+
+
 class Derivatives:
     """The HVP and gradient of `batch_loss` as `tf.function`s, each traced once.
 
@@ -37,8 +42,9 @@ class Derivatives:
         self._loss = lambda params, x, y, sw: batch_loss(
             model_ref(), variables, params, x, y, sw, False)
         hvp = self._hvp_reverse if hvp_mode == "reverse_over_reverse" else self._hvp_forward
-        self._hvp_fn = tf.function(functools.partial(self._flat_hvp, hvp), reduce_retracing=True)
-        self._grad_fn = tf.function(self._gradient, reduce_retracing=True)
+        self._hvp_fn = tf.function(functools.partial(self._flat_hvp, hvp), reduce_retracing=True,
+                                   autograph=False)
+        self._grad_fn = tf.function(self._gradient, reduce_retracing=True, autograph=False)
 
     @property
     def trace_count(self):
@@ -102,12 +108,12 @@ class Derivatives:
         )
 
 
-def _any_length(t):
-    """`t`'s `TensorSpec` with the vector length (last dimension) unknown."""
-    shape = list(t.shape)
-    if shape:
-        shape[-1] = None
-    return tf.TensorSpec(shape, t.dtype)
+def _any_shape(t):
+    """`t`'s `TensorSpec` with every dimension unknown (vector lengths,
+    rows of basis parts), a Python number's a scalar's."""
+    if not isinstance(t, tf.Tensor):
+        t = tf.convert_to_tensor(t)
+    return tf.TensorSpec([None] * t.shape.rank, t.dtype)
 
 
 def is_chief(model):
@@ -117,18 +123,35 @@ def is_chief(model):
     return distribute.is_chief(model.distribute_strategy)
 
 
+# Lanczos basis parts are padded with empty ones to a few sizes
+# (`gradmon.hessian.vectors._for_layout`): each size is one trace.
+PADDED_LAYOUTS = True
+
+
 def compile_layout(fn, example_args):
-    """The concrete function of `fn` for arguments shaped like `example_args`,
-    any vector length (called directly: a fifth less call overhead, which
-    matters for small models)."""
+    """The concrete function of `fn` for arguments like `example_args`, any
+    vector length and rows per basis part (called directly: a fifth less
+    call overhead, which matters for small models). No AutoGraph: the
+    basis algebra branches with `cond` and `switch` (AutoGraph's conversion
+    was most of a trace's time)."""
     # A partial of its own: TensorFlow counts retraces per code object
     # (closures share one), a partial is counted by itself.
-    return tf.function(functools.partial(fn)).get_concrete_function(
-        *tf.nest.map_structure(_any_length, tuple(example_args)))
+    return tf.function(functools.partial(fn), autograph=False).get_concrete_function(
+        *tf.nest.map_structure(_any_shape, tuple(example_args)))
+
+
+def layout_count(count):
+    """The number of filled basis parts as a compiled layout takes it."""
+    return tf.constant(count, tf.int32)
 
 
 def cond(pred, true_fn, false_fn):
     return tf.cond(pred, true_fn, false_fn)
+
+
+def switch(index, branches):
+    """`branches[index]()` in a graph: only that branch runs."""
+    return tf.switch_case(index, branches)
 
 
 def random_vector(rng, n, dtype, rademacher=False):
@@ -144,7 +167,7 @@ def random_vector(rng, n, dtype, rademacher=False):
     return tf.random.stateless_normal([n], seed, dtype=dtype)
 
 
-@tf.function(reduce_retracing=True)
+@tf.function(reduce_retracing=True, autograph=False)
 def _dot64(a, b):
     # float64 accumulation: a float32 sum over millions of terms loses digits.
     return tf.reduce_sum(tf.cast(a, tf.float64) * tf.cast(b, tf.float64))
@@ -175,8 +198,15 @@ def read_values(variables):
 
 
 def matvec(matrix, vector, transpose=False):
-    """`matrix @ vector` (or `matrix^T @ vector`) for a `[k, n]` matrix."""
-    return tf.linalg.matvec(matrix, vector, transpose_a=transpose)
+    """`matrix @ vector` (or `matrix^T @ vector`) for a `[k, n]` matrix.
+
+    As row products: `tf.linalg.matvec` of a `[1, n]` matrix takes a slow
+    path (2M entries, one thread: 4.9 ms against 1.6 ms; 2.9 vs 3.4 ms for
+    4 rows), and the Lanczos basis passes its pending vectors as such rows.
+    """
+    if transpose:
+        return tf.matmul(vector[None], matrix)[0]
+    return tf.matmul(matrix, vector[None], transpose_b=True)[:, 0]
 
 
 def vdot(a, b):

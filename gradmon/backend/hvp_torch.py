@@ -9,11 +9,16 @@ import torch
 from gradmon.backend.hvp import add_in_turn as add_n  # noqa: F401
 from gradmon.backend.hvp import data_errors, dataset_kind  # noqa: F401
 from gradmon.backend.hvp import host_cond as cond  # noqa: F401
+from gradmon.backend.hvp import host_switch as switch  # noqa: F401
 from gradmon.backend.hvp import dtype_name, host_random_vector
 
 
 def _torch_dtype(dtype):
     return getattr(torch, dtype_name(dtype))
+
+
+# Nothing is compiled: each per-layer operator's HVP stops at its own layer.
+COMPILED = False
 
 
 class Derivatives:
@@ -95,6 +100,14 @@ def is_chief(model):
     """Whether this process probes and writes: rank 0 under `torch.distributed`, else the one."""
     distributed = torch.distributed
     return not (distributed.is_available() and distributed.is_initialized()) or distributed.get_rank() == 0
+
+
+# Eager: the basis parts are passed as they are, no padding.
+PADDED_LAYOUTS = False
+
+
+def layout_count(count):
+    return count
 
 
 def compile_layout(fn, example_args):

@@ -86,8 +86,7 @@ class _Lanczos:
         m, q = self.m, self._current
         coupling = self.coeffs[m, m - 1] if m > 0 else 0.0
         w, h, alpha, beta = _for_layout(
-            _lanczos_update, self.basis.blocks, self.basis.pending,
-            self.op.apply(q), q,
+            _lanczos_update, self.basis, self.op.apply(q), q,
             q if self._previous is None else self._previous,
             _backend.current().to_tensor(coupling, q.dtype),
         )

@@ -89,8 +89,10 @@ class HessianMonitor(keras.callbacks.Callback):
             Hessian block and its residual (`gradmon.layer_curvature`;
             layers named as the per-layer gradient tags): `True` for every
             layer, or a list of layer names. Each layer has its own block
-            HVP, cheaper than a full one, traced once per model; a probe
-            runs one Lanczos per layer. Defaults to `False`.
+            HVP, cheaper than a full one; runs of consecutive layers share
+            one compiled HVP (`gradmon.layer_curvature.LAYER_SEGMENTS` per
+            model, traced once); a probe runs one Lanczos per layer.
+            Defaults to `False`.
 
     Example:
         >>> probe = (x_val[:512], y_val[:512])
@@ -310,7 +312,7 @@ class HessianMonitor(keras.callbacks.Callback):
             return None
 
     def _build_layer_operators(self):
-        """One block HVP operator per layer (traced once per model: cached by `hessian`)."""
+        """One block HVP operator per layer (a few traces per model: cached by `hessian`)."""
         layers = None if self.per_layer is True else self.per_layer
         self._layer_operators = layer_curvature._operators(self.model, self._probe_data, layers, None,
                                                            "per_layer")

@@ -164,7 +164,11 @@ class HessianVectorProduct:
     """
 
     def __init__(self, model, data, hvp_mode=None, variables=None,
-                 max_batch_size=None):
+                 max_batch_size=None, _within=None, _sibling=None):
+        # Private: `_within`, variables around `variables` whose compiled
+        # HVP serves this block (masked, `_Embedding`); `_sibling`, an
+        # operator of the same model, mode and data whose checked batches
+        # are taken as they are.
         _check_model(model)
         hvp_mode = DEFAULT_HVP_MODE if hvp_mode is None else hvp_mode
         if hvp_mode not in HVP_MODES:
@@ -174,7 +178,10 @@ class HessianVectorProduct:
             )
         max_batch_size = DEFAULT_MAX_BATCH_SIZE if max_batch_size is None \
             else check_positive_int("max_batch_size", max_batch_size)
-        self._batches, self._weights = _probe_batches(model, data, max_batch_size)
+        if _sibling is None:
+            self._batches, self._weights = _probe_batches(model, data, max_batch_size)
+        else:
+            self._batches, self._weights = _sibling._batches, _sibling._weights
         self.batch_sizes = [_batch_size(b[0]) for b in self._batches]
         trainable = list(model.trainable_variables)
         if not trainable:
@@ -184,14 +191,17 @@ class HessianVectorProduct:
             )
         block = _block_indices(variables, trainable)
         self.variables = [trainable[i] for i in block]
-        _check_losses(model, trainable, self._batches)
+        if _sibling is None:
+            _check_losses(model, trainable, self._batches)
         self.shapes = [tuple(v.shape) for v in self.variables]
         self._sizes = [int(np.prod(s)) for s in self.shapes]
         self.num_params = int(sum(self._sizes))
         self.dtype = _vector_dtype(self.variables)
         self.hvp_mode = hvp_mode
         self.count = 0
-        self._derivatives = _derivatives(model, trainable, hvp_mode, self.dtype, block)
+        traced = block if _within is None else _block_indices(_within, trainable)
+        self._embedding = None if traced == block else _Embedding(trainable, traced, block)
+        self._derivatives = _derivatives(model, trainable, hvp_mode, self.dtype, traced)
         self._products = {}  # batch index -> the backend's product function for it
 
     @property
@@ -231,6 +241,8 @@ class HessianVectorProduct:
         Returns:
             `H v` as a flat tensor in `dtype`, where `v` lives.
         """
+        if self._embedding is not None:
+            vector = self._embedding.embed(vector)
         result = None
         for index, ((x, y, sw), weight) in enumerate(
                 zip(self._batches, self._weights)):
@@ -239,6 +251,8 @@ class HessianVectorProduct:
                 hv = hv * weight
             result = hv if result is None else result + hv
         self.count += 1
+        if self._embedding is not None:
+            result = self._embedding.extract(result)
         return result
 
     def _product(self, index, x, y, sw, vector):
@@ -268,11 +282,42 @@ class HessianVectorProduct:
         loss, grad = 0.0, np.zeros(self.num_params)
         for (x, y, sw), weight in zip(self._batches, self._weights):
             value, g = self._derivatives.gradient(x, y, sw)
+            if self._embedding is not None:
+                g = [g[i] for i in self._embedding.selected]
             loss += weight * float(value)
             grad += weight * np.concatenate(
                 [_backend.to_host(t).reshape(-1) for t in g]
             )
         return loss, grad
+
+
+class _Embedding:
+    """A block of variables inside a wider traced block: flat vectors of the
+    block are embedded in the wider one's (zeros elsewhere) and products
+    read back at the block's entries, so `(H_WW e(v))_B = H_BB v`. Eager
+    ops, one pass over the wider vector each: an operator per layer then
+    shares its compiled HVP with its neighbours (`layer_operators`)."""
+
+    def __init__(self, trainable, traced, block):
+        sizes = {i: int(np.prod(trainable[i].shape)) for i in traced}
+        offsets = dict(zip(traced, np.cumsum([0] + [sizes[i] for i in traced])))
+        self.size = int(sum(sizes.values()))
+        self.selected = [traced.index(i) for i in block]  # block variables among the traced
+        positions = np.concatenate([np.arange(offsets[i], offsets[i] + sizes[i]) for i in block])
+        contiguous = bool(np.all(np.diff(positions) == 1))
+        self._range = (int(positions[0]), int(positions[-1]) + 1) if contiguous else None
+        self._positions = None if contiguous else keras.ops.convert_to_tensor(positions[:, None], "int32")
+
+    def embed(self, vector):
+        if self._range is not None:
+            start, stop = self._range
+            return keras.ops.pad(vector, [[start, self.size - stop]])
+        return keras.ops.scatter(self._positions, vector, (self.size,))
+
+    def extract(self, vector):
+        if self._range is not None:
+            return vector[self._range[0]:self._range[1]]
+        return keras.ops.take(vector, self._positions[:, 0])
 
 
 def _host_product(op, vector):

@@ -2,7 +2,7 @@
 
 `_Basis` holds orthonormal vectors as immutable device tensors in blocks;
 projections, norms without underflow and the Lanczos update run as graph code,
-one compiled function per basis layout (`_for_layout`); random probes are
+one compiled function for bases of any size up to a few blocks (`_for_layout`); random probes are
 seeded from a NumPy generator. Written in `keras.ops`, with the few products
 whose form matters for speed or precision (`matvec`, `vdot`, `matmul`,
 `add_n`), the compiling and the random draws from the backend's module
@@ -93,51 +93,90 @@ class _Basis:
 
         Returns `(w, coefficients, ||w||)`, `coefficients` float64 NumPy.
         """
-        w, h, norm = _for_layout(_two_passes, self.blocks, self.pending, w)
+        w, h, norm = _for_layout(_two_passes, self, w)
         return w, _backend.to_host(h), float(norm)
 
-
-def _project(blocks, pending, w):
-    """One classical Gram-Schmidt pass (graph code): `(w - Q^T h, h = Q w)`."""
-    backend = _backend.current()
-    h = ops.concatenate([backend.matvec(b, w) for b in blocks]
-                        + [_vdot(p, w) for p in pending], 0)
-    terms, start = [], 0
-    for b in blocks:
-        size = int(b.shape[0])
-        terms.append(backend.matvec(b, h[start:start + size], transpose=True))
-        start += size
-    terms += [h[start + i] * p for i, p in enumerate(pending)]
-    return w - backend.add_n(terms), h
+    def parts(self):
+        """The blocks, then each pending vector as a `[1, n]` block."""
+        return self.blocks + [p[None] for p in self.pending]
 
 
-def _vdot(a, b):
-    """`[a.b]`, a vector of one entry (on TensorFlow a matrix product:
-    tf.tensordot of two long vectors is single-threaded there)."""
-    return _backend.current().vdot(a, b)
+def _project(parts, filled, w):
+    """One classical Gram-Schmidt pass (graph code): `(w - Q^T h, h = Q w)`.
 
-
-# One compiled function per basis layout (number and sizes of blocks, pending
-# vectors): on TensorFlow each is traced once, for any vector length (the
-# per-layer operators of a model have as many lengths as layers: per-length
-# traces cost as much as their HVPs' own), where one function would retrace
-# at every new layout and warn of frequent retracing.
-_LAYOUT_FUNCTIONS = {}
-
-
-def _for_layout(fn, blocks, pending, w, *args):
-    """Runs the compiled `fn` of this basis layout.
-
-    Each layout gets a function of its own, compiled once (on TensorFlow a
-    concrete function for any vector length, called directly: a fifth less
-    call overhead, which matters for small models).
+    `parts` are `[rows, n]` blocks of `Q`, the first `filled` of them
+    holding its rows and the others empty (`[0, n]`, the padding of
+    `_for_layout`): their products are empty, and the sum of the
+    corrections takes only the filled ones (a switch on `filled`), so the
+    padding costs no pass over `w`.
     """
-    key = (fn.__name__, tuple(int(b.shape[0]) for b in blocks), len(pending),
-           _backend.dtype_name(w.dtype))
+    backend = _backend.current()
+    coefficients = [backend.matvec(part, w) for part in parts]
+    h = ops.concatenate(coefficients, 0)
+
+    def first(count):
+        return lambda: backend.add_n([
+            backend.matvec(part, c, transpose=True)
+            for part, c in zip(parts[:count], coefficients[:count])])
+
+    correction = backend.switch(filled - 1, [first(k) for k in range(1, len(parts) + 1)])
+    return w - correction, h
+
+
+# One compiled function per number of basis parts (blocks and pending
+# vectors, any number of rows each), padded with empty parts to a few sizes
+# on a backend that traces (`PADDED_LAYOUTS`): on TensorFlow a probe's Lanczos
+# runs one traced function (two with a random restart) for any vector length
+# and any basis of up to `_SLOTS` parts (a capacity of 18 vectors, the
+# default for `top_k` up to 5), shared by every operator, spectrum and
+# `HessianMonitor` of the process. One function per exact layout was 9
+# traces in a top-2 probe of a 12k-parameter Transformer; the 14 layouts of
+# a 14-vector basis took 3.9 s of CPU to trace and call first (with
+# AutoGraph), the one padded function 0.7-0.9 s. The padding costs ~10 % of
+# a Lanczos step's own time at 2 M parameters (36 vs 33 ms for 1-3 vectors).
+_LAYOUT_FUNCTIONS = {}
+_SLOTS = 6
+
+
+def _slots(count):
+    """The padded number of parts: `_SLOTS`, doubled until `count` fits."""
+    slots = _SLOTS
+    while slots < count:
+        slots *= 2
+    return slots
+
+
+_EMPTY = {}
+
+
+def _empty(n, dtype):
+    """A `[0, n]` tensor: a padding part."""
+    key = (n, _backend.dtype_name(dtype))
+    if key not in _EMPTY:
+        if len(_EMPTY) > 256:  # many operators' lengths: keep the dict small
+            _EMPTY.clear()
+        _EMPTY[key] = ops.zeros((0, n), dtype=key[1])
+    return _EMPTY[key]
+
+
+def _for_layout(fn, basis, w, *args):
+    """Runs the compiled `fn(parts, filled, w, *args)` for `basis`'s parts.
+
+    Each number of parts gets a function of its own, compiled once (on
+    TensorFlow a concrete function for any vector length and rows per
+    part, called directly: a fifth less call overhead, which matters for
+    small models).
+    """
+    backend = _backend.current()
+    parts = basis.parts()
+    filled = len(parts)
+    if backend.PADDED_LAYOUTS:
+        n = int(w.shape[0])
+        parts = parts + [_empty(n, w.dtype)] * (_slots(filled) - filled)
+    key = (fn.__name__, len(parts), _backend.dtype_name(w.dtype))
     if key not in _LAYOUT_FUNCTIONS:
-        _LAYOUT_FUNCTIONS[key] = _backend.current().compile_layout(
-            fn, (blocks, pending, w, *args))
-    return _LAYOUT_FUNCTIONS[key](blocks, pending, w, *args)
+        _LAYOUT_FUNCTIONS[key] = backend.compile_layout(fn, (parts, filled, w, *args))
+    return _LAYOUT_FUNCTIONS[key](parts, backend.layout_count(filled), w, *args)
 
 
 def _norm(w):
@@ -163,13 +202,19 @@ def _norm(w):
     return _backend.current().cond(norm < threshold, rescaled, lambda: norm)
 
 
-def _two_passes(blocks, pending, w):
-    w, first = _project(blocks, pending, w)
-    w, second = _project(blocks, pending, w)
+def _vdot(a, b):
+    """`[a.b]`, a vector of one entry (on TensorFlow a matrix product:
+    tf.tensordot of two long vectors is single-threaded there)."""
+    return _backend.current().vdot(a, b)
+
+
+def _two_passes(parts, filled, w):
+    w, first = _project(parts, filled, w)
+    w, second = _project(parts, filled, w)
     return w, first + second, _norm(w)
 
 
-def _lanczos_update(blocks, pending, w, q, previous, coupling):
+def _lanczos_update(parts, filled, w, q, previous, coupling):
     """Orthogonalises `w = H q` against the basis, in one graph call.
 
     The local recurrence first (`alpha q` and the known `coupling` to the
@@ -185,11 +230,11 @@ def _lanczos_update(blocks, pending, w, q, previous, coupling):
     """
     alpha = _vdot(q, w)[0]
     w = w - alpha * q - coupling * previous
-    w, h = _project(blocks, pending, w)
+    w, h = _project(parts, filled, w)
     norm = _norm(w)
 
     def again():
-        w2, h2 = _project(blocks, pending, w)
+        w2, h2 = _project(parts, filled, w)
         return w2, h + h2, _norm(w2)
 
     # ||w before the pass||^2 = norm^2 + ||h||^2 for an orthonormal basis, so
