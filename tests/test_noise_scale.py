@@ -1,4 +1,9 @@
-"""Gradient noise scale on linear regression, where per-example gradients are exact."""
+"""Gradient noise scale on linear regression, where per-example gradients are exact.
+
+Runs on every backend (`KERAS_BACKEND=jax|torch python -m pytest tests/test_noise_scale.py`):
+gradmon's own step takes the half-batch gradients with a `GradientTape` (TensorFlow), `jax.grad`
+under `lax.cond` in the jitted step (JAX) or `torch.autograd.grad` on due steps (PyTorch).
+"""
 
 import keras
 import numpy as np
@@ -7,7 +12,6 @@ import pytest
 import gradmon
 from gradmon import tags
 from helpers import latest_snapshot
-
 
 
 RNG = np.random.default_rng(31)
