@@ -7,7 +7,9 @@ same weights (set from NumPy) and batches (`shuffle=False`), with its own runnin
 the log-norms (the detector of `gradmon.spikes`, in plain Python). `on_nonfinite="skip"` ends on the
 weights of the replay that leaves the non-finite step out; `"stop"` ends `fit` at that step on the
 weights of the steps before it; the logged spike z-scores equal the replay's, and `on_spike`
-`"warn"` / `"skip"` / `"stop"` apply / leave out / stop at the replay's spikes.
+`"warn"` / `"skip"` / `"stop"` apply / leave out / stop at the replay's spikes. Under a
+`LossScaleOptimizer` the statistics are those of the unscaled gradients and an overflow is counted
+as one (the loss scale follows the dynamic rule, the step is left out, no policy warning).
 """
 
 import re
@@ -256,3 +258,48 @@ def test_spike_zscores_and_policy_equal_a_numpy_replay(tmp_path, policy):
     assert named == [s for s, _ in spikes]
     if policy == "skip":
         assert events["gradients/skipped_steps"][SPIKE_STEPS] == float(len(spikes))
+
+
+# -- LossScaleOptimizer ---------------------------------------------------------------------
+
+def _scales(initial, growth, overflows, steps):
+    """The dynamic loss scale each step starts with: doubled after `growth` finite steps in a
+    row, halved (and the run restarted) at an overflow."""
+    scale, run, out = initial, 0, []
+    for step in range(1, steps + 1):
+        out.append(scale)
+        if step in overflows:
+            scale, run = scale / 2, 0
+        else:
+            run += 1
+            if run == growth:
+                scale, run = scale * 2, 0
+    return out
+
+
+def test_loss_scale_overflows_are_counted_and_statistics_are_of_unscaled_gradients(tmp_path):
+    x, y = _with_nan()
+    weights = _weights()
+    model = _model(weights)
+    model.compile(optimizer=keras.optimizers.LossScaleOptimizer(keras.optimizers.SGD(LR), initial_scale=1024.0,
+                                                                dynamic_growth_steps=2), loss="mse")
+    _, messages = _fit(model, x, y, tmp_path)
+    assert messages == []  # an overflow is the optimizer's business: no policy warning
+    expected, _, _, applied = _replay(weights, x, y, refuse={NAN_STEP})
+    _assert_weights(model, expected)
+    assert _iterations(model) == applied
+    events = read_events(str(tmp_path / "train"))
+    steps = range(1, NAN_STEPS + 1)
+    assert events["gradients/loss_scale"] == dict(zip(steps, _scales(1024.0, 2, {NAN_STEP}, NAN_STEPS)))
+    assert events["gradients/overflow_steps"] == {s: float(s >= NAN_STEP) for s in steps}
+    assert events["gradients/skipped_steps"] == {s: float(s >= NAN_STEP) for s in steps}
+    assert events["gradients/nonfinite_steps"] == {s: 0.0 for s in steps}
+    # the overflow step writes counters only; the others the norms of the unscaled gradient
+    norms = events["gradients/raw/global_norm"]
+    assert sorted(norms) == [s for s in steps if s != NAN_STEP]
+    w = [np.asarray(v, np.float64) for v in weights]
+    for step, xb, yb in _batches(x, y):
+        g = _numpy_gradients(w, xb, yb)
+        if step != NAN_STEP:
+            np.testing.assert_allclose(norms[step], np.sqrt(sum(np.sum(a ** 2) for a in g)), rtol=2e-5)
+            w = [v - LR * a for v, a in zip(w, g)]

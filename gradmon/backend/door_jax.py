@@ -141,3 +141,39 @@ def assign(variable, value, observer=None):
         model.jax_state_sync()  # the next step starts from the variables again
     variable.assign(value)
 
+
+def hook_loss_scale(optimizer):
+    """Routes a `LossScaleOptimizer`'s `stateless_apply` through its (hooked) `apply`.
+
+    Keras' JAX `fit` calls `stateless_apply`, which a `LossScaleOptimizer`
+    overrides: it checks the gradients itself and calls its inner optimizer's
+    `stateless_apply` only on finite steps, so its `apply` never runs there.
+    Here its `stateless_apply` runs `optimizer.apply` (gradmon's hook: every
+    step, overflows included, measured once) in a `StatelessScope` over its
+    variables and the weights, as Keras' own `stateless_apply` does; the hook's
+    update is the original `stateless_apply` on the scope's current values.
+
+    Returns:
+        The update for the hook, `(grads, variables) -> None`.
+    """
+    from keras.src.backend.common.stateless_scope import StatelessScope
+
+    original = type(optimizer).stateless_apply.__get__(optimizer)
+
+    def update(grads, variables=None):
+        weights = optimizer._trainable_variables
+        new_weights, new_state = original([v.value for v in optimizer.variables], list(grads),
+                                          [v.value for v in weights])
+        for v, value in zip(list(weights) + list(optimizer.variables), list(new_weights) + list(new_state)):
+            v.assign(value)
+
+    def stateless_apply(optimizer_variables, grads, trainable_variables):
+        weights = optimizer._trainable_variables
+        mapping = list(zip(weights, trainable_variables)) + list(zip(optimizer.variables, optimizer_variables))
+        with StatelessScope(state_mapping=mapping) as scope:
+            optimizer.apply(grads, weights)
+        return ([scope.get_current_value(v) for v in weights],
+                [scope.get_current_value(v) for v in optimizer.variables])
+
+    object.__setattr__(optimizer, "stateless_apply", stateless_apply)
+    return update

@@ -108,6 +108,9 @@ class Observer:
             current.release(optimizer)
             self._adopt(current)
         original = type(optimizer).apply.__get__(optimizer)
+        door = _door.current()
+        if hasattr(door, "hook_loss_scale") and _keras_compat.is_loss_scale_optimizer(optimizer):
+            original = door.hook_loss_scale(optimizer)  # JAX: its stateless_apply calls `apply`
 
         def apply(grads, trainable_variables=None):
             return self.apply(optimizer, original, grads, trainable_variables)
@@ -138,7 +141,7 @@ class Observer:
         """Undoes `hook`: `optimizer.apply` (and its own all-reduce) are Keras' again."""
         if getattr(optimizer, _HOOK, None) is not self:
             return
-        for name in ("apply", "build", _HOOK, "flush", "gradmon"):
+        for name in ("apply", "stateless_apply", "build", _HOOK, "flush", "gradmon"):
             optimizer.__dict__.pop(name, None)
         _keras_compat.restore_optimizer_all_reduce(optimizer)
 
@@ -302,7 +305,7 @@ class Observer:
         step = rec.step.value + 1
         rec.step.assign(step)
         clip = transforms.from_optimizer(_keras_compat.base_optimizer(optimizer))
-        prepared = self.pipeline.prepare(grads, variables, None, clip)
+        prepared = self.pipeline.prepare(grads, variables, _keras_compat.loss_scale(optimizer), clip)
         verdict, extras = self._policies_at_door(rec, step, prepared)
         # `measuring` is not read: JAX shares one trace between `fit`'s two train functions (one
         # jit cache for the same step function), so every trace measures the due steps itself
@@ -328,7 +331,11 @@ class Observer:
             ctx = statistics.StepContext(
                 rec.spec, prepared.raw, prepared.observed, prepared.fractions, variables, optimizer,
                 skipped, before, after, extras, counters, rec.state)
-            return rec.row(ctx)
+            row = rec.row(ctx)
+            if rec.spec.loss_scaled:  # a loss-scale overflow: the host keeps only the counters
+                row = keras.ops.where(keras.ops.arange(row.shape[0]) == 1,
+                                      keras.ops.cast(verdict.overflow, "float32"), row)
+            return row
 
         rec.store(step, door.cond(do_log, measure, int(rec.records.shape[1])), do_log)
         # on the host (PyTorch; JAX's `apply` outside jit): observe(log_dir=...) writes as it goes
@@ -355,11 +362,14 @@ class Observer:
         batch, self._batch = self._batch, None  # `fit` hands the batch size over (watch_batches)
         # gradmon's own train step's numbers (penalties, noise scale, the loss), set in this step
         extras, spike = self._take_extras(), None
+        if prepared.scale is not None:
+            extras["loss_scale"] = prepared.scale  # before the update changes it
         if self.spikes is not None:  # every step, measured or not: the statistics are running
             self.spikes.observer = self  # JAX: the host reads the trainer's state
             spike = self.spikes.update(step, spikes.global_norm(prepared.raw), extras.get("loss"), batch)
             extras["spike"] = spike
-        verdict = self.pipeline.verdict(prepared, False, rec.halted.value if self.pipeline.stops else None,
+        verdict = self.pipeline.verdict(prepared, rec.spec.loss_scaled,
+                                        rec.halted.value if self.pipeline.stops else None,
                                         None if spike is None else spike.spike)
         self._count(verdict, step, prepared)
         return verdict, extras

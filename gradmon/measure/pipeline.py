@@ -47,6 +47,8 @@ def multiplied(gradient, factor):
     """`gradient * factor` for tensors and `tf.IndexedSlices`; `None` stays `None`."""
     if gradient is None:
         return None
+    if not _lazy_tf.is_tensorflow():  # JAX / PyTorch: dense
+        return gradient * keras.ops.cast(factor, gradient.dtype)
     if isinstance(gradient, tf.IndexedSlices):
         values = gradient.values * tf.cast(factor, gradient.values.dtype)
         return tf.IndexedSlices(values, gradient.indices, gradient.dense_shape)
@@ -57,6 +59,8 @@ def divided(gradient, divisor):
     """`gradient / divisor` for tensors and `tf.IndexedSlices`; `None` stays `None`."""
     if gradient is None:
         return None
+    if not _lazy_tf.is_tensorflow():  # JAX / PyTorch: dense
+        return gradient / keras.ops.cast(divisor, gradient.dtype)
     if isinstance(gradient, tf.IndexedSlices):
         values = gradient.values / tf.cast(divisor, gradient.values.dtype)
         return tf.IndexedSlices(values, gradient.indices, gradient.dense_shape)
@@ -174,7 +178,8 @@ class GradientPipeline:
             A `Prepared`.
         """
         reduced = _distribute.all_reduce_sum(gradients)
-        scale = None if scale is None else tf.cast(scale, tf.float32)
+        if scale is not None:
+            scale = tf.cast(scale, tf.float32) if _lazy_tf.is_tensorflow() else _scale_value(scale)
         raw = reduced if scale is None else [divided(g, scale) for g in reduced]
         transformed, fractions, to_apply = raw, {}, reduced
         if self.transform is not None:
@@ -241,6 +246,13 @@ class GradientPipeline:
             refused = ops.logical_or(refused, halted)
         return Verdict(finite, overflow, refused, self.on_nonfinite != "warn" or refuses_spikes,
                        spike, halts, loss_scaled)
+
+
+def _scale_value(scale):
+    """The loss scale of this step as a float32 value of its own (JAX / PyTorch): a
+    `LossScaleOptimizer`'s update changes its `dynamic_scale` in place on PyTorch."""
+    value = keras.ops.cast(keras.ops.convert_to_tensor(scale), "float32")
+    return keras.ops.copy(value) if keras.backend.backend() == "torch" else value
 
 
 def apply_unless_refused(verdict, apply, variables, door):

@@ -374,6 +374,8 @@ class LossScale(Statistic):
         return tags.LOSS_SCALE
 
     def compute(self, ctx):
+        if _OPS:
+            return keras.ops.reshape(keras.ops.cast(ctx.extras["loss_scale"], "float32"), [1])
         return tf.cast(ctx.extras["loss_scale"], tf.float32)[None]
 
 
