@@ -150,7 +150,7 @@ CASES = {
 }
 
 
-def _replay(replay, weights, x, y):
+def _replay(replay, weights, x, y, lr=LR):
     """Per step: the numbers gradmon logs; and the final weights."""
     w = [np.asarray(v, np.float64) for v in weights]
     logged = []
@@ -161,7 +161,7 @@ def _replay(replay, weights, x, y):
         raw, out = _norm(g), _norm(applied)
         logged.append({"raw": raw, "transformed": out, "ratio": out / raw, "fractions": fractions,
                        "thresholds": thresholds})
-        w = [v - LR * a for v, a in zip(w, applied)]
+        w = [v - lr * a for v, a in zip(w, applied)]
     return logged, w
 
 
@@ -171,16 +171,20 @@ def _series(events, tag):
     return np.array([values[s] for s in range(1, STEPS + 1)])
 
 
-@pytest.mark.parametrize("case", sorted(CASES))
-def test_fit_logs_the_numbers_of_a_numpy_replay(tmp_path, case):
-    make, replay, members = CASES[case]
-    x, y, weights = _data()
+def _model(weights):
     inputs = keras.Input((4,))
     hidden = keras.layers.Dense(HIDDEN, activation="tanh", name="dense")(inputs)
     model = keras.Model(inputs, keras.layers.Dense(1, name="dense_1")(hidden))
     model.set_weights(weights)
     model.compile(optimizer=keras.optimizers.SGD(LR), loss="mse")
-    model = gradmon.monitor(model, transform=make())
+    return model
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_fit_logs_the_numbers_of_a_numpy_replay(tmp_path, case):
+    make, replay, members = CASES[case]
+    x, y, weights = _data()
+    model = gradmon.monitor(_model(weights), transform=make())
     model.fit(x, y, batch_size=BATCH, epochs=1, shuffle=False, verbose=0,
               callbacks=[gradmon.GradientMonitor(str(tmp_path))])
     events = read_events(str(tmp_path))
@@ -209,5 +213,24 @@ def test_fit_logs_the_numbers_of_a_numpy_replay(tmp_path, case):
         f"gradients/{name}/threshold" for name in zclips)
     if case == "zclip":  # the spike is clipped, and only it
         assert list(fractions[:, 0]) == [float(step == SPIKE) for step in range(1, STEPS + 1)]
+    for got, want in zip(model.get_weights(), final):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_zclip_statistics_carry_over_a_recompile_with_a_new_optimizer():
+    """On JAX zclip's statistics ride in the optimizer's state: compiling the model again with a
+    new optimizer carries them into its state (as on TensorFlow and PyTorch, where they stay)."""
+    x, y, weights = _data()
+    zclip = T.zclip(z_threshold=2.0, alpha=0.9, warmup_steps=4)
+    model = gradmon.monitor(_model(weights), transform=zclip)
+    model.fit(x, y, batch_size=BATCH, epochs=1, shuffle=False, verbose=0)
+    model.compile(optimizer=keras.optimizers.SGD(LR / 2), loss="mse")
+    model.fit(x, y, batch_size=BATCH, epochs=1, shuffle=False, verbose=0)
+    replay = _ZClip(2.0, 0.9, 4)
+    _, middle = _replay(replay, weights, x, y)
+    _, final = _replay(replay, middle, x, y, lr=LR / 2)
+    seen, mean, var = keras.ops.convert_to_numpy(zclip.state)
+    assert seen == 2 * STEPS
+    np.testing.assert_allclose([mean, var], [replay.mean, replay.var], rtol=2e-5)
     for got, want in zip(model.get_weights(), final):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)

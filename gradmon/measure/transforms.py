@@ -441,73 +441,46 @@ class zclip(GradientTransform):
         self.state = self.threshold = None
 
     def build(self, params):
-        if self.state is not None:
-            return  # the running statistics carry over (e.g. a recompile)
         from gradmon.backend import distribute as _distribute
         from gradmon.measure import spikes
 
-        # JAX / PyTorch: the door's state variables (JAX: in the optimizer's state, made under
-        # `door.state_owner`), in float32 (JAX keeps 64-bit variables in 32 bits without x64)
-        dtype = "float32" if _OPS else tf.float64
+        initial = spikes.initial_state(), float("nan")
+        if self.state is not None:
+            # the running statistics carry over (e.g. a recompile). On JAX they ride in the
+            # state of the optimizer the observer builds for (`door.state_owner`): a new build
+            # (another optimizer, a recompile) makes new variables there, from their values
+            if keras.backend.backend() != "jax":
+                return
+            initial = tuple(keras.ops.convert_to_numpy(v) for v in (self.state, self.threshold))
+        # float64; on JAX / PyTorch the door's state variables, in float32 (JAX keeps 64-bit
+        # variables in 32 bits without x64)
         with contextlib.nullcontext() if _OPS else tf.init_scope():
-            self.state = _distribute.replica_local_variable(spikes.initial_state(), dtype,
+            self.state = _distribute.replica_local_variable(initial[0], spikes.STATE_DTYPE,
                                                             name="gradmon_zclip_state")
-            self.threshold = _distribute.replica_local_variable(float("nan"), dtype,
+            self.threshold = _distribute.replica_local_variable(initial[1], spikes.STATE_DTYPE,
                                                                 name="gradmon_zclip_threshold")
 
     def __call__(self, grads, params):
+        """One step, without a branch: the new statistics are assigned whatever happened
+        (unchanged where nothing is folded in), as a jitted JAX step needs."""
         from gradmon.measure import spikes
 
-        self.build(params)
-        if _OPS:
-            return self._in_keras_ops(grads)
-        norm = tf.cast(stats.global_norm(grads), tf.float64)
+        if self.state is None:  # called alone, not by an observer
+            self.build(params)
+        ops, dtype = keras.ops, spikes.STATE_DTYPE
         state = spikes.read_state(self.state)
+        norm = ops.cast(stats.global_norm(grads), dtype)
         z, clip = spikes.judged(state, norm, self.z_threshold, self.warmup_steps, self.eps)
-        std = tf.sqrt(state[2])
-        target = state[1] + tf.math.divide_no_nan(self.z_threshold ** 2 * std, z)
-        scale = tf.where(clip, tf.math.divide_no_nan(target, norm), tf.constant(1.0, tf.float64))
-        self.threshold.assign(tf.where(spikes.warmed_up(state, self.warmup_steps),
-                                       spikes.upper_bound(state, self.z_threshold),
-                                       tf.constant(float("nan"), tf.float64)))
-        self.state.assign(spikes.folded(state, tf.where(clip, target, norm), self.warmup_steps, self.alpha))
-        out = [None if g is None else _with_values(g, _values(g) * tf.cast(scale, _values(g).dtype))
+        std = ops.sqrt(state[2])
+        target = state[1] + ops.divide_no_nan(self.z_threshold ** 2 * std, z)
+        scale = ops.where(clip, ops.divide_no_nan(target, norm), ops.cast(1.0, dtype))
+        self.threshold.assign(ops.where(spikes.warmed_up(state, self.warmup_steps),
+                                        spikes.upper_bound(state, self.z_threshold),
+                                        ops.cast(float("nan"), dtype)))
+        self.state.assign(spikes.folded(state, ops.where(clip, target, norm), self.warmup_steps, self.alpha))
+        out = [None if g is None else _with_values(g, _values(g) * ops.cast(scale, _values(g).dtype))
                for g in grads]
-        return out, {self.name: tf.cast(clip, tf.float32)}
-
-    def _in_keras_ops(self, grads):
-        """The same rule in `keras.ops` (JAX, PyTorch), in float32, without a branch: the new
-        statistics are assigned whatever happened (unchanged where nothing is folded in)."""
-        ops, nan = keras.ops, float("nan")
-        norm = stats.global_norm(grads)
-        state = ops.convert_to_tensor(self.state)
-        seen, mean, var = state[0], state[1], state[2]
-        std = ops.sqrt(var)
-        # judged from the warm-up on, once the norms vary (`gradmon.spikes.warmed_up`)
-        warm = ops.logical_and(seen >= self.warmup_steps, var > 0)
-        judge = ops.logical_and(warm, ops.isfinite(norm))
-        z = ops.where(judge, (norm - mean) / (std + self.eps), nan)
-        clip = ops.logical_and(judge, z > self.z_threshold)
-        target = mean + ops.divide_no_nan(self.z_threshold ** 2 * std, z)
-        scale = ops.where(clip, ops.divide_no_nan(target, norm), 1.0)
-        self.threshold.assign(ops.where(warm, mean + self.z_threshold * std, nan))
-        self.state.assign(self._folded(state, ops.where(clip, target, norm)))
-        out = [None if g is None else g * ops.cast(scale, g.dtype) for g in grads]
         return out, {self.name: ops.cast(clip, "float32")}
-
-    def _folded(self, state, x):
-        """`[seen, mean, var]` after folding in `x` (`gradmon.spikes.folded`: Welford during the
-        warm-up, then the moving averages; a non-finite `x` leaves it unchanged)."""
-        ops = keras.ops
-        seen, mean, var = state[0], state[1], state[2]
-        n = seen + 1.0
-        warm_mean = mean + (x - mean) / n
-        warm_var = (var * seen + (x - mean) * (x - warm_mean)) / n
-        ema_mean = self.alpha * mean + (1.0 - self.alpha) * x
-        ema_var = self.alpha * var + (1.0 - self.alpha) * ops.square(x - ema_mean)
-        averaging = seen >= self.warmup_steps
-        new = ops.stack([n, ops.where(averaging, ema_mean, warm_mean), ops.where(averaging, ema_var, warm_var)])
-        return ops.where(ops.isfinite(x), new, state)
 
     def get_config(self):
         return {"z_threshold": self.z_threshold, "alpha": self.alpha,
