@@ -12,6 +12,10 @@ it lives in a separate slot, `model.gradmon_state`, a `GradmonState` that
 - `tf.train.Checkpoint` tracks as a dependency of the model (one string
   tensor), so a run restored from a checkpoint continues its step axis.
 
+On JAX and PyTorch the same slot rides in Keras' files (no `tf.train.Checkpoint`
+there); the device variables are read and set through the backend's door (JAX:
+the trainer's current state, `gradmon.backend.door_jax`).
+
 The state is one small JSON document (host numbers), written at save time
 from the observer's device variables and restored into them, or held until
 the observer builds them (`apply_restored`, called by `Observer.ensure_built`).
@@ -21,6 +25,7 @@ import json
 import warnings
 import weakref
 
+import keras
 import numpy as np
 
 from keras.src.saving.keras_saveable import KerasSaveable
@@ -32,12 +37,27 @@ if _lazy_tf.is_tensorflow():
     from tensorflow.python.trackable import base as _trackable
 
     _Trackable = _trackable.Trackable
-else:  # JAX / PyTorch: no tf.train.Checkpoint (and no gradmon state in saved files yet)
+else:  # JAX / PyTorch: no tf.train.Checkpoint; Keras' files hold the state as on TensorFlow
     _Trackable = object
 
 STATE_ATTRIBUTE = "gradmon_state"  # the model's attribute: the H5 path and the checkpoint name
 _KEY = "state"
 _COUNTERS = ("skipped", "overflow", "nonfinite")  # recorder counters, those the recorder has
+
+
+def _read(observer, variable):
+    """A state variable's value on the host (JAX: from the trainer's current state)."""
+    if observer.recorder is not None:
+        return np.asarray(observer.recorder.host_read(variable))
+    return np.asarray(variable.numpy())
+
+
+def _assign(observer, variable, value):
+    """Sets a state variable from the host (JAX: the next step starts from it)."""
+    if observer.recorder is not None and observer.recorder.door is not None:
+        observer.recorder.host_assign(variable, value)
+    else:
+        variable.assign(np.asarray(value, keras.backend.standardize_dtype(variable.dtype)))
 
 
 def observer_state(observer):
@@ -48,19 +68,19 @@ def observer_state(observer):
     for name in _COUNTERS:
         variable = getattr(rec, name, None) if rec is not None else None
         if variable is not None:
-            state[name] = variable.numpy().tolist()  # a count, or a vector of them
+            state[name] = _read(observer, variable).tolist()  # a count, or a vector of them
         elif name in pending:
             state[name] = pending[name]
     tracker = observer.spikes
     if tracker is not None:
-        state["spikes"] = {"norm": tracker.norm_state.numpy().tolist(),
-                           "count": int(tracker.count.numpy()),
-                           "largest_batch": int(tracker.largest_batch.numpy())}
+        state["spikes"] = {"norm": _read(observer, tracker.norm_state).tolist(),
+                           "count": int(_read(observer, tracker.count)),
+                           "largest_batch": int(_read(observer, tracker.largest_batch))}
         if tracker.loss_state is not None:
-            state["spikes"]["loss"] = tracker.loss_state.numpy().tolist()
+            state["spikes"]["loss"] = _read(observer, tracker.loss_state).tolist()
     elif "spikes" in pending:
         state["spikes"] = pending["spikes"]
-    zclips = [m.state.numpy().tolist() if m.state is not None else None for m in _zclips(observer)]
+    zclips = [_read(observer, m.state).tolist() if m.state is not None else None for m in _zclips(observer)]
     if any(z is not None for z in zclips):
         state["zclip"] = zclips
     elif "zclip" in pending:
@@ -94,23 +114,23 @@ def apply_restored(observer):
     for name in _COUNTERS:
         if name in state and getattr(rec, name, None) is not None:
             variable = getattr(rec, name)
-            value = np.asarray(state[name], variable.dtype.as_numpy_dtype)
+            value = np.asarray(state[name], keras.backend.standardize_dtype(variable.dtype))
             if value.shape == tuple(variable.shape):
-                variable.assign(value)
+                _assign(observer, variable, value)
     tracker, saved = observer.spikes, state.get("spikes")
     if tracker is not None and saved:
-        tracker.norm_state.assign(np.asarray(saved["norm"], np.float64))
-        tracker.count.assign(int(saved.get("count", 0)))
+        _assign(observer, tracker.norm_state, np.asarray(saved["norm"], np.float64))
+        _assign(observer, tracker.count, int(saved.get("count", 0)))
         # full batches only are judged: a partial first batch after resuming is not one
-        tracker.largest_batch.assign(int(saved.get("largest_batch", 0)))
+        _assign(observer, tracker.largest_batch, int(saved.get("largest_batch", 0)))
         if tracker.loss_state is not None and "loss" in saved:
-            tracker.loss_state.assign(np.asarray(saved["loss"], np.float64))
+            _assign(observer, tracker.loss_state, np.asarray(saved["loss"], np.float64))
     zclips = _zclips(observer)
     saved_z = state.get("zclip") or []
     if len(saved_z) == len(zclips):
         for member, values in zip(zclips, saved_z):
             if values is not None and member.state is not None:
-                member.state.assign(np.asarray(values, np.float64))
+                _assign(observer, member.state, np.asarray(values, np.float64))
     object.__setattr__(observer, "_restored_state", None)
 
 
@@ -181,13 +201,12 @@ def attach(model):
     """Gives `model` its `gradmon_state` slot (once): saved by Keras and by `tf.train.Checkpoint`."""
     from gradmon.backend import keras_compat as _keras_compat
 
-    if not _lazy_tf.is_tensorflow():
-        return None  # JAX / PyTorch: gradmon's state is not saved with the model yet
     slot = model.__dict__.get(STATE_ATTRIBUTE)
     if not isinstance(slot, GradmonState):
         slot = GradmonState(model)
         object.__setattr__(model, STATE_ATTRIBUTE, slot)  # not a layer: Keras' tracker skips it
-    _keras_compat.track_for_checkpoint(model, STATE_ATTRIBUTE, slot)
+    if _lazy_tf.is_tensorflow():  # JAX / PyTorch: Keras' files only (no tf.train.Checkpoint)
+        _keras_compat.track_for_checkpoint(model, STATE_ATTRIBUTE, slot)
     return slot
 
 

@@ -288,17 +288,13 @@ def test_observe_in_a_torch_custom_loop_logs_the_numbers_of_a_numpy_replay(tmp_p
 
 
 @pytest.mark.skipif(BACKEND == "tensorflow", reason="JAX / PyTorch only")
-@pytest.mark.parametrize("case", ["transform", "observe"])
+@pytest.mark.parametrize("case", ["transform"])
 def test_what_is_not_supported_yet_names_the_backend_and_the_feature(tmp_path, case):
     x, y, weights = _data()
     model = _model(weights)
     callbacks = [gradmon.GradientMonitor(str(tmp_path))]
-    feature = {"transform": "gradient transform", "observe": "gradmon.observe()"}[case]
-    if case == "observe" and BACKEND == "torch":
-        pytest.skip("observe() works on PyTorch (test_observe_in_a_torch_custom_loop_...)")
+    feature = {"transform": "gradient transform"}[case]
     with pytest.raises(NotImplementedError, match=rf"{BACKEND}.*") as raised:
-        if case == "observe":
-            gradmon.observe(keras.optimizers.SGD(LR))
         if case == "transform":
             class Written(gradmon.transforms.GradientTransform):  # for TensorFlow: not `keras_ops`
                 def __call__(self, grads, params):
@@ -327,4 +323,5 @@ def subprocess_runs():
 @pytest.mark.parametrize("backend", ["jax", "torch"])
 def test_backend_in_subprocess(subprocess_runs, backend):
     output = finish_module_run(subprocess_runs, backend)
-    assert "19 passed" in output.strip().splitlines()[-1], output[-2000:]
+    last = output.strip().splitlines()[-1]  # JAX skips the PyTorch loop
+    assert {"jax": "15 passed", "torch": "16 passed"}[backend] in last, output[-2000:]

@@ -16,13 +16,14 @@ and statistics in `keras.ops`, and takes from the backend module
 - `read(variable)` / `assign(variable, value)`: host reads and writes
   (JAX: through the trainer's current state, see `door_jax`).
 - `EAGER`: whether the hooked apply runs on the host (PyTorch: an observed
-  custom loop writes as it goes; JAX: `observe()` is not supported yet).
+  custom loop writes as it goes; JAX: inside jit, except for an eager loop's
+  `optimizer.apply`, told apart by `door_jax.on_host`).
 
 Not yet (they raise): custom statistics with state variables on JAX (their
 `build`), `GradientTransform` subclasses
-not marked `keras_ops`, `keras.distribution` on PyTorch (Keras implements it
-for JAX only), `observe()` on JAX. gradmon's state is not
-saved with the model there (`gradmon.saving.attach` does nothing).
+not marked `keras_ops`, `LossScaleOptimizer`, `keras.distribution` on PyTorch (Keras implements it
+for JAX only). gradmon's state is saved with the model in Keras'
+files there too (`gradmon.saving`); `tf.train.Checkpoint` is TensorFlow's.
 
 What does not work there yet raises `NotImplementedError` naming the
 backend and the feature (`check_supported`).
@@ -61,13 +62,13 @@ def unsupported(feature):
         f"gradmon: {feature} is not supported on the {backend_name()!r} backend yet "
         f"(KERAS_BACKEND={backend_name()}); it works on the 'tensorflow' backend. "
         "On JAX and PyTorch gradmon observes `fit` (`gradmon.monitor(model)`, the mixin, "
-        "`gradmon.GradientMonitor(log_dir)`; on PyTorch also `gradmon.observe` loops): the statistics "
+        "`gradmon.GradientMonitor(log_dir)`) and `gradmon.observe` custom loops: the statistics "
         f"{list(SUPPORTED_STATS)}, custom statistics, histograms and the transforms "
         "clip_by_global_norm, clip_by_norm, "
         "clip_by_value, adaptive_clip, zclip, callables written in keras.ops, subclasses of "
         "GradientTransform marked `keras_ops = True`, and their chains (the optimizer's own "
         "clipping included); gradmon's penalties and noise scale (gradmon's own train step); "
-        "the policies on_nonfinite='skip'/'stop' and on_spike; LossScaleOptimizer.")
+        "the policies on_nonfinite='skip'/'stop' and on_spike.")
 
 
 def check_supported(observer, optimizer_clip=None, loss_scaled=False):
@@ -79,6 +80,8 @@ def check_supported(observer, optimizer_clip=None, loss_scaled=False):
         loss_scaled: the optimizer is a `LossScaleOptimizer`.
     """
     settings = observer.settings
+    if loss_scaled:
+        raise unsupported("observing a LossScaleOptimizer (mixed precision)")
     stateful = [s for s in settings.custom if _has_state(s)]
     if stateful and backend_name() == "jax":
         raise unsupported(f"custom statistics with state variables (`build`) on JAX: {stateful}")
