@@ -234,3 +234,42 @@ def test_zclip_statistics_carry_over_a_recompile_with_a_new_optimizer():
     np.testing.assert_allclose([mean, var], [replay.mean, replay.var], rtol=2e-5)
     for got, want in zip(model.get_weights(), final):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.skipif(keras.backend.backend() != "jax", reason="JAX: a functional custom loop")
+def test_zclip_in_a_jitted_jax_custom_loop_logs_the_numbers_of_a_numpy_replay(tmp_path):
+    """`gradmon.observe` in a functional loop: zclip's statistics ride in the optimizer variables
+    the jitted step carries (`stateless_apply`) and `opt.flush(optimizer_variables=...)` reads."""
+    import jax
+
+    x, y, weights = _data()
+    model = _model(weights)
+    opt = gradmon.observe(keras.optimizers.SGD(LR), log_dir=str(tmp_path), buffer_steps=STEPS,
+                          transform=T.zclip(z_threshold=2.0, alpha=0.9, warmup_steps=4))
+    opt.build(model.trainable_variables)  # gradmon's state (zclip's too) is built with it
+    trainable = [v.value for v in model.trainable_variables]
+    carried = [v.value for v in opt.variables]
+
+    def loss(trainable, xb, yb):
+        pred, _ = model.stateless_call(trainable, [], xb)
+        return keras.ops.mean(keras.ops.square(pred - yb))
+
+    @jax.jit
+    def step(trainable, carried, xb, yb):
+        trainable, carried = opt.stateless_apply(carried, jax.grad(loss)(trainable, xb, yb), trainable)
+        return trainable, carried
+
+    for i in range(STEPS):
+        rows = slice(i * BATCH, (i + 1) * BATCH)
+        trainable, carried = step(trainable, carried, x[rows], y[rows])
+    opt.flush(optimizer_variables=carried)
+    opt.gradmon.close()
+    events = read_events(str(tmp_path))
+    expected, final = _replay(_ZClip(2.0, 0.9, 4), weights, x, y)
+    np.testing.assert_allclose(_series(events, "gradients/zclip/threshold"),
+                               [row["thresholds"]["zclip"] for row in expected], rtol=2e-5, equal_nan=True)
+    np.testing.assert_allclose(_series(events, "gradients/transformed/global_norm"),
+                               [row["transformed"] for row in expected], rtol=2e-5)
+    assert list(_series(events, "gradients/clip/fraction")) == [float(s == SPIKE) for s in range(1, STEPS + 1)]
+    for got, want in zip(trainable, final):
+        np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-6)
