@@ -397,3 +397,24 @@ def test_steps_per_execution_logs_the_same_penalties_and_noise_scale():
     for tag, one in logged[0].items():
         assert sorted(one) == [1, 2, 3, 4], tag
         np.testing.assert_allclose([logged[1][tag][s] for s in one], list(one.values()), rtol=1e-6, err_msg=tag)
+
+
+def test_a_loss_scale_optimizer_changes_no_penalty_number_and_no_update():
+    """Under `LossScaleOptimizer` (scale 1024, no overflow) every part of the loss is scaled
+    alike and unscaled before use: the gradient-norm penalty sees the unscaled data gradient,
+    the logged penalty gradient norms are unscaled, and the step equals plain SGD's closed form."""
+    penalties = [P.WeightPenalty(l2=0.05), P.GradientNormPenalty(0.3)]
+    model = linear(seed=3)
+    w0 = weights_of(model)
+    m = gradmon.monitor(model, penalties=penalties)
+    m.compile(optimizer=keras.optimizers.LossScaleOptimizer(keras.optimizers.SGD(LR), initial_scale=1024.0),
+              loss="mse")
+    m.fit(X, Y, batch_size=16, epochs=1, shuffle=False, verbose=0)
+    snap, w1 = latest_snapshot(m), weights_of(model)
+    z = np.concatenate([X64, np.ones((len(X64), 1))], axis=1)
+    g = np.concatenate([data_gradients(w0)[0], data_gradients(w0)[1][None]], axis=0)
+    grad_norm_part = 0.3 * 2.0 / Y64.size * z.T @ z @ g / np.linalg.norm(g)
+    assert snap[tags.penalty("grad_norm")] == pytest.approx(0.3 * np.linalg.norm(g), rel=RTOL)
+    assert snap[tags.penalty_grad_norm("grad_norm")] == pytest.approx(np.linalg.norm(grad_norm_part), rel=1e-4)
+    assert snap[tags.penalty_grad_norm("weight")] == pytest.approx(norm([0.1 * w for w in w0]), rel=RTOL)
+    check_step(w0, w1, [0.1 * w0[0] + grad_norm_part[:3], 0.1 * w0[1] + grad_norm_part[3]])

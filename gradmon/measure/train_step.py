@@ -176,13 +176,33 @@ def half_batch_moments(model, batch, segment_ids, num_groups):
 
 # -- JAX and PyTorch --------------------------------------------------------------------
 
-def _penalty_numbers(data_loss, values, penalty_grads):
-    """The `numbers` of `penalized_step` (one replica: no distribution on JAX / PyTorch here)."""
+def _penalty_numbers(data_loss, values, penalty_grads, scale=None):
+    """The `numbers` of `penalized_step` (one replica: no distribution on JAX / PyTorch here);
+    `penalty_grads` of the scaled loss when `scale` is given (a loss-scaling optimizer)."""
     total = data_loss
     for v in values:
         total = total + v
-    return total, {"data_loss": data_loss, "total_loss": total, "values": values,
-                   "grad_norms": [stats.global_norm(part) for part in penalty_grads]}
+    norms = [stats.global_norm(part) for part in penalty_grads]
+    if scale is not None:
+        norms = [n / scale for n in norms]
+    return total, {"data_loss": data_loss, "total_loss": total, "values": values, "grad_norms": norms}
+
+
+def _loss_scale_value(model, optimizer_variables=None):
+    """The factor `optimizer.scale_loss` multiplies the loss by this step (a float32 tensor), or
+    `None`: a `LossScaleOptimizer`'s `dynamic_scale` (JAX: its value in the carried
+    `optimizer_variables`), a plain optimizer's `loss_scale_factor`."""
+    scale = kc.loss_scale(model.optimizer)
+    if scale is None:
+        return None
+    if isinstance(scale, keras.Variable):
+        if optimizer_variables is not None:
+            scale = next(v for ref, v in zip(model.optimizer.variables, optimizer_variables) if ref is scale)
+        else:
+            scale = scale.value
+        if keras.backend.backend() == "torch":
+            scale = scale.detach().clone()  # the optimizer assigns it in place
+    return keras.ops.cast(scale, "float32")
 
 
 def _iteration_key(model, optimizer_variables):
@@ -223,6 +243,8 @@ def jax_train_step(model, state, data, penalty_list, extras, noise=None):
     x, y, sample_weight = kc.unpack_x_y_sample_weight(data)
     need_gradients = any(p.needs_gradients for p in penalty_list)
     seed = _iteration_key(model, optimizer_variables) if penalty_list else None
+    # the data loss comes scaled (compute_loss_and_updates); the penalties are scaled alike
+    scale = _loss_scale_value(model, optimizer_variables)
 
     def data_part(weights):
         return model.compute_loss_and_updates(
@@ -232,6 +254,8 @@ def jax_train_step(model, state, data, penalty_list, extras, noise=None):
     def parts(weights):
         if need_gradients:
             (scaled, aux), data_gradients = jax.value_and_grad(data_part, has_aux=True)(weights)
+            if scale is not None:
+                data_gradients = [g / keras.ops.cast(scale, g.dtype) for g in data_gradients]
         else:
             (scaled, aux), data_gradients = data_part(weights), None
         unscaled, y_pred, new_non_trainable, _ = aux
@@ -243,7 +267,8 @@ def jax_train_step(model, state, data, penalty_list, extras, noise=None):
                 model, x, y, sample_weight, y_pred, list(model.trainable_variables),
                 data_gradients, seed)
             values = [keras.ops.cast(p(context), unscaled.dtype) for p in penalty_list]
-        return jnp.stack([scaled] + values), (aux, values)
+        scaled_values = values if scale is None else [v * keras.ops.cast(scale, v.dtype) for v in values]
+        return jnp.stack([scaled] + scaled_values), (aux, values)
 
     if penalty_list:
         vector, pullback, (aux, values) = jax.vjp(parts, trainable, has_aux=True)
@@ -257,7 +282,7 @@ def jax_train_step(model, state, data, penalty_list, extras, noise=None):
     pending = {}
     loss = unscaled
     if penalty_list:
-        loss, pending["penalties"] = _penalty_numbers(unscaled, values, per_part[1:])
+        loss, pending["penalties"] = _penalty_numbers(unscaled, values, per_part[1:], scale)
     if extras.loss:
         pending["loss"] = loss
     if noise is not None:
@@ -305,10 +330,15 @@ def torch_train_step(model, data, penalty_list, extras, noise=None):
             return [None] * len(params)
         return list(torch.autograd.grad(scaled(loss), params, allow_unused=True, **kwargs))
 
+    scale = _loss_scale_value(model)
     data_gradients = None
     if need_gradients:
         data_gradients = gradients(data_loss, create_graph=True)
-    context = penalties_module.PenaltyContext(model, x, y, sample_weight, y_pred, weights, data_gradients)
+    unscaled_data_gradients = data_gradients
+    if need_gradients and scale is not None:
+        unscaled_data_gradients = [None if g is None else g / scale.to(g.dtype) for g in data_gradients]
+    context = penalties_module.PenaltyContext(model, x, y, sample_weight, y_pred, weights,
+                                              unscaled_data_gradients)
     values = [keras.ops.cast(p(context), data_loss.dtype) for p in penalty_list]
     per_part = [data_gradients if need_gradients else None]
     per_part += [gradients(v, retain_graph=True) for v in values]
@@ -319,7 +349,7 @@ def torch_train_step(model, data, penalty_list, extras, noise=None):
     loss = data_loss
     if penalty_list:
         loss, pending["penalties"] = _penalty_numbers(data_loss.detach(), [v.detach() for v in values],
-                                                      per_part[1:])
+                                                      per_part[1:], scale)
     model._loss_tracker.update_state(
         loss.detach(), sample_weight=next(i for i in kc.tree.flatten(x) if i is not None).shape[0])
     if extras.loss:
