@@ -33,7 +33,8 @@ def _data():
     y = rng.normal(size=(BATCH * STEPS, 1)).astype("float32")
     x[:, 3] = 0.0  # a row of the first kernel's gradient is exactly zero (left as it is)
     y[(SPIKE - 1) * BATCH:SPIKE * BATCH] *= 20.0
-    weights = [rng.normal(size=(4, HIDDEN)).astype("float32"), 0.1 * rng.normal(size=HIDDEN).astype("float32"),
+    weights = [rng.normal(size=(4, HIDDEN)).astype("float32"),
+               0.1 * rng.normal(size=HIDDEN).astype("float32"),
                rng.normal(size=(HIDDEN, 1)).astype("float32"), 0.1 * rng.normal(size=1).astype("float32")]
     return x, y, weights
 
@@ -143,7 +144,8 @@ CASES = {
     "adaptive_clip": (lambda: T.adaptive_clip(1.0), lambda: _adaptive(1.0), None),
     "callable": (lambda: halve_large, lambda: _halve_large, None),
     "chain": (lambda: T.chain(T.zclip(z_threshold=2.0, alpha=0.9, warmup_steps=4), T.adaptive_clip(1.5),
-                              T.clip_by_global_norm(3.0), halve_large, T.zclip(z_threshold=1.5, warmup_steps=3)),
+                              T.clip_by_global_norm(3.0), halve_large,
+                              T.zclip(z_threshold=1.5, warmup_steps=3)),
               lambda: _chained(_ZClip(2.0, 0.9, 4), _adaptive(1.5), _clip_global(3.0), _halve_large,
                                _ZClip(1.5, 0.97, 3, name="zclip_2")),
               ["zclip", "adaptive_clip", "clip_by_global_norm", "halve_large", "zclip_2"]),
@@ -270,6 +272,7 @@ def test_zclip_in_a_jitted_jax_custom_loop_logs_the_numbers_of_a_numpy_replay(tm
                                [row["thresholds"]["zclip"] for row in expected], rtol=2e-5, equal_nan=True)
     np.testing.assert_allclose(_series(events, "gradients/transformed/global_norm"),
                                [row["transformed"] for row in expected], rtol=2e-5)
-    assert list(_series(events, "gradients/clip/fraction")) == [float(s == SPIKE) for s in range(1, STEPS + 1)]
+    clipped = [float(step == SPIKE) for step in range(1, STEPS + 1)]
+    assert list(_series(events, "gradients/clip/fraction")) == clipped
     for got, want in zip(trainable, final):
         np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-6)

@@ -27,7 +27,6 @@ Example:
 import contextlib
 
 import keras
-import numpy as np
 
 from gradmon.backend import lazy_tf as _lazy_tf
 from gradmon.measure import moments as stats
