@@ -406,7 +406,10 @@ class zclip(GradientTransform):
     its name and, through the observer, the threshold `mean + z_threshold *
     std` of each step (`gradients/zclip/threshold`, NaN during the warm-up).
     Its state lives on the device (replica-local under a strategy: every
-    replica sees the same all-reduced gradient), created by `build`.
+    replica sees the same all-reduced gradient), created by `build`. On JAX
+    it rides in the optimizer state the jitted step carries (compiling again
+    with a new optimizer carries it into that one's), in float32 on JAX and
+    PyTorch.
 
     Args:
         z_threshold: positive float, the z-score above which a step is clipped.
