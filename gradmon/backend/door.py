@@ -21,7 +21,7 @@ and statistics in `keras.ops`, and takes from the backend module
 
 Not yet (they raise): custom statistics with state variables on JAX (their
 `build`), `GradientTransform` subclasses
-not marked `keras_ops`, `LossScaleOptimizer`, `keras.distribution` on PyTorch (Keras implements it
+not marked `keras_ops`, `keras.distribution` on PyTorch (Keras implements it
 for JAX only). gradmon's state is saved with the model in Keras'
 files there too (`gradmon.saving`); `tf.train.Checkpoint` is TensorFlow's.
 
@@ -68,7 +68,7 @@ def unsupported(feature):
         "clip_by_value, adaptive_clip, zclip, callables written in keras.ops, subclasses of "
         "GradientTransform marked `keras_ops = True`, and their chains (the optimizer's own "
         "clipping included); gradmon's penalties and noise scale (gradmon's own train step); "
-        "the policies on_nonfinite='skip'/'stop' and on_spike.")
+        "the policies on_nonfinite='skip'/'stop' and on_spike; LossScaleOptimizer.")
 
 
 def check_supported(observer, optimizer_clip=None, loss_scaled=False):
@@ -80,8 +80,6 @@ def check_supported(observer, optimizer_clip=None, loss_scaled=False):
         loss_scaled: the optimizer is a `LossScaleOptimizer`.
     """
     settings = observer.settings
-    if loss_scaled:
-        raise unsupported("observing a LossScaleOptimizer (mixed precision)")
     stateful = [s for s in settings.custom if _has_state(s)]
     if stateful and backend_name() == "jax":
         raise unsupported(f"custom statistics with state variables (`build`) on JAX: {stateful}")
