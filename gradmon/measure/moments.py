@@ -95,11 +95,7 @@ def squared_norm(tensor):
 def global_norm(tensors):
     """L2 norm of a list of tensors taken as one vector; `None` entries are skipped."""
     squares = [squared_norm(t) for t in tensors if t is not None]
-    if _OPS:
-        return keras.ops.sqrt(sum(squares)) if squares else keras.ops.zeros([])
-    if not squares:
-        return tf.constant(0.0)
-    return tf.sqrt(tf.add_n(squares))
+    return keras.ops.sqrt(sum(squares)) if squares else keras.ops.zeros([])
 
 
 def group_moments(per_tensor, segment_ids, num_groups):
@@ -221,18 +217,15 @@ def finalize(grouped):
 
 def safe_ratio(numerator, denominator):
     """`numerator / denominator`, 0 where the denominator is 0."""
-    return tf.math.divide_no_nan(numerator, denominator)
+    return keras.ops.divide_no_nan(numerator, denominator)
 
 
 def dot(tensor, dense):
     """Sum of `tensor * dense` in float32; a `tf.IndexedSlices` `tensor` reads only its rows
     of `dense` (repeated indices add up, as in the dense sum)."""
-    if _OPS:
-        return keras.ops.sum(keras.ops.cast(tensor, "float32") * keras.ops.cast(dense, "float32"))
-    if isinstance(tensor, tf.IndexedSlices):
-        rows = tf.gather(dense, tensor.indices)
-        return tf.reduce_sum(tf.cast(tensor.values, tf.float32) * tf.cast(rows, tf.float32))
-    return tf.reduce_sum(tf.cast(tensor, tf.float32) * tf.cast(dense, tf.float32))
+    if not _OPS and isinstance(tensor, tf.IndexedSlices):
+        tensor, dense = tensor.values, tf.gather(dense, tensor.indices)
+    return keras.ops.sum(keras.ops.cast(tensor, "float32") * keras.ops.cast(dense, "float32"))
 
 
 def histogram_rows(tensors, group_ids, num_groups, buckets):

@@ -125,15 +125,12 @@ class StepContext:
         return self._moments[key]
 
     def global_norm(self, kind):
-        if _OPS:
-            return keras.ops.sqrt(keras.ops.sum(self.sumsq(kind)))
-        return tf.sqrt(tf.reduce_sum(self.sumsq(kind)))
+        return keras.ops.sqrt(keras.ops.sum(self.sumsq(kind)))
 
     def nonfinite_total(self, kind):
         if self.spec.full_moments:
-            return (keras.ops.sum if _OPS else tf.reduce_sum)(self.moments(kind)[:, _stats.NONFINITE])
-        total = (keras.ops.sum if _OPS else tf.reduce_sum)(self.sumsq(kind))
-        return _stats.count_nonfinite(self.gradients(kind), total)
+            return keras.ops.sum(self.moments(kind)[:, _stats.NONFINITE])
+        return _stats.count_nonfinite(self.gradients(kind), keras.ops.sum(self.sumsq(kind)))
 
     def weight_norms(self):
         """Per-group ||w|| before the update (computed once)."""
@@ -158,11 +155,7 @@ class StepContext:
 
 def undefined_ratio(numerator, denominator):
     """`numerator / denominator`, NaN where the denominator is 0 (undefined, not 0)."""
-    if _OPS:
-        return keras.ops.where(denominator > 0, keras.ops.divide_no_nan(numerator, denominator),
-                               float("nan"))
-    nan = tf.fill(tf.shape(numerator), float("nan"))
-    return tf.where(denominator > 0, tf.math.divide_no_nan(numerator, denominator), nan)
+    return keras.ops.where(denominator > 0, keras.ops.divide_no_nan(numerator, denominator), float("nan"))
 
 
 class Statistic:
@@ -270,8 +263,7 @@ class GlobalNorm(_OfKind):
         return tags.global_norm(self.kind)
 
     def compute(self, ctx):
-        return keras.ops.reshape(ctx.global_norm(self.kind), [1]) if _OPS else \
-            ctx.global_norm(self.kind)[None]
+        return keras.ops.reshape(ctx.global_norm(self.kind), [1])
 
 
 class NonfiniteTotal(_OfKind):
@@ -284,8 +276,7 @@ class NonfiniteTotal(_OfKind):
         return tags.nonfinite_total(self.kind)
 
     def compute(self, ctx):
-        return keras.ops.reshape(ctx.nonfinite_total(self.kind), [1]) if _OPS else \
-            ctx.nonfinite_total(self.kind)[None]
+        return keras.ops.reshape(ctx.nonfinite_total(self.kind), [1])
 
 
 class ClipRatio(Statistic):
@@ -299,12 +290,9 @@ class ClipRatio(Statistic):
 
     def compute(self, ctx):
         raw, out = ctx.global_norm(tags.RAW), ctx.global_norm(tags.TRANSFORMED)
-        if _OPS:
-            ratio = keras.ops.where(raw > 0, keras.ops.divide_no_nan(out, raw), 1.0)
-            return keras.ops.reshape(keras.ops.where(ctx.skipped, 1.0, ratio), [1])
-        ratio = tf.where(raw > 0, tf.math.divide_no_nan(out, raw), 1.0)
+        ratio = keras.ops.where(raw > 0, keras.ops.divide_no_nan(out, raw), 1.0)
         # a skipped step was not clipped: nothing was applied
-        return tf.where(ctx.skipped, 1.0, ratio)[None]
+        return keras.ops.reshape(keras.ops.where(ctx.skipped, 1.0, ratio), [1])
 
 
 class ClipFraction(Statistic):
@@ -323,16 +311,11 @@ class ClipFraction(Statistic):
         return tags.clip_fraction_of(label) if label else tags.CLIP_FRACTION
 
     def compute(self, ctx):
-        if _OPS:
-            values = keras.ops.stack([keras.ops.cast(ctx.fractions[n], "float32")
-                                      for n in ctx.spec.fraction_names])
-            values = keras.ops.where(ctx.skipped, keras.ops.zeros_like(values), values)
-            members = [values] if len(ctx.spec.fraction_names) > 1 else []
-            return keras.ops.concatenate([keras.ops.reshape(keras.ops.max(values), [1])] + members, 0)
-        values = tf.stack([tf.cast(ctx.fractions[n], tf.float32) for n in ctx.spec.fraction_names])
-        values = tf.where(ctx.skipped, tf.zeros_like(values), values)
+        values = keras.ops.stack([keras.ops.cast(ctx.fractions[n], "float32")
+                                  for n in ctx.spec.fraction_names])
+        values = keras.ops.where(ctx.skipped, keras.ops.zeros_like(values), values)
         members = [values] if len(ctx.spec.fraction_names) > 1 else []
-        return tf.concat([tf.reduce_max(values)[None]] + members, 0)
+        return keras.ops.concatenate([keras.ops.reshape(keras.ops.max(values), [1])] + members, 0)
 
 
 class NoGradient(Statistic):
@@ -340,9 +323,7 @@ class NoGradient(Statistic):
         return tags.NO_GRADIENT
 
     def compute(self, ctx):
-        if _OPS:
-            return keras.ops.convert_to_tensor([float(sum(g is None for g in ctx.raw))], "float32")
-        return tf.constant([float(sum(g is None for g in ctx.raw))])
+        return keras.ops.convert_to_tensor([float(sum(g is None for g in ctx.raw))], "float32")
 
 
 class Counter(Statistic):
@@ -359,9 +340,7 @@ class Counter(Statistic):
         return self._tag
 
     def compute(self, ctx):
-        if _OPS:
-            return keras.ops.reshape(keras.ops.cast(ctx.counters[self.counter], "float32"), [1])
-        return tf.cast(ctx.counters[self.counter], tf.float32)[None]
+        return keras.ops.reshape(keras.ops.cast(ctx.counters[self.counter], "float32"), [1])
 
 
 class LossScale(Statistic):
@@ -374,9 +353,7 @@ class LossScale(Statistic):
         return tags.LOSS_SCALE
 
     def compute(self, ctx):
-        if _OPS:
-            return keras.ops.reshape(keras.ops.cast(ctx.extras["loss_scale"], "float32"), [1])
-        return tf.cast(ctx.extras["loss_scale"], tf.float32)[None]
+        return keras.ops.reshape(keras.ops.cast(ctx.extras["loss_scale"], "float32"), [1])
 
 
 # -- numbers of gradmon's own train step (they need the loss) -----------------
@@ -533,9 +510,7 @@ def _slots(ctx, moment):
 
 def _float32(variable):
     """A variable's value in float32 (JAX: the step's own value, in its `StatelessScope`)."""
-    if _OPS:
-        return keras.ops.cast(variable.value, "float32")
-    return tf.cast(tf.convert_to_tensor(variable), tf.float32)
+    return keras.ops.cast(variable.value, "float32")
 
 
 def _slot_squares(ctx, moment):
@@ -543,15 +518,9 @@ def _slot_squares(ctx, moment):
     slot of squared gradients, the plain sum: ||sqrt(v)||^2), computed once per step."""
     key = ("slot_squares", moment)
     if key not in ctx._moments:
-        slots = _slots(ctx, moment)
-        if _OPS:
-            squared = moment == tags.SECOND_MOMENT and ctx.spec.moment_slots[moment][1]
-            ctx._moments[key] = keras.ops.stack([keras.ops.sum(s) if squared else _stats.squared_norm(s)
-                                                 for s in slots])
-        elif moment == tags.SECOND_MOMENT and ctx.spec.moment_slots[moment][1]:
-            ctx._moments[key] = tf.stack([tf.reduce_sum(s) for s in slots])
-        else:  # one multiplication, not one per variable
-            ctx._moments[key] = 2.0 * tf.stack([tf.nn.l2_loss(s) for s in slots])
+        squared = moment == tags.SECOND_MOMENT and ctx.spec.moment_slots[moment][1]
+        ctx._moments[key] = keras.ops.stack([keras.ops.sum(s) if squared else _stats.squared_norm(s)
+                                             for s in _slots(ctx, moment)])
     return ctx._moments[key]
 
 
@@ -577,13 +546,9 @@ class MomentNorm(PerGroup):
         return tags.moment_norm(self.moment, label)
 
     def compute(self, ctx):
-        if _OPS:
-            ids = keras.ops.convert_to_tensor(ctx.spec.segment_ids, "int32")
-            return keras.ops.sqrt(keras.ops.segment_sum(_slot_squares(ctx, self.moment), ids,
-                                                        num_segments=ctx.spec.num_groups))
-        ids = tf.constant(ctx.spec.segment_ids, tf.int32)
-        return tf.sqrt(tf.math.unsorted_segment_sum(_slot_squares(ctx, self.moment), ids,
-                                                    ctx.spec.num_groups))
+        ids = keras.ops.convert_to_tensor(ctx.spec.segment_ids, "int32")
+        return keras.ops.sqrt(keras.ops.segment_sum(_slot_squares(ctx, self.moment), ids,
+                                                    num_segments=ctx.spec.num_groups))
 
 
 class Cosines(Statistic):
@@ -614,23 +579,6 @@ class Cosines(Statistic):
                 "gradient_first_moment": tags.COSINE_GRADIENT_FIRST_MOMENT}[label]
 
     def compute(self, ctx):
-        if _OPS:
-            return self._compute_in_keras_ops(ctx)
-        grad_norm = ctx.global_norm(tags.RAW)
-        along = [_stats.dot(g, d) for g, d in zip(ctx.raw, ctx.deltas()) if g is not None]
-        step_norm = tf.sqrt(tf.reduce_sum(ctx.delta_sumsq()))
-        out = [undefined_ratio(-tf.add_n(along) if along else tf.constant(0.0), step_norm * grad_norm)]
-        if tags.FIRST_MOMENT in ctx.spec.moment_slots:
-            sign = ctx.spec.moment_slots[tags.FIRST_MOMENT][1]
-            dots = [_stats.dot(g, m) for g, m in zip(ctx.raw, _slots(ctx, tags.FIRST_MOMENT))
-                    if g is not None]
-            moment_norm = tf.sqrt(tf.reduce_sum(_slot_squares(ctx, tags.FIRST_MOMENT)))
-            out.append(undefined_ratio(sign * (tf.add_n(dots) if dots else tf.constant(0.0)),
-                                       moment_norm * grad_norm))
-        values = tf.stack(out)
-        return tf.where(ctx.skipped, tf.fill(tf.shape(values), float("nan")), values)
-
-    def _compute_in_keras_ops(self, ctx):
         ops = keras.ops
         grad_norm = ctx.global_norm(tags.RAW)
         along = [_stats.dot(g, d) for g, d in zip(ctx.raw, ctx.deltas()) if g is not None]
