@@ -115,7 +115,9 @@ def _jax_loop(model, opt, x, y, loop):
         v.assign(value)
     if loop == "jit":
         assert opt.gradmon.step == 0  # the variables are not the loop's state...
-        opt.flush(optimizer_variables=optimizer_variables)  # ...these are
+        with opt.gradmon.reading(optimizer_variables):  # ...these are
+            assert opt.gradmon.step == STEPS
+        opt.flush(optimizer_variables=optimizer_variables)
         return
     for v, value in zip(opt.variables, optimizer_variables):
         v.assign(value)
