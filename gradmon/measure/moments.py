@@ -235,7 +235,9 @@ def histogram_rows(tensors, group_ids, num_groups, buckets):
     entry `v` in bucket `floor((v - min) / width)` (the maximum in the last);
     when all finite entries are equal, all in the last bucket. Non-finite
     entries are not counted; a group without a finite entry (or without a
-    gradient) is all zeros, over `[0, 0]`.
+    gradient) is all zeros, over `[0, 0]`. Compiled by XLA (JAX, `jit_compile`),
+    the division by the width becomes a multiplication by its reciprocal: an
+    entry within float32 rounding of an inner edge may fall on either side of it.
 
     Args:
         tensors: list of tensors (dense) or `None`.
