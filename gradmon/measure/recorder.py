@@ -187,18 +187,13 @@ class Recorder:
 
     def count_nonfinite(self, step, bad):
         """Folds one step into `nonfinite` (a few scalar ops, no branch): `bad` is a bool scalar."""
-        if _OPS:
-            held = self.nonfinite.value
-            seen = held + keras.ops.convert_to_tensor([1, 0, 0], "int32")
-            first_or_last = keras.ops.logical_or(held < 0, keras.ops.convert_to_tensor([False, False, True]))
-            seen = keras.ops.where(first_or_last, keras.ops.cast(step, "int32"), seen)
-            self.nonfinite.assign(keras.ops.where(bad, seen, held))
-            return
-        held = self.nonfinite.value()
+        held = _keras_compat.variable_value(self.nonfinite)
+        dtype = keras.backend.standardize_dtype(self.nonfinite.dtype)  # int64; JAX / PyTorch int32
         # the count + 1; the first if none is pending; the latest: this step
-        seen = held + tf.constant([1, 0, 0], tf.int64)
-        seen = tf.where(tf.logical_or(held < 0, tf.constant([False, False, True])), step, seen)
-        self.nonfinite.assign(tf.where(bad, seen, held))
+        seen = held + keras.ops.convert_to_tensor([1, 0, 0], dtype)
+        first_or_last = keras.ops.logical_or(held < 0, keras.ops.convert_to_tensor([False, False, True]))
+        seen = keras.ops.where(first_or_last, keras.ops.cast(step, dtype), seen)
+        self.nonfinite.assign(keras.ops.where(bad, seen, held))
 
     def keep_weights(self, variables):
         for buffer, v in zip(self.weight_buffers, variables):
