@@ -19,10 +19,10 @@ and statistics in `keras.ops`, and takes from the backend module
   custom loop writes as it goes; JAX: inside jit, except for an eager loop's
   `optimizer.apply`, told apart by `door_jax.on_host`).
 
-Not yet (they raise): custom statistics with state variables on JAX (their
-`build`), `GradientTransform` subclasses
-not marked `keras_ops`, `keras.distribution` on PyTorch (Keras implements it
-for JAX only). gradmon's state is saved with the model in Keras'
+Not yet (they raise): custom statistics
+with state variables on JAX (their `build`), `GradientTransform` subclasses
+not marked `keras_ops`, `keras.distribution` on PyTorch (Keras
+implements it for JAX only). gradmon's state is saved with the model in Keras'
 files there too (`gradmon.saving`); `tf.train.Checkpoint` is TensorFlow's.
 
 What does not work there yet raises `NotImplementedError` naming the
@@ -119,6 +119,12 @@ def state_owner(optimizer):
         return
     with door.owner(optimizer):
         yield
+
+
+def state_in_optimizer():
+    """Whether gradmon's state rides in its optimizer's state (JAX): another optimizer's
+    jitted step never carries it."""
+    return backend_name() == "jax"
 
 
 def is_tensorflow():

@@ -195,11 +195,18 @@ class Observer:
             # the step counter and counters: those of this optimizer's other recorders, if any
             same = [r for r in self.rings if r.optimizer_id == id(optimizer)]
             shared = same[-1] if same else self.recorder
+            carried = None
+            if shared is not None and not same and _door.state_in_optimizer():
+                # JAX: the counters ride in the old optimizer's state, which the new one's
+                # jitted step never carries: new variables in this one's, from their values
+                carried, shared = shared, None
             self.recorder = recorder.Recorder(spec, stats, rows, self.histograms, self.name, variables,
                                               shared=shared)
             self.recorder.spikes = self.spikes
             self.recorder.door, self.recorder.observer = door, self
             self.recorder.optimizer_id = id(optimizer)
+            if carried is not None:
+                self.recorder.carry_counters(carried)
             if shared is None and self._restored_step is not None:
                 self.recorder.host_assign(self.recorder.step, self._restored_step)
             if held is not None:  # these variables, other settings: its steps are read now
@@ -343,18 +350,6 @@ class Observer:
                 and self._eager_due(int(step)):
             self.flush(report=False)
 
-    @staticmethod
-    def _noise_ema_at_door(rec, extras, do_log):
-        """JAX / PyTorch: the noise scale's EMAs advance here, on due steps, outside the pure
-        branch that computes the row; the row reads the new values (`extras["noise"]["ema"]`)."""
-        noise = extras.get("noise")
-        for statistic in rec.statistics:
-            if noise is not None and isinstance(statistic, statistics.NoiseScale):
-                ema = rec.state[statistic]
-                new = statistic.next_ema(ema.value, noise)
-                ema.assign(keras.ops.where(do_log, new, ema.value))
-                extras["noise"] = dict(noise, ema=new)
-
     def _policies_at_door(self, rec, step, prepared):
         """The spike detector and the policies on JAX / PyTorch: judges the raw norm
         (`on_spike`), decides the update and counts. Every assignment is unconditional (on
@@ -382,6 +377,18 @@ class Observer:
         ops = keras.ops
         return ops.logical_or(do_log, ops.logical_and(ops.logical_not(verdict.finite),
                                                       ops.logical_not(verdict.overflow)))
+
+    @staticmethod
+    def _noise_ema_at_door(rec, extras, do_log):
+        """JAX / PyTorch: the noise scale's EMAs advance here, on due steps, outside the pure
+        branch that computes the row; the row reads the new values (`extras["noise"]["ema"]`)."""
+        noise = extras.get("noise")
+        for statistic in rec.statistics:
+            if noise is not None and isinstance(statistic, statistics.NoiseScale):
+                ema = rec.state[statistic]
+                new = statistic.next_ema(ema.value, noise)
+                ema.assign(keras.ops.where(do_log, new, ema.value))
+                extras["noise"] = dict(noise, ema=new)
 
     def _take_extras(self):
         extras = {}

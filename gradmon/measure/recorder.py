@@ -221,6 +221,13 @@ class Recorder:
 
     # -- on the host -------------------------------------------------------
 
+    def carry_counters(self, other):
+        """Sets this recorder's step counter, counters and schedule (`SHARED`) to `other`'s
+        values, read on the host (a JAX recompile: new variables in the new optimizer)."""
+        for name in SHARED:
+            if hasattr(other, name):
+                self.host_assign(getattr(self, name), other.host_read(getattr(other, name)))
+
     def host_read(self, variable):
         """A state variable's value on the host (JAX: the trainer's current state)."""
         if self.door is None:
