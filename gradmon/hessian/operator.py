@@ -482,7 +482,7 @@ def precondition(hvp, preconditioner):
         raise invalid("preconditioner", "None for an operator that is already preconditioned",
                       type(preconditioner).__name__)
     if isinstance(preconditioner, keras.optimizers.Optimizer):
-        from gradmon.hessian import preconditioner as _preconditioner
+        import gradmon.hessian.preconditioner as _preconditioner
 
         diagonal = _preconditioner.diagonal(preconditioner, hvp.variables)
         if diagonal is None:
