@@ -7,7 +7,8 @@ cell). Each model is fitted once before timing (its "first fit": tracing
 included; the table shows how much longer it took than the configuration's
 median timed fit). Then each repeat times every configuration once, in a
 shuffled order, on the same data (paired repeats); the printed ratio is the
-median over repeats of `time(config) / time(plain fit)` of the same repeat.
+median over repeats of `time(config) / time(plain fit)` of the same repeat, with
+the quartiles of those paired ratios (their spread).
 
 Targets (issue 18): `update_freq=100` <= 1.05x on the small MLP (what a no-op
 batch callback costs, the row beside it); every step no dearer than Keras'
@@ -169,9 +170,9 @@ def time_model(factory, inputs, batch_size, steps, args, logdir):
     base = np.array(times["plain fit"])
     rows = []
     for name, (_, use) in configs.items():
-        median = np.median(times[name])
-        rows.append((name, median / steps * 1e3, np.median(np.array(times[name]) / base),
-                     first[name] - median))
+        median, ratios = np.median(times[name]), np.array(times[name]) / base
+        rows.append((name, median / steps * 1e3, np.median(ratios),
+                     np.percentile(ratios, 25), np.percentile(ratios, 75), first[name] - median))
     return rows
 
 
@@ -219,10 +220,11 @@ def main():
     print(f"\n{args.repeats} paired repeats, keras {keras.__version__} on {backend}"
           f"{', single-threaded' if args.single_thread else ''}{', CPU time' if args.cpu_time else ''}\n")
     print("| model | steps per fit | configuration | ms/step (median) | ratio to plain fit (median) "
-          "| first fit: extra s |")
-    print("|---|---|---|---|---|---|")
-    for model_name, steps, name, ms, ratio, extra in rows:
-        print(f"| {model_name} | {steps} | {name} | {ms:.2f} | {ratio:.3f}x | {extra:.2f} |")
+          "| ratio: quartiles | first fit: extra s |")
+    print("|---|---|---|---|---|---|---|")
+    for model_name, steps, name, ms, ratio, low, high, extra in rows:
+        print(f"| {model_name} | {steps} | {name} | {ms:.2f} | {ratio:.3f}x | {low:.2f}–{high:.2f} "
+              f"| {extra:.2f} |")
 
 
 if __name__ == "__main__":
