@@ -20,14 +20,12 @@ import contextlib
 import sys
 import weakref
 
-import keras
-
 from gradmon.backend import lazy_tf as _lazy_tf
 from gradmon.backend import distribute as _distribute, door as _door, keras_compat as _keras_compat
-from gradmon.measure import moments, recorder, spikes, statistics, transforms
+from gradmon.measure import door_step, recorder, spikes, statistics, transforms
 from gradmon import tags
 from gradmon._validation import check_log_dir, check_non_negative_int, invalid, warn_once
-from gradmon.measure.pipeline import GradientPipeline, apply_unless_refused
+from gradmon.measure.pipeline import GradientPipeline
 from gradmon.measure.settings import GradientSettings
 from gradmon.publish.publisher import OWN_WRITER, Publisher
 
@@ -259,7 +257,7 @@ class Observer:
         variables = list(trainable_variables) if trainable_variables is not None \
             else _keras_compat.optimizer_variables(optimizer)
         if not _lazy_tf.is_tensorflow():
-            return self._apply_at_door(optimizer, original_apply, grads, variables)
+            return door_step.apply_at_door(self, optimizer, original_apply, grads, variables)
         self._warn_missing(variables, grads)
         self.ensure_built(optimizer, variables)
         rec, extras = self.recorder, self._take_extras()
@@ -290,7 +288,7 @@ class Observer:
                     tf.logical_not(verdict.finite), tf.logical_not(verdict.overflow)))
         if rec.histograms_wanted:
             _keras_compat.lazy_cond(rec.should_histogram(step),
-                                    lambda: rec.write_histograms(step, _histograms(rec.spec, prepared)),
+                                    lambda: rec.write_histograms(step, door_step.histograms(rec.spec, prepared)),
                                     lambda: tf.constant(False))
         _run_step(rec, step, do_log, update, extras)
         if tf.executing_eagerly():
@@ -299,96 +297,6 @@ class Observer:
                 self.flush(report=False)
             elif spiked:
                 self.read_spikes()  # warns, naming the step
-
-    def _apply_at_door(self, optimizer, original_apply, grads, variables):
-        """The hooked `apply` on JAX and PyTorch (`gradmon.backend.door`): the same pipeline
-        and statistics in `keras.ops`; the row of a due step is computed in a
-        value-returning branch and stored outside it (JAX: pure `lax.cond` branches;
-        PyTorch: a host branch)."""
-        door = _door.current()
-        self._warn_missing(variables, grads)
-        self.ensure_built(optimizer, variables)
-        rec = self.recorder
-        step = rec.step.value + 1
-        rec.step.assign(step)
-        clip = transforms.from_optimizer(_keras_compat.base_optimizer(optimizer))
-        prepared = self.pipeline.prepare(grads, variables, _keras_compat.loss_scale(optimizer), clip)
-        verdict, extras = self._policies_at_door(rec, step, prepared)
-        # `measuring` is not read: JAX shares one trace between `fit`'s two train functions (one
-        # jit cache for the same step function), so every trace measures the due steps itself
-        do_log = self._logs_refused(rec.should_log(step), verdict)
-        self._noise_ema_at_door(rec, extras, do_log)
-        if rec.histograms_wanted:  # of the gradients, before the update (as on TensorFlow)
-            due = rec.should_histogram(step)
-            taken = door.cond(due, lambda: keras.ops.reshape(_histograms(rec.spec, prepared), [-1]),
-                              rec.histogram_size)
-            rec.store_histograms(step, taken, due)
-        weights = any(s.needs_weights or s.needs_update for s in rec.statistics)
-        before = door.weights(variables, do_log) if weights else None
-        apply_unless_refused(verdict, lambda: original_apply(prepared.to_apply, variables),
-                             list(variables) + list(optimizer.variables), door)
-        skipped = keras.ops.convert_to_tensor(False) if verdict is None else verdict.skipped
-
-        def measure():
-            counters = {"skipped": rec.skipped.value, "overflow": rec.overflow.value,
-                        "nonfinite": rec.nonfinite.value[0]}
-            if self.spikes is not None:
-                counters["spikes"] = self.spikes.count.value
-            after = [v.value for v in variables] if weights else None
-            ctx = statistics.StepContext(
-                rec.spec, prepared.raw, prepared.observed, prepared.fractions, variables, optimizer,
-                skipped, before, after, extras, counters, rec.state)
-            row = rec.row(ctx)
-            if rec.spec.loss_scaled:  # a loss-scale overflow: the host keeps only the counters
-                row = keras.ops.where(keras.ops.arange(row.shape[0]) == 1,
-                                      keras.ops.cast(verdict.overflow, "float32"), row)
-            return row
-
-        rec.store(step, door.cond(do_log, measure, int(rec.records.shape[1])), do_log)
-        # on the host (PyTorch; JAX's `apply` outside jit): observe(log_dir=...) writes as it goes
-        if (door.EAGER or door.on_host(step)) and self.host.writer is not None \
-                and self._eager_due(int(step)):
-            self.flush(report=False)
-
-    def _policies_at_door(self, rec, step, prepared):
-        """The spike detector and the policies on JAX / PyTorch: judges the raw norm
-        (`on_spike`), decides the update and counts. Every assignment is unconditional (on
-        JAX pure values decide what is written). Returns `(verdict, extras)`."""
-        batch, self._batch = self._batch, None  # `fit` hands the batch size over (watch_batches)
-        # gradmon's own train step's numbers (penalties, noise scale, the loss), set in this step
-        extras, spike = self._take_extras(), None
-        if prepared.scale is not None:
-            extras["loss_scale"] = prepared.scale  # before the update changes it
-        if self.spikes is not None:  # every step, measured or not: the statistics are running
-            self.spikes.observer = self  # JAX: the host reads the trainer's state
-            spike = self.spikes.update(step, spikes.global_norm(prepared.raw), extras.get("loss"), batch)
-            extras["spike"] = spike
-        verdict = self.pipeline.verdict(prepared, rec.spec.loss_scaled,
-                                        rec.halted.value if self.pipeline.stops else None,
-                                        None if spike is None else spike.spike)
-        self._count(verdict, step, prepared)
-        return verdict, extras
-
-    def _logs_refused(self, do_log, verdict):
-        """`do_log`, or a non-finite step refused by the policy: the host must see it, to stop
-        or to name the variables."""
-        if verdict is None or self.on_nonfinite == "warn":
-            return do_log
-        ops = keras.ops
-        return ops.logical_or(do_log, ops.logical_and(ops.logical_not(verdict.finite),
-                                                      ops.logical_not(verdict.overflow)))
-
-    @staticmethod
-    def _noise_ema_at_door(rec, extras, do_log):
-        """JAX / PyTorch: the noise scale's EMAs advance here, on due steps, outside the pure
-        branch that computes the row; the row reads the new values (`extras["noise"]["ema"]`)."""
-        noise = extras.get("noise")
-        for statistic in rec.statistics:
-            if noise is not None and isinstance(statistic, statistics.NoiseScale):
-                ema = rec.state[statistic]
-                new = statistic.next_ema(ema.value, noise)
-                ema.assign(keras.ops.where(do_log, new, ema.value))
-                extras["noise"] = dict(noise, ema=new)
 
     def _take_extras(self):
         extras = {}
@@ -444,7 +352,7 @@ class Observer:
     def _count(self, verdict, step, prepared):
         rec = self.recorder
         if not _lazy_tf.is_tensorflow():
-            self._count_at_door(rec, verdict, step, prepared)
+            door_step.count(self, verdict, step, prepared)
             return
         if verdict is None:  # "warn", no loss scaling, no refused spikes: only the finiteness
             rec.count_nonfinite(step, tf.logical_not(self.pipeline.finite_applied(prepared)))
@@ -457,21 +365,6 @@ class Observer:
             first = tf.logical_and(verdict.halts, tf.logical_not(rec.halted))
             rec.halted_at.assign(tf.where(first, step, rec.halted_at))
             rec.halted.assign(tf.logical_or(rec.halted, verdict.halts))
-
-    def _count_at_door(self, rec, verdict, step, prepared):
-        """`_count` in `keras.ops` (JAX / PyTorch: 32-bit counters)."""
-        ops = keras.ops
-        if verdict is None:
-            rec.count_nonfinite(step, ops.logical_not(self.pipeline.finite_applied(prepared)))
-            return
-        rec.count_nonfinite(step, ops.logical_and(ops.logical_not(verdict.finite),
-                                                  ops.logical_not(verdict.overflow)))
-        rec.skipped.assign(rec.skipped.value + ops.cast(verdict.skipped, "int32"))
-        rec.overflow.assign(rec.overflow.value + ops.cast(verdict.overflow, "int32"))
-        if verdict.halts is not None:
-            first = ops.logical_and(verdict.halts, ops.logical_not(rec.halted.value))
-            rec.halted_at.assign(ops.where(first, ops.cast(step, "int32"), rec.halted_at.value))
-            rec.halted.assign(ops.logical_or(rec.halted.value, verdict.halts))
 
     def _eager_due(self, step):
         return self.host.schedule.due(step) or bool(self.on_nonfinite != "warn")
@@ -577,13 +470,6 @@ def _shape_of(values):
     if isinstance(values, (list, tuple)):
         return _Shown(f"<{type(values).__name__} of {len(values)} values>")
     return values
-
-
-def _histograms(spec, prepared):
-    """`[kinds, groups, 2 + buckets]`: raw, and transformed only when something transforms."""
-    kinds = [prepared.raw] + ([prepared.observed] if spec.has_transform else [])
-    return keras.ops.stack([moments.histogram_rows(g, spec.segment_ids, spec.num_groups,
-                                                   recorder.HISTOGRAM_BUCKETS) for g in kinds])
 
 
 class _Update:

@@ -253,7 +253,7 @@ class GradientMonitor(keras.callbacks.Callback):
 
     def on_train_batch_begin(self, batch, logs=None):
         if self._async:
-            # JAX / PyTorch: one trace measures the due steps itself (`Observer._apply_at_door`),
+            # JAX / PyTorch: one trace measures the due steps itself (`door_step.apply_at_door`),
             # no pick; and no `self.model`, which on JAX syncs all the state back
             self._begin = batch
             return
