@@ -48,6 +48,16 @@ def numpy_stats(g):
                      np.mean(g == 0), np.sum(~np.isfinite(g))])
 
 
+def tanh_mlp_gradients(w, x, y):
+    """d mean((tanh(x W1 + b1) W2 + b2 - y)^2) / d(W1, b1, W2, b2), by hand (NumPy): the
+    reference of the backend tests' two-layer tanh MLP."""
+    w1, b1, w2, b2 = w
+    h = np.tanh(x @ w1 + b1)
+    d = 2.0 * (h @ w2 + b2 - y) / y.size
+    dh = (d @ w2.T) * (1.0 - h ** 2)
+    return [x.T @ dh, dh.sum(0), h.T @ d, d.sum(0)]
+
+
 def global_norm(arrays):
     return np.sqrt(sum(np.sum(np.asarray(a, np.float64) ** 2) for a in arrays if a is not None))
 

@@ -37,7 +37,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 import gradmon  # noqa: E402
-from helpers import backend_env, backend_python, event_files, free_port, read_events  # noqa: E402
+from helpers import (  # noqa: E402
+    backend_env, backend_python, event_files, free_port, read_events, tanh_mlp_gradients)
 
 BACKEND = keras.backend.backend()
 TWO_DEVICES = "--xla_force_host_platform_device_count=2"
@@ -81,15 +82,6 @@ def _model(weights, observed=True, steps_per_execution=1):
     return model
 
 
-def _gradients(w, x, y):
-    """d mean((tanh(x W1 + b1) W2 + b2 - y)^2) / d(W1, b1, W2, b2), by hand."""
-    w1, b1, w2, b2 = w
-    h = np.tanh(x @ w1 + b1)
-    d = 2.0 * (h @ w2 + b2 - y) / y.size
-    dh = (d @ w2.T) * (1.0 - h ** 2)
-    return [x.T @ dh, dh.sum(0), h.T @ d, d.sum(0)]
-
-
 def _group(arrays, i, stat):
     """One statistic of layer `i` (its kernel and bias together)."""
     flat = np.concatenate([arrays[2 * i].ravel(), arrays[2 * i + 1].ravel()])
@@ -104,7 +96,7 @@ def _replay(weights, x, y):
     logged = []
     for step in range(STEPS):
         rows = slice(step * BATCH, (step + 1) * BATCH)
-        g = _gradients(w, x[rows].astype(np.float64), y[rows].astype(np.float64))
+        g = tanh_mlp_gradients(w, x[rows].astype(np.float64), y[rows].astype(np.float64))
         norm = np.sqrt(sum(np.sum(a ** 2) for a in g))
         applied = [a * CLIP / max(norm, CLIP) for a in g]
         new = [v - LR * a for v, a in zip(w, applied)]

@@ -21,7 +21,8 @@ import numpy as np
 import pytest
 
 import gradmon
-from helpers import finish_module_run, read_events, start_module_on_backends, stop_module_runs
+from helpers import (
+    finish_module_run, read_events, start_module_on_backends, stop_module_runs, tanh_mlp_gradients)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -49,15 +50,6 @@ def _model(weights, steps_per_execution=1, **clipping):
     model.compile(optimizer=keras.optimizers.SGD(LR, **clipping), loss="mse",
                   steps_per_execution=steps_per_execution)
     return model
-
-
-def _numpy_gradients(w, x, y):
-    """d mean((tanh(x W1 + b1) W2 + b2 - y)^2) / d(W1, b1, W2, b2), by hand."""
-    w1, b1, w2, b2 = w
-    h = np.tanh(x @ w1 + b1)
-    d = 2.0 * (h @ w2 + b2 - y) / y.size
-    dh = (d @ w2.T) * (1.0 - h ** 2)
-    return [x.T @ dh, dh.sum(0), h.T @ d, d.sum(0)]
 
 
 def _clip_global(g, c):
@@ -106,7 +98,7 @@ def _replay(weights, x, y, clip=None):
     logged = []
     for step in range(STEPS):
         rows = slice(step * BATCH, (step + 1) * BATCH)
-        g = _numpy_gradients(w, x[rows].astype(np.float64), y[rows].astype(np.float64))
+        g = tanh_mlp_gradients(w, x[rows].astype(np.float64), y[rows].astype(np.float64))
         norm = np.sqrt(sum(np.sum(a ** 2) for a in g))
         applied, fractions = (g, [0.0]) if clip is None else clip(g)
         new = [v - LR * a for v, a in zip(w, applied)]
@@ -221,7 +213,7 @@ def test_every_per_layer_statistic_of_a_numpy_replay(tmp_path):
     w = [np.asarray(v, np.float64) for v in weights]
     for step in range(1, STEPS + 1):
         rows = slice((step - 1) * BATCH, step * BATCH)
-        g = _numpy_gradients(w, x[rows].astype(np.float64), y[rows].astype(np.float64))
+        g = tanh_mlp_gradients(w, x[rows].astype(np.float64), y[rows].astype(np.float64))
         for i, name in enumerate(LAYERS):
             flat = np.concatenate([g[2 * i].ravel(), g[2 * i + 1].ravel()])
             weight = np.sqrt(np.sum(w[2 * i] ** 2) + np.sum(w[2 * i + 1] ** 2))

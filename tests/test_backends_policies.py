@@ -21,7 +21,7 @@ import pytest
 
 import gradmon
 from gradmon.measure.observer import observer_of
-from helpers import read_events
+from helpers import read_events, tanh_mlp_gradients
 
 LR, BATCH, HIDDEN = 0.1, 8, 6
 NAN = float("nan")
@@ -48,15 +48,6 @@ def _model(weights, steps_per_execution=1, **settings):
     model = gradmon.monitor(model, **settings)
     model.compile(optimizer=keras.optimizers.SGD(LR), loss="mse", steps_per_execution=steps_per_execution)
     return model
-
-
-def _numpy_gradients(w, x, y):
-    """d mean((tanh(x W1 + b1) W2 + b2 - y)^2) / d(W1, b1, W2, b2), by hand."""
-    w1, b1, w2, b2 = w
-    h = np.tanh(x @ w1 + b1)
-    d = 2.0 * (h @ w2 + b2 - y) / y.size
-    dh = (d @ w2.T) * (1.0 - h ** 2)
-    return [x.T @ dh, dh.sum(0), h.T @ d, d.sum(0)]
 
 
 def _batches(x, y):
@@ -104,7 +95,7 @@ def _replay(weights, x, y, refuse=(), stop_at=None, on_spike=None):
     detector = _Detector() if on_spike else None
     zscores, spikes, applied = [], [], 0
     for step, xb, yb in _batches(x, y):
-        g = _numpy_gradients(w, xb, yb)
+        g = tanh_mlp_gradients(w, xb, yb)
         refused = step in refuse or (stop_at is not None and step >= stop_at)
         if detector is not None and len(xb) < BATCH:
             zscores.append(NAN)
@@ -305,7 +296,7 @@ def test_loss_scale_overflows_are_counted_and_statistics_are_of_unscaled_gradien
     assert sorted(norms) == [s for s in steps if s != NAN_STEP]
     w = [np.asarray(v, np.float64) for v in weights]
     for step, xb, yb in _batches(x, y):
-        g = _numpy_gradients(w, xb, yb)
+        g = tanh_mlp_gradients(w, xb, yb)
         if step != NAN_STEP:
             np.testing.assert_allclose(norms[step], np.sqrt(sum(np.sum(a ** 2) for a in g)), rtol=2e-5)
             w = [v - LR * a for v, a in zip(w, g)]

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 import gradmon
-from helpers import read_events
+from helpers import read_events, tanh_mlp_gradients
 
 T = gradmon.transforms
 LR, BATCH, STEPS, HIDDEN = 0.1, 8, 10, 8
@@ -37,15 +37,6 @@ def _data():
                0.1 * rng.normal(size=HIDDEN).astype("float32"),
                rng.normal(size=(HIDDEN, 1)).astype("float32"), 0.1 * rng.normal(size=1).astype("float32")]
     return x, y, weights
-
-
-def _numpy_gradients(w, x, y):
-    """d mean((tanh(x W1 + b1) W2 + b2 - y)^2) / d(W1, b1, W2, b2), by hand."""
-    w1, b1, w2, b2 = w
-    h = np.tanh(x @ w1 + b1)
-    d = 2.0 * (h @ w2 + b2 - y) / y.size
-    dh = (d @ w2.T) * (1.0 - h ** 2)
-    return [x.T @ dh, dh.sum(0), h.T @ d, d.sum(0)]
 
 
 def _over(value, bound):
@@ -158,7 +149,7 @@ def _replay(replay, weights, x, y, lr=LR):
     logged = []
     for step in range(STEPS):
         rows = slice(step * BATCH, (step + 1) * BATCH)
-        g = _numpy_gradients(w, x[rows].astype(np.float64), y[rows].astype(np.float64))
+        g = tanh_mlp_gradients(w, x[rows].astype(np.float64), y[rows].astype(np.float64))
         applied, fractions, thresholds = replay(g, w)
         raw, out = _norm(g), _norm(applied)
         logged.append({"raw": raw, "transformed": out, "ratio": out / raw, "fractions": fractions,
