@@ -13,6 +13,7 @@ import json
 import os
 import subprocess
 
+import keras
 import numpy as np
 import pytest
 
@@ -124,3 +125,62 @@ def test_an_unsupported_backend_is_named(monkeypatch):
     monkeypatch.setattr(keras.backend, "backend", lambda: "numpy")
     with pytest.raises(NotImplementedError, match="Keras backend 'numpy'"):
         hvp.current()
+
+
+def _attention_model():
+    keras.utils.set_random_seed(3)
+    inputs = keras.Input((3, 4))
+    h = keras.layers.MultiHeadAttention(num_heads=1, key_dim=2, name="attention")(inputs, inputs)
+    model = keras.Model(inputs, keras.layers.Dense(1, name="out")(keras.layers.GlobalAveragePooling1D()(h)))
+    model.compile(loss="mse")
+    rng = np.random.default_rng(5)
+    return model, rng.standard_normal((8, 3, 4)).astype("float32"), rng.standard_normal((8, 1)).astype("float32")
+
+
+@pytest.mark.skipif(keras.backend.backend() != "torch", reason="PyTorch's fused attention kernels")
+def test_attention_has_a_hessian_on_torch():
+    """Keras' attention on PyTorch runs `scaled_dot_product_attention`, whose fused CPU kernel
+    has no derivative of its backward: the HVP failed there (RuntimeError), and ended the fit of
+    a Transformer under `HessianMonitor`. The spectrum now equals the eigenvalues of the
+    Hessian that `torch.func.hessian` takes of the same loss through `stateless_call`."""
+    import torch
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    import gradmon
+
+    model, x, y = _attention_model()
+    values = [v.value for v in model.trainable_variables]
+    sizes = [int(np.prod(v.shape)) for v in values]
+    others = [v.value for v in model.non_trainable_variables]
+
+    def loss(flat):
+        parts = [p.reshape(v.shape) for p, v in zip(torch.split(flat, sizes), values)]
+        out, _ = model.stateless_call(parts, others, torch.as_tensor(x))
+        return torch.mean((out - torch.as_tensor(y)) ** 2)
+
+    flat = torch.cat([v.detach().reshape(-1) for v in values])
+    with sdpa_kernel([SDPBackend.MATH]):  # the reference's own way through attention
+        explicit = torch.func.hessian(loss)(flat).double().cpu().numpy()
+    exact = np.linalg.eigvalsh((explicit + explicit.T) / 2)[::-1]
+    found = gradmon.hessian.spectrum(model, (x, y), top_k=2, tol=1e-6)
+    np.testing.assert_allclose(found.eigenvalues, exact[:2], rtol=1e-4)
+
+
+def test_a_probe_that_raises_leaves_the_fit_running(tmp_path, monkeypatch):
+    """Whatever a probe raises (an op with no second derivative, a framework error), the
+    probe is skipped with one warning naming the error, and training goes on to its end."""
+    import gradmon
+    from gradmon.hessian import operator
+
+    model, x, y = _attention_model()
+    model.compile(optimizer="sgd", loss="mse")
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("derivative for some_op_backward is not implemented")
+
+    monkeypatch.setattr(operator.HessianVectorProduct, "apply", broken)
+    with pytest.warns(UserWarning, match=r"skipped its probe at step 2: its Hessian-vector product "
+                                         r"raised RuntimeError \(derivative for some_op_backward"):
+        model.fit(x, y, batch_size=2, epochs=1, verbose=0,
+                  callbacks=[gradmon.HessianMonitor(str(tmp_path), (x, y), every_n_steps=2)])
+    assert int(model.optimizer.iterations) == 4

@@ -3,6 +3,8 @@
 See `gradmon.backend.hvp` for the interface.
 """
 
+import contextlib
+
 import numpy as np
 import torch
 
@@ -71,7 +73,7 @@ class Derivatives:
         sizes = [int(np.prod(s)) for s in self._shapes]
         tangents = [p.reshape(s).to(b.dtype) for p, s, b in
                     zip(torch.split(vector, sizes), self._shapes, block_params)]
-        with torch.enable_grad():
+        with torch.enable_grad(), _twice_differentiable_attention():
             if self._forward:
                 hv = self._jvp_of_grad(params, block_params, tangents, x, y, sample_weight)
             else:
@@ -94,6 +96,17 @@ class Derivatives:
                 lambda b: self._loss(b, params, x, y, sample_weight))(bp)
 
         return torch.func.jvp(grad, (block_params,), (tangents,))[1]
+
+
+def _twice_differentiable_attention():
+    """Keras' attention on PyTorch calls `scaled_dot_product_attention`, whose fused CPU
+    kernels have no derivative of their backward: an HVP through them fails. Within this,
+    torch picks its math kernel (plain ops, differentiable twice; the same numbers)."""
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:  # an older torch: its default kernels are used
+        return contextlib.nullcontext()
+    return sdpa_kernel([SDPBackend.MATH])
 
 
 def is_chief(model):

@@ -207,6 +207,10 @@ class HessianMonitor(keras.callbacks.Callback):
         except np.linalg.LinAlgError as error:  # e.g. NaN curvature from a NaN in the probe's loss
             self._skip(step, f"the eigensolver failed ({error})")
             return {}
+        except Exception as error:  # e.g. a framework op with no second derivative
+            self._skip(step, f"its Hessian-vector product raised {type(error).__name__} "
+                             f"({str(error).splitlines()[0] if str(error) else 'no message'})")
+            return {}
 
     def _skip(self, step, reason):
         warn_once(("hessian-probe-skipped", id(self), reason.split(" (")[0]),
