@@ -47,7 +47,8 @@ _EXPLANATIONS = {
                "on_nonfinite='skip' or 'stop', and find where the NaN came from (data, loss, "
                "learning rate, the transform).",
     CLIPPING: "clipping rewrites most steps: the effective step size is set by the "
-              "clip threshold, not the learning rate; raise max_norm or lower the lr.",
+              "clip threshold, not the learning rate; raise the threshold (max_norm, "
+              "adaptive_clip's clip_factor, zclip's z_threshold) or lower the lr.",
     EDGE_OF_STABILITY: "the sharpness is past the stability threshold of the optimizer "
                        "(ratio > 1): its update is unstable along the sharpest direction; "
                        "expect oscillating or rising loss; lower the learning rate.",
