@@ -243,4 +243,18 @@ def subprocess_runs():
 def test_backend_in_subprocess(subprocess_runs, backend):
     output = finish_module_run(subprocess_runs, backend)
     last = output.strip().splitlines()[-1]
-    assert {"jax": "5 passed", "torch": "2 passed"}[backend] in last and "failed" not in last, output[-2000:]
+    assert {"jax": "6 passed", "torch": "3 passed"}[backend] in last and "failed" not in last, output[-2000:]
+
+
+def test_the_unflushed_loop_warnings_name_this_backends_flush():
+    """A jitted JAX loop holds gradmon's state in the optimizer variables its step returns:
+    the warnings about unwritten steps tell it to hand them to `flush` / `close`; the other
+    backends' loops call them bare."""
+    from gradmon.publish import alerts
+
+    flush, close = alerts.in_a_loop_flush(), alerts.loop_close()
+    if BACKEND == "jax":
+        assert "`opt.flush(optimizer_variables=...)`" in flush and "optimizer_variables=" in close
+    else:
+        assert "`opt.flush()`" in flush and close == "`opt.gradmon.close()`"
+        assert ("tf.function" in flush) == (BACKEND == "tensorflow")

@@ -21,14 +21,37 @@ def lost_steps_text(lost, first, last, due):
     return f"steps {due[0]}, {due[1]}, ..., {due[-1]}"
 
 
+def in_a_loop_flush():
+    """How a custom loop of this backend hands its measured steps over, in words."""
+    if _jax():  # the jitted step returns the state: flush reads it from there
+        return ("in a jitted JAX loop call `opt.flush(optimizer_variables=...)` (the optimizer "
+                "variables your step returns)")
+    import keras
+
+    return "in a tf.function loop call `opt.flush()`" if keras.backend.backend() == "tensorflow" \
+        else "in a custom loop call `opt.flush()`"
+
+
+def loop_close():
+    """The call that ends a custom loop's observation, on this backend."""
+    return "`opt.gradmon.close(optimizer_variables=...)`" if _jax() else "`opt.gradmon.close()`"
+
+
+def _jax():
+    import keras
+
+    return keras.backend.backend() == "jax"
+
+
 def report_lost(lost, between, rows, buffer_steps, every, never_read, due, stacklevel):
     """Warns (every time) that `lost` measured steps among `between` were overwritten on the
     device (a ring of `rows`) before a read."""
     first, last = between
     ring = f"the device holds the last {rows} measured steps (buffer_steps={buffer_steps})"
     if never_read:
-        cause = (f"flush() was never called before; {ring}. In a tf.function loop call "
-                 "`opt.flush()` at least every that many measured steps; in `model.fit` add "
+        loop = in_a_loop_flush()
+        cause = (f"flush() was never called before; {ring}. {loop[0].upper() + loop[1:]} at "
+                 "least every that many measured steps; in `model.fit` add "
                  "`gradmon.GradientMonitor(log_dir)` to the callbacks")
     else:
         cause = f"{ring}. Call `opt.flush()` at least every {rows} measured steps"

@@ -274,10 +274,10 @@ class Publisher:
                     f"gradmon: nothing wrote the measured steps of the optimizer "
                     f"{getattr(observer.optimizer, 'name', '')!r} (observe(log_dir=...)) before "
                     f"{when}: {len(written)} were written then (up to step {observer.step}). In "
-                    "`model.fit` add `gradmon.GradientMonitor(log_dir)` to the callbacks; in a "
-                    "tf.function loop call `opt.flush()` every at most "
+                    "`model.fit` add `gradmon.GradientMonitor(log_dir)` to the callbacks; "
+                    f"{alerts.in_a_loop_flush()} every at most "
                     f"{max(observer.min_rows, observer.buffer_steps)} measured steps (buffer_steps) "
-                    "and `opt.gradmon.close()` at the end.", stacklevel=2)
+                    f"and {alerts.loop_close()} at the end.", stacklevel=2)
         except Exception as error:  # never end the process with a traceback of ours
             sys.stderr.write(f"gradmon: the measured steps not written yet could not be written at "
                              f"{when}: {type(error).__name__}: {error}\n")
