@@ -58,6 +58,42 @@ def tanh_mlp_gradients(w, x, y):
     return [x.T @ dh, dh.sum(0), h.T @ d, d.sum(0)]
 
 
+def replay_spike_detector(values, threshold, alpha=0.97, warmup=25, log=True, batches=None):
+    """z-scores, spikes [(step, z)] and counts of the on_spike detector: of the log of each value
+    (`log`: the norm's; the loss's is taken as it is), a zero value having no log; only the steps
+    whose batch is as large as the largest so far (`batches`: sizes, or None: every step); the
+    first `warmup` finite values set mean / population variance, then EMAs; a spike is folded in
+    at mean + thr * std; nothing is judged while the variance is exactly 0."""
+    buffer, mean, var, zs, found, counts = [], None, None, [], [], []
+    largest = 0
+    for step, x in enumerate(values, 1):
+        z = float("nan")
+        if batches is not None:
+            largest = max(largest, batches[step - 1])
+            if batches[step - 1] < largest:
+                x = float("nan")  # a partial batch: neither judged nor folded in
+        if log:
+            with np.errstate(divide="ignore", invalid="ignore"):
+                x = np.log(x)
+        if np.isfinite(x):
+            if mean is None:
+                buffer.append(x)
+                if len(buffer) == warmup:
+                    mean, var = np.mean(buffer), np.var(buffer)
+            else:
+                std = np.sqrt(var)
+                if var > 0:
+                    z = (x - mean) / (std + 1e-12)
+                if z > threshold:
+                    found.append((step, z))
+                    x = mean + threshold * std
+                mean = alpha * mean + (1 - alpha) * x
+                var = alpha * var + (1 - alpha) * (x - mean) ** 2
+        zs.append(z)
+        counts.append(len(found))
+    return np.array(zs), found, counts
+
+
 def global_norm(arrays):
     return np.sqrt(sum(np.sum(np.asarray(a, np.float64) ** 2) for a in arrays if a is not None))
 

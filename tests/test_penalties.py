@@ -20,7 +20,7 @@ import pytest
 import gradmon
 from gradmon.measure import penalties as P
 from gradmon import tags
-from helpers import latest_snapshot, read_events
+from helpers import latest_snapshot, read_events, replay_spike_detector
 
 RNG = np.random.default_rng(21)
 X = RNG.normal(size=(16, 3)).astype(np.float32)
@@ -317,29 +317,6 @@ def test_numpy_scalars_are_accepted_like_python_numbers():
         P.GradientNormPenalty(np.float64(-1.0))
 
 
-def replay_loss_zscores(values, threshold, alpha=0.97, warmup=25):
-    """z-scores of the on_spike detector for the loss (taken as it is, no log): the first
-    `warmup` values set mean / population variance, then EMAs, a spike folded in at
-    mean + threshold * std (the rule of tests/test_spikes.py's `replay_detector`)."""
-    buffer, mean, var, zs = [], None, None, []
-    for x in values:
-        z = float("nan")
-        if mean is None:
-            buffer.append(x)
-            if len(buffer) == warmup:
-                mean, var = np.mean(buffer), np.var(buffer)
-        else:
-            std = np.sqrt(var)
-            if var > 0:
-                z = (x - mean) / (std + 1e-12)
-            if z > threshold:
-                x = mean + threshold * std
-            mean = alpha * mean + (1 - alpha) * x
-            var = alpha * var + (1 - alpha) * (x - mean) ** 2
-        zs.append(z)
-    return np.array(zs)
-
-
 def test_own_step_hands_the_penalized_loss_to_the_spike_detector():
     """on_spike with a penalty: gradmon's own step hands the total loss (data + penalty, as the
     loss tracker gets it) to the spike detector; its loss z-scores equal a NumPy replay of the
@@ -369,7 +346,7 @@ def test_own_step_hands_the_penalized_loss_to_the_spike_detector():
     for i, (kernel, bias) in enumerate(before):
         xb, yb = x[4 * i:4 * i + 4].astype(np.float64), y[4 * i:4 * i + 4].astype(np.float64)
         losses.append(np.mean((xb @ kernel + bias - yb) ** 2) + 0.05 * ((kernel ** 2).sum() + (bias ** 2).sum()))
-    zs = replay_loss_zscores(losses, gradmon.spikes.DEFAULT_SPIKE_THRESHOLD)
+    zs, _, _ = replay_spike_detector(losses, gradmon.spikes.DEFAULT_SPIKE_THRESHOLD, log=False)  # the loss itself
     written = {s: float(v) for s, v in writer.scalars[tags.SPIKE_LOSS_ZSCORE]}
     steps = sorted(written)
     assert steps == list(range(7, 41, 7))

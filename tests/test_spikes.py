@@ -11,6 +11,7 @@ import gradmon
 from gradmon import tags
 from gradmon.measure import transforms as T
 from gradmon.publish.writer import MemoryWriter
+from helpers import replay_spike_detector as replay_detector
 
 pytestmark = pytest.mark.tensorflow_only  # needs TensorFlow: skipped whole under JAX/PyTorch (conftest.py)
 
@@ -19,42 +20,6 @@ THRESHOLD = gradmon.spikes.DEFAULT_SPIKE_THRESHOLD
 
 
 # -- independent references (numpy, lists; no gradmon code) --------------------
-
-def replay_detector(values, threshold, alpha=0.97, warmup=25, log=True, batches=None):
-    """z-scores, spikes [(step, z)] and counts of the on_spike detector: of the log of each value
-    (`log`: the norm's; the loss's is taken as it is), a zero value having no log; only the steps
-    whose batch is as large as the largest so far (`batches`: sizes, or None: every step); the
-    first `warmup` finite values set mean / population variance, then EMAs; a spike is folded in
-    at mean + thr * std; nothing is judged while the variance is exactly 0."""
-    buffer, mean, var, zs, found, counts = [], None, None, [], [], []
-    largest = 0
-    for step, x in enumerate(values, 1):
-        z = NAN
-        if batches is not None:
-            largest = max(largest, batches[step - 1])
-            if batches[step - 1] < largest:
-                x = NAN  # a partial batch: neither judged nor folded in
-        if log:
-            with np.errstate(divide="ignore", invalid="ignore"):
-                x = np.log(x)
-        if np.isfinite(x):
-            if mean is None:
-                buffer.append(x)
-                if len(buffer) == warmup:
-                    mean, var = np.mean(buffer), np.var(buffer)
-            else:
-                std = np.sqrt(var)
-                if var > 0:
-                    z = (x - mean) / (std + 1e-12)
-                if z > threshold:
-                    found.append((step, z))
-                    x = mean + threshold * std
-                mean = alpha * mean + (1 - alpha) * x
-                var = alpha * var + (1 - alpha) * (x - mean) ** 2
-        zs.append(z)
-        counts.append(len(found))
-    return np.array(zs), found, counts
-
 
 def replay_zclip(norms, z_threshold, alpha, warmup, eps=1e-6):
     """ZClip as its reference code: clipped norms, thresholds, clipped flags."""
