@@ -215,11 +215,6 @@ def finalize(grouped):
                             grouped[:, ZEROS] / size, grouped[:, NONFINITE]], axis=1)
 
 
-def safe_ratio(numerator, denominator):
-    """`numerator / denominator`, 0 where the denominator is 0."""
-    return keras.ops.divide_no_nan(numerator, denominator)
-
-
 def dot(tensor, dense):
     """Sum of `tensor * dense` in float32; a `tf.IndexedSlices` `tensor` reads only its rows
     of `dense` (repeated indices add up, as in the dense sum)."""
