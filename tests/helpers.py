@@ -267,6 +267,20 @@ def start_module_on_backends(module, backends, pytest_args=()):
     return runs
 
 
+def runs_from_the_tensorflow_suite(module, pytest_args=()):
+    """The body of a module-scoped fixture (`yield from` it): `module` started under JAX and
+    PyTorch together (their imports dominate) from the TensorFlow suite, stopped after its
+    tests; skipped under the other backends, whose own suites run the module."""
+    import keras
+    import pytest
+
+    if keras.backend.backend() != "tensorflow":
+        pytest.skip("run from the TensorFlow suite")
+    runs = start_module_on_backends(module, ("jax", "torch"), pytest_args)
+    yield runs
+    stop_module_runs(runs)
+
+
 def finish_module_run(runs, backend, timeout=180):
     """The output of `runs[backend]` once it passed; a skip when it was not started."""
     import pytest

@@ -22,7 +22,7 @@ import pytest
 
 import gradmon
 from helpers import (
-    finish_module_run, read_events, start_module_on_backends, stop_module_runs, tanh_mlp_gradients)
+    finish_module_run, read_events, runs_from_the_tensorflow_suite, tanh_mlp_gradients)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -326,12 +326,8 @@ def test_observing_imports_no_tensorflow():
 
 @pytest.fixture(scope="module")
 def subprocess_runs():
-    """This module under JAX and under PyTorch, started together (their imports dominate)."""
-    if BACKEND != "tensorflow":
-        pytest.skip("run from the TensorFlow suite")
-    runs = start_module_on_backends(os.path.abspath(__file__), ("jax", "torch"), ["-k", "not subprocess"])
-    yield runs
-    stop_module_runs(runs)
+    """This module under JAX and under PyTorch (`helpers.runs_from_the_tensorflow_suite`)."""
+    yield from runs_from_the_tensorflow_suite(os.path.abspath(__file__), ["-k", "not subprocess"])
 
 
 @pytest.mark.parametrize("backend", ["jax", "torch"])

@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 
 import gradmon
-from helpers import finish_module_run, read_events, start_module_on_backends, stop_module_runs
+from helpers import finish_module_run, read_events, runs_from_the_tensorflow_suite
 
 BACKEND = keras.backend.backend()
 LR, BATCH, STEPS, HIDDEN, CLIP = 0.1, 8, 4, 8, 0.5
@@ -231,12 +231,8 @@ def test_flush_refuses_optimizer_variables_of_another_length():
 
 @pytest.fixture(scope="module")
 def subprocess_runs():
-    """This module under JAX and under PyTorch, started together (their imports dominate)."""
-    if BACKEND != "tensorflow":
-        pytest.skip("run from the TensorFlow suite")
-    runs = start_module_on_backends(os.path.abspath(__file__), ("jax", "torch"), ["-k", "not subprocess"])
-    yield runs
-    stop_module_runs(runs)
+    """This module under JAX and under PyTorch (`helpers.runs_from_the_tensorflow_suite`)."""
+    yield from runs_from_the_tensorflow_suite(os.path.abspath(__file__), ["-k", "not subprocess"])
 
 
 @pytest.mark.parametrize("backend", ["jax", "torch"])

@@ -22,7 +22,7 @@ import pytest
 from keras import ops
 
 from gradmon.gradcheck import assert_gradients_close, check_gradients
-from helpers import finish_module_run, start_module_on_backends, stop_module_runs
+from helpers import finish_module_run, runs_from_the_tensorflow_suite
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -329,13 +329,8 @@ def test_checks_import_no_tensorflow():
 
 @pytest.fixture(scope="module")
 def subprocess_runs():
-    """This module under JAX and under PyTorch, started together (their imports dominate)."""
-    if BACKEND != "tensorflow":
-        pytest.skip("run from the TensorFlow suite")
-    runs = start_module_on_backends(os.path.abspath(__file__), ("jax", "torch"),
-                                    ["-W", "ignore::DeprecationWarning"])
-    yield runs
-    stop_module_runs(runs)
+    """This module under JAX and under PyTorch (`helpers.runs_from_the_tensorflow_suite`)."""
+    yield from runs_from_the_tensorflow_suite(os.path.abspath(__file__), ["-W", "ignore::DeprecationWarning"])
 
 
 @pytest.mark.parametrize("backend", ["jax", "torch"])
