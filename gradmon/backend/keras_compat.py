@@ -7,6 +7,7 @@ module, not seven. Read from keras 3.15.
 """
 
 import keras
+import numpy as np
 from keras.src.losses import loss as _loss_module
 from keras.src.models.functional import Functional  # noqa: F401  (re-exported)
 
@@ -41,6 +42,18 @@ def is_loss_scale_optimizer(optimizer):
 def base_optimizer(optimizer):
     """The optimizer that owns the update rule and the clipping arguments."""
     return optimizer.inner_optimizer if is_loss_scale_optimizer(optimizer) else optimizer
+
+
+def updates_before(optimizer):
+    """How many updates `optimizer` was given before gradmon saw it (its `iterations`), read on
+    the host from the variable's stored value (inside a traced step `value` is the trace's), or
+    0 when it cannot be read."""
+    iterations = getattr(base_optimizer(optimizer), "iterations", None)
+    stored = getattr(iterations, "_value", iterations)  # a Keras variable's backend value
+    try:
+        return max(0, int(np.asarray(stored.numpy() if hasattr(stored, "numpy") else stored)))
+    except Exception:  # noqa: BLE001 -- e.g. a value only a trace holds: start at 0, as before
+        return 0
 
 
 def loss_scale(optimizer):

@@ -205,6 +205,12 @@ class Observer:
             self.recorder.optimizer_id = id(optimizer)
             if carried is not None:
                 self.recorder.carry_counters(carried)
+            if shared is None and carried is None and self._restored_step is None:
+                # an optimizer that trained before gradmon saw it (a restored checkpoint, plain
+                # fits first): the step axis continues from its updates, as Keras' own does
+                before = _keras_compat.updates_before(optimizer)
+                if before:
+                    self.restore_step(before)
             if shared is None and self._restored_step is not None:
                 self.recorder.host_assign(self.recorder.step, self._restored_step)
             if held is not None:  # these variables, other settings: its steps are read now

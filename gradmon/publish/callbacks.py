@@ -130,7 +130,8 @@ class GradientMonitor(keras.callbacks.Callback):
     Summaries go to `<log_dir>/train`, the run directory that
     `keras.callbacks.TensorBoard(log_dir)` uses; the step is the number of
     updates the model's optimizer has been given (it continues across `fit`
-    calls, and across saving and loading a monitored model). Tags are listed
+    calls, and across saving and loading a monitored model; an optimizer that
+    trained before gradmon saw it continues from its `iterations`). Tags are listed
     in `gradmon.tags`. With `steps_per_execution > 1` every logged step is
     written at its own step; histograms are taken at most once per execution.
     Under multi-worker training only the chief writes. One `GradientMonitor`
