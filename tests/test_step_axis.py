@@ -26,7 +26,7 @@ def _model():
 
 
 def _iterations(optimizer):
-    return int(keras.ops.convert_to_numpy(optimizer.iterations))
+    return int(optimizer.iterations.numpy())
 
 
 def test_a_monitor_added_after_plain_fits_continues_keras_step_count():
