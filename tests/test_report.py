@@ -944,7 +944,16 @@ def test_over_the_optimizers_edge_is_flagged(tmp_path):
     rep = report.health_report(report.load_run(curvature_run(tmp_path, adam_probes(ratios))))
     assert kinds(rep) == [("edge_of_stability", "global")] and rep.notes == []
     assert rep.flags[0].detail == ("lambda_1(P^-1 H) / the optimizer's threshold between 1.25 and 1.4 "
-                                   "at the last 2 Hessian probe(s) (over the edge above 1.1)")
+                                   "at the last 2 Hessian probes (over the edge above 1.1)")
+
+
+def test_one_probe_over_the_edge_is_named_as_one_value(tmp_path):
+    """Two probes: the last 20 % is the last probe alone, named as its value (it read "between
+    1.268 and 1.268 at the last 1 Hessian probe(s)")."""
+    rep = report.health_report(report.load_run(curvature_run(tmp_path, adam_probes([1.553, 1.268]))))
+    assert kinds(rep) == [("edge_of_stability", "global")]
+    assert rep.flags[0].detail == (f"lambda_1(P^-1 H) / the optimizer's threshold {f32(1.268):.4g} "
+                                   "at the last Hessian probe (over the edge above 1.1)")
 
 
 def test_sgd_edge_is_judged_on_the_raw_sharpness(tmp_path):
@@ -980,7 +989,7 @@ def test_an_older_run_means_lr_lambda_over_2_and_is_judged_as_before_and_says_so
     rep = report.health_report(report.load_run(logdir))
     assert rep.curvature.edge_of_stability_meaning == "gradient_descent" and rep.curvature.edge_of_stability_on is None
     assert kinds(rep) == [("edge_of_stability", "global")]
-    assert rep.flags[0].detail.startswith("lr * lambda_1 / 2 between 1.3 and 1.4 at the last 2 Hessian probe(s) "
+    assert rep.flags[0].detail.startswith("lr * lambda_1 / 2 between 1.3 and 1.4 at the last 2 Hessian probes "
                                           "(threshold 1.1); an older run")
     # no "at the edge" note for the old meaning (judged as before): 0.95 at the tail says nothing new
     calm = curvature_run(tmp_path, {tags.eigenvalue(1): [2.0] * 8, tags.EDGE_OF_STABILITY: [0.95] * 8},

@@ -257,12 +257,10 @@ def _judge_curvature(curvature, run, thresholds, flags, notes):
         return flags, notes
     _, eos = run[tags.EDGE_OF_STABILITY]
     tail = eos[-series.window(len(eos), thresholds.tail_fraction):]
-    probes = f"at the last {len(tail)} Hessian probe(s)"
     if curvature.edge_of_stability_meaning == GD_EDGE:
         if np.all(tail > thresholds.edge_of_stability):
             flags.append(Flag(EDGE_OF_STABILITY, "global",
-                              f"lr * lambda_1 / 2 between {fmt_num(tail.min())} and "
-                              f"{fmt_num(tail.max())} {probes} "
+                              f"lr * lambda_1 / 2 {_over_probes(tail)} "
                               f"(threshold {fmt_num(thresholds.edge_of_stability)}); an older run: its "
                               f"`{tags.EDGE_OF_STABILITY}` is lr * lambda_1 / 2, the edge of plain "
                               "gradient descent, not the optimizer's own"))
@@ -270,12 +268,20 @@ def _judge_curvature(curvature, run, thresholds, flags, notes):
     which = curvature.edge_of_stability_on or "sharpness"
     if np.all(tail > thresholds.edge_of_stability):
         flags.append(Flag(EDGE_OF_STABILITY, "global",
-                          f"{which} / the optimizer's threshold between {fmt_num(tail.min())} and "
-                          f"{fmt_num(tail.max())} {probes} (over the edge above "
+                          f"{which} / the optimizer's threshold {_over_probes(tail)} (over the edge above "
                           f"{fmt_num(thresholds.edge_of_stability)})"))
     elif np.nanmax(tail, initial=-np.inf) >= thresholds.at_edge_of_stability:
         notes.append(Flag(AT_EDGE_OF_STABILITY, "global",
-                          f"{which} / the optimizer's threshold between {fmt_num(np.nanmin(tail))} and "
-                          f"{fmt_num(np.nanmax(tail))} (median {fmt_num(series.finite_median(tail))}) {probes}: "
+                          f"{which} / the optimizer's threshold {_over_probes(tail, median=True)}: "
                           f"at the edge from {fmt_num(thresholds.at_edge_of_stability)}"))
     return flags, notes
+
+
+def _over_probes(values, median=False):
+    """What a ratio read at the last probes: "1.3 at the last Hessian probe" for one value,
+    "between 1.25 and 1.4 (median ...) at the last 2 Hessian probes" for several."""
+    if len(values) == 1:
+        return f"{fmt_num(values[0])} at the last Hessian probe"
+    middle = f" (median {fmt_num(series.finite_median(values))})" if median else ""
+    return (f"between {fmt_num(np.nanmin(values))} and {fmt_num(np.nanmax(values))}{middle} "
+            f"at the last {len(values)} Hessian probes")
