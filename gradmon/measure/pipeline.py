@@ -33,6 +33,7 @@ or Keras models; `gradmon.observer` runs it at the optimizer's door.
 import functools
 
 import keras
+import numpy as np
 
 from gradmon.backend import lazy_tf as _lazy_tf
 from gradmon.backend import distribute as _distribute, keras_compat as _keras_compat
@@ -92,7 +93,13 @@ def all_finite(gradients):
             return keras.ops.convert_to_tensor(True)
         if keras.backend.backend() == "torch":
             return _all_finite_torch(present)
-        return keras.ops.all(keras.ops.stack([keras.ops.all(keras.ops.isfinite(g)) for g in present]))
+        # JAX: the largest magnitude of each, finite exactly when all its entries are (XLA's
+        # max propagates a NaN): one fused reduction reading the gradient, where `isfinite`
+        # wrote a full boolean array per gradient and reduced it
+        largest = [keras.ops.max(keras.ops.abs(g)) for g in present if int(np.prod(g.shape))]
+        if not largest:
+            return keras.ops.convert_to_tensor(True)
+        return keras.ops.all(keras.ops.isfinite(keras.ops.stack(largest)))  # stacked in the widest dtype
     present = [_entries(g) for g in gradients if g is not None]
     if not present:
         return tf.constant(True)

@@ -260,7 +260,7 @@ class GradientMonitor(keras.callbacks.Callback):
         self._defers = self._observer.on_nonfinite == "warn" and self._observer.on_spike is None
         self.fitting_async = self._async
         # what `after_train_function` needs, known for the whole fit
-        self._per_execution = self._observer.min_rows  # steps per execution
+        self._per_execution = int(getattr(self._model, "steps_per_execution", 1) or 1)
         self._steps = self.params.get("steps") if self.params else None
 
     def _take_functions(self, rebuild):
