@@ -230,3 +230,35 @@ def test_the_jax_step_adds_no_full_tensor_work_outside_its_cond(tmp_path):
         # the finiteness check: each gradient's magnitudes, reduced to their largest (XLA fuses
         # the two: one read of the gradient, no boolean array)
         assert full == collections.Counter(("abs", (s,)) for s in shapes)
+
+
+def test_the_jax_host_work_reads_the_state_its_execution_returned(tmp_path, monkeypatch):
+    # GradientMonitor's work after a JAX execution runs before Keras holds the state the
+    # execution returned: a host read takes it from there (door_jax._hold), once per execution
+    # and only when the host reads; a state of another layout is left alone, warned of
+    if BACKEND != "jax":
+        pytest.skip("the JAX trainer's state")
+    from gradmon.backend import door_jax
+
+    held = []
+    hold = door_jax._hold
+    monkeypatch.setattr(door_jax, "_hold", lambda model, returned: held.append(1) or hold(model, returned))
+    x, y = _data(12)
+    keras.utils.set_random_seed(0)
+    model = gradmon.monitor(keras.Sequential([keras.Input((INPUTS,)), keras.layers.Dense(6)]),
+                            on_nonfinite="skip")  # its written steps are read right after them
+    model.compile(optimizer="sgd", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    monitor = gradmon.GradientMonitor(str(tmp_path), update_freq=5)
+    written = []  # before each execution: the last step written
+    spy = keras.callbacks.LambdaCallback(on_train_batch_begin=lambda batch, logs: written.append(
+        monitor._observer.host.last_written))
+    model.fit(x, y, batch_size=BATCH, verbose=0, callbacks=[monitor, spy])
+    assert len(held) == 2  # the two executions whose host work read the device, no other
+    # step 5 was read and written right after its execution, from the state it returned
+    assert written == [0] * 5 + [5] * 5 + [10] * 2
+    assert monitor._observer.returned is None
+    model._jax_state = {"held": "before"}  # what the trainer held (after fit: None)
+    with pytest.warns(UserWarning, match="not .trainable, non_trainable, optimizer, metrics"):
+        hold(model, ({}, ([],)))  # one list: a layout gradmon does not know
+    assert dict(model._jax_state) == {"held": "before"}  # left alone
+    model._jax_state = None
