@@ -327,7 +327,7 @@ class GradientMonitorMixin:
         if config.noise_scale:
             observer.ensure_built(self.optimizer, self.trainable_weights)
             batch = kc.unpack_x_y_sample_weight(data)
-            if backend == "jax":  # every trace measures the due steps (see door_step.apply_at_door)
+            if backend == "jax" and observer.measuring:  # under `lax.cond`: the due steps
                 def noise(trainable, non_trainable, optimizer_variables):
                     return own_step.half_batch_moments_at_door(
                         self, batch, observer, trainable, non_trainable, optimizer_variables)

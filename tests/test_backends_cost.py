@@ -9,8 +9,12 @@ the causes behind them, counted (no test here times anything):
   from the train function instead, so a fit with it waits for no step's logs.
 - An unlogged batch reads nothing from the device: the device reads of a fit do not grow
   with its unlogged batches (and, on JAX, no batch syncs the trainer's state back).
+- An execution that holds no written step runs a train function that only updates (and
+  counts), as on TensorFlow: on JAX a trace of its own, which keeps no pre-update weights,
+  so XLA copies no weight in it beyond what it copies in Keras' own step.
 - On JAX the compiled step adds, outside its one `lax.cond` (the measuring branch), no work
-  over a full tensor but one finiteness check per gradient (the non-finite counter).
+  over a full tensor but one finiteness check per gradient (the non-finite counter: its
+  largest magnitude); the step that only updates has no `lax.cond` at all.
 
 Runs under every backend (`KERAS_BACKEND=tensorflow|jax|torch`); the parts that concern one
 backend only skip elsewhere.
@@ -24,6 +28,7 @@ import numpy as np
 import pytest
 
 import gradmon
+from gradmon.measure.observer import observer_of
 from gradmon.measure.recorder import Recorder
 
 BACKEND = keras.backend.backend()
@@ -129,6 +134,67 @@ def test_a_gradient_monitor_keeps_keras_batch_ends_asynchronous(tmp_path, monkey
     assert monitor._observer.host.last_written == 10
 
 
+def test_executions_without_a_written_step_run_the_train_function_that_only_updates(tmp_path,
+                                                                                   monkeypatch):
+    from gradmon.measure import observer as observer_module
+
+    applied = []  # the `measuring` switch of each hooked apply run in Python (JAX, TF: traces)
+    apply = observer_module.Observer.apply
+
+    def counted(self, *args, **kwargs):
+        applied.append(self.measuring)
+        return apply(self, *args, **kwargs)
+
+    monkeypatch.setattr(observer_module.Observer, "apply", counted)
+    x, y = _data(12)
+    model = _model()
+    monitor = gradmon.GradientMonitor(str(tmp_path), update_freq=5)
+    picked = []  # a batch begin only: Keras still hands batch ends over asynchronously
+    spy = keras.callbacks.LambdaCallback(on_train_batch_begin=lambda batch, logs: picked.append(
+        model.train_function is monitor._functions.measuring))
+    model.fit(x, y, batch_size=BATCH, verbose=0, callbacks=[monitor, spy])
+    due = [step % 5 == 0 for step in range(1, 13)]
+    assert picked == due
+    # each is traced once where the step is compiled; PyTorch runs the hooked apply every step
+    assert applied == due if BACKEND == "torch" else sorted(applied) == [False, True]
+    assert monitor._observer.host.last_written == 10
+
+
+def _copies(hlo):
+    """The arrays (not scalars) a compiled step copies, by shape."""
+    import re
+
+    return collections.Counter(shape for shape in re.findall(r"= (\S+) copy\(", hlo) if "[]" not in shape)
+
+
+def test_the_jax_step_that_writes_nothing_copies_no_weight_beyond_keras(tmp_path):
+    if BACKEND != "jax":
+        pytest.skip("the compiled JAX step")
+    import jax
+
+    x, y = _data(2)
+    copies = {}
+    for name in ("keras", "gradmon"):
+        model = _model()
+        callbacks = [gradmon.GradientMonitor(str(tmp_path), update_freq=100)] if name == "gradmon" else []
+        model.fit(x, y, batch_size=BATCH, verbose=0, callbacks=callbacks)
+        state = model._get_jax_state(trainable_variables=True, non_trainable_variables=True,
+                                     optimizer_variables=True, metrics_variables=True)
+        observer = observer_of(model.optimizer) if name == "gradmon" else None
+        for measuring in ((True, False) if observer is not None else (None,)):
+            if observer is not None:
+                observer.measuring = measuring
+            try:  # a function of its own: a trace of its own; donated as Keras' train function does
+                step = jax.jit(lambda state, data: model.train_step(state, data), donate_argnums=0)
+                copies[name, measuring] = _copies(step.lower(state, (x[:BATCH], y[:BATCH])).compile().as_text())
+            finally:
+                if observer is not None:
+                    observer.measuring = True
+    assert copies["gradmon", False] == copies["keras", None]
+    # the counter sees copies: the measuring step keeps the pre-update weights for the update ratio
+    assert copies["gradmon", True] - copies["keras", None]
+
+
 def test_the_jax_step_adds_no_full_tensor_work_outside_its_cond(tmp_path):
     if BACKEND != "jax":
         pytest.skip("the compiled JAX step (jax.make_jaxpr)")
@@ -136,18 +202,63 @@ def test_the_jax_step_adds_no_full_tensor_work_outside_its_cond(tmp_path):
 
     x, y = _data(2)
     eqns, shapes = {}, None
-    for name in ("plain", "gradmon"):
+    for name in ("keras", "gradmon"):
         model = _model()
         callbacks = [gradmon.GradientMonitor(str(tmp_path), update_freq=100)] if name == "gradmon" else []
         model.fit(x, y, batch_size=BATCH, verbose=0, callbacks=callbacks)
         state = model._get_jax_state(trainable_variables=True, non_trainable_variables=True,
                                      optimizer_variables=True, metrics_variables=True)
-        jaxpr = jax.make_jaxpr(model.train_step)(state, (x[:BATCH], y[:BATCH])).jaxpr
-        eqns[name] = collections.Counter(
-            (e.primitive.name, tuple(tuple(v.aval.shape) for v in e.outvars)) for e in jaxpr.eqns)
+        observer = observer_of(model.optimizer) if name == "gradmon" else None
+        for measuring in ((True, False) if observer is not None else (None,)):
+            if observer is not None:
+                observer.measuring = measuring
+            try:
+                step = lambda state, data: model.train_step(state, data)  # noqa: E731 (a trace of its own)
+                jaxpr = jax.make_jaxpr(step)(state, (x[:BATCH], y[:BATCH])).jaxpr
+            finally:
+                if observer is not None:
+                    observer.measuring = True
+            eqns[name, measuring] = collections.Counter(
+                (e.primitive.name, tuple(tuple(v.aval.shape) for v in e.outvars)) for e in jaxpr.eqns)
         shapes = [tuple(v.shape) for v in model.trainable_variables]
-    extra = eqns["gradmon"] - eqns["plain"]
-    assert not eqns["plain"] - eqns["gradmon"]  # Keras' step is all there
-    assert sum(n for (primitive, _), n in extra.items() if primitive == "cond") == 1
-    full = collections.Counter({k: n for k, n in extra.items() if any(s in shapes for s in k[1])})
-    assert full == collections.Counter(("is_finite", (s,)) for s in shapes)
+    keras_step = eqns["keras", None]
+    for measuring, conds in ((True, 1), (False, 0)):  # the measuring step; the one that only updates
+        extra = eqns["gradmon", measuring] - keras_step
+        assert not keras_step - eqns["gradmon", measuring]  # Keras' step is all there
+        assert sum(n for (primitive, _), n in extra.items() if primitive == "cond") == conds
+        full = collections.Counter({k: n for k, n in extra.items() if any(s in shapes for s in k[1])})
+        # the finiteness check: each gradient's magnitudes, reduced to their largest (XLA fuses
+        # the two: one read of the gradient, no boolean array)
+        assert full == collections.Counter(("abs", (s,)) for s in shapes)
+
+
+def test_the_jax_host_work_reads_the_state_its_execution_returned(tmp_path, monkeypatch):
+    # GradientMonitor's work after a JAX execution runs before Keras holds the state the
+    # execution returned: a host read takes it from there (door_jax._hold), once per execution
+    # and only when the host reads; a state of another layout is left alone, warned of
+    if BACKEND != "jax":
+        pytest.skip("the JAX trainer's state")
+    from gradmon.backend import door_jax
+
+    held = []
+    hold = door_jax._hold
+    monkeypatch.setattr(door_jax, "_hold", lambda model, returned: held.append(1) or hold(model, returned))
+    x, y = _data(12)
+    keras.utils.set_random_seed(0)
+    model = gradmon.monitor(keras.Sequential([keras.Input((INPUTS,)), keras.layers.Dense(6)]),
+                            on_nonfinite="skip")  # its written steps are read right after them
+    model.compile(optimizer="sgd", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    monitor = gradmon.GradientMonitor(str(tmp_path), update_freq=5)
+    written = []  # before each execution: the last step written
+    spy = keras.callbacks.LambdaCallback(on_train_batch_begin=lambda batch, logs: written.append(
+        monitor._observer.host.last_written))
+    model.fit(x, y, batch_size=BATCH, verbose=0, callbacks=[monitor, spy])
+    assert len(held) == 2  # the two executions whose host work read the device, no other
+    # step 5 was read and written right after its execution, from the state it returned
+    assert written == [0] * 5 + [5] * 5 + [10] * 2
+    assert monitor._observer.returned is None
+    model._jax_state = {"held": "before"}  # what the trainer held (after fit: None)
+    with pytest.warns(UserWarning, match="not .trainable, non_trainable, optimizer, metrics"):
+        hold(model, ({}, ([],)))  # one list: a layout gradmon does not know
+    assert dict(model._jax_state) == {"held": "before"}  # left alone
+    model._jax_state = None

@@ -300,3 +300,23 @@ def test_loss_scale_overflows_are_counted_and_statistics_are_of_unscaled_gradien
         if step != NAN_STEP:
             np.testing.assert_allclose(norms[step], np.sqrt(sum(np.sum(a ** 2) for a in g)), rtol=2e-5)
             w = [v - LR * a for v, a in zip(w, g)]
+
+
+@pytest.mark.parametrize("bad", [NAN, float("inf"), -float("inf"), None])
+def test_the_finiteness_check_equals_numpy_entry_by_entry(bad):
+    # what the non-finite counter and the policies judge each step (PyTorch: two reductions per
+    # gradient, no boolean tensor), against NumPy's isfinite; the float16 gradient's finite entries
+    # sum to inf (a check by sums would call it non-finite), an empty gradient is finite
+    from gradmon.measure.pipeline import all_finite
+
+    rng = np.random.default_rng(3)
+    for trial in range(8):
+        arrays = [rng.normal(size=(5, 4)).astype("float32"), rng.normal(size=7).astype("float32"),
+                  np.array([6e4, 6e4, -1.0], "float16"), np.zeros([0, 3], "float32")]
+        if bad is not None:
+            which = trial % 3
+            arrays[which].reshape(-1)[rng.integers(arrays[which].size)] = bad
+        expected = all(np.isfinite(a).all() for a in arrays)
+        grads = [keras.ops.convert_to_tensor(a) for a in arrays]
+        assert bool(keras.ops.convert_to_numpy(all_finite(grads))) == expected
+    assert expected == (bad is None)  # the counter sees non-finite entries

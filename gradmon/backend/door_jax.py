@@ -102,10 +102,39 @@ def _unsynced_state(observer):
     state newer than the variables, else `(None, None)`."""
     ref = getattr(observer, "trainer", None)
     model = ref() if ref is not None else None
+    returned = getattr(observer, "returned", None)
+    if returned is not None and model is not None:
+        observer.returned = None  # held once, by the first read of that execution's host work
+        _hold(model, returned)
     state = getattr(model, "_jax_state", None) if model is not None else None
     if not state or getattr(model, "_jax_state_synced", True):
         return None, None
     return model, state
+
+
+def _hold(model, returned):
+    """Hands the state a JAX train function returned, `(logs, state)`, to its model's trainer
+    as the trainer itself does right after (`_jax_state`), for the host reads and
+    writes of `GradientMonitor`'s work, which runs before the trainer gets it back.
+
+    The state is the trainer's `(trainable, non_trainable, optimizer, metrics)` values; one
+    of another layout is left alone (warned of once): the host then reads the state the
+    trainer held before this execution.
+    """
+    from gradmon._validation import warn_once
+
+    state = returned[1] if isinstance(returned, tuple) and len(returned) == 2 else None
+    optimizer = getattr(model, "optimizer", None)
+    if not (isinstance(state, (tuple, list)) and len(state) == 4 and optimizer is not None
+            and isinstance(state[2], (tuple, list)) and len(state[2]) == len(optimizer.variables)):
+        warn_once(("jax-state-layout", id(model)),
+                  "gradmon: the state returned by Keras' JAX train function is not "
+                  "(trainable, non_trainable, optimizer, metrics) values; gradmon reads its "
+                  "numbers one execution late.")
+        return
+    names = ("trainable_variables", "non_trainable_variables", "optimizer_variables",
+             "metrics_variables")
+    model._jax_state = dict(zip(names, state))
 
 
 def on_host(value):

@@ -27,8 +27,14 @@ def apply_at_door(observer, optimizer, original_apply, grads, variables):
     clip = transforms.from_optimizer(_keras_compat.base_optimizer(optimizer))
     prepared = observer.pipeline.prepare(grads, variables, _keras_compat.loss_scale(optimizer), clip)
     verdict, extras = _policies(observer, rec, step, prepared)
-    # `measuring` is not read: JAX shares one trace between `fit`'s two train functions (one
-    # jit cache for the same step function), so every trace measures the due steps itself
+    update = lambda: original_apply(prepared.to_apply, variables)  # noqa: E731
+    touched = list(variables) + list(optimizer.variables)
+    if not observer.measuring:
+        # a step the host knows writes nothing (`GradientMonitor` picks `fit`'s train function
+        # per execution, as on TensorFlow): the update and the counters, no branch at all; on
+        # JAX its own trace, which keeps no pre-update weights (no copy of them in XLA)
+        apply_unless_refused(verdict, update, touched, door)
+        return
     do_log = _logs_refused(observer, rec.should_log(step), verdict)
     _advance_noise_ema(rec, extras, do_log)
     if rec.histograms_wanted:  # of the gradients, before the update (as on TensorFlow)
@@ -38,8 +44,7 @@ def apply_at_door(observer, optimizer, original_apply, grads, variables):
         rec.store_histograms(step, taken, due)
     weights = any(s.needs_weights or s.needs_update for s in rec.statistics)
     before = door.weights(variables, do_log) if weights else None
-    apply_unless_refused(verdict, lambda: original_apply(prepared.to_apply, variables),
-                         list(variables) + list(optimizer.variables), door)
+    apply_unless_refused(verdict, update, touched, door)
     skipped = keras.ops.convert_to_tensor(False) if verdict is None else verdict.skipped
 
     def measure():

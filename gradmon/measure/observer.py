@@ -63,6 +63,9 @@ class Observer:
         self.measuring = True
         self.trainer = None  # weakref to the model whose `fit` runs the steps (JAX: its state)
         self.carried = None  # a functional JAX loop's optimizer variables, while `flush` reads them
+        # what `fit`'s JAX train function returned, while `GradientMonitor` does the host work of
+        # that execution (before Keras holds it): host reads take the state from there
+        self.returned = None
 
     def watch_model(self, model):
         """Notes the model whose `fit` runs the observed steps: on JAX the host reads the

@@ -187,6 +187,9 @@ class Recorder:
 
     def count_nonfinite(self, step, bad):
         """Folds one step into `nonfinite` (a few scalar ops, no branch): `bad` is a bool scalar."""
+        if _OPS and keras.backend.backend() == "torch":
+            self._count_nonfinite_torch(step, bad)
+            return
         held = _keras_compat.variable_value(self.nonfinite)
         dtype = keras.backend.standardize_dtype(self.nonfinite.dtype)  # int64; JAX / PyTorch int32
         # the count + 1; the first if none is pending; the latest: this step
@@ -194,6 +197,23 @@ class Recorder:
         first_or_last = keras.ops.logical_or(held < 0, keras.ops.convert_to_tensor([False, False, True]))
         seen = keras.ops.where(first_or_last, keras.ops.cast(step, dtype), seen)
         self.nonfinite.assign(keras.ops.where(bad, seen, held))
+
+    def _count_nonfinite_torch(self, step, bad):
+        """`count_nonfinite` in three torch ops (PyTorch runs it eagerly every step: `keras.ops`
+        would convert its constants from Python lists each time, several times dearer)."""
+        import torch
+
+        held = self.nonfinite.value
+        constants = self.__dict__.get("_nonfinite_constants")
+        if constants is None or constants[0].device != held.device:
+            constants = (torch.tensor([1, 0, 0], dtype=held.dtype, device=held.device),
+                         torch.tensor([False, False, True], device=held.device))
+            self._nonfinite_constants = constants
+        count, last = constants
+        # the count + 1; the first if none is pending; the latest: this step
+        seen = torch.where(torch.logical_or(held < 0, last), torch.as_tensor(step, dtype=held.dtype),
+                           held + count)
+        self.nonfinite.assign(torch.where(torch.as_tensor(bad), seen, held))
 
     def keep_weights(self, variables):
         for buffer, v in zip(self.weight_buffers, variables):

@@ -12,6 +12,7 @@ room (at most `_READ_WITHIN_SECONDS`): one read serves many of them.
 importable from here as before.
 """
 
+import contextlib
 import time
 import warnings
 
@@ -52,13 +53,32 @@ def _with_measuring(observer, train_function, measuring):
     return function
 
 
-def _hold_jax_state(model, result):
-    """Hands the state a JAX train function returned (`(logs, state)`) to the model as its
-    trainer does right after (its `_jax_state`), for host reads (`gradmon.backend.door_jax`)
-    made before Keras gets it back."""
-    trainable, non_trainable, optimizer_variables, metrics = result[1]
-    model._jax_state = {"trainable_variables": trainable, "non_trainable_variables": non_trainable,
-                        "optimizer_variables": optimizer_variables, "metrics_variables": metrics}
+@contextlib.contextmanager
+def _own_jax_trace(model):
+    """Within it, `model.train_step` is a function of its own (JAX).
+
+    `jax.jit` keeps one cache of traces per function, and Keras' JAX trainer jits
+    `model.train_step`, a bound method equal to itself at every call: two train functions
+    made in turn would share one trace, so the one that only updates would measure too
+    (keeping the pre-update weights, which XLA copies every step).
+    """
+    if keras.backend.backend() != "jax":
+        yield
+        return
+    held = model.__dict__.get("train_step")
+    step = model.train_step
+
+    def train_step(*args, **kwargs):
+        return step(*args, **kwargs)
+
+    object.__setattr__(model, "train_step", train_step)  # not a tracked attribute
+    try:
+        yield
+    finally:
+        if held is None:
+            model.__dict__.pop("train_step", None)
+        else:
+            object.__setattr__(model, "train_step", held)
 
 
 _TRAIN_FUNCTIONS = "_gradmon_train_functions"
@@ -81,7 +101,8 @@ class _TrainFunctions:
         self.recorder = observer.recorder  # None until the first trace builds it
         made = []
         for measuring in (True, False):
-            model.make_train_function(force=True)
+            with contextlib.nullcontext() if measuring else _own_jax_trace(model):
+                model.make_train_function(force=True)
             made.append(_with_measuring(observer, model.train_function, measuring))
         self.measuring, self.plain = made
 
@@ -239,6 +260,9 @@ class GradientMonitor(keras.callbacks.Callback):
         # foresee: read after each execution that held a written step, as they happen
         self._defers = self._observer.on_nonfinite == "warn" and self._observer.on_spike is None
         self.fitting_async = self._async
+        # what `after_train_function` needs, known for the whole fit
+        self._per_execution = int(getattr(self._model, "steps_per_execution", 1) or 1)
+        self._steps = self.params.get("steps") if self.params else None
 
     def _take_functions(self, rebuild):
         """The model's two train functions (`_TrainFunctions`), made only when it has none that
@@ -253,18 +277,15 @@ class GradientMonitor(keras.callbacks.Callback):
         self._functions = functions
 
     def on_train_batch_begin(self, batch, logs=None):
-        if self._async:
-            # JAX / PyTorch: one trace measures the due steps itself (`door_step.apply_at_door`),
-            # no pick; and no `self.model`, which on JAX syncs all the state back
-            self._begin = batch
-            return
+        self._begin = batch  # JAX / PyTorch: `after_train_function` ends this execution
         if self._observer.on_nonfinite != "warn":
             return  # refused steps must be measured, to name them: always the measuring one
-        # measure when this execution (the next steps_per_execution steps) holds a due step
+        # measure when this execution (the next steps_per_execution steps) holds a due step;
+        # `_model`: on JAX `self.model` syncs the trainer's whole state back
         measure = self._host_step + self._observer.min_rows >= self._next_due
         function = self._functions.measuring if measure else self._functions.plain
-        if self.model.train_function is not function:
-            self.model.train_function = function
+        if self._model.train_function is not function:
+            self._model.train_function = function
 
     def after_train_function(self, result):
         """`on_train_batch_end`'s work, on JAX and PyTorch, run by the train function right after
@@ -272,13 +293,15 @@ class GradientMonitor(keras.callbacks.Callback):
         `stop_training`, as on TensorFlow, while Keras hands the logs to the callbacks
         asynchronously. The execution's last step is its first plus steps per execution, within
         the epoch's steps where Keras knows them."""
-        if keras.backend.backend() == "jax":
-            _hold_jax_state(self._model, result)  # the host reads what this execution returned
-        end = self._begin + self._observer.min_rows - 1
-        steps = self.params.get("steps") if self.params else None
-        if steps:
-            end = min(end, steps - 1)
-        self._after_execution(end)
+        end = self._begin + self._per_execution - 1
+        if self._steps:
+            end = min(end, self._steps - 1)
+        observer = self._observer
+        observer.returned = result  # JAX: a host read takes this execution's state from it
+        try:
+            self._after_execution(end)
+        finally:
+            observer.returned = None
 
     def on_train_batch_end(self, batch, logs=None):
         # TensorFlow (JAX / PyTorch: `after_train_function`, see `__init__`)
