@@ -14,6 +14,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import keras
 import numpy as np
@@ -54,10 +55,37 @@ def test_keras_file_continues_the_step_axis_and_the_nonfinite_count(tmp_path):
     m.save(path)
     loaded = keras.saving.load_model(path)  # gradmon imported: the monitored model, its state
     writer = MemoryWriter()
-    loaded.fit(X[:16], Y[:16], batch_size=16, verbose=0, callbacks=[gradmon.GradientMonitor(writer=writer)])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loaded.fit(X[:16], Y[:16], batch_size=16, verbose=0, callbacks=[gradmon.GradientMonitor(writer=writer)])
     # steps 2..6 were non-finite (5), and the loaded model's NaN weights make step 7 the 6th
     assert written(writer, "gradients/nonfinite_steps") == {7: 6.0}
     assert loaded.gradient_observer.step == 7
+    # the saving process warned of steps 2..6: this one warns of step 7 alone
+    assert nonfinite_warnings(caught) == ["gradmon: non-finite gradients at step 7 (on_nonfinite='warn')"]
+
+
+def nonfinite_warnings(caught):
+    return [str(w.message).split(":", 2)[0] + ":" + str(w.message).split(":", 2)[1] for w in caught
+            if "non-finite gradients" in str(w.message)]
+
+
+def test_weights_loaded_into_the_same_model_warn_of_the_next_nonfinite_step(tmp_path):
+    """Loading an earlier state into a model that had counted more non-finite steps since: the
+    next non-finite step is still warned of (the count went back with the loaded state)."""
+    x = X.copy()
+    x[20, 0] = np.nan  # step 2 of each epoch: non-finite (weights NaN from then on)
+    m = fitted(x, epochs=1)  # steps 2, 3 non-finite
+    path = str(tmp_path / "m.weights.h5")
+    m.save_weights(path)
+    m.fit(x, Y, batch_size=16, verbose=0, shuffle=False, callbacks=[gradmon.GradientMonitor(writer=MemoryWriter())])
+    m.load_weights(path)  # back to step 3, two non-finite steps counted
+    writer = MemoryWriter()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        m.fit(X[:16], Y[:16], batch_size=16, verbose=0, callbacks=[gradmon.GradientMonitor(writer=writer)])
+    assert written(writer, "gradients/nonfinite_steps") == {4: 3.0}
+    assert nonfinite_warnings(caught) == ["gradmon: non-finite gradients at step 4 (on_nonfinite='warn')"]
 
 
 def test_weights_file_restores_the_step_axis_and_loads_into_the_plain_model(tmp_path):

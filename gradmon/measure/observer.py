@@ -79,7 +79,9 @@ class Observer:
     def restore_step(self, step):
         """Continues the step axis at `step` (after loading a saved model)."""
         self._restored_step = int(step)
-        self.host.last_written = max(self.host.last_written, int(step))
+        if int(step) < self.host.last_written:  # an earlier state: the steps after it come again
+            self.host.rewind(int(step))
+        self.host.last_written = int(step)
         if self.recorder is not None:
             self.recorder.host_assign(self.recorder.step, int(step))
 

@@ -39,7 +39,7 @@ class Publisher:
         self.nonfinite_warned = None  # (first, last) of the last run of steps warned of
         self._spike_count_read = 0
         self._spikes_written = -1  # the step of the last spike written
-        self._nonfinite_taken = 0
+        self.nonfinite_reported = 0  # the device count of non-finite steps taken (saved with the model)
         self._headers = set()  # (writer id, recorder id) whose layout and config are written
         self._reported_at = float("-inf")
 
@@ -89,6 +89,18 @@ class Publisher:
                                self.reads == 0, self.schedule.due_steps(*between, lost), stacklevel=5)
         return snapshots
 
+    def rewind(self, step):
+        """The step axis goes back to `step` (an earlier state was loaded into this observer):
+        the steps after it will be measured again, so what the device still holds of them (record
+        rows, spikes) is forgotten and they are written when measured anew."""
+        self.last_written = step
+        for rec in self.observer.rings:
+            rec.forget_after(step)
+        self.spikes_seen = [(s, z) for s, z in self.spikes_seen if s <= step]
+        self._spikes_written = min(self._spikes_written, step)
+        if self.observer.spikes is not None and self.observer.recorder is not None:
+            self.observer.spikes.forget_after(step, self.observer.recorder.host_assign)
+
     def retire(self, rec):
         """Stops reading `rec` (replaced for the same variables): its measured steps are kept for
         the next `flush`."""
@@ -123,6 +135,10 @@ class Publisher:
             alerts.report_spikes(observer, new, stacklevel=4)
         return new
 
+    def spikes_counted(self, count):
+        """The device's spike count was set (a loaded state): its spikes are not new ones."""
+        self._spike_count_read = count
+
     def take_nonfinite(self):
         """`(count, first, last)` of the steps whose update was non-finite since the last call
         (counted on the device at every step, measured or not; loss-scale overflows left out),
@@ -131,12 +147,13 @@ class Publisher:
         if rec is None:
             return None
         count, first, last = rec.read_nonfinite()
-        new = count - self._nonfinite_taken
+        new = count - self.nonfinite_reported
         if new <= 0:
             return None
         rec.nonfinite_reported(count, last)
-        self._nonfinite_taken = count
-        return new, (first if first >= 0 else last), last
+        self.nonfinite_reported = count
+        first = first if first >= 0 else last
+        return min(new, last - first + 1), first, last  # no more steps than the range holds
 
     def stop_cause(self):
         """`(step, cause, policy)` of the step that stopped the updates (once `stopped`).
