@@ -56,6 +56,7 @@ class Observer:
         self._key = None
         self.min_rows = 1  # e.g. steps_per_execution
         self._restored_step = None
+        self.fit_owner = None  # weakref to the monitored model whose `fit` writes (monitor())
         # the host side: the schedule, reading back, warnings, writing (`observer.host`)
         self.host = Publisher(self)
         # read while tracing: False traces an update that measures nothing (steps the host
@@ -258,12 +259,15 @@ class Observer:
             return original_apply(grads, trainable_variables)
         variables = list(trainable_variables) if trainable_variables is not None \
             else _keras_compat.optimizer_variables(optimizer)
+        self.host.check_outside_fit()  # in Python: each eager step, each trace
         if not _lazy_tf.is_tensorflow():
             return door_step.apply_at_door(self, optimizer, original_apply, grads, variables)
         self._warn_missing(variables, grads)
         self.ensure_built(optimizer, variables)
         rec, extras = self.recorder, self._take_extras()
         batch, self._batch = self._batch, None  # taken with the extras: before any all-reduce
+        if batch is None and self.on_spike is not None:
+            self.host.no_batch_size()
         step = rec.step.assign_add(1, read_value=True)
         clip = transforms.from_optimizer(_keras_compat.base_optimizer(optimizer))
         scale = _keras_compat.loss_scale(optimizer)
@@ -337,9 +341,11 @@ class Observer:
 
         A batch smaller than the largest seen so far (the last, partial batch of
         an epoch) is then neither judged nor folded into the running statistics:
-        its gradient is noisier by nature, not a spike. In `fit` gradmon does it
-        by itself; in a custom loop call it in the same step (the same
-        `tf.function`) before `apply_gradients`, or every step is judged. Without
+        its gradient is noisier by nature, not a spike. In the `fit` of a monitored
+        model (`gradmon.monitor`, or a `GradientMonitor` among the callbacks) gradmon
+        does it by itself; in a custom loop (or a plain `fit` of a model compiled with
+        an observed optimizer) call it in the same step (the same `tf.function`)
+        before `apply_gradients`, or every step is judged (warned once). Without
         `on_spike` it does nothing.
 
         Args:

@@ -139,6 +139,21 @@ class Publisher:
         """The device's spike count was set (a loaded state): its spikes are not new ones."""
         self._spike_count_read = count
 
+    def no_batch_size(self):
+        """A step without a batch size for the spike detector (warned once)."""
+        alerts.no_batch_size(self.observer)
+
+    def check_outside_fit(self):
+        """Warns once when the optimizer of the monitored model that owns the observer
+        (`observer.fit_owner`) is applied outside the model's `fit` with nothing to write
+        what is measured (no own writer, no `GradientMonitor`)."""
+        owner = self.observer.fit_owner
+        model = owner() if owner is not None else None
+        if model is None or getattr(model, "_gradmon_fitting", 0) or self.writer is not None \
+                or self.monitor is not None:
+            return
+        alerts.outside_fit(model, measured=True)
+
     def take_nonfinite(self):
         """`(count, first, last)` of the steps whose update was non-finite since the last call
         (counted on the device at every step, measured or not; loss-scale overflows left out),
