@@ -11,6 +11,7 @@ into the plain model (gradmon adds no model or optimizer variable to the files).
 
 import json
 import os
+import pickle
 import subprocess
 import sys
 import textwrap
@@ -106,28 +107,40 @@ def test_weights_file_restores_the_step_axis_and_loads_into_the_plain_model(tmp_
     assert int(keras.ops.convert_to_numpy(plain.optimizer.iterations)) == 6
 
 
+def test_a_monitored_model_pickles_with_its_state():
+    """Keras pickles models (e.g. for distributed computing frameworks): a monitored one too."""
+    m = fitted()
+    copied = pickle.loads(pickle.dumps(m))
+    assert type(copied) is type(m) and copied.gradient_observer.step == m.gradient_observer.step == 6
+    np.testing.assert_array_equal(copied.predict(X, verbose=0), m.predict(X, verbose=0))
+
+
 def test_keras_file_loads_with_plain_keras_where_gradmon_is_not_installed(tmp_path):
     m = fitted()
     path = str(tmp_path / "m.keras")
     m.save(path)
     np.save(tmp_path / "x.npy", X)
     np.save(tmp_path / "expected.npy", m.predict(X, verbose=0))
+    (tmp_path / "m.pickle").write_bytes(pickle.dumps(m))  # a pickle holds the same saved bytes
     code = textwrap.dedent(f"""
-        import json, sys
+        import json, pickle, sys
         sys.modules["gradmon"] = None  # gradmon is installed editable in the venv: block it
         import keras
         import numpy as np
 
         m = keras.saving.load_model({path!r})
         diff = np.max(np.abs(m.predict(np.load("x.npy"), verbose=0) - np.load("expected.npy")))
-        print(json.dumps([type(m).__module__, float(diff)]))
+        with open("m.pickle", "rb") as f:
+            p = pickle.load(f)
+        pdiff = np.max(np.abs(p.predict(np.load("x.npy"), verbose=0) - np.load("expected.npy")))
+        print(json.dumps([type(m).__module__, float(diff), type(p).__module__, float(pdiff)]))
         """)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env.update(KERAS_BACKEND=keras.backend.backend(), TF_CPP_MIN_LOG_LEVEL="3")
     result = subprocess.run([sys.executable, "-c", code], cwd=str(tmp_path), env=env, capture_output=True,
                             text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert json.loads(result.stdout.strip().splitlines()[-1]) == ["keras.src.models.functional", 0.0]
+    assert json.loads(result.stdout.strip().splitlines()[-1]) == ["keras.src.models.functional", 0.0] * 2
 
 
 @pytest.mark.skipif(keras.backend.backend() != "jax", reason="JAX: a functional loop's optimizer state")
