@@ -19,7 +19,7 @@ from gradmon import saving
 from gradmon.measure import penalties as penalties_module
 from gradmon.measure import spikes, statistics, transforms
 from gradmon._validation import invalid
-from gradmon.measure.observer import Observer, observer_of
+from gradmon.measure.observer import Observer, observer_of, write_at_exit  # noqa: F401 (callbacks)
 from gradmon.measure.settings import GradientSettings
 from gradmon.publish import policy
 

@@ -75,3 +75,24 @@ def test_an_observed_optimizer_in_a_loop_is_not_warned_of(tmp_path):
     opt = gradmon.observe(m.optimizer, log_dir=str(tmp_path))
     assert loop_steps(m) == []
     opt.gradmon.close()
+
+
+def test_steps_measured_after_a_monitored_fit_and_never_flushed_are_written_at_exit():
+    from gradmon.measure.observer import _WRITE_AT_EXIT
+
+    m = gradmon.monitor(compiled())
+    writer = MemoryWriter()
+    fit_warnings(m, callbacks=[gradmon.GradientMonitor(writer=writer, update_freq=1)])  # steps 1, 2
+    observer = m.gradient_observer
+    assert observer in _WRITE_AT_EXIT
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        observer.host.finish()  # what the end of the process runs: nothing left, nothing said
+    assert [str(w.message) for w in caught if "gradmon" in str(w.message)] == []
+    loop_steps(m, steps=3)  # steps 3..5, measured; the loop never flushes
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        observer.host.finish()
+    said = [str(w.message) for w in caught if "written only at" in str(w.message)]
+    assert len(said) == 1 and "3 measured steps" in said[0] and "up to step 5" in said[0]
+    assert sorted(dict(writer.scalars["gradients/raw/global_norm"])) == [1, 2, 3, 4, 5]

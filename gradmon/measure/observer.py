@@ -619,7 +619,7 @@ def observe(optimizer, log_dir=None, transform=None, name=None, update_freq=1, h
     if door is not None and not door.EAGER:
         _build_with_state(observer, optimizer)
     if observer.host.writer is not None:
-        _WRITE_AT_EXIT.add(observer)
+        write_at_exit(observer)
     return optimizer
 
 
@@ -638,9 +638,15 @@ def _build_with_state(observer, optimizer):
         build(_keras_compat.optimizer_variables(optimizer))
 
 
-# observers with an event file of their own: what they measured and nobody wrote is written at
-# exit (a tf.function loop that never called flush(), a fit without GradientMonitor)
+# observers with an event file of their own, or a GradientMonitor's: what they measured and nobody
+# wrote is written at exit (a tf.function loop that never called flush(), a fit without
+# GradientMonitor, a custom loop after a monitored fit)
 _WRITE_AT_EXIT = weakref.WeakSet()
+
+
+def write_at_exit(observer):
+    """What `observer` measured and nobody wrote is written at exit (`Publisher.finish`)."""
+    _WRITE_AT_EXIT.add(observer)
 
 
 @atexit.register
