@@ -53,8 +53,9 @@ def outside_fit(model, measured):
             "it observes the optimizer once `fit` starts)")
     warn_once(("outside-fit", id(model)),
               f"gradmon: the optimizer of the monitored model {model.name!r} applied gradients "
-              f"outside the model's `fit` (a custom loop or `train_on_batch`): {what}. To observe a "
-              "custom loop, observe its optimizer: `opt = gradmon.observe(optimizer, log_dir=..., "
+              "outside the model's `fit` (a custom loop, `train_on_batch`, or the `fit` of another "
+              f"model sharing it): {what}. To observe a custom loop, observe its optimizer: "
+              "`opt = gradmon.observe(optimizer, log_dir=..., "
               f"transform=...)`, and {in_a_loop_flush()} every few "
               "steps.")
 
