@@ -324,6 +324,8 @@ class Publisher:
         if observer.recorder is None or getattr(self.monitor, "fitting_async", False):
             return
         try:
+            if self.monitor.flush_writer is None:  # a worker that does not write
+                return
             written = self.flush(report=False)
             if written:
                 warnings.warn(
