@@ -19,7 +19,7 @@ from gradmon import saving
 from gradmon.measure import penalties as penalties_module
 from gradmon.measure import spikes, statistics, transforms
 from gradmon._validation import invalid
-from gradmon.measure.observer import Observer, observer_of
+from gradmon.measure.observer import Observer, observer_of, write_at_exit  # noqa: F401 (callbacks)
 from gradmon.measure.settings import GradientSettings
 from gradmon.publish import policy
 
@@ -145,12 +145,35 @@ def watched_fit_arguments(model, args, kwargs):
 @contextlib.contextmanager
 def _unread_written_if_interrupted(model):
     """A `fit` that an exception ends (a callback's, Ctrl-C) gets no `on_train_end`: the
-    measured steps its `GradientMonitor` still holds in the ring are written on the way out."""
+    measured steps its `GradientMonitor` still holds in the ring are written on the way out.
+    While it runs, the model is marked as fitting (its optimizer applied outside is warned of)."""
+    object.__setattr__(model, "_gradmon_fitting", getattr(model, "_gradmon_fitting", 0) + 1)
     try:
         yield
     except BaseException:
         policy.write_unread(model._gradmon_observer)
         raise
+    finally:
+        object.__setattr__(model, "_gradmon_fitting", model._gradmon_fitting - 1)
+
+
+def _own(model, observer):
+    """Makes `model` the owner of `observer` (its `fit` writes), and guards the model's
+    optimizer until `fit` hooks it: applied before (a custom loop), it warns once."""
+    observer.fit_owner = weakref.ref(model)
+    optimizer = getattr(model, "optimizer", None)
+    if optimizer is None or observer_of(optimizer) is not None or "apply" in optimizer.__dict__:
+        return
+    owner = weakref.ref(model)
+
+    def apply(grads, trainable_variables=None):
+        if observer_of(optimizer) is None and owner() is not None:
+            from gradmon.publish import alerts
+
+            alerts.outside_fit(owner(), measured=False)
+        return type(optimizer).apply(optimizer, grads, trainable_variables)
+
+    object.__setattr__(optimizer, "apply", apply)
 
 
 def instrument(model, observer):
@@ -188,6 +211,21 @@ def observer_for(model):
         observer = observer_of(getattr(model, "optimizer", None)) or Observer()
         observer = instrument(model, observer)._gradmon_observer
     return observer
+
+
+def _guard_after_compile(model):
+    """After each `compile`, the model's optimizer warns when applied before `fit` (`_own`).
+
+    An instance attribute, not an override: Keras skips `compile` when loading a model
+    whose class overrides it."""
+    compile_, owner = model.compile, weakref.ref(model)
+
+    def compile(*args, **kwargs):
+        compile_(*args, **kwargs)
+        _own(owner(), owner()._gradmon_observer)
+
+    compile.__doc__ = compile_.__doc__
+    object.__setattr__(model, "compile", compile)
 
 
 class GradientMonitorMixin:
@@ -236,6 +274,8 @@ class GradientMonitorMixin:
         object.__setattr__(self, "_gradmon_observer", config.observer)
         super().__init__(*args, **kwargs)
         saving.attach(self)
+        config.observer.fit_owner = weakref.ref(self)
+        _guard_after_compile(self)
 
     def configure_gradients(self, transform=None, grouping="layer", stats=None, penalties=None,
                             noise_scale=False, on_nonfinite="warn", on_spike=None,
@@ -408,6 +448,7 @@ def _replace_observer(model, new):
         object.__setattr__(model, "_gradmon_observer", new)
     else:
         instrument(model, new)
+    _own(model, new)
     if old is not None and old.host.monitor is not None:
         old.host.monitor.adopt(new)
     model.train_function = None

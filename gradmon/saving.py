@@ -71,6 +71,10 @@ def observer_state(observer):
             state[name] = _read(observer, variable).tolist()  # a count, or a vector of them
         elif name in pending:
             state[name] = pending[name]
+    if rec is not None:  # how many of the non-finite steps counted were already warned of
+        state["nonfinite_reported"] = observer.host.nonfinite_reported
+    elif "nonfinite_reported" in pending:
+        state["nonfinite_reported"] = pending["nonfinite_reported"]
     tracker = observer.spikes
     if tracker is not None:
         state["spikes"] = {"norm": _read(observer, tracker.norm_state).tolist(),
@@ -117,10 +121,15 @@ def apply_restored(observer):
             value = np.asarray(state[name], keras.backend.standardize_dtype(variable.dtype))
             if value.shape == tuple(variable.shape):
                 _assign(observer, variable, value)
+    if "nonfinite" in state:  # the steps counted before were warned of by the saving process
+        count, first, last = state["nonfinite"]
+        pending = last - first + 1 if first >= 0 else 0  # files of before: at most the range
+        observer.host.nonfinite_reported = int(state.get("nonfinite_reported", max(count - pending, 0)))
     tracker, saved = observer.spikes, state.get("spikes")
     if tracker is not None and saved:
         _assign(observer, tracker.norm_state, np.asarray(saved["norm"], np.float64))
         _assign(observer, tracker.count, int(saved.get("count", 0)))
+        observer.host.spikes_counted(int(saved.get("count", 0)))  # those were the saver's to read
         # full batches only are judged: a partial first batch after resuming is not one
         _assign(observer, tracker.largest_batch, int(saved.get("largest_batch", 0)))
         if tracker.loss_state is not None and "loss" in saved:

@@ -227,6 +227,15 @@ def serialize_as(plain):
     def decorate(cls):
         # `__qualname__` stays gradmon's: `type(model)` reads e.g. `...functional._MonitoredFunctional`
         cls.__module__, cls.__name__ = plain.__module__, plain.__name__
+
+        def __reduce__(self):
+            # Keras pickles a model as its saved bytes and `cls._unpickle_model`, a reference
+            # to the class by module and qualname, which this renamed class cannot be found
+            # by: `plain`'s loads the same bytes (the monitored model where gradmon is imported)
+            _, arguments = super(cls, self).__reduce__()
+            return plain._unpickle_model, arguments
+
+        cls.__reduce__ = __reduce__
         return cls
 
     return decorate

@@ -56,6 +56,7 @@ class Observer:
         self._key = None
         self.min_rows = 1  # e.g. steps_per_execution
         self._restored_step = None
+        self.fit_owner = None  # weakref to the monitored model whose `fit` writes (monitor())
         # the host side: the schedule, reading back, warnings, writing (`observer.host`)
         self.host = Publisher(self)
         # read while tracing: False traces an update that measures nothing (steps the host
@@ -82,7 +83,9 @@ class Observer:
     def restore_step(self, step):
         """Continues the step axis at `step` (after loading a saved model)."""
         self._restored_step = int(step)
-        self.host.last_written = max(self.host.last_written, int(step))
+        if int(step) < self.host.last_written:  # an earlier state: the steps after it come again
+            self.host.rewind(int(step))
+        self.host.last_written = int(step)
         if self.recorder is not None:
             self.recorder.host_assign(self.recorder.step, int(step))
 
@@ -265,12 +268,15 @@ class Observer:
             return original_apply(grads, trainable_variables)
         variables = list(trainable_variables) if trainable_variables is not None \
             else _keras_compat.optimizer_variables(optimizer)
+        self.host.check_outside_fit()  # in Python: each eager step, each trace
         if not _lazy_tf.is_tensorflow():
             return door_step.apply_at_door(self, optimizer, original_apply, grads, variables)
         self._warn_missing(variables, grads)
         self.ensure_built(optimizer, variables)
         rec, extras = self.recorder, self._take_extras()
         batch, self._batch = self._batch, None  # taken with the extras: before any all-reduce
+        if batch is None and self.on_spike is not None:
+            self.host.no_batch_size()
         step = rec.step.assign_add(1, read_value=True)
         clip = transforms.from_optimizer(_keras_compat.base_optimizer(optimizer))
         scale = _keras_compat.loss_scale(optimizer)
@@ -344,9 +350,11 @@ class Observer:
 
         A batch smaller than the largest seen so far (the last, partial batch of
         an epoch) is then neither judged nor folded into the running statistics:
-        its gradient is noisier by nature, not a spike. In `fit` gradmon does it
-        by itself; in a custom loop call it in the same step (the same
-        `tf.function`) before `apply_gradients`, or every step is judged. Without
+        its gradient is noisier by nature, not a spike. In the `fit` of a monitored
+        model (`gradmon.monitor`, or a `GradientMonitor` among the callbacks) gradmon
+        does it by itself; in a custom loop (or a plain `fit` of a model compiled with
+        an observed optimizer) call it in the same step (the same `tf.function`)
+        before `apply_gradients`, or every step is judged (warned once). Without
         `on_spike` it does nothing.
 
         Args:
@@ -620,7 +628,7 @@ def observe(optimizer, log_dir=None, transform=None, name=None, update_freq=1, h
     if door is not None and not door.EAGER:
         _build_with_state(observer, optimizer)
     if observer.host.writer is not None:
-        _WRITE_AT_EXIT.add(observer)
+        write_at_exit(observer)
     return optimizer
 
 
@@ -639,9 +647,15 @@ def _build_with_state(observer, optimizer):
         build(_keras_compat.optimizer_variables(optimizer))
 
 
-# observers with an event file of their own: what they measured and nobody wrote is written at
-# exit (a tf.function loop that never called flush(), a fit without GradientMonitor)
+# observers with an event file of their own, or a GradientMonitor's: what they measured and nobody
+# wrote is written at exit (a tf.function loop that never called flush(), a fit without
+# GradientMonitor, a custom loop after a monitored fit)
 _WRITE_AT_EXIT = weakref.WeakSet()
+
+
+def write_at_exit(observer):
+    """What `observer` measured and nobody wrote is written at exit (`Publisher.finish`)."""
+    _WRITE_AT_EXIT.add(observer)
 
 
 @atexit.register

@@ -263,6 +263,16 @@ class Recorder:
             value = np.clip(value, -2 ** 31, 2 ** 31 - 1)  # "never" period: no int32 step reaches it
         self.door.assign(variable, np.asarray(value, variable.dtype), self.observer)
 
+    def forget_after(self, step):
+        """Drops the held rows of steps after `step` (the axis went back: they come again)."""
+        self.host_step = min(self.host_step, step)
+        held = self.records if self.door is None else self.record_steps
+        values = np.array(self.host_read(held))
+        steps = values[:, 0] if values.ndim == 2 else values
+        if (steps > step).any():
+            steps[steps > step] = -1
+            self.host_assign(held, values)
+
     def _host_rows(self):
         rows = self.host_read(self.records)
         if self.door is not None:

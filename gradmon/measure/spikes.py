@@ -224,6 +224,16 @@ class SpikeTracker:
     def rows(self):
         return int(self.ring.shape[0])
 
+    def forget_after(self, step, assign):
+        """Drops the held spikes of steps after `step` (the axis went back), with the host's
+        `assign(variable, value)`."""
+        held = self.ring_steps if _OPS else self.ring
+        values = np.array(self._host(held))
+        steps = values[:, 0] if values.ndim == 2 else values
+        if (steps > step).any():
+            steps[steps > step] = -1
+            assign(held, values)
+
     def _judge(self, variable, x, counted):
         """`(z, spike)` of `x` against `variable`'s state, which then folds `x` in (winsorised);
         where not `counted` (a partial batch) nothing is judged or folded."""

@@ -43,6 +43,35 @@ def _jax():
     return keras.backend.backend() == "jax"
 
 
+def outside_fit(model, measured):
+    """Warns once per model that its optimizer applied gradients outside its `fit` (a custom loop,
+    `train_on_batch`), where nothing reads what gradmon measures (`measured`: the optimizer is
+    observed, so the transform and policies act; else nothing of gradmon runs there)."""
+    what = ("gradmon transforms and measures these updates, but nothing writes them or warns of "
+            "non-finite gradients there (in `fit`, `gradmon.GradientMonitor` does)" if measured else
+            "gradmon does not observe these updates (no statistic, transform or non-finite check: "
+            "it observes the optimizer once `fit` starts)")
+    warn_once(("outside-fit", id(model)),
+              f"gradmon: the optimizer of the monitored model {model.name!r} applied gradients "
+              "outside the model's `fit` (a custom loop, `train_on_batch`, or the `fit` of another "
+              f"model sharing it): {what}. To observe a custom loop, observe its optimizer: "
+              "`opt = gradmon.observe(optimizer, log_dir=..., "
+              f"transform=...)`, and {in_a_loop_flush()} every few "
+              "steps.")
+
+
+def no_batch_size(observer):
+    """Warns once per observer that its spike detector gets no batch sizes (`on_spike` set, and
+    neither a monitored model's `fit` nor `observe_batch` hands them over)."""
+    warn_once(("no-batch-size", id(observer)),
+              f"gradmon: on_spike={observer.on_spike!r}, but no batch size reaches the spike detector: "
+              "every step is judged as a full batch, so a smaller last batch of an epoch (its "
+              "gradient is noisier by nature) can be taken for a spike. In `fit`, monitor the model "
+              "(`gradmon.monitor(model)`, or a `gradmon.GradientMonitor` in the callbacks), which hands "
+              "each batch's size over; in a custom loop call `opt.gradmon.observe_batch(x)` before "
+              "`apply_gradients` (not needed when every batch has the same size).")
+
+
 def report_lost(lost, between, rows, buffer_steps, every, never_read, due, stacklevel):
     """Warns (every time) that `lost` measured steps among `between` were overwritten on the
     device (a ring of `rows`) before a read."""

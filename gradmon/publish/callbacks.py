@@ -228,6 +228,7 @@ class GradientMonitor(keras.callbacks.Callback):
             observer.close()  # its steps so far to its own file, which is then closed
         self._observer, self._schedule = observer, host.schedule
         host.monitor = self
+        monitored.write_at_exit(observer)  # a custom loop after the fit that never flushes: written at exit
         host.writer = None  # writing goes through this callback (chief only)
         wants = self.histogram_freq > 0
         if observer.histograms != wants:

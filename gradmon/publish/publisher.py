@@ -39,7 +39,7 @@ class Publisher:
         self.nonfinite_warned = None  # (first, last) of the last run of steps warned of
         self._spike_count_read = 0
         self._spikes_written = -1  # the step of the last spike written
-        self._nonfinite_taken = 0
+        self.nonfinite_reported = 0  # the device count of non-finite steps taken (saved with the model)
         self._headers = set()  # (writer id, recorder id) whose layout and config are written
         self._reported_at = float("-inf")
 
@@ -89,6 +89,18 @@ class Publisher:
                                self.reads == 0, self.schedule.due_steps(*between, lost), stacklevel=5)
         return snapshots
 
+    def rewind(self, step):
+        """The step axis goes back to `step` (an earlier state was loaded into this observer):
+        the steps after it will be measured again, so what the device still holds of them (record
+        rows, spikes) is forgotten and they are written when measured anew."""
+        self.last_written = step
+        for rec in self.observer.rings:
+            rec.forget_after(step)
+        self.spikes_seen = [(s, z) for s, z in self.spikes_seen if s <= step]
+        self._spikes_written = min(self._spikes_written, step)
+        if self.observer.spikes is not None and self.observer.recorder is not None:
+            self.observer.spikes.forget_after(step, self.observer.recorder.host_assign)
+
     def retire(self, rec):
         """Stops reading `rec` (replaced for the same variables): its measured steps are kept for
         the next `flush`."""
@@ -123,6 +135,25 @@ class Publisher:
             alerts.report_spikes(observer, new, stacklevel=4)
         return new
 
+    def spikes_counted(self, count):
+        """The device's spike count was set (a loaded state): its spikes are not new ones."""
+        self._spike_count_read = count
+
+    def no_batch_size(self):
+        """A step without a batch size for the spike detector (warned once)."""
+        alerts.no_batch_size(self.observer)
+
+    def check_outside_fit(self):
+        """Warns once when the optimizer of the monitored model that owns the observer
+        (`observer.fit_owner`) is applied outside the model's `fit` with nothing to write
+        what is measured (no own writer, no `GradientMonitor`)."""
+        owner = self.observer.fit_owner
+        model = owner() if owner is not None else None
+        if model is None or getattr(model, "_gradmon_fitting", 0) or self.writer is not None \
+                or self.monitor is not None:
+            return
+        alerts.outside_fit(model, measured=True)
+
     def take_nonfinite(self):
         """`(count, first, last)` of the steps whose update was non-finite since the last call
         (counted on the device at every step, measured or not; loss-scale overflows left out),
@@ -131,12 +162,13 @@ class Publisher:
         if rec is None:
             return None
         count, first, last = rec.read_nonfinite()
-        new = count - self._nonfinite_taken
+        new = count - self.nonfinite_reported
         if new <= 0:
             return None
         rec.nonfinite_reported(count, last)
-        self._nonfinite_taken = count
-        return new, (first if first >= 0 else last), last
+        self.nonfinite_reported = count
+        first = first if first >= 0 else last
+        return min(new, last - first + 1), first, last  # no more steps than the range holds
 
     def stop_cause(self):
         """`(step, cause, policy)` of the step that stopped the updates (once `stopped`).
@@ -262,7 +294,10 @@ class Publisher:
     def finish(self, when="the end of the process"):
         """At exit (or when dropped): writes what was measured and not written (`close`), and
         warns when nothing had read the measured steps before (never raises)."""
-        if self.writer is None or self.monitor is not None:
+        if self.monitor is not None:
+            self._finish_adopted(when)
+            return
+        if self.writer is None:
             return
         try:
             observer = self.observer
@@ -278,6 +313,29 @@ class Publisher:
                     f"{alerts.in_a_loop_flush()} every at most "
                     f"{max(observer.min_rows, observer.buffer_steps)} measured steps (buffer_steps) "
                     f"and {alerts.loop_close()} at the end.", stacklevel=2)
+        except Exception as error:  # never end the process with a traceback of ours
+            sys.stderr.write(f"gradmon: the measured steps not written yet could not be written at "
+                             f"{when}: {type(error).__name__}: {error}\n")
+
+    def _finish_adopted(self, when):
+        """`finish` for an observer a `GradientMonitor` writes for: the steps measured after its
+        last `fit` (a custom loop that never called `flush()`) go to the monitor's run, warned of."""
+        observer = self.observer
+        if observer.recorder is None or getattr(self.monitor, "fitting_async", False):
+            return
+        try:
+            if self.monitor.flush_writer is None:  # a worker that does not write
+                return
+            written = self.flush(report=False)
+            if written:
+                warnings.warn(
+                    f"gradmon: {len(written)} measured step{'s' if len(written) > 1 else ''} of the "
+                    f"optimizer {getattr(observer.optimizer, 'name', '')!r} after its last `fit` (up to "
+                    f"step {written[-1].step}) {'were' if len(written) > 1 else 'was'} written only at "
+                    f"{when}, to that fit's run: in a loop after `fit`, call `flush()` (`opt.flush()`, or "
+                    "`model.gradient_observer.flush()` for a monitored model) every at most "
+                    f"{max(observer.min_rows, observer.buffer_steps)} measured steps (buffer_steps).",
+                    stacklevel=2)
         except Exception as error:  # never end the process with a traceback of ours
             sys.stderr.write(f"gradmon: the measured steps not written yet could not be written at "
                              f"{when}: {type(error).__name__}: {error}\n")
