@@ -211,14 +211,8 @@ class Observer:
             self.recorder.optimizer_id = id(optimizer)
             if carried is not None:
                 self.recorder.carry_counters(carried)
-            if shared is None and carried is None and self._restored_step is None:
-                # an optimizer that trained before gradmon saw it (a restored checkpoint, plain
-                # fits first): the step axis continues from its updates, as Keras' own does
-                before = _keras_compat.updates_before(optimizer)
-                if before:
-                    self.restore_step(before)
-            if shared is None and self._restored_step is not None:
-                self.recorder.host_assign(self.recorder.step, self._restored_step)
+            if shared is None:
+                _start_step_axis(self, optimizer, carried is None)
             if held is not None:  # these variables, other settings: its steps are read now
                 self.host.retire(held[1])
             self.rings.append(self.recorder)
@@ -480,6 +474,19 @@ class Observer:
 class _Shown(str):
     def __repr__(self):
         return str(self)
+
+
+def _start_step_axis(observer, optimizer, fresh):
+    """Sets a new step counter (no other recorder's to share) where the axis goes on: a loaded
+    model's step, else, for a `fresh` counter (none carried over), the updates the optimizer was
+    given before gradmon saw it (a restored checkpoint, plain fits first), as Keras' own step
+    count does."""
+    if fresh and observer._restored_step is None:
+        before = _keras_compat.updates_before(optimizer)
+        if before:
+            observer.restore_step(before)
+    if observer._restored_step is not None:
+        observer.recorder.host_assign(observer.recorder.step, observer._restored_step)
 
 
 def _shape_of(values):
