@@ -555,6 +555,39 @@ def test_thick_restarts_bound_the_basis_and_stay_accurate(monkeypatch):
         assert residual == pytest.approx(explicit, abs=1e-5 * expected[-1])
 
 
+def test_steps_already_orthogonal_skip_the_correction_and_stay_accurate(monkeypatch):
+    # The coefficients of each new Lanczos vector on the basis are measured every step; the
+    # correction pass runs only above a tenth of `tol` (at most ORTHOGONAL_ENOUGH) of its norm.
+    from gradmon.hessian import lanczos as hessian_lanczos
+
+    model, data, loss = dense_tanh()
+    matrix = explicit_hessian(model, loss, *data)
+    expected = np.linalg.eigvalsh(matrix)
+    runs = {}
+    step = hessian_lanczos._Lanczos.step
+
+    def recording_step(self, *args, **kwargs):
+        result = step(self, *args, **kwargs)
+        runs[id(self)] = (self.skipped, self.m)
+        return result
+
+    monkeypatch.setattr(hessian_lanczos._Lanczos, "step", recording_step)
+    skipped = {}
+    for tol in (1e-3, 1e-7):
+        runs.clear()
+        spec = hessian.spectrum(model, data, top_k=3, smallest=True, tol=tol, seed=0,
+                                max_hvps=2000)
+        skipped[tol] = sum(s for s, _ in runs.values())
+        assert_close(spec.eigenvalues, expected[::-1][:3])
+        assert_close(spec.min_eigenvalue, expected[0])
+        for value, vector, residual in zip(spec.eigenvalues, spec.eigenvectors, spec.residuals):
+            explicit = np.linalg.norm(matrix @ vector - value * vector)
+            assert residual == pytest.approx(explicit, abs=1e-5 * expected[-1])
+    assert skipped[1e-3] > 0
+    # at 1e-8 of the norm a float32 vector's coefficients rarely pass: fewer skips
+    assert skipped[1e-7] < skipped[1e-3]
+
+
 def test_lanczos_vectors_stay_on_device_in_the_model_dtype(monkeypatch):
     model, data, loss = dense_tanh()
     op = hessian.make_hvp(model, data)
