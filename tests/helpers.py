@@ -15,6 +15,22 @@ import time
 import numpy as np
 
 
+def tiny_regression():
+    """(x, y): 48 rows of 4 normal inputs (seed 0) and 2 normal targets (seed 1), float32."""
+    return (np.random.default_rng(0).normal(size=(48, 4)).astype("float32"),
+            np.random.default_rng(1).normal(size=(48, 2)).astype("float32"))
+
+
+def tiny_functional():
+    """A seeded functional Dense(5, tanh) -> Dense(2) on 4 inputs (the data of `tiny_regression`)."""
+    import keras
+
+    keras.utils.set_random_seed(3)
+    inputs = keras.Input((4,))
+    h = keras.layers.Dense(5, activation="tanh")(inputs)
+    return keras.Model(inputs, keras.layers.Dense(2)(h))
+
+
 def tape_gradients(model, loss_fn, x, y, sample_weight=None):
     """Gradients of `loss_fn` (+ regularization) at `model`'s current weights, by a plain tape."""
     import tensorflow as tf
