@@ -15,6 +15,22 @@ import time
 import numpy as np
 
 
+def tiny_regression():
+    """(x, y): 48 rows of 4 normal inputs (seed 0) and 2 normal targets (seed 1), float32."""
+    return (np.random.default_rng(0).normal(size=(48, 4)).astype("float32"),
+            np.random.default_rng(1).normal(size=(48, 2)).astype("float32"))
+
+
+def tiny_functional():
+    """A seeded functional Dense(5, tanh) -> Dense(2) on 4 inputs (the data of `tiny_regression`)."""
+    import keras
+
+    keras.utils.set_random_seed(3)
+    inputs = keras.Input((4,))
+    h = keras.layers.Dense(5, activation="tanh")(inputs)
+    return keras.Model(inputs, keras.layers.Dense(2)(h))
+
+
 def tape_gradients(model, loss_fn, x, y, sample_weight=None):
     """Gradients of `loss_fn` (+ regularization) at `model`'s current weights, by a plain tape."""
     import tensorflow as tf
@@ -56,6 +72,47 @@ def tanh_mlp_gradients(w, x, y):
     d = 2.0 * (h @ w2 + b2 - y) / y.size
     dh = (d @ w2.T) * (1.0 - h ** 2)
     return [x.T @ dh, dh.sum(0), h.T @ d, d.sum(0)]
+
+
+def clip_global_norm(grads, max_norm):
+    """`grads` scaled to a global norm of at most `max_norm`, and [whether it clipped] (NumPy)."""
+    norm = global_norm(grads)
+    return [a * max_norm / max(norm, max_norm) for a in grads], [float(norm > max_norm)]
+
+
+def _layer_stat(arrays, i, stat):
+    """One statistic of layer `i` of the tanh MLP (its kernel and bias together)."""
+    flat = np.concatenate([arrays[2 * i].ravel(), arrays[2 * i + 1].ravel()])
+    return {"norm": np.linalg.norm(flat), "max_abs": np.max(np.abs(flat)),
+            "rms": np.sqrt(np.mean(flat ** 2)), "zero_fraction": np.mean(flat == 0)}[stat]
+
+
+def replay_tanh_mlp(weights, x, y, lr, batch, steps, clip=None, stats=("norm",), layers=("dense", "dense_1")):
+    """The tanh MLP (`tanh_mlp_gradients`) trained by SGD(`lr`) on `steps` consecutive batches of
+    `batch` rows, in float64: per step the numbers gradmon logs (global norms, clip ratio and
+    fraction, each layer's `stats` of the raw and applied gradient, update ratios), and the final
+    weights. `clip`: g -> (applied g, [fraction of each clip]), or None (nothing clipped)."""
+    w = [np.asarray(v, np.float64) for v in weights]
+    logged = []
+    for step in range(steps):
+        rows = slice(step * batch, (step + 1) * batch)
+        g = tanh_mlp_gradients(w, x[rows].astype(np.float64), y[rows].astype(np.float64))
+        applied, fractions = (g, [0.0]) if clip is None else clip(g)
+        new = [v - lr * a for v, a in zip(w, applied)]
+        deltas = [a - b for a, b in zip(new, w)]
+        norm, out = global_norm(g), global_norm(applied)
+        row = {"gradients/raw/global_norm": norm,
+               "gradients/transformed/global_norm": out,
+               "gradients/clip/ratio": out / norm,
+               "gradients/clip/fraction": max(fractions)}
+        for i, layer in enumerate(layers):
+            for stat in stats:
+                row[f"gradients/raw/{stat}/{layer}"] = _layer_stat(g, i, stat)
+                row[f"gradients/transformed/{stat}/{layer}"] = _layer_stat(applied, i, stat)
+            row[f"gradients/update_ratio/{layer}"] = _layer_stat(deltas, i, "norm") / _layer_stat(w, i, "norm")
+        logged.append(row)
+        w = new
+    return logged, w
 
 
 def replay_spike_detector(values, threshold, alpha=0.97, warmup=25, log=True, batches=None):

@@ -38,7 +38,7 @@ sys.path.insert(0, HERE)
 
 import gradmon  # noqa: E402
 from helpers import (  # noqa: E402
-    backend_env, backend_python, event_files, free_port, read_events, tanh_mlp_gradients)
+    backend_env, backend_python, clip_global_norm, event_files, free_port, read_events, replay_tanh_mlp)
 
 BACKEND = keras.backend.backend()
 TWO_DEVICES = "--xla_force_host_platform_device_count=2"
@@ -82,37 +82,11 @@ def _model(weights, observed=True, steps_per_execution=1):
     return model
 
 
-def _group(arrays, i, stat):
-    """One statistic of layer `i` (its kernel and bias together)."""
-    flat = np.concatenate([arrays[2 * i].ravel(), arrays[2 * i + 1].ravel()])
-    return {"norm": np.linalg.norm(flat), "max_abs": np.max(np.abs(flat)),
-            "rms": np.sqrt(np.mean(flat ** 2)), "zero_fraction": np.mean(flat == 0)}[stat]
-
-
 def _replay(weights, x, y):
     """Per step: the numbers gradmon logs, from the hand-written gradient clipped to CLIP; the
     final weights."""
-    w = [np.asarray(v, np.float64) for v in weights]
-    logged = []
-    for step in range(STEPS):
-        rows = slice(step * BATCH, (step + 1) * BATCH)
-        g = tanh_mlp_gradients(w, x[rows].astype(np.float64), y[rows].astype(np.float64))
-        norm = np.sqrt(sum(np.sum(a ** 2) for a in g))
-        applied = [a * CLIP / max(norm, CLIP) for a in g]
-        new = [v - LR * a for v, a in zip(w, applied)]
-        deltas = [a - b for a, b in zip(new, w)]
-        row = {"gradients/raw/global_norm": norm,
-               "gradients/transformed/global_norm": min(norm, CLIP),
-               "gradients/clip/ratio": min(norm, CLIP) / norm,
-               "gradients/clip/fraction": float(norm > CLIP)}
-        for i, layer in enumerate(LAYERS):
-            for stat in GROUP_STATS:
-                row[f"gradients/raw/{stat}/{layer}"] = _group(g, i, stat)
-                row[f"gradients/transformed/{stat}/{layer}"] = _group(applied, i, stat)
-            row[f"gradients/update_ratio/{layer}"] = _group(deltas, i, "norm") / _group(w, i, "norm")
-        logged.append(row)
-        w = new
-    return logged, w
+    return replay_tanh_mlp(weights, x, y, LR, BATCH, STEPS, lambda g: clip_global_norm(g, CLIP),
+                           GROUP_STATS, LAYERS)
 
 
 def _assert_replayed(events, expected):

@@ -22,7 +22,8 @@ import pytest
 
 import gradmon
 from helpers import (
-    finish_module_run, read_events, runs_from_the_tensorflow_suite, tanh_mlp_gradients)
+    clip_global_norm, finish_module_run, read_events, replay_tanh_mlp, runs_from_the_tensorflow_suite,
+    tanh_mlp_gradients)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -52,11 +53,6 @@ def _model(weights, steps_per_execution=1, **clipping):
     return model
 
 
-def _clip_global(g, c):
-    norm = np.sqrt(sum(np.sum(a ** 2) for a in g))
-    return [a * c / max(norm, c) for a in g], [float(norm > c)]
-
-
 def _clip_norm(g, c):
     norms = [np.sqrt(np.sum(a ** 2)) for a in g]
     return [a * c / max(n, c) for a, n in zip(g, norms)], [np.mean([n > c for n in norms])]
@@ -71,13 +67,13 @@ def _clip_value(g, c):
 CASES = {
     "none": (None, {}, None),
     "clip_by_global_norm": (lambda: gradmon.transforms.clip_by_global_norm(0.5), {},
-                            lambda g: _clip_global(g, 0.5)),
+                            lambda g: clip_global_norm(g, 0.5)),
     "clip_by_norm": (lambda: gradmon.transforms.clip_by_norm(0.3), {}, lambda g: _clip_norm(g, 0.3)),
     "clip_by_value": (lambda: gradmon.transforms.clip_by_value(0.05), {}, lambda g: _clip_value(g, 0.05)),
     "chain": (lambda: gradmon.transforms.chain(gradmon.transforms.clip_by_value(0.2),
                                                gradmon.transforms.clip_by_global_norm(0.5)), {},
-              lambda g: _chained(g, lambda h: _clip_value(h, 0.2), lambda h: _clip_global(h, 0.5))),
-    "optimizer_global_clipnorm": (None, {"global_clipnorm": 0.5}, lambda g: _clip_global(g, 0.5)),
+              lambda g: _chained(g, lambda h: _clip_value(h, 0.2), lambda h: clip_global_norm(h, 0.5))),
+    "optimizer_global_clipnorm": (None, {"global_clipnorm": 0.5}, lambda g: clip_global_norm(g, 0.5)),
     "optimizer_clipnorm_with_transform": (lambda: gradmon.transforms.clip_by_value(0.2), {"clipnorm": 0.3},
                                           lambda g: _chained(g, lambda h: _clip_value(h, 0.2),
                                                              lambda h: _clip_norm(h, 0.3))),
@@ -94,28 +90,7 @@ def _chained(g, *transforms):
 
 def _replay(weights, x, y, clip=None):
     """Per step: the numbers gradmon logs, from the hand-written gradient; and the final weights."""
-    w = [np.asarray(v, np.float64) for v in weights]
-    logged = []
-    for step in range(STEPS):
-        rows = slice(step * BATCH, (step + 1) * BATCH)
-        g = tanh_mlp_gradients(w, x[rows].astype(np.float64), y[rows].astype(np.float64))
-        norm = np.sqrt(sum(np.sum(a ** 2) for a in g))
-        applied, fractions = (g, [0.0]) if clip is None else clip(g)
-        new = [v - LR * a for v, a in zip(w, applied)]
-        layer = lambda arrays, i: np.sqrt(np.sum(arrays[2 * i] ** 2) + np.sum(arrays[2 * i + 1] ** 2))  # noqa: E731
-        deltas = [a - b for a, b in zip(new, w)]
-        out = np.sqrt(sum(np.sum(a ** 2) for a in applied))
-        logged.append({
-            "gradients/raw/global_norm": norm,
-            "gradients/transformed/global_norm": out,
-            "gradients/clip/ratio": out / norm,
-            "gradients/clip/fraction": max(fractions),
-            **{f"gradients/raw/norm/{LAYERS[i]}": layer(g, i) for i in range(2)},
-            **{f"gradients/transformed/norm/{LAYERS[i]}": layer(applied, i) for i in range(2)},
-            **{f"gradients/update_ratio/{LAYERS[i]}": layer(deltas, i) / layer(w, i) for i in range(2)},
-        })
-        w = new
-    return logged, w
+    return replay_tanh_mlp(weights, x, y, LR, BATCH, STEPS, clip, layers=LAYERS)
 
 
 def _fit(tmp_path, transform=None, monitor=True, **clipping):
@@ -196,7 +171,7 @@ def test_the_mixin_logs_the_numbers_of_a_numpy_replay(tmp_path):
     model.fit(x, y, batch_size=BATCH, epochs=1, shuffle=False, verbose=0,
               callbacks=[gradmon.GradientMonitor(str(tmp_path))])
     events = read_events(str(tmp_path))
-    expected, final = _replay(weights, x, y, lambda g: _clip_global(g, 0.5))
+    expected, final = _replay(weights, x, y, lambda g: clip_global_norm(g, 0.5))
     for tag in expected[0]:
         got = [_logged(events, tag)[step] for step in range(1, STEPS + 1)]
         np.testing.assert_allclose(got, [row[tag] for row in expected], rtol=2e-5, atol=1e-7, err_msg=tag)
@@ -290,7 +265,7 @@ def test_observe_in_a_torch_custom_loop_logs_the_numbers_of_a_numpy_replay(tmp_p
         with torch.no_grad():
             opt.apply([v.value.grad for v in model.trainable_variables], model.trainable_variables)
     events = read_events(str(tmp_path))  # written as it went, before close()
-    expected, final = _replay(weights, x, y, lambda g: _clip_global(g, 0.5))
+    expected, final = _replay(weights, x, y, lambda g: clip_global_norm(g, 0.5))
     for tag in expected[0]:
         values = _logged(events, tag)
         assert sorted(values) == [2, 4], (tag, values)

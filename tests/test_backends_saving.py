@@ -23,16 +23,10 @@ import pytest
 
 import gradmon
 from gradmon.publish.writer import MemoryWriter
+from helpers import tiny_functional, tiny_regression
 
-X = np.random.default_rng(0).normal(size=(48, 4)).astype("float32")
-Y = np.random.default_rng(1).normal(size=(48, 2)).astype("float32")
-
-
-def functional():
-    keras.utils.set_random_seed(3)
-    inputs = keras.Input((4,))
-    h = keras.layers.Dense(5, activation="tanh")(inputs)
-    return keras.Model(inputs, keras.layers.Dense(2)(h))
+X, Y = tiny_regression()
+functional = tiny_functional  # the model the saving tests save
 
 
 def fitted(x=X, epochs=2):

@@ -1,9 +1,12 @@
 """Smoke tests of examples/: each runs tiny in a subprocess, exits 0 and writes gradmon's tags.
 
-`examples/custom_loop.py` and `examples/wgan_gp.py` also run under JAX and PyTorch, in the
-TensorFlow-free interpreters of `helpers.backend_python` (skipped where absent): they write the
-tags TensorFlow writes, and custom_loop's first logged step equals a NumPy computation of the
-gradient from the backend's own initial weights (the penalty's double-backprop term included).
+`examples/custom_loop.py` and `examples/wgan_gp.py` also run under JAX and PyTorch: this module
+runs on every backend (the TensorFlow-only tests are marked), so the JAX and PyTorch suites run
+them in their own TensorFlow-free environments; they write the tags TensorFlow writes, and
+custom_loop's first logged step equals a NumPy computation of the gradient from the backend's own
+initial weights (the penalty's double-backprop term included). From the TensorFlow suite,
+`test_backend_in_subprocess` runs them under JAX and PyTorch (`helpers.runs_from_the_tensorflow_suite`:
+skipped where an interpreter is absent, and under `make test`, which runs those suites itself).
 """
 
 import importlib.util
@@ -16,23 +19,19 @@ import sys
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
-from helpers import backend_env, backend_python, global_norm, read_events
+from helpers import finish_module_run, global_norm, read_events, runs_from_the_tensorflow_suite
 
 from gradmon import tags
 
-pytestmark = pytest.mark.tensorflow_only  # needs TensorFlow: skipped whole under JAX/PyTorch (conftest.py)
-
+BACKEND = keras.backend.backend()
 EXAMPLES = pathlib.Path(__file__).resolve().parent.parent / "examples"
 
 
-def run_example(name, *args, backend=None):
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
-    python = sys.executable
-    if backend is not None:  # the backend's TensorFlow-free interpreter
-        python, env = backend_python(backend), dict(backend_env(backend), TF_CPP_MIN_LOG_LEVEL="3")
+def run_example(name, *args):
+    """`examples/<name>` run by this interpreter on the suite's backend; its stdout."""
+    env = dict(os.environ, KERAS_BACKEND=BACKEND, TF_CPP_MIN_LOG_LEVEL="3")
     result = subprocess.run(
-        [python, str(EXAMPLES / name), *args], cwd=EXAMPLES.parent, env=env,
+        [sys.executable, str(EXAMPLES / name), *args], cwd=EXAMPLES.parent, env=env,
         capture_output=True, text=True, timeout=180,
     )
     assert result.returncode == 0, f"{name} exited {result.returncode}:\n{result.stdout}\n{result.stderr}"
@@ -49,6 +48,7 @@ def table_row(text, variable):
     return row.split()
 
 
+@pytest.mark.tensorflow_only
 def test_seed_1_custom_loss_gradient():
     """The correct manual gradient passes; the article's (summed over the examples, the 1/n of
     the mean missing) is flagged for w and b, its errors those numpy computes for the sum."""
@@ -72,9 +72,12 @@ def test_seed_1_custom_loss_gradient():
         assert rel_err == pytest.approx(1 - 1 / 32, rel=5e-3)
 
 
+@pytest.mark.tensorflow_only
 def test_the_seed_recipes_errors_the_docs_name():
     """examples/README.md and the seed docstrings say why the article's recipes did not run;
     each named error is what TensorFlow / Keras raise (the article's text is not in the repo)."""
+    import tensorflow as tf
+
     with pytest.raises(TypeError, match="abs_tolerance"):  # recipe 1: the argument is `atol`
         tf.debugging.assert_near(1.0, 1.0, abs_tolerance=1e-6)
     v = tf.Variable(1.0)
@@ -89,6 +92,7 @@ def test_the_seed_recipes_errors_the_docs_name():
         keras.losses.CategoricalCrossentropy()(tf.ones((4, 2)), tf.ones((4, 10)) / 10)
 
 
+@pytest.mark.tensorflow_only
 def test_seed_2_clipping(tmp_path):
     out = run_example("seed_2_clipping.py", "--log-dir", str(tmp_path), "--epochs", "1")
     assert "clip ratio" in out and f"tensorboard --logdir {tmp_path}" in out
@@ -108,6 +112,7 @@ def test_seed_2_clipping(tmp_path):
         assert all(0 <= f <= 1 for f in fractions) and max(fractions) > 0, member
 
 
+@pytest.mark.tensorflow_only
 def test_seed_3_gradient_penalty(tmp_path):
     out = run_example("seed_3_gradient_penalty.py", "--log-dir", str(tmp_path), "--epochs", "1")
     assert "loss/total" in out
@@ -123,12 +128,11 @@ def test_seed_3_gradient_penalty(tmp_path):
     assert last(events[tags.penalty_grad_norm("grad_norm")]) > 0
 
 
-@pytest.mark.parametrize("backend", [None, "jax", "torch"])
-def test_wgan_gp(tmp_path, backend):
+def test_wgan_gp(tmp_path):
     """TensorFlow's `fit` with a custom train_step; JAX's jitted and PyTorch's eager loops write
     the same tags at the same steps, with the same relations between them."""
     out = run_example("wgan_gp.py", "--log-dir", str(tmp_path), "--epochs", "1", "--steps", "4",
-                      "--update-freq", "1", backend=backend)
+                      "--update-freq", "1")
     assert "finite: True" in out
     events = read_events(tmp_path / "train")  # both optimizers in one run, tags prefixed
     critic, generator = (lambda t: tags.prefixed("critic", t)), (lambda t: tags.prefixed("generator", t))
@@ -179,6 +183,7 @@ def test_wgan_gp(tmp_path, backend):
         assert rep.layers[-1].final_norm == pytest.approx(norms[max(norms)])
 
 
+@pytest.mark.tensorflow_only
 def test_edge_of_stability(tmp_path):
     out = run_example("edge_of_stability.py", "--log-dir", str(tmp_path), "--steps", "40",
                       "--probe-every", "10")
@@ -191,6 +196,7 @@ def test_edge_of_stability(tmp_path):
         assert 0.5 < ratio < 1.5  # starts near the edge (the initial sharpness is ~9.9)
 
 
+@pytest.mark.tensorflow_only
 def test_adam_edge_of_stability(tmp_path):
     out = run_example("adam_edge_of_stability.py", "--log-dir", str(tmp_path), "--steps", "30",
                       "--probe-every", "10", "--examples", "200")
@@ -218,6 +224,8 @@ def load_example(name):
 
 def first_step_gradients(example, seed, batch_size, penalty_weight=None):
     """The gradient the example's first step applies, recomputed here with plain tapes (float64 out)."""
+    import tensorflow as tf
+
     x, y = example.load_data()
     xb, yb = next(example.batches(x, y, batch_size, 1, seed))
     model = example.build_model(seed)
@@ -234,6 +242,7 @@ def first_step_gradients(example, seed, batch_size, penalty_weight=None):
     return model, [g.numpy().astype(np.float64) for g in grads]
 
 
+@pytest.mark.tensorflow_only
 def test_custom_loop(tmp_path):
     steps, flush_every, batch_size, seed = 20, 5, 64, 0
     out = run_example("custom_loop.py", "--log-dir", str(tmp_path), "--steps", str(steps),
@@ -262,8 +271,22 @@ def test_custom_loop(tmp_path):
         assert runs["eager"][raw_norm][step] == pytest.approx(runs["tf_function"][raw_norm][step], rel=1e-4)
 
     # Recipe 2: the clips acted and are logged; the clipped norm never exceeds 0.5.
-    clipping = runs["clipping"]
-    assert clipping[raw_norm][1] == pytest.approx(global_norm(grads), rel=1e-5)
+    assert runs["clipping"][raw_norm][1] == pytest.approx(global_norm(grads), rel=1e-5)
+    assert_clipped(runs["clipping"], steps, flush_every)
+
+    # Recipe 3: the applied gradient includes the penalty's double-backprop term.
+    penalty = runs["penalty"]
+    _, penalized = first_step_gradients(example, seed, batch_size, penalty_weight=0.05)
+    assert penalty[raw_norm][1] == pytest.approx(global_norm(penalized), rel=1e-5)
+    assert global_norm(penalized) != pytest.approx(global_norm(grads), rel=1e-3)
+    assert_penalty_totals(penalty, flushed)
+
+
+def assert_clipped(clipping, steps, flush_every):
+    """custom_loop's clipping run: the clips' numbers at every step, the clipped norm never above
+    the example's 0.5 and the ratio clipped / raw; both clips acted; the raw and clipped
+    histograms every 2 * flush_every steps (the example's histogram_freq)."""
+    raw_norm, every_step = tags.global_norm(tags.RAW), list(range(1, steps + 1))
     for tag in (tags.CLIP_RATIO, tags.CLIP_FRACTION, tags.global_norm(tags.TRANSFORMED),
                 tags.clip_fraction_of("clip_by_value"), tags.clip_fraction_of("clip_by_global_norm")):
         assert sorted(clipping[tag]) == every_step, tag
@@ -276,14 +299,13 @@ def test_custom_loop(tmp_path):
     for kind in (tags.RAW, tags.TRANSFORMED):  # per layer or variable (gradmon's grouping)
         hist = [t for t in clipping if t.startswith(tags.histogram(kind, "digits_mlp/hidden"))]
         assert hist, sorted(clipping)
-        every = 2 * flush_every  # the example's histogram_freq
-        assert sorted(clipping[hist[0]]) == list(range(every, steps + 1, every))
+        every = 2 * flush_every
+        assert sorted(clipping[hist[0]]) == list(range(every, steps + 1, every)), hist[0]
 
-    # Recipe 3: the applied gradient includes the penalty's double-backprop term.
-    penalty = runs["penalty"]
-    _, penalized = first_step_gradients(example, seed, batch_size, penalty_weight=0.05)
-    assert penalty[raw_norm][1] == pytest.approx(global_norm(penalized), rel=1e-5)
-    assert global_norm(penalized) != pytest.approx(global_norm(grads), rel=1e-3)
+
+def assert_penalty_totals(penalty, flushed):
+    """custom_loop's penalty run: at each flushed step the total loss is the data loss plus the
+    penalty, whose share lies strictly between 0 and 1."""
     for step in flushed:
         total = penalty[tags.LOSS_DATA][step] + penalty[tags.penalty("grad_norm")][step]
         assert penalty[tags.LOSS_TOTAL][step] == pytest.approx(total, rel=1e-5)
@@ -317,32 +339,13 @@ def numpy_penalized_gradients(w, x, y, weight, eps=1e-4):
     return [a + weight * (p - m) / (2 * eps) for a, p, m in zip(g, plus, minus)]
 
 
-def start_initial_weights(backend, tmp_path):
-    """Starts writing custom_loop's seeded initial weights as that backend makes them (its own
-    RNG); `initial_weights` waits for them."""
-    path = str(tmp_path / "weights.npz")
-    code = ("import sys, numpy as np; sys.path.insert(0, 'examples'); import custom_loop; "
-            "np.savez(sys.argv[1], *custom_loop.build_model(0).get_weights())")
-    return path, subprocess.Popen([backend_python(backend), "-c", code, path], cwd=EXAMPLES.parent,
-                                  env=backend_env(backend), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-
-
-def initial_weights(started):
-    path, process = started
-    output, _ = process.communicate(timeout=180)
-    assert process.returncode == 0, output[-3000:]
-    held = np.load(path)
-    return [held[f"arr_{i}"].astype(np.float64) for i in range(len(held.files))]
-
-
-@pytest.mark.parametrize("backend", ["jax", "torch"])
-def test_custom_loop_on_jax_and_torch(tmp_path, backend):
+@pytest.mark.skipif(BACKEND == "tensorflow", reason="test_custom_loop is TensorFlow's")
+def test_custom_loop_on_jax_and_torch(tmp_path):
     steps, flush_every, batch_size = 10, 5, 64
-    weights = start_initial_weights(backend, tmp_path)  # beside the example: interpreters start slowly
     out = run_example("custom_loop.py", "--log-dir", str(tmp_path / "runs"), "--steps", str(steps),
-                      "--flush-every", str(flush_every), backend=backend)
+                      "--flush-every", str(flush_every))
     assert "clip_by_global_norm" in out
-    runs = {name: read_events(tmp_path / "runs" / name / "train") for name in CUSTOM_LOOP_RUNS[backend]}
+    runs = {name: read_events(tmp_path / "runs" / name / "train") for name in CUSTOM_LOOP_RUNS[BACKEND]}
     raw_norm = tags.global_norm(tags.RAW)
     every_step = list(range(1, steps + 1))
     for name, events in runs.items():
@@ -353,7 +356,7 @@ def test_custom_loop_on_jax_and_torch(tmp_path, backend):
     example = load_example("custom_loop")
     x, y = example.load_data()
     xb, yb = (np.asarray(a, np.float64) for a in next(example.batches(x, y, batch_size, 1, 0)))
-    w = initial_weights(weights)
+    w = [np.asarray(a, np.float64) for a in example.build_model(0).get_weights()]  # seeded initializers
     grads = numpy_gradients(w, xb, yb)
     paths = ["digits_mlp/hidden/kernel", "digits_mlp/hidden/bias", "digits_mlp/logits/kernel",
              "digits_mlp/logits/bias"]
@@ -367,21 +370,22 @@ def test_custom_loop_on_jax_and_torch(tmp_path, backend):
         for step in every_step:
             assert runs["jit"][raw_norm][step] == pytest.approx(runs["eager"][raw_norm][step], rel=1e-4)
 
-    clipping = runs["clipping"]
-    for tag in (tags.CLIP_RATIO, tags.CLIP_FRACTION, tags.global_norm(tags.TRANSFORMED),
-                tags.clip_fraction_of("clip_by_value"), tags.clip_fraction_of("clip_by_global_norm")):
-        assert sorted(clipping[tag]) == every_step, tag
-    for step in every_step:
-        raw, clipped = clipping[raw_norm][step], clipping[tags.global_norm(tags.TRANSFORMED)][step]
-        assert clipped <= 0.5 * (1 + 1e-5)
-        assert clipping[tags.CLIP_RATIO][step] == pytest.approx(clipped / raw, rel=1e-5)
-    hist = [t for t in clipping if t.startswith(tags.histogram(tags.RAW, "digits_mlp/hidden"))]
-    assert hist and sorted(clipping[hist[0]]) == [10], sorted(clipping)
+    assert_clipped(runs["clipping"], steps, flush_every)
 
     penalty = runs["penalty"]
     penalized = numpy_penalized_gradients(w, xb, yb, 0.05)
     assert penalty[raw_norm][1] == pytest.approx(global_norm(penalized), rel=1e-4)
     assert global_norm(penalized) != pytest.approx(global_norm(grads), rel=1e-3)
-    for step in (5, 10):
-        total = penalty[tags.LOSS_DATA][step] + penalty[tags.penalty("grad_norm")][step]
-        assert penalty[tags.LOSS_TOTAL][step] == pytest.approx(total, rel=1e-5)
+    assert_penalty_totals(penalty, [5, 10])
+
+
+@pytest.fixture(scope="module")
+def subprocess_runs():
+    """This module under JAX and under PyTorch (`helpers.runs_from_the_tensorflow_suite`)."""
+    yield from runs_from_the_tensorflow_suite(os.path.abspath(__file__), ["-k", "not subprocess"])
+
+
+@pytest.mark.parametrize("backend", ["jax", "torch"])
+def test_backend_in_subprocess(subprocess_runs, backend):
+    output = finish_module_run(subprocess_runs, backend, timeout=600)  # each example in its own process
+    assert "2 passed" in output.strip().splitlines()[-1], output[-2000:]  # wgan_gp and custom_loop

@@ -6,7 +6,8 @@ eigenvalue, power iteration, preconditioned), Hutchinson trace and SLQ nodes bes
 Hessian the backend's own autodiff computes from the loss written out by hand. It runs
 here, on the suite's backend, and in the TensorFlow-free JAX and PyTorch interpreters
 (`helpers.backend_python`: GRADMON_JAX_PYTHON / GRADMON_TORCH_PYTHON, else .venv-jax and
-.venv-torch; skipped when absent), whose eigenvalues must equal this backend's.
+.venv-torch; skipped when absent), whose eigenvalues must equal this backend's. Under `make
+test` each suite starts one of them (EVERY_BACKEND_OTHER): the three suites compare each pair once.
 """
 
 import json
@@ -23,6 +24,9 @@ from gradmon import tags
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
+# Under `make test`, which runs all three suites (GRADMON_EVERY_BACKEND=1), each suite starts one
+# other backend: every pair of backends is compared once, and each backend is `other` once.
+EVERY_BACKEND_OTHER = {"tensorflow": "torch", "torch": "jax", "jax": "tensorflow"}
 RTOL = 2e-5  # float32 HVPs of a Hessian of norm ~3: rounding ~1e-7 relative, spectrum tol 1e-6
 
 
@@ -38,9 +42,11 @@ def other(request):
     one at a time: on a shared 2-core machine overlapping them took longer)."""
     import keras
 
-    backend = request.param
-    if keras.backend.backend() == backend:
+    backend, this = request.param, keras.backend.backend()
+    if this == backend:
         pytest.skip(f"the suite runs on {backend} itself")
+    if os.environ.get("GRADMON_EVERY_BACKEND") == "1" and EVERY_BACKEND_OTHER[this] != backend:
+        pytest.skip(f"make test compares {backend} with {this} in its {backend} suite")
     done = subprocess.run([backend_python(backend), os.path.join(HERE, "hessian_backend_check.py")],
                           capture_output=True, text=True, timeout=180, cwd=ROOT, env=backend_env(backend))
     assert done.returncode == 0, done.stderr[-3000:]
