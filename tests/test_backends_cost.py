@@ -167,41 +167,10 @@ def _copies(hlo):
     return collections.Counter(shape for shape in re.findall(r"= (\S+) copy\(", hlo) if "[]" not in shape)
 
 
-def test_the_jax_step_that_writes_nothing_copies_no_weight_beyond_keras(tmp_path):
-    if BACKEND != "jax":
-        pytest.skip("the compiled JAX step")
-    import jax
-
-    x, y = _data(2)
-    copies = {}
-    for name in ("keras", "gradmon"):
-        model = _model()
-        callbacks = [gradmon.GradientMonitor(str(tmp_path), update_freq=100)] if name == "gradmon" else []
-        model.fit(x, y, batch_size=BATCH, verbose=0, callbacks=callbacks)
-        state = model._get_jax_state(trainable_variables=True, non_trainable_variables=True,
-                                     optimizer_variables=True, metrics_variables=True)
-        observer = observer_of(model.optimizer) if name == "gradmon" else None
-        for measuring in ((True, False) if observer is not None else (None,)):
-            if observer is not None:
-                observer.measuring = measuring
-            try:  # a function of its own: a trace of its own; donated as Keras' train function does
-                step = jax.jit(lambda state, data: model.train_step(state, data), donate_argnums=0)
-                copies[name, measuring] = _copies(step.lower(state, (x[:BATCH], y[:BATCH])).compile().as_text())
-            finally:
-                if observer is not None:
-                    observer.measuring = True
-    assert copies["gradmon", False] == copies["keras", None]
-    # the counter sees copies: the measuring step keeps the pre-update weights for the update ratio
-    assert copies["gradmon", True] - copies["keras", None]
-
-
-def test_the_jax_step_adds_no_full_tensor_work_outside_its_cond(tmp_path):
-    if BACKEND != "jax":
-        pytest.skip("the compiled JAX step (jax.make_jaxpr)")
-    import jax
-
-    x, y = _data(2)
-    eqns, shapes = {}, None
+def _jax_steps(tmp_path, x, y):
+    """Yields `(name, measuring, model, state)` to trace a step from: Keras' own model
+    (`"keras", None`) and a monitored one both ways (`"gradmon", True` and `False`, the
+    observer's `measuring` set while the caller traces)."""
     for name in ("keras", "gradmon"):
         model = _model()
         callbacks = [gradmon.GradientMonitor(str(tmp_path), update_freq=100)] if name == "gradmon" else []
@@ -213,14 +182,41 @@ def test_the_jax_step_adds_no_full_tensor_work_outside_its_cond(tmp_path):
             if observer is not None:
                 observer.measuring = measuring
             try:
-                step = lambda state, data: model.train_step(state, data)  # noqa: E731 (a trace of its own)
-                jaxpr = jax.make_jaxpr(step)(state, (x[:BATCH], y[:BATCH])).jaxpr
+                yield name, measuring, model, state
             finally:
                 if observer is not None:
                     observer.measuring = True
-            eqns[name, measuring] = collections.Counter(
-                (e.primitive.name, tuple(tuple(v.aval.shape) for v in e.outvars)) for e in jaxpr.eqns)
-        shapes = [tuple(v.shape) for v in model.trainable_variables]
+
+
+def test_the_jax_step_that_writes_nothing_copies_no_weight_beyond_keras(tmp_path):
+    if BACKEND != "jax":
+        pytest.skip("the compiled JAX step")
+    import jax
+
+    x, y = _data(2)
+    copies = {}
+    for name, measuring, model, state in _jax_steps(tmp_path, x, y):
+        # a function of its own: a trace of its own; donated as Keras' train function does
+        step = jax.jit(lambda state, data: model.train_step(state, data), donate_argnums=0)
+        copies[name, measuring] = _copies(step.lower(state, (x[:BATCH], y[:BATCH])).compile().as_text())
+    assert copies["gradmon", False] == copies["keras", None]
+    # the counter sees copies: the measuring step keeps the pre-update weights for the update ratio
+    assert copies["gradmon", True] - copies["keras", None]
+
+
+def test_the_jax_step_adds_no_full_tensor_work_outside_its_cond(tmp_path):
+    if BACKEND != "jax":
+        pytest.skip("the compiled JAX step (jax.make_jaxpr)")
+    import jax
+
+    x, y = _data(2)
+    eqns = {}
+    for name, measuring, model, state in _jax_steps(tmp_path, x, y):
+        step = lambda state, data: model.train_step(state, data)  # noqa: E731 (a trace of its own)
+        jaxpr = jax.make_jaxpr(step)(state, (x[:BATCH], y[:BATCH])).jaxpr
+        eqns[name, measuring] = collections.Counter(
+            (e.primitive.name, tuple(tuple(v.aval.shape) for v in e.outvars)) for e in jaxpr.eqns)
+    shapes = [tuple(v.shape) for v in model.trainable_variables]
     keras_step = eqns["keras", None]
     for measuring, conds in ((True, 1), (False, 0)):  # the measuring step; the one that only updates
         extra = eqns["gradmon", measuring] - keras_step
