@@ -19,7 +19,7 @@ import keras
 
 from gradmon.backend import lazy_tf as _lazy_tf
 from gradmon.backend import distribute as _distribute, keras_compat as _keras_compat
-from gradmon.measure import statistics
+from gradmon.measure import spikes, statistics
 from gradmon import tags
 from gradmon._validation import invalid
 from gradmon.publish import schedule  # the schedule's rule: the host sets it, the step applies it
@@ -266,12 +266,8 @@ class Recorder:
     def forget_after(self, step):
         """Drops the held rows of steps after `step` (the axis went back: they come again)."""
         self.host_step = min(self.host_step, step)
-        held = self.records if self.door is None else self.record_steps
-        values = np.array(self.host_read(held))
-        steps = values[:, 0] if values.ndim == 2 else values
-        if (steps > step).any():
-            steps[steps > step] = -1
-            self.host_assign(held, values)
+        spikes.forget_steps_after(self.records if self.door is None else self.record_steps, step,
+                                  self.host_read, self.host_assign)
 
     def _host_rows(self):
         rows = self.host_read(self.records)

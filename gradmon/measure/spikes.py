@@ -186,6 +186,17 @@ class SpikeStep:
         self.zscore, self.loss_zscore, self.spike = zscore, loss_zscore, spike
 
 
+def forget_steps_after(held, step, read, assign):
+    """Marks the rows of a ring held on the device whose step is after `step` as empty (-1):
+    `held` holds the steps themselves, or rows whose first column is the step; `read(variable)`
+    and `assign(variable, value)` are the host's. The spike ring's and the record ring's rule."""
+    values = np.array(read(held))
+    steps = values[:, 0] if values.ndim == 2 else values
+    if (steps > step).any():
+        steps[steps > step] = -1
+        assign(held, values)
+
+
 class SpikeTracker:
     """Device state of the spike detector of one observed optimizer (created outside tf.function).
 
@@ -227,12 +238,7 @@ class SpikeTracker:
     def forget_after(self, step, assign):
         """Drops the held spikes of steps after `step` (the axis went back), with the host's
         `assign(variable, value)`."""
-        held = self.ring_steps if _OPS else self.ring
-        values = np.array(self._host(held))
-        steps = values[:, 0] if values.ndim == 2 else values
-        if (steps > step).any():
-            steps[steps > step] = -1
-            assign(held, values)
+        forget_steps_after(self.ring_steps if _OPS else self.ring, step, self._host, assign)
 
     def _judge(self, variable, x, counted):
         """`(z, spike)` of `x` against `variable`'s state, which then folds `x` in (winsorised);
