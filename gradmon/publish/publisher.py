@@ -294,12 +294,12 @@ class Publisher:
     def finish(self, when="the end of the process"):
         """At exit (or when dropped): writes what was measured and not written (`close`), and
         warns when nothing had read the measured steps before (never raises)."""
-        if self.monitor is not None:
-            self._finish_adopted(when)
-            return
-        if self.writer is None:
+        if self.monitor is None and self.writer is None:
             return
         try:
+            if self.monitor is not None:
+                self._finish_adopted(when)
+                return
             observer = self.observer
             never_read, ran = self.reads == 0, observer.recorder is not None
             written = self.flush()
@@ -323,22 +323,18 @@ class Publisher:
         observer = self.observer
         if observer.recorder is None or getattr(self.monitor, "fitting_async", False):
             return
-        try:
-            if self.monitor.flush_writer is None:  # a worker that does not write
-                return
-            written = self.flush(report=False)
-            if written:
-                warnings.warn(
-                    f"gradmon: {len(written)} measured step{'s' if len(written) > 1 else ''} of the "
-                    f"optimizer {getattr(observer.optimizer, 'name', '')!r} after its last `fit` (up to "
-                    f"step {written[-1].step}) {'were' if len(written) > 1 else 'was'} written only at "
-                    f"{when}, to that fit's run: in a loop after `fit`, call `flush()` (`opt.flush()`, or "
-                    "`model.gradient_observer.flush()` for a monitored model) every at most "
-                    f"{max(observer.min_rows, observer.buffer_steps)} measured steps (buffer_steps).",
-                    stacklevel=2)
-        except Exception as error:  # never end the process with a traceback of ours
-            sys.stderr.write(f"gradmon: the measured steps not written yet could not be written at "
-                             f"{when}: {type(error).__name__}: {error}\n")
+        if self.monitor.flush_writer is None:  # a worker that does not write
+            return
+        written = self.flush(report=False)
+        if written:
+            warnings.warn(
+                f"gradmon: {len(written)} measured step{'s' if len(written) > 1 else ''} of the "
+                f"optimizer {getattr(observer.optimizer, 'name', '')!r} after its last `fit` (up to "
+                f"step {written[-1].step}) {'were' if len(written) > 1 else 'was'} written only at "
+                f"{when}, to that fit's run: in a loop after `fit`, call `flush()` (`opt.flush()`, or "
+                "`model.gradient_observer.flush()` for a monitored model) every at most "
+                f"{max(observer.min_rows, observer.buffer_steps)} measured steps (buffer_steps).",
+                stacklevel=2)
 
 
 def histogram_summaries(rec, histograms):
