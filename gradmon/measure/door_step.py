@@ -72,9 +72,7 @@ def apply_at_door(observer, optimizer, original_apply, grads, variables):
 def _policies(observer, rec, step, prepared):
     """The spike detector and the policies: judges the raw norm (`on_spike`), decides the
     update and counts. Returns `(verdict, extras)`."""
-    batch, observer._batch = observer._batch, None  # `fit` hands the batch size over (watch_batches)
-    if batch is None and observer.on_spike is not None:
-        observer.host.no_batch_size()
+    batch = observer._take_batch()  # `fit` hands the batch size over (watch_batches)
     # gradmon's own train step's numbers (penalties, noise scale, the loss), set in this step
     extras, spike = observer._take_extras(), None
     if prepared.scale is not None:

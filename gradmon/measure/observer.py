@@ -268,9 +268,7 @@ class Observer:
         self._warn_missing(variables, grads)
         self.ensure_built(optimizer, variables)
         rec, extras = self.recorder, self._take_extras()
-        batch, self._batch = self._batch, None  # taken with the extras: before any all-reduce
-        if batch is None and self.on_spike is not None:
-            self.host.no_batch_size()
+        batch = self._take_batch()  # taken with the extras: before any all-reduce
         step = rec.step.assign_add(1, read_value=True)
         clip = transforms.from_optimizer(_keras_compat.base_optimizer(optimizer))
         scale = _keras_compat.loss_scale(optimizer)
@@ -306,6 +304,14 @@ class Observer:
                 self.flush(report=False)
             elif spiked:
                 self.read_spikes()  # warns, naming the step
+
+    def _take_batch(self):
+        """This step's batch size for the spike detector (`observe_batch`, or `fit`'s), taken;
+        with `on_spike` set and none given, warned once."""
+        batch, self._batch = self._batch, None
+        if batch is None and self.on_spike is not None:
+            self.host.no_batch_size()
+        return batch
 
     def _take_extras(self):
         extras = {}
